@@ -1,0 +1,2 @@
+//! Placeholder: filled in by the part's implementation.
+pub mod python;
