@@ -41,3 +41,53 @@ class FrameTooLarge(FrameError):
 
 class BadFrameVersion(FrameError):
     """A wire frame carries a protocol version this server does not speak."""
+
+
+class Unauthenticated(PyserverError):
+    """No HELLO yet on this connection, or a bad service key or user token."""
+
+    code = "UNAUTHENTICATED"
+
+
+class Forbidden(PyserverError):
+    """The connection's credentials do not cover this user or operation."""
+
+    code = "FORBIDDEN"
+
+
+class NotFound(PyserverError, LookupError):
+    """No such thread, message or blob."""
+
+    code = "NOT_FOUND"
+
+
+class TooLarge(BadRequest):
+    """A field or a whole request over its configured limit."""
+
+    code = "TOO_LARGE"
+
+
+class Unavailable(PyserverError):
+    """This server cannot serve now (fenced, draining, store down): retry later."""
+
+    code = "UNAVAILABLE"
+
+
+class NotOwner(PyserverError):
+    """Another server owns this user; `owner` is its "host:port"."""
+
+    code = "NOT_OWNER"
+
+    def __init__(self, message: str, owner: str) -> None:
+        super().__init__(message)
+        self.owner = owner
+
+
+def error_payload(exc: BaseException) -> dict[str, str]:
+    """The protocol error object for an exception: typed errors keep their code."""
+    if isinstance(exc, PyserverError):
+        payload = {"code": exc.code, "message": str(exc)}
+        if isinstance(exc, NotOwner):
+            payload["owner"] = exc.owner
+        return payload
+    return {"code": "INTERNAL", "message": f"{type(exc).__name__}: {exc}"}

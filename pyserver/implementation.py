@@ -14,42 +14,43 @@ from types import ModuleType
 
 PURE_FORCED: bool = os.environ.get("PYSERVER_PURE", "") not in ("", "0")
 
-_warned = False
 
-
-def _load(module_name: str, what: str) -> ModuleType | None:
-    """Import an extension module, or return None (with one warning) if it is missing."""
-    global _warned
+def _load(module_name: str) -> tuple[ModuleType | None, str | None]:
+    """Import an extension module: (module, None), or (None, why) if it is missing or forced off."""
     if PURE_FORCED:
-        return None
+        return None, None
     try:
-        return importlib.import_module(module_name)
+        return importlib.import_module(module_name), None
     except ImportError as exc:
-        if not _warned:
-            _warned = True
-            warnings.warn(
-                f"pyserver: the {what} ({module_name}) is not built ({exc}); "
-                "using the pure-Python twins, which are much slower. "
-                "Run scripts/setup to build it, or set PYSERVER_PURE=1 to silence this.",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return None
+        return None, f"{module_name} ({exc})"
 
 
 # The Rust extension: hash ring, log-record codec, LRU snapshot cache.
-native: ModuleType | None = _load("pyserver._native", "Rust extension")
+native, _native_missing = _load("pyserver._native")
 # The Cython extension: the wire-frame codec.
-framecodec: ModuleType | None = _load("pyserver_framecodec", "Cython frame codec")
+framecodec, _framecodec_missing = _load("pyserver_framecodec")
+
+_missing = [why for why in (_native_missing, _framecodec_missing) if why]
+if _missing:
+    warnings.warn(
+        f"pyserver: native module not built: {'; '.join(_missing)}. Using the pure-Python "
+        "twins, which are much slower. Run scripts/setup to build it, or set PYSERVER_PURE=1 "
+        "to choose the twins deliberately.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def report() -> dict[str, str | bool]:
-    """Which implementation each part uses, and whether the native build is optimised."""
-    rust = "native" if native is not None else "pure"
+    """Which implementation each part is using, and whether the Rust build is optimised."""
+    # The facades import this module, so they are imported here, not at the top.
+    from pyserver import logcodec, ring, snapcache
+    from pyserver.wire import frame
+
     return {
-        "ring": rust,
-        "log_codec": rust,
-        "lru": rust,
-        "frame_codec": "native" if framecodec is not None else "pure",
+        "ring": ring.IMPLEMENTATION,
+        "log_codec": logcodec.IMPLEMENTATION,
+        "lru": snapcache.IMPLEMENTATION,
+        "frame_codec": frame.IMPLEMENTATION,
         "native_release_build": bool(native is not None and native.RELEASE_BUILD),
     }

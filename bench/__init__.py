@@ -1,0 +1,1 @@
+"""pyserver benchmarks: `python -m bench micro [--json]`."""

@@ -1,0 +1,89 @@
+"""`python -m bench micro [--json] [--quick]`: the native core against its pure twins and peers.
+
+Every figure of one run is measured side by side in that run (bench.timing), so
+ratios hold on a shared, noisy machine. The benchmarks refuse to run on the
+pure fallback: a missing native module is an error here, not a warning.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+MICRO_PARTS = ("micro_ring", "micro_logcodec", "micro_snapcache", "micro_frame")
+
+
+def _require_native() -> None:
+    from pyserver import implementation
+
+    report = implementation.report()
+    pure = [part for part, impl in report.items() if impl == "pure"]
+    if pure or not report["native_release_build"]:
+        sys.exit(
+            f"bench: refusing to run on the pure fallback or a debug build: {report}. "
+            "Run scripts/setup (and unset PYSERVER_PURE)."
+        )
+
+
+def _micro(quick: bool) -> dict[str, object]:
+    import importlib
+
+    results: dict[str, object] = {}
+    for name in MICRO_PARTS:
+        module = importlib.import_module(f"bench.{name}")
+        results.update(module.run(quick=quick))
+    return results
+
+
+def _print_table(results: dict[str, object]) -> None:
+    print(f"{'benchmark':<20}{'native ns':>11}{'pure ns':>11}{'speedup':>9}   peers (ns/op)")
+    for key, figures in results.items():
+        if not isinstance(figures, dict) or "native_ns" not in figures:
+            continue
+        peers = ", ".join(f"{name} {ns:g}" for name, ns in figures["peers"].items())
+        print(
+            f"{key:<20}{figures['native_ns']:>11g}{figures['pure_ns']:>11g}"
+            f"{figures['speedup']:>8g}x   {peers}"
+        )
+        extra = {
+            k: v
+            for k, v in figures.items()
+            if k not in ("native_ns", "pure_ns", "speedup", "peers")
+        }
+        if extra:
+            print(f"{'':<20}{extra}")
+
+
+COMMANDS: dict[str, Callable[[bool], dict[str, object]]] = {"micro": _micro}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("suite", choices=sorted(COMMANDS))
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--quick", action="store_true", help="a short smoke run, not for figures")
+    args = parser.parse_args(argv)
+
+    _require_native()
+    started = time.perf_counter()
+    results = COMMANDS[args.suite](args.quick)
+    results["meta"] = {
+        "suite": args.suite,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    if args.json:
+        print(json.dumps(results))
+    else:
+        _print_table(results)
+        print(f"({results['meta']['seconds']} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,352 @@
+"""Sans-I/O request handling: one decoded request frame in, one reply or error payload out.
+
+Owns the rules of docs/protocol.md that sit between the wire codec and the mailbox:
+who has said HELLO and as whom (`Session`), which operations and users a connection may
+touch, the JSON payload check, SUBSCRIBE bookkeeping, STATS and HEALTH, and the mapping
+of exceptions to error payloads. It never touches a socket or a transport: the asyncio
+shell (`pyserver.app.server`) feeds it frames and writes what it returns, and hands each
+session an event sink for subscription events. It calls only the mailbox.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from functools import partial
+from typing import Any, Protocol
+
+import orjson
+
+from pyserver.app.auth import MAX_USER_ID, check_service_key, verify_user_token
+from pyserver.errors import (
+    BadRequest,
+    Forbidden,
+    PyserverError,
+    TooLarge,
+    Unauthenticated,
+    error_payload,
+)
+from pyserver.wire.framedef import (
+    DEFAULT_MAX_FRAME_SIZE,
+    KIND_ERROR,
+    KIND_REPLY,
+    KIND_REQUEST,
+    VERSION,
+    Frame,
+)
+from pyserver.wire.ops import NO_HELLO, SERVICE_ONLY, Op
+
+__all__ = [
+    "Dispatcher",
+    "EventSink",
+    "NullObserver",
+    "RequestObserver",
+    "Session",
+]
+
+log = logging.getLogger(__name__)
+
+# (subscription id, event) -> None. Provided by the shell; must not block or raise.
+EventSink = Callable[[int, dict[str, Any]], None]
+
+_OPS: dict[int, Op] = {op.value: op for op in Op}
+# Requests with an op code outside the protocol are counted under one name, so a
+# hostile client cannot grow the counters without bound.
+UNKNOWN_OP = "UNKNOWN"
+# Operations whose payload names no user: everything else is a per-user request.
+_NO_USER: frozenset[Op] = frozenset({Op.PING, Op.HELLO, Op.UNSUBSCRIBE, Op.STATS, Op.HEALTH})
+
+
+class MailboxLike(Protocol):
+    """What the dispatcher needs of `pyserver.app.mailbox.Mailbox`."""
+
+    async def execute(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]: ...
+
+    def subscribe(self, user_id: int, callback: Callable[[dict[str, Any]], None]) -> Any: ...
+
+    def unsubscribe(self, token: Any) -> None: ...
+
+    def stats(self) -> dict[str, Any]: ...
+
+
+class RequestObserver(Protocol):
+    """A hook told of every request: its op name, latency and error code (None if it succeeded)."""
+
+    def observe(self, op_name: str, seconds: float, error_code: str | None) -> None: ...
+
+
+class NullObserver:
+    """The default observer: records nothing."""
+
+    __slots__ = ()
+
+    def observe(self, op_name: str, seconds: float, error_code: str | None) -> None:
+        return None
+
+
+class Session:
+    """One connection's state: who it is (after HELLO) and its live subscriptions.
+
+    `user` is None for a service connection (or before HELLO); `subscriptions` maps a
+    SUBSCRIBE's request id to (user id, mailbox token).
+    """
+
+    __slots__ = ("authenticated", "event_sink", "peer", "subscriptions", "user")
+
+    def __init__(self, peer: str, event_sink: EventSink) -> None:
+        self.peer = peer
+        self.event_sink = event_sink
+        self.authenticated = False
+        self.user: int | None = None
+        self.subscriptions: dict[int, tuple[int, Any]] = {}
+
+    @property
+    def is_service(self) -> bool:
+        return self.authenticated and self.user is None
+
+    def __repr__(self) -> str:
+        who = (
+            "anonymous"
+            if not self.authenticated
+            else ("service" if self.user is None else f"user {self.user}")
+        )
+        return f"<Session {self.peer} {who} subscriptions={len(self.subscriptions)}>"
+
+
+def _user_id(payload: dict[str, Any], field: str) -> int:
+    value = payload.get(field)
+    if type(value) is not int or not 0 <= value <= MAX_USER_ID:
+        raise BadRequest(f"{field!r} must be a user id (an int in 0..2**64-1), not {value!r}")
+    return value
+
+
+class Dispatcher:
+    """Answers request frames for the sessions of one app server.
+
+    `handle()` never raises for anything a client sends: typed errors become their error
+    payload, anything unexpected becomes INTERNAL and is logged.
+    """
+
+    def __init__(
+        self,
+        mailbox: MailboxLike,
+        service_key: str,
+        node_id: str,
+        *,
+        max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_subscriptions: int = 64,
+        observer: RequestObserver | None = None,
+        health_check: Callable[[], Awaitable[bool]] | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._mailbox = mailbox
+        self._service_key = service_key
+        self.node_id = node_id
+        self.max_frame_size = max_frame_size
+        self._max_subscriptions = max_subscriptions
+        self.observer: RequestObserver = observer if observer is not None else NullObserver()
+        self._health_check = health_check
+        self._clock = clock
+        self._sessions: set[Session] = set()
+        self._connections_total = 0
+        self._requests: Counter[str] = Counter()
+        self._errors: Counter[str] = Counter()
+        # Figures the shell reports through `count()`: timeouts, overflows, frame errors.
+        self._server_counters: Counter[str] = Counter()
+        self._handlers: dict[Op, Callable[[Session, Frame, dict[str, Any]], Awaitable[dict]]] = {
+            Op.PING: self._ping,
+            Op.HELLO: self._hello,
+            Op.SUBSCRIBE: self._subscribe,
+            Op.UNSUBSCRIBE: self._unsubscribe,
+            Op.STATS: self._stats,
+            Op.HEALTH: self._health,
+        }
+
+    # ---- sessions ----
+
+    def open_session(self, peer: str, event_sink: EventSink) -> Session:
+        """A new connection's session; `event_sink` receives its subscriptions' events."""
+        session = Session(peer, event_sink)
+        self._sessions.add(session)
+        self._connections_total += 1
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """The connection is gone: end its subscriptions and forget it (safe to repeat)."""
+        for subscription_id in list(session.subscriptions):
+            self.end_subscription(session, subscription_id)
+        self._sessions.discard(session)
+
+    def end_subscription(self, session: Session, subscription_id: int) -> bool:
+        """End one subscription of a session; False if it was not live."""
+        entry = session.subscriptions.pop(subscription_id, None)
+        if entry is None:
+            return False
+        try:
+            self._mailbox.unsubscribe(entry[1])
+        except Exception:
+            log.exception(
+                "unsubscribe failed peer=%s subscription=%d user=%d",
+                session.peer,
+                subscription_id,
+                entry[0],
+            )
+        return True
+
+    def count(self, figure: str, n: int = 1) -> None:
+        """Add to one of the shell's figures reported by STATS (under "server")."""
+        self._server_counters[figure] += n
+
+    @property
+    def connections(self) -> int:
+        return len(self._sessions)
+
+    # ---- requests ----
+
+    async def handle(self, session: Session, frame: Frame) -> tuple[int, bytes]:
+        """(KIND_REPLY, payload) or (KIND_ERROR, error payload) for one frame."""
+        started = time.perf_counter()
+        op = _OPS.get(frame.op)
+        op_name = op.name if op is not None else UNKNOWN_OP
+        try:
+            result = await self._answer(session, frame, op)
+            kind, body, code = KIND_REPLY, orjson.dumps(result), None
+        except PyserverError as exc:
+            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(exc)), exc.code
+        except Exception as exc:
+            log.exception(
+                "request failed op=%s request_id=%d peer=%s",
+                op_name,
+                frame.request_id,
+                session.peer,
+            )
+            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(exc)), "INTERNAL"
+        self._requests[op_name] += 1
+        if code is not None:
+            self._errors[code] += 1
+        self.observer.observe(op_name, time.perf_counter() - started, code)
+        return kind, body
+
+    async def _answer(self, session: Session, frame: Frame, op: Op | None) -> dict[str, Any]:
+        if frame.kind != KIND_REQUEST:
+            raise BadRequest(
+                f"expected a request frame (kind {KIND_REQUEST}), got kind {frame.kind}"
+            )
+        if op is None:
+            raise BadRequest(f"unknown operation code {frame.op}")
+        if not session.authenticated and op not in NO_HELLO:
+            raise Unauthenticated(f"{op.name} needs a HELLO first on this connection")
+        try:
+            payload = orjson.loads(frame.payload)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"payload is not valid JSON: {exc}") from None
+        if type(payload) is not dict:
+            raise BadRequest(f"payload must be a JSON object, not {type(payload).__name__}")
+        if session.user is not None:
+            self._check_user_scope(session, op, payload)
+        handler = self._handlers.get(op)
+        if handler is None:
+            return await self._mailbox.execute(op, payload)
+        return await handler(session, frame, payload)
+
+    @staticmethod
+    def _check_user_scope(session: Session, op: Op, payload: dict[str, Any]) -> None:
+        """A user-token connection may name only its own user and no service-only op."""
+        if op in SERVICE_ONLY:
+            raise Forbidden(f"{op.name} is for service connections only")
+        if op in _NO_USER:
+            return
+        field = "sender" if op is Op.SEND else "user"
+        if _user_id(payload, field) != session.user:
+            raise Forbidden(f"this connection's token covers user {session.user} only")
+
+    # ---- operations answered here ----
+
+    async def _ping(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
+        return {"pong": True, "ts": time.time_ns() // 1000}
+
+    async def _hello(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
+        if session.authenticated:
+            raise BadRequest("this connection has already said HELLO")
+        service_key = payload.get("service_key")
+        user_token = payload.get("user_token")
+        if (service_key is None) == (user_token is None):
+            raise BadRequest("HELLO takes exactly one of service_key and user_token")
+        if service_key is not None:
+            if not isinstance(service_key, str) or not check_service_key(
+                service_key, self._service_key
+            ):
+                log.info("hello refused peer=%s reason=bad_service_key", session.peer)
+                raise Unauthenticated("unknown service key")
+            user = None
+        else:
+            if not isinstance(user_token, str):
+                raise Unauthenticated("malformed user token: not a string")
+            try:
+                user = verify_user_token(user_token, self._service_key, self._clock())
+            except Unauthenticated as exc:
+                log.info("hello refused peer=%s reason=%r", session.peer, str(exc))
+                raise
+        session.authenticated = True
+        session.user = user
+        return {
+            "node": self.node_id,
+            "protocol": VERSION,
+            "user": user,
+            "max_frame_size": self.max_frame_size,
+        }
+
+    async def _subscribe(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
+        user = _user_id(payload, "user")
+        subscription_id = frame.request_id
+        if subscription_id in session.subscriptions:
+            raise BadRequest(
+                f"request id {subscription_id} already names a live subscription on this connection"
+            )
+        if len(session.subscriptions) >= self._max_subscriptions:
+            raise TooLarge(
+                f"this connection already has {self._max_subscriptions} subscriptions, the limit"
+            )
+        callback = partial(session.event_sink, subscription_id)
+        token = self._mailbox.subscribe(user, callback)
+        session.subscriptions[subscription_id] = (user, token)
+        return {"subscribed": True}
+
+    async def _unsubscribe(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
+        subscription_id = payload.get("subscription")
+        if type(subscription_id) is not int:
+            raise BadRequest(
+                f"'subscription' must be the request id of a SUBSCRIBE, not {subscription_id!r}"
+            )
+        # Idempotent: a subscription that already ended (overflow) is no error.
+        self.end_subscription(session, subscription_id)
+        return {"subscribed": False}
+
+    async def _stats(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
+        return {
+            "node": self.node_id,
+            "connections": len(self._sessions),
+            "connections_total": self._connections_total,
+            "subscriptions": sum(len(s.subscriptions) for s in self._sessions),
+            "requests": dict(self._requests),
+            "errors": dict(self._errors),
+            "server": dict(self._server_counters),
+            "mailbox": self._mailbox.stats(),
+        }
+
+    async def _health(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
+        store = "ok"
+        if self._health_check is not None:
+            try:
+                healthy = await self._health_check()
+            except Exception as exc:
+                log.warning("health check failed error=%r", exc)
+                healthy = False
+            store = "ok" if healthy else "down"
+        return {
+            "status": "ok" if store == "ok" else "degraded",
+            "node": self.node_id,
+            "store": store,
+        }

@@ -1,0 +1,1060 @@
+"""The mailbox: the business logic of every per-user operation of docs/protocol.md.
+
+Owns the rules between a request and the user's log: payload validation,
+threads keyed by participant set across channels, idempotent SEND and DELIVER,
+blocking, inbox/other routing through the user index, the per-user write
+serialisation, the retry after a lost compare-and-set, subscription events,
+and the write-through cache of user images (snapshot + replay of the log
+after it, snapshots written in the background). Calls the store, the log
+codec, the snapshot cache and the user index; nothing above it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import re
+import secrets
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pyserver import logcodec
+from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
+from pyserver.errors import BadRequest, LogCorrupt, NotFound, NotOwner, TooLarge, Unavailable
+from pyserver.snapcache import SnapshotCache
+from pyserver.store.base import LogAppend, Store, WriteConflict
+from pyserver.userindex import RELATIONS, UserIndex
+from pyserver.userindex.local import LocalUserIndex
+from pyserver.wire.ops import Op
+
+__all__ = ["Delivery", "Mailbox", "MailboxSettings", "search_terms"]
+
+log = logging.getLogger(__name__)
+
+_U64_MAX = (1 << 64) - 1
+# Page sizes and limits of the reads (docs/protocol.md).
+_THREADS_PAGE = (20, 200)
+_MESSAGES_PAGE = (50, 200)
+_SEARCH_PAGE = (20, 200)
+_MAX_QUERY_WORDS = 16
+# A longer "word" (a hash, a base64 run) is neither indexed nor searchable.
+_MAX_TERM_CHARS = 64
+_SNIPPET_CHARS = 100
+# Log records read per store call while replaying or exporting.
+_REPLAY_PAGE = 1_000
+_IMPORT_BATCH = 500
+_WORD = re.compile(r"\w+")
+_MISSING: Any = object()
+
+Event = dict[str, Any]
+EventCallback = Callable[[Event], None]
+
+
+@dataclass(frozen=True, slots=True)
+class MailboxSettings:
+    """The mailbox's knobs; `from_config` takes them from the process's `Config`."""
+
+    cache_max_users: int = 100_000
+    cache_max_bytes: int = 512 << 20
+    # write a snapshot once an image is this many log entries ahead of its last one
+    snapshot_every: int = 200
+    max_text_bytes: int = 256 << 10
+    # folder of a new thread when the user index cannot answer in time
+    default_folder: str = "inbox"
+    max_recipients: int = 100
+    # subject, from, key
+    max_field_bytes: int = 4 << 10
+    max_extra_bytes: int = 64 << 10
+    conflict_retries: int = 3
+    user_index_timeout_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.default_folder not in FOLDERS:
+            raise ValueError(f"default_folder must be one of {', '.join(FOLDERS)}")
+        for name in ("cache_max_users", "cache_max_bytes", "snapshot_every", "max_text_bytes",
+                     "max_recipients", "max_field_bytes", "max_extra_bytes"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.conflict_retries < 0 or self.user_index_timeout_s <= 0:
+            raise ValueError("conflict_retries must be >= 0 and user_index_timeout_s > 0")
+
+    @classmethod
+    def from_config(cls, config: Any) -> MailboxSettings:
+        """The settings named alike on a `pyserver.config.Config` (others keep their default)."""
+        names = cls.__dataclass_fields__
+        return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One message on its way into mailboxes: what every participant's copy is made of."""
+
+    message_id: str
+    thread_id: str
+    sender: int
+    sender_address: str | None
+    participants: tuple[int, ...]
+    channel: str
+    subject: str
+    text: str
+    key: str
+    extra: dict[str, Any]
+
+    def entry(self, folder: str, unread: bool) -> dict[str, Any]:
+        """The message_added fields of a copy (the log entry without seq and ts)."""
+        return {
+            "action": "message_added",
+            "message_id": self.message_id,
+            "thread_id": self.thread_id,
+            "sender": self.sender,
+            "participants": list(self.participants),
+            "channel": self.channel,
+            "folder": folder,
+            "unread": unread,
+            "subject": self.subject,
+            "snippet": snippet_of(self.text),
+            "body_ref": self.message_id,
+            "key": self.key,
+        }
+
+    def body(self) -> dict[str, Any]:
+        """What the `m` family keeps of the message, under its id."""
+        return {"text": self.text, "from": self.sender_address, "extra": self.extra}
+
+
+@dataclass(slots=True)
+class _Change:
+    """What an operation decided to write (nothing, if `entries` is empty) and answer."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    terms: list[tuple[str, str]] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+def search_terms(*texts: str) -> list[str]:
+    """The distinct words of the texts, case-folded, in first-seen order (the search index)."""
+    words = (word for text in texts for word in _WORD.findall(text.casefold()))
+    return [word for word in dict.fromkeys(words) if len(word) <= _MAX_TERM_CHARS]
+
+
+def snippet_of(text: str) -> str:
+    """The start of a message's text with its whitespace collapsed, for thread lists."""
+    return " ".join(text[: _SNIPPET_CHARS * 4].split())[:_SNIPPET_CHARS]
+
+
+def message_id_for(sender: int, key: str) -> str:
+    """A message's id: derived from the sender's idempotency key when there is one, so every
+    retry and every copy agrees; random otherwise."""
+    if not key:
+        return "m" + secrets.token_hex(12)
+    digest = hashlib.blake2b(f"{sender}\n{key}".encode(), digest_size=12).hexdigest()
+    return "m" + digest
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+class Mailbox:
+    """Every per-user operation of docs/protocol.md, behind `execute(op, payload)`.
+
+    `owns(user_id)` says whether this server may serve a user now; when it
+    may not, `owner_of(user_id)` names the owner ("host:port", for NOT_OWNER)
+    or None (UNAVAILABLE). Both default to a single node that owns everyone.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        user_index: UserIndex | None = None,
+        settings: MailboxSettings | None = None,
+        *,
+        owns: Callable[[int], bool] | None = None,
+        owner_of: Callable[[int], str | None] | None = None,
+        clock: Callable[[], int] = _now_us,
+    ) -> None:
+        self._store = store
+        self._index = user_index if user_index is not None else LocalUserIndex(store)
+        self._settings = settings or MailboxSettings()
+        self._owns = owns
+        self._owner_of = owner_of
+        self._clock = clock
+        self._cache = SnapshotCache(self._settings.cache_max_users, self._settings.cache_max_bytes)
+        # one lock per user with a write or a load under way; gone when nobody holds it
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._subscribers: dict[int, dict[int, EventCallback]] = {}
+        self._subscription_users: dict[int, int] = {}
+        self._tokens = itertools.count(1)
+        self._snapshot_tasks: set[asyncio.Task[None]] = set()
+        self._snapshotting: set[int] = set()
+        self._counters = dict.fromkeys(
+            ("conflicts", "snapshots", "snapshot_failures", "index_failures", "loads"), 0
+        )
+        self._handlers: dict[Op, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
+            Op.SEND: self._send,
+            Op.DELIVER: self._deliver,
+            Op.LIST_THREADS: self._list_threads,
+            Op.GET_THREAD: self._get_thread,
+            Op.GET_MESSAGE: self._get_message,
+            Op.COUNTS: self._counts,
+            Op.SEARCH: self._search,
+            Op.MARK_READ: self._mark_read,
+            Op.MARK_UNREAD: self._mark_unread,
+            Op.MOVE: self._move,
+            Op.DELETE: self._delete,
+            Op.MARK_SEEN: self._mark_seen,
+            Op.BLOCK: self._block,
+            Op.UNBLOCK: self._unblock,
+            Op.FRIEND_ADD: self._friend_add,
+            Op.FRIEND_REMOVE: self._friend_remove,
+        }
+
+    @property
+    def settings(self) -> MailboxSettings:
+        return self._settings
+
+    # ---- the entry point ----
+
+    async def execute(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        """Run one operation and return its reply; raises the typed errors of pyserver.errors."""
+        handler = self._handlers.get(op)
+        if handler is None:
+            raise BadRequest(f"op: {op!r} is not a mailbox operation")
+        if not isinstance(payload, dict):
+            raise BadRequest(f"payload: must be a JSON object, not {type(payload).__name__}")
+        return await handler(payload)
+
+    # ---- sending and delivering ----
+
+    async def _send(self, p: dict[str, Any]) -> dict[str, Any]:
+        sender = _user(p, "sender")
+        self._check_owner(sender)
+        recipients = _recipients(p, sender, self._settings.max_recipients)
+        text = _text(p, "text", self._settings.max_text_bytes)
+        channel = _choice(p, "channel", CHANNELS)
+        subject = _text(p, "subject", self._settings.max_field_bytes, default="")
+        key = _text(p, "key", self._settings.max_field_bytes, default="")
+        participants = tuple(sorted({sender, *recipients}))
+        delivery = Delivery(
+            message_id=message_id_for(sender, key),
+            thread_id=thread_id_for(participants),
+            sender=sender,
+            sender_address=None,
+            participants=participants,
+            channel=channel,
+            subject=subject,
+            text=text,
+            key=key,
+            extra={},
+        )
+        # A retry of a SEND that completed answers from the sender's image alone.
+        if key:
+            first = (await self._read_image(sender)).key_result(sender, key)
+            if first is not None:
+                return _send_reply(first, duplicate=True)
+        # Recipients first, the sender's copy last: the sender's copy records the key,
+        # so a SEND that failed half-way is retried in full (each copy is idempotent).
+        await asyncio.gather(*(self._deliver_copy(r, delivery) for r in recipients))
+
+        async def decide(image: UserImage) -> _Change:
+            first = image.key_result(sender, key) if key else None
+            if first is not None:
+                return _Change(result=_send_reply(first, duplicate=True))
+            thread = image.threads.get(delivery.thread_id)
+            if thread is None:
+                folder = "sent"
+            else:
+                folder = "inbox" if thread.folder == "archived" else thread.folder
+            return _adding(delivery, folder, unread=False)
+
+        change, _ = await self._update(sender, decide)
+        if change.result:
+            return change.result
+        return {
+            "message_id": delivery.message_id,
+            "thread_id": delivery.thread_id,
+            "ts": change.entries[0]["ts"],
+            "duplicate": False,
+        }
+
+    async def _deliver(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        sender = _user(p, "sender", minimum=0)
+        address = _text(p, "from", self._settings.max_field_bytes, default=None)
+        if sender == 0 and not address:
+            raise BadRequest("from: required when sender is 0 (a sender from outside)")
+        listed = _user_list(p, "participants", self._settings.max_recipients, default=[])
+        participants = tuple(sorted({user, *listed, *([sender] if sender else [])}))
+        text = _text(p, "text", self._settings.max_text_bytes)
+        channel = _choice(p, "channel", CHANNELS)
+        subject = _text(p, "subject", self._settings.max_field_bytes, default="")
+        key = _text(p, "key", self._settings.max_field_bytes, default="")
+        extra = _extra(p, "extra", self._settings.max_extra_bytes)
+        delivery = Delivery(
+            message_id=message_id_for(sender, key),
+            thread_id=thread_id_for(participants, None if sender else address),
+            sender=sender,
+            sender_address=address,
+            participants=participants,
+            channel=channel,
+            subject=subject,
+            text=text,
+            key=key,
+            extra=extra,
+        )
+        return await self._deliver_copy(user, delivery)
+
+    async def _deliver_copy(self, recipient: int, delivery: Delivery) -> dict[str, Any]:
+        """Write one recipient's copy to that recipient's own log; DELIVER's reply.
+
+        The one place a copy reaches a recipient: every recipient is local for
+        now; a remote delivery (to the recipient's owner) will replace this.
+        """
+
+        async def decide(image: UserImage) -> _Change:
+            reply = {"message_id": None, "thread_id": delivery.thread_id, "folder": None,
+                     "duplicate": False, "dropped": False}  # fmt: skip
+            first = image.key_result(delivery.sender, delivery.key) if delivery.key else None
+            if first is not None:
+                reply.update(message_id=first[0], thread_id=first[1], folder=first[3])
+                reply["duplicate"] = True
+                return _Change(result=reply)
+            if delivery.sender in image.blocked:
+                reply["dropped"] = True
+                return _Change(result=reply)
+            thread = image.threads.get(delivery.thread_id)
+            if thread is None:
+                folder = await self._route(recipient, delivery.sender)
+            elif thread.folder in ("archived", "sent"):
+                folder = "inbox"
+            else:
+                folder = thread.folder
+            reply.update(message_id=delivery.message_id, folder=folder)
+            change = _adding(delivery, folder, unread=True)
+            change.result = reply
+            return change
+
+        change, _ = await self._update(recipient, decide)
+        return change.result
+
+    async def _route(self, recipient: int, sender: int) -> str:
+        """The folder of a new thread: friends and their friends to inbox, anyone else to other."""
+        if sender == 0:
+            return "other"
+        try:
+            async with asyncio.timeout(self._settings.user_index_timeout_s):
+                relation = await self._index.relation(recipient, sender)
+            if relation not in RELATIONS:
+                raise ValueError(f"unknown relation {relation!r}")
+        except Exception as exc:
+            # The message must not be lost because the index is slow or down.
+            self._counters["index_failures"] += 1
+            log.warning(
+                "user index failed recipient=%d sender=%d error=%r; folder %s",
+                recipient, sender, exc, self._settings.default_folder,
+            )  # fmt: skip
+            return self._settings.default_folder
+        return "other" if relation == "stranger" else "inbox"
+
+    # ---- reads: served from the image, no store read when it is cached ----
+
+    async def _list_threads(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        folder = _choice(p, "folder", FOLDERS, default="inbox")
+        limit = _limit(p, *_THREADS_PAGE)
+        before = _cursor(p, "before")
+        image = await self._read_image(user)
+        threads = sorted(
+            (t for t in image.threads.values() if t.folder == folder and t.last_seq < before),
+            key=lambda t: t.last_seq,
+            reverse=True,
+        )
+        page = threads[:limit]
+        more = len(threads) > limit
+        return {
+            "threads": [thread.to_summary() for thread in page],
+            "next": str(page[-1].last_seq) if more else None,
+        }
+
+    async def _get_thread(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
+        limit = _limit(p, *_MESSAGES_PAGE)
+        before = _cursor(p, "before")
+        image = await self._read_image(user)
+        thread = _thread(image, thread_id)
+        older = [m for m in thread.messages.values() if m.seq < before]
+        page = older[-limit:]
+        return {
+            "thread_id": thread.thread_id,
+            "participants": thread.participants,
+            "folder": thread.folder,
+            "messages": [message.to_dict() for message in page],
+            "next": str(page[0].seq) if len(older) > limit else None,
+        }
+
+    async def _get_message(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        message_id = _text(p, "message_id", self._settings.max_field_bytes)
+        image = await self._read_image(user)
+        message = image.messages.get(message_id)
+        if message is None:
+            raise NotFound(f"message_id: user {user} has no message {message_id!r}")
+        return message.to_dict(with_extra=True)
+
+    async def _counts(self, p: dict[str, Any]) -> dict[str, Any]:
+        image = await self._read_image(_user(p, "user"))
+        return {"folders": image.counts()}
+
+    async def _search(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        query = _text(p, "query", self._settings.max_field_bytes)
+        limit = _limit(p, *_SEARCH_PAGE)
+        words = search_terms(query)
+        if not words:
+            raise BadRequest("query: has no word to search for")
+        if len(words) > _MAX_QUERY_WORDS:
+            raise TooLarge(f"query: {len(words)} words, over the limit of {_MAX_QUERY_WORDS}")
+        image = await self._read_image(user)
+        # The store's term index finds candidates; the image drops deleted messages.
+        found: list[Message] = []
+        for message_id in await self._store.search(user, words):
+            message = image.messages.get(message_id)
+            if message is not None:
+                found.append(message)
+        found.sort(key=lambda m: m.seq, reverse=True)
+        return {"messages": [message.to_dict() for message in found[:limit]]}
+
+    # ---- writes to the user's own mailbox ----
+
+    async def _mark_read(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._mark(p, unread=False)
+
+    async def _mark_unread(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._mark(p, unread=True)
+
+    async def _mark(self, p: dict[str, Any], unread: bool) -> dict[str, Any]:
+        user = _user(p, "user")
+        thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
+        message_id = _text(p, "message_id", self._settings.max_field_bytes, default="")
+
+        async def decide(image: UserImage) -> _Change:
+            thread = _thread(image, thread_id)
+            if message_id:
+                targets = [_message(thread, message_id)]
+            else:
+                targets = list(thread.messages.values())
+            if all(message.unread == unread for message in targets):
+                return _Change()
+            action = "marked_unread" if unread else "marked_read"
+            return _Change([{"action": action, "thread_id": thread_id, "message_id": message_id}])
+
+        return await self._seq_reply(user, decide)
+
+    async def _move(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
+        folder = _choice(p, "folder", FOLDERS)
+
+        async def decide(image: UserImage) -> _Change:
+            if _thread(image, thread_id).folder == folder:
+                return _Change()
+            return _Change([{"action": "moved", "thread_id": thread_id, "folder": folder}])
+
+        return await self._seq_reply(user, decide)
+
+    async def _delete(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
+        message_id = _text(p, "message_id", self._settings.max_field_bytes, default="")
+
+        async def decide(image: UserImage) -> _Change:
+            thread = _thread(image, thread_id)
+            if not message_id:
+                return _Change([{"action": "thread_deleted", "thread_id": thread_id}])
+            _message(thread, message_id)
+            return _Change(
+                [{"action": "message_deleted", "thread_id": thread_id, "message_id": message_id}]
+            )
+
+        return await self._seq_reply(user, decide)
+
+    async def _mark_seen(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        folder = _choice(p, "folder", FOLDERS, default="inbox")
+
+        async def decide(image: UserImage) -> _Change:
+            if image.counts()[folder]["unseen"] == 0:
+                return _Change()
+            return _Change([{"action": "folder_seen", "folder": folder}])
+
+        return await self._seq_reply(user, decide)
+
+    async def _block(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._blocking(p, block=True)
+
+    async def _unblock(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._blocking(p, block=False)
+
+    async def _blocking(self, p: dict[str, Any], block: bool) -> dict[str, Any]:
+        user = _user(p, "user")
+        sender = _user(p, "sender")
+        if sender == user:
+            raise BadRequest(f"sender: user {user} cannot block themself")
+
+        async def decide(image: UserImage) -> _Change:
+            if (sender in image.blocked) == block:
+                return _Change()
+            action = "sender_blocked" if block else "sender_unblocked"
+            return _Change([{"action": action, "sender": sender}])
+
+        return await self._seq_reply(user, decide)
+
+    async def _seq_reply(
+        self, user_id: int, decide: Callable[[UserImage], Awaitable[_Change]]
+    ) -> dict[str, Any]:
+        _, image = await self._update(user_id, decide)
+        return {"seq": image.seq}
+
+    # ---- the social graph (through the user index) ----
+
+    async def _friend_add(self, p: dict[str, Any]) -> dict[str, Any]:
+        user, friend = self._friend_pair(p)
+        await self._index.add_friend(user, friend)
+        return {}
+
+    async def _friend_remove(self, p: dict[str, Any]) -> dict[str, Any]:
+        user, friend = self._friend_pair(p)
+        await self._index.remove_friend(user, friend)
+        return {}
+
+    def _friend_pair(self, p: dict[str, Any]) -> tuple[int, int]:
+        user = _user(p, "user")
+        friend = _user(p, "friend")
+        if friend == user:
+            raise BadRequest(f"friend: user {user} cannot befriend themself")
+        self._check_owner(user)
+        return user, friend
+
+    # ---- subscriptions ----
+
+    def subscribe(self, user_id: int, callback: EventCallback) -> int:
+        """Call `callback(event)` after each commit to the user's log, in log order.
+
+        The callback runs on the event loop and must not block; an exception it
+        raises is logged and ignored. Returns the token for `unsubscribe`.
+        """
+        token = next(self._tokens)
+        self._subscribers.setdefault(user_id, {})[token] = callback
+        self._subscription_users[token] = user_id
+        return token
+
+    def unsubscribe(self, token: int) -> None:
+        """End a subscription (safe to repeat)."""
+        user_id = self._subscription_users.pop(token, None)
+        if user_id is None:
+            return
+        callbacks = self._subscribers.get(user_id)
+        if callbacks is not None:
+            callbacks.pop(token, None)
+            if not callbacks:
+                del self._subscribers[user_id]
+
+    def _publish(self, user_id: int, image: UserImage, entries: list[dict[str, Any]]) -> None:
+        callbacks = self._subscribers.get(user_id)
+        if not callbacks:
+            return
+        for entry in entries:
+            event = _event(user_id, image, entry)
+            for callback in list(callbacks.values()):
+                try:
+                    callback(event)
+                except Exception:
+                    log.exception("subscriber failed user=%d seq=%d", user_id, entry["seq"])
+
+    # ---- images: the cache, loading, committing ----
+
+    def _check_owner(self, user_id: int) -> None:
+        if self._owns is None or self._owns(user_id):
+            return
+        owner = self._owner_of(user_id) if self._owner_of is not None else None
+        if owner:
+            raise NotOwner(f"user {user_id} is served by {owner}", owner)
+        raise Unavailable(f"this server does not serve user {user_id} now")
+
+    def _lock(self, user_id: int) -> asyncio.Lock:
+        lock = self._locks.get(user_id)
+        if lock is None:
+            lock = self._locks[user_id] = asyncio.Lock()
+        return lock
+
+    async def _read_image(self, user_id: int) -> UserImage:
+        """The user's image for a read: the cached one, else loaded (under the user's lock)."""
+        self._check_owner(user_id)
+        image = self._cache.get(user_id)
+        if image is not None:
+            return image
+        async with self._lock(user_id):
+            image = self._cache.peek(user_id)
+            return image if image is not None else await self._load(user_id)
+
+    async def _update(
+        self, user_id: int, decide: Callable[[UserImage], Awaitable[_Change]]
+    ) -> tuple[_Change, UserImage]:
+        """Decide a write against the current image and commit it, under the user's lock.
+
+        A lost compare-and-set (another writer appended first) drops the image,
+        re-checks ownership, reloads and decides again, a few times, before the
+        WriteConflict (CONFLICT) reaches the caller.
+        """
+        attempts = self._settings.conflict_retries + 1
+        for attempt in range(attempts):
+            self._check_owner(user_id)
+            async with self._lock(user_id):
+                image = self._cache.get(user_id)
+                if image is None:
+                    image = await self._load(user_id)
+                change = await decide(image)
+                if not change.entries:
+                    return change, image
+                try:
+                    await self._commit(user_id, image, change)
+                except WriteConflict as exc:
+                    self._counters["conflicts"] += 1
+                    self._forget(user_id, image)
+                    log.info("write conflict user=%d attempt=%d: %s", user_id, attempt + 1, exc)
+                    if attempt + 1 == attempts:
+                        raise
+                    continue
+                return change, image
+        raise AssertionError("unreachable")
+
+    async def _commit(self, user_id: int, image: UserImage, change: _Change) -> None:
+        """Append the change's entries to the log, then apply them to the image and publish.
+
+        On success `change.entries` are the full log entries (with seq and ts).
+        """
+        ts = self._clock()
+        entries = [
+            {"seq": image.seq + offset, "ts": ts, **fields}
+            for offset, fields in enumerate(change.entries, start=1)
+        ]
+        write = LogAppend(
+            user_id=user_id,
+            expected_seq=image.seq,
+            records=[logcodec.encode(entry) for entry in entries],
+            messages={mid: orjson.dumps(body) for mid, body in change.bodies.items()},
+            terms=change.terms,
+        )
+        try:
+            await self._store.append(write)
+        except WriteConflict:
+            raise
+        except BaseException:
+            # The outcome is unknown (a cancelled or failed call may still have
+            # committed), so the image may be behind the log: reload next time.
+            self._forget(user_id, image)
+            raise
+        for entry in entries:
+            body = change.bodies.get(entry["message_id"]) if "body_ref" in entry else None
+            image.apply(entry, body)
+        change.entries = entries
+        self._keep(user_id, image)
+        self._publish(user_id, image, entries)
+        if image.seq - image.snapshot_seq >= self._settings.snapshot_every:
+            self._snapshot_soon(user_id, image)
+
+    def _keep(self, user_id: int, image: UserImage) -> None:
+        """(Re)insert the image with its current weight; snapshot whatever that evicts."""
+        evicted = self._cache.put(user_id, image, image.weight)
+        seen: set[int] = set()
+        for evicted_id, evicted_image in evicted:
+            if id(evicted_image) in seen:
+                continue
+            seen.add(id(evicted_image))
+            if evicted_image.seq > evicted_image.snapshot_seq:
+                self._snapshot_soon(evicted_id, evicted_image, evicted=True)
+
+    def _forget(self, user_id: int, image: UserImage) -> None:
+        """Drop this image from the cache (not a newer one that replaced it)."""
+        if self._cache.peek(user_id) is image:
+            self._cache.pop(user_id)
+
+    async def _load(self, user_id: int) -> UserImage:
+        """Snapshot + replay of the log after it; cached. The caller holds the user's lock."""
+        self._counters["loads"] += 1
+        image = UserImage()
+        stored = await self._store.read_snapshot(user_id)
+        if stored is not None:
+            seq, data = stored
+            try:
+                image = UserImage.from_snapshot(data)
+                if image.seq != seq:
+                    raise LogCorrupt(f"snapshot stored at seq {seq} holds seq {image.seq}")
+                image.snapshot_seq = seq
+            except LogCorrupt as exc:
+                # The log is the truth: do without the snapshot.
+                log.error("unreadable snapshot user=%d, replaying the whole log: %s", user_id, exc)
+                image = UserImage()
+        await self._replay(user_id, image)
+        self._keep(user_id, image)
+        return image
+
+    async def _replay(self, user_id: int, image: UserImage, until: int | None = None) -> None:
+        """Apply the stored log after `image.seq` (up to seq `until`, if given)."""
+        while until is None or image.seq < until:
+            limit = _REPLAY_PAGE if until is None else min(_REPLAY_PAGE, until - image.seq)
+            page = await self._store.read_log(user_id, image.seq, limit)
+            if not page:
+                return
+            entries = _decode_page(page)
+            bodies = await self._bodies(user_id, entries)
+            for entry in entries:
+                image.apply(entry, bodies.get(entry["body_ref"]) if "body_ref" in entry else None)
+            if len(page) < limit:
+                return
+
+    async def _bodies(
+        self, user_id: int, entries: Iterable[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        refs = [entry["body_ref"] for entry in entries if "body_ref" in entry]
+        if not refs:
+            return {}
+        bodies: dict[str, dict[str, Any]] = {}
+        for ref, raw in (await self._store.get_messages(user_id, refs)).items():
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = None
+            if isinstance(body, dict):
+                bodies[ref] = body
+            else:
+                log.error("unreadable message body user=%d message=%s", user_id, ref)
+        return bodies
+
+    # ---- snapshots ----
+
+    def _snapshot_soon(self, user_id: int, image: UserImage, evicted: bool = False) -> None:
+        """Write the image's snapshot in the background: the reply never waits for it."""
+        if not evicted:
+            if user_id in self._snapshotting:
+                return  # one in flight already; the next commit asks again
+            self._snapshotting.add(user_id)
+        task = asyncio.get_running_loop().create_task(
+            self._write_snapshot(user_id, image, release=not evicted)
+        )
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _write_snapshot(self, user_id: int, image: UserImage, release: bool = False) -> None:
+        try:
+            # seq and bytes taken together, with no await between them
+            seq, data = image.seq, image.to_snapshot()
+            await self._store.write_snapshot(user_id, seq, data)
+            image.snapshot_seq = max(image.snapshot_seq, seq)
+            self._counters["snapshots"] += 1
+        except Exception:
+            self._counters["snapshot_failures"] += 1
+            log.exception("snapshot failed user=%d", user_id)
+        finally:
+            if release:
+                self._snapshotting.discard(user_id)
+
+    async def drain(self) -> None:
+        """Wait until every background snapshot write has finished."""
+        while self._snapshot_tasks:
+            await asyncio.gather(*list(self._snapshot_tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Finish background snapshots, then snapshot every cached image ahead of its last one.
+
+        The store stays open: whoever opened it closes it.
+        """
+        await self.drain()
+        for user_id, image in self._cache.items():
+            if image.seq > image.snapshot_seq:
+                await self._write_snapshot(user_id, image)
+
+    # ---- admin: rebuild, export, import, stats ----
+
+    async def rebuild(self, user_id: int) -> dict[str, Any]:
+        """Regenerate the user's image from the log alone; report how the stored snapshot differs.
+
+        The snapshot is compared with the log replayed up to the snapshot's
+        position; the regenerated image then replaces the cached one and is
+        written as the new snapshot.
+        """
+        self._check_owner(user_id)
+        async with self._lock(user_id):
+            rebuilt = UserImage()
+            differences: list[str] = []
+            stored = await self._store.read_snapshot(user_id)
+            snapshot_seq = None
+            if stored is not None:
+                snapshot_seq, data = stored
+                await self._replay(user_id, rebuilt, until=snapshot_seq)
+                if rebuilt.seq < snapshot_seq:
+                    differences.append(
+                        f"seq: the snapshot is at {snapshot_seq}, the log ends at {rebuilt.seq}"
+                    )
+                else:
+                    try:
+                        differences = UserImage.from_snapshot(data).differences(rebuilt)
+                    except LogCorrupt as exc:
+                        differences = [f"snapshot: {exc}"]
+            await self._replay(user_id, rebuilt)
+            if rebuilt.seq:
+                await self._store.write_snapshot(user_id, rebuilt.seq, rebuilt.to_snapshot())
+                rebuilt.snapshot_seq = rebuilt.seq
+            self._keep(user_id, rebuilt)
+        return {
+            "user": user_id,
+            "seq": rebuilt.seq,
+            "snapshot_seq": snapshot_seq,
+            "threads": len(rebuilt.threads),
+            "messages": len(rebuilt.messages),
+            "differences": differences,
+            "ok": not differences,
+        }
+
+    async def export_log(self, user_id: int) -> list[dict[str, Any]]:
+        """The user's whole log as JSON-able dicts, in order; a message_added entry
+        carries its stored body under "body" (None if the store has lost it)."""
+        out: list[dict[str, Any]] = []
+        after = 0
+        while page := await self._store.read_log(user_id, after, _REPLAY_PAGE):
+            entries = _decode_page(page)
+            bodies = await self._bodies(user_id, entries)
+            for entry in entries:
+                if "body_ref" in entry:
+                    entry["body"] = bodies.get(entry["body_ref"])
+                out.append(entry)
+            after = page[-1][0]
+        return out
+
+    async def import_log(self, user_id: int, entries: Iterable[dict[str, Any]]) -> int:
+        """Append exported entries to the user's log; returns how many were appended.
+
+        Entries at or below the log's end are skipped, so re-running an import
+        is harmless; the rest must continue the log without a gap. Message
+        bodies are stored and indexed for search again. The cached image is
+        dropped and reloaded on the next request.
+        """
+        self._check_owner(user_id)
+        async with self._lock(user_id):
+            last = await self._store.last_seq(user_id)
+            todo = [_imported(entry) for entry in entries]
+            todo = [(entry, body) for entry, body in todo if entry["seq"] > last]
+            for expected, (entry, _) in enumerate(todo, start=last + 1):
+                if entry["seq"] != expected:
+                    raise BadRequest(f"entries: seq {entry['seq']} where {expected} should follow")
+            # Every entry is checked (encoded) before the first is written.
+            records = [logcodec.encode(entry) for entry, _ in todo]
+            for start in range(0, len(todo), _IMPORT_BATCH):
+                batch = todo[start : start + _IMPORT_BATCH]
+                messages: dict[str, bytes] = {}
+                terms: list[tuple[str, str]] = []
+                for entry, body in batch:
+                    if body is not None:
+                        ref = entry["body_ref"]
+                        messages[ref] = orjson.dumps(body)
+                        text = body.get("text") if isinstance(body.get("text"), str) else ""
+                        words = search_terms(entry["subject"], text)
+                        terms.extend((word, entry["message_id"]) for word in words)
+                await self._store.append(
+                    LogAppend(
+                        user_id=user_id,
+                        expected_seq=batch[0][0]["seq"] - 1,
+                        records=records[start : start + _IMPORT_BATCH],
+                        messages=messages,
+                        terms=terms,
+                    )
+                )
+            image = self._cache.peek(user_id)
+            if image is not None:
+                self._forget(user_id, image)
+        return len(todo)
+
+    def stats(self) -> dict[str, Any]:
+        """Cache figures (hits, misses, evictions, hit rate, users, bytes) and write counters."""
+        cache = self._cache
+        lookups = cache.hits + cache.misses
+        return {
+            "hits": cache.hits,
+            "misses": cache.misses,
+            "evictions": cache.evictions,
+            "hit_rate": cache.hits / lookups if lookups else 0.0,
+            "users": len(cache),
+            "bytes": cache.weight,
+            "subscriptions": len(self._subscription_users),
+            **self._counters,
+        }
+
+
+# ---- payload checks: BadRequest names the field; TooLarge says the limit ----
+
+
+def _field(p: dict[str, Any], name: str, default: Any) -> Any:
+    value = p.get(name)
+    if value is None:
+        if default is _MISSING:
+            raise BadRequest(f"{name}: required")
+        return default
+    return value
+
+
+def _user(p: dict[str, Any], name: str, minimum: int = 1) -> int:
+    value = _field(p, name, _MISSING)
+    if type(value) is not int or not minimum <= value <= _U64_MAX:
+        raise BadRequest(f"{name}: must be a user id in {minimum}..2**64-1, not {value!r}")
+    return value
+
+
+def _user_list(p: dict[str, Any], name: str, most: int, default: Any = _MISSING) -> list[int]:
+    value = _field(p, name, default)
+    if not isinstance(value, list):
+        raise BadRequest(f"{name}: must be a list of user ids")
+    if len(value) > most:
+        raise TooLarge(f"{name}: {len(value)} users, over the limit of {most}")
+    for user in value:
+        if type(user) is not int or not 1 <= user <= _U64_MAX:
+            raise BadRequest(f"{name}: {user!r} is not a user id in 1..2**64-1")
+    return value
+
+
+def _recipients(p: dict[str, Any], sender: int, most: int) -> list[int]:
+    recipients = _user_list(p, "recipients", most)
+    others = sorted(set(recipients) - {sender})
+    if not others:
+        raise BadRequest("recipients: must name at least one user other than the sender")
+    return others
+
+
+def _text(p: dict[str, Any], name: str, max_bytes: int, default: Any = _MISSING) -> Any:
+    value = _field(p, name, default)
+    if value is default:
+        return value
+    if not isinstance(value, str):
+        raise BadRequest(f"{name}: must be a string, not {type(value).__name__}")
+    # A character is at most 4 bytes of UTF-8: most strings need no encoding to check.
+    if len(value) * 4 > max_bytes:
+        try:
+            size = len(value.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise BadRequest(f"{name}: not valid Unicode text") from None
+        if size > max_bytes:
+            raise TooLarge(f"{name}: {size} bytes, over the limit of {max_bytes}")
+    return value
+
+
+def _choice(p: dict[str, Any], name: str, allowed: tuple[str, ...], default: Any = _MISSING) -> str:
+    value = _field(p, name, default)
+    if value not in allowed:
+        raise BadRequest(f"{name}: must be one of {', '.join(allowed)}, not {value!r}")
+    return value
+
+
+def _limit(p: dict[str, Any], default: int, most: int) -> int:
+    value = _field(p, "limit", default)
+    if type(value) is not int or not 1 <= value <= most:
+        raise BadRequest(f"limit: must be an integer in 1..{most}, not {value!r}")
+    return value
+
+
+def _cursor(p: dict[str, Any], name: str) -> int:
+    """A page cursor (a `next` of a previous page) as a log position; none: past the end."""
+    value = _field(p, name, None)
+    if value is None:
+        return _U64_MAX + 1
+    if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 20:
+        raise BadRequest(f"{name}: {value!r} is not a cursor this server gave")
+    return int(value)
+
+
+def _extra(p: dict[str, Any], name: str, max_bytes: int) -> dict[str, Any]:
+    value = _field(p, name, {})
+    if not isinstance(value, dict):
+        raise BadRequest(f"{name}: must be a JSON object")
+    try:
+        size = len(orjson.dumps(value))
+    except TypeError as exc:
+        raise BadRequest(f"{name}: not JSON: {exc}") from None
+    if size > max_bytes:
+        raise TooLarge(f"{name}: {size} bytes, over the limit of {max_bytes}")
+    return value
+
+
+def _thread(image: UserImage, thread_id: str) -> Thread:
+    thread = image.threads.get(thread_id)
+    if thread is None:
+        raise NotFound(f"thread_id: no thread {thread_id!r}")
+    return thread
+
+
+def _message(thread: Thread, message_id: str) -> Message:
+    message = thread.messages.get(message_id)
+    if message is None:
+        raise NotFound(f"message_id: thread {thread.thread_id!r} has no message {message_id!r}")
+    return message
+
+
+# ---- small pieces ----
+
+
+def _adding(delivery: Delivery, folder: str, unread: bool) -> _Change:
+    """The change that adds one copy of a delivery to a mailbox."""
+    words = search_terms(delivery.subject, delivery.text)
+    return _Change(
+        entries=[delivery.entry(folder, unread)],
+        bodies={delivery.message_id: delivery.body()},
+        terms=[(word, delivery.message_id) for word in words],
+    )
+
+
+def _send_reply(first: list[Any], duplicate: bool) -> dict[str, Any]:
+    message_id, thread_id, ts, _folder = first
+    return {"message_id": message_id, "thread_id": thread_id, "ts": ts, "duplicate": duplicate}
+
+
+def _event(user_id: int, image: UserImage, entry: dict[str, Any]) -> Event:
+    """The SUBSCRIBE event of one committed log entry."""
+    event: Event = {"user": user_id, "seq": entry["seq"], "event": entry["action"]}
+    if entry["action"] == "message_added":
+        event["thread_id"] = entry["thread_id"]
+        message = image.messages.get(entry["message_id"])
+        event["message"] = message.to_dict() if message is not None else None
+        event["folder"] = entry["folder"]
+    else:
+        event.update((k, v) for k, v in entry.items() if k not in ("seq", "ts", "action"))
+    return event
+
+
+def _decode_page(page: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
+    entries = []
+    for seq, record in page:
+        entry = logcodec.decode(record)
+        if entry["seq"] != seq:
+            raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
+        entries.append(entry)
+    return entries
+
+
+def _imported(item: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """An exported entry split into the log entry and its body (encode checks the entry)."""
+    if not isinstance(item, dict):
+        raise BadRequest("entries: each must be a JSON object")
+    entry = dict(item)
+    body = entry.pop("body", None)
+    if body is not None and not isinstance(body, dict):
+        raise BadRequest(f"entries: seq {entry.get('seq')!r} has a body that is not an object")
+    if type(entry.get("seq")) is not int:
+        raise BadRequest("entries: each needs an integer seq")
+    return entry, body

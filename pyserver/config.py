@@ -1,0 +1,160 @@
+"""Configuration: one typed object, built once at start-up and passed down.
+
+Sources, later ones winning: the defaults below (a single-node cell on
+`./pyserver-data`), a TOML file (`--config FILE` or `PYSERVER_CONFIG`),
+environment variables `PYSERVER_<FIELD>` (upper case), then command-line flags.
+docs/configuration.md lists every field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from pyserver.app.auth import generate_service_key
+from pyserver.errors import BadRequest
+
+
+class ConfigError(BadRequest):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # where the embedded store and the service key live
+    data_dir: Path = Path("pyserver-data")
+    # the application server (binary protocol)
+    host: str = "127.0.0.1"
+    port: int = 7400
+    # HTTP: /metrics (Prometheus) and /health
+    http_port: int = 7480
+    node_id: str = "node-1"
+    cell: str = "cell-1"
+    # trusted tiers' key; when unset, read from (or created in) data_dir/service.key
+    service_key: str = ""
+    max_frame_size: int = 1 << 20
+    max_in_flight_per_connection: int = 256
+    idle_timeout_s: float = 300.0
+    request_timeout_s: float = 10.0
+    shutdown_grace_s: float = 10.0
+    # write-through cache of user images
+    cache_max_users: int = 100_000
+    cache_max_bytes: int = 512 << 20
+    snapshot_every: int = 200
+    max_text_bytes: int = 256 << 10
+    # folder for new threads when the user index cannot answer
+    default_folder: str = "inbox"
+    log_level: str = "INFO"
+
+    @property
+    def service_key_path(self) -> Path:
+        return self.data_dir / "service.key"
+
+    def with_service_key(self) -> Config:
+        """This config with its service key filled in from data_dir (created on first start)."""
+        if self.service_key:
+            return self
+        return dataclasses.replace(self, service_key=load_or_create_service_key(self.data_dir))
+
+
+def load_or_create_service_key(data_dir: Path) -> str:
+    """The service key in data_dir/service.key, written (mode 0600) if there is none."""
+    path = data_dir / "service.key"
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        data_dir.mkdir(parents=True, exist_ok=True)
+        key = generate_service_key()
+        # O_EXCL: two processes starting at once must not end up with two keys.
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_text().strip()
+        with os.fdopen(fd, "w") as out:
+            out.write(key + "\n")
+    if not key:
+        raise ConfigError(f"{path} is empty: delete it to have a new key made")
+    return key
+
+
+def _convert(name: str, kind: type, value: Any) -> Any:
+    """A raw value (TOML or environment string) converted to the field's type."""
+    try:
+        if kind is Path:
+            return Path(value)
+        if kind is bool:
+            if isinstance(value, str):
+                if value.lower() not in ("1", "0", "true", "false", "yes", "no"):
+                    raise ValueError(value)
+                return value.lower() in ("1", "true", "yes")
+            return bool(value)
+        if kind is int and isinstance(value, float):
+            raise ValueError(value)
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config {name}: {value!r} is not a valid {kind.__name__}") from None
+
+
+_TYPES = {"Path": Path, "str": str, "int": int, "float": float, "bool": bool}
+
+
+def load_config(
+    file: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Defaults, then the TOML file, then PYSERVER_* variables, then overrides (flags)."""
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    known = {f.name: _TYPES[str(f.type)] for f in fields(Config)}
+
+    file = file or env.get("PYSERVER_CONFIG") or None
+    if file:
+        try:
+            with open(file, "rb") as handle:
+                document = tomllib.load(handle)
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"config file {file}: {exc}") from None
+        for name, value in document.items():
+            if name not in known:
+                raise ConfigError(f"config file {file}: unknown setting {name!r}")
+            values[name] = _convert(name, known[name], value)
+    for name, kind in known.items():
+        raw = env.get(f"PYSERVER_{name.upper()}")
+        if raw is not None:
+            values[name] = _convert(name, kind, raw)
+    for name, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if name not in known:
+            raise ConfigError(f"unknown setting {name!r}")
+        values[name] = _convert(name, known[name], value)
+    config = Config(**values)
+    _check(config)
+    return config
+
+
+def _check(config: Config) -> None:
+    for name in ("port", "http_port"):
+        if not 0 <= getattr(config, name) <= 65535:
+            raise ConfigError(f"config {name}: {getattr(config, name)} is not a TCP port")
+    positive = (
+        "max_frame_size",
+        "max_in_flight_per_connection",
+        "cache_max_users",
+        "cache_max_bytes",
+        "snapshot_every",
+        "max_text_bytes",
+        "idle_timeout_s",
+        "request_timeout_s",
+    )
+    for name in positive:
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
+    if config.default_folder not in ("inbox", "other"):
+        raise ConfigError(f"config default_folder: {config.default_folder!r} is not inbox or other")

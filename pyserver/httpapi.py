@@ -1,0 +1,46 @@
+"""The HTTP side of a process: Prometheus `/metrics` and `/health`, on aiohttp."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from pyserver.metrics import Metrics
+
+
+class HttpEndpoint:
+    """Serves /metrics and /health until `stop()`."""
+
+    def __init__(self, metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+        self._metrics = metrics
+        self._health = health
+        self._runner: web.AppRunner | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen; returns the bound port (port 0 picks a free one)."""
+        app = web.Application()
+        app.router.add_get("/metrics", self._serve_metrics)
+        app.router.add_get("/health", self._serve_health)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, host, port)
+        await site.start()
+        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def _serve_metrics(self, _request: web.Request) -> web.Response:
+        response = web.Response(body=self._metrics.render())
+        response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+        return response
+
+    async def _serve_health(self, _request: web.Request) -> web.Response:
+        health = await self._health()
+        status = 200 if health.get("status") == "ok" else 503
+        return web.json_response(health, status=status)

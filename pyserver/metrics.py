@@ -1,0 +1,99 @@
+"""Prometheus metrics of one process: requests, latency, connections, cache and store.
+
+Each process keeps its own registry (tests run several servers in one process).
+The HTTP side that serves them is pyserver.httpapi.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+# Loopback request/reply sits in tens of microseconds; durable writes in milliseconds.
+LATENCY_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 10.0,
+)  # fmt: skip
+
+
+class _CacheCollector(Collector):
+    """Reads the mailbox's cache figures at scrape time, so the hot path records nothing."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats()
+        for name in ("hits", "misses", "evictions"):
+            yield CounterMetricFamily(
+                f"pyserver_cache_{name}", f"User-image cache {name}", value=stats.get(name, 0)
+            )
+        yield GaugeMetricFamily(
+            "pyserver_cache_hit_rate", "User-image cache hit rate", value=stats.get("hit_rate", 0)
+        )
+        yield GaugeMetricFamily(
+            "pyserver_cache_users", "User images cached", value=stats.get("users", 0)
+        )
+
+
+class Metrics:
+    """The process's metrics. `observe` is the dispatcher's RequestObserver."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "pyserver_requests", "Requests by operation and outcome", ["op", "code"],
+            registry=self.registry,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "pyserver_request_seconds", "Request latency by operation", ["op"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.store_seconds = Histogram(
+            "pyserver_store_seconds", "Store call latency by method", ["method"],
+            buckets=LATENCY_BUCKETS, registry=self.registry,
+        )  # fmt: skip
+        self.connections = Gauge(
+            "pyserver_connections", "Open client connections", registry=self.registry
+        )
+
+    def observe(self, op_name: str, seconds: float, error_code: str | None) -> None:
+        self.requests.labels(op_name, error_code or "OK").inc()
+        self.request_seconds.labels(op_name).observe(seconds)
+
+    def watch_cache(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_CacheCollector(stats))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class TimedStore:
+    """A store whose coroutine methods report their latency; everything else passes through."""
+
+    def __init__(self, store: Any, metrics: Metrics) -> None:
+        self._store = store
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._store, name)
+        if name.startswith("_") or not inspect.iscoroutinefunction(attribute):
+            return attribute
+        histogram = self._metrics.store_seconds.labels(name)
+
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return await attribute(*args, **kwargs)
+            finally:
+                histogram.observe(time.perf_counter() - started)
+
+        # Kept on the instance, so __getattr__ runs once per method, not once per call.
+        setattr(self, name, timed)
+        return timed

@@ -1,0 +1,154 @@
+"""The store interface every engine implements (DESIGN.md "Storage schema").
+
+The per-user log, ordered by sequence number, is the truth; a snapshot is a
+serialized user image at a log position. Appends are compare-and-set on the
+user's last sequence number, so two writers that both believe they own a user
+can never both append the same entry.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from pyserver.errors import PyserverError, Unavailable
+
+
+class WriteConflict(PyserverError):
+    """The user's log moved on since the writer read it; reload and re-check ownership."""
+
+    code = "CONFLICT"
+
+    def __init__(self, user_id: int, expected_seq: int, actual_seq: int) -> None:
+        super().__init__(
+            f"log of user {user_id} is at seq {actual_seq}, the writer expected {expected_seq}"
+        )
+        self.user_id = user_id
+        self.expected_seq = expected_seq
+        self.actual_seq = actual_seq
+
+
+class StoreUnavailable(Unavailable):
+    """The store cannot be reached or failed; nothing was acknowledged, retry later."""
+
+
+@dataclass(frozen=True, slots=True)
+class LogAppend:
+    """One atomic write to one user's data: log records plus what they refer to.
+
+    `records` are encoded log records (pyserver.logcodec) with sequence numbers
+    `expected_seq + 1, expected_seq + 2, ...`; the append succeeds only if the
+    user's last stored sequence number is `expected_seq` (0: an empty log).
+    """
+
+    user_id: int
+    expected_seq: int
+    records: Sequence[bytes]
+    # message id -> message body and metadata (JSON bytes), the `m` family
+    messages: dict[str, bytes] = field(default_factory=dict)
+    # (term, message id) pairs for the search index, the `x` family
+    terms: Sequence[tuple[str, str]] = ()
+
+    @property
+    def last_seq(self) -> int:
+        return self.expected_seq + len(self.records)
+
+
+class Store(ABC):
+    """A pluggable store. Every method is a coroutine; a write is durable when it returns.
+
+    Engines raise StoreUnavailable when they cannot serve (never a raw driver
+    error), and WriteConflict when an append loses its compare-and-set. User ids
+    and sequence numbers are unsigned 64-bit: anything outside that range is a
+    BadRequest (a ValueError), raised before anything is written.
+    """
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect, create what is missing (safe to run twice)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish pending writes, then release every resource."""
+
+    # ---- per-user log, snapshots, messages, search ----
+
+    @abstractmethod
+    async def append(self, write: LogAppend) -> None:
+        """Append atomically (records, messages and terms together), or raise WriteConflict."""
+
+    @abstractmethod
+    async def last_seq(self, user_id: int) -> int:
+        """The user's last log sequence number; 0 for a user with no log."""
+
+    @abstractmethod
+    async def read_log(
+        self, user_id: int, after_seq: int = 0, limit: int | None = None
+    ) -> list[tuple[int, bytes]]:
+        """(seq, record) pairs with seq > after_seq, in order, at most `limit` of them."""
+
+    @abstractmethod
+    async def write_snapshot(self, user_id: int, seq: int, image: bytes) -> None:
+        """Keep `image` as the user's latest snapshot at log position `seq`.
+
+        A snapshot older than the one stored is ignored, so a late writer never
+        replaces a newer snapshot; one at the same position replaces it.
+        """
+
+    @abstractmethod
+    async def read_snapshot(self, user_id: int) -> tuple[int, bytes] | None:
+        """(seq, image) of the latest snapshot, or None."""
+
+    @abstractmethod
+    async def get_messages(self, user_id: int, message_ids: Sequence[str]) -> dict[str, bytes]:
+        """Bodies of the given messages that exist, by message id."""
+
+    @abstractmethod
+    async def search(self, user_id: int, terms: Sequence[str]) -> list[str]:
+        """Message ids of the user's messages indexed under every one of `terms`, sorted.
+
+        No terms: no ids.
+        """
+
+    # ---- directory (user -> cell), global ----
+
+    @abstractmethod
+    async def get_cell(self, user_id: int) -> str | None: ...
+
+    @abstractmethod
+    async def set_cell(self, user_id: int, cell: str) -> None: ...
+
+    @abstractmethod
+    async def count_users_by_cell(self) -> dict[str, int]:
+        """How many users the directory places in each cell."""
+
+    # ---- social graph: mutual friendships ----
+
+    @abstractmethod
+    async def friends(self, user_id: int) -> set[int]: ...
+
+    @abstractmethod
+    async def add_friend(self, user_id: int, friend_id: int) -> None:
+        """Make the two users friends of each other (idempotent); nobody is their own friend.
+
+        Raises BadRequest when `user_id == friend_id`.
+        """
+
+    @abstractmethod
+    async def remove_friend(self, user_id: int, friend_id: int) -> None:
+        """End the friendship both ways (idempotent)."""
+
+    # ---- addresses: email address or phone number -> user ----
+
+    @abstractmethod
+    async def resolve_address(self, address: str) -> int | None:
+        """The user an address belongs to (addresses are matched case-insensitively)."""
+
+    @abstractmethod
+    async def add_address(self, address: str, user_id: int) -> None:
+        """Register (or re-point) an address."""
+
+    @abstractmethod
+    async def user_ids(self) -> list[int]:
+        """Every user with a log, in ascending order (for export and rebuild tools)."""

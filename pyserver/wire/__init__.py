@@ -1,0 +1,1 @@
+"""The binary wire protocol of DESIGN.md: frame layout and codec (sans I/O)."""

@@ -1,0 +1,36 @@
+"""Operation codes of the wire protocol (docs/protocol.md is the reference)."""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Op(IntEnum):
+    PING = 1
+    HELLO = 2
+    SEND = 10
+    DELIVER = 11
+    LIST_THREADS = 20
+    GET_THREAD = 21
+    GET_MESSAGE = 22
+    COUNTS = 23
+    SEARCH = 24
+    MARK_READ = 30
+    MARK_UNREAD = 31
+    MOVE = 32
+    DELETE = 33
+    MARK_SEEN = 34
+    SUBSCRIBE = 40
+    UNSUBSCRIBE = 41
+    FRIEND_ADD = 50
+    FRIEND_REMOVE = 51
+    BLOCK = 52
+    UNBLOCK = 53
+    STATS = 60
+    HEALTH = 61
+
+
+# Operations a user-token connection may not use.
+SERVICE_ONLY: frozenset[Op] = frozenset({Op.DELIVER, Op.FRIEND_ADD, Op.FRIEND_REMOVE, Op.STATS})
+# Operations answered without a HELLO.
+NO_HELLO: frozenset[Op] = frozenset({Op.PING, Op.HELLO})
