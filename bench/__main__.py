@@ -1,4 +1,7 @@
-"""`python -m bench micro [--json] [--quick]`: the native core against its pure twins and peers.
+"""`python -m bench micro|server [--json] [--quick]`: pyserver against its pure twins and peers.
+
+`micro`: the native core parts against their pure twins and peer libraries.
+`server`: a running app server under load (bench/server.py).
 
 Every figure of one run is measured side by side in that run (bench.timing), so
 ratios hold on a shared, noisy machine. The benchmarks refuse to run on the
@@ -58,7 +61,13 @@ def _print_table(results: dict[str, object]) -> None:
             print(f"{'':<20}{extra}")
 
 
-COMMANDS: dict[str, Callable[[bool], dict[str, object]]] = {"micro": _micro}
+def _server(quick: bool) -> dict[str, object]:
+    from bench import server
+
+    return server.run(quick=quick)
+
+
+COMMANDS: dict[str, Callable[[bool], dict[str, object]]] = {"micro": _micro, "server": _server}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,9 +88,13 @@ def main(argv: list[str] | None = None) -> int:
     }
     if args.json:
         print(json.dumps(results))
-    else:
+    elif args.suite == "micro":
         _print_table(results)
         print(f"({results['meta']['seconds']} s)")
+    else:
+        for scenario in results.pop("scenarios", []):
+            print(scenario)
+        print(json.dumps(results, indent=1))
     return 0
 
 

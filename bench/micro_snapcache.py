@@ -166,7 +166,7 @@ def _bench_put(quick: bool) -> dict[str, object]:
 def _compare(contenders: dict[str, Callable[[], None]], quick: bool) -> dict[str, float]:
     if quick:
         return compare(contenders, ops_per_call=BATCH, rounds=2, round_s=0.005)
-    return compare(contenders, ops_per_call=BATCH, rounds=40, round_s=0.004)
+    return compare(contenders, ops_per_call=BATCH, rounds=60, round_s=0.008)
 
 
 def run(quick: bool = False) -> dict[str, dict]:

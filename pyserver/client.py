@@ -93,6 +93,13 @@ def error_from_payload(payload: Any) -> PyserverError:
     return exc
 
 
+def _op_name(op: int) -> str:
+    try:
+        return Op(op).name
+    except ValueError:
+        return f"operation {op}"
+
+
 def _without_none(**fields: Any) -> dict[str, Any]:
     return {name: value for name, value in fields.items() if value is not None}
 
@@ -134,6 +141,8 @@ class Subscription:
         return self
 
     async def __anext__(self) -> dict[str, Any]:
+        if self._closed:
+            raise StopAsyncIteration
         if not self._started:
             await self.start()
         while not self._events:
@@ -162,9 +171,11 @@ class Subscription:
         self._closed = True
         link = self._link
         live = self._end is None and link is not None and not link.lost
+        self._events.clear()
         self._finish(StopAsyncIteration())
+        if link is not None:
+            link.forget(self)
         if live and link is not None and self.id is not None:
-            link.subscriptions.pop(self.id, None)
             with contextlib.suppress(PyserverError):
                 await self._client._request_on(link, Op.UNSUBSCRIBE, {"subscription": self.id})
 
@@ -268,6 +279,14 @@ class _Link(asyncio.Protocol):
             future.set_result(body)
         else:
             future.set_exception(error_from_payload(body))
+
+    def forget(self, subscription: Subscription) -> None:
+        """A subscription was closed: route no more events to it, and read again."""
+        if subscription.id is not None and self.subscriptions.get(subscription.id) is subscription:
+            del self.subscriptions[subscription.id]
+        if subscription in self._full:
+            self._full.discard(subscription)
+            self._maybe_resume()
 
     def event_consumed(self, subscription: Subscription) -> None:
         if (
@@ -526,7 +545,7 @@ class Client:
             async with asyncio.timeout(timeout):
                 return await future
         except TimeoutError:
-            raise Unavailable(f"no reply to {Op(op).name} within {timeout:g} s") from None
+            raise Unavailable(f"no reply to {_op_name(op)} within {timeout:g} s") from None
         finally:
             link.pending.pop(request_id, None)
 

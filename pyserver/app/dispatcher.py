@@ -115,10 +115,12 @@ class Session:
         return f"<Session {self.peer} {who} subscriptions={len(self.subscriptions)}>"
 
 
-def _user_id(payload: dict[str, Any], field: str) -> int:
+def _user_id(payload: dict[str, Any], field: str, minimum: int = 0) -> int:
     value = payload.get(field)
-    if type(value) is not int or not 0 <= value <= MAX_USER_ID:
-        raise BadRequest(f"{field!r} must be a user id (an int in 0..2**64-1), not {value!r}")
+    if type(value) is not int or not minimum <= value <= MAX_USER_ID:
+        raise BadRequest(
+            f"{field}: must be a user id (an int in {minimum}..2**64-1), not {value!r}"
+        )
     return value
 
 
@@ -226,7 +228,10 @@ class Dispatcher:
         self._requests[op_name] += 1
         if code is not None:
             self._errors[code] += 1
-        self.observer.observe(op_name, time.perf_counter() - started, code)
+        try:
+            self.observer.observe(op_name, time.perf_counter() - started, code)
+        except Exception:  # metrics must never cost a client its answer
+            log.exception("request observer failed op=%s", op_name)
         return kind, body
 
     async def _answer(self, session: Session, frame: Frame, op: Op | None) -> dict[str, Any]:
@@ -299,7 +304,7 @@ class Dispatcher:
         }
 
     async def _subscribe(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:
-        user = _user_id(payload, "user")
+        user = _user_id(payload, "user", minimum=1)
         subscription_id = frame.request_id
         if subscription_id in session.subscriptions:
             raise BadRequest(

@@ -12,6 +12,7 @@ and the codec's vocabulary.
 from __future__ import annotations
 
 import hashlib
+from bisect import bisect_left, insort
 from collections.abc import Iterable
 from typing import Any
 
@@ -261,6 +262,7 @@ class UserImage:
     """
 
     __slots__ = (
+        "_by_folder",
         "_unread",
         "_unseen",
         "_weight",
@@ -285,6 +287,8 @@ class UserImage:
         # per folder: threads with an unread message / with an unseen arrival
         self._unread = dict.fromkeys(FOLDERS, 0)
         self._unseen = dict.fromkeys(FOLDERS, 0)
+        # per folder: its threads, least recently active first (by last_seq, which is unique)
+        self._by_folder: dict[str, list[Thread]] = {folder: [] for folder in FOLDERS}
         self._weight = _IMAGE_OVERHEAD
 
     # ---- reading ----
@@ -300,6 +304,16 @@ class UserImage:
             folder: {"unread": self._unread[folder], "unseen": self._unseen[folder]}
             for folder in FOLDERS
         }
+
+    def newest_threads(
+        self, folder: str, limit: int, before: int | None = None
+    ) -> tuple[list[Thread], bool]:
+        """Up to `limit` threads of a folder, most recently active first, whose latest
+        message is older than log position `before`; and whether older ones remain."""
+        ordered = self._by_folder[folder]
+        end = len(ordered) if before is None else bisect_left(ordered, before, key=_activity)
+        start = max(0, end - limit)
+        return ordered[start:end][::-1], start > 0
 
     def key_result(self, sender: int, key: str) -> list[Any] | None:
         """[message_id, thread_id, ts, folder] of the first message with this key, or None."""
@@ -337,6 +351,15 @@ class UserImage:
         self._unread[thread.folder] += sign * (thread.unread > 0)
         self._unseen[thread.folder] += sign * thread.unseen
 
+    def _unlist(self, thread: Thread) -> None:
+        """Take the thread out of its folder's order (before its folder or last_seq changes)."""
+        ordered = self._by_folder[thread.folder]
+        index = bisect_left(ordered, thread.last_seq, key=_activity)
+        if index < len(ordered) and ordered[index] is thread:
+            del ordered[index]
+        else:
+            ordered.remove(thread)
+
     def _message_added(self, entry: dict[str, Any], body: dict[str, Any] | None) -> None:
         message_id = entry["message_id"]
         if message_id in self.messages:
@@ -349,6 +372,7 @@ class UserImage:
             self._weight += thread.weight()
         else:
             self._count(thread, -1)
+            self._unlist(thread)
             thread.folder = entry["folder"]
         body = body or {}
         message = Message(
@@ -369,6 +393,8 @@ class UserImage:
         thread.add(message)
         if message.unread:
             thread.unseen = True
+        # the newest entry of the log: the thread is now its folder's most recent
+        self._by_folder[thread.folder].append(thread)
         self.messages[message_id] = message
         self._weight += message.weight()
         self._count(thread, +1)
@@ -405,7 +431,9 @@ class UserImage:
         if thread is None:
             return
         self._count(thread, -1)
+        self._unlist(thread)
         thread.folder = entry["folder"]
+        insort(self._by_folder[thread.folder], thread, key=_activity)
         self._count(thread, +1)
 
     def _message_deleted(self, entry: dict[str, Any], body: dict[str, Any] | None) -> None:
@@ -416,10 +444,12 @@ class UserImage:
             self._drop_thread(thread)
             return
         self._count(thread, -1)
+        self._unlist(thread)
         message = thread.messages.pop(entry["message_id"])
         del self.messages[message.message_id]
         self._weight -= message.weight()
         thread.summarise()
+        insort(self._by_folder[thread.folder], thread, key=_activity)
         self._count(thread, +1)
 
     def _thread_deleted(self, entry: dict[str, Any], body: dict[str, Any] | None) -> None:
@@ -429,6 +459,7 @@ class UserImage:
 
     def _drop_thread(self, thread: Thread) -> None:
         self._count(thread, -1)
+        self._unlist(thread)
         for message_id, message in thread.messages.items():
             del self.messages[message_id]
             self._weight -= message.weight()
@@ -463,7 +494,9 @@ class UserImage:
             "blocked": sorted(self.blocked),
             "keys": self.keys,
             "threads": {tid: thread._state() for tid, thread in self.threads.items()},
+            # derived, compared too
             "counts": self.counts(),
+            "order": {f: [t.thread_id for t in self._by_folder[f]] for f in FOLDERS},
         }
 
     def __eq__(self, other: object) -> bool:
@@ -538,7 +571,15 @@ class UserImage:
             image.threads[thread.thread_id] = thread
             image._weight += thread.weight()
             image._count(thread, +1)
+            image._by_folder[thread.folder].append(thread)
+        for ordered in image._by_folder.values():
+            ordered.sort(key=_activity)
         return image
+
+
+def _activity(thread: Thread) -> int:
+    """Where a thread sorts in its folder: the log position of its latest message."""
+    return thread.last_seq
 
 
 _HANDLERS = {

@@ -236,12 +236,12 @@ class Mailbox:
 
     async def _send(self, p: dict[str, Any]) -> dict[str, Any]:
         sender = _user(p, "sender")
-        self._check_owner(sender)
         recipients = _recipients(p, sender, self._settings.max_recipients)
         text = _text(p, "text", self._settings.max_text_bytes)
         channel = _choice(p, "channel", CHANNELS)
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
+        self._check_owner(sender)
         participants = tuple(sorted({sender, *recipients}))
         delivery = Delivery(
             message_id=message_id_for(sender, key),
@@ -372,13 +372,7 @@ class Mailbox:
         limit = _limit(p, *_THREADS_PAGE)
         before = _cursor(p, "before")
         image = await self._read_image(user)
-        threads = sorted(
-            (t for t in image.threads.values() if t.folder == folder and t.last_seq < before),
-            key=lambda t: t.last_seq,
-            reverse=True,
-        )
-        page = threads[:limit]
-        more = len(threads) > limit
+        page, more = image.newest_threads(folder, limit, before)
         return {
             "threads": [thread.to_summary() for thread in page],
             "next": str(page[-1].last_seq) if more else None,
@@ -391,14 +385,16 @@ class Mailbox:
         before = _cursor(p, "before")
         image = await self._read_image(user)
         thread = _thread(image, thread_id)
-        older = [m for m in thread.messages.values() if m.seq < before]
-        page = older[-limit:]
+        # newest first, one more than a page to know whether there is a next one
+        older = (m for m in reversed(thread.messages.values()) if m.seq < before)
+        newest = list(itertools.islice(older, limit + 1))
+        page = newest[:limit][::-1]
         return {
             "thread_id": thread.thread_id,
             "participants": thread.participants,
             "folder": thread.folder,
             "messages": [message.to_dict() for message in page],
-            "next": str(page[0].seq) if len(older) > limit else None,
+            "next": str(page[0].seq) if len(newest) > limit else None,
         }
 
     async def _get_message(self, p: dict[str, Any]) -> dict[str, Any]:

@@ -158,10 +158,10 @@ class _Connection(asyncio.Protocol):
         self._process()
 
     def eof_received(self) -> bool | None:
-        # The peer has finished sending; answer what it sent, then close.
+        # The peer has finished sending: answer what it sent, then close.
         self._eof = True
-        if self._in_flight == 0:
-            self.close()
+        self._process()
+        self._close_if_done()
         return True
 
     def pause_writing(self) -> None:
@@ -179,6 +179,7 @@ class _Connection(asyncio.Protocol):
             self._process()  # frames that arrived while we were not starting any
         else:
             self._update_reading()
+        self._close_if_done()
 
     # ---- requests ----
 
@@ -245,7 +246,14 @@ class _Connection(asyncio.Protocol):
             return
         if not self._draining:
             self._process()
-        if (self._draining or self._eof) and self._in_flight == 0:
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        """Close a draining connection, or one whose peer sent EOF, once all is answered."""
+        if self._in_flight or self._closing:
+            return
+        # After EOF, frames may still wait in the decoder while the peer is not reading.
+        if self._draining or (self._eof and not self._write_paused):
             self.close()
 
     def _write(self, kind: int, op: int, request_id: int, payload: bytes) -> None:

@@ -120,7 +120,10 @@ impl<V> RecencyList<V> {
     fn replace(&mut self, slot: usize, value: V, weight: u64) -> (u64, V) {
         let entry = &mut self.slots[slot];
         let old_weight = std::mem::replace(&mut entry.weight, weight);
-        let old_value = entry.value.replace(value).expect("a linked slot holds a value");
+        let old_value = entry
+            .value
+            .replace(value)
+            .expect("a linked slot holds a value");
         self.move_to_back(slot);
         (old_weight, old_value)
     }
@@ -472,7 +475,10 @@ mod tests {
             LruCache::<u8>::new(0, 10).err(),
             Some(BoundError::ZeroEntries)
         );
-        assert_eq!(LruCache::<u8>::new(1, 0).err(), Some(BoundError::ZeroWeight));
+        assert_eq!(
+            LruCache::<u8>::new(1, 0).err(),
+            Some(BoundError::ZeroWeight)
+        );
     }
 
     #[test]
@@ -585,19 +591,36 @@ mod tests {
         let hash = |key: u64| build.hash_one(key);
         for base in [0u64, 8, 1 << 40, u64::MAX - 7] {
             let positions: Vec<u64> = (base..=base + 7).map(|key| hash(key) & 1023).collect();
-            assert!(positions.windows(2).all(|pair| pair[1] == pair[0] + 1), "{positions:?}");
+            assert!(
+                positions.windows(2).all(|pair| pair[1] == pair[0] + 1),
+                "{positions:?}"
+            );
             let control: HashSet<u64> = (base..=base + 7).map(|key| hash(key) >> 57).collect();
             assert_eq!(control.len(), 8, "neighbours need distinct control bytes");
         }
         // 1024 keys over 1024 blocks of 8 buckets: random placement fills ~63%.
         for stride in [8u64, 24, 1024, 1 << 32, 0x9E37_79B9] {
-            let blocks: HashSet<u64> = (0..1024u64).map(|i| (hash(i * stride) & 8191) >> 3).collect();
-            assert!(blocks.len() > 550, "stride {stride}: {} blocks", blocks.len());
+            let blocks: HashSet<u64> = (0..1024u64)
+                .map(|i| (hash(i * stride) & 8191) >> 3)
+                .collect();
+            assert!(
+                blocks.len() > 550,
+                "stride {stride}: {} blocks",
+                blocks.len()
+            );
             let control: HashSet<u64> = (0..1024u64).map(|i| hash(i * stride) >> 57).collect();
-            assert!(control.len() > 100, "stride {stride}: {} control bytes", control.len());
+            assert!(
+                control.len() > 100,
+                "stride {stride}: {} control bytes",
+                control.len()
+            );
         }
         let blocks: HashSet<u64> = (0..1024u64).map(|key| (hash(key) & 8191) >> 3).collect();
-        assert!(blocks.len() > 110, "128 blocks of sequential keys land in {}", blocks.len());
+        assert!(
+            blocks.len() > 110,
+            "128 blocks of sequential keys land in {}",
+            blocks.len()
+        );
     }
 
     /// A reference model: a Vec in recency order, searched linearly.
@@ -622,7 +645,8 @@ mod tests {
                 return out;
             }
             self.entries.push((key, value, weight));
-            while self.entries.len() > max.0 || self.entries.iter().map(|e| e.2).sum::<u64>() > max.1
+            while self.entries.len() > max.0
+                || self.entries.iter().map(|e| e.2).sum::<u64>() > max.1
             {
                 let old = self.entries.remove(0);
                 out.push((old.0, old.1));

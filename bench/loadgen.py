@@ -1,0 +1,180 @@
+"""A load generator for the binary protocol, run as its own process by `bench server`.
+
+`python -m bench.loadgen --port P --key K --op counts --conns 64 --pipeline 16 --seconds 3`
+keeps `conns` connections each with `pipeline` requests in flight for the
+given time and prints one JSON object: ops_per_s, p50_ms, p99_ms, errors.
+Requests are encoded once up front (SEND gets a fresh key per request), so
+the generator spends its time on the socket, not on building payloads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import sys
+import time
+from typing import Any
+
+import orjson
+
+from pyserver.app.loop import new_event_loop
+from pyserver.wire.frame import KIND_ERROR, KIND_REQUEST, FrameDecoder, encode_frame
+from pyserver.wire.ops import Op
+
+_counter = itertools.count(1)
+
+
+def request_payload(op: str, args: argparse.Namespace) -> tuple[Op, bytes | None]:
+    """The operation and its fixed payload (None: made per request, for SEND's unique keys)."""
+    if op == "counts":
+        return Op.COUNTS, orjson.dumps({"user": args.user})
+    if op == "get_thread":
+        return Op.GET_THREAD, orjson.dumps(
+            {"user": args.user, "thread_id": args.thread, "limit": 20}
+        )
+    if op == "ping":
+        return Op.PING, b"{}"
+    if op == "send":
+        return Op.SEND, None
+    raise SystemExit(f"loadgen: unknown op {op}")
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, run: _Run, sender: int) -> None:
+        self.run = run
+        # SENDs of one connection come from one user, so connections write to different logs
+        self.sender = sender
+        self.decoder = FrameDecoder(1 << 24)
+        self.sent_at: dict[int, int] = {}
+        self.transport: asyncio.Transport | None = None
+        self.ready = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.decoder.feed(data)
+        now = time.perf_counter_ns()
+        run = self.run
+        for frame in self.decoder:
+            started = self.sent_at.pop(frame.request_id)
+            if frame.request_id == 0:  # the HELLO
+                if frame.kind == KIND_ERROR:
+                    self.ready.set_exception(RuntimeError(frame.payload.decode()))
+                else:
+                    self.ready.set_result(None)
+                continue
+            if frame.kind == KIND_ERROR:
+                run.errors += 1
+            if run.measuring:
+                run.latencies.append(now - started)
+            if not run.stopping:
+                self.send_one()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.ready.done():
+            self.ready.set_exception(ConnectionError("connection lost"))
+
+    def send_one(self) -> None:
+        run = self.run
+        request_id = next(_counter)
+        payload = run.payload
+        if payload is None:  # SEND: a fresh idempotency key each time
+            payload = orjson.dumps(
+                {
+                    "sender": self.sender,
+                    "recipients": [self.sender + 1],
+                    "text": "load test message",
+                    "channel": "chat",
+                    "key": f"lg-{run.started}-{request_id}",
+                }
+            )
+        self.sent_at[request_id] = time.perf_counter_ns()
+        self.transport.write(encode_frame(KIND_REQUEST, run.op, request_id, payload))
+
+
+class _Run:
+    def __init__(self, op: Op, payload: bytes | None) -> None:
+        self.op = op
+        self.payload = payload
+        self.latencies: list[int] = []
+        self.errors = 0
+        self.measuring = False
+        self.stopping = False
+        self.started = time.time_ns()
+
+
+def _percentile(sorted_values: list[int], q: float) -> float:
+    if not sorted_values:
+        return 0.0
+    index = min(len(sorted_values) - 1, int(q * len(sorted_values)))
+    return sorted_values[index] / 1e6
+
+
+async def generate(args: argparse.Namespace) -> dict[str, Any]:
+    op, payload = request_payload(args.op, args)
+    run = _Run(op, payload)
+    loop = asyncio.get_running_loop()
+    connections: list[_Connection] = []
+    hello = orjson.dumps({"service_key": args.key})
+    for index in range(args.conns):
+        sender = args.first_sender + 2 * index
+        _, conn = await loop.create_connection(
+            lambda sender=sender: _Connection(run, sender), args.host, args.port
+        )
+        conn.sent_at[0] = 0
+        conn.transport.write(encode_frame(KIND_REQUEST, Op.HELLO, 0, hello))
+        await conn.ready
+        connections.append(conn)
+    for conn in connections:
+        for _ in range(args.pipeline):
+            conn.send_one()
+    await asyncio.sleep(args.warmup)
+    run.measuring = True
+    started = time.perf_counter()
+    await asyncio.sleep(args.seconds)
+    run.measuring = False
+    elapsed = time.perf_counter() - started
+    run.stopping = True
+    await asyncio.sleep(0.2)
+    for conn in connections:
+        conn.transport.close()
+    latencies = sorted(run.latencies)
+    return {
+        "op": args.op,
+        "conns": args.conns,
+        "pipeline": args.pipeline,
+        "ops_per_s": round(len(latencies) / elapsed),
+        "p50_ms": round(_percentile(latencies, 0.50), 3),
+        "p99_ms": round(_percentile(latencies, 0.99), 3),
+        "errors": run.errors,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--key", required=True, help="service key")
+    parser.add_argument("--op", choices=("counts", "get_thread", "send", "ping"), required=True)
+    parser.add_argument("--user", type=int, default=2)
+    parser.add_argument("--thread", default="")
+    parser.add_argument("--first-sender", type=int, default=1_000_000, help="SEND: first sender")
+    parser.add_argument("--conns", type=int, default=1)
+    parser.add_argument("--pipeline", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--warmup", type=float, default=0.5)
+    args = parser.parse_args(argv)
+    loop = new_event_loop()
+    try:
+        result = loop.run_until_complete(generate(args))
+    finally:
+        loop.close()
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
