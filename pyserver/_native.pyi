@@ -29,11 +29,11 @@ class HashRing:
     def __len__(self) -> int: ...
     def __contains__(self, node_id: object) -> bool: ...
     def owner(self, user_id: int) -> str:
-        """EmptyRing if no nodes; ValueError if the id is not in 0..2**64-1; TypeError if not an int."""
+        """EmptyRing if no nodes; ValueError if not in 0..2**64-1; TypeError if not an int."""
     def owners(self, user_ids: Sequence[int]) -> list[str]:
         """owner() of each id, in order."""
     def successors(self, user_id: int, k: int) -> list[str]:
-        """The first k distinct nodes clockwise from the user's position (fewer if the ring has fewer)."""
+        """The first k distinct nodes clockwise from the user's position (all, if fewer)."""
     def shares(self) -> dict[str, float]:
         """Each node's fraction of the 2**64 key space; the fractions sum to 1.0."""
 
