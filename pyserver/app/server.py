@@ -30,6 +30,7 @@ from typing import Any, cast
 import orjson
 
 from pyserver.app.dispatcher import Dispatcher, Session
+from pyserver.app.eager import start_eagerly
 from pyserver.errors import FrameError, Unavailable, error_payload
 from pyserver.wire import frame as default_codec
 from pyserver.wire.framedef import KIND_ERROR, KIND_EVENT, Frame
@@ -76,15 +77,14 @@ class ServerLimits:
 
 
 class _Request:
-    """One request in flight: its frame, its timeout timer, and whether it was answered."""
+    """One request in flight: its frame, when it started, and whether it was answered."""
 
-    __slots__ = ("answered", "frame", "started", "timer")
+    __slots__ = ("answered", "frame", "started")
 
     def __init__(self, frame: Frame, started: float) -> None:
         self.frame = frame
         self.started = started
         self.answered = False
-        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Connection(asyncio.Protocol):
@@ -101,6 +101,10 @@ class _Connection(asyncio.Protocol):
         self._session: Session | None = None
         self.peer = "?"
         self._in_flight = 0
+        # Requests running, oldest first (dicts keep insertion order). One sweep timer
+        # per connection times them out, rather than one timer per request.
+        self._running: dict[_Request, None] = {}
+        self._timeout_timer: asyncio.TimerHandle | None = None
         self._closing = False  # no more reading or writing of replies
         self._draining = False  # server stopping: finish what runs, start nothing new
         self._eof = False  # the peer sent all it will: close once everything is answered
@@ -141,7 +145,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        for timer in (self._idle_timer, self._stall_timer, self._abort_timer):
+        for timer in (self._idle_timer, self._stall_timer, self._abort_timer, self._timeout_timer):
             if timer is not None:
                 timer.cancel()
         self._backlog.clear()
@@ -205,10 +209,15 @@ class _Connection(asyncio.Protocol):
     def _start(self, frame: Frame) -> None:
         self._in_flight += 1
         request = _Request(frame, self._loop.time())
-        request.timer = self._loop.call_later(
-            self._limits.request_timeout_s, self._time_out, request
-        )
-        self._server._track(self._loop.create_task(self._run(request)))
+        self._running[request] = None
+        if self._timeout_timer is None:
+            self._timeout_timer = self._loop.call_at(
+                request.started + self._limits.request_timeout_s, self._sweep_timeouts
+            )
+        # Most requests (reads of cached users) finish without waiting: no task for them.
+        task = start_eagerly(self._run(request))
+        if task is not None:
+            self._server._track(task)
 
     async def _run(self, request: _Request) -> None:
         frame = request.frame
@@ -216,13 +225,24 @@ class _Connection(asyncio.Protocol):
         try:
             kind, payload = await self._dispatcher.handle(self._session, frame)
         finally:
-            if request.timer is not None:
-                request.timer.cancel()
+            del self._running[request]
             self._in_flight -= 1
         if not request.answered:
             request.answered = True
             self._write(kind, frame.op, frame.request_id, payload)
         self._request_finished()
+
+    def _sweep_timeouts(self) -> None:
+        """Answer the requests running past the timeout; re-arm for the oldest of the rest."""
+        self._timeout_timer = None
+        deadline = self._loop.time() - self._limits.request_timeout_s
+        for request in list(self._running):
+            if request.started > deadline:
+                self._timeout_timer = self._loop.call_at(
+                    request.started + self._limits.request_timeout_s, self._sweep_timeouts
+                )
+                return
+            self._time_out(request)
 
     def _time_out(self, request: _Request) -> None:
         if request.answered:

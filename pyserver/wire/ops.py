@@ -28,9 +28,21 @@ class Op(IntEnum):
     UNBLOCK = 53
     STATS = 60
     HEALTH = 61
+    # Ranges kept for the other services of a cell, each adding its own codes:
+    # 70-79 discovery, 80-89 blobs, 90-99 user index, 100-109 dirty service,
+    # 110-119 between app servers.
+    # user index service (pyserver userindex)
+    RELATION = 90
+    FRIENDS = 91
+    INDEX_FRIEND_ADD = 92
+    INDEX_FRIEND_REMOVE = 93
+    # memcache dirty service (pyserver dirty)
+    DIRTY = 100
 
 
 # Operations a user-token connection may not use.
 SERVICE_ONLY: frozenset[Op] = frozenset({Op.DELIVER, Op.FRIEND_ADD, Op.FRIEND_REMOVE, Op.STATS})
+# The user index and dirty services serve trusted tiers only.
+SERVICE_ONLY |= {Op.RELATION, Op.FRIENDS, Op.INDEX_FRIEND_ADD, Op.INDEX_FRIEND_REMOVE, Op.DIRTY}
 # Operations answered without a HELLO.
 NO_HELLO: frozenset[Op] = frozenset({Op.PING, Op.HELLO})
