@@ -58,6 +58,7 @@ class _Connection(asyncio.Protocol):
         self.decoder.feed(data)
         now = time.perf_counter_ns()
         run = self.run
+        replies = 0
         for frame in self.decoder:
             started = self.sent_at.pop(frame.request_id)
             if frame.request_id == 0:  # the HELLO
@@ -66,18 +67,21 @@ class _Connection(asyncio.Protocol):
                 else:
                     self.ready.set_result(None)
                 continue
+            replies += 1
             if frame.kind == KIND_ERROR:
                 run.errors += 1
             if run.measuring:
                 run.latencies.append(now - started)
-            if not run.stopping:
-                self.send_one()
+        if replies and not run.stopping:
+            # One write for all the requests that replace those just answered.
+            self.transport.write(b"".join(self.request() for _ in range(replies)))
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.ready.done():
             self.ready.set_exception(ConnectionError("connection lost"))
 
-    def send_one(self) -> None:
+    def request(self) -> bytes:
+        """The next request frame, its send time recorded."""
         run = self.run
         request_id = next(_counter)
         payload = run.payload
@@ -92,7 +96,7 @@ class _Connection(asyncio.Protocol):
                 }
             )
         self.sent_at[request_id] = time.perf_counter_ns()
-        self.transport.write(encode_frame(KIND_REQUEST, run.op, request_id, payload))
+        return encode_frame(KIND_REQUEST, run.op, request_id, payload)
 
 
 class _Run:
@@ -129,8 +133,7 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         await conn.ready
         connections.append(conn)
     for conn in connections:
-        for _ in range(args.pipeline):
-            conn.send_one()
+        conn.transport.write(b"".join(conn.request() for _ in range(args.pipeline)))
     await asyncio.sleep(args.warmup)
     run.measuring = True
     started = time.perf_counter()
