@@ -30,7 +30,6 @@ from typing import Any, cast
 import orjson
 
 from pyserver.app.dispatcher import Dispatcher, Session
-from pyserver.app.eager import start_eagerly
 from pyserver.errors import FrameError, Unavailable, error_payload
 from pyserver.wire import frame as default_codec
 from pyserver.wire.framedef import KIND_ERROR, KIND_EVENT, Frame
@@ -214,10 +213,7 @@ class _Connection(asyncio.Protocol):
             self._timeout_timer = self._loop.call_at(
                 request.started + self._limits.request_timeout_s, self._sweep_timeouts
             )
-        # Most requests (reads of cached users) finish without waiting: no task for them.
-        task = start_eagerly(self._run(request))
-        if task is not None:
-            self._server._track(task)
+        self._server._track(self._loop.create_task(self._run(request)))
 
     async def _run(self, request: _Request) -> None:
         frame = request.frame
