@@ -47,7 +47,7 @@ def _cell(pure: bool) -> Iterator[tuple[int, str]]:
         port = _free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyserver.cli", "run", "--data", data, "--port", str(port),
-             "--http-port", "0"],
+             "--http-port", "0", "--smtp-port", "0"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

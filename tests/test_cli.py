@@ -34,7 +34,7 @@ def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     data = tmp_path_factory.mktemp("cli") / "cell"
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
-         "--http-port", "0"],
+         "--http-port", "0", "--smtp-port", "0"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     deadline = time.monotonic() + 30

@@ -32,7 +32,7 @@ def _start_cell(data: Path) -> subprocess.Popen[bytes]:
     (data / "endpoints.json").unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
-         "--http-port", "0"],
+         "--http-port", "0", "--smtp-port", "0"],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )  # fmt: skip
