@@ -731,7 +731,7 @@ def test_idle_connections_are_closed_busy_ones_are_not(tmp_path: Path, impl: Imp
             await subscriber.subscribe(2)
             chatty = await cell.raw()
             started = time.monotonic()
-            for request_id in range(8):  # a request every 0.1 s keeps it open
+            for request_id in range(1, 9):  # a request every 0.1 s keeps it open
                 assert (await chatty.request(Op.PING, request_id))[0] == KIND_REPLY
                 await asyncio.sleep(0.1)
             assert await idle.closed(timeout=0.1)
@@ -818,5 +818,25 @@ def test_client_reconnects_after_a_server_restart(tmp_path: Path, impl: Impl) ->
             # HELLO was said again with the same token: still user 7, and only user 7.
             with pytest.raises(Forbidden):
                 await client.counts(8)
+
+    impl.run(scenario)
+
+
+def test_request_id_zero_is_a_stream_error(tmp_path: Path, impl: Impl) -> None:
+    """Id 0 names the stream in errors: a request using it gets one and the connection ends."""
+
+    async def scenario() -> None:
+        async with Cell(tmp_path, impl) as cell:
+            witness = await cell.client()
+            reserved = await cell.raw()
+            reserved.send(Op.PING, 0, b"{}")
+            got = await reserved.frame()
+            assert got is not None and got[:3] == (KIND_ERROR, 0, 0)
+            assert got[3] == {
+                "code": "BAD_REQUEST",
+                "message": "request id 0 is reserved for stream errors",
+            }
+            assert await reserved.closed()
+            assert (await witness.ping())["pong"] is True
 
     impl.run(scenario)

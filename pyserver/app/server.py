@@ -30,7 +30,7 @@ from typing import Any, cast
 import orjson
 
 from pyserver.app.dispatcher import Dispatcher, Session
-from pyserver.errors import FrameError, Unavailable, error_payload
+from pyserver.errors import BadRequest, FrameError, Unavailable, error_payload
 from pyserver.wire import frame as default_codec
 from pyserver.wire.framedef import KIND_ERROR, KIND_EVENT, Frame
 from pyserver.wire.ops import Op
@@ -105,7 +105,8 @@ class _Connection(asyncio.Protocol):
         self._running: dict[_Request, None] = {}
         self._timeout_timer: asyncio.TimerHandle | None = None
         self._closing = False  # no more reading or writing of replies
-        self._draining = False  # server stopping: finish what runs, start nothing new
+        self._draining = False  # finish what runs, start nothing new, then close
+        self._stream_error: Exception | None = None  # sent last, just before closing
         self._eof = False  # the peer sent all it will: close once everything is answered
         self._reading_paused = False
         self._write_paused = False
@@ -202,6 +203,11 @@ class _Connection(asyncio.Protocol):
                 return
             if frame is None:
                 break
+            if frame.request_id == 0:
+                # Id 0 names the stream in errors; a client using it cannot be answered
+                # unambiguously, so it is a protocol error like a bad frame.
+                self._fail_stream(BadRequest("request id 0 is reserved for stream errors"))
+                return
             self._start(frame)
         self._update_reading()
 
@@ -314,11 +320,12 @@ class _Connection(asyncio.Protocol):
                 transport.resume_reading()
 
     def _fail_stream(self, exc: Exception) -> None:
-        """The byte stream cannot be trusted: one error frame with request id 0, then close."""
+        """The byte stream cannot be trusted: read no more, answer the requests already
+        running, then one error frame with request id 0 (the last frame), then close."""
         self._dispatcher.count("frame_errors")
         log.info("bad frame stream peer=%s error=%r", self.peer, str(exc))
-        self._write(KIND_ERROR, 0, 0, orjson.dumps(error_payload(exc)))
-        self.close()
+        self._stream_error = exc
+        self.drain()
 
     # ---- events ----
 
@@ -432,6 +439,8 @@ class _Connection(asyncio.Protocol):
         """Close after flushing what was written; cut the connection if the peer won't take it."""
         if self._closing:
             return
+        if self._stream_error is not None:
+            self._write(KIND_ERROR, 0, 0, orjson.dumps(error_payload(self._stream_error)))
         self._flush()
         self._closing = True
         transport = self._transport
