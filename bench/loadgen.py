@@ -24,6 +24,8 @@ from pyserver.wire.frame import KIND_ERROR, KIND_REQUEST, FrameDecoder, encode_f
 from pyserver.wire.ops import Op
 
 _counter = itertools.count(1)
+# The HELLO's request id: the per-request counter never gets this far.
+_HELLO_ID = 0xFFFF_FFFF
 
 
 def request_payload(op: str, args: argparse.Namespace) -> tuple[Op, bytes | None]:
@@ -61,7 +63,7 @@ class _Connection(asyncio.Protocol):
         replies = 0
         for frame in self.decoder:
             started = self.sent_at.pop(frame.request_id)
-            if frame.request_id == 0:  # the HELLO
+            if frame.request_id == _HELLO_ID:
                 if frame.kind == KIND_ERROR:
                     self.ready.set_exception(RuntimeError(frame.payload.decode()))
                 else:
@@ -128,8 +130,8 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
         _, conn = await loop.create_connection(
             lambda sender=sender: _Connection(run, sender), args.host, args.port
         )
-        conn.sent_at[0] = 0
-        conn.transport.write(encode_frame(KIND_REQUEST, Op.HELLO, 0, hello))
+        conn.sent_at[_HELLO_ID] = 0
+        conn.transport.write(encode_frame(KIND_REQUEST, Op.HELLO, _HELLO_ID, hello))
         await conn.ready
         connections.append(conn)
     for conn in connections:
