@@ -3,7 +3,8 @@
 `token` signs a user token with the cell's service key. `rebuild`, `export`,
 `import` and `add-address` open the cell's store directly; they are safe while
 the cell runs, because every log append is a compare-and-set: the running
-server notices a newer log, reloads the user and carries on.
+server notices a newer log, reloads the user and carries on. `create-tables`
+makes a cell's tables on HBase (through its Thrift gateway).
 """
 
 from __future__ import annotations
@@ -76,6 +77,18 @@ async def _add_address(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _create_tables(args: argparse.Namespace) -> int:
+    from pyserver.store.hbase import HBaseStore, parse_thrift_address
+
+    host, port = parse_thrift_address(args.thrift)
+    store = HBaseStore(host, port, namespace=args.namespace)
+    made = await store.create_tables()
+    for table in made:
+        print(f"created {table}")
+    print(f"the tables of namespace {args.namespace} are in place", file=sys.stderr)
+    return 0
+
+
 def add_parser(
     commands: Any, default_data: Path, user_id: Callable[[str], int]
 ) -> argparse.ArgumentParser:
@@ -97,6 +110,18 @@ def add_parser(
     export.add_argument("--out", help="file (default: standard output)")
     imported = action("import", "append a user's log from JSON lines", _import)
     imported.add_argument("--in", dest="input", help="file (default: standard input)")
+    tables = actions.add_parser(
+        "create-tables", help="make the HBase store's missing tables (safe to run twice)"
+    )
+    tables.add_argument("--thrift", default="127.0.0.1:9090", help="HBase's Thrift1 gateway")
+    tables.add_argument("--namespace", default="pyserver", help="the store's table-name prefix")
+    tables.set_defaults(handler=lambda args: asyncio.run(_create_tables(args)))
     address = action("add-address", "route an email address or phone to a user", _add_address)
     address.add_argument("address")
+    from pyserver.cluster import tools as cluster_tools
+
+    cluster_tools.add_admin_actions(actions)
+    from pyserver.discovery import move as discovery_move
+
+    discovery_move.add_admin_actions(actions)
     return admin

@@ -56,6 +56,18 @@ def _print_message(message: dict[str, Any]) -> None:
     print(f"  id {message['message_id']}")
     for line in message.get("text", "").splitlines() or [""]:
         print(f"  {line}")
+    from pyserver.blobs.command import attachment_lines
+
+    for line in attachment_lines(message):
+        print(f"  {line}")
+
+
+async def _thread_with_extras(args: argparse.Namespace, client: Any) -> dict[str, Any]:
+    """GET_THREAD, with each mail's `extra` (its attachments) from GET_MESSAGE."""
+    from pyserver.blobs.command import with_extras
+
+    reply = await client.get_thread(args.user, args.thread_id, limit=args.limit, before=args.before)
+    return await with_extras(client, args.user, reply)
 
 
 def _print_thread(reply: dict[str, Any]) -> None:
@@ -78,6 +90,14 @@ def _print_counts(reply: dict[str, Any]) -> None:
 async def _with_client(args: argparse.Namespace, work: Callable[[Any], Awaitable[Any]]) -> Any:
     from pyserver.client import Client
 
+    if getattr(args, "cluster", None):  # a cluster: route through its discovery
+        from pyserver.discovery.client import connect_to_cluster
+
+        cluster = await connect_to_cluster(args.cluster)
+        try:
+            return await work(cluster)
+        finally:
+            await cluster.close()
     host, port = endpoints.server_address(args.data, args.server)
     client = await Client.connect(host, port, service_key=endpoints.service_key(args.data))
     try:
@@ -131,6 +151,7 @@ def _run(args: argparse.Namespace) -> int:
             "port": args.port,
             "http_port": args.http_port,
             "node_id": args.node_id,
+            "smtp_port": args.smtp_port,
         },
     )
     return serve(config)
@@ -169,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--port", type=int, help="binary protocol port (default 7400; 0: any)")
     run.add_argument("--http-port", type=int, help="/metrics and /health port (default 7480)")
     run.add_argument("--node-id", help="this server's node id")
+    run.add_argument("--smtp-port", type=int, help="the MTA proxy's SMTP port (default 2525)")
     run.set_defaults(handler=_run)
 
     doctor = commands.add_parser("doctor", help="which implementation each core part uses")
@@ -179,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cell's data folder")
         sub.add_argument("--server", help="HOST:PORT (default: from the data folder)")
+        sub.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
         sub.add_argument("--json", action="store_true", help="print the raw reply")
         if user:
             sub.add_argument("--user", type=_user_id, required=True, help="the user id")
@@ -216,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     thread.add_argument("--before", help="paging cursor")
     thread.set_defaults(
         handler=_client_command(
-            lambda a, c: c.get_thread(a.user, a.thread_id, limit=a.limit, before=a.before),
+            lambda a, c: _thread_with_extras(a, c),
             _print_thread,
         )
     )
@@ -271,6 +294,24 @@ def build_parser() -> argparse.ArgumentParser:
     from pyserver import admin
 
     admin.add_parser(commands, DEFAULT_DATA, _user_id)
+    from pyserver.blobs import command as blob_command
+    from pyserver.mta import command as mta_command
+
+    mta_command.add_parser(commands, DEFAULT_DATA)
+    blob_command.add_parser(commands, DEFAULT_DATA, _user_id)
+    from pyserver.cluster import node as cluster_node
+
+    cluster_node.add_parser(commands)
+    from pyserver.dirty import command as dirty_command
+    from pyserver.userindex import command as userindex_command
+
+    userindex_command.add_parser(commands, DEFAULT_DATA)
+    dirty_command.add_parser(commands, DEFAULT_DATA)
+    from pyserver.cluster import launcher
+    from pyserver.discovery import command as discovery_command
+
+    discovery_command.add_parser(commands, DEFAULT_DATA)
+    launcher.add_parser(commands)
     return parser
 
 

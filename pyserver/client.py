@@ -32,10 +32,11 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Generator, Sequence
+from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any, cast
 
 import orjson
+import pybase64
 
 from pyserver.errors import (
     BadRequest,
@@ -640,6 +641,44 @@ class Client:
 
     async def get_message(self, user: int, message_id: str) -> dict[str, Any]:
         return await self.request(Op.GET_MESSAGE, {"user": user, "message_id": message_id})
+
+    async def get_blob_range(
+        self,
+        user: int,
+        ref: str,
+        offset: int = 0,
+        length: int | None = None,
+        message_id: str | None = None,
+    ) -> dict[str, Any]:
+        """One GET_BLOB reply: up to `length` bytes of a blob from `offset` ("data" in base64)."""
+        payload = _without_none(
+            user=user, ref=ref, offset=offset, length=length, message_id=message_id
+        )
+        return await self.request(Op.GET_BLOB, payload)
+
+    async def get_blob(
+        self, user: int, ref: str, message_id: str | None = None, window: int = 4
+    ) -> AsyncIterator[bytes]:
+        """A blob (an attachment, a long body, a raw mail) of one of the user's messages, in
+        pieces: ranges are requested `window` at a time ahead of the one being read."""
+        first = await self.get_blob_range(user, ref, 0, message_id=message_id)
+        data = pybase64.b64decode(first["data"])
+        size, step = first["size"], len(data) or 1
+        message_id = first["message_id"]  # later ranges skip the search for a message
+        yield data
+        offsets = iter(range(step, size, step))
+        pending: deque[asyncio.Task[dict[str, Any]]] = deque()
+        try:
+            while True:
+                while len(pending) < window and (offset := next(offsets, None)) is not None:
+                    fetch = self.get_blob_range(user, ref, offset, step, message_id)
+                    pending.append(asyncio.ensure_future(fetch))
+                if not pending:
+                    return
+                yield pybase64.b64decode((await pending.popleft())["data"])
+        finally:
+            for task in pending:
+                task.cancel()
 
     async def counts(self, user: int) -> dict[str, Any]:
         return await self.request(Op.COUNTS, {"user": user})

@@ -50,6 +50,44 @@ class Config:
     # folder for new threads when the user index cannot answer
     default_folder: str = "inbox"
     log_level: str = "INFO"
+    # the user index service, "host:port"; empty: the cell's own index, in-process
+    userindex_addr: str = ""
+    # memcached of each data centre, for the unread-count caches:
+    # "east=HOST:PORT,west=HOST:PORT[+HOST:PORT]"; empty: no count caches, no dirty reports
+    memcached_dcs: str = ""
+    # the dirty service, "host:port"; empty: in-process (when memcached_dcs is set)
+    dirty_addr: str = ""
+    # the data centre whose memcached this process's count reads use (default: the first)
+    local_dc: str = ""
+    # ---- cells of several app servers: `pyserver node` (docs/cluster.md) ----
+    # ZooKeeper, "host:port[,host:port...]"; empty: no cluster (`pyserver run` needs none)
+    zookeeper: str = ""
+    # the ZooKeeper path every cell lives under
+    zookeeper_chroot: str = "/pyserver"
+    # ZooKeeper expires a silent node's session (and registration) after this long
+    zookeeper_session_timeout_s: float = 10.0
+    # this node's tokens on its cell's ring (every node of a cell should use the same)
+    tokens_per_node: int = 64
+    # the store: "sqlite:PATH" or "hbase:HOST:PORT[/namespace]"; empty: SQLite in data_dir
+    store: str = ""
+    # the host other servers and clients reach this node at; empty: host
+    advertise_host: str = ""
+    # how long a SEND's copy may take to reach a recipient's owner, retries included
+    relay_timeout_s: float = 5.0
+    # a draining node answers NOT_OWNER this long before it stops listening
+    drain_settle_s: float = 1.0
+    # discovery instances, "host:port[,host:port...]": app servers reach other cells' users
+    # through them, the MTA proxy and the CLI route by them; empty: a cell on its own
+    discovery_addrs: str = ""
+    # ---- the MTA proxy (SMTP in; docs/mail.md) ----
+    # its SMTP port (`pyserver run` and `pyserver mta`; 0: any free port)
+    smtp_port: int = 2525
+    # the largest message accepted (SMTP SIZE; larger: 552)
+    max_mail_bytes: int = 80 << 20
+    # a mail body longer than this (UTF-8 bytes) is delivered cut, whole in the blob store
+    mail_inline_text_bytes: int = 64 << 10
+    # one delivery to a recipient's owner, connecting included; past it the proxy answers 451
+    mta_deliver_timeout_s: float = 10.0
 
     @property
     def service_key_path(self) -> Path:
@@ -140,7 +178,7 @@ def load_config(
 
 
 def _check(config: Config) -> None:
-    for name in ("port", "http_port"):
+    for name in ("port", "http_port", "smtp_port"):
         if not 0 <= getattr(config, name) <= 65535:
             raise ConfigError(f"config {name}: {getattr(config, name)} is not a TCP port")
     positive = (
@@ -156,5 +194,48 @@ def _check(config: Config) -> None:
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
+    _check_services(config)
+    _check_cluster(config)
     if config.default_folder not in ("inbox", "other"):
         raise ConfigError(f"config default_folder: {config.default_folder!r} is not inbox or other")
+
+
+def _check_services(config: Config) -> None:
+    """The user index, dirty service and memcached settings."""
+    from pyserver.dirty import parse_data_centres
+
+    for name in ("userindex_addr", "dirty_addr"):
+        address = getattr(config, name)
+        host, _, port = address.rpartition(":")
+        if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
+            raise ConfigError(f"config {name}: {address!r} is not HOST:PORT")
+    try:
+        centres = parse_data_centres(config.memcached_dcs)
+    except ValueError as exc:
+        raise ConfigError(f"config memcached_dcs: {exc}") from None
+    if config.local_dc and config.local_dc not in [centre.name for centre in centres]:
+        raise ConfigError(f"config local_dc: {config.local_dc!r} is not in memcached_dcs")
+
+
+def _check_cluster(config: Config) -> None:
+    """The settings of `pyserver node`."""
+    from pyserver.cluster.storespec import parse_store_spec
+
+    for name in ("zookeeper_session_timeout_s", "relay_timeout_s"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
+    if config.drain_settle_s < 0:
+        raise ConfigError(f"config drain_settle_s: must be >= 0, not {config.drain_settle_s}")
+    if config.discovery_addrs:
+        from pyserver.discovery.client import parse_addresses
+
+        try:
+            parse_addresses(config.discovery_addrs)
+        except ValueError as exc:
+            raise ConfigError(f"config discovery_addrs: {exc}") from None
+    if not 1 <= config.tokens_per_node <= 65_536:
+        raise ConfigError(f"config tokens_per_node: {config.tokens_per_node} is not in 1..65536")
+    try:
+        parse_store_spec(config.store, config.data_dir)
+    except ValueError as exc:
+        raise ConfigError(f"config store: {exc}") from None

@@ -18,12 +18,22 @@ class HttpEndpoint:
         self._metrics = metrics
         self._health = health
         self._runner: web.AppRunner | None = None
+        # (path, handler) of GET routes other parts add before start()
+        self._routes: list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
+
+    def add_get(
+        self, path: str, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> None:
+        """Serve GET `path` (aiohttp's route syntax, e.g. "/counts/{user}") too."""
+        self._routes.append((path, handler))
 
     async def start(self, host: str, port: int) -> int:
         """Listen; returns the bound port (port 0 picks a free one)."""
         app = web.Application()
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/health", self._serve_health)
+        for path, handler in self._routes:
+            app.router.add_get(path, handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host, port)

@@ -1,6 +1,7 @@
 """Appends to a store forever and prints every acknowledged append; tests kill it with SIGKILL.
 
 Usage: python tests/store_crash_writer.py ENGINE LOCATION
+(LOCATION: an SQLite file, or host:port/namespace of HBase's Thrift gateway)
 
 Several concurrent tasks per user run compare-and-set loops. Right after an
 append returns, its task prints one line "user first_seq last_seq" and flushes,
@@ -29,6 +30,12 @@ def build_store(engine: str, location: str) -> Store:
         from pyserver.store.sqlite import SQLiteStore
 
         return SQLiteStore(location)
+    if engine == "hbase":  # LOCATION is host:port/namespace
+        from pyserver.store.hbase import HBaseStore, parse_thrift_address
+
+        address, _, namespace = location.partition("/")
+        host, port = parse_thrift_address(address)
+        return HBaseStore(host, port, namespace=namespace)
     raise SystemExit(f"unknown engine {engine!r}")
 
 

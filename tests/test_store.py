@@ -1,8 +1,10 @@
 """The store contract (pyserver.store.base), run against every engine.
 
-Engine specifics live in the `engine` fixture: today the embedded SQLite store;
-the HBase engine joins the same fixture later. The tests after "SQLite engine"
-look inside the embedded store (group commit, savepoints, fault injection).
+Engine specifics live in the `engine` fixture: the embedded SQLite store, and
+the HBase store on the real engine (`scripts/engines up hbase`; a fresh
+namespace, that is fresh tables, per store a test opens). The tests after
+"SQLite engine" look inside the embedded store (group commit, savepoints, fault
+injection); tests/test_store_hbase.py looks inside the HBase one.
 """
 
 from __future__ import annotations
@@ -17,20 +19,22 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hbase_namespaces import drop_made, fresh_namespace, wait_for_drops
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyserver.errors import BadRequest
 from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
+from pyserver.store.hbase import HBaseStore
 from pyserver.store.sqlite import SQLiteStore
 
-ENGINES = ["sqlite"]
+ENGINES = ["sqlite", "hbase"]
 U64_MAX = 2**64 - 1
 EXTREME_IDS = (0, 1, 2**63 - 1, 2**63, U64_MAX)
 CRASH_WRITER = Path(__file__).with_name("store_crash_writer.py")
@@ -39,20 +43,46 @@ CRASH_WRITER = Path(__file__).with_name("store_crash_writer.py")
 class Engine:
     """One store engine under test: how to build stores on one piece of backing data."""
 
-    def __init__(self, name: str, root: Path) -> None:
+    def __init__(self, name: str, root: Path, thrift: tuple[str, int] | None = None) -> None:
         self.name = name
         self.root = root
+        self.thrift = thrift  # HBase's Thrift gateway
+        self._namespaces: dict[str, str] = {}
 
     def location(self, dataset: str = "main") -> str:
         if self.name == "sqlite":
             return str(self.root / f"{dataset}.db")
+        if self.name == "hbase":
+            host, port = self.hbase_address
+            return f"{host}:{port}/{self.namespace(dataset)}"
         raise AssertionError(self.name)
+
+    @property
+    def hbase_address(self) -> tuple[str, int]:
+        assert self.thrift is not None
+        return self.thrift
+
+    def namespace(self, dataset: str) -> str:
+        """The HBase namespace of a dataset: fresh tables for each test."""
+        if dataset not in self._namespaces:
+            self._namespaces[dataset] = fresh_namespace(*self.hbase_address)
+        return self._namespaces[dataset]
 
     def new_store(self, dataset: str = "main") -> Store:
         """A new, unopened store object on `dataset` (same dataset: same data)."""
         if self.name == "sqlite":
             return SQLiteStore(self.location(dataset))
+        if self.name == "hbase":
+            host, port = self.hbase_address
+            return HBaseStore(host, port, namespace=self.namespace(dataset))
         raise AssertionError(self.name)
+
+    def examples(self, sqlite_examples: int) -> int:
+        """Examples for a property test that opens a fresh store per example.
+
+        Fresh HBase tables take about a second to create, so HBase runs fewer.
+        """
+        return sqlite_examples if self.name == "sqlite" else max(4, sqlite_examples // 4)
 
     @asynccontextmanager
     async def opened(self, dataset: str = "main") -> AsyncIterator[Store]:
@@ -66,7 +96,21 @@ class Engine:
 
 @pytest.fixture(params=ENGINES)
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
+    if request.param == "hbase":
+        return Engine("hbase", tmp_path, request.getfixturevalue("hbase_thrift"))
     return Engine(request.param, tmp_path)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _drop_hbase_tables(_hbase_drops_finished: None) -> Iterator[None]:
+    yield
+    drop_made()  # in the background, while the next module runs
+
+
+@pytest.fixture(scope="session")
+def _hbase_drops_finished() -> Iterator[None]:
+    yield
+    wait_for_drops()
 
 
 @pytest.fixture
@@ -157,6 +201,7 @@ async def test_an_append_of_messages_and_terms_only_moves_nothing_in_the_log(
         await store.append(LogAppend(1, 0, [], messages={"m": b"x"}, terms=[("t", "m")]))
         assert await store.last_seq(1) == 0
         assert await store.get_messages(1, ["m"]) == {"m": b"x"}
+        assert await store.user_ids() == []  # a user with a log has at least one entry
         with pytest.raises(WriteConflict):
             await store.append(LogAppend(1, 1, []))
 
@@ -471,37 +516,41 @@ async def test_close_finishes_the_pending_writes_first(engine: Engine) -> None:
         assert await reopened.user_ids() == list(range(200))
 
 
-@settings(
-    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
-@given(
-    st.lists(
-        st.tuples(st.sampled_from([0, 3, U64_MAX]), st.integers(-1, 1), st.integers(0, 3)),
-        max_size=12,
+def test_appends_match_a_model_of_compare_and_set(engine: Engine) -> None:
+    @settings(
+        max_examples=engine.examples(25),
+        deadline=None,
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
     )
-)
-def test_appends_match_a_model_of_compare_and_set(
-    engine: Engine, steps: list[tuple[int, int, int]]
-) -> None:
-    async def scenario() -> None:
-        model: dict[int, list[bytes]] = {}
-        async with engine.opened(dataset=uuid.uuid4().hex) as store:
-            for user_id, skew, count in steps:
-                log = model.setdefault(user_id, [])
-                expected = max(len(log) + skew, 0)
-                write = LogAppend(user_id, expected, [os.urandom(4) for _ in range(count)])
-                if expected == len(log):
-                    await store.append(write)
-                    log.extend(write.records)
-                else:
-                    with pytest.raises(WriteConflict):
-                        await store.append(write)
-            for user_id, log in model.items():
-                assert await store.read_log(user_id) == list(enumerate(log, start=1))
-                assert await store.last_seq(user_id) == len(log)
-            assert await store.user_ids() == sorted(u for u, log in model.items() if log)
+    @given(
+        st.lists(
+            st.tuples(st.sampled_from([0, 3, U64_MAX]), st.integers(-1, 1), st.integers(0, 3)),
+            max_size=12,
+        )
+    )
+    def check(steps: list[tuple[int, int, int]]) -> None:
+        asyncio.run(compare_and_set_scenario(engine, steps))
 
-    asyncio.run(scenario())
+    check()
+
+
+async def compare_and_set_scenario(engine: Engine, steps: list[tuple[int, int, int]]) -> None:
+    model: dict[int, list[bytes]] = {}
+    async with engine.opened(dataset=uuid.uuid4().hex) as store:
+        for user_id, skew, count in steps:
+            log = model.setdefault(user_id, [])
+            expected = max(len(log) + skew, 0)
+            write = LogAppend(user_id, expected, [os.urandom(4) for _ in range(count)])
+            if expected == len(log):
+                await store.append(write)
+                log.extend(write.records)
+            else:
+                with pytest.raises(WriteConflict):
+                    await store.append(write)
+        for user_id, log in model.items():
+            assert await store.read_log(user_id) == list(enumerate(log, start=1))
+            assert await store.last_seq(user_id) == len(log)
+        assert await store.user_ids() == sorted(u for u, log in model.items() if log)
 
 
 def test_acknowledged_appends_survive_sigkill(engine: Engine) -> None:

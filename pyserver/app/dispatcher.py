@@ -142,8 +142,11 @@ class Dispatcher:
         observer: RequestObserver | None = None,
         health_check: Callable[[], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
+        stats_section: str = "mailbox",
     ) -> None:
         self._mailbox = mailbox
+        # the STATS field holding `mailbox.stats()` (a service names its own: "userindex", ...)
+        self._stats_section = stats_section
         self._service_key = service_key
         self.node_id = node_id
         self.max_frame_size = max_frame_size
@@ -338,7 +341,7 @@ class Dispatcher:
             "requests": dict(self._requests),
             "errors": dict(self._errors),
             "server": dict(self._server_counters),
-            "mailbox": self._mailbox.stats(),
+            self._stats_section: self._mailbox.stats(),
         }
 
     async def _health(self, session: Session, frame: Frame, payload: dict[str, Any]) -> dict:

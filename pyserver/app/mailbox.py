@@ -27,6 +27,8 @@ import orjson
 
 from pyserver import logcodec
 from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
+from pyserver.blobs import access as blob_access
+from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, LogCorrupt, NotFound, NotOwner, TooLarge, Unavailable
 from pyserver.snapcache import SnapshotCache
 from pyserver.store.base import LogAppend, Store, WriteConflict
@@ -51,6 +53,8 @@ _SNIPPET_CHARS = 100
 _REPLAY_PAGE = 1_000
 _IMPORT_BATCH = 500
 _WORD = re.compile(r"\w+")
+# Log actions that never change a folder's counts (no counts_changed report).
+_COUNTS_UNCHANGED = frozenset({"sender_blocked", "sender_unblocked"})
 _MISSING: Any = object()
 
 Event = dict[str, Any]
@@ -128,6 +132,25 @@ class Delivery:
         """What the `m` family keeps of the message, under its id."""
         return {"text": self.text, "from": self.sender_address, "extra": self.extra}
 
+    def copy_request(self, recipient: int) -> dict[str, Any]:
+        """The DELIVER_COPY payload of one recipient's copy (docs/protocol.md)."""
+        payload: dict[str, Any] = {
+            "user": recipient,
+            "message_id": self.message_id,
+            "thread_id": self.thread_id,
+            "sender": self.sender,
+            "participants": list(self.participants),
+            "channel": self.channel,
+            "subject": self.subject,
+            "text": self.text,
+            "key": self.key,
+        }
+        if self.sender_address is not None:
+            payload["from"] = self.sender_address
+        if self.extra:
+            payload["extra"] = self.extra
+        return payload
+
 
 @dataclass(slots=True)
 class _Change:
@@ -179,13 +202,28 @@ class Mailbox:
         *,
         owns: Callable[[int], bool] | None = None,
         owner_of: Callable[[int], str | None] | None = None,
+        relay: Callable[[int, Delivery], Awaitable[dict[str, Any]]] | None = None,
         clock: Callable[[], int] = _now_us,
+        counts_changed: Callable[[int], None] | None = None,
+        blobs: BlobStore | None = None,
+        in_other_cell: Callable[[int], Awaitable[bool]] | None = None,
     ) -> None:
         self._store = store
+        # told (after the commit) of each write that may change a user's counts: the
+        # dirty reporter (pyserver.dirty.reporter); it must not block
+        self._counts_changed = counts_changed
         self._index = user_index if user_index is not None else LocalUserIndex(store)
         self._settings = settings or MailboxSettings()
         self._owns = owns
         self._owner_of = owner_of
+        # hands a SEND's copy to the owner of a recipient this server does not serve
+        # (pyserver.cluster: DELIVER_COPY on that server); None: every recipient is local
+        self._relay = relay
+        # attachments, long bodies and raw mail, for GET_BLOB (None: no blob is readable)
+        self._blobs = blobs
+        # says whether a recipient lives in another cell, whose owner gets the copy through
+        # `relay` (pyserver.discovery); None: every user is in this cell
+        self._in_other_cell = in_other_cell
         self._clock = clock
         self._cache = SnapshotCache(self._settings.cache_max_users, self._settings.cache_max_bytes)
         # one lock per user with a write or a load under way; gone when nobody holds it
@@ -201,9 +239,11 @@ class Mailbox:
         self._handlers: dict[Op, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             Op.SEND: self._send,
             Op.DELIVER: self._deliver,
+            Op.DELIVER_COPY: self._deliver_copy_request,
             Op.LIST_THREADS: self._list_threads,
             Op.GET_THREAD: self._get_thread,
             Op.GET_MESSAGE: self._get_message,
+            Op.GET_BLOB: self._get_blob,
             Op.COUNTS: self._counts,
             Op.SEARCH: self._search,
             Op.MARK_READ: self._mark_read,
@@ -310,13 +350,54 @@ class Mailbox:
             key=key,
             extra=extra,
         )
-        return await self._deliver_copy(user, delivery)
+        return await self._write_copy(user, delivery)
+
+    async def _deliver_copy_request(self, p: dict[str, Any]) -> dict[str, Any]:
+        """DELIVER_COPY: one recipient's copy of a SEND, from the sender's owner."""
+        user = _user(p, "user")
+        sender = _user(p, "sender")
+        message_id = _text(p, "message_id", self._settings.max_field_bytes)
+        thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
+        listed = _user_list(p, "participants", self._settings.max_recipients + 1)
+        participants = tuple(sorted(set(listed)))
+        if user not in participants or sender not in participants:
+            raise BadRequest("participants: must include user and sender")
+        if not message_id:
+            raise BadRequest("message_id: must not be empty")
+        if thread_id != thread_id_for(participants):
+            raise BadRequest("thread_id: is not the participants' thread")
+        delivery = Delivery(
+            message_id=message_id,
+            thread_id=thread_id,
+            sender=sender,
+            sender_address=_text(p, "from", self._settings.max_field_bytes, default=None),
+            participants=participants,
+            channel=_choice(p, "channel", CHANNELS),
+            subject=_text(p, "subject", self._settings.max_field_bytes, default=""),
+            text=_text(p, "text", self._settings.max_text_bytes),
+            key=_text(p, "key", self._settings.max_field_bytes, default=""),
+            extra=_extra(p, "extra", self._settings.max_extra_bytes),
+        )
+        return await self._write_copy(user, delivery)
 
     async def _deliver_copy(self, recipient: int, delivery: Delivery) -> dict[str, Any]:
+        """One recipient's copy of a SEND: written here when this server serves the
+        recipient, else handed to the recipient's owner (DELIVER_COPY there)."""
+        if self._relay is not None and self._owns is not None and not self._owns(recipient):
+            return await self._relay(recipient, delivery)
+        if (
+            self._relay is not None
+            and self._in_other_cell is not None
+            and await self._in_other_cell(recipient)
+        ):
+            return await self._relay(recipient, delivery)
+        return await self._write_copy(recipient, delivery)
+
+    async def _write_copy(self, recipient: int, delivery: Delivery) -> dict[str, Any]:
         """Write one recipient's copy to that recipient's own log; DELIVER's reply.
 
-        The one place a copy reaches a recipient: every recipient is local for
-        now; a remote delivery (to the recipient's owner) will replace this.
+        A copy already there (the same key from the same sender, or the same
+        message id: a retried relay) is not written again.
         """
 
         async def decide(image: UserImage) -> _Change:
@@ -326,6 +407,12 @@ class Mailbox:
             if first is not None:
                 reply.update(message_id=first[0], thread_id=first[1], folder=first[3])
                 reply["duplicate"] = True
+                return _Change(result=reply)
+            known = image.messages.get(delivery.message_id)
+            if known is not None:
+                thread = image.threads.get(known.thread_id)
+                reply.update(message_id=known.message_id, thread_id=known.thread_id)
+                reply.update(folder=thread.folder if thread else None, duplicate=True)
                 return _Change(result=reply)
             if delivery.sender in image.blocked:
                 reply["dropped"] = True
@@ -350,8 +437,9 @@ class Mailbox:
         if sender == 0:
             return "other"
         try:
-            async with asyncio.timeout(self._settings.user_index_timeout_s):
-                relation = await self._index.relation(recipient, sender)
+            relation = await asyncio.wait_for(
+                self._index.relation(recipient, sender), self._settings.user_index_timeout_s
+            )
             if relation not in RELATIONS:
                 raise ValueError(f"unknown relation {relation!r}")
         except Exception as exc:
@@ -405,6 +493,16 @@ class Mailbox:
         if message is None:
             raise NotFound(f"message_id: user {user} has no message {message_id!r}")
         return message.to_dict(with_extra=True)
+
+    async def _get_blob(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A range of a blob referenced by one of the user's messages (pyserver.blobs.access)."""
+        user = _user(p, "user")
+        request = blob_access.BlobRange.from_payload(p)
+        image = await self._read_image(user)
+        message_id = blob_access.find_reference(image.messages, request.ref, request.message_id)
+        if message_id is None or self._blobs is None:
+            raise NotFound(f"ref: user {user} has no message with blob {request.ref}")
+        return await blob_access.read_range(self._blobs, request, message_id)
 
     async def _counts(self, p: dict[str, Any]) -> dict[str, Any]:
         image = await self._read_image(_user(p, "user"))
@@ -665,11 +763,23 @@ class Mailbox:
         change.entries = entries
         self._keep(user_id, image)
         self._publish(user_id, image, entries)
+        if self._counts_changed is not None and any(
+            entry["action"] not in _COUNTS_UNCHANGED for entry in entries
+        ):
+            try:
+                self._counts_changed(user_id)
+            except Exception:
+                log.exception("counts_changed hook failed user=%d", user_id)
         if image.seq - image.snapshot_seq >= self._settings.snapshot_every:
             self._snapshot_soon(user_id, image)
 
     def _keep(self, user_id: int, image: UserImage) -> None:
         """(Re)insert the image with its current weight; snapshot whatever that evicts."""
+        if self._owns is not None and not self._owns(user_id):
+            # Ownership moved (or the server was fenced) while this image was loaded or
+            # written: another server may extend the log now, so keep nothing it outdates.
+            self._forget(user_id, image)
+            return
         evicted = self._cache.put(user_id, image, image.weight)
         seen: set[int] = set()
         for evicted_id, evicted_image in evicted:
@@ -683,6 +793,25 @@ class Mailbox:
         """Drop this image from the cache (not a newer one that replaced it)."""
         if self._cache.peek(user_id) is image:
             self._cache.pop(user_id)
+
+    def release(self, keep: Callable[[int], bool] | None = None) -> int:
+        """Drop the cached images of users this server no longer serves; how many went.
+
+        Every image goes when `keep` is None, else those of users for whom
+        `keep(user_id)` is false. Another server may write their logs now; a
+        later request here loads them again from the store. Images ahead of
+        their snapshot are snapshotted (in the background) on the way out, so
+        the new owner replays less.
+        """
+        dropped = 0
+        for user_id, image in self._cache.items():
+            if keep is not None and keep(user_id):
+                continue
+            self._cache.pop(user_id)
+            dropped += 1
+            if image.seq > image.snapshot_seq:
+                self._snapshot_soon(user_id, image, evicted=True)
+        return dropped
 
     async def _load(self, user_id: int) -> UserImage:
         """Snapshot + replay of the log after it; cached. The caller holds the user's lock."""
@@ -763,6 +892,22 @@ class Mailbox:
         finally:
             if release:
                 self._snapshotting.discard(user_id)
+
+    async def quiesce(self, user_id: int) -> None:
+        """Let the user's writes already under way finish, then drop its cached image.
+
+        For a user this server has just stopped serving (frozen for a move to
+        another cell): a write that passed the ownership check before that
+        holds or waits for the user's lock, so once the lock is ours no write
+        of the user is left; later ones are refused by the ownership hooks.
+        The image is snapshotted first when ahead of its last snapshot.
+        """
+        async with self._lock(user_id):
+            image = self._cache.peek(user_id)
+            if image is not None:
+                self._cache.pop(user_id)
+                if image.seq > image.snapshot_seq:
+                    await self._write_snapshot(user_id, image)
 
     async def drain(self) -> None:
         """Wait until every background snapshot write has finished."""

@@ -29,6 +29,8 @@ class LocalUserIndex:
         self._cache_users = cache_users
         # user id -> that user's friends, least recently used first
         self._friends: OrderedDict[int, frozenset[int]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
 
     async def relation(self, user_id: int, sender_id: int) -> Relation:
         if user_id == sender_id:
@@ -45,7 +47,9 @@ class LocalUserIndex:
         cached = self._friends.get(user_id)
         if cached is not None:
             self._friends.move_to_end(user_id)
+            self.hits += 1
             return cached
+        self.misses += 1
         friends = frozenset(await self._store.friends(user_id))
         self._friends[user_id] = friends
         if len(self._friends) > self._cache_users:
@@ -65,6 +69,10 @@ class LocalUserIndex:
             await self._store.remove_friend(user_id, friend_id)
         finally:
             self._forget(user_id, friend_id)
+
+    def stats(self) -> dict[str, int]:
+        """The hot-user cache's figures: users held, hits and misses."""
+        return {"cached_users": len(self._friends), "hits": self.hits, "misses": self.misses}
 
     def _forget(self, *user_ids: int) -> None:
         for user_id in user_ids:

@@ -31,6 +31,12 @@ class Op(IntEnum):
     # Ranges kept for the other services of a cell, each adding its own codes:
     # 70-79 discovery, 80-89 blobs, 90-99 user index, 100-109 dirty service,
     # 110-119 between app servers.
+    # discovery: user -> cell -> owner (pyserver discovery)
+    LOOKUP = 70
+    CELL_RING = 71
+    CELLS = 72
+    # blobs: attachments, long bodies, raw mail (pyserver.blobs)
+    GET_BLOB = 80
     # user index service (pyserver userindex)
     RELATION = 90
     FRIENDS = 91
@@ -38,11 +44,17 @@ class Op(IntEnum):
     INDEX_FRIEND_REMOVE = 93
     # memcache dirty service (pyserver dirty)
     DIRTY = 100
+    # between the app servers of a cell (pyserver node)
+    DELIVER_COPY = 110
 
 
 # Operations a user-token connection may not use.
 SERVICE_ONLY: frozenset[Op] = frozenset({Op.DELIVER, Op.FRIEND_ADD, Op.FRIEND_REMOVE, Op.STATS})
+# Copies of SENDs between app servers travel on service connections only.
+SERVICE_ONLY |= {Op.DELIVER_COPY}
 # The user index and dirty services serve trusted tiers only.
 SERVICE_ONLY |= {Op.RELATION, Op.FRIENDS, Op.INDEX_FRIEND_ADD, Op.INDEX_FRIEND_REMOVE, Op.DIRTY}
+# Discovery answers trusted tiers only (the web tier, the MTA proxy, gateways, app servers).
+SERVICE_ONLY |= {Op.LOOKUP, Op.CELL_RING, Op.CELLS}
 # Operations answered without a HELLO.
 NO_HELLO: frozenset[Op] = frozenset({Op.PING, Op.HELLO})

@@ -1,0 +1,247 @@
+"""`python -m bench mail`: mail per second through SMTP end to end, beside the same mail fed
+straight to DELIVER.
+
+A real `pyserver run` (native core, uvloop, durable SQLite store and blob store) takes
+mail on its MTA proxy; the sender is smtplib on persistent connections, many at once
+(smtp-source or swaks start a process or a session per mail and measure themselves more
+than the proxy). A message counts once the proxy answered 250, that is once every
+recipient's copy is durable. Two mails: a small text mail, and one with a 1 MB
+attachment (each attachment different, so nothing is deduplicated). The same mails' email
+objects (what the proxy hands the app server) are then fed straight to DELIVER over the
+client library, so `proxy_share_*` says how much of the time is the proxy's own. Rounds
+of the four contenders alternate and each keeps its best round (bench.timing's rule).
+
+Targets (issue 5): at least 500 small mails/s end to end, and a 1 MB attachment costing
+no more than 3x a small mail (`mb_cost_ratio`, small mails/s over 1 MB mails/s).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import random
+import signal
+import smtplib
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+USERS = 64
+MARK_ID = b"<MESSAGE-ID-PLACEHOLDER>"
+ATTACHMENT_BYTES = 1 << 20
+
+
+@contextmanager
+def _cell() -> Iterator[tuple[Path, int, int, str]]:
+    """A `pyserver run` on a fresh folder with USERS addresses: (data, port, smtp port, key)."""
+    from pyserver.cell import store_path
+    from pyserver.store.sqlite import SQLiteStore
+
+    with tempfile.TemporaryDirectory(prefix="bench-mail-") as folder:
+        data = Path(folder)
+
+        async def addresses() -> None:
+            store = SQLiteStore(store_path(data))
+            await store.open()
+            for user in range(1, USERS + 1):
+                await store.add_address(f"user{user}@bench.test", user)
+            await store.close()
+
+        asyncio.run(addresses())
+        env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pyserver.cli", "run", "--data", folder, "--port", "0",
+             "--http-port", "0", "--smtp-port", "0"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while not (data / "endpoints.json").exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bench: pyserver run did not start")
+                time.sleep(0.05)
+            addresses_now = json.loads((data / "endpoints.json").read_text())
+            key = (data / "service.key").read_text().strip()
+            yield data, addresses_now["server"]["port"], addresses_now["smtp"]["port"], key
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+# ---- the mails ----
+
+
+class MailTemplate:
+    """A mail on the wire (CRLF, dot-stuffed) with holes for a Message-ID and, optionally,
+    the first line of its attachment, so every mail sent is a different one."""
+
+    def __init__(self, attachment: bool) -> None:
+        message = EmailMessage()
+        message["From"] = "Bench Sender <sender@bench.test>"
+        message["To"] = "user1@bench.test"
+        message["Subject"] = "Quarterly figures" if attachment else "Lunch on friday?"
+        message["Message-ID"] = MARK_ID.decode()
+        message.set_content("Hello,\n\nshall we have lunch on friday at noon?\n\nAlice\n")
+        self.line: bytes | None = None
+        if attachment:
+            blob = random.Random(7).randbytes(ATTACHMENT_BYTES)
+            message.add_attachment(blob, maintype="application", subtype="pdf",
+                                   filename="figures.pdf")  # fmt: skip
+        wire = message.as_bytes(policy=policy.SMTP)
+        head, tail = wire.split(MARK_ID)
+        self.pieces = [head, b"", tail]
+        if attachment:
+            # the attachment's first base64 line (76 letters = 57 bytes) becomes a hole
+            first = base64.b64encode(random.Random(7).randbytes(ATTACHMENT_BYTES)[:57])
+            before, after = tail.split(first, 1)
+            self.pieces = [head, b"", before, b"", after]
+        if not wire.endswith(b"\r\n"):
+            self.pieces[-1] += b"\r\n"
+        self.size = len(wire)
+
+    def render(self, n: int, nonce: str) -> list[bytes]:
+        pieces = list(self.pieces)
+        pieces[1] = f"<bench.{nonce}.{n}@bench.test>".encode()
+        if len(pieces) == 5:
+            pieces[3] = base64.b64encode(random.Random(f"{nonce}{n}").randbytes(57))
+        return pieces
+
+
+def _send_all(port: int, template: MailTemplate, count: int, connections: int) -> float:
+    """Send `count` mails over `connections` smtplib sessions at once; seconds taken."""
+    nonce = f"{time.time_ns():x}"
+    numbers = iter(range(count))
+    lock = threading.Lock()
+    errors: list[str] = []
+
+    def session() -> None:
+        with smtplib.SMTP("127.0.0.1", port, timeout=60) as smtp:
+            smtp.ehlo("bench.test")
+            while True:
+                with lock:
+                    n = next(numbers, None)
+                if n is None:
+                    return
+                smtp.mail("sender@bench.test")
+                smtp.rcpt(f"user{n % USERS + 1}@bench.test")
+                # DATA by hand: the mail is stuffed and CRLF already, sent in pieces
+                code, _ = smtp.docmd("DATA")
+                if code != 354:
+                    errors.append(f"DATA {code}")
+                    return
+                for piece in template.render(n, nonce):
+                    smtp.sock.sendall(piece)
+                smtp.sock.sendall(b".\r\n")
+                code, reply = smtp.getreply()
+                if code != 250:
+                    errors.append(f"{code} {reply!r}")
+                    return
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(connections) as pool:
+        for future in [pool.submit(session) for _ in range(connections)]:
+            future.result()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise RuntimeError(f"bench: the proxy refused mail: {errors[:3]}")
+    return elapsed
+
+
+async def _deliver_all(port: int, key: str, email: dict[str, Any], count: int, width: int) -> float:
+    """Feed `count` copies of a delivered mail's email object to DELIVER, `width` at a time."""
+    from pyserver.client import Client
+
+    nonce = f"{time.time_ns():x}"
+    async with await Client.connect("127.0.0.1", port, service_key=key) as client:
+        numbers = iter(range(count))
+
+        async def worker() -> None:
+            for n in numbers:
+                user = n % USERS + 1
+                payload = {**email, "user": user, "participants": [user],
+                           "key": f"<deliver.{nonce}.{n}@bench.test>"}  # fmt: skip
+                await client.request(11, payload)  # DELIVER
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(width)))
+        return time.perf_counter() - started
+
+
+async def _email_object(port: int, key: str, user: int, subject: str) -> dict[str, Any]:
+    """The email object the proxy made of a mail, as DELIVER's payload (without user/key)."""
+    from pyserver.client import Client
+
+    async with await Client.connect("127.0.0.1", port, service_key=key) as client:
+        threads = (await client.list_threads(user, folder="other", limit=200))["threads"]
+        for thread in threads:
+            reply = await client.get_thread(user, thread["thread_id"], limit=200)
+            for shown in reply["messages"]:
+                if shown["subject"] != subject:
+                    continue
+                message = await client.get_message(user, shown["message_id"])
+                return {"sender": 0, "from": message["from"], "text": message["text"],
+                        "subject": message["subject"], "channel": "email",
+                        "extra": message["extra"]}  # fmt: skip
+    raise RuntimeError(f"bench: no delivered mail with subject {subject!r}")
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    small, big = MailTemplate(attachment=False), MailTemplate(attachment=True)
+    counts = {"small": 60, "1mb": 12} if quick else {"small": 600, "1mb": 80}
+    rounds = 1 if quick else 3
+    connections = 32
+    best: dict[str, float] = {}
+    with _cell() as (_, port, smtp_port, key):
+        # warm up (and get the email objects the proxy makes of each mail)
+        _send_all(smtp_port, small, 8, 4)
+        _send_all(smtp_port, big, 4, 4)
+        emails = {
+            "small": asyncio.run(_email_object(port, key, 1, "Lunch on friday?")),
+            "1mb": asyncio.run(_email_object(port, key, 1, "Quarterly figures")),
+        }
+        contenders: dict[str, Callable[[], float]] = {
+            "smtp_small": lambda: _send_all(smtp_port, small, counts["small"], connections),
+            "deliver_small": lambda: asyncio.run(
+                _deliver_all(port, key, emails["small"], counts["small"], connections)
+            ),
+            "smtp_1mb": lambda: _send_all(smtp_port, big, counts["1mb"], connections),
+            "deliver_1mb": lambda: asyncio.run(
+                _deliver_all(port, key, emails["1mb"], counts["1mb"], connections)
+            ),
+        }
+        for _ in range(rounds):
+            for name, contender in contenders.items():
+                count = counts["1mb" if name.endswith("1mb") else "small"]
+                rate = count / contender()
+                best[name] = max(best.get(name, 0.0), rate)
+    results: dict[str, Any] = {f"{name}_per_s": round(rate, 1) for name, rate in best.items()}
+    results["proxy_share_small"] = round(1 - best["smtp_small"] / best["deliver_small"], 3)
+    results["proxy_share_1mb"] = round(1 - best["smtp_1mb"] / best["deliver_1mb"], 3)
+    results["mb_cost_ratio"] = round(best["smtp_small"] / best["smtp_1mb"], 2)
+    results["targets"] = {
+        "smtp_small_per_s >= 500": best["smtp_small"] >= 500,
+        "mb_cost_ratio <= 3": best["smtp_small"] / best["smtp_1mb"] <= 3,
+    }
+    results["setup"] = {
+        "sender": f"smtplib, {connections} connections at once",
+        "mails_per_round": counts,
+        "rounds": rounds,
+        "small_mail_bytes": small.size,
+        "1mb_mail_bytes": big.size,
+        "recipients": f"{USERS} users, one per mail",
+    }
+    return results

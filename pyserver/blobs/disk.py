@@ -1,0 +1,357 @@
+"""The embedded blob store: one file per blob on local disk, under the cell's data folder.
+
+Layout: `<root>/<ref[:2]>/<ref>`, written as a temporary file in `<root>/tmp`,
+fsynced, renamed into place and the folder fsynced, so a blob is either
+whole and durable or absent. A blob file is the blob's bytes followed by its
+chunk checksums and a trailer:
+
+    data (size bytes) | CRC32C of each CHUNK_SIZE chunk (4 bytes big-endian each) | trailer
+
+    trailer (24 bytes): magic b"PYBLOB\\x00\\x01" | size (u64 BE) | chunk size (u32 BE)
+                        | CRC32C of (checksums + magic + size + chunk size) (u32 BE)
+
+File work runs on the store's own thread pool (hashing and I/O release the
+GIL), so the event loop never waits on the disk, and concurrent puts share the
+file system's journal commits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import struct
+import tempfile
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import google_crc32c
+
+from pyserver.blobs.base import (
+    CHUNK_SIZE,
+    BlobCorrupt,
+    BlobInfo,
+    BlobNotFound,
+    BlobSource,
+    BlobStore,
+    check_range,
+    check_ref,
+    pieces_of,
+)
+from pyserver.errors import Unavailable
+
+__all__ = ["DiskBlobStore"]
+
+T = TypeVar("T")
+
+_MAGIC = b"PYBLOB\x00\x01"
+_TRAILER = struct.Struct(">8sQII")
+# Pieces handed to a writer thread at once: small pieces of a stream are gathered first.
+_WRITE_BATCH = 1 << 20
+# Chunks read per trip to a thread.
+_READ_CHUNKS = 4
+# Temporary files older than this are leftovers of a crash (another process may be writing).
+_STALE_TMP_S = 3600.0
+
+
+def _chunks_of(size: int, chunk_size: int) -> int:
+    return -(-size // chunk_size)
+
+
+class _BlobFile:
+    """An open blob file whose trailer and checksum table have been checked."""
+
+    __slots__ = ("chunk_size", "crcs", "fd", "ref", "size")
+
+    def __init__(self, ref: str, fd: int, size: int, chunk_size: int, crcs: list[int]) -> None:
+        self.ref = ref
+        self.fd = fd
+        self.size = size
+        self.chunk_size = chunk_size
+        self.crcs = crcs
+
+    @classmethod
+    def open(cls, path: Path, ref: str) -> _BlobFile:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise BlobNotFound(f"no blob {ref}") from None
+        try:
+            length = os.fstat(fd).st_size
+            if length < _TRAILER.size:
+                raise BlobCorrupt(f"blob {ref}: file of {length} bytes has no trailer")
+            trailer = os.pread(fd, _TRAILER.size, length - _TRAILER.size)
+            magic, size, chunk_size, table_crc = _TRAILER.unpack(trailer)
+            if magic != _MAGIC or chunk_size == 0:
+                raise BlobCorrupt(f"blob {ref}: bad trailer")
+            count = _chunks_of(size, chunk_size)
+            if length != size + 4 * count + _TRAILER.size:
+                raise BlobCorrupt(f"blob {ref}: file is {length} bytes, its trailer says otherwise")
+            table = os.pread(fd, 4 * count, size)
+            if google_crc32c.value(table + trailer[:-4]) != table_crc:
+                raise BlobCorrupt(f"blob {ref}: checksum table does not match its checksum")
+            crcs = list(struct.unpack(f">{count}I", table))
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(ref, fd, size, chunk_size, crcs)
+
+    def read_chunks(self, first: int, count: int, digest: Any | None) -> list[bytes]:
+        """Chunks first .. first+count-1, each checked against its CRC32C."""
+        start = first * self.chunk_size
+        end = min(self.size, (first + count) * self.chunk_size)
+        data = os.pread(self.fd, end - start, start)
+        if len(data) != end - start:
+            raise BlobCorrupt(f"blob {self.ref}: short read at offset {start}")
+        chunks = []
+        for index in range(first, first + count):
+            low = (index - first) * self.chunk_size
+            chunk = data[low : low + self.chunk_size] if count > 1 else data
+            if google_crc32c.value(chunk) != self.crcs[index]:
+                raise BlobCorrupt(f"blob {self.ref}: chunk {index} does not match its checksum")
+            if digest is not None:
+                digest.update(chunk)
+            chunks.append(chunk)
+        return chunks
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class _Writer:
+    """A blob being written to a temporary file (used from one thread at a time)."""
+
+    def __init__(self, store: DiskBlobStore) -> None:
+        self._store = store
+        fd, name = _mkstemp(store.tmp_dir)
+        self._path = Path(name)
+        self._file = os.fdopen(fd, "wb")
+        self._digest = hashlib.sha256()
+        self._crcs: list[int] = []
+        self._chunk_crc = 0
+        self._chunk_fill = 0
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self._digest.update(data)
+        self._file.write(data)
+        self.size += len(data)
+        chunk_size = CHUNK_SIZE
+        pos = 0
+        while pos < len(data):
+            take = min(chunk_size - self._chunk_fill, len(data) - pos)
+            piece = data if take == len(data) else data[pos : pos + take]
+            self._chunk_crc = google_crc32c.extend(self._chunk_crc, piece)
+            self._chunk_fill += take
+            pos += take
+            if self._chunk_fill == chunk_size:
+                self._crcs.append(self._chunk_crc)
+                self._chunk_crc = self._chunk_fill = 0
+
+    def finish(self) -> BlobInfo:
+        """Make the blob durable under its ref (or drop it if that ref is stored already)."""
+        if self._chunk_fill:
+            self._crcs.append(self._chunk_crc)
+        ref = self._digest.hexdigest()
+        info = BlobInfo(ref, self.size)
+        final = self._store.path_of(ref)
+        if self._store.holds(final, self.size):
+            self.abort()
+            return info
+        table = struct.pack(f">{len(self._crcs)}I", *self._crcs)
+        head = _TRAILER.pack(_MAGIC, self.size, CHUNK_SIZE, 0)[:-4]
+        self._file.write(table + head + struct.pack(">I", google_crc32c.value(table + head)))
+        self._file.flush()
+        if self._store.durable:
+            os.fsync(self._file.fileno())
+        self._file.close()
+        self._store.ensure_dir(final.parent)
+        os.replace(self._path, final)
+        if self._store.durable:
+            _fsync_dir(final.parent)
+        return info
+
+    def abort(self) -> None:
+        with contextlib.suppress(OSError):
+            self._file.close()
+        with contextlib.suppress(OSError):
+            self._path.unlink()
+
+
+def _mkstemp(folder: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(dir=folder, prefix="blob-", suffix=".tmp")
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class DiskBlobStore(BlobStore):
+    """Blobs as files under `root` (see the module docstring).
+
+    `durable=False` skips the fsyncs (tests, bulk loads); `workers` sizes the
+    thread pool doing the file work.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], *, durable: bool = True, workers: int = 16):
+        self.root = Path(root)
+        self.tmp_dir = self.root / "tmp"
+        self.durable = durable
+        self._workers = workers
+        self._pool: ThreadPoolExecutor | None = None
+        self._dirs: set[Path] = set()
+
+    # ---- lifecycle ----
+
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="blob-disk")
+        await self._run(self._prepare)
+
+    def _prepare(self) -> None:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        cutoff = time.time() - _STALE_TMP_S
+        for leftover in self.tmp_dir.iterdir():
+            with contextlib.suppress(OSError):
+                if leftover.stat().st_mtime < cutoff:
+                    leftover.unlink()
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await asyncio.to_thread(pool.shutdown, wait=True)
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pool is None:
+            raise Unavailable(f"the blob store {self.root} is not open")
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+        except OSError as exc:
+            raise Unavailable(f"blob store {self.root}: {exc}") from exc
+
+    # ---- paths (called from the pool's threads too) ----
+
+    def path_of(self, ref: str) -> Path:
+        return self.root / ref[:2] / ref
+
+    def ensure_dir(self, folder: Path) -> None:
+        if folder in self._dirs:
+            return
+        if not folder.is_dir():
+            folder.mkdir(exist_ok=True)
+            if self.durable:
+                _fsync_dir(folder.parent)
+        self._dirs.add(folder)
+
+    def holds(self, path: Path, size: int) -> bool:
+        """Whether a sound-looking blob file of `size` bytes is at `path` (deduplication)."""
+        try:
+            blob = _BlobFile.open(path, path.name)
+        except (BlobNotFound, BlobCorrupt):
+            return False  # absent, or damaged: the new copy replaces it
+        blob.close()
+        return blob.size == size
+
+    # ---- writing ----
+
+    async def put(self, source: BlobSource) -> BlobInfo:
+        if isinstance(source, bytes | bytearray | memoryview):
+            return await self._run(self._put_bytes, bytes(source))
+        writer = await self._run(_Writer, self)
+        try:
+            batch: list[bytes] = []
+            batched = 0
+            async for piece in _pieces(source):
+                batch.append(piece)
+                batched += len(piece)
+                if batched >= _WRITE_BATCH:
+                    await self._run(_write_all, writer, batch)
+                    batch, batched = [], 0
+            if batch:
+                await self._run(_write_all, writer, batch)
+            return await self._run(writer.finish)
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _put_bytes(self, data: bytes) -> BlobInfo:
+        # Whole bytes: hash first, and skip the write when the blob is stored already.
+        ref = hashlib.sha256(data).hexdigest()
+        if self.holds(self.path_of(ref), len(data)):
+            return BlobInfo(ref, len(data))
+        writer = _Writer(self)
+        try:
+            writer.write(data)
+            return writer.finish()
+        except BaseException:
+            writer.abort()
+            raise
+
+    # ---- reading ----
+
+    async def stat(self, ref: str) -> BlobInfo | None:
+        check_ref(ref)
+        try:
+            blob = await self._run(_BlobFile.open, self.path_of(ref), ref)
+        except BlobNotFound:
+            return None
+        blob.close()
+        return BlobInfo(ref, blob.size)
+
+    async def read(
+        self, ref: str, offset: int = 0, length: int | None = None
+    ) -> AsyncIterator[bytes]:
+        check_ref(ref)
+        check_range(offset, length)
+        blob = await self._run(_BlobFile.open, self.path_of(ref), ref)
+        try:
+            end = blob.size if length is None else min(blob.size, offset + length)
+            if blob.size == 0 and ref != _EMPTY_REF:
+                raise BlobCorrupt(f"blob {ref}: empty, but its ref is not the empty one")
+            if offset >= end:
+                return
+            whole = offset == 0 and end == blob.size
+            digest = hashlib.sha256() if whole else None
+            first, last = offset // blob.chunk_size, (end - 1) // blob.chunk_size
+            held: bytes | None = None  # a whole read holds its last piece until the hash matches
+            index = first
+            while index <= last:
+                count = min(_READ_CHUNKS, last - index + 1)
+                chunks = await self._run(blob.read_chunks, index, count, digest)
+                for n, chunk in enumerate(chunks, start=index):
+                    base = n * blob.chunk_size
+                    low, high = max(offset - base, 0), min(end - base, len(chunk))
+                    piece = chunk if (low, high) == (0, len(chunk)) else chunk[low:high]
+                    if held is not None:
+                        yield held
+                    held = piece
+                index += count
+            if digest is not None and digest.hexdigest() != ref:
+                raise BlobCorrupt(f"blob {ref}: its bytes do not hash to its ref")
+            if held is not None:
+                yield held
+        finally:
+            blob.close()
+
+
+_EMPTY_REF = hashlib.sha256(b"").hexdigest()
+
+
+def _write_all(writer: _Writer, pieces: list[bytes]) -> None:
+    for piece in pieces:
+        writer.write(piece)
+
+
+async def _pieces(source: BlobSource) -> AsyncIterator[bytes]:
+    async for piece in pieces_of(source):
+        if piece:
+            yield bytes(piece) if not isinstance(piece, bytes) else piece

@@ -1,0 +1,509 @@
+"""`pyserver cluster up|status|down`: a whole cluster of cells on one machine, for people and tests.
+
+`up --cells C --nodes N` starts, each as its own process on loopback:
+
+* the engines it needs, if they are not running (`scripts/engines up`):
+  ZooKeeper, HBase with its Thrift gateway (`--engine hbase`, the default),
+  memcached (when it can, for the dirty service);
+* the tables: a global namespace (directory, social, addresses) and one per
+  cell (`<prefix>_cell_1`, ...), or SQLite files with `--engine sqlite`;
+* each cell's ZooKeeper record (state "enabled", its store), under a chroot of
+  the cluster's own;
+* two discovery instances, the user index service, the dirty service (with
+  memcached), C x N app servers (`pyserver node`, knowing discovery, the user
+  index and the dirty service) and the MTA proxy (routing through discovery);
+
+prints where each listens and returns once all serve. The folder (default
+`./pyserver-cluster`) keeps the state (`cluster.json`: settings, every
+process's role, cell, node, address, pid and log), the logs and the service
+key; `up` on a folder whose cluster is down starts it again on the same data.
+`status [--json]` says whether each process is alive; `down` stops them
+gracefully (app servers drain), in the reverse order, and `down --purge` also
+deletes the cluster's ZooKeeper tree, its HBase tables and the folder. The
+engines are left running (`scripts/engines down` stops them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "cluster_down", "cluster_status", "cluster_up", "read_state"]
+
+REPO = Path(__file__).resolve().parent.parent.parent
+DEFAULT_DIR = Path("pyserver-cluster")
+STATE_FILE = "cluster.json"
+# the engines `scripts/engines up` starts (the same variables choose their ports)
+ZOOKEEPER = f"127.0.0.1:{os.environ.get('PYSERVER_ZOOKEEPER_PORT', '2181')}"
+THRIFT = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT_PORT', '9090')}"
+MEMCACHED = tuple(
+    f"127.0.0.1:{port}"
+    for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
+)
+# The first line each role prints once it serves; its last word is the address.
+_READY = {
+    "discovery": "pyserver: discovery listening on ",
+    "userindex": "pyserver: user index service listening on ",
+    "dirty": "pyserver: dirty service listening on ",
+    "node": " serving on ",
+    "mta": "pyserver: MTA proxy listening on ",
+}
+# down: app servers first (they drain), the services they call last
+_STOP_ORDER = ("mta", "node", "discovery", "dirty", "userindex")
+
+
+class LaunchError(Exception):
+    """The cluster could not be started or stopped; the message says why."""
+
+
+# ---- the state folder ----
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The cluster's `cluster.json`; LaunchError if there is none."""
+    try:
+        return json.loads((folder / STATE_FILE).read_text())
+    except FileNotFoundError:
+        raise LaunchError(f"no cluster in {folder} (pyserver cluster up --dir {folder})") from None
+
+
+def _write_state(folder: Path, state: dict[str, Any]) -> None:
+    temporary = folder / (STATE_FILE + ".tmp")
+    temporary.write_text(json.dumps(state, indent=2) + "\n")
+    temporary.replace(folder / STATE_FILE)
+
+
+def alive(pid: int) -> bool:
+    """The process runs and is one of ours (a pyserver command), not a reused pid."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        status = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return b"pyserver" in cmdline and status.split(")")[-1].split()[0] != "Z"
+
+
+# ---- engines ----
+
+
+def _listening(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def _ensure_engines(engine: str, say: Any) -> bool:
+    """Start what is missing; whether memcached runs (for the dirty service)."""
+    wanted = ["zookeeper"] + (["hbase"] if engine == "hbase" else [])
+    missing = [
+        name
+        for name, address in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT))
+        if name in wanted and not _listening(address)
+    ]
+    memcached = all(_listening(address) for address in MEMCACHED)
+    if not memcached:
+        missing.append("memcached")
+    if missing:
+        script = REPO / "scripts" / "engines"
+        if not script.exists():
+            raise LaunchError(f"{', '.join(missing)} not running, and no {script} to start them")
+        say(f"starting engines: {' '.join(missing)} (scripts/engines up)")
+        done = subprocess.run([sys.executable, str(script), "up", *missing], cwd=REPO)
+        if done.returncode != 0:
+            required = [name for name in missing if name != "memcached"]
+            if required and not all(
+                _listening(a)
+                for n, a in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT))
+                if n in required
+            ):
+                raise LaunchError(f"scripts/engines up {' '.join(missing)} failed")
+        memcached = all(_listening(address) for address in MEMCACHED)
+    return memcached
+
+
+async def _create_tables(namespaces: list[str]) -> None:
+    from pyserver.store.hbase import HBaseStore, parse_thrift_address
+
+    host, port = parse_thrift_address(THRIFT)
+    for namespace in namespaces:
+        await HBaseStore(host, port, namespace=namespace).create_tables()
+
+
+async def _drop_tables(namespaces: list[str]) -> None:
+    from pyserver.store.hbase import HBaseStore, parse_thrift_address
+
+    host, port = parse_thrift_address(THRIFT)
+    for namespace in namespaces:
+        try:
+            await HBaseStore(host, port, namespace=namespace).drop_tables()
+        except Exception as error:  # purge is best effort
+            print(f"pyserver: dropping {namespace}'s tables: {error}", file=sys.stderr)
+
+
+async def _write_cells(zookeeper: str, chroot: str, stores: dict[str, str]) -> None:
+    from pyserver.cluster.zk import ZooKeeper
+    from pyserver.discovery.move import set_cell_record
+
+    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=10.0)
+    await zk.start(15.0)
+    try:
+        for cell, store in stores.items():
+            await set_cell_record(zk, cell, store=store)
+    finally:
+        await zk.close()
+
+
+async def _remove_tree(zookeeper: str, chroot: str) -> None:
+    import aiozk
+
+    client = aiozk.ZKClient(zookeeper, session_timeout=5)
+    try:
+        await asyncio.wait_for(client.start(), 10)
+        if await client.exists(chroot):
+            await client.deleteall(chroot)
+    finally:
+        await client.close()
+
+
+# ---- processes ----
+
+
+def _spawn(
+    folder: Path, name: str, role: str, args: list[str], env: dict[str, str], **fields: Any
+) -> dict[str, Any]:
+    log_path = folder / "logs" / f"{name}.log"
+    with open(log_path, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "pyserver.cli", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=os.getcwd(),
+            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,  # outlives `cluster up`; not hit by the terminal's ^C
+        )
+    return {
+        "name": name,
+        "role": role,
+        "cell": fields.get("cell"),
+        "node": fields.get("node"),
+        "address": None,
+        "pid": process.pid,
+        "log": str(log_path),
+        "offset": log_path.stat().st_size if log_path.exists() else 0,
+        "_process": process,
+    }
+
+
+def _wait_ready(entries: list[dict[str, Any]], timeout_s: float) -> None:
+    """Fill in each entry's address from its log; LaunchError if one exits or stays silent."""
+    deadline = time.monotonic() + timeout_s
+    waiting = list(entries)
+    while waiting:
+        for entry in list(waiting):
+            marker = _READY[entry["role"]]
+            with open(entry["log"], "rb") as log:
+                log.seek(entry["offset"])
+                text = log.read().decode(errors="replace")
+            for line in text.splitlines():
+                if marker in line:
+                    entry["address"] = line.rsplit(" ", 1)[1]
+                    if entry["role"] == "node":
+                        entry["address"] = entry["address"].strip()
+                    break
+            if entry["address"]:
+                waiting.remove(entry)
+            elif entry["_process"].poll() is not None:
+                tail = "\n".join(text.splitlines()[-15:])
+                raise LaunchError(f"{entry['name']} exited while starting:\n{tail}")
+        if waiting and time.monotonic() > deadline:
+            names = ", ".join(entry["name"] for entry in waiting)
+            raise LaunchError(f"{names} did not start within {timeout_s:g} s (see their logs)")
+        if waiting:
+            time.sleep(0.1)
+
+
+def _public(entry: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in entry.items() if not k.startswith("_") and k != "offset"}
+
+
+def cluster_up(
+    folder: Path,
+    cells: int,
+    nodes: int,
+    *,
+    engine: str = "hbase",
+    session_timeout_s: float = 10.0,
+    timeout_s: float = 120.0,
+    say: Any = print,
+) -> dict[str, Any]:
+    """Start the cluster (module docstring); its state, once every process serves."""
+    if cells < 1 or nodes < 1:
+        raise LaunchError("--cells and --nodes must be at least 1")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "logs").mkdir(exist_ok=True)
+    previous: dict[str, Any] | None = None
+    if (folder / STATE_FILE).exists():
+        previous = read_state(folder)
+        running = [p["name"] for p in previous.get("processes", []) if alive(p["pid"])]
+        if running:
+            raise LaunchError(f"the cluster in {folder} is up ({len(running)} processes alive)")
+        if previous["engine"] != engine or len(previous["cells"]) != cells:
+            raise LaunchError(f"{folder} holds another cluster's data: use another --dir")
+    tag = previous["tag"] if previous else uuid.uuid4().hex[:8]
+    prefix = f"pc{tag}"
+    chroot = f"/pyserver-cluster-{tag}"
+    cell_names = [f"cell-{i}" for i in range(1, cells + 1)]
+    data = (folder / "data").resolve()
+    data.mkdir(exist_ok=True)
+    if engine == "hbase":
+        directory_store = f"hbase:{THRIFT}/{prefix}"
+        stores = {cell: f"hbase:{THRIFT}/{prefix}_{cell.replace('-', '_')}" for cell in cell_names}
+    else:
+        directory_store = f"sqlite:{data / 'store.sqlite3'}"
+        stores = {cell: f"sqlite:{data / (cell + '.sqlite3')}" for cell in cell_names}
+    logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
+    memcached = _ensure_engines(engine, say)
+    if engine == "hbase":
+        say(f"creating tables {prefix}, {prefix}_cell_1..{cells} (if missing)")
+        asyncio.run(
+            _create_tables([spec.rsplit("/", 1)[1] for spec in [directory_store, *stores.values()]])
+        )
+    asyncio.run(_write_cells(ZOOKEEPER, chroot, stores))
+    from pyserver.config import load_or_create_service_key
+
+    load_or_create_service_key(data)
+    state: dict[str, Any] = {
+        "tag": tag,
+        "engine": engine,
+        "zookeeper": ZOOKEEPER,
+        "chroot": chroot,
+        "directory_store": directory_store,
+        "cells": stores,
+        "data": str(data),
+        "service_key_file": str(data / "service.key"),
+        "discovery": [],
+        "processes": [],
+    }
+    started: list[dict[str, Any]] = []
+    common = ["--data", str(data)]
+    zk_args = ["--zookeeper", ZOOKEEPER, "--chroot", chroot]
+    try:
+        # discovery, the user index and the dirty service first: the app servers call them
+        services = [
+            _spawn(folder, f"discovery-{i}", "discovery",
+                   ["discovery", *common, "--port", "0", *zk_args, "--store", directory_store,
+                    "--instance", str(i)], {})
+            for i in (1, 2)
+        ]  # fmt: skip
+        services.append(
+            _spawn(folder, "userindex", "userindex", ["userindex", *common, "--port", "0"], {})
+        )
+        dcs = f"east={MEMCACHED[0]},west={MEMCACHED[1]}"
+        if memcached:
+            dirty_args = ["dirty", *common, "--port", "0", "--dc", dcs.split(",")[0]]
+            services.append(
+                _spawn(folder, "dirty", "dirty", [*dirty_args, "--dc", dcs.split(",")[1]], {})
+            )
+        started += services
+        _wait_ready(services, timeout_s)
+        by_role = {entry["role"]: entry for entry in services}
+        discovery = ",".join(e["address"] for e in services if e["role"] == "discovery")
+        state["discovery"] = discovery.split(",")
+        env = {"PYSERVER_USERINDEX_ADDR": by_role["userindex"]["address"]}
+        if memcached:
+            env |= {
+                "PYSERVER_DIRTY_ADDR": by_role["dirty"]["address"],
+                "PYSERVER_MEMCACHED_DCS": dcs,
+            }
+        app_servers = []
+        for cell in cell_names:
+            for n in range(1, nodes + 1):
+                node_id = f"{cell}-n{n}"
+                args = ["node", *common, "--cell", cell, "--node-id", node_id, "--port", "0",
+                        "--http-port", "0", *zk_args, "--store", stores[cell],
+                        "--discovery", discovery,
+                        "--session-timeout", str(session_timeout_s)]  # fmt: skip
+                app_servers.append(
+                    _spawn(folder, node_id, "node", args, env, cell=cell, node=node_id)
+                )
+        started += app_servers
+        _wait_ready(app_servers, timeout_s)
+        mta = _spawn(
+            folder, "mta", "mta",
+            ["mta", *common, "--smtp-port", "0", "--discovery", discovery],
+            {"PYSERVER_STORE": directory_store},
+        )  # fmt: skip
+        started.append(mta)
+        _wait_ready([mta], timeout_s)
+    except BaseException:
+        state["processes"] = [_public(entry) for entry in started]
+        _write_state(folder, state)
+        _stop(started, grace_s=10.0)
+        raise
+    state["processes"] = [_public(entry) for entry in started]
+    _write_state(folder, state)
+    return state
+
+
+def cluster_status(folder: Path) -> dict[str, Any]:
+    """Each process: role, cell, node, address, pid, alive."""
+    state = read_state(folder)
+    processes = [
+        {
+            "name": p["name"],
+            "role": p["role"],
+            "cell": p["cell"],
+            "node": p["node"],
+            "address": p["address"],
+            "pid": p["pid"],
+            "alive": alive(p["pid"]),
+        }
+        for p in state["processes"]
+    ]
+    return {
+        "dir": str(folder),
+        "engine": state["engine"],
+        "zookeeper": state["zookeeper"],
+        "chroot": state["chroot"],
+        "discovery": state["discovery"],
+        "cells": state["cells"],
+        "processes": processes,
+        "up": bool(processes) and all(p["alive"] for p in processes),
+    }
+
+
+def _stop(entries: list[dict[str, Any]], grace_s: float) -> list[str]:
+    """SIGTERM each role in `_STOP_ORDER`, wait, SIGKILL what remains; the names killed."""
+    killed = []
+    for role in _STOP_ORDER:
+        group = [e for e in entries if e["role"] == role and alive(e["pid"])]
+        for entry in group:
+            os.kill(entry["pid"], signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for entry in group:
+            while alive(entry["pid"]) and time.monotonic() < deadline:
+                _reap(entry)
+                time.sleep(0.05)
+            if alive(entry["pid"]):
+                os.kill(entry["pid"], signal.SIGKILL)
+                killed.append(entry["name"])
+            _reap(entry)
+    return killed
+
+
+def _reap(entry: dict[str, Any]) -> None:
+    process = entry.get("_process")
+    if process is not None:
+        process.poll()
+    else:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(entry["pid"], os.WNOHANG)
+
+
+def cluster_down(folder: Path, *, purge: bool = False, grace_s: float = 30.0) -> list[str]:
+    """Stop every process (and with `purge` delete the cluster's data); the names killed."""
+    state = read_state(folder)
+    killed = _stop(state["processes"], grace_s)
+    if purge:
+        asyncio.run(_remove_tree(state["zookeeper"], state["chroot"]))
+        if state["engine"] == "hbase":
+            specs = [state["directory_store"], *state["cells"].values()]
+            asyncio.run(_drop_tables([spec.rsplit("/", 1)[1] for spec in specs]))
+        import shutil
+
+        shutil.rmtree(folder, ignore_errors=True)
+    return killed
+
+
+# ---- the command line ----
+
+
+def _print_status(report: dict[str, Any]) -> None:
+    print(f"cluster {report['dir']}: {report['engine']}, ZooKeeper {report['zookeeper']}"
+          f"{report['chroot']}")  # fmt: skip
+    for p in report["processes"]:
+        where = f"{p['cell'] or '':<8} {p['node'] or '':<10}"
+        state = "alive" if p["alive"] else "DOWN"
+        print(f"  {p['role']:<10} {where} {p['address'] or '-':<22} pid {p['pid']:<8} {state}")
+
+
+def _up(args: argparse.Namespace) -> int:
+    try:
+        cluster_up(
+            args.dir, args.cells, args.nodes, engine=args.engine,
+            session_timeout_s=args.session_timeout, timeout_s=args.timeout,
+        )  # fmt: skip
+    except LaunchError as error:
+        print(f"pyserver cluster: {error}", file=sys.stderr)
+        return 1
+    _print_status(cluster_status(args.dir))
+    print(f"use it: pyserver send --cluster {args.dir} --user 1 --to 2 hello")
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    try:
+        report = cluster_status(args.dir)
+    except LaunchError as error:
+        print(f"pyserver cluster: {error}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(report))
+    else:
+        _print_status(report)
+    return 0 if report["up"] else 3
+
+
+def _down(args: argparse.Namespace) -> int:
+    try:
+        killed = cluster_down(args.dir, purge=args.purge, grace_s=args.grace)
+    except LaunchError as error:
+        print(f"pyserver cluster: {error}", file=sys.stderr)
+        return 1
+    if killed:
+        print(f"killed after {args.grace:g} s: {', '.join(killed)}")
+    print(f"cluster {args.dir} is down" + (" and purged" if args.purge else ""))
+    return 0
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add `cluster up|status|down` to the `pyserver` command line."""
+    cluster = commands.add_parser("cluster", help="run cells of app servers on this machine")
+    actions = cluster.add_subparsers(dest="cluster_action", required=True, metavar="ACTION")
+
+    def action(name: str, help_text: str) -> argparse.ArgumentParser:
+        sub = actions.add_parser(name, help=help_text)
+        sub.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the cluster's folder")
+        return sub
+
+    up = action("up", "start engines, discovery, services and C x N app servers")
+    up.add_argument("--cells", type=int, default=2, help="cells (default 2)")
+    up.add_argument("--nodes", type=int, default=3, help="app servers per cell (default 3)")
+    up.add_argument("--engine", choices=("hbase", "sqlite"), default="hbase", help="the stores")
+    up.add_argument("--session-timeout", type=float, default=10.0, help="ZooKeeper, seconds")
+    up.add_argument("--timeout", type=float, default=120.0, help="seconds for all to start")
+    up.set_defaults(handler=_up)
+    status = action("status", "each process: role, cell, node, address, pid, alive")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    status.set_defaults(handler=_status)
+    down = action("down", "stop every process gracefully (the engines stay up)")
+    down.add_argument("--purge", action="store_true", help="also delete the cluster's data")
+    down.add_argument("--grace", type=float, default=30.0, help="seconds before SIGKILL")
+    down.set_defaults(handler=_down)
+    return cluster

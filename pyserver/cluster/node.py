@@ -1,0 +1,437 @@
+"""One app server of a cell of several, in its own process: `pyserver node`.
+
+Assembles, from one `Config`: the store (`store` setting: SQLite, shared by
+the cell's nodes, or HBase), the user index, the mailbox with its ownership
+hooks (`OwnershipFence`) and its copy relay (SEND copies go to each
+recipient's owner as DELIVER_COPY, through an `OwnerRouter` on the node's own
+ring), the dispatcher, the app server and the HTTP endpoint; then the
+ZooKeeper session, the cell's `RingWatch` and the node's `Membership`.
+
+Start: open the store, listen (so the address is known), open the ZooKeeper
+session, read the cell's ring, register, and wait until the registration is
+in the ring; then print where it listens. From then on the node serves the
+users the ring gives it while its session is live.
+
+Drain (SIGTERM or SIGINT, or `pyserver admin drain` marking the node
+draining in ZooKeeper): the node marks itself draining, which takes it off
+every ring; it stops serving at once (requests get NOT_OWNER naming the next
+owner) and drops its cached images, so each user's next request loads it on
+the new owner. It keeps answering for `drain_settle_s` while clients and peers
+re-route, then stops listening once in-flight requests are answered,
+snapshots what it still holds, leaves the cell, and exits 0. A second signal
+stops it at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyserver import implementation
+from pyserver.app.dispatcher import Dispatcher
+from pyserver.app.loop import loop_implementation, new_event_loop
+from pyserver.app.mailbox import Delivery, Mailbox, MailboxSettings
+from pyserver.app.server import AppServer, ServerLimits
+from pyserver.cluster.fence import OwnershipFence
+from pyserver.cluster.membership import Membership
+from pyserver.cluster.ringwatch import RingView, RingWatch
+from pyserver.cluster.routing import ClientPool, OwnerRouter
+from pyserver.cluster.storespec import open_store, parse_store_spec
+from pyserver.cluster.zk import ZooKeeper
+from pyserver.config import Config, ConfigError
+from pyserver.discovery.client import ClusterClient
+from pyserver.discovery.freeze import FreezeWatch
+from pyserver.errors import NotOwner, Unavailable
+from pyserver.httpapi import HttpEndpoint
+from pyserver.metrics import Metrics, TimedStore
+from pyserver.userindex.local import LocalUserIndex
+from pyserver.wire.ops import Op
+
+__all__ = ["ClusterNode", "add_parser", "serve"]
+
+log = logging.getLogger(__name__)
+
+
+class ClusterNode:
+    """Every part of one app server of a multi-node cell, started and stopped together."""
+
+    def __init__(self, config: Config) -> None:
+        if not config.zookeeper:
+            raise ConfigError("config zookeeper: a cell node needs ZooKeeper (host:port)")
+        self.config = config = config.with_service_key()
+        self.store_spec = parse_store_spec(config.store, config.data_dir)
+        self.metrics = Metrics()
+        self.store: Any = open_store(self.store_spec)
+        timed_store: Any = TimedStore(self.store, self.metrics)
+        self.user_index: Any = self._user_index(timed_store)
+        self.zk = ZooKeeper(
+            config.zookeeper,
+            chroot=config.zookeeper_chroot,
+            session_timeout_s=config.zookeeper_session_timeout_s,
+            call_timeout_s=max(1.0, min(5.0, config.zookeeper_session_timeout_s)),
+        )
+        self.ring = RingWatch(self.zk, config.cell, tokens_per_node=config.tokens_per_node)
+        self.membership = Membership(self.zk, config.cell, config.node_id, config.tokens_per_node)
+        self.fence = OwnershipFence(self.membership, self.ring)
+        self.pool = ClientPool(
+            config.service_key, connect_timeout_s=1.0, request_timeout_s=config.relay_timeout_s
+        )
+        self.dirty_service: Any = None
+        self.dirty_reporter: Any = self._dirty_reporter()
+        self.relay = OwnerRouter(
+            self.fence.owner_of, pool=self.pool, timeout_s=config.relay_timeout_s
+        )
+        # other cells' users, reached through discovery; None: a cell on its own
+        self.cells: ClusterClient | None = None
+        if config.discovery_addrs:
+            self.cells = ClusterClient(
+                config.discovery_addrs,
+                config.service_key,
+                request_timeout=config.relay_timeout_s,
+                attempt_timeout=min(2.0, config.relay_timeout_s),
+            )
+        self.mailbox = Mailbox(
+            timed_store,
+            self.user_index,
+            MailboxSettings.from_config(config),
+            owns=self._owns,
+            owner_of=self._owner_of,
+            relay=self._relay_copy,
+            counts_changed=self.dirty_reporter.report if self.dirty_reporter else None,
+            in_other_cell=self._in_other_cell if self.cells is not None else None,
+        )
+        # users frozen in this cell for a move to another, or moved away: refused here
+        self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
+        self.dispatcher = Dispatcher(
+            self.mailbox,
+            config.service_key,
+            config.node_id,
+            max_frame_size=config.max_frame_size,
+            observer=self.metrics,
+            health_check=self._store_healthy,
+        )
+        self.server = AppServer(
+            self.dispatcher,
+            ServerLimits(
+                max_in_flight=config.max_in_flight_per_connection,
+                idle_timeout_s=config.idle_timeout_s,
+                request_timeout_s=config.request_timeout_s,
+            ),
+        )
+        self.http = HttpEndpoint(self.metrics, self._health)
+        self.metrics.watch_cache(self.mailbox.stats)
+        self.metrics.connections.set_function(lambda: self.dispatcher.connections)
+        self.addr = ""
+        self.addresses: dict[str, Any] = {}
+        self.stopped = asyncio.Event()
+        self._drain_task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._started: list[str] = []
+
+    def _user_index(self, store: Any) -> Any:
+        if self.config.userindex_addr:
+            from pyserver.userindex.remote import RemoteUserIndex
+
+            return RemoteUserIndex.from_address(self.config.userindex_addr, self.config.service_key)
+        return LocalUserIndex(store)
+
+    def _dirty_reporter(self) -> Any:
+        """Count-change reports, when the cell has count caches (as `pyserver run` does)."""
+        from pyserver.dirty import parse_data_centres
+        from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
+
+        centres = parse_data_centres(self.config.memcached_dcs)
+        if not centres:
+            return None
+        if self.config.dirty_addr:
+            key = self.config.service_key
+            return DirtyReporter(RemoteDirtyService.from_address(self.config.dirty_addr, key))
+        from pyserver.dirty.service import DirtyService
+
+        self.dirty_service = DirtyService(centres)
+        return DirtyReporter(self.dirty_service.invalidate)
+
+    # ---- life ----
+
+    @property
+    def join_timeout_s(self) -> float:
+        """Long enough to wait out a previous session of this node id (killed, not expired)."""
+        return 2 * self.config.zookeeper_session_timeout_s + 10.0
+
+    async def start(self) -> dict[str, Any]:
+        """Open the store, listen, join the cell; returns the addresses."""
+        config = self.config
+        try:
+            config.data_dir.mkdir(parents=True, exist_ok=True)
+            await self.store.open()
+            self._started.append("store")
+            if self.dirty_reporter is not None:
+                if self.dirty_service is not None:
+                    await self.dirty_service.start()
+                self.dirty_reporter.start()
+                self._started.append("dirty")
+            host, port = await self.server.start(config.host, config.port)
+            self._started.append("server")
+            http_port = await self.http.start(config.host, config.http_port)
+            self._started.append("http")
+            self.addr = f"{config.advertise_host or host}:{port}"
+            await self.zk.start(self.join_timeout_s)
+            self._started.append("zookeeper")
+            await self.ring.start(self.join_timeout_s)
+            await self.freeze.start(self.join_timeout_s)
+            self.fence.bind(self.mailbox)
+            self.ring.subscribe(self._on_view)
+            await self.membership.join(self.addr, self.join_timeout_s)
+            self._started.append("membership")
+            await self.ring.wait_until(
+                lambda view: config.node_id in view.members, self.join_timeout_s
+            )
+        except BaseException:
+            await self._close_parts(grace_s=0.0)
+            raise
+        self.addresses = {
+            "node": config.node_id,
+            "cell": config.cell,
+            "server": {"host": host, "port": port},
+            "addr": self.addr,
+            "http": {"host": config.host, "port": http_port},
+        }
+        return self.addresses
+
+    def drain(self) -> asyncio.Task[None]:
+        """Start draining (once); the task ends when the node has stopped."""
+        if self._drain_task is None:
+            self._drain_task = asyncio.get_running_loop().create_task(self._drain())
+        return self._drain_task
+
+    async def _drain(self) -> None:
+        log.info("node %s draining", self.config.node_id)
+        try:
+            await self.membership.set_state("draining", timeout_s=5.0)
+        except Unavailable as error:
+            # The fence reads the local state: this node serves nobody from now on anyway.
+            log.warning("could not mark node draining in ZooKeeper: %s", error)
+        released = self.mailbox.release()
+        log.info("node %s released %d cached users", self.config.node_id, released)
+        await asyncio.sleep(self.config.drain_settle_s)
+        await self.stop()
+
+    async def stop(self, grace_s: float | None = None) -> None:
+        """Answer in-flight requests, snapshot cached images, leave the cell, close everything."""
+        if self._stopping:
+            await self.stopped.wait()
+            return
+        self._stopping = True
+        try:
+            await self._close_parts(self.config.shutdown_grace_s if grace_s is None else grace_s)
+        finally:
+            self.stopped.set()
+
+    async def _close_parts(self, grace_s: float) -> None:
+        started = set(self._started)
+        if "server" in started:
+            await self.server.stop(grace_s)
+        if "http" in started:
+            await self.http.stop()
+        await self.mailbox.close()
+        if "membership" in started:
+            await self.membership.leave()
+        await self.freeze.close()
+        await self.ring.close()
+        if "zookeeper" in started:
+            await self.zk.close()
+        await self.relay.close()
+        await self.pool.close()
+        if self.cells is not None:
+            await self.cells.close()
+        if hasattr(self.user_index, "close"):
+            await self.user_index.close()
+        if "dirty" in started:
+            await self.dirty_reporter.close()
+            if self.dirty_service is not None:
+                await self.dirty_service.close()
+        if "store" in started:
+            await self.store.close()
+        self._started.clear()
+
+    # ---- hooks ----
+
+    def _owns(self, user_id: int) -> bool:
+        return not self.freeze.holds(user_id) and self.fence.owns(user_id)
+
+    def _owner_of(self, user_id: int) -> str | None:
+        # a frozen or moved user: UNAVAILABLE, and the client asks discovery again
+        return None if self.freeze.holds(user_id) else self.fence.owner_of(user_id)
+
+    async def _in_other_cell(self, user_id: int) -> bool:
+        """Whether discovery places the user in another cell than this node's."""
+        assert self.cells is not None
+        # a user frozen or moved away here: the cached cell may be this one, stale
+        fresh = self.freeze.holds(user_id) and self.cells.cached_cell(user_id) in (
+            None,
+            self.config.cell,
+        )
+        return await self.cells.cell_of(user_id, fresh=fresh) != self.config.cell
+
+    async def _relay_copy(self, recipient: int, delivery: Delivery) -> dict[str, Any]:
+        """A SEND's copy for a recipient this node does not serve, on that recipient's owner."""
+        if self.cells is not None and await self._in_other_cell(recipient):
+            try:
+                return await self.cells.request(Op.DELIVER_COPY, delivery.copy_request(recipient))
+            except NotOwner as error:
+                raise Unavailable(f"recipient {recipient}'s owner is moving: {error}") from None
+        if self.fence.ring_names_me(recipient):
+            # ours, but not now (fenced): no other node may take it either
+            raise Unavailable(f"recipient {recipient}'s owner (this node) cannot serve now")
+        try:
+            return await self.relay.request(
+                recipient, Op.DELIVER_COPY, delivery.copy_request(recipient)
+            )
+        except NotOwner as error:
+            # The SEND itself is at the right server: its client must not re-route it.
+            raise Unavailable(f"recipient {recipient}'s owner is moving: {error}") from None
+
+    def _on_view(self, view: RingView) -> None:
+        # the fence, told first, has adopted a "draining" written to this node's record
+        if self.membership.draining and not self._stopping:
+            self.drain()
+        stale = set(self.pool.addresses()) - {member.addr for member in view.members.values()}
+        for addr in stale:  # servers that left the cell
+            asyncio.get_running_loop().create_task(self.pool.discard(addr))
+
+    async def _store_healthy(self) -> bool:
+        try:
+            await self.store.last_seq(0)
+        except Exception:
+            return False
+        return True
+
+    async def _health(self) -> dict[str, Any]:
+        store_ok = await self._store_healthy()
+        serving = self.fence.serving
+        return {
+            "status": "ok" if store_ok and serving else "unavailable",
+            "node": self.config.node_id,
+            "cell": self.config.cell,
+            "addr": self.addr,
+            "state": self.membership.state,
+            "serving": serving,
+            "zookeeper": self.zk.state,
+            "ring": self.ring.view.active,
+            "store": "ok" if store_ok else "unavailable",
+        }
+
+
+# ---- the process ----
+
+
+async def _run_until_stopped(node: ClusterNode) -> None:
+    loop = asyncio.get_running_loop()
+    signals = 0
+    stopping: set[asyncio.Task[None]] = set()
+
+    def on_signal() -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            print(f"pyserver: node {node.config.node_id} draining", flush=True)
+            node.drain()
+        else:
+            print(f"pyserver: node {node.config.node_id} stopping now", flush=True)
+            if node._drain_task is not None:
+                node._drain_task.cancel()
+            stopping.add(loop.create_task(node.stop(grace_s=0.0)))
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal)
+    addresses = await node.start()
+    config, http = node.config, addresses["http"]
+    view = node.ring.view
+    print(f"pyserver: node {config.node_id} of cell {config.cell} serving on {node.addr}")
+    print(f"  binary protocol  {addresses['server']['host']}:{addresses['server']['port']}")
+    print(f"  http             http://{http['host']}:{http['port']}/metrics  /health")
+    print(f"  store            {node.store_spec}")
+    print(
+        f"  zookeeper        {config.zookeeper} chroot {node.zk.chroot or '/'} "
+        f"session {node.zk.session_id or 0:#x} timeout {node.zk.negotiated_timeout_s:g} s"
+    )
+    print(f"  ring             {len(view.active)} active: {', '.join(view.active)}")
+    print(f"  implementations  {implementation.report()} loop={loop_implementation(loop)}")
+    sys.stdout.flush()
+    await node.stopped.wait()
+    if node._drain_task is not None and not node._drain_task.done():
+        node._drain_task.cancel()
+    print(f"pyserver: node {config.node_id} stopped", flush=True)
+
+
+def serve(config: Config) -> int:
+    """`pyserver node`: serve as one node of a cell until drained or signalled."""
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # aiozk logs every reconnection attempt with a traceback; pyserver.cluster.zk logs what
+    # matters (suspended, lost, connected again).
+    logging.getLogger("aiozk").setLevel(logging.ERROR)
+    logging.getLogger("aiozk.session").setLevel(logging.CRITICAL)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_run_until_stopped(ClusterNode(config)))
+    except Unavailable as error:
+        print(f"pyserver: node {config.node_id} could not start: {error}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    return 0
+
+
+def _node_command(args: argparse.Namespace) -> int:
+    from pyserver.config import load_config
+
+    overrides = {
+        "data_dir": args.data,
+        "cell": args.cell,
+        "node_id": args.node_id,
+        "host": args.host,
+        "port": args.port,
+        "http_port": args.http_port,
+        "advertise_host": args.advertise_host,
+        "zookeeper": args.zookeeper,
+        "zookeeper_chroot": args.chroot,
+        "zookeeper_session_timeout_s": args.session_timeout,
+        "tokens_per_node": args.tokens,
+        "store": args.store,
+        "drain_settle_s": args.drain_settle,
+        "discovery_addrs": args.discovery,
+    }
+    return serve(load_config(args.config, overrides=overrides))
+
+
+def add_parser(commands: Any) -> argparse.ArgumentParser:
+    """Add `node` to the `pyserver` command line."""
+    node = commands.add_parser(
+        "node", help="run one app server of a cell of several (ZooKeeper; docs/cluster.md)"
+    )
+    node.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
+    node.add_argument("--data", type=Path, help="data folder: service key, default SQLite store")
+    node.add_argument("--cell", help="the cell to join (default cell-1)")
+    node.add_argument("--node-id", help="this node's id on the cell's ring")
+    node.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    node.add_argument("--port", type=int, help="binary protocol port (0: any free one)")
+    node.add_argument("--http-port", type=int, help="/metrics and /health port (0: any)")
+    node.add_argument("--advertise-host", help="host the others reach this node at")
+    node.add_argument("--zookeeper", help="ZooKeeper, host:port[,host:port...]")
+    node.add_argument("--chroot", help="ZooKeeper path the cells live under (default /pyserver)")
+    node.add_argument("--session-timeout", type=float, help="ZooKeeper session timeout, seconds")
+    node.add_argument("--tokens", type=int, help="tokens on the ring (default 64)")
+    node.add_argument("--store", help="sqlite:PATH or hbase:HOST:PORT[/namespace]")
+    node.add_argument("--drain-settle", type=float, help="seconds of NOT_OWNER before stopping")
+    node.add_argument("--discovery", help="discovery, host:port[,...]: reach other cells' users")
+    node.set_defaults(handler=_node_command)
+    return node

@@ -1,0 +1,395 @@
+"""One ZooKeeper session of a process: bounded start and calls, prompt suspension, listeners.
+
+Wraps aiozk's `ZKClient` with what a cell needs and aiozk does not give:
+
+* `start()` is bounded (aiozk retries forever), and every call is bounded by
+  `call_timeout_s` (aiozk waits forever while disconnected); a failure to
+  reach ZooKeeper raises `ZooKeeperUnavailable` (an `Unavailable`), while
+  ZooKeeper's answers (`NoNode`, `NodeExists`, `BadVersion`) pass through.
+* `live` says whether the session is connected *now*. aiozk notices a dead
+  connection only when a heartbeat goes unanswered, up to the whole session
+  timeout later; this module watches the connection's read loop and suspends
+  the session the moment it ends, which also starts aiozk's reconnection.
+* Reconnection attempts are at most `_RECONNECT_MAX_S` apart (aiozk's own
+  back-off grows to 60 s, far longer than a session lives).
+* Listeners hear every change of state ("connected", "suspended", "lost") and
+  of session id: a new id after "connected" means the old session expired,
+  and with it every ephemeral node it held (aiozk restores watches, not
+  ephemerals).
+* Paths are relative to a chroot whose nodes are created persistent:
+  aiozk's `ensure_path` (and its own chroot support) creates container nodes,
+  which ZooKeeper deletes once their last child is gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import aiozk
+import aiozk.session
+from aiozk import exc, protocol
+from aiozk.states import States
+
+from pyserver.errors import Unavailable
+
+__all__ = [
+    "CHILDREN_CHANGED",
+    "CREATED",
+    "DATA_CHANGED",
+    "DELETED",
+    "BadVersion",
+    "NoNode",
+    "NodeExists",
+    "StateListener",
+    "ZooKeeper",
+    "ZooKeeperUnavailable",
+]
+
+log = logging.getLogger(__name__)
+
+NoNode = exc.NoNode
+NodeExists = exc.NodeExists
+BadVersion = exc.BadVersion
+
+CREATED = aiozk.WatchEvent.CREATED
+DELETED = aiozk.WatchEvent.DELETED
+DATA_CHANGED = aiozk.WatchEvent.DATA_CHANGED
+CHILDREN_CHANGED = aiozk.WatchEvent.CHILDREN_CHANGED
+
+# Longest pause between two reconnection attempts. aiozk reads this module global at
+# each reconnection; its default (60 s) would keep a node fenced long after ZooKeeper
+# is back.
+_RECONNECT_MAX_S = 0.5
+
+_ALL_STATES = (States.CONNECTED, States.SUSPENDED, States.READ_ONLY, States.LOST)
+# ZooKeeper's own answers: the request reached the server and was refused.
+_ANSWERS = (exc.NoNode, exc.NodeExists, exc.BadVersion, exc.NotEmpty)
+
+# (state, session id) -> None; state is "connected", "suspended", "lost" or "closed".
+StateListener = Callable[[str, int | None], None]
+
+T = TypeVar("T")
+
+
+class ZooKeeperUnavailable(Unavailable):
+    """ZooKeeper could not be reached (or did not answer in time); retry later."""
+
+
+def normalize_chroot(chroot: str) -> str:
+    """The chroot as an absolute path ("/a/b" for "a/b/"), or "" for the root."""
+    parts = [part for part in chroot.split("/") if part]
+    return "/" + "/".join(parts) if parts else ""
+
+
+class ZooKeeper:
+    """A ZooKeeper session under a chroot. `await start()`, use, `await close()`."""
+
+    def __init__(
+        self,
+        servers: str,
+        *,
+        chroot: str = "/pyserver",
+        session_timeout_s: float = 10.0,
+        call_timeout_s: float = 5.0,
+    ) -> None:
+        if not servers:
+            raise ValueError("servers: give ZooKeeper's address as host:port[,host:port...]")
+        if session_timeout_s <= 0 or call_timeout_s <= 0:
+            raise ValueError("session_timeout_s and call_timeout_s must be positive")
+        self.servers = servers
+        self.chroot = normalize_chroot(chroot)
+        self.session_timeout_s = session_timeout_s
+        self.call_timeout_s = call_timeout_s
+        self._client: aiozk.ZKClient | None = None
+        self._listeners: list[StateListener] = []
+        self._monitor: asyncio.Task[None] | None = None
+        self._closed = False
+
+    # ---- life ----
+
+    async def start(self, timeout_s: float = 10.0) -> None:
+        """Open the session and create the chroot; ZooKeeperUnavailable if not within timeout_s."""
+        if self._client is not None:
+            raise RuntimeError("this ZooKeeper session is already started")
+        aiozk.session.MAX_FIND_WAIT = _RECONNECT_MAX_S
+        # read_timeout bounds reads of a reply that has begun to arrive.
+        client = aiozk.ZKClient(
+            self.servers,
+            session_timeout=self.session_timeout_s,
+            read_timeout=max(1.0, self.session_timeout_s / 3),
+        )
+        self._client = client
+        try:
+            async with asyncio.timeout(timeout_s):
+                await client.start()
+        except TimeoutError:
+            await self._teardown()
+            raise ZooKeeperUnavailable(
+                f"no ZooKeeper session with {self.servers} within {timeout_s:g} s"
+            ) from None
+        except BaseException:
+            await self._teardown()
+            raise
+        self._monitor = asyncio.get_running_loop().create_task(self._watch_states())
+        if self.chroot:
+            await self.ensure_persistent("/")
+        log.info(
+            "zookeeper session started servers=%s session=%#x timeout_s=%g chroot=%s",
+            self.servers,
+            self.session_id or 0,
+            self.negotiated_timeout_s,
+            self.chroot or "/",
+        )
+
+    async def close(self) -> None:
+        """End the session (its ephemeral nodes go at once when ZooKeeper can be told)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._monitor is not None:
+            self._monitor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._monitor
+        client = self._client
+        if client is not None and self.live:
+            try:
+                async with asyncio.timeout(self.call_timeout_s):
+                    await client.close()
+            except Exception as error:  # best effort: the session expires on its own
+                log.info("zookeeper close was not acknowledged error=%r", error)
+        await self._teardown()
+        self._notify("closed", None)
+
+    async def _teardown(self) -> None:
+        """Stop whatever aiozk still runs (its own close stops short when disconnected)."""
+        client = self._client
+        if client is None:
+            return
+        session = client.session
+        session.closing = True
+        tasks = [session.repair_loop_task, session.heartbeat_task]
+        if session.heartbeat_handle is not None:
+            session.heartbeat_handle.cancel()
+        conn = session.conn
+        if conn is not None and not conn.closing:
+            conn.closing = True
+            tasks.append(conn.read_loop_task)
+            conn.abort(exc.ConnectError)
+            if conn.writer is not None:
+                conn.writer.close()
+        pending = [task for task in tasks if task is not None and not task.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        session.started = False
+
+    # ---- state ----
+
+    @property
+    def client(self) -> aiozk.ZKClient:
+        if self._client is None:
+            raise RuntimeError("the ZooKeeper session is not started")
+        return self._client
+
+    @property
+    def state(self) -> str:
+        """The session's state: aiozk's "connected", "suspended", "read_only" or "lost";
+        or "closed"."""
+        if self._closed or self._client is None:
+            return "closed"
+        return str(self._client.session.state.current_state)
+
+    @property
+    def session_id(self) -> int | None:
+        return None if self._client is None else self._client.session.session_id
+
+    @property
+    def negotiated_timeout_s(self) -> float:
+        """The session timeout ZooKeeper granted (it bounds the asked one by its own limits)."""
+        if self._client is None:
+            return self.session_timeout_s
+        return float(self._client.session.timeout)
+
+    @property
+    def live(self) -> bool:
+        """Connected now: the session is connected and its connection is still being read."""
+        if self._closed or self._client is None:
+            return False
+        session = self._client.session
+        if session.state.current_state != States.CONNECTED or session.closing:
+            return False
+        conn = session.conn
+        task = conn.read_loop_task if conn is not None else None
+        return task is not None and not task.done()
+
+    def add_listener(self, listener: StateListener) -> None:
+        """Call `listener(state, session_id)` on every change of state or session (on the loop)."""
+        self._listeners.append(listener)
+
+    def remove_listener(self, listener: StateListener) -> None:
+        with contextlib.suppress(ValueError):
+            self._listeners.remove(listener)
+
+    async def wait_live(self, timeout_s: float) -> None:
+        """Return once the session is live; ZooKeeperUnavailable after timeout_s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while not self.live:
+            if self._closed:
+                raise ZooKeeperUnavailable("the ZooKeeper session is closed")
+            if loop.time() >= deadline:
+                raise ZooKeeperUnavailable(f"ZooKeeper not connected within {timeout_s:g} s")
+            await asyncio.sleep(0.05)
+
+    def _notify(self, state: str, session_id: int | None) -> None:
+        for listener in list(self._listeners):
+            try:
+                listener(state, session_id)
+            except Exception:
+                log.exception("zookeeper state listener failed state=%s", state)
+
+    async def _watch_states(self) -> None:
+        """Tell the listeners of each change; suspend at once when a connection's reads end."""
+        session = self.client.session
+        machine = session.state
+        last: tuple[Any, Any] = (None, None)
+        while True:
+            current = (machine.current_state, session.session_id)
+            if current != last:
+                if current[0] == States.CONNECTED:
+                    self._watch_connection()
+                if current[0] != last[0]:
+                    log.info("zookeeper session %s session=%#x", current[0], current[1] or 0)
+                last = current
+                self._notify(str(current[0]), current[1])
+            others = [state for state in _ALL_STATES if state != machine.current_state]
+            change = machine.wait_for(*others)
+            try:
+                await change
+            finally:
+                for state in others:  # aiozk never forgets a waiter for a state not reached
+                    machine.futures[state].discard(change)
+
+    def _watch_connection(self) -> None:
+        session = self.client.session
+        conn = session.conn
+        task = conn.read_loop_task if conn is not None else None
+        if task is None:
+            return
+        if task.done():
+            self._connection_ended(conn)
+            return
+        task.add_done_callback(lambda _task: self._connection_ended(conn))
+
+    def _connection_ended(self, conn: Any) -> None:
+        """aiozk's read loop returns quietly when ZooKeeper closes the connection; its session
+        stays "connected" until a heartbeat times out. Suspend it now: nothing is served on a
+        session we cannot hear, and suspension starts aiozk's reconnection."""
+        if self._closed or self._client is None:
+            return
+        session = self._client.session
+        if session.closing or session.conn is not conn:
+            return
+        if session.state.current_state in (States.CONNECTED, States.READ_ONLY):
+            log.warning("zookeeper connection lost; session suspended")
+            session.state.transition_to(States.SUSPENDED)
+
+    # ---- paths and calls (paths are relative to the chroot) ----
+
+    def path(self, relative: str) -> str:
+        """The absolute ZooKeeper path of a chroot-relative one."""
+        inner = "/".join(part for part in relative.split("/") if part)
+        return f"{self.chroot}/{inner}" if inner else (self.chroot or "/")
+
+    async def _call(self, operation: Awaitable[T]) -> T:
+        try:
+            async with asyncio.timeout(self.call_timeout_s):
+                return await operation
+        except _ANSWERS:
+            raise
+        except TimeoutError:
+            raise ZooKeeperUnavailable(
+                f"ZooKeeper did not answer within {self.call_timeout_s:g} s ({self.state})"
+            ) from None
+        except (exc.ZKError, OSError) as error:
+            raise ZooKeeperUnavailable(f"ZooKeeper: {error!r}") from error
+
+    async def get(self, path: str, watch: bool = False) -> tuple[bytes, Any]:
+        """(data, stat); NoNode if there is no such node."""
+        data, stat = await self._call(self.client.get(self.path(path), watch=watch))
+        return (data or b""), stat
+
+    async def get_children(self, path: str, watch: bool = False) -> list[str]:
+        return list(await self._call(self.client.get_children(self.path(path), watch=watch)))
+
+    async def exists(self, path: str, watch: bool = False) -> bool:
+        return bool(await self._call(self.client.exists(self.path(path), watch=watch)))
+
+    async def create(self, path: str, data: bytes = b"", *, ephemeral: bool = False) -> None:
+        """Create one node (persistent unless ephemeral); NodeExists, NoNode (no parent)."""
+        await self._call(self.client.create(self.path(path), data, ephemeral=ephemeral))
+
+    async def set_data(self, path: str, data: bytes, version: int = -1) -> None:
+        """Replace a node's data (only at that version, unless -1); NoNode, BadVersion."""
+        await self._call(self.client.set(self.path(path), data, version))
+
+    async def delete(self, path: str, version: int = -1) -> None:
+        """Delete one node; NoNode, BadVersion, NotEmpty."""
+        request = protocol.DeleteRequest(path=self.path(path), version=version)
+        await self._call(self.client.send(request))
+
+    async def ensure_persistent(self, path: str, data: bytes = b"") -> bool:
+        """Create the chroot-relative path's missing nodes, all persistent; `data` goes to the
+        last one if this call creates it. True if it did."""
+        parts = [part for part in (self.chroot + "/" + path).split("/") if part]
+        created = False
+        for depth in range(1, len(parts) + 1):
+            absolute = "/" + "/".join(parts[:depth])
+            last = depth == len(parts)
+            try:
+                await self._call(self.client.create(absolute, data if last else b""))
+                created = last
+            except exc.NodeExists:
+                pass
+        return created
+
+    # ---- watches ----
+
+    def add_watch(self, path: str, events: Iterable[int], callback: Callable[[str], None]) -> None:
+        """Call `callback(absolute path)` on the loop when one of `events` happens at `path`.
+
+        The callback stays registered (aiozk re-arms it on reconnection) until removed,
+        but ZooKeeper fires a watch only once per read that set it: read again with
+        watch=True after each event.
+        """
+        absolute = self.path(path)
+        for event in events:
+            self.client.session.add_watch_callback(event, absolute, callback)
+
+    def remove_watch(
+        self, path: str, events: Iterable[int], callback: Callable[[str], None]
+    ) -> None:
+        absolute = self.path(path)
+        callbacks = self.client.session.watch_callbacks
+        for event in events:
+            if callback in callbacks.get((event, absolute), ()):
+                self.client.session.remove_watch_callback(event, absolute, callback)
+
+
+async def retry_until(
+    attempt: Callable[[], Awaitable[T]], timeout_s: float, pause_s: float = 0.2
+) -> T:
+    """`attempt()` until it does not raise ZooKeeperUnavailable, for at most timeout_s."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        try:
+            return await attempt()
+        except ZooKeeperUnavailable:
+            if loop.time() + pause_s >= deadline:
+                raise
+            await asyncio.sleep(pause_s)

@@ -1,0 +1,112 @@
+"""`pyserver dirty`: the memcache dirty service as its own process.
+
+Owns the command line and the life of the process: it connects to every data
+centre's memcached (`--dc NAME=HOST:PORT[+HOST:PORT...]`, or the config's
+`memcached_dcs`), serves `DirtyService` on the app server's wire shell until
+SIGINT or SIGTERM, then stops gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from pyserver.app.dispatcher import Dispatcher
+from pyserver.app.loop import new_event_loop
+from pyserver.app.server import AppServer
+from pyserver.config import Config, load_config
+from pyserver.dirty import DataCentre, parse_data_centres
+from pyserver.dirty.service import DirtyService
+
+__all__ = ["DEFAULT_PORT", "DirtyProcess", "add_parser"]
+
+DEFAULT_PORT = 7420
+
+
+class DirtyProcess:
+    """The service and its listener, started and stopped together."""
+
+    def __init__(self, config: Config, centres: Sequence[DataCentre]) -> None:
+        self.config = config.with_service_key()
+        self.service = DirtyService(centres)
+        self.dispatcher = Dispatcher(
+            self.service,
+            self.config.service_key,
+            f"dirty-{self.config.node_id}",
+            max_frame_size=self.config.max_frame_size,
+            stats_section="dirty",
+        )
+        self.server = AppServer(self.dispatcher)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        await self.service.start()
+        return await self.server.start(host, port)
+
+    async def stop(self) -> None:
+        await self.server.stop(self.config.shutdown_grace_s)
+        await self.service.close()
+
+
+async def _serve(process: DirtyProcess, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    bound_host, bound_port = await process.start(host, port)
+    centres = " ".join(str(centre) for centre in process.service.centres)
+    print(f"pyserver: dirty service listening on {bound_host}:{bound_port}", flush=True)
+    print(f"  data centres  {centres}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await process.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(args.config, overrides={"data_dir": args.data})
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        centres = parse_data_centres(args.dc or config.memcached_dcs)
+    except ValueError as exc:
+        print(f"pyserver dirty: {exc}", file=sys.stderr)
+        return 2
+    if not centres:
+        print("pyserver dirty: no data centre (--dc NAME=HOST:PORT)", file=sys.stderr)
+        return 2
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(
+            _serve(DirtyProcess(config, centres), args.host or config.host, args.port)
+        )
+    finally:
+        loop.close()
+    return 0
+
+
+def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
+    """Add `dirty` to the `pyserver` command line."""
+    sub = commands.add_parser("dirty", help="run the memcache dirty service (its own process)")
+    sub.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
+    sub.add_argument(
+        "--data", type=Path, default=default_data, help="the cell's data folder (service key)"
+    )
+    sub.add_argument("--host", help="address to listen on (default: the config's host)")
+    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    sub.add_argument(
+        "--dc",
+        action="append",
+        metavar="NAME=HOST:PORT",
+        help="a data centre's memcached (repeat per data centre; HOST:PORT+HOST:PORT for several)",
+    )
+    sub.set_defaults(handler=_run)
+    return sub

@@ -1,0 +1,165 @@
+"""`pyserver discovery`: the discovery service as its own process.
+
+Owns the command line and the life of the process: it opens the directory's
+store (`--store`, the global one: `sqlite:PATH` or `hbase:HOST:PORT/ns`), a
+ZooKeeper session, follows every cell, and serves `DiscoveryService` on the
+app server's wire shell until SIGINT or SIGTERM, then stops gracefully. Start
+as many as you like side by side: they share nothing but the directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyserver.app.dispatcher import Dispatcher
+from pyserver.app.loop import new_event_loop
+from pyserver.app.server import AppServer
+from pyserver.cluster.storespec import open_store, parse_store_spec
+from pyserver.cluster.zk import ZooKeeper
+from pyserver.config import Config, ConfigError, load_config
+from pyserver.discovery.directory import Directory
+from pyserver.discovery.service import DiscoveryService
+from pyserver.errors import Unavailable
+
+__all__ = ["DEFAULT_PORT", "DiscoveryProcess", "add_parser"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7470
+
+
+class DiscoveryProcess:
+    """The service, its store, its ZooKeeper session and its listener, started and stopped
+    together."""
+
+    def __init__(self, config: Config, cache_users: int = 1_000_000) -> None:
+        if not config.zookeeper:
+            raise ConfigError("config zookeeper: discovery needs ZooKeeper (host:port)")
+        self.config = config = config.with_service_key()
+        self.store_spec = parse_store_spec(config.store, config.data_dir)
+        self.store: Any = open_store(self.store_spec)
+        self.zk = ZooKeeper(
+            config.zookeeper,
+            chroot=config.zookeeper_chroot,
+            session_timeout_s=config.zookeeper_session_timeout_s,
+            call_timeout_s=max(1.0, min(5.0, config.zookeeper_session_timeout_s)),
+        )
+        self.directory: Directory | None = None
+        self.service: DiscoveryService | None = None
+        self._cache_users = cache_users
+        self.server: AppServer | None = None
+
+    async def start(self, host: str, port: int, timeout_s: float = 30.0) -> tuple[str, int]:
+        await self.store.open()
+        try:
+            self.directory = Directory(self.store)
+            await self.zk.start(timeout_s)
+            self.service = DiscoveryService(self.zk, self.directory, cache_users=self._cache_users)
+            await self.service.start(timeout_s)
+            dispatcher = Dispatcher(
+                self.service,
+                self.config.service_key,
+                f"discovery-{self.config.node_id}",
+                max_frame_size=self.config.max_frame_size,
+                health_check=self._healthy,
+                stats_section="discovery",
+            )
+            self.server = AppServer(dispatcher)
+            return await self.server.start(host, port)
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(self.config.shutdown_grace_s)
+        if self.service is not None:
+            await self.service.close()
+        await self.zk.close()
+        if self.directory is not None:
+            await self.directory.close()
+        await self.store.close()
+
+    async def _healthy(self) -> bool:
+        if not self.zk.live:
+            return False
+        try:
+            await self.store.get_cell(0)
+        except Exception:
+            return False
+        return True
+
+
+async def _serve(process: DiscoveryProcess, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    bound_host, bound_port = await process.start(host, port)
+    assert process.service is not None
+    cells = process.service.cells.cells
+    print(f"pyserver: discovery listening on {bound_host}:{bound_port}", flush=True)
+    print(f"  directory  {process.store_spec}", flush=True)
+    print(f"  zookeeper  {process.config.zookeeper} chroot {process.zk.chroot or '/'}", flush=True)
+    print(f"  cells      {', '.join(sorted(cells)) or '(none yet)'}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await process.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    config = load_config(
+        args.config,
+        overrides={
+            "data_dir": args.data,
+            "zookeeper": args.zookeeper,
+            "zookeeper_chroot": args.chroot,
+            "store": args.store,
+            "node_id": args.instance,
+        },
+    )
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("aiozk").setLevel(logging.ERROR)
+    logging.getLogger("aiozk.session").setLevel(logging.CRITICAL)
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    loop = new_event_loop()
+    try:
+        process = DiscoveryProcess(config, args.cache_users)
+        loop.run_until_complete(_serve(process, args.host or config.host, args.port))
+    except (Unavailable, ConfigError) as error:
+        print(f"pyserver discovery: could not start: {error}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
+    return 0
+
+
+def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
+    """Add `discovery` to the `pyserver` command line."""
+    sub = commands.add_parser(
+        "discovery", help="run a discovery service instance (user -> cell -> app server)"
+    )
+    sub.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
+    sub.add_argument(
+        "--data", type=Path, default=default_data, help="data folder (service key; SQLite store)"
+    )
+    sub.add_argument("--host", help="address to listen on (default: the config's host)")
+    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    sub.add_argument("--zookeeper", help="ZooKeeper, host:port[,host:port...]")
+    sub.add_argument("--chroot", help="ZooKeeper path the cells live under (default /pyserver)")
+    sub.add_argument("--store", help="the directory's store: sqlite:PATH or hbase:HOST:PORT/ns")
+    sub.add_argument("--instance", help="this instance's name (STATS, logs)")
+    sub.add_argument("--cache-users", type=int, default=1_000_000, help="users' cells cached")
+    sub.set_defaults(handler=_run)
+    return sub

@@ -1,0 +1,10 @@
+"""The MTA proxy: SMTP in, lightweight email objects out to each recipient's owner.
+
+`smtp` is the SMTP server (aiosmtpd), `intake` what happens to a recipient and a
+message, `parse` reads MIME with the standard library's `email` package (with
+`skeleton` setting big base64 bodies aside and `htmltext` for HTML-only mail),
+`emailobject` builds what DELIVER carries, `route` reaches a user's owner,
+`service` assembles them and `command` is `pyserver mta`. Calls the blob store,
+the address book (the store's addresses table) and app servers through the
+client library; nothing calls it.
+"""

@@ -1,0 +1,100 @@
+"""`pyserver mta`: the MTA proxy as its own process, in front of a running cell.
+
+Opens the cell's store (for the addresses table) and blob store, finds the
+app server in the cell's data folder (or `--server`), and serves SMTP until
+SIGINT or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser"]
+
+
+async def _serve(config: Any, server: str | None) -> None:
+    from pyserver import endpoints
+    from pyserver.blobs import blob_store_for
+    from pyserver.cluster.storespec import open_store, parse_store_spec
+    from pyserver.mta.route import SingleServerRoute
+    from pyserver.mta.service import MtaService
+
+    store = open_store(parse_store_spec(config.store, config.data_dir))
+    blobs = blob_store_for(config)
+    route: Any
+    if config.discovery_addrs:  # a cluster: each recipient's owner, through discovery
+        from pyserver.discovery.client import ClusterRoute
+
+        target = f"discovery {config.discovery_addrs}"
+        route = ClusterRoute(
+            config.discovery_addrs, config.service_key, config.mta_deliver_timeout_s
+        )
+    else:
+        host, port = endpoints.server_address(config.data_dir, server)
+        target = f"{host}:{port}"
+        route = SingleServerRoute(host, port, config.service_key, config.mta_deliver_timeout_s)
+    await store.open()
+    try:
+        await blobs.open()
+        try:
+            service = MtaService(config, store, blobs, route)
+            stop = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, stop.set)
+            smtp_host, smtp_port = await service.start()
+            print(f"pyserver: MTA proxy listening on {smtp_host}:{smtp_port}", flush=True)
+            print(f"  delivering to     {target}", flush=True)
+            try:
+                await stop.wait()
+            finally:
+                await service.stop()
+        finally:
+            await blobs.close()
+    finally:
+        await store.close()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pyserver.app.loop import new_event_loop
+    from pyserver.config import load_config
+
+    config = load_config(
+        args.config,
+        overrides={
+            "data_dir": args.data,
+            "host": args.host,
+            "smtp_port": args.smtp_port,
+            "discovery_addrs": args.discovery,
+        },
+    ).with_service_key()
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serve(config, args.server))
+    finally:
+        loop.close()
+    return 0
+
+
+def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
+    """Add `mta` to the `pyserver` command line."""
+    mta = commands.add_parser("mta", help="run the MTA proxy (SMTP in) in front of a cell")
+    mta.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
+    mta.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
+    mta.add_argument("--server", help="the app server, HOST:PORT (default: the cell's)")
+    mta.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    mta.add_argument("--smtp-port", type=int, help="SMTP port (default 2525; 0: any)")
+    mta.add_argument("--discovery", help="a cluster's discovery, host:port[,...] (not --server)")
+    mta.set_defaults(handler=_run)
+    return mta

@@ -1,0 +1,215 @@
+"""The proxy's decisions for one SMTP transaction, without SMTP: who may receive, and what
+becomes of a message. Every answer is an SMTP reply line.
+
+`recipient(address)` resolves an address through the address book (RCPT:
+250, 550 for an unknown address, 451 when the book cannot answer).
+`accept(raw, mail_from, recipients)` keeps the raw message and the
+message's attachments (and a body over the inline limit) in the blob store,
+parses it, builds the lightweight email object and delivers it to every
+recipient's owner at once; it answers 250 only once every copy is durable,
+451 when a blob or an owner could not be reached (a retry is a no-op for the
+copies already made: the Message-ID is DELIVER's key), and 554 for what the
+app server refuses for good. Malformed mail is delivered all the same, with
+what could be read of it, marked `malformed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pyserver.blobs.base import BlobInfo, BlobStore
+from pyserver.errors import BadRequest, PyserverError
+from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
+from pyserver.mta.parse import ParsedMail, parse_mail
+from pyserver.mta.route import OwnerRoute
+
+__all__ = ["AddressBook", "MailIntake", "MtaSettings"]
+
+log = logging.getLogger(__name__)
+
+
+class AddressBook(Protocol):
+    """Where addresses are looked up (the `addresses` table: `Store.resolve_address`)."""
+
+    async def resolve_address(self, address: str) -> int | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MtaSettings:
+    """The proxy's knobs; `from_config` takes them from a `pyserver.config.Config`."""
+
+    # the largest message accepted (SMTP SIZE; larger: 552)
+    max_mail_bytes: int = 80 << 20
+    # a body longer than this (UTF-8 bytes) is delivered cut, whole in the blob store
+    mail_inline_text_bytes: int = 64 << 10
+    max_recipients: int = 100
+    # one delivery to an owner, connecting included; then 451
+    mta_deliver_timeout_s: float = 10.0
+    # messages at least this big are parsed on a worker thread, off the event loop
+    parse_in_thread_bytes: int = 256 << 10
+
+    def __post_init__(self) -> None:
+        for name in ("max_mail_bytes", "mail_inline_text_bytes", "max_recipients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.mta_deliver_timeout_s <= 0:
+            raise ValueError("mta_deliver_timeout_s must be positive")
+
+    @classmethod
+    def from_config(cls, config: Any) -> MtaSettings:
+        names = cls.__dataclass_fields__
+        return cls(**{name: getattr(config, name) for name in names if hasattr(config, name)})
+
+
+class MailIntake:
+    """Recipients and messages of the SMTP proxy (see the module docstring)."""
+
+    def __init__(
+        self,
+        addresses: AddressBook,
+        blobs: BlobStore,
+        route: OwnerRoute,
+        settings: MtaSettings | None = None,
+    ) -> None:
+        self._addresses = addresses
+        self._blobs = blobs
+        self._route = route
+        self.settings = settings or MtaSettings()
+        self.counters: Counter[str] = Counter()
+
+    # ---- RCPT ----
+
+    async def recipient(self, address: str) -> tuple[str, int | None]:
+        """(SMTP reply, user id or None) for one RCPT address."""
+        address = address.strip().strip("<>").strip()
+        try:
+            user = await self._addresses.resolve_address(address) if address else None
+        except PyserverError as exc:
+            log.warning("address lookup failed address=%r error=%r", address, exc)
+            return "451 4.3.0 Address lookup failed, try again later", None
+        if user is None:
+            self.counters["unknown_recipients"] += 1
+            return f"550 5.1.1 <{address}>: no such user here", None
+        return "250 2.1.5 OK", user
+
+    # ---- DATA ----
+
+    async def accept(self, raw: bytes, mail_from: str | None, recipients: Mapping[str, int]) -> str:
+        """Store, parse and deliver one message to the resolved recipients; the SMTP reply."""
+        users = sorted(set(recipients.values()))
+        if not users:
+            return "554 5.5.1 No valid recipients"
+        try:
+            email = await self._prepare(raw, mail_from)
+        except PyserverError as exc:
+            self.counters["deferred"] += 1
+            log.warning("could not store a message of %d bytes: %r", len(raw), exc)
+            return "451 4.3.0 Could not store the message, try again later"
+        participants = await self._participants(email, recipients)
+        outcomes = await asyncio.gather(
+            *(self._route.deliver(email.deliver_payload(user, participants)) for user in users),
+            return_exceptions=True,
+        )
+        failures = [
+            (user, outcome)
+            for user, outcome in zip(users, outcomes, strict=True)
+            if isinstance(outcome, BaseException)
+        ]
+        if not failures:
+            self.counters["accepted"] += 1
+            if email.extra.get("malformed"):
+                self.counters["malformed"] += 1
+            return f"250 2.0.0 OK delivered to {len(users)} recipient(s)"
+        for user, failure in failures:
+            log.warning("delivery failed user=%d key=%r error=%r", user, email.key, failure)
+        permanent = [f for _, f in failures if isinstance(f, BadRequest)]
+        if len(permanent) == len(failures):
+            self.counters["refused"] += 1
+            return f"554 5.6.0 Message refused: {_one_line(str(permanent[0]))[:200]}"
+        unexpected = [f for _, f in failures if not isinstance(f, PyserverError | OSError)]
+        if unexpected:
+            log.error("unexpected delivery error", exc_info=unexpected[0])
+        self.counters["deferred"] += 1
+        return "451 4.4.1 A recipient's mailbox server could not be reached, try again later"
+
+    async def _prepare(self, raw: bytes, mail_from: str | None) -> EmailObject:
+        """Raw message, attachments and a long body into the blob store; the email object.
+
+        The raw message is written while the message is parsed.
+        """
+        raw_put = asyncio.ensure_future(self._blobs.put(raw))
+        try:
+            if len(raw) >= self.settings.parse_in_thread_bytes:
+                # A big mail is parsed and its attachments decoded on a worker thread.
+                mail, decoded = await asyncio.to_thread(_parse_and_decode, raw)
+                blobs = await asyncio.gather(*(self._blobs.put(data) for data in decoded))
+            else:
+                mail = parse_mail(raw)
+                blobs = await asyncio.gather(
+                    *(self._blobs.put(a.pieces()) for a in mail.attachments)
+                )
+            text, body = await self._inline_text(mail)
+            raw_info = await raw_put
+        finally:
+            if not raw_put.done():
+                raw_put.cancel()
+            elif not raw_put.cancelled():
+                raw_put.exception()  # retrieved: a failure here is reported by the await
+        attachments = [StoredAttachment(a, b) for a, b in zip(mail.attachments, blobs, strict=True)]
+        return build_email(
+            mail,
+            raw=raw_info,
+            mail_from=mail_from,
+            text=text,
+            body=body,
+            attachments=attachments,
+        )
+
+    async def _inline_text(self, mail: ParsedMail) -> tuple[str, BlobInfo | None]:
+        """The body as delivered inline, and the blob holding all of it when it is cut."""
+        limit = self.settings.mail_inline_text_bytes
+        if len(mail.text) * 4 <= limit:
+            return mail.text, None
+        encoded = mail.text.encode("utf-8")
+        if len(encoded) <= limit:
+            return mail.text, None
+        body = await self._blobs.put(encoded)
+        return encoded[:limit].decode("utf-8", "ignore"), body
+
+    async def _participants(self, email: EmailObject, recipients: Mapping[str, int]) -> set[int]:
+        """Users of the conversation: the envelope's recipients are each one's own; every
+        copy lists the users the To and Cc headers name (so all copies share one thread)."""
+        known = {address.casefold(): user for address, user in recipients.items()}
+        found: set[int] = set()
+        named = [*email.extra.get("to", ()), *email.extra.get("cc", ())]
+        most = self.settings.max_recipients - 1  # DELIVER's limit, the recipient included
+        for address in named[: self.settings.max_recipients]:
+            if len(found) >= most:
+                break
+            user = known.get(address.casefold(), -1)
+            if user == -1:
+                try:
+                    user = await self._addresses.resolve_address(address)
+                except PyserverError:
+                    user = None  # the thread may differ; the delivery does not
+                known[address.casefold()] = user
+            if user is not None:
+                found.add(user)
+        return found
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+
+def _parse_and_decode(raw: bytes) -> tuple[ParsedMail, list[bytes]]:
+    mail = parse_mail(raw)
+    return mail, [b"".join(attachment.pieces()) for attachment in mail.attachments]
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,127 @@
+"""A big message's skeleton: its large base64 bodies set aside before the `email` parser runs.
+
+The standard library's parser handles every line in Python, so a 1 MB
+attachment costs it tens of milliseconds. A well-formed base64 body is lines of
+the base64 alphabet, which can be neither a header nor a MIME boundary (those
+start with `--`), so replacing such a run of lines with a one-line token cannot
+change how the parser reads the message's structure. The parser then reads a
+small skeleton; a part whose body is a token is decoded straight from the
+original bytes (`decode`), in pieces, and any other text the token landed in
+is put back exactly as it was (`restore`).
+
+Only runs of nothing but the alphabet and line ends, with `=` only at the end,
+are set aside; `decode` (pybase64, SIMD) refuses a run whose length is not a
+whole number of base64 quads, and the caller then puts the run back and lets
+the `email` package decode it, so the bytes are always exactly those the
+`email` package would give.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import pybase64
+
+__all__ = ["Skeleton", "skeleton_of"]
+
+# Runs shorter than this are not worth setting aside.
+MIN_RUN = 32 << 10
+# Bytes checked at a time when looking for base64 runs.
+_SCAN_STEP = 1 << 20
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
+_LINE_ENDS = b"\r\n"
+
+
+@dataclass(slots=True)
+class Skeleton:
+    """The bytes to parse, and where each token's original run lies in the raw message."""
+
+    raw: bytes
+    data: bytes
+    nonce: str = ""
+    runs: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    def token_of(self, payload: str) -> str | None:
+        """The token a body consists of (bar surrounding line ends), if it is one."""
+        if not self.nonce or self.nonce not in payload:
+            return None
+        token = payload.strip("\r\n")
+        return token if token in self.runs else None
+
+    def restore(self, text: str) -> str:
+        """`text` with every token in it replaced by the original run."""
+        if not self.nonce or self.nonce not in text:
+            return text
+        for token, (start, end) in self.runs.items():
+            if token in text:
+                text = text.replace(token, self.raw[start:end].decode("ascii"))
+        return text
+
+    def decode(self, token: str) -> bytes:
+        """The decoded bytes of a set-aside base64 body; ValueError if it is not whole quads."""
+        start, end = self.runs[token]
+        return pybase64.b64decode(memoryview(self.raw)[start:end])
+
+
+def skeleton_of(raw: bytes) -> Skeleton:
+    """The message with its large, well-formed base64 bodies replaced by tokens."""
+    if len(raw) < MIN_RUN:
+        return Skeleton(raw, raw)
+    runs: list[tuple[int, int]] = []
+    # Each body follows a boundary line (a line starting with "--") or the message start;
+    # "--" never occurs in base64, so looking for it skips over the big bodies quickly.
+    starts = [0]
+    at = raw.find(b"--")
+    while at != -1:
+        if at and raw[at - 1] == 0x0A:
+            starts.append(at)
+        at = raw.find(b"--", at + 2)
+    ends = [*starts[1:], len(raw)]
+    for start, end in zip(starts, ends, strict=True):
+        if end - start >= MIN_RUN:
+            run = _base64_run(raw, start, end)
+            if run is not None:
+                runs.append(run)
+    if not runs:
+        return Skeleton(raw, raw)
+    nonce = secrets.token_hex(8)
+    while nonce.encode() in raw:
+        nonce = secrets.token_hex(8)
+    skeleton = Skeleton(raw, b"", nonce)
+    pieces = []
+    done = 0
+    for n, (start, end) in enumerate(runs):
+        token = f"PYSRV{nonce}N{n}"
+        skeleton.runs[token] = (start, end)
+        pieces += [raw[done:start], token.encode()]
+        done = end
+    pieces.append(raw[done:])
+    skeleton.data = b"".join(pieces)
+    return skeleton
+
+
+def _base64_run(raw: bytes, start: int, end: int) -> tuple[int, int] | None:
+    """The body of the segment raw[start:end], without its last line end, if it is plain base64."""
+    first_line_end = raw.find(b"\n", start, end)
+    if first_line_end <= start:
+        return None
+    crlf = raw[first_line_end - 1] == 0x0D
+    blank = raw.find(b"\n\r\n" if crlf else b"\n\n", start, end)
+    if blank == -1:
+        return None
+    body = blank + (3 if crlf else 2)
+    stop = end
+    if raw[stop - 1 : stop] == b"\n":
+        stop -= 1
+        if raw[stop - 1 : stop] == b"\r":
+            stop -= 1
+    if stop - body < MIN_RUN or raw[body] in _LINE_ENDS:
+        return None
+    for low in range(body, stop, _SCAN_STEP):
+        if raw[low : min(stop, low + _SCAN_STEP)].translate(None, _ALPHABET + _LINE_ENDS):
+            return None  # something other than base64 and line ends
+    pad = raw.find(b"=", body, stop)
+    if pad != -1 and raw[pad:stop].translate(None, b"=\r\n"):
+        return None  # padding in the middle: leave it to the parser
+    return body, stop

@@ -1,0 +1,108 @@
+"""`pyserver userindex`: the user index service as its own process.
+
+Owns the command line and the life of the process: it opens the cell's store
+(the embedded one on `--data`), serves `UserIndexService` on the app server's
+wire shell until SIGINT or SIGTERM, then stops gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyserver.app.dispatcher import Dispatcher
+from pyserver.app.loop import new_event_loop
+from pyserver.app.server import AppServer
+from pyserver.config import Config, load_config
+from pyserver.store.base import Store
+from pyserver.store.sqlite import SQLiteStore
+from pyserver.userindex.local import LocalUserIndex
+from pyserver.userindex.service import UserIndexService
+
+__all__ = ["DEFAULT_PORT", "UserIndexProcess", "add_parser"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 7410
+
+
+class UserIndexProcess:
+    """The service, its store and its listener, started and stopped together."""
+
+    def __init__(self, config: Config, store: Store, cache_users: int = 100_000) -> None:
+        self.config = config.with_service_key()
+        self.store = store
+        self.service = UserIndexService(LocalUserIndex(store, cache_users))
+        self.dispatcher = Dispatcher(
+            self.service,
+            self.config.service_key,
+            f"userindex-{self.config.node_id}",
+            max_frame_size=self.config.max_frame_size,
+            health_check=self._store_healthy,
+            stats_section="userindex",
+        )
+        self.server = AppServer(self.dispatcher)
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        await self.store.open()
+        return await self.server.start(host, port)
+
+    async def stop(self) -> None:
+        await self.server.stop(self.config.shutdown_grace_s)
+        await self.store.close()
+
+    async def _store_healthy(self) -> bool:
+        try:
+            await self.store.friends(1)
+        except Exception:
+            return False
+        return True
+
+
+async def _serve(process: UserIndexProcess, host: str, port: int) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    bound_host, bound_port = await process.start(host, port)
+    print(f"pyserver: user index service listening on {bound_host}:{bound_port}", flush=True)
+    try:
+        await stop.wait()
+    finally:
+        await process.stop()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pyserver.cell import store_path
+
+    config = load_config(args.config, overrides={"data_dir": args.data})
+    logging.basicConfig(
+        level=config.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    config.data_dir.mkdir(parents=True, exist_ok=True)
+    process = UserIndexProcess(config, SQLiteStore(store_path(config.data_dir)), args.cache_users)
+    loop = new_event_loop()
+    try:
+        loop.run_until_complete(_serve(process, args.host or config.host, args.port))
+    finally:
+        loop.close()
+    return 0
+
+
+def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
+    """Add `userindex` to the `pyserver` command line."""
+    sub = commands.add_parser("userindex", help="run the user index service (its own process)")
+    sub.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
+    sub.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
+    sub.add_argument("--host", help="address to listen on (default: the config's host)")
+    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    sub.add_argument("--cache-users", type=int, default=100_000, help="hot users' friend lists")
+    sub.set_defaults(handler=_run)
+    return sub

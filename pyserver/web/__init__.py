@@ -1,0 +1,1 @@
+"""The web tier's pieces: what the web gateway calls to serve pages (counts.py: unread counts)."""

@@ -1,0 +1,500 @@
+"""The blob store and GET_BLOB: content addressing, deduplication, ranges, corruption, streaming,
+and who may read a blob.
+
+The store contract runs against every engine: the embedded one on disk always, the
+HBase one where HBase runs (the `hbase_thrift` fixture). GET_BLOB runs through the
+mailbox, and end to end through a real app server and client for both implementations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import random
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyserver import implementation
+from pyserver.app.auth import make_user_token
+from pyserver.app.dispatcher import Dispatcher
+from pyserver.app.mailbox import Mailbox
+from pyserver.app.server import AppServer
+from pyserver.blobs import CHUNK_SIZE, BlobCorrupt, BlobNotFound, BlobStore, DiskBlobStore
+from pyserver.blobs.access import MAX_RANGE
+from pyserver.client import Client
+from pyserver.errors import BadRequest, Forbidden, NotFound
+from pyserver.pure import frame as pure_frame
+from pyserver.store.sqlite import SQLiteStore
+from pyserver.wire.ops import Op
+from tests.conftest import implementation_params
+
+KEY = "blob-test-service-key-0123456789"
+
+
+def run(scenario: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
+    async def bounded() -> Any:
+        return await asyncio.wait_for(scenario(), timeout)
+
+    return asyncio.run(bounded())
+
+
+def data_of(size: int, seed: int = 1) -> bytes:
+    return random.Random(seed).randbytes(size)
+
+
+async def pieces(data: bytes, step: int) -> AsyncIterator[bytes]:
+    for low in range(0, len(data), step):
+        yield data[low : low + step]
+
+
+async def collect(store: BlobStore, ref: str, offset: int = 0, length: int | None = None) -> bytes:
+    return b"".join([piece async for piece in store.read(ref, offset, length)])
+
+
+# ---- the engines ----
+
+
+def _disk(tmp_path: Path) -> BlobStore:
+    return DiskBlobStore(tmp_path / "blobs", durable=False)
+
+
+def _hbase(request: pytest.FixtureRequest) -> BlobStore:
+    host, port = request.getfixturevalue("hbase_thrift")
+    from pyserver.blobs.hbase import HBaseBlobStore
+
+    return HBaseBlobStore(host, port, namespace="pyservertest")
+
+
+@pytest.fixture(params=["disk", "hbase"])
+def make_store(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[[], BlobStore]:
+    """A factory of (not yet opened) stores of one engine, all over the same data."""
+    if request.param == "disk":
+        return lambda: _disk(tmp_path)
+    store = _hbase(request)
+    return lambda: store
+
+
+async def opened(make: Callable[[], BlobStore]) -> BlobStore:
+    store = make()
+    await store.open()
+    return store
+
+
+def test_put_names_a_blob_by_its_sha256_and_reads_it_back(make_store: Any) -> None:
+    async def scenario() -> None:
+        store = await opened(make_store)
+        try:
+            data = data_of(CHUNK_SIZE * 2 + 12345)
+            info = await store.put(data)
+            assert info.ref == hashlib.sha256(data).hexdigest()
+            assert info.size == len(data)
+            assert await store.stat(info.ref) == info
+            assert await collect(store, info.ref) == data
+            assert await store.get(info.ref, 10, 20) == data[10:30]
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_the_same_bytes_are_stored_once_however_they_arrive(make_store: Any) -> None:
+    async def scenario() -> None:
+        store = await opened(make_store)
+        try:
+            data = data_of(CHUNK_SIZE + 999, seed=2)
+            whole = await store.put(data)
+            streamed = await store.put(pieces(data, 7777))
+            listed = await store.put([data[:100], data[100:]])
+            racing = await asyncio.gather(*(store.put(pieces(data, 50_000)) for _ in range(5)))
+            assert whole == streamed == listed == racing[0] == racing[-1]
+            assert await collect(store, whole.ref) == data
+            if isinstance(store, DiskBlobStore):
+                files = [p for p in store.root.rglob("*") if p.is_file()]
+                assert [p.name for p in files] == [whole.ref], "one file, no temporary left"
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_the_empty_blob(make_store: Any) -> None:
+    async def scenario() -> None:
+        store = await opened(make_store)
+        try:
+            info = await store.put(b"")
+            assert (info.ref, info.size) == (hashlib.sha256(b"").hexdigest(), 0)
+            assert await collect(store, info.ref) == b""
+            assert await store.get(info.ref, 0, 10) == b""
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_a_missing_blob_and_a_bad_ref(make_store: Any) -> None:
+    async def scenario() -> None:
+        store = await opened(make_store)
+        try:
+            missing = "ab" * 32
+            assert await store.stat(missing) is None
+            with pytest.raises(BlobNotFound):
+                await collect(store, missing)
+            for bad in ("AB" * 32, "ab" * 31, "../../etc/passwd", ""):
+                with pytest.raises(BadRequest):
+                    await store.stat(bad)
+                with pytest.raises(BadRequest):
+                    await collect(store, bad)
+            info = await store.put(b"abc")
+            with pytest.raises(BadRequest):
+                await collect(store, info.ref, -1)
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_a_failed_stream_stores_nothing(make_store: Any) -> None:
+    async def broken() -> AsyncIterator[bytes]:
+        yield b"x" * 100_000
+        raise OSError("the sender went away")
+
+    async def scenario() -> None:
+        store = await opened(make_store)
+        try:
+            with pytest.raises(OSError, match="went away"):
+                await store.put(broken())
+            assert await store.stat(hashlib.sha256(b"x" * 100_000).hexdigest()) is None
+            if isinstance(store, DiskBlobStore):
+                assert not [p for p in store.root.rglob("*") if p.is_file()]
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+# One blob of a bit over three chunks, read in random ranges against the bytes themselves.
+_RANGED = data_of(CHUNK_SIZE * 3 + 4321, seed=3)
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    offset=st.integers(0, len(_RANGED) + 10),
+    length=st.one_of(st.none(), st.integers(0, len(_RANGED) + 10)),
+)
+def test_any_range_reads_the_bytes_of_that_range(tmp_path: Path, offset: int, length: int | None):
+    async def scenario() -> None:
+        store = DiskBlobStore(tmp_path / "ranged", durable=False)
+        await store.open()
+        try:
+            info = await store.put(_RANGED)
+            expected = _RANGED[offset:] if length is None else _RANGED[offset : offset + length]
+            got = [piece async for piece in store.read(info.ref, offset, length)]
+            assert b"".join(got) == expected
+            assert all(len(piece) <= CHUNK_SIZE for piece in got)
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+# ---- corruption (the embedded engine's files) ----
+
+
+async def _stored(tmp_path: Path, data: bytes) -> tuple[DiskBlobStore, str, Path]:
+    store = DiskBlobStore(tmp_path / "blobs", durable=False)
+    await store.open()
+    info = await store.put(data)
+    return store, info.ref, store.path_of(info.ref)
+
+
+def _flip(path: Path, offset: int) -> None:
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 0x01
+    path.write_bytes(bytes(raw))
+
+
+def test_a_flipped_bit_is_an_error_never_the_bytes(tmp_path: Path) -> None:
+    data = data_of(CHUNK_SIZE * 3, seed=4)
+
+    async def scenario() -> None:
+        store, ref, path = await _stored(tmp_path, data)
+        try:
+            _flip(path, CHUNK_SIZE + 5)  # in the second chunk
+            with pytest.raises(BlobCorrupt, match="chunk 1"):
+                await collect(store, ref)
+            with pytest.raises(BlobCorrupt):
+                await collect(store, ref, CHUNK_SIZE + 1, 10)
+            # the chunks that are sound still read
+            assert await collect(store, ref, 0, 100) == data[:100]
+            assert await collect(store, ref, 2 * CHUNK_SIZE, 100) == data[2 * CHUNK_SIZE :][:100]
+            # a whole read yields nothing from the damaged chunk on
+            got = []
+            with pytest.raises(BlobCorrupt):
+                async for piece in store.read(ref):
+                    got.append(piece)
+            assert b"".join(got) == data[: len(b"".join(got))]
+            assert len(b"".join(got)) < CHUNK_SIZE + 5
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("damage", ["trailer", "table", "truncated", "empty file"])
+def test_a_damaged_file_is_an_error(tmp_path: Path, damage: str) -> None:
+    data = data_of(CHUNK_SIZE + 10, seed=5)
+
+    async def scenario() -> None:
+        store, ref, path = await _stored(tmp_path, data)
+        try:
+            raw = path.read_bytes()
+            if damage == "trailer":
+                _flip(path, len(raw) - 10)
+            elif damage == "table":
+                _flip(path, len(data) + 1)
+            elif damage == "truncated":
+                path.write_bytes(raw[:-100])
+            else:
+                path.write_bytes(b"")
+            with pytest.raises(BlobCorrupt):
+                await collect(store, ref)
+            with pytest.raises(BlobCorrupt):
+                await store.stat(ref)
+            # storing the bytes again repairs it
+            assert (await store.put(data)).ref == ref
+            assert await collect(store, ref) == data
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_bytes_that_do_not_hash_to_the_ref_are_an_error(tmp_path: Path) -> None:
+    data = data_of(CHUNK_SIZE * 2 + 1, seed=6)
+
+    async def scenario() -> None:
+        store, ref, path = await _stored(tmp_path, data)
+        try:
+            other = await store.put(data_of(CHUNK_SIZE * 2 + 1, seed=7))
+            # a sound blob file under the wrong name: every chunk checks out, the whole does not
+            path.write_bytes(store.path_of(other.ref).read_bytes())
+            got = []
+            with pytest.raises(BlobCorrupt, match="hash"):
+                async for piece in store.read(ref):
+                    got.append(piece)
+            assert len(b"".join(got)) < len(data), "the last piece is held back"
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+def test_a_50_mb_blob_never_sits_whole_in_memory(tmp_path: Path) -> None:
+    size, step = 50 << 20, 64 << 10
+    block = data_of(step, seed=8)
+
+    async def source() -> AsyncIterator[bytes]:
+        for n in range(size // step):
+            yield block[n % 7 :] + block[: n % 7]
+
+    async def scenario() -> None:
+        store = DiskBlobStore(tmp_path / "big", durable=False)
+        await store.open()
+        try:
+            tracemalloc.start()
+            info = await store.put(source())
+            _, put_peak = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            digest, total = hashlib.sha256(), 0
+            async for piece in store.read(info.ref):
+                digest.update(piece)
+                total += len(piece)
+            _, read_peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+            assert total == size == info.size
+            assert digest.hexdigest() == info.ref
+            assert put_peak < 8 << 20, f"put peaked at {put_peak} bytes"
+            assert read_peak < 8 << 20, f"read peaked at {read_peak} bytes"
+        finally:
+            tracemalloc.stop()
+            await store.close()
+
+    run(scenario, timeout=60)
+
+
+def test_durable_writes_leave_no_temporary_file(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        store = DiskBlobStore(tmp_path / "durable")
+        await store.open()
+        try:
+            infos = await asyncio.gather(*(store.put(data_of(1000, seed=n)) for n in range(20)))
+            assert not list(store.tmp_dir.iterdir())
+            for n, info in enumerate(infos):
+                assert await collect(store, info.ref) == data_of(1000, seed=n)
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+# ---- GET_BLOB through the mailbox ----
+
+
+class BlobCell:
+    """A mailbox over SQLite with a blob store, and one mail for user 2 referencing a blob."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.store = SQLiteStore(tmp_path / "cell.sqlite", synchronous="NORMAL")
+        self.blobs = DiskBlobStore(tmp_path / "blobs", durable=False)
+        self.mailbox = Mailbox(self.store, blobs=self.blobs)
+
+    async def __aenter__(self) -> BlobCell:
+        await self.store.open()
+        await self.blobs.open()
+        self.data = data_of(CHUNK_SIZE * 4 + 777, seed=9)
+        self.info = await self.blobs.put(self.data)
+        self.stranger_blob = await self.blobs.put(b"nobody's attachment")
+        extra = {"attachments": [{"ref": self.info.ref, "name": "a.bin", "size": self.info.size}]}
+        reply = await self.mailbox.execute(
+            Op.DELIVER,
+            {"user": 2, "sender": 0, "from": "alice@example.org", "text": "see attached",
+             "channel": "email", "key": "<m1@example.org>", "extra": extra},
+        )  # fmt: skip
+        self.message_id = reply["message_id"]
+        self.thread_id = reply["thread_id"]
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.mailbox.close()
+        await self.store.close()
+        await self.blobs.close()
+
+    async def get(self, **payload: Any) -> dict[str, Any]:
+        return await self.mailbox.execute(Op.GET_BLOB, payload)
+
+
+def test_get_blob_reads_ranges_of_a_blob_the_user_received(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with BlobCell(tmp_path) as cell:
+            ref, data = cell.info.ref, cell.data
+            first = await cell.get(user=2, ref=ref)
+            assert first["size"] == len(data) and first["offset"] == 0
+            assert first["message_id"] == cell.message_id
+            assert base64.b64decode(first["data"]) == data[: 256 << 10]
+            assert first["eof"] is False
+            tail = await cell.get(user=2, ref=ref, offset=len(data) - 5, length=100)
+            assert base64.b64decode(tail["data"]) == data[-5:] and tail["eof"] is True
+            hinted = await cell.get(user=2, ref=ref, offset=3, length=MAX_RANGE,
+                                    message_id=cell.message_id)  # fmt: skip
+            assert base64.b64decode(hinted["data"]) == data[3 : 3 + MAX_RANGE]
+            end = await cell.get(user=2, ref=ref, offset=len(data))
+            assert (end["data"], end["eof"]) == ("", True)
+
+    run(scenario)
+
+
+def test_get_blob_refuses_whoever_has_no_message_with_it(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with BlobCell(tmp_path) as cell:
+            ref = cell.info.ref
+            with pytest.raises(NotFound):
+                await cell.get(user=3, ref=ref)  # another user
+            with pytest.raises(NotFound):
+                await cell.get(user=2, ref=cell.stranger_blob.ref)  # stored, not referenced
+            with pytest.raises(NotFound):
+                await cell.get(user=2, ref="cd" * 32)  # not stored at all
+            with pytest.raises(NotFound):
+                await cell.get(user=2, ref=ref, message_id="m-not-this-one")
+            await cell.mailbox.execute(Op.DELETE, {"user": 2, "thread_id": cell.thread_id})
+            with pytest.raises(NotFound):
+                await cell.get(user=2, ref=ref)  # the message is gone, and the access with it
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        {"ref": "not-a-ref"},
+        {"ref": None},
+        {"offset": -1},
+        {"offset": "0"},
+        {"length": 0},
+        {"length": MAX_RANGE + 1},
+        {"offset": 10**9},
+        {"message_id": 5},
+    ],
+)
+def test_get_blob_bad_requests(tmp_path: Path, payload: dict[str, Any]) -> None:
+    async def scenario() -> None:
+        async with BlobCell(tmp_path) as cell:
+            request = {"user": 2, "ref": cell.info.ref, **payload}
+            if request["ref"] is None:
+                del request["ref"]
+            with pytest.raises(BadRequest):
+                await cell.mailbox.execute(Op.GET_BLOB, request)
+
+    run(scenario)
+
+
+# ---- GET_BLOB end to end: app server and client, both implementations ----
+
+
+@pytest.fixture(params=implementation_params())
+def impl(request: pytest.FixtureRequest) -> tuple[Callable[[], asyncio.AbstractEventLoop], Any]:
+    if request.param == "native":
+        import uvloop
+
+        assert implementation.framecodec is not None, "the Cython frame codec is not built"
+        return uvloop.new_event_loop, implementation.framecodec
+    return asyncio.new_event_loop, pure_frame
+
+
+def test_client_get_blob_streams_a_large_blob_over_the_wire(tmp_path: Path, impl: Any) -> None:
+    new_loop, codec = impl
+
+    async def scenario() -> None:
+        async with BlobCell(tmp_path) as cell:
+            server = AppServer(Dispatcher(cell.mailbox, KEY, "blob-node"), codec=codec)
+            _, port = await server.start("127.0.0.1", 0)
+            try:
+                async with await Client.connect("127.0.0.1", port, service_key=KEY) as client:
+                    got = [piece async for piece in client.get_blob(2, cell.info.ref)]
+                    assert b"".join(got) == cell.data
+                    assert len(got) > 2, "fetched in ranges"
+                    with pytest.raises(NotFound):
+                        [piece async for piece in client.get_blob(3, cell.info.ref)]
+                token = make_user_token(2, 2**40, KEY)
+                async with await Client.connect("127.0.0.1", port, user_token=token) as own:
+                    reply = await own.get_blob_range(2, cell.info.ref, 0, 10)
+                    assert base64.b64decode(reply["data"]) == cell.data[:10]
+                    with pytest.raises(Forbidden):
+                        await own.get_blob_range(3, cell.info.ref, 0, 10)
+            finally:
+                await server.stop(1.0)
+
+    loop = new_loop()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), 30))
+    finally:
+        loop.close()
+
+
+def test_blob_files_live_under_the_data_folder(tmp_path: Path) -> None:
+    from pyserver.blobs import blob_store_for
+    from pyserver.config import Config
+
+    store = blob_store_for(Config(data_dir=tmp_path / "cell"))
+    assert isinstance(store, DiskBlobStore)
+    assert store.root == tmp_path / "cell" / "blobs"
+    assert os.fspath(store.tmp_dir).startswith(os.fspath(store.root))

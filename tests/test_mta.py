@@ -1,0 +1,775 @@
+"""The MTA proxy end to end: real mail over real SMTP (smtplib and swaks) into a real app server.
+
+A `MailCell` is an app server with its mailbox on SQLite, a blob store, and the proxy
+(aiosmtpd) delivering to the app server through the client library, all on loopback in
+the test's event loop; smtplib runs on a worker thread, swaks as a process. The corpus
+of malformed and exotic messages in tests/mail/ (with what each must become in
+tests/mail/expected.json) goes through the parser alone and through SMTP. The CLI test
+runs `pyserver run`, `pyserver mta`, `pyserver thread` and `pyserver blob` as processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import random
+import shutil
+import signal
+import smtplib
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from email import policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from pyserver import implementation
+from pyserver.app.dispatcher import Dispatcher
+from pyserver.app.mailbox import Mailbox
+from pyserver.app.server import AppServer
+from pyserver.blobs import DiskBlobStore
+from pyserver.client import Client
+from pyserver.errors import BadRequest, Unavailable
+from pyserver.mta.emailobject import MAX_EXTRA_BYTES
+from pyserver.mta.intake import MailIntake, MtaSettings
+from pyserver.mta.parse import parse_mail
+from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.skeleton import MIN_RUN, skeleton_of
+from pyserver.mta.smtp import MtaProxy, read_data
+from pyserver.pure import frame as pure_frame
+from pyserver.store.sqlite import SQLiteStore
+from tests.conftest import REQUIRE_ENGINES, implementation_params
+
+KEY = "mta-test-service-key-0123456789ab"
+CORPUS = Path(__file__).parent / "mail"
+EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text())
+USERS = {"bob@example.com": 2, "carol@example.com": 3, "erin@example.org": 5}
+SWAKS = shutil.which("swaks")
+
+
+# ---- the cell under test ----
+
+
+class MailCell:
+    """App server, mailbox, blob store and MTA proxy on loopback (see the module docstring)."""
+
+    def __init__(self, tmp_path: Path, codec: Any = None, **settings: Any) -> None:
+        self.tmp_path = tmp_path
+        self.codec = codec
+        settings.setdefault("mta_deliver_timeout_s", 2.0)
+        self.settings = MtaSettings(**settings)
+        self.store = SQLiteStore(tmp_path / "cell.sqlite", synchronous="NORMAL")
+        self.blobs = DiskBlobStore(tmp_path / "blobs", durable=False)
+        self.mailbox = Mailbox(self.store, blobs=self.blobs)
+        self.server: AppServer | None = None
+        self.port = 0
+
+    async def __aenter__(self) -> MailCell:
+        await self.store.open()
+        await self.blobs.open()
+        for address, user in USERS.items():
+            await self.store.add_address(address, user)
+        await self.start_app_server()
+        self.route = SingleServerRoute("127.0.0.1", self.port, KEY, 2.0)
+        self.intake = MailIntake(self.store, self.blobs, self.route, self.settings)
+        self.proxy = MtaProxy(self.intake, hostname="mx.test")
+        _, self.smtp_port = await self.proxy.start("127.0.0.1", 0)
+        self.client = await Client.connect("127.0.0.1", self.port, service_key=KEY)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.proxy.stop(1.0)
+        await self.route.close()
+        await self.client.close()
+        await self.stop_app_server()
+        await self.mailbox.close()
+        await self.store.close()
+        await self.blobs.close()
+
+    async def start_app_server(self) -> None:
+        self.server = AppServer(Dispatcher(self.mailbox, KEY, "mta-node"), codec=self.codec)
+        _, self.port = await self.server.start("127.0.0.1", self.port)
+
+    async def stop_app_server(self) -> None:
+        if self.server is not None:
+            await self.server.stop(0.5)
+            self.server = None
+
+    async def send(
+        self, data: bytes, to: list[str], sender: str = "sender@example.org", **options: Any
+    ) -> dict[str, Any]:
+        """smtplib's sendmail on a worker thread: the refused recipients (raises on failure)."""
+        return await asyncio.to_thread(_sendmail, self.smtp_port, sender, to, data, options)
+
+    async def messages(self, user: int) -> list[dict[str, Any]]:
+        """Every message of the user (with its extra), oldest first."""
+        found = []
+        for folder in ("inbox", "other"):
+            threads = (await self.client.list_threads(user, folder=folder, limit=200))["threads"]
+            for thread in threads:
+                reply = await self.client.get_thread(user, thread["thread_id"], limit=200)
+                for message in reply["messages"]:
+                    full = await self.client.get_message(user, message["message_id"])
+                    found.append({**full, "participants": reply["participants"]})
+        return sorted(found, key=lambda m: m["ts"])
+
+    async def blob(self, user: int, ref: str) -> bytes:
+        return b"".join([piece async for piece in self.client.get_blob(user, ref)])
+
+
+def _sendmail(
+    port: int, sender: str, to: list[str], data: bytes, options: dict[str, Any]
+) -> dict[str, Any]:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        return smtp.sendmail(sender, to, data, **options)
+
+
+@pytest.fixture(params=implementation_params())
+def impl(request: pytest.FixtureRequest) -> tuple[Callable[[], asyncio.AbstractEventLoop], Any]:
+    if request.param == "native":
+        import uvloop
+
+        assert implementation.framecodec is not None, "the Cython frame codec is not built"
+        return uvloop.new_event_loop, implementation.framecodec
+    return asyncio.new_event_loop, pure_frame
+
+
+def run(scenario: Callable[[], Awaitable[Any]], new_loop: Any = None, timeout: float = 60) -> None:
+    loop = (new_loop or asyncio.new_event_loop)()
+    try:
+        loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
+    finally:
+        loop.run_until_complete(loop.shutdown_asyncgens())
+        loop.close()
+
+
+def mail(
+    subject: str = "Hello",
+    text: str = "Hello Bob,\nlunch on friday?\n",
+    to: str = "bob@example.com",
+    message_id: str | None = "<m1@example.org>",
+    **headers: str,
+) -> EmailMessage:
+    message = EmailMessage()
+    message["From"] = "Alice Example <alice@example.org>"
+    message["To"] = to
+    message["Subject"] = subject
+    if message_id:
+        message["Message-ID"] = message_id
+    for name, value in headers.items():
+        message[name.replace("_", "-")] = value
+    message.set_content(text)
+    return message
+
+
+def wire(message: EmailMessage) -> bytes:
+    return message.as_bytes(policy=policy.SMTP)
+
+
+# ---- delivery ----
+
+
+def test_a_mail_reaches_every_recipient_in_one_thread(tmp_path: Path, impl: Any) -> None:
+    new_loop, codec = impl
+    data = wire(
+        mail(
+            to="bob@example.com, Carol <carol@example.com>",
+            Cc="dave@elsewhere.net",
+            In_Reply_To="<m0@example.org>",
+            References="<m-1@example.org> <m0@example.org>",
+        )
+    )
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, codec) as cell:
+            assert await cell.send(data, ["bob@example.com", "carol@example.com"]) == {}
+            bob, carol = await cell.messages(2), await cell.messages(3)
+            assert len(bob) == len(carol) == 1
+            assert bob[0]["thread_id"] == carol[0]["thread_id"]
+            message = bob[0]
+            assert message["participants"] == [2, 3]
+            assert message["from"] == "alice@example.org"
+            assert message["channel"] == "email" and message["subject"] == "Hello"
+            assert message["text"] == "Hello Bob,\nlunch on friday?"
+            extra = message["extra"]
+            assert extra["message_id_header"] == "<m1@example.org>"
+            assert extra["in_reply_to"] == "<m0@example.org>"
+            assert extra["references"] == ["<m-1@example.org>", "<m0@example.org>"]
+            assert extra["from_name"] == "Alice Example"
+            assert extra["to"] == ["bob@example.com", "carol@example.com"]
+            assert extra["cc"] == ["dave@elsewhere.net"]
+            assert extra["mail_from"] == "sender@example.org"
+            assert extra.get("attachments", []) == [] and "malformed" not in extra
+            # the raw message, exactly as received, from either recipient
+            assert await cell.blob(2, extra["raw"]["ref"]) == data
+            assert await cell.blob(3, extra["raw"]["ref"]) == data
+            assert extra["raw"]["size"] == len(data)
+
+    run(scenario, new_loop)
+
+
+def test_attachments_come_back_byte_identical(tmp_path: Path, impl: Any) -> None:
+    new_loop, codec = impl
+    big = random.Random(1).randbytes(1 << 20)
+    small = "naïve, a CSV\r\n1,2\r\n".encode()
+    picture = random.Random(2).randbytes(5000)
+    message = mail(subject="Report", text="The report is attached.\n")
+    message.add_attachment(big, maintype="application", subtype="pdf", filename="report.pdf")
+    message.add_attachment(small, maintype="text", subtype="csv", filename="données.csv")
+    message.add_attachment(picture, maintype="image", subtype="png", filename="p.png",
+                           disposition="inline", cid="<pic@example.org>")  # fmt: skip
+    data = wire(message)
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, codec) as cell:
+            await cell.send(data, ["bob@example.com"])
+            (delivered,) = await cell.messages(2)
+            attachments = delivered["extra"]["attachments"]
+            assert [(a["name"], a["type"], a["size"]) for a in attachments] == [
+                ("report.pdf", "application/pdf", len(big)),
+                ("données.csv", "text/csv", len(small)),
+                ("p.png", "image/png", len(picture)),
+            ]
+            assert attachments[2]["inline"] is True
+            assert attachments[2]["content_id"] == "<pic@example.org>"
+            for attachment, original in zip(attachments, (big, small, picture), strict=True):
+                assert await cell.blob(2, attachment["ref"]) == original
+            assert delivered["text"] == "The report is attached."
+
+    run(scenario, new_loop)
+
+
+def test_an_unknown_recipient_is_refused_at_rcpt(tmp_path: Path) -> None:
+    data = wire(mail())
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            with pytest.raises(smtplib.SMTPRecipientsRefused) as refused:
+                await cell.send(data, ["nobody@example.com"])
+            assert refused.value.recipients["nobody@example.com"][0] == 550
+            partly = await cell.send(data, ["nobody@example.com", "BOB@Example.COM"])
+            assert partly["nobody@example.com"][0] == 550
+            assert len(await cell.messages(2)) == 1
+            assert cell.intake.stats()["unknown_recipients"] == 2
+
+    run(scenario)
+
+
+def test_a_mail_over_the_size_limit_gets_552(tmp_path: Path) -> None:
+    too_big = wire(mail(text="x" * 70 + "\n" * 1000 + "y" * 60_000))
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, max_mail_bytes=50_000) as cell:
+
+            def over_then_under() -> None:
+                with smtplib.SMTP("127.0.0.1", cell.smtp_port, timeout=30) as smtp:
+                    smtp.ehlo()
+                    smtp.mail("s@example.org")  # no SIZE declared: refused after DATA
+                    smtp.rcpt("bob@example.com")
+                    code, _ = smtp.data(too_big)
+                    assert code == 552
+                    # the connection stays in step: the next mail on it goes through
+                    smtp.sendmail("s@example.org", ["bob@example.com"], wire(mail()))
+                    # smtplib declares SIZE: refused at MAIL
+                    with pytest.raises(smtplib.SMTPSenderRefused) as declared:
+                        smtp.sendmail("s@example.org", ["bob@example.com"], too_big)
+                    assert declared.value.smtp_code == 552
+
+            await asyncio.to_thread(over_then_under)
+            (only,) = await cell.messages(2)
+            assert only["subject"] == "Hello"
+
+    run(scenario)
+
+
+def test_451_while_the_app_server_is_down_then_one_copy_on_retry(tmp_path: Path, impl: Any):
+    new_loop, codec = impl
+    data = wire(mail(message_id="<retry@example.org>"))
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, codec, mta_deliver_timeout_s=0.5) as cell:
+            await cell.stop_app_server()
+            with pytest.raises(smtplib.SMTPDataError) as error:
+                await cell.send(data, ["bob@example.com", "carol@example.com"])
+            assert error.value.smtp_code == 451
+            await cell.start_app_server()
+            for _ in range(3):  # the sending MTA retries; a later retry changes nothing
+                assert await cell.send(data, ["bob@example.com", "carol@example.com"]) == {}
+            assert len(await cell.messages(2)) == 1
+            assert len(await cell.messages(3)) == 1
+
+    run(scenario, new_loop)
+
+
+def test_451_when_one_owner_fails_and_the_retry_completes_without_duplicates(tmp_path: Path):
+    data = wire(mail(message_id="<half@example.org>", to="bob@example.com, carol@example.com"))
+
+    class FlakyRoute:
+        """Delivers to everyone but carol the first time."""
+
+        def __init__(self, route: SingleServerRoute) -> None:
+            self.route, self.failed = route, False
+
+        async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]:
+            if payload["user"] == 3 and not self.failed:
+                self.failed = True
+                raise Unavailable("carol's owner is down")
+            return await self.route.deliver(payload)
+
+        async def close(self) -> None:
+            await self.route.close()
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            cell.intake._route = FlakyRoute(cell.route)
+            with pytest.raises(smtplib.SMTPDataError) as error:
+                await cell.send(data, ["bob@example.com", "carol@example.com"])
+            assert error.value.smtp_code == 451
+            assert len(await cell.messages(2)) == 1 and await cell.messages(3) == []
+            await cell.send(data, ["bob@example.com", "carol@example.com"])
+            assert len(await cell.messages(2)) == 1 and len(await cell.messages(3)) == 1
+
+    run(scenario)
+
+
+def test_a_refusal_for_good_is_554(tmp_path: Path) -> None:
+    class RefusingRoute:
+        async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]:
+            raise BadRequest("text: not acceptable")
+
+        async def close(self) -> None:
+            return None
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            cell.intake._route = RefusingRoute()
+            with pytest.raises(smtplib.SMTPDataError) as error:
+                await cell.send(wire(mail()), ["bob@example.com"])
+            assert error.value.smtp_code == 554
+
+    run(scenario)
+
+
+def test_451_when_the_blob_store_cannot_keep_the_mail(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            await cell.blobs.close()
+            with pytest.raises(smtplib.SMTPDataError) as error:
+                await cell.send(wire(mail()), ["bob@example.com"])
+            assert error.value.smtp_code == 451
+            await cell.blobs.open()
+            await cell.send(wire(mail()), ["bob@example.com"])
+            assert len(await cell.messages(2)) == 1
+
+    run(scenario)
+
+
+def test_a_long_body_is_cut_inline_and_kept_whole(tmp_path: Path) -> None:
+    text = "".join(f"line {n} of a long letter, ünïcode included\n" for n in range(400))
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, mail_inline_text_bytes=1000) as cell:
+            await cell.send(wire(mail(text=text)), ["bob@example.com"])
+            (message,) = await cell.messages(2)
+            assert len(message["text"].encode()) <= 1000
+            assert text.startswith(message["text"])
+            body = message["extra"]["body"]
+            assert (await cell.blob(2, body["ref"])).decode() == text.rstrip("\n")
+
+    run(scenario)
+
+
+def test_a_mail_without_message_id_is_not_delivered_twice(tmp_path: Path) -> None:
+    data = (CORPUS / "19-no-message-id.eml").read_bytes()
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            await cell.send(data, ["bob@example.com"])
+            await cell.send(data, ["bob@example.com"])
+            (message,) = await cell.messages(2)
+            assert message["subject"] == "no message id"
+
+    run(scenario)
+
+
+def test_many_connections_at_once(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+
+            def session(n: int) -> None:
+                with smtplib.SMTP("127.0.0.1", cell.smtp_port, timeout=30) as smtp:
+                    for k in range(5):
+                        data = wire(mail(subject=f"s{n}-{k}", message_id=f"<c{n}.{k}@x>"))
+                        smtp.sendmail("s@example.org", ["bob@example.com"], data)
+
+            await asyncio.gather(*(asyncio.to_thread(session, n) for n in range(12)))
+            subjects = sorted(m["subject"] for m in await cell.messages(2))
+            assert subjects == sorted(f"s{n}-{k}" for n in range(12) for k in range(5))
+
+    run(scenario)
+
+
+# ---- the corpus: the parser alone, and through SMTP ----
+
+
+def _check_parsed(name: str, subject: str, sender: str | None, text: str, extra: dict) -> None:
+    expected = EXPECTED[name]
+    assert subject == expected["subject"]
+    assert sender == expected["from"]
+    for fragment in expected["text"]:
+        assert fragment in text, f"{fragment!r} not in {text!r}"
+    for fragment in expected.get("absent", []):
+        assert fragment not in text
+    for field in ("to", "cc", "in_reply_to", "references", "from_name"):
+        if field in expected:
+            assert extra.get(field) == expected[field], field
+    assert bool(extra.get("html")) == expected.get("html", False)
+    assert bool(extra.get("malformed")) == expected["malformed"]
+    for defect in expected.get("defects", []):
+        assert defect in extra.get("defects", [])
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_the_parser_reads_the_corpus(name: str) -> None:
+    parsed = parse_mail((CORPUS / name).read_bytes())
+    extra = {
+        "to": parsed.to, "cc": parsed.cc, "in_reply_to": parsed.in_reply_to,
+        "references": parsed.references, "from_name": parsed.from_name,
+        "html": parsed.text_from_html, "malformed": parsed.malformed, "defects": parsed.defects,
+    }  # fmt: skip
+    _check_parsed(name, parsed.subject, parsed.from_address, parsed.text, extra)
+    got = [(a.name, a.content_type) for a in parsed.attachments]
+    assert got == [(n, t) for n, t, _ in EXPECTED[name]["attachments"]]
+    for attachment, (_, _, size) in zip(
+        parsed.attachments, EXPECTED[name]["attachments"], strict=True
+    ):
+        data = b"".join(attachment.pieces())
+        assert size is None or len(data) == size
+
+
+def test_the_corpus_through_smtp(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            for name in sorted(EXPECTED):
+                sent = (CORPUS / name).read_bytes()
+                await cell.send(sent, ["bob@example.com"], sender="envelope@example.org")
+            delivered = await cell.messages(2)
+            assert len(delivered) == len(EXPECTED)
+            for name, message in zip(sorted(EXPECTED), delivered, strict=True):
+                extra = message["extra"]
+                sender = message["from"] if EXPECTED[name]["from"] else None
+                if EXPECTED[name]["from"] is None:
+                    assert message["from"] == "envelope@example.org"
+                _check_parsed(name, message["subject"], sender, message["text"], extra)
+                sent = (CORPUS / name).read_bytes()
+                received = sent if sent.endswith(b"\r\n") else sent + b"\r\n"  # smtplib's doing
+                assert await cell.blob(2, extra["raw"]["ref"]) == received, name
+                attachments = extra.get("attachments", [])
+                expected = EXPECTED[name]["attachments"]
+                assert [(a["name"], a["type"]) for a in attachments] == [
+                    (n, t) for n, t, _ in expected
+                ]
+                for attachment in attachments:
+                    assert len(await cell.blob(2, attachment["ref"])) == attachment["size"]
+
+    run(scenario, timeout=90)
+
+
+# ---- swaks: a real SMTP client of its own ----
+
+
+@pytest.fixture
+def swaks() -> str:
+    if SWAKS is None:
+        message = "swaks is not installed (apt-get install swaks)"
+        if REQUIRE_ENGINES:
+            pytest.fail(message)
+        pytest.skip(message)
+    return SWAKS
+
+
+async def _swaks(swaks: str, port: int, *args: str) -> tuple[int, str]:
+    proc = await asyncio.create_subprocess_exec(
+        swaks, "--server", f"127.0.0.1:{port}", "--helo", "client.test", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    return proc.returncode or 0, out.decode(errors="replace")
+
+
+def test_swaks_sends_a_mail_with_an_attachment(tmp_path: Path, swaks: str) -> None:
+    attached = tmp_path / "figures.bin"
+    attached.write_bytes(random.Random(3).randbytes(200_000))
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            code, out = await _swaks(
+                swaks, cell.smtp_port, "--from", "zed@example.net", "--to", "bob@example.com",
+                "--header", "Subject: figures via swaks", "--body", "numbers attached",
+                "--attach-type", "application/octet-stream", "--attach-name", "figures.bin",
+                "--attach", f"@{attached}",
+            )  # fmt: skip
+            assert code == 0, out
+            assert "250 2.0.0" in out
+            (message,) = await cell.messages(2)
+            assert message["subject"] == "figures via swaks"
+            assert message["from"] == "zed@example.net"
+            assert "numbers attached" in message["text"]
+            (attachment,) = message["extra"]["attachments"]
+            assert attachment["name"] == "figures.bin"
+            assert await cell.blob(2, attachment["ref"]) == attached.read_bytes()
+
+    run(scenario)
+
+
+def test_swaks_to_an_unknown_address_gets_550(tmp_path: Path, swaks: str) -> None:
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            code, out = await _swaks(swaks, cell.smtp_port, "--to", "nobody@example.com")
+            assert code != 0
+            assert "550 5.1.1" in out
+            assert await cell.messages(2) == []
+
+    run(scenario)
+
+
+def test_swaks_pipelined_data_and_dot_lines(tmp_path: Path, swaks: str) -> None:
+    body = "first\n.\n..two dots\n.leading\nlast"
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            code, out = await _swaks(
+                swaks, cell.smtp_port, "--to", "carol@example.com", "--pipeline",
+                "--header", "Message-Id: <dots@swaks>", "--body", body,
+            )  # fmt: skip
+            assert code == 0, out
+            (message,) = await cell.messages(3)
+            assert message["text"] == body
+
+    run(scenario)
+
+
+# ---- DATA reading, skeletons and hostile input, by property ----
+
+
+def _read_all(data: bytes, splits: list[int], limit: int) -> bytes | None:
+    async def scenario() -> bytes | None:
+        reader = asyncio.StreamReader(limit=1 << 10)
+        positions = [*sorted({min(s, len(data)) for s in splits}), len(data)]
+        start = 0
+        for end in positions:
+            reader.feed_data(data[start:end])
+            start = end
+        reader.feed_data(b"NEXT COMMAND\r\n")
+        result = await read_data(reader, limit)
+        assert await reader.readline() == b"NEXT COMMAND\r\n"  # nothing read past the end
+        return result
+
+    return asyncio.run(scenario())
+
+
+_LINE = st.text(alphabet=st.sampled_from(".ab \t-"), max_size=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(lines=st.lists(_LINE, max_size=30), splits=st.lists(st.integers(0, 400), max_size=8))
+def test_read_data_undoes_dot_stuffing_whatever_the_packet_boundaries(lines, splits) -> None:
+    message = "".join(line + "\r\n" for line in lines).encode()
+    lines_out = message.splitlines(True)
+    stuffed = b"".join(b"." + one if one.startswith(b".") else one for one in lines_out)
+    assert _read_all(stuffed + b".\r\n", splits, 1 << 20) == message
+
+
+def test_read_data_over_the_limit_reads_to_the_end() -> None:
+    message = b"x" * 5000 + b"\r\n"
+    assert _read_all(message + b".\r\n", [100, 3000], 1000) is None
+    assert _read_all(message + b".\r\n", [100, 3000], 6000) == message
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    size=st.integers(MIN_RUN // 2, 3 * MIN_RUN),
+    line=st.sampled_from([60, 64, 76, 77]),
+    crlf=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_big_attachments_decode_exactly_as_the_email_package_does(size, line, crlf, seed):
+    data = random.Random(seed).randbytes(size)
+    encoded = base64.b64encode(data).decode()
+    lines = "\n".join(encoded[i : i + line] for i in range(0, len(encoded), line))
+    text = (
+        "From: a@example.org\nSubject: big\nContent-Type: multipart/mixed; boundary=b\n\n"
+        "--b\nContent-Type: text/plain\n\nsee attached\n--b\n"
+        "Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n"
+        f'Content-Disposition: attachment; filename="d.bin"\n\n{lines}\n--b--\n'
+    )
+    raw = text.replace("\n", "\r\n" if crlf else "\n").encode()
+    parsed = parse_mail(raw)
+    (attachment,) = parsed.attachments
+    assert b"".join(attachment.pieces()) == data
+    assert parsed.text == "see attached"
+    if size >= MIN_RUN:
+        assert len(skeleton_of(raw).data) < len(raw) // 4, "the big body was set aside"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=3000))
+def test_the_parser_never_raises_on_arbitrary_bytes(raw: bytes) -> None:
+    parsed = parse_mail(raw)
+    for text in (parsed.subject, parsed.text, parsed.from_name, *parsed.to):
+        text.encode("utf-8")  # valid Unicode, storable as JSON
+    for attachment in parsed.attachments:
+        b"".join(attachment.pieces())
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    name=st.sampled_from(sorted(EXPECTED)),
+    cuts=st.lists(st.tuples(st.integers(0, 5000), st.binary(max_size=20)), max_size=6),
+)
+def test_the_parser_never_raises_on_damaged_corpus_mail(name: str, cuts) -> None:
+    raw = bytearray((CORPUS / name).read_bytes())
+    for at, junk in cuts:
+        at = min(at, len(raw))
+        raw[at : at + len(junk)] = junk
+    parsed = parse_mail(bytes(raw))
+    parsed.text.encode("utf-8")
+    for attachment in parsed.attachments:
+        b"".join(attachment.pieces())
+
+
+def test_a_flood_of_attachments_still_fits_deliver(tmp_path: Path) -> None:
+    message = mail(subject="many")
+    for n in range(400):
+        message.add_attachment(b"x", maintype="application", subtype="octet-stream",
+                               filename=f"{'long-name-' * 20}{n}.bin")  # fmt: skip
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            await cell.send(wire(message), ["bob@example.com"])
+            (delivered,) = await cell.messages(2)
+            extra = delivered["extra"]
+            assert len(json.dumps(extra).encode()) <= MAX_EXTRA_BYTES
+            kept = len(extra["attachments"])
+            assert kept + extra.get("attachments_left_out", 0) == 400 and kept > 100
+
+    run(scenario)
+
+
+# ---- the command line: pyserver run, admin add-address, thread, blob, mta ----
+
+
+def _cli(*args: str, data: Path, stdout: Any = subprocess.PIPE) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", *args, "--data", str(data)],
+        stdout=stdout, stderr=subprocess.PIPE, timeout=60, check=True,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def running_cell(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+    data = tmp_path / "cell"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
+         "--http-port", "0", "--smtp-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (data / "endpoints.json").exists():
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline, "pyserver run did not start"
+            time.sleep(0.05)
+        smtp = json.loads((data / "endpoints.json").read_text())["smtp"]
+        yield data, smtp["port"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0
+    assert f"smtp (MTA proxy) 127.0.0.1:{smtp['port']}" in out
+
+
+def test_the_cli_reads_mail_and_writes_attachments_out(running_cell: Any, tmp_path: Path):
+    data, smtp_port = running_cell
+    _cli("admin", "add-address", "--user", "7", "Reader@Example.com", data=data)
+    report = random.Random(4).randbytes(300_000)
+    message = mail(to="reader@example.com", subject="quarterly figures")
+    message.add_attachment(report, maintype="application", subtype="pdf", filename="q3.pdf")
+    raw = wire(message)
+    with smtplib.SMTP("127.0.0.1", smtp_port, timeout=30) as smtp:
+        smtp.sendmail("alice@example.org", ["reader@example.com"], raw)
+
+    threads = _cli("threads", "--user", "7", "--folder", "other", "--json", data=data)
+    (thread,) = json.loads(threads.stdout)["threads"]
+    shown = _cli("thread", "--user", "7", thread["thread_id"], data=data).stdout.decode()
+    assert "quarterly figures" in shown and "alice@example.org via email" in shown
+    assert "[attachment] q3.pdf (application/pdf, 300000 bytes) ref " in shown
+    listed = json.loads(
+        _cli("thread", "--user", "7", thread["thread_id"], "--json", data=data).stdout
+    )
+    extra = listed["messages"][0]["extra"]
+    (attachment,) = extra["attachments"]
+
+    out = tmp_path / "q3.pdf"
+    with open(out, "wb") as sink:
+        _cli("blob", "--user", "7", attachment["ref"], data=data, stdout=sink)
+    assert out.read_bytes() == report
+    raw_out = _cli("blob", "--user", "7", extra["raw"]["ref"], "--out", str(tmp_path / "raw.eml"),
+                   data=data)  # fmt: skip
+    assert raw_out.returncode == 0 and (tmp_path / "raw.eml").read_bytes() == raw
+    refused = subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", "blob", "--data", str(data), "--user", "8",
+         attachment["ref"]], capture_output=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 1 and b"NOT_FOUND" in refused.stderr and not refused.stdout
+
+
+def test_pyserver_mta_runs_alone_in_front_of_a_cell(running_cell: Any) -> None:
+    data, _ = running_cell
+    _cli("admin", "add-address", "--user", "9", "solo@example.com", data=data)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyserver.cli", "mta", "--data", str(data), "--smtp-port", "0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        assert "MTA proxy listening on 127.0.0.1:" in line, line + (proc.stderr.read() or "")
+        port = int(line.rsplit(":", 1)[1])
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+            smtp.sendmail("a@example.org", ["solo@example.com"], wire(mail(to="solo@example.com")))
+        threads = json.loads(_cli("threads", "--user", "9", "--folder", "other", "--json",
+                                  data=data).stdout)  # fmt: skip
+        assert [t["snippet"] for t in threads["threads"]] == ["Hello Bob, lunch on friday?"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+    assert proc.returncode == 0
+
+
+def test_settings_are_checked() -> None:
+    with pytest.raises(ValueError):
+        MtaSettings(max_mail_bytes=0)
+    with pytest.raises(ValueError):
+        MtaSettings(mta_deliver_timeout_s=0)
+
+
+@pytest.mark.skipif(implementation.PURE_FORCED, reason="the benchmarks refuse the pure twins")
+def test_the_mail_benchmark_prints_its_figures() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "mail", "--json", "--quick"],
+        capture_output=True, text=True, check=True, timeout=300,
+    ).stdout  # fmt: skip
+    results = json.loads(out)
+    for key in ("smtp_small_per_s", "deliver_small_per_s", "smtp_1mb_per_s", "deliver_1mb_per_s"):
+        assert results[key] > 0, key
+    assert results["mb_cost_ratio"] == pytest.approx(
+        results["smtp_small_per_s"] / results["smtp_1mb_per_s"], rel=0.05
+    )
