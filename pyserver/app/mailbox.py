@@ -282,6 +282,10 @@ class Mailbox:
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
         self._check_owner(sender)
+        if self._relay is None:
+            # No other server to hand copies to: refuse before writing anything.
+            for recipient in recipients:
+                self._check_owner(recipient)
         participants = tuple(sorted({sender, *recipients}))
         delivery = Delivery(
             message_id=message_id_for(sender, key),
@@ -295,14 +299,18 @@ class Mailbox:
             key=key,
             extra={},
         )
-        # A retry of a SEND that completed answers from the sender's image alone.
+
+        def copies() -> list[Awaitable[dict[str, Any]]]:
+            return [self._deliver_copy(r, delivery) for r in recipients]
+
+        # A retry of a SEND whose sender's copy is there: the copies are written
+        # concurrently, so a failure may have come between them; make sure every
+        # recipient has theirs (each copy is idempotent), then answer the first result.
         if key:
             first = (await self._read_image(sender)).key_result(sender, key)
             if first is not None:
+                _raise_first(await asyncio.gather(*copies(), return_exceptions=True))
                 return _send_reply(first, duplicate=True)
-        # Recipients first, the sender's copy last: the sender's copy records the key,
-        # so a SEND that failed half-way is retried in full (each copy is idempotent).
-        await asyncio.gather(*(self._deliver_copy(r, delivery) for r in recipients))
 
         async def decide(image: UserImage) -> _Change:
             first = image.key_result(sender, key) if key else None
@@ -315,7 +323,13 @@ class Mailbox:
                 folder = "inbox" if thread.folder == "archived" else thread.folder
             return _adding(delivery, folder, unread=False)
 
-        change, _ = await self._update(sender, decide)
+        # Every copy at once: one round of group commits instead of two. All of them
+        # settle before the reply, so nothing is still being written after an error.
+        outcomes = await asyncio.gather(
+            self._update(sender, decide), *copies(), return_exceptions=True
+        )
+        _raise_first(outcomes)
+        change, _ = outcomes[0]
         if change.result:
             return change.result
         return {
@@ -1041,6 +1055,13 @@ class Mailbox:
 
 
 # ---- payload checks: BadRequest names the field; TooLarge says the limit ----
+
+
+def _raise_first(outcomes: list[Any]) -> None:
+    """Raise the first exception among gathered outcomes (return_exceptions=True)."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException):
+            raise outcome
 
 
 def _field(p: dict[str, Any], name: str, default: Any) -> Any:
