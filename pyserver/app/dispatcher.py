@@ -145,6 +145,8 @@ class Dispatcher:
         stats_section: str = "mailbox",
     ) -> None:
         self._mailbox = mailbox
+        # The ops the mailbox may answer at once from a cached image (`handle_now`).
+        self._cached_read_ops: frozenset[Op] = getattr(mailbox, "cached_read_ops", frozenset())
         # the STATS field holding `mailbox.stats()` (a service names its own: "userindex", ...)
         self._stats_section = stats_section
         self._service_key = service_key
@@ -210,6 +212,27 @@ class Dispatcher:
 
     # ---- requests ----
 
+    def handle_now(self, session: Session, frame: Frame) -> tuple[int, bytes] | None:
+        """The answer to a frame that needs no waiting (a read of a cached user), or None.
+
+        The server tries this first and runs `handle` in a task only when it returns
+        None: most requests of a busy cell are such reads, and a task costs more than
+        the read itself.
+        """
+        op = _OPS.get(frame.op)
+        # Only reads, and only once HELLO is done: a HELLO pipelined before this request
+        # is still in its task, and requests must not overtake it.
+        if op not in self._cached_read_ops or not session.authenticated:
+            return None
+        started = time.perf_counter()
+        try:
+            result = self._mailbox.answer_cached(op, self._payload(session, frame, op))  # type: ignore[attr-defined]
+            if result is None:
+                return None
+        except Exception as exc:
+            return self._finish(session, frame, op.name, started, exc)
+        return self._finish(session, frame, op.name, started, result)
+
     async def handle(self, session: Session, frame: Frame) -> tuple[int, bytes]:
         """(KIND_REPLY, payload) or (KIND_ERROR, error payload) for one frame."""
         started = time.perf_counter()
@@ -217,17 +240,32 @@ class Dispatcher:
         op_name = op.name if op is not None else UNKNOWN_OP
         try:
             result = await self._answer(session, frame, op)
-            kind, body, code = KIND_REPLY, orjson.dumps(result), None
-        except PyserverError as exc:
-            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(exc)), exc.code
         except Exception as exc:
-            log.exception(
+            return self._finish(session, frame, op_name, started, exc)
+        return self._finish(session, frame, op_name, started, result)
+
+    def _finish(
+        self,
+        session: Session,
+        frame: Frame,
+        op_name: str,
+        started: float,
+        outcome: dict[str, Any] | Exception,
+    ) -> tuple[int, bytes]:
+        """Encode a reply or an error, count it and tell the observer."""
+        if isinstance(outcome, PyserverError):
+            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(outcome)), outcome.code
+        elif isinstance(outcome, Exception):
+            log.error(
                 "request failed op=%s request_id=%d peer=%s",
                 op_name,
                 frame.request_id,
                 session.peer,
+                exc_info=outcome,
             )
-            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(exc)), "INTERNAL"
+            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(outcome)), "INTERNAL"
+        else:
+            kind, body, code = KIND_REPLY, orjson.dumps(outcome), None
         self._requests[op_name] += 1
         if code is not None:
             self._errors[code] += 1
@@ -237,13 +275,16 @@ class Dispatcher:
             log.exception("request observer failed op=%s", op_name)
         return kind, body
 
-    async def _answer(self, session: Session, frame: Frame, op: Op | None) -> dict[str, Any]:
+    @staticmethod
+    def _check_kind(frame: Frame) -> None:
         if frame.kind != KIND_REQUEST:
             raise BadRequest(
                 f"expected a request frame (kind {KIND_REQUEST}), got kind {frame.kind}"
             )
-        if op is None:
-            raise BadRequest(f"unknown operation code {frame.op}")
+
+    def _payload(self, session: Session, frame: Frame, op: Op) -> dict[str, Any]:
+        """The request's JSON object, once the frame and the session may ask for `op`."""
+        self._check_kind(frame)
         if not session.authenticated and op not in NO_HELLO:
             raise Unauthenticated(f"{op.name} needs a HELLO first on this connection")
         try:
@@ -254,6 +295,13 @@ class Dispatcher:
             raise BadRequest(f"payload must be a JSON object, not {type(payload).__name__}")
         if session.user is not None:
             self._check_user_scope(session, op, payload)
+        return payload
+
+    async def _answer(self, session: Session, frame: Frame, op: Op | None) -> dict[str, Any]:
+        if op is None:
+            self._check_kind(frame)
+            raise BadRequest(f"unknown operation code {frame.op}")
+        payload = self._payload(session, frame, op)
         handler = self._handlers.get(op)
         if handler is None:
             return await self._mailbox.execute(op, payload)

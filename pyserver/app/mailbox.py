@@ -256,6 +256,18 @@ class Mailbox:
             Op.FRIEND_ADD: self._friend_add,
             Op.FRIEND_REMOVE: self._friend_remove,
         }
+        # The reads `answer_cached` can answer at once from a cached image.
+        self._cached_reads: dict[Op, Callable[[UserImage, dict[str, Any]], dict[str, Any]]] = {
+            Op.LIST_THREADS: self._list_threads_of,
+            Op.GET_THREAD: self._get_thread_of,
+            Op.GET_MESSAGE: self._get_message_of,
+            Op.COUNTS: self._counts_of,
+        }
+
+    @property
+    def cached_read_ops(self) -> frozenset[Op]:
+        """The operations `answer_cached` can answer."""
+        return frozenset(self._cached_reads)
 
     @property
     def settings(self) -> MailboxSettings:
@@ -468,24 +480,53 @@ class Mailbox:
 
     # ---- reads: served from the image, no store read when it is cached ----
 
+    def answer_cached(self, op: Op, payload: dict[str, Any]) -> dict[str, Any] | None:
+        """The reply to a read of a cached user, computed now; None when it needs to wait.
+
+        Reads of cached users touch no store and never wait, so the server answers them
+        without a task. Anything else (a write, a user not cached) returns None and goes
+        through `execute`. Raises the same typed errors as `execute`.
+        """
+        answer = self._cached_reads.get(op)
+        if answer is None:
+            return None
+        user = _user(payload, "user")
+        self._check_owner(user)
+        if self._cache.peek(user) is None:
+            return None  # `execute` loads it (and counts the miss)
+        return answer(self._cache.get(user), payload)
+
+    async def _read(
+        self, p: dict[str, Any], answer: Callable[[UserImage, dict[str, Any]], dict[str, Any]]
+    ) -> dict[str, Any]:
+        return answer(await self._read_image(_user(p, "user")), p)
+
     async def _list_threads(self, p: dict[str, Any]) -> dict[str, Any]:
-        user = _user(p, "user")
+        return await self._read(p, self._list_threads_of)
+
+    async def _get_thread(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._read(p, self._get_thread_of)
+
+    async def _get_message(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._read(p, self._get_message_of)
+
+    async def _counts(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._read(p, self._counts_of)
+
+    def _list_threads_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
         folder = _choice(p, "folder", FOLDERS, default="inbox")
         limit = _limit(p, *_THREADS_PAGE)
         before = _cursor(p, "before")
-        image = await self._read_image(user)
         page, more = image.newest_threads(folder, limit, before)
         return {
             "threads": [thread.to_summary() for thread in page],
             "next": str(page[-1].last_seq) if more else None,
         }
 
-    async def _get_thread(self, p: dict[str, Any]) -> dict[str, Any]:
-        user = _user(p, "user")
+    def _get_thread_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
         thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
         limit = _limit(p, *_MESSAGES_PAGE)
         before = _cursor(p, "before")
-        image = await self._read_image(user)
         thread = _thread(image, thread_id)
         # newest first, one more than a page to know whether there is a next one
         older = (m for m in reversed(thread.messages.values()) if m.seq < before)
@@ -499,13 +540,11 @@ class Mailbox:
             "next": str(page[0].seq) if len(newest) > limit else None,
         }
 
-    async def _get_message(self, p: dict[str, Any]) -> dict[str, Any]:
-        user = _user(p, "user")
+    def _get_message_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
         message_id = _text(p, "message_id", self._settings.max_field_bytes)
-        image = await self._read_image(user)
         message = image.messages.get(message_id)
         if message is None:
-            raise NotFound(f"message_id: user {user} has no message {message_id!r}")
+            raise NotFound(f"message_id: user {p['user']} has no message {message_id!r}")
         return message.to_dict(with_extra=True)
 
     async def _get_blob(self, p: dict[str, Any]) -> dict[str, Any]:
@@ -518,8 +557,7 @@ class Mailbox:
             raise NotFound(f"ref: user {user} has no message with blob {request.ref}")
         return await blob_access.read_range(self._blobs, request, message_id)
 
-    async def _counts(self, p: dict[str, Any]) -> dict[str, Any]:
-        image = await self._read_image(_user(p, "user"))
+    def _counts_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
         return {"folders": image.counts()}
 
     async def _search(self, p: dict[str, Any]) -> dict[str, Any]:

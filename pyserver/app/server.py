@@ -212,6 +212,11 @@ class _Connection(asyncio.Protocol):
         self._update_reading()
 
     def _start(self, frame: Frame) -> None:
+        assert self._session is not None
+        answer = self._dispatcher.handle_now(self._session, frame)
+        if answer is not None:  # a read of a cached user: answered without a task
+            self._write(answer[0], frame.op, frame.request_id, answer[1])
+            return
         self._in_flight += 1
         request = _Request(frame, self._loop.time())
         self._running[request] = None
