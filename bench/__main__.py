@@ -70,6 +70,7 @@ def _server(quick: bool) -> dict[str, object]:
 COMMANDS: dict[str, Callable[[bool], dict[str, object]]] = {"micro": _micro, "server": _server}
 COMMANDS["userindex"] = lambda quick: __import__("bench.userindex").userindex.run(quick)
 COMMANDS["mail"] = lambda quick: __import__("bench.mail").mail.run(quick)
+COMMANDS["cluster"] = lambda quick: __import__("bench.cluster").cluster.run(quick)
 
 
 def main(argv: list[str] | None = None) -> int:

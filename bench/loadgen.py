@@ -125,8 +125,9 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     connections: list[_Connection] = []
     hello = orjson.dumps({"service_key": args.key})
+    senders = [int(user) for user in args.senders.split(",")] if args.senders else []
     for index in range(args.conns):
-        sender = args.first_sender + 2 * index
+        sender = senders[index % len(senders)] if senders else args.first_sender + 2 * index
         _, conn = await loop.create_connection(
             lambda sender=sender: _Connection(run, sender), args.host, args.port
         )
@@ -167,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--user", type=int, default=2)
     parser.add_argument("--thread", default="")
     parser.add_argument("--first-sender", type=int, default=1_000_000, help="SEND: first sender")
+    parser.add_argument("--senders", help="SEND: the connections' senders, 5,9,... (cycled)")
     parser.add_argument("--conns", type=int, default=1)
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=3.0)

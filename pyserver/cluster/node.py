@@ -285,6 +285,9 @@ class ClusterNode:
                 return await self.cells.request(Op.DELIVER_COPY, delivery.copy_request(recipient))
             except NotOwner as error:
                 raise Unavailable(f"recipient {recipient}'s owner is moving: {error}") from None
+        if self.freeze.holds(recipient):
+            # moving to another cell: the SEND is retried once discovery names that cell
+            raise Unavailable(f"recipient {recipient} is moving to another cell")
         if self.fence.ring_names_me(recipient):
             # ours, but not now (fenced): no other node may take it either
             raise Unavailable(f"recipient {recipient}'s owner (this node) cannot serve now")

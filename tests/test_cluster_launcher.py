@@ -1,0 +1,76 @@
+"""`pyserver cluster up --cells 2 --nodes 3` on the real engines, used from the CLI, then down.
+
+One test, as a person would: up (engines, tables, discovery x2, the user
+index, the dirty service, six app servers on HBase, the MTA proxy), status
+--json, a SEND between two users of different cells and the reads through
+`--cluster`, a user moved with `pyserver admin move-user`, then down --purge.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.cluster_harness import REPO
+
+
+def pyserver(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", *args],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def test_cluster_up_status_send_read_move_down(
+    tmp_path: Path, zookeeper: str, hbase_thrift: tuple[str, int]
+) -> None:
+    folder = str(tmp_path / "cluster")
+    started = time.monotonic()
+    up = pyserver("cluster", "up", "--dir", folder, "--cells", "2", "--nodes", "3",
+                  "--session-timeout", "5", timeout=240)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        up_s = time.monotonic() - started
+        status = pyserver("cluster", "status", "--dir", folder, "--json")
+        assert status.returncode == 0, status.stdout + status.stderr
+        report = json.loads(status.stdout)
+        roles = sorted(p["role"] for p in report["processes"])
+        assert roles.count("node") == 6 and roles.count("discovery") == 2
+        assert {"userindex", "mta"} <= set(roles) and all(p["alive"] for p in report["processes"])
+        assert sorted({p["cell"] for p in report["processes"] if p["role"] == "node"}) == [
+            "cell-1",
+            "cell-2",
+        ]
+        for process in report["processes"]:
+            assert process["address"].startswith("127.0.0.1:"), process
+        sent = pyserver("send", "--cluster", folder, "--user", "1", "--to", "2", "--json",
+                        "lunch on friday?")  # fmt: skip
+        assert sent.returncode == 0, sent.stderr
+        thread_id = json.loads(sent.stdout)["thread_id"]
+        threads = pyserver("threads", "--cluster", folder, "--user", "2", "--folder", "other",
+                           "--json")  # fmt: skip
+        assert threads.returncode == 0, threads.stderr
+        assert [t["thread_id"] for t in json.loads(threads.stdout)["threads"]] == [thread_id]
+        thread = pyserver("thread", "--cluster", folder, "--user", "1", thread_id)
+        assert thread.returncode == 0 and "lunch on friday?" in thread.stdout, thread.stderr
+        for target in ("cell-2", "cell-1"):  # wherever user 2 was placed, it moves twice
+            moved = pyserver("admin", "move-user", "--cluster", folder, "--user", "2", "--to",
+                             target, "--json")  # fmt: skip
+            assert moved.returncode == 0, moved.stderr
+            assert json.loads(moved.stdout)["target"] == target
+        assert json.loads(moved.stdout)["source"] == "cell-2"
+        counts = pyserver("counts", "--cluster", folder, "--user", "2", "--json")
+        assert json.loads(counts.stdout)["folders"]["other"]["unread"] == 1, counts.stderr
+        print(f"cluster up (2 x 3 on HBase): {up_s:.1f} s")
+    finally:
+        down = pyserver("cluster", "down", "--dir", folder, "--purge", timeout=120)
+        assert down.returncode == 0, down.stdout + down.stderr
+    assert not Path(folder).exists()
