@@ -1,16 +1,17 @@
-"""`python -m bench micro|server [--json] [--quick]`: pyserver against its pure twins and peers.
+"""`python -m bench SUITE [--json] [--quick]`: pyserver against its pure twins and its peers.
 
 `micro`: the native core parts against their pure twins and peer libraries.
-`server`: a running app server under load (bench/server.py).
-
-Every figure of one run is measured side by side in that run (bench.timing), so
-ratios hold on a shared, noisy machine. The benchmarks refuse to run on the
-pure fallback: a missing native module is an error here, not a warning.
+`server`: a running app server under load, native+uvloop against pure+asyncio, and Redis.
+`mail`: SMTP end to end against DELIVER. `userindex`: relation queries.
+`cluster`: a 3-node HBase cell against one SQLite node; failover and join times.
+Each prints one JSON object with --json. Every figure of a run is measured in that run.
+The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import platform
 import sys
@@ -33,8 +34,6 @@ def _require_native() -> None:
 
 
 def _micro(quick: bool) -> dict[str, object]:
-    import importlib
-
     results: dict[str, object] = {}
     for name in MICRO_PARTS:
         module = importlib.import_module(f"bench.{name}")
@@ -61,28 +60,27 @@ def _print_table(results: dict[str, object]) -> None:
             print(f"{'':<20}{extra}")
 
 
-def _server(quick: bool) -> dict[str, object]:
-    from bench import server
-
-    return server.run(quick=quick)
+# Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
+SUITE_MODULES = ("server", "mail", "userindex", "cluster")
 
 
-COMMANDS: dict[str, Callable[[bool], dict[str, object]]] = {"micro": _micro, "server": _server}
-COMMANDS["userindex"] = lambda quick: __import__("bench.userindex").userindex.run(quick)
-COMMANDS["mail"] = lambda quick: __import__("bench.mail").mail.run(quick)
-COMMANDS["cluster"] = lambda quick: __import__("bench.cluster").cluster.run(quick)
+def _suite(name: str) -> Callable[[bool], dict[str, object]]:
+    if name == "micro":
+        return _micro
+    module = importlib.import_module(f"bench.{name}")
+    return lambda quick: module.run(quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
-    parser.add_argument("suite", choices=sorted(COMMANDS))
+    parser.add_argument("suite", choices=("micro", *SUITE_MODULES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="a short smoke run, not for figures")
     args = parser.parse_args(argv)
 
     _require_native()
     started = time.perf_counter()
-    results = COMMANDS[args.suite](args.quick)
+    results = _suite(args.suite)(args.quick)
     results["meta"] = {
         "suite": args.suite,
         "python": platform.python_version(),

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +21,7 @@ from aiohttp import web
 
 from pyserver import endpoints, implementation
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.loop import loop_implementation, new_event_loop
+from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
@@ -35,6 +34,7 @@ from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
+from pyserver.process import configure_logging, run, stop_signal
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
@@ -215,11 +215,8 @@ class SingleNodeCell:
         }
 
 
-async def _run_until_signalled(cell: SingleNodeCell) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+async def _serve_until_stopped(cell: SingleNodeCell) -> None:
+    stopped = stop_signal()
     addresses = await cell.start()
     server, http = addresses["server"], addresses["http"]
     print(f"pyserver: cell {cell.config.cell} node {cell.config.node_id} running", flush=True)
@@ -236,10 +233,11 @@ async def _run_until_signalled(cell: SingleNodeCell) -> None:
         print(f"  dirty service    {where}, memcached {centres}", flush=True)
     print(f"  data             {cell.config.data_dir.resolve()}", flush=True)
     print(f"  service key      {cell.config.service_key_path.resolve()}", flush=True)
-    print(f"  implementations  {implementation.report()} loop={loop_implementation(loop)}")
+    loop = loop_implementation(asyncio.get_running_loop())
+    print(f"  implementations  {implementation.report()} loop={loop}")
     sys.stdout.flush()
     try:
-        await stop.wait()
+        await stopped.wait()
     finally:
         print("pyserver: stopping (finishing in-flight requests)", flush=True)
         await cell.stop()
@@ -247,16 +245,8 @@ async def _run_until_signalled(cell: SingleNodeCell) -> None:
 
 def serve(config: Config) -> int:
     """`pyserver run`: serve a single-node cell until SIGINT/SIGTERM."""
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(_run_until_signalled(SingleNodeCell(config)))
-    finally:
-        loop.close()
+    configure_logging(config.log_level)
+    run(_serve_until_stopped(SingleNodeCell(config)))
     return 0
 
 

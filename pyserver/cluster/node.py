@@ -34,7 +34,7 @@ from typing import Any
 
 from pyserver import implementation
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.loop import loop_implementation, new_event_loop
+from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Delivery, Mailbox, MailboxSettings
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.cluster.fence import OwnershipFence
@@ -49,6 +49,7 @@ from pyserver.discovery.freeze import FreezeWatch
 from pyserver.errors import NotOwner, Unavailable
 from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
+from pyserver.process import configure_logging, run
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
 
@@ -374,23 +375,12 @@ async def _run_until_stopped(node: ClusterNode) -> None:
 
 def serve(config: Config) -> int:
     """`pyserver node`: serve as one node of a cell until drained or signalled."""
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    # aiozk logs every reconnection attempt with a traceback; pyserver.cluster.zk logs what
-    # matters (suspended, lost, connected again).
-    logging.getLogger("aiozk").setLevel(logging.ERROR)
-    logging.getLogger("aiozk.session").setLevel(logging.CRITICAL)
-    loop = new_event_loop()
+    configure_logging(config.log_level)
     try:
-        loop.run_until_complete(_run_until_stopped(ClusterNode(config)))
+        run(_run_until_stopped(ClusterNode(config)))
     except Unavailable as error:
         print(f"pyserver: node {config.node_id} could not start: {error}", file=sys.stderr)
         return 1
-    finally:
-        loop.close()
     return 0
 
 

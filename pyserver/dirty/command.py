@@ -9,20 +9,17 @@ SIGINT or SIGTERM, then stops gracefully.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.loop import new_event_loop
 from pyserver.app.server import AppServer
 from pyserver.config import Config, load_config
 from pyserver.dirty import DataCentre, parse_data_centres
 from pyserver.dirty.service import DirtyService
+from pyserver.process import configure_logging, run, stop_signal
 
 __all__ = ["DEFAULT_PORT", "DirtyProcess", "add_parser"]
 
@@ -54,27 +51,20 @@ class DirtyProcess:
 
 
 async def _serve(process: DirtyProcess, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
     centres = " ".join(str(centre) for centre in process.service.centres)
     print(f"pyserver: dirty service listening on {bound_host}:{bound_port}", flush=True)
     print(f"  data centres  {centres}", flush=True)
     try:
-        await stop.wait()
+        await stopped.wait()
     finally:
         await process.stop()
 
 
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config, overrides={"data_dir": args.data})
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level)
     try:
         centres = parse_data_centres(args.dc or config.memcached_dcs)
     except ValueError as exc:
@@ -83,13 +73,7 @@ def _run(args: argparse.Namespace) -> int:
     if not centres:
         print("pyserver dirty: no data centre (--dc NAME=HOST:PORT)", file=sys.stderr)
         return 2
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(
-            _serve(DirtyProcess(config, centres), args.host or config.host, args.port)
-        )
-    finally:
-        loop.close()
+    run(_serve(DirtyProcess(config, centres), args.host or config.host, args.port))
     return 0
 
 

@@ -10,15 +10,12 @@ as many as you like side by side: they share nothing but the directory.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.loop import new_event_loop
 from pyserver.app.server import AppServer
 from pyserver.cluster.storespec import open_store, parse_store_spec
 from pyserver.cluster.zk import ZooKeeper
@@ -26,6 +23,7 @@ from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
+from pyserver.process import configure_logging, run, stop_signal
 
 __all__ = ["DEFAULT_PORT", "DiscoveryProcess", "add_parser"]
 
@@ -97,10 +95,7 @@ class DiscoveryProcess:
 
 
 async def _serve(process: DiscoveryProcess, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
     assert process.service is not None
     cells = process.service.cells.cells
@@ -109,7 +104,7 @@ async def _serve(process: DiscoveryProcess, host: str, port: int) -> None:
     print(f"  zookeeper  {process.config.zookeeper} chroot {process.zk.chroot or '/'}", flush=True)
     print(f"  cells      {', '.join(sorted(cells)) or '(none yet)'}", flush=True)
     try:
-        await stop.wait()
+        await stopped.wait()
     finally:
         await process.stop()
 
@@ -125,23 +120,13 @@ def _run(args: argparse.Namespace) -> int:
             "node_id": args.instance,
         },
     )
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    logging.getLogger("aiozk").setLevel(logging.ERROR)
-    logging.getLogger("aiozk.session").setLevel(logging.CRITICAL)
+    configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    loop = new_event_loop()
     try:
-        process = DiscoveryProcess(config, args.cache_users)
-        loop.run_until_complete(_serve(process, args.host or config.host, args.port))
+        run(_serve(DiscoveryProcess(config, args.cache_users), args.host or config.host, args.port))
     except (Unavailable, ConfigError) as error:
         print(f"pyserver discovery: could not start: {error}", file=sys.stderr)
         return 1
-    finally:
-        loop.close()
     return 0
 
 

@@ -8,17 +8,16 @@ SIGINT or SIGTERM.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import logging
-import signal
-import sys
 from pathlib import Path
 from typing import Any
+
+from pyserver.process import configure_logging, run, stop_signal
 
 __all__ = ["add_parser"]
 
 
 async def _serve(config: Any, server: str | None) -> None:
+    stopped = stop_signal()
     from pyserver import endpoints
     from pyserver.blobs import blob_store_for
     from pyserver.cluster.storespec import open_store, parse_store_spec
@@ -44,15 +43,11 @@ async def _serve(config: Any, server: str | None) -> None:
         await blobs.open()
         try:
             service = MtaService(config, store, blobs, route)
-            stop = asyncio.Event()
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, stop.set)
             smtp_host, smtp_port = await service.start()
             print(f"pyserver: MTA proxy listening on {smtp_host}:{smtp_port}", flush=True)
             print(f"  delivering to     {target}", flush=True)
             try:
-                await stop.wait()
+                await stopped.wait()
             finally:
                 await service.stop()
         finally:
@@ -62,7 +57,6 @@ async def _serve(config: Any, server: str | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pyserver.app.loop import new_event_loop
     from pyserver.config import load_config
 
     config = load_config(
@@ -74,16 +68,8 @@ def _run(args: argparse.Namespace) -> int:
             "discovery_addrs": args.discovery,
         },
     ).with_service_key()
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(_serve(config, args.server))
-    finally:
-        loop.close()
+    configure_logging(config.log_level)
+    run(_serve(config, args.server))
     return 0
 
 

@@ -8,17 +8,14 @@ wire shell until SIGINT or SIGTERM, then stops gracefully.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
-import sys
 from pathlib import Path
 from typing import Any
 
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.loop import new_event_loop
 from pyserver.app.server import AppServer
 from pyserver.config import Config, load_config
+from pyserver.process import configure_logging, run, stop_signal
 from pyserver.store.base import Store
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex.local import LocalUserIndex
@@ -65,14 +62,11 @@ class UserIndexProcess:
 
 
 async def _serve(process: UserIndexProcess, host: str, port: int) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
+    stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
     print(f"pyserver: user index service listening on {bound_host}:{bound_port}", flush=True)
     try:
-        await stop.wait()
+        await stopped.wait()
     finally:
         await process.stop()
 
@@ -81,18 +75,10 @@ def _run(args: argparse.Namespace) -> int:
     from pyserver.cell import store_path
 
     config = load_config(args.config, overrides={"data_dir": args.data})
-    logging.basicConfig(
-        level=config.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-        stream=sys.stderr,
-    )
+    configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     process = UserIndexProcess(config, SQLiteStore(store_path(config.data_dir)), args.cache_users)
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(_serve(process, args.host or config.host, args.port))
-    finally:
-        loop.close()
+    run(_serve(process, args.host or config.host, args.port))
     return 0
 
 

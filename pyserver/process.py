@@ -1,0 +1,47 @@
+"""One pyserver process (`pyserver run`, `node`, `mta`, `discovery`, ...): its logging,
+its event loop, and serving until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+from pyserver.app.loop import new_event_loop
+
+T = TypeVar("T")
+
+
+def configure_logging(level: str) -> None:
+    """Structured-enough lines on standard error, at the configured level."""
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+        stream=sys.stderr,
+    )
+    # aiozk logs every reconnection attempt with a traceback; pyserver.cluster.zk logs what
+    # matters (suspended, lost, connected again).
+    logging.getLogger("aiozk").setLevel(logging.ERROR)
+    logging.getLogger("aiozk.session").setLevel(logging.CRITICAL)
+
+
+def stop_signal() -> asyncio.Event:
+    """An event set when the process receives SIGINT or SIGTERM; the handlers are
+    installed now, so call it before starting to serve."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    return stop
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run `main` to completion on a new event loop (uvloop unless PYSERVER_PURE=1)."""
+    loop = new_event_loop()
+    try:
+        return loop.run_until_complete(main)
+    finally:
+        loop.close()
