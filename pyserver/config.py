@@ -70,6 +70,10 @@ class Config:
     tokens_per_node: int = 64
     # the store: "sqlite:PATH" or "hbase:HOST:PORT[/namespace]"; empty: SQLite in data_dir
     store: str = ""
+    # where attachments and raw mail live, a store spec like `store` (one blob store for
+    # the whole cluster: the MTA proxy writes there, every app server reads); empty:
+    # beside `store`
+    blob_store: str = ""
     # the host other servers and clients reach this node at; empty: host
     advertise_host: str = ""
     # how long a SEND's copy may take to reach a recipient's owner, retries included

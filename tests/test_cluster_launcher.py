@@ -8,12 +8,15 @@ index, the dirty service, six app servers on HBase, the MTA proxy), status
 
 from __future__ import annotations
 
+import asyncio
+import base64
 import json
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from tests.cluster_harness import REPO
 
@@ -69,8 +72,46 @@ def test_cluster_up_status_send_read_move_down(
         assert json.loads(moved.stdout)["source"] == "cell-2"
         counts = pyserver("counts", "--cluster", folder, "--user", "2", "--json")
         assert json.loads(counts.stdout)["folders"]["other"]["unread"] == 1, counts.stderr
+        # An attachment in the cluster's one blob store (where the MTA proxy writes) is
+        # read back by the user's owner, wherever the user lives.
+        attachment = bytes(range(256)) * 64
+        assert asyncio.run(_blob_round_trip(folder, attachment)) == attachment
         print(f"cluster up (2 x 3 on HBase): {up_s:.1f} s")
     finally:
         down = pyserver("cluster", "down", "--dir", folder, "--purge", timeout=120)
         assert down.returncode == 0, down.stdout + down.stderr
     assert not Path(folder).exists()
+
+
+async def _blob_round_trip(folder: str, attachment: bytes) -> bytes:
+    """Put a blob where the MTA proxy would, DELIVER a mail referencing it, GET_BLOB it."""
+    from pyserver.blobs import blob_store_for
+    from pyserver.cluster.launcher import read_state
+    from pyserver.discovery.client import connect_to_cluster
+    from pyserver.wire.ops import Op
+
+    state = read_state(Path(folder))
+    blobs = blob_store_for(
+        SimpleNamespace(blob_store=state["directory_store"], store="", data_dir=state["data"])
+    )
+    await blobs.open()
+    try:
+        info = await blobs.put(attachment)
+    finally:
+        await blobs.close()
+    cluster = await connect_to_cluster(folder)
+    try:
+        attached = {"ref": info.ref, "name": "a.bin", "type": "application/octet-stream",
+                    "size": len(attachment)}  # fmt: skip
+        await cluster.request(Op.DELIVER, {
+            "user": 2, "sender": 0, "from": "carol@example.org", "text": "see attached",
+            "channel": "email", "key": "<blob-1@example.org>",
+            "extra": {"attachments": [attached]},
+        })  # fmt: skip
+        reply = await cluster.request(
+            Op.GET_BLOB, {"user": 2, "ref": info.ref, "length": len(attachment)}
+        )
+        assert reply["eof"] is True
+        return base64.b64decode(reply["data"])
+    finally:
+        await cluster.close()

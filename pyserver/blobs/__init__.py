@@ -26,9 +26,9 @@ BLOB_FOLDER = "blobs"
 
 
 def blob_store_for(config: Any) -> BlobStore:
-    """The blob store of the cell a process belongs to (not opened): beside an HBase store,
-    its `blobs` table; else files under data_dir/blobs."""
-    store = getattr(config, "store", "")
+    """The blob store a process uses (not opened): that of `blob_store` if set, else of
+    `store`: with HBase, its `blobs` table; else files under data_dir/blobs."""
+    store = getattr(config, "blob_store", "") or getattr(config, "store", "")
     if store.startswith("hbase:"):
         from pyserver.blobs.hbase import HBaseBlobStore
         from pyserver.cluster.storespec import parse_store_spec

@@ -325,7 +325,11 @@ def cluster_up(
         by_role = {entry["role"]: entry for entry in services}
         discovery = ",".join(e["address"] for e in services if e["role"] == "discovery")
         state["discovery"] = discovery.split(",")
-        env = {"PYSERVER_USERINDEX_ADDR": by_role["userindex"]["address"]}
+        env = {
+            "PYSERVER_USERINDEX_ADDR": by_role["userindex"]["address"],
+            # one blob store for the cluster, where the MTA proxy writes: the global one
+            "PYSERVER_BLOB_STORE": directory_store,
+        }
         if memcached:
             env |= {
                 "PYSERVER_DIRTY_ADDR": by_role["dirty"]["address"],

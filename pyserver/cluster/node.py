@@ -37,6 +37,7 @@ from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Delivery, Mailbox, MailboxSettings
 from pyserver.app.server import AppServer, ServerLimits
+from pyserver.blobs import blob_store_for
 from pyserver.cluster.fence import OwnershipFence
 from pyserver.cluster.membership import Membership
 from pyserver.cluster.ringwatch import RingView, RingWatch
@@ -68,6 +69,8 @@ class ClusterNode:
         self.store_spec = parse_store_spec(config.store, config.data_dir)
         self.metrics = Metrics()
         self.store: Any = open_store(self.store_spec)
+        # attachments and raw mail, for GET_BLOB: the cluster's one blob store
+        self.blobs = blob_store_for(config)
         timed_store: Any = TimedStore(self.store, self.metrics)
         self.user_index: Any = self._user_index(timed_store)
         self.zk = ZooKeeper(
@@ -105,6 +108,7 @@ class ClusterNode:
             relay=self._relay_copy,
             counts_changed=self.dirty_reporter.report if self.dirty_reporter else None,
             in_other_cell=self._in_other_cell if self.cells is not None else None,
+            blobs=self.blobs,
         )
         # users frozen in this cell for a move to another, or moved away: refused here
         self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
@@ -171,6 +175,8 @@ class ClusterNode:
             config.data_dir.mkdir(parents=True, exist_ok=True)
             await self.store.open()
             self._started.append("store")
+            await self.blobs.open()
+            self._started.append("blobs")
             if self.dirty_reporter is not None:
                 if self.dirty_service is not None:
                     await self.dirty_service.start()
@@ -256,6 +262,8 @@ class ClusterNode:
             await self.dirty_reporter.close()
             if self.dirty_service is not None:
                 await self.dirty_service.close()
+        if "blobs" in started:
+            await self.blobs.close()
         if "store" in started:
             await self.store.close()
         self._started.clear()
