@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 import aiohappybase  # noqa: F401  (loads the Hbase_thrift module below)
 from Hbase_thrift import AlreadyExists, BatchMutation, ColumnDescriptor, Mutation, TScan
+from Hbase_thrift import IOError as ThriftIOError
 from thriftpy2.transport import TTransportException
 
 from pyserver.errors import BadRequest, PyserverError
@@ -218,6 +219,12 @@ async def ensure_tables(
             await call(lambda client: client.createTable(name, list(tables[name])))
         except AlreadyExists:
             return None  # made by someone else meanwhile
+        except ThriftIOError as error:
+            # Two processes creating the table at once: the gateway reports the loser's
+            # attempt as an IOError wrapping TableExistsException, not as AlreadyExists.
+            if "TableExistsException" in str(error):
+                return None
+            raise
         return name
 
     created = [name for name in await asyncio.gather(*map(create, missing)) if name]
