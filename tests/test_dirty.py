@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -39,6 +38,7 @@ from pyserver.store.sqlite import SQLiteStore
 from pyserver.web.counts import CountReader
 from pyserver.wire.ops import Op
 from tests.conftest import REQUIRE_ENGINES
+from tests.processes import listening, start
 
 KEY = "test-service-key-dirty-0123456789abc"
 
@@ -486,35 +486,6 @@ def test_a_data_centre_restarted_comes_back_and_a_flush_clears_everything(
 # ---- separate processes: `pyserver dirty` and `pyserver run` ----
 
 
-def _start(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"{args[0]} exited: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{args[0]} did not come up in 30 s")
-        time.sleep(0.05)
-    return proc
-
-
-def _listening(port: int) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    return check
-
-
 def test_separate_processes_keep_every_data_centre_fresh(
     memcached_servers: list[tuple[str, int]], tmp_path: Path
 ) -> None:
@@ -525,10 +496,10 @@ def test_separate_processes_keep_every_data_centre_fresh(
     dirty_port = free_port()
     env = {"PYSERVER_SERVICE_KEY": KEY, "PYSERVER_LOG_LEVEL": "WARNING"}
     dc_args = [arg for centre in centres for arg in ("--dc", str(centre))]
-    dirty = _start(
+    dirty = start(
         ["dirty", "--data", str(tmp_path / "dirty"), "--port", str(dirty_port), *dc_args],
         env,
-        _listening(dirty_port),
+        listening(dirty_port),
     )
     endpoints = tmp_path / "app" / "endpoints.json"
     app_env = {
@@ -536,7 +507,7 @@ def test_separate_processes_keep_every_data_centre_fresh(
         "PYSERVER_MEMCACHED_DCS": spec,
         "PYSERVER_DIRTY_ADDR": f"127.0.0.1:{dirty_port}",
     }
-    app = _start(
+    app = start(
         [
             "run",
             "--data",

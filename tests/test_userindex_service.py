@@ -36,6 +36,7 @@ from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
 from pyserver.userindex.service import UserIndexService
 from pyserver.wire.ops import Op
+from tests.processes import listening, start
 
 KEY = "test-service-key-userindex-0123456789"
 
@@ -287,35 +288,6 @@ def test_pyserver_run_serves_its_own_index_in_process(tmp_path: Path) -> None:
 # ---- separate processes ----
 
 
-def _start(args: list[str], env: dict[str, str], ready: Callable[[], bool]) -> subprocess.Popen:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", *args],
-        env={**os.environ, **env},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    deadline = time.monotonic() + 30
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"{args[0]} exited: {proc.stderr.read().decode()[-2000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError(f"{args[0]} did not come up in 30 s")
-        time.sleep(0.05)
-    return proc
-
-
-def _listening(port: int) -> Callable[[], bool]:
-    def check() -> bool:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return True
-        except OSError:
-            return False
-
-    return check
-
-
 def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     if proc.poll() is None:
         proc.send_signal(sig)
@@ -331,10 +303,10 @@ def test_separate_processes_and_the_service_killed(tmp_path: Path) -> None:
     index_port = free_port()
     env = {"PYSERVER_SERVICE_KEY": KEY, "PYSERVER_LOG_LEVEL": "WARNING"}
     index_args = ["userindex", "--data", str(index_dir), "--port", str(index_port)]
-    index_proc = _start(index_args, env, _listening(index_port))
+    index_proc = start(index_args, env, listening(index_port))
     app_env = {**env, "PYSERVER_USERINDEX_ADDR": f"127.0.0.1:{index_port}"}
     endpoints = app_dir / "endpoints.json"
-    app_proc = _start(
+    app_proc = start(
         ["run", "--data", str(app_dir), "--port", "0", "--http-port", "0", "--smtp-port", "0"],
         app_env,
         endpoints.exists,
