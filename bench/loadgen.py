@@ -5,6 +5,10 @@ keeps `conns` connections each with `pipeline` requests in flight for the
 given time and prints one JSON object: ops_per_s, p50_ms, p99_ms, errors.
 Requests are encoded once up front (SEND gets a fresh key per request), so
 the generator spends its time on the socket, not on building payloads.
+
+`--op redis_get` drives a Redis server instead (RESP GET of one key holding a value of
+`--value-bytes`), with the same connections, pipelining, timing and figures, so that
+`bench server` compares the two servers through one client.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import itertools
 import json
 import sys
 import time
+from collections import deque
 from typing import Any
 
 import orjson
@@ -101,6 +106,51 @@ class _Connection(asyncio.Protocol):
         return encode_frame(KIND_REQUEST, run.op, request_id, payload)
 
 
+class _RespConnection(asyncio.Protocol):
+    """The same load against Redis: GET of one key, in RESP, pipelined like the frames.
+
+    Every reply is the same bulk string, so replies are counted by length and checked
+    by one bytes comparison per batch: the client's cost per reply stays below the
+    frame decoder's, and the ratio compares the servers.
+    """
+
+    def __init__(self, run: _Run, reply: bytes) -> None:
+        self.run = run
+        self.reply = reply
+        self.pending = b""
+        self.sent_at: deque[int] = deque()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        now = time.perf_counter_ns()
+        run = self.run
+        self.pending += data
+        replies = len(self.pending) // len(self.reply)
+        if not replies:
+            return
+        done, self.pending = (
+            self.pending[: replies * len(self.reply)],
+            self.pending[replies * len(self.reply) :],
+        )
+        if done != self.reply * replies:
+            run.errors += replies
+        sent_at = self.sent_at
+        for _ in range(replies):
+            started = sent_at.popleft()
+            if run.measuring:
+                run.latencies.append(now - started)
+        if not run.stopping:
+            self.transport.write(run.payload * replies)  # type: ignore[operator]
+            sent_at.extend([time.perf_counter_ns()] * replies)
+
+    def send(self, count: int) -> None:
+        self.transport.write(self.run.payload * count)  # type: ignore[operator, union-attr]
+        self.sent_at.extend([time.perf_counter_ns()] * count)
+
+
 class _Run:
     def __init__(self, op: Op, payload: bytes | None) -> None:
         self.op = op
@@ -119,24 +169,39 @@ def _percentile(sorted_values: list[int], q: float) -> float:
     return sorted_values[index] / 1e6
 
 
-async def generate(args: argparse.Namespace) -> dict[str, Any]:
-    op, payload = request_payload(args.op, args)
-    run = _Run(op, payload)
+async def generate_resp(args: argparse.Namespace) -> dict[str, Any]:
+    """GET of one key on a Redis server, with the same connections, pipelining and timing."""
     loop = asyncio.get_running_loop()
-    connections: list[_Connection] = []
-    hello = orjson.dumps({"service_key": args.key})
-    senders = [int(user) for user in args.senders.split(",")] if args.senders else []
-    for index in range(args.conns):
-        sender = senders[index % len(senders)] if senders else args.first_sender + 2 * index
+    value = b"x" * args.value_bytes
+    key = b"bench:counts"
+    setter = _command(b"SET", key, value)
+    reader, writer = await asyncio.open_connection(args.host, args.port)
+    writer.write(setter)
+    if await reader.readline() != b"+OK\r\n":
+        raise SystemExit("loadgen: Redis did not accept SET")
+    writer.close()
+    run = _Run(Op.PING, _command(b"GET", key))
+    reply = b"$%d\r\n%s\r\n" % (len(value), value)
+    connections: list[_RespConnection] = []
+    for _ in range(args.conns):
         _, conn = await loop.create_connection(
-            lambda sender=sender: _Connection(run, sender), args.host, args.port
+            lambda: _RespConnection(run, reply), args.host, args.port
         )
-        conn.sent_at[_HELLO_ID] = 0
-        conn.transport.write(encode_frame(KIND_REQUEST, Op.HELLO, _HELLO_ID, hello))
-        await conn.ready
         connections.append(conn)
-    for conn in connections:
-        conn.transport.write(b"".join(conn.request() for _ in range(args.pipeline)))
+    return await _measure(args, run, lambda: [c.send(args.pipeline) for c in connections],
+                          connections)  # fmt: skip
+
+
+def _command(*parts: bytes) -> bytes:
+    """One RESP command (an array of bulk strings)."""
+    return b"*%d\r\n" % len(parts) + b"".join(b"$%d\r\n%s\r\n" % (len(p), p) for p in parts)
+
+
+async def _measure(
+    args: argparse.Namespace, run: _Run, start: Any, connections: list[Any]
+) -> dict[str, Any]:
+    """Start the load, measure for `args.seconds` after the warm-up, stop: the figures."""
+    start()
     await asyncio.sleep(args.warmup)
     run.measuring = True
     started = time.perf_counter()
@@ -159,12 +224,41 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+async def generate(args: argparse.Namespace) -> dict[str, Any]:
+    if args.op == "redis_get":
+        return await generate_resp(args)
+    op, payload = request_payload(args.op, args)
+    run = _Run(op, payload)
+    loop = asyncio.get_running_loop()
+    connections: list[_Connection] = []
+    hello = orjson.dumps({"service_key": args.key})
+    senders = [int(user) for user in args.senders.split(",")] if args.senders else []
+    for index in range(args.conns):
+        sender = senders[index % len(senders)] if senders else args.first_sender + 2 * index
+        _, conn = await loop.create_connection(
+            lambda sender=sender: _Connection(run, sender), args.host, args.port
+        )
+        conn.sent_at[_HELLO_ID] = 0
+        conn.transport.write(encode_frame(KIND_REQUEST, Op.HELLO, _HELLO_ID, hello))
+        await conn.ready
+        connections.append(conn)
+
+    def start() -> None:
+        for conn in connections:
+            conn.transport.write(b"".join(conn.request() for _ in range(args.pipeline)))
+
+    return await _measure(args, run, start, connections)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.loadgen", description=__doc__)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, required=True)
-    parser.add_argument("--key", required=True, help="service key")
-    parser.add_argument("--op", choices=("counts", "get_thread", "send", "ping"), required=True)
+    parser.add_argument("--key", default="", help="service key (not for redis_get)")
+    parser.add_argument(
+        "--op", choices=("counts", "get_thread", "send", "ping", "redis_get"), required=True
+    )
+    parser.add_argument("--value-bytes", type=int, default=200, help="redis_get: the value's size")
     parser.add_argument("--user", type=int, default=2)
     parser.add_argument("--thread", default="")
     parser.add_argument("--first-sender", type=int, default=1_000_000, help="SEND: first sender")

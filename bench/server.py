@@ -6,7 +6,9 @@ depth) runs against the native build on uvloop and against `PYSERVER_PURE=1`
 on the default loop, in the same run. Where `redis-server` and
 `redis-benchmark` are installed (`scripts/bench` installs them), Redis GET at the
 same concurrency and pipelining is measured as the ceiling for loopback
-request/reply on this machine.
+request/reply on this machine: through the same load generator (speaking RESP), and
+redis-benchmark's own figure beside it. Without Redis the benchmark stops with an error.
+Every scenario reports p50/p99. `bench.memory` adds the resident bytes per cached user.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from bench.memory import cached_user_memory
 
 OPS = ("counts", "get_thread", "send")
 SETTINGS = ((1, 1), (1, 16), (64, 1), (64, 16))  # (connections, pipeline depth)
@@ -65,8 +69,11 @@ def _cell(pure: bool) -> Iterator[tuple[int, str]]:
                 proc.kill()
 
 
-async def _prefill(port: int, key: str) -> str:
-    """User 1 writes 30 messages to user 2 (friends); returns the thread id, user 2 cached."""
+async def _prefill(port: int, key: str) -> tuple[str, int]:
+    """User 1 writes 30 messages to user 2 (friends), user 2 cached: (thread id, the size
+    of a COUNTS reply frame, which the Redis value matches)."""
+    import orjson
+
     from pyserver.client import Client
 
     async with await Client.connect("127.0.0.1", port, service_key=key) as client:
@@ -74,9 +81,9 @@ async def _prefill(port: int, key: str) -> str:
         reply = {}
         for n in range(30):
             reply = await client.send(1, [2], f"message number {n} about the quarterly plan")
-        await client.counts(2)
+        counts = await client.counts(2)
         await client.get_thread(2, reply["thread_id"], limit=20)
-        return reply["thread_id"]
+        return reply["thread_id"], 12 + len(orjson.dumps(counts))
 
 
 def _loadgen(port: int, key: str, op: str, conns: int, pipeline: int, thread: str,
@@ -91,43 +98,57 @@ def _loadgen(port: int, key: str, op: str, conns: int, pipeline: int, thread: st
     return json.loads(out.stdout)
 
 
-def _run_mode(pure: bool, seconds: float) -> list[dict[str, Any]]:
+def _run_mode(pure: bool, seconds: float) -> tuple[list[dict[str, Any]], int]:
+    """Every scenario against one cell; and the size of its COUNTS reply."""
     results = []
     with _cell(pure) as (port, key):
-        thread = asyncio.run(_prefill(port, key))
+        thread, counts_bytes = asyncio.run(_prefill(port, key))
         for op in OPS:
             for conns, pipeline in SETTINGS:
                 result = _loadgen(port, key, op, conns, pipeline, thread, seconds)
                 result["mode"] = "pure" if pure else "native"
                 results.append(result)
                 print(f"  {result}", file=sys.stderr)
-    return results
+    return results, counts_bytes
 
 
-def _redis(seconds: float) -> list[dict[str, Any]] | None:
-    server, benchmark = shutil.which("redis-server"), shutil.which("redis-benchmark")
-    if not (server and benchmark):
-        return None
+def _redis(seconds: float, value_bytes: int) -> list[dict[str, Any]]:
+    """Redis GET in every setting: through `bench.loadgen` (the same client as the cell's
+    scenarios, op "redis_get") and, beside it, redis-benchmark's own figure
+    (op "redis_benchmark_get")."""
+    server, benchmark = _redis_programs()
     port = _free_port()
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10
+        while not _listening(port):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("bench server: redis-server did not start")
+            time.sleep(0.05)
         results = []
         for conns, pipeline in SETTINGS:
-            # about `seconds` of work: size the request count from a short probe
-            count = 20_000 * max(1, conns // 8) * pipeline
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--op", "redis_get",
+                 "--conns", str(conns), "--pipeline", str(pipeline), "--seconds", str(seconds),
+                 "--value-bytes", str(value_bytes)],
+                capture_output=True, text=True, check=True, timeout=120,
+            )  # fmt: skip
+            results.append(json.loads(out.stdout))
+            print(f"  {results[-1]}", file=sys.stderr)
+            # about `seconds` of work: size the request count from the loadgen's figure
+            count = max(10_000, int(results[-1]["ops_per_s"] * seconds))
             out = subprocess.run(
                 [benchmark, "-p", str(port), "-t", "get", "-c", str(conns), "-P", str(pipeline),
-                 "-n", str(count), "--csv"],
+                 "-d", str(value_bytes), "-n", str(count), "--csv"],
                 capture_output=True, text=True, check=True, timeout=300,
             ).stdout  # fmt: skip
             row = next(line for line in out.splitlines() if line.startswith('"GET"'))
             cells = [c.strip('"') for c in row.split(",")]
             results.append({
-                "op": "redis_get", "conns": conns, "pipeline": pipeline,
+                "op": "redis_benchmark_get", "conns": conns, "pipeline": pipeline,
                 "ops_per_s": round(float(cells[1])),
                 "p50_ms": float(cells[4]), "p99_ms": float(cells[6]),
             })  # fmt: skip
@@ -138,6 +159,23 @@ def _redis(seconds: float) -> list[dict[str, Any]] | None:
         proc.wait(timeout=10)
 
 
+def _redis_programs() -> tuple[str, str]:
+    """redis-server and redis-benchmark, or SystemExit saying they are missing."""
+    server, benchmark = shutil.which("redis-server"), shutil.which("redis-benchmark")
+    if not (server and benchmark):
+        raise SystemExit(
+            "bench server: redis-server and redis-benchmark are missing; they are the "
+            "ceiling this benchmark compares with (scripts/bench and scripts/test install "
+            "them: apt-get install redis-server redis-tools)"
+        )
+    return server, benchmark
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 def _find(results: list[dict[str, Any]], op: str, conns: int, pipeline: int) -> dict[str, Any]:
     return next(
         r for r in results if r["op"] == op and r["conns"] == conns and r["pipeline"] == pipeline
@@ -146,39 +184,37 @@ def _find(results: list[dict[str, Any]], op: str, conns: int, pipeline: int) -> 
 
 def run(quick: bool = False) -> dict[str, Any]:
     seconds = 0.5 if quick else 2.0
+    _redis_programs()  # before anything runs: no figure without its ceiling
     print("bench server: native + uvloop", file=sys.stderr)
-    native = _run_mode(False, seconds)
+    native, counts_bytes = _run_mode(False, seconds)
     print("bench server: PYSERVER_PURE=1 + asyncio", file=sys.stderr)
-    pure = _run_mode(True, seconds)
-    print("bench server: redis GET", file=sys.stderr)
-    redis = _redis(seconds)
+    pure, _ = _run_mode(True, seconds)
+    print("bench server: redis GET (same load generator, then redis-benchmark)", file=sys.stderr)
+    redis = _redis(seconds, counts_bytes)
+    print("bench server: memory per cached user", file=sys.stderr)
+    memory = cached_user_memory(users=2_000 if quick else 100_000)
 
     ratios = [
         _find(native, r["op"], r["conns"], r["pipeline"])["ops_per_s"] / max(r["ops_per_s"], 1)
         for r in pure
     ]
-    figures: dict[str, Any] = {
-        "scenarios": native + pure + (redis or []),
+    by_scenario = {
+        f"{c}x{p}": round(
+            _find(native, "counts", c, p)["ops_per_s"]
+            / max(_find(redis, "redis_get", c, p)["ops_per_s"], 1),
+            3,
+        )
+        for c, p in SETTINGS
+    }
+    return {
+        "scenarios": native + pure + redis,
         # geometric mean over every scenario of native ops/s / pure ops/s
         "native_vs_pure": round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 2),
         "send_durable_ops_per_s": _find(native, "send", 64, 1)["ops_per_s"],
         "send_durable_pipelined_ops_per_s": _find(native, "send", 64, 16)["ops_per_s"],
+        # COUNTS of a cached user over Redis GET, both driven by bench.loadgen
+        "counts_vs_redis_get_by_scenario": by_scenario,
+        "counts_vs_redis_get": min(by_scenario.values()),
+        "bytes_per_cached_user": memory["bytes_per_cached_user"],
+        "memory": memory,
     }
-    if redis:
-        by_setting = {
-            f"{c}x{p}": round(
-                _find(native, "counts", c, p)["ops_per_s"]
-                / _find(redis, "redis_get", c, p)["ops_per_s"],
-                3,
-            )
-            for c, p in SETTINGS
-        }
-        figures["counts_vs_redis_get_by_setting"] = by_setting
-        # the headline: 64 connections, no pipelining
-        figures["counts_vs_redis_get"] = by_setting["64x1"]
-    else:
-        figures["counts_vs_redis_get"] = None
-        figures["redis"] = (
-            "redis-server/redis-benchmark not installed (scripts/bench installs them)"
-        )
-    return figures

@@ -98,11 +98,7 @@ class SingleNodeCell:
         )
         self.server = AppServer(
             self.dispatcher,
-            ServerLimits(
-                max_in_flight=self.config.max_in_flight_per_connection,
-                idle_timeout_s=self.config.idle_timeout_s,
-                request_timeout_s=self.config.request_timeout_s,
-            ),
+            ServerLimits.from_config(self.config),
         )
         self.http = HttpEndpoint(self.metrics, self._health)
         self.userindex_server: AppServer | None = None
@@ -113,7 +109,8 @@ class SingleNodeCell:
                     key,
                     f"userindex-{self.config.node_id}",
                     stats_section="userindex",
-                )
+                ),
+                ServerLimits.from_config(self.config),
             )
         self.counts: CountReader | None = None
         self.http.add_get("/counts/{user}", self._serve_counts)

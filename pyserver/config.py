@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.app.auth import generate_service_key
-from pyserver.errors import BadRequest
+from pyserver.errors import PyserverError
 
 
-class ConfigError(BadRequest):
+class ConfigError(PyserverError, ValueError):
     """A configuration value is unknown, of the wrong type or out of range."""
 
 

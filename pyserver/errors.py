@@ -19,8 +19,12 @@ class BadRequest(PyserverError, ValueError):
     code = "BAD_REQUEST"
 
 
-class LogCorrupt(BadRequest):
-    """A log record is truncated, corrupted, of an unknown version, or hostile."""
+class LogCorrupt(PyserverError, ValueError):
+    """A log record or snapshot is truncated, corrupted, of an unknown version, or hostile.
+
+    Met while reading stored data, it is the server's fault, not the client's: the
+    request is answered INTERNAL and the corruption logged loudly.
+    """
 
 
 class EmptyRing(PyserverError, LookupError):

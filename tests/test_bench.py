@@ -52,3 +52,65 @@ def test_bench_refuses_the_pure_fallback() -> None:
     )
     assert proc.returncode != 0
     assert "refusing to run on the pure fallback" in proc.stderr
+
+
+def test_bench_server_refuses_to_run_without_its_redis_ceiling(tmp_path) -> None:
+    # A PATH with this Python but no redis-server: the benchmark stops before measuring.
+    (tmp_path / "python").symlink_to(sys.executable)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "server", "--quick"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": str(tmp_path)},
+        timeout=120,
+    )
+    assert proc.returncode != 0
+    assert "redis-server and redis-benchmark are missing" in proc.stderr
+
+
+def test_the_load_generator_drives_a_real_redis_in_resp(tmp_path) -> None:
+    import shutil
+    import socket
+    import time
+
+    server = shutil.which("redis-server")
+    assert server, "redis-server is installed by scripts/test (scripts/debian-packages)"
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    redis = subprocess.Popen(
+        [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while socket.socket().connect_ex(("127.0.0.1", port)) != 0:
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        out = subprocess.run(
+            [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--op", "redis_get",
+             "--conns", "4", "--pipeline", "8", "--seconds", "0.3", "--warmup", "0.1",
+             "--value-bytes", "150"],
+            capture_output=True, text=True, check=True, timeout=60,
+        ).stdout  # fmt: skip
+    finally:
+        redis.terminate()
+        redis.wait(timeout=10)
+    figures = json.loads(out)
+    assert figures["ops_per_s"] > 0 and figures["errors"] == 0
+    assert 0 < figures["p50_ms"] <= figures["p99_ms"]
+
+
+def test_memory_per_cached_user_is_measured() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.memory", "--users", "300"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout
+    figures = json.loads(out)
+    assert figures["users"] == 300 and figures["threads_per_user"] == 10
+    # 200 messages are held per user: at least their snapshot's worth, well under 10 MB
+    assert figures["snapshot_bytes"] < figures["bytes_per_cached_user"] < 10_000_000

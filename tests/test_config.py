@@ -65,3 +65,29 @@ def test_service_key_is_created_once_and_kept(tmp_path: Path) -> None:
     assert (tmp_path / "d" / "service.key").stat().st_mode & 0o777 == 0o600
     config = Config(data_dir=tmp_path / "d").with_service_key()
     assert config.service_key == first
+
+
+def test_service_processes_take_the_configured_limits_and_store(tmp_path: Path) -> None:
+    from pyserver.app.server import ServerLimits
+    from pyserver.dirty import DataCentre
+    from pyserver.dirty.command import DirtyProcess
+    from pyserver.store.hbase import HBaseStore
+    from pyserver.userindex.command import UserIndexProcess
+
+    config = load_config(
+        env={},
+        overrides={
+            "data_dir": tmp_path,
+            "max_in_flight_per_connection": 7,
+            "idle_timeout_s": 11.0,
+            "request_timeout_s": 3.0,
+            "store": "hbase:127.0.0.1:9/limitsns",
+        },
+    )
+    limits = ServerLimits(max_in_flight=7, idle_timeout_s=11.0, request_timeout_s=3.0)
+    assert ServerLimits.from_config(config) == limits
+    index = UserIndexProcess.from_config(config)
+    assert index.server.limits == limits
+    assert isinstance(index.store, HBaseStore)  # not the embedded store it used to force
+    centre = DataCentre.parse("east=127.0.0.1:9")  # never contacted: the process is not started
+    assert DirtyProcess(config, [centre]).server.limits == limits

@@ -566,12 +566,14 @@ def test_batch_errors_point_into_the_batch(codec):
         codec.decode_batch(batch + bytes(26))
 
 
-def test_log_corrupt_is_a_bad_request_and_a_value_error(codec):
+def test_log_corrupt_is_the_servers_fault_and_a_value_error(codec):
+    """Corrupt stored bytes are no client's fault: INTERNAL, never BAD_REQUEST."""
     with pytest.raises(ValueError):
         codec.decode(b"")
-    with pytest.raises(BadRequest) as info:
+    with pytest.raises(LogCorrupt) as info:
         codec.decode(b"")
-    assert info.value.code == "BAD_REQUEST"
+    assert info.value.code == "INTERNAL"
+    assert not isinstance(info.value, BadRequest)
     assert type(info.value) is LogCorrupt
 
 

@@ -840,3 +840,37 @@ def test_request_id_zero_is_a_stream_error(tmp_path: Path, impl: Impl) -> None:
             assert (await witness.ping())["pong"] is True
 
     impl.run(scenario)
+
+
+def test_a_corrupt_stored_record_is_internal_not_the_clients_fault(
+    tmp_path: Path, impl: Impl, caplog: pytest.LogCaptureFixture
+) -> None:
+    import sqlite3
+
+    async def write() -> None:
+        async with Cell(tmp_path, impl) as cell:
+            client = await cell.client()
+            await client.send(1, [2], "a record about to rot", channel="chat")
+
+    async def read() -> None:
+        async with Cell(tmp_path, impl) as cell:
+            client = await cell.client()
+            with pytest.raises(PyserverError) as err:
+                await client.list_threads(2)
+            assert err.value.code == "INTERNAL"
+            assert (await client.counts(1))["folders"]  # the rest is served
+
+    impl.run(write)
+    db = sqlite3.connect(tmp_path / "cell.sqlite")
+    with db:
+        db.execute("DELETE FROM snapshots")  # so the log itself is replayed
+        (user, seq, record), *_ = db.execute(
+            "SELECT user, seq, record FROM log WHERE user = ?", ((2).to_bytes(8, "big"),)
+        ).fetchall() or [(None, None, None)]
+        assert record is not None, "user 2's log is stored elsewhere than the test assumes"
+        rotten = bytes([record[0]]) + bytes(b ^ 0x5A for b in record[1:])
+        db.execute("UPDATE log SET record = ? WHERE user = ? AND seq = ?", (rotten, user, seq))
+    db.close()
+    with caplog.at_level("ERROR", logger="pyserver.app.dispatcher"):
+        impl.run(read)
+    assert any("op=LIST_THREADS" in r.getMessage() and r.exc_info for r in caplog.records)

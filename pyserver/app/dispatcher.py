@@ -255,6 +255,14 @@ class Dispatcher:
         """Encode a reply or an error, count it and tell the observer."""
         if isinstance(outcome, PyserverError):
             kind, body, code = KIND_ERROR, orjson.dumps(error_payload(outcome)), outcome.code
+            if code == "INTERNAL":  # the server's own fault (a corrupt stored record): loudly
+                log.error(
+                    "request failed op=%s request_id=%d peer=%s",
+                    op_name,
+                    frame.request_id,
+                    session.peer,
+                    exc_info=outcome,
+                )
         elif isinstance(outcome, Exception):
             log.error(
                 "request failed op=%s request_id=%d peer=%s",

@@ -65,6 +65,15 @@ class ServerLimits:
     # megabytes), a small one makes a peer that stops reading show up sooner.
     socket_send_buffer: int | None = None
 
+    @classmethod
+    def from_config(cls, config: Any) -> ServerLimits:
+        """The limits a process's configuration sets (pyserver.config.Config)."""
+        return cls(
+            max_in_flight=config.max_in_flight_per_connection,
+            idle_timeout_s=config.idle_timeout_s,
+            request_timeout_s=config.request_timeout_s,
+        )
+
     def __post_init__(self) -> None:
         if self.max_in_flight < 1:
             raise ValueError("max_in_flight must be at least 1")

@@ -122,11 +122,7 @@ class ClusterNode:
         )
         self.server = AppServer(
             self.dispatcher,
-            ServerLimits(
-                max_in_flight=config.max_in_flight_per_connection,
-                idle_timeout_s=config.idle_timeout_s,
-                request_timeout_s=config.request_timeout_s,
-            ),
+            ServerLimits.from_config(config),
         )
         self.http = HttpEndpoint(self.metrics, self._health)
         self.metrics.watch_cache(self.mailbox.stats)

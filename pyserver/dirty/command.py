@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.server import AppServer
+from pyserver.app.server import AppServer, ServerLimits
 from pyserver.config import Config, load_config
 from pyserver.dirty import DataCentre, parse_data_centres
 from pyserver.dirty.service import DirtyService
@@ -39,7 +39,7 @@ class DirtyProcess:
             max_frame_size=self.config.max_frame_size,
             stats_section="dirty",
         )
-        self.server = AppServer(self.dispatcher)
+        self.server = AppServer(self.dispatcher, ServerLimits.from_config(self.config))
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         await self.service.start()

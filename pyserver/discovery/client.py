@@ -31,12 +31,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lru import LRU
-
 from pyserver.client import Client, Subscription
 from pyserver.cluster.routing import ClientPool, OwnerRouter
 from pyserver.errors import BadRequest, PyserverError, Unavailable
 from pyserver.ring import HashRing
+from pyserver.snapcache import SnapshotCache
 from pyserver.wire.ops import Op
 
 __all__ = ["CellRing", "ClusterClient", "ClusterRoute", "connect_to_cluster", "parse_addresses"]
@@ -127,7 +126,8 @@ class ClusterClient:
         )
         self._discovery_clients: dict[str, Client] = {}
         self._preferred = random.randrange(len(self.discovery))
-        self._cells: Any = LRU(max(1, cache_users))
+        # user -> cell name, most recently used kept (the native LRU; weight 1 per entry).
+        self._cells = SnapshotCache(max(1, cache_users), max(1, cache_users))
         self._rings: dict[str, CellRing] = {}
         self._ring_fetches: dict[str, asyncio.Task[CellRing]] = {}
         self._closed = False
@@ -217,7 +217,7 @@ class ClusterClient:
         self.figures["lookups"] += 1
         reply = await self.discovery_request(Op.LOOKUP, {"user": user, "fresh": fresh})
         if reply.get("cell") and not reply.get("frozen"):
-            self._cells[user] = reply["cell"]
+            self._cells.put(user, reply["cell"], 1)
         return reply
 
     def cached_cell(self, user: int) -> str | None:
@@ -295,7 +295,7 @@ class ClusterClient:
                 log.debug("user %d: %s; asking discovery again", user, error.code)
             self.figures["rerouted"] += 1
             with contextlib.suppress(KeyError):
-                del self._cells[user]
+                self._cells.pop(user)
             fresh = True
             await asyncio.sleep(delay)
             delay = min(delay * 2, most)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.server import AppServer
+from pyserver.app.server import AppServer, ServerLimits
 from pyserver.cluster.storespec import open_store, parse_store_spec
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError, load_config
@@ -68,7 +68,7 @@ class DiscoveryProcess:
                 health_check=self._healthy,
                 stats_section="discovery",
             )
-            self.server = AppServer(dispatcher)
+            self.server = AppServer(dispatcher, ServerLimits.from_config(self.config))
             return await self.server.start(host, port)
         except BaseException:
             await self.stop()

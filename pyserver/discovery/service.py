@@ -30,8 +30,6 @@ from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from lru import LRU
-
 from pyserver.cluster import layout
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.zk import (
@@ -45,6 +43,7 @@ from pyserver.cluster.zk import (
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.freeze import FreezeWatch
 from pyserver.errors import BadRequest, NotFound, Unavailable
+from pyserver.snapcache import SnapshotCache
 from pyserver.wire.ops import Op
 
 __all__ = ["CellsWatch", "DiscoveryService", "ring_reply"]
@@ -223,7 +222,8 @@ class DiscoveryService:
         self.directory = directory
         self.cells = CellsWatch(zk)
         self.cells.on_frozen(self._forget_frozen)
-        self._cache: Any = LRU(max(1, cache_users))
+        # user -> cell name, most recently used kept (the native LRU; weight 1 per entry).
+        self._cache = SnapshotCache(max(1, cache_users), max(1, cache_users))
         self._counts: Counter[str] = Counter()
         self._counts_refresh_s = counts_refresh_s
         self._counts_task: asyncio.Task[None] | None = None
@@ -345,12 +345,12 @@ class DiscoveryService:
     def _remember(self, user: int, name: str) -> None:
         cell = self.cells.cells.get(name)
         if cell is not None and not cell.frozen.holds(user):
-            self._cache[user] = name
+            self._cache.put(user, name, 1)
 
     def _forget_frozen(self, name: str, users: frozenset[int]) -> None:
         for user in users:
-            if self._cache.get(user) == name:
-                del self._cache[user]
+            if self._cache.peek(user) == name:
+                self._cache.pop(user)
 
     async def _place(self, user: int) -> str:
         pending = self._placing.get(user)

@@ -1,8 +1,9 @@
 """`pyserver userindex`: the user index service as its own process.
 
-Owns the command line and the life of the process: it opens the cell's store
-(the embedded one on `--data`), serves `UserIndexService` on the app server's
-wire shell until SIGINT or SIGTERM, then stops gracefully.
+Owns the command line and the life of the process: it opens the configured `store`
+(the embedded one on `--data` by default, or HBase), serves `UserIndexService` on the app
+server's wire shell, with the configured limits, until SIGINT or SIGTERM, then stops
+gracefully.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.server import AppServer
-from pyserver.config import Config, load_config
+from pyserver.app.server import AppServer, ServerLimits
+from pyserver.cluster.storespec import open_store, parse_store_spec
+from pyserver.config import Config, ConfigError, load_config
 from pyserver.process import configure_logging, run, stop_signal
 from pyserver.store.base import Store
-from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.service import UserIndexService
 
@@ -43,7 +44,16 @@ class UserIndexProcess:
             health_check=self._store_healthy,
             stats_section="userindex",
         )
-        self.server = AppServer(self.dispatcher)
+        self.server = AppServer(self.dispatcher, ServerLimits.from_config(self.config))
+
+    @classmethod
+    def from_config(cls, config: Config, cache_users: int = 100_000) -> UserIndexProcess:
+        """The process on the store the configuration names (not opened yet)."""
+        try:
+            store = open_store(parse_store_spec(config.store, config.data_dir))
+        except ValueError as exc:
+            raise ConfigError(f"config store: {exc}") from None
+        return cls(config, store, cache_users)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         await self.store.open()
@@ -72,12 +82,10 @@ async def _serve(process: UserIndexProcess, host: str, port: int) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pyserver.cell import store_path
-
     config = load_config(args.config, overrides={"data_dir": args.data})
     configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
-    process = UserIndexProcess(config, SQLiteStore(store_path(config.data_dir)), args.cache_users)
+    process = UserIndexProcess.from_config(config, args.cache_users)
     run(_serve(process, args.host or config.host, args.port))
     return 0
 
