@@ -36,6 +36,7 @@ from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
 from pyserver.process import configure_logging, run, stop_signal
 from pyserver.store.sqlite import SQLiteStore
+from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
 from pyserver.userindex.service import UserIndexService
@@ -186,7 +187,7 @@ class SingleNodeCell:
     async def _serve_counts(self, request: web.Request) -> web.Response:
         """GET /counts/<user>: the user's COUNTS reply, through the count cache."""
         raw = request.match_info["user"]
-        if not raw.isdigit() or not 0 < int(raw) < 1 << 64:
+        if not raw.isdigit() or not is_user_id(int(raw)):
             bad = {"code": "BAD_REQUEST", "message": f"{raw!r} is not a user id"}
             return web.json_response(bad, status=400)
         assert self.counts is not None

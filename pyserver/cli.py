@@ -19,6 +19,7 @@ from typing import Any
 
 from pyserver import endpoints
 from pyserver.errors import PyserverError
+from pyserver.userid import is_user_id
 
 DEFAULT_DATA = Path("pyserver-data")
 
@@ -174,7 +175,7 @@ def _doctor(args: argparse.Namespace) -> int:
 
 def _user_id(text: str) -> int:
     value = int(text)
-    if not 0 <= value < 1 << 64:
+    if not is_user_id(value, minimum=0):
         raise argparse.ArgumentTypeError(f"{text} is not a user id (0 .. 2**64-1)")
     return value
 

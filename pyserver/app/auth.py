@@ -15,6 +15,7 @@ import hmac
 import secrets
 
 from pyserver.errors import Unauthenticated
+from pyserver.userid import MAX_USER_ID, is_user_id
 
 __all__ = [
     "MAX_USER_ID",
@@ -24,7 +25,6 @@ __all__ = [
     "verify_user_token",
 ]
 
-MAX_USER_ID = (1 << 64) - 1
 # A token is three short fields; anything much longer is not one, so reject it before
 # doing any work on it.
 _MAX_TOKEN_LENGTH = 20 + 1 + 20 + 1 + 64
@@ -63,7 +63,7 @@ def make_user_token(user_id: int, expires_at: int, key: str) -> str:
     """A token limiting a connection to `user_id` until `expires_at` (Unix seconds)."""
     if not key:
         raise ValueError("cannot sign a user token without a service key")
-    if type(user_id) is not int or not 0 <= user_id <= MAX_USER_ID:
+    if not is_user_id(user_id, minimum=0):
         raise ValueError(f"user id must be an int in 0..2**64-1, not {user_id!r}")
     if type(expires_at) is not int or expires_at < 0:
         raise ValueError(f"expires_at must be whole seconds since the epoch, not {expires_at!r}")

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 
 import orjson
 
-from pyserver.app.auth import MAX_USER_ID, check_service_key, verify_user_token
+from pyserver.app.auth import check_service_key, verify_user_token
 from pyserver.errors import (
     BadRequest,
     Forbidden,
@@ -28,6 +28,7 @@ from pyserver.errors import (
     Unauthenticated,
     error_payload,
 )
+from pyserver.userid import is_user_id
 from pyserver.wire.framedef import (
     DEFAULT_MAX_FRAME_SIZE,
     KIND_ERROR,
@@ -117,7 +118,7 @@ class Session:
 
 def _user_id(payload: dict[str, Any], field: str, minimum: int = 0) -> int:
     value = payload.get(field)
-    if type(value) is not int or not minimum <= value <= MAX_USER_ID:
+    if not is_user_id(value, minimum):
         raise BadRequest(
             f"{field}: must be a user id (an int in {minimum}..2**64-1), not {value!r}"
         )

@@ -32,6 +32,7 @@ from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, LogCorrupt, NotFound, NotOwner, TooLarge, Unavailable
 from pyserver.snapcache import SnapshotCache
 from pyserver.store.base import LogAppend, Store, WriteConflict
+from pyserver.userid import MAX_USER_ID, check_user_id, is_user_id
 from pyserver.userindex import RELATIONS, UserIndex
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
@@ -40,7 +41,6 @@ __all__ = ["Delivery", "Mailbox", "MailboxSettings", "search_terms"]
 
 log = logging.getLogger(__name__)
 
-_U64_MAX = (1 << 64) - 1
 # Page sizes and limits of the reads (docs/protocol.md).
 _THREADS_PAGE = (20, 200)
 _MESSAGES_PAGE = (50, 200)
@@ -1113,9 +1113,7 @@ def _field(p: dict[str, Any], name: str, default: Any) -> Any:
 
 def _user(p: dict[str, Any], name: str, minimum: int = 1) -> int:
     value = _field(p, name, _MISSING)
-    if type(value) is not int or not minimum <= value <= _U64_MAX:
-        raise BadRequest(f"{name}: must be a user id in {minimum}..2**64-1, not {value!r}")
-    return value
+    return check_user_id(value, name, minimum)
 
 
 def _user_list(p: dict[str, Any], name: str, most: int, default: Any = _MISSING) -> list[int]:
@@ -1125,7 +1123,7 @@ def _user_list(p: dict[str, Any], name: str, most: int, default: Any = _MISSING)
     if len(value) > most:
         raise TooLarge(f"{name}: {len(value)} users, over the limit of {most}")
     for user in value:
-        if type(user) is not int or not 1 <= user <= _U64_MAX:
+        if not is_user_id(user):
             raise BadRequest(f"{name}: {user!r} is not a user id in 1..2**64-1")
     return value
 
@@ -1173,7 +1171,7 @@ def _cursor(p: dict[str, Any], name: str) -> int:
     """A page cursor (a `next` of a previous page) as a log position; none: past the end."""
     value = _field(p, name, None)
     if value is None:
-        return _U64_MAX + 1
+        return MAX_USER_ID + 1
     if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 20:
         raise BadRequest(f"{name}: {value!r} is not a cursor this server gave")
     return int(value)

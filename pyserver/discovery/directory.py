@@ -22,10 +22,10 @@ from typing import Any
 
 from pyserver.errors import BadRequest, PyserverError
 from pyserver.store.base import Store, StoreUnavailable
+from pyserver.userid import is_user_id
 
 __all__ = ["Directory"]
 
-_U64_MAX = (1 << 64) - 1
 # SQLite: how long a placement waits for the file's write lock (the nodes write too).
 _SQLITE_BUSY_S = 10.0
 _HBASE_CONNECTIONS = 4
@@ -33,7 +33,7 @@ _HBASE_TIMEOUT_S = 10.0
 
 
 def _check_user(user_id: Any) -> int:
-    if type(user_id) is not int or not 0 <= user_id <= _U64_MAX:
+    if not is_user_id(user_id, minimum=0):
         raise BadRequest(f"user: {user_id!r} is not a user id (0..2**64-1)")
     return user_id
 

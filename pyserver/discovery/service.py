@@ -44,13 +44,13 @@ from pyserver.discovery.directory import Directory
 from pyserver.discovery.freeze import FreezeWatch
 from pyserver.errors import BadRequest, NotFound, Unavailable
 from pyserver.snapcache import SnapshotCache
+from pyserver.userid import check_user_id
 from pyserver.wire.ops import Op
 
 __all__ = ["CellsWatch", "DiscoveryService", "ring_reply"]
 
 log = logging.getLogger(__name__)
 
-_U64_MAX = (1 << 64) - 1
 _EVENTS = (CHILDREN_CHANGED, CREATED, DELETED)
 _RETRY_S = 0.5
 
@@ -194,10 +194,7 @@ def ring_reply(view: RingView) -> dict[str, Any]:
 
 
 def _user(payload: dict[str, Any]) -> int:
-    value = payload.get("user")
-    if type(value) is not int or not 1 <= value <= _U64_MAX:
-        raise BadRequest(f"user: must be a user id in 1..2**64-1, not {value!r}")
-    return value
+    return check_user_id(payload.get("user"), "user")
 
 
 def _flag(payload: dict[str, Any], name: str, default: bool) -> bool:

@@ -15,21 +15,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyserver.errors import BadRequest
+from pyserver.userid import check_user_id
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
 
 __all__ = ["UserIndexService"]
-
-_U64_MAX = (1 << 64) - 1
 
 
 def _user(payload: dict[str, Any], name: str) -> int:
     value = payload.get(name)
     if value is None:
         raise BadRequest(f"{name}: required")
-    if type(value) is not int or not 1 <= value <= _U64_MAX:
-        raise BadRequest(f"{name}: must be a user id in 1..2**64-1, not {value!r}")
-    return value
+    return check_user_id(value, name)
 
 
 class UserIndexService:
