@@ -239,7 +239,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     _ensure_engines("hbase", lambda line: print(f"bench cluster: {line}", file=sys.stderr))
     print("bench cluster: one node on SQLite", file=sys.stderr)
     with _cell(pure=False) as (port, key):
-        thread = asyncio.run(_prefill(port, key))
+        thread, _ = asyncio.run(_prefill(port, key))
         sqlite_send = _loadgens([(port, [])], "send", key, seconds)
         sqlite_get = _loadgens(
             [(port, ["--user", "2", "--thread", thread])], "get_thread", key, seconds
