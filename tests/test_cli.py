@@ -146,6 +146,7 @@ def test_commands_without_a_running_cell_say_so(tmp_path: Path) -> None:
 
 
 def test_metrics_and_health_over_http(cell: Path) -> None:
+    pyserver("send", "--user", "61", "--to", "62", "a write, for the store figures", data=cell)
     pyserver("counts", "--user", "61", data=cell)
     http = json.loads((cell / "endpoints.json").read_text())["http"]
     base = f"http://{http['host']}:{http['port']}"
@@ -157,6 +158,7 @@ def test_metrics_and_health_over_http(cell: Path) -> None:
     assert 'pyserver_request_seconds_bucket{le="+Inf",op="COUNTS"}' in metrics
     assert "pyserver_cache_hits_total" in metrics
     assert "pyserver_cache_hit_rate" in metrics
+    assert "pyserver_table_replies_total" in metrics
     assert 'pyserver_store_seconds_count{method="append"}' in metrics
     assert "pyserver_connections" in metrics
 

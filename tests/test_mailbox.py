@@ -11,11 +11,13 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import pyserver.app.mailbox as mailbox_module
+import pyserver.app.resident as resident_module
 from pyserver import implementation
 from pyserver.app.image import UserImage, thread_id_for
 from pyserver.app.mailbox import Mailbox, MailboxSettings, search_terms
@@ -24,6 +26,7 @@ from pyserver.store.base import LogAppend, StoreUnavailable, WriteConflict
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex import UserIndex
 from pyserver.userindex.local import LocalUserIndex
+from pyserver.wire.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
 
 
@@ -763,19 +766,25 @@ async def test_local_user_index_relations_and_cache_invalidation(tmp_path: Path)
 
 
 @pytest.fixture(params=["native", "pure"])
-def twins(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Point the mailbox at one twin of the snapshot cache and of the log codec."""
+def twins(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Point the mailbox at one twin of the snapshot cache, the log codec and the reply
+    table; returns that twin's wire-frame codec (whose decoder the table reads)."""
     if request.param == "native":
         if implementation.PURE_FORCED:
             pytest.skip("PYSERVER_PURE=1 forces the pure twins")
         native = importlib.import_module("pyserver._native")
         cache, codec = native.SnapshotCache, native
+        frames = importlib.import_module("pyserver_framecodec")
+        table = frames.ReplyTable
     else:
         cache = importlib.import_module("pyserver.pure.snapcache").SnapshotCache
         codec = importlib.import_module("pyserver.pure.logcodec")
-    monkeypatch.setattr(mailbox_module, "SnapshotCache", cache)
+        frames = importlib.import_module("pyserver.pure.frame")
+        table = importlib.import_module("pyserver.pure.replies").ReplyTable
+    monkeypatch.setattr(resident_module, "SnapshotCache", cache)
+    monkeypatch.setattr(resident_module, "ReplyTable", table)
     monkeypatch.setattr(mailbox_module, "logcodec", codec)
-    return request.param
+    return frames
 
 
 OPS = st.lists(
@@ -799,9 +808,50 @@ OPS = st.lists(
 )
 @given(ops=OPS)
 def test_the_cached_images_always_equal_a_rebuild_from_the_log(
-    twins: str, tmp_path_factory: pytest.TempPathFactory, ops: list[tuple]
+    twins: Any, tmp_path_factory: pytest.TempPathFactory, ops: list[tuple]
 ) -> None:
-    asyncio.run(_random_ops(tmp_path_factory.mktemp(twins), ops))
+    """...and the reply table answers, after every operation, exactly what Python would."""
+    asyncio.run(_random_ops(tmp_path_factory.mktemp("twins"), ops, twins))
+
+
+def _reads_of(m: Mailbox, user: int) -> list[tuple[Op, dict[str, Any]]]:
+    """The reads the reply table may hold for a user: COUNTS and the first pages."""
+    reads: list[tuple[Op, dict[str, Any]]] = [(Op.COUNTS, {"user": user})]
+    for folder in ("inbox", "other", "archived", "sent", "spam"):
+        reads.append((Op.LIST_THREADS, {"user": user, "folder": folder}))
+    reads.append((Op.LIST_THREADS, {"user": user, "folder": "inbox", "limit": 1}))
+    for other in range(1, 5):
+        tid = thread_id_for([user, other])
+        reads.append((Op.GET_THREAD, {"user": user, "thread_id": tid}))
+        reads.append((Op.GET_THREAD, {"user": user, "thread_id": tid, "limit": 1}))
+    return reads
+
+
+def _check_replies(m: Mailbox, frames: Any, scope: int) -> None:
+    """Each read, asked of the reply table then of Python: the table answers only what
+    Python answers now, byte for byte. Python's replies then fill the table, as the
+    dispatcher does."""
+    for user in range(1, 5):
+        for op, request in _reads_of(m, user):
+            raw = orjson.dumps(request)
+            decoder = frames.FrameDecoder()
+            decoder.feed(frames.encode_frame(KIND_REQUEST, op, 7, raw))
+            table = m.reply_table()
+            answered = table.answer(decoder, scope)
+            try:
+                result = m.answer_cached(op, request)
+            except NotFound:
+                result = None
+            if result is None:  # not cached, or an error: never answered from the table
+                assert answered is None, (op, request)
+                continue
+            if scope not in (0, user):  # the Python path refuses it (FORBIDDEN)
+                assert answered is None, (op, request, scope)
+            body = orjson.dumps(result)
+            if answered is not None:
+                assert answered == frames.encode_frame(KIND_REPLY, op, 7, body), (op, request)
+                assert decoder.buffered == 0
+            m.remember_reply(op, request, raw, body)
 
 
 async def _view(m: Mailbox, user: int) -> list[Any]:
@@ -813,9 +863,11 @@ async def _view(m: Mailbox, user: int) -> list[Any]:
     return out
 
 
-async def _random_ops(path: Path, ops: list[tuple]) -> None:
+async def _random_ops(path: Path, ops: list[tuple], frames: Any) -> None:
     async with opened(path, cache_max_users=2, snapshot_every=3) as (m, store):
-        for kind, user, other, key, folder in ops:
+        for step, (kind, user, other, key, folder) in enumerate(ops):
+            # a service connection (0) reads everyone; a user's connection only itself
+            _check_replies(m, frames, scope=0 if step % 2 else user)
             tid = thread_id_for([user, other])
             try:
                 if kind == "send":
@@ -838,6 +890,7 @@ async def _random_ops(path: Path, ops: list[tuple]) -> None:
                     m = Mailbox(store, settings=m.settings)  # type: ignore[arg-type]
             except (NotFound, BadRequest):
                 pass
+        _check_replies(m, frames, scope=0)
         await m.drain()
         for user in range(1, 5):
             before = await _view(m, user)

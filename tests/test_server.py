@@ -23,6 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
+import pyserver.app.resident as resident_module
 from pyserver import implementation
 from pyserver.app.auth import (
     check_service_key,
@@ -46,6 +47,7 @@ from pyserver.errors import (
     Unavailable,
 )
 from pyserver.pure import frame as pure_frame
+from pyserver.pure import replies as pure_replies
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
@@ -458,6 +460,49 @@ def test_a_bug_is_answered_internal_logged_and_observed(
         ("HELLO", None), ("SEARCH", "INTERNAL"), ("SEARCH", None), ("UNKNOWN", "BAD_REQUEST")
     ]  # fmt: skip
     assert all(0 <= seconds < 5 for _, seconds, _ in observer.seen)
+
+
+def test_repeated_reads_come_from_the_reply_table_and_stay_current(
+    tmp_path: Path, impl: Impl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if impl.name == "pure":  # the table must read the decoder of its own twin
+        monkeypatch.setattr(resident_module, "ReplyTable", pure_replies.ReplyTable)
+
+    async def scenario() -> None:
+        async with Cell(tmp_path, impl) as cell:
+            service = await cell.client()
+            await service.friend_add(1, 2)
+            sent = await service.send(1, [2], "hello two")
+            reader = await cell.client(user_token=token_for(2))
+            first = await reader.counts(2)  # the Python path, which fills the table
+            page = await reader.list_threads(2)
+            thread = await reader.get_thread(2, sent["thread_id"])
+            burst = await asyncio.gather(
+                *(reader.counts(2) for _ in range(40)),
+                *(reader.list_threads(2) for _ in range(5)),
+                *(reader.get_thread(2, sent["thread_id"]) for _ in range(5)),
+            )
+            assert burst == [first] * 40 + [page] * 5 + [thread] * 5
+            stats = await service.request(Op.STATS, {})
+            assert stats["mailbox"]["table_replies"] == 50
+            assert stats["requests"]["COUNTS"] == 41
+
+            # A write forgets the user's replies: the next read sees it.
+            await service.friend_add(3, 2)
+            await service.send(3, [2], "hello from three")  # a second unread thread
+            await service.send(1, [2], "hello again")
+            after = await reader.counts(2)
+            assert after["folders"]["inbox"]["unread"] == first["folders"]["inbox"]["unread"] + 1
+            assert len((await reader.get_thread(2, sent["thread_id"]))["messages"]) == 2
+            assert await reader.counts(2) == after
+
+            # A token for user 3 never reads user 2's held reply.
+            assert await service.counts(2) == after
+            other = await cell.client(user_token=token_for(3))
+            with pytest.raises(Forbidden):
+                await other.counts(2)
+
+    impl.run(scenario)
 
 
 def test_the_loop_is_uvloop_unless_pure_is_forced() -> None:

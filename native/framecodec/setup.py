@@ -1,4 +1,4 @@
-"""Builds the Cython extension `pyserver_framecodec._codec`; metadata is in pyproject.toml.
+"""Builds the Cython extensions of `pyserver_framecodec`; metadata is in pyproject.toml.
 
 setuptools cannot declare C extensions in pyproject.toml alone (before 74), hence this file.
 """
@@ -6,16 +6,20 @@ setuptools cannot declare C extensions in pyproject.toml alone (before 74), henc
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
-extension = Extension(
-    "pyserver_framecodec._codec",
-    ["pyserver_framecodec/_codec.pyx"],
-    # Appended after Python's own CFLAGS, so this -O2 is the one gcc applies.
-    extra_compile_args=["-O2"],
-)
+# The frame codec, and the reply table that answers cached reads out of its buffer.
+extensions = [
+    Extension(
+        f"pyserver_framecodec.{name}",
+        [f"pyserver_framecodec/{name}.pyx"],
+        # Appended after Python's own CFLAGS, so this -O2 is the one gcc applies.
+        extra_compile_args=["-O2"],
+    )
+    for name in ("_codec", "_replies")
+]
 
 setup(
     ext_modules=cythonize(
-        [extension],
+        extensions,
         compiler_directives={"language_level": 3},
     ),
 )

@@ -148,6 +148,8 @@ class Dispatcher:
         self._mailbox = mailbox
         # The ops the mailbox may answer at once from a cached image (`handle_now`).
         self._cached_read_ops: frozenset[Op] = getattr(mailbox, "cached_read_ops", frozenset())
+        # The mailbox's table of ready-made replies, for `answer_buffered` (None: no table).
+        self._reply_table: Callable[[], Any] | None = getattr(mailbox, "reply_table", None)
         # the STATS field holding `mailbox.stats()` (a service names its own: "userindex", ...)
         self._stats_section = stats_section
         self._service_key = service_key
@@ -227,12 +229,38 @@ class Dispatcher:
             return None
         started = time.perf_counter()
         try:
-            result = self._mailbox.answer_cached(op, self._payload(session, frame, op))  # type: ignore[attr-defined]
+            payload = self._payload(session, frame, op)
+            result = self._mailbox.answer_cached(op, payload)  # type: ignore[attr-defined]
             if result is None:
                 return None
         except Exception as exc:
             return self._finish(session, frame, op.name, started, exc)
-        return self._finish(session, frame, op.name, started, result)
+        kind, body = self._finish(session, frame, op.name, started, result)
+        # The next identical read is answered from the reply table (`answer_buffered`).
+        self._mailbox.remember_reply(op, payload, frame.payload, body)  # type: ignore[attr-defined]
+        return kind, body
+
+    def answer_buffered(self, session: Session, decoder: Any) -> bytes | None:
+        """Reply frames, from the mailbox's reply table, to the leading buffered requests.
+
+        The requests answered are consumed from `decoder`; the first one the table does
+        not hold stays there for `handle_now`/`handle`. Only an authenticated session
+        reads the table, and a user-token session only its own user's replies, as on
+        the Python path.
+        """
+        if not session.authenticated or self._reply_table is None:
+            return None
+        table = self._reply_table()
+        if table is None:
+            return None
+        return table.answer(decoder, session.user or 0)
+
+    def _table_requests(self) -> dict[str, int]:
+        """Requests the reply table answered, by op name."""
+        hits = getattr(self._mailbox, "reply_hits", None)
+        if hits is None:
+            return {}
+        return {_OPS[op].name: n for op, n in hits().items() if op in _OPS}
 
     async def handle(self, session: Session, frame: Frame) -> tuple[int, bytes]:
         """(KIND_REPLY, payload) or (KIND_ERROR, error payload) for one frame."""
@@ -395,7 +423,7 @@ class Dispatcher:
             "connections": len(self._sessions),
             "connections_total": self._connections_total,
             "subscriptions": sum(len(s.subscriptions) for s in self._sessions),
-            "requests": dict(self._requests),
+            "requests": dict(self._requests + Counter(self._table_requests())),
             "errors": dict(self._errors),
             "server": dict(self._server_counters),
             self._stats_section: self._mailbox.stats(),

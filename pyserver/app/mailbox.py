@@ -27,10 +27,10 @@ import orjson
 
 from pyserver import logcodec
 from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
+from pyserver.app.resident import ResidentImages
 from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, LogCorrupt, NotFound, NotOwner, TooLarge, Unavailable
-from pyserver.snapcache import SnapshotCache
 from pyserver.store.base import LogAppend, Store, WriteConflict
 from pyserver.userid import MAX_USER_ID, check_user_id, is_user_id
 from pyserver.userindex import RELATIONS, UserIndex
@@ -55,6 +55,8 @@ _IMPORT_BATCH = 500
 _WORD = re.compile(r"\w+")
 # Log actions that never change a folder's counts (no counts_changed report).
 _COUNTS_UNCHANGED = frozenset({"sender_blocked", "sender_unblocked"})
+# Reads whose replies the reply table keeps (their first pages only).
+_REMEMBERED_READS = frozenset({Op.COUNTS, Op.LIST_THREADS, Op.GET_THREAD})
 _MISSING: Any = object()
 
 Event = dict[str, Any]
@@ -192,6 +194,8 @@ class Mailbox:
     `owns(user_id)` says whether this server may serve a user now; when it
     may not, `owner_of(user_id)` names the owner ("host:port", for NOT_OWNER)
     or None (UNAVAILABLE). Both default to a single node that owns everyone.
+    `serving()` says whether the server may serve anyone now (a cluster node that is
+    fenced or not yet synced may not); the table of ready-made replies is used only then.
     """
 
     def __init__(
@@ -207,8 +211,10 @@ class Mailbox:
         counts_changed: Callable[[int], None] | None = None,
         blobs: BlobStore | None = None,
         in_other_cell: Callable[[int], Awaitable[bool]] | None = None,
+        serving: Callable[[], bool] | None = None,
     ) -> None:
         self._store = store
+        self._serving = serving
         # told (after the commit) of each write that may change a user's counts: the
         # dirty reporter (pyserver.dirty.reporter); it must not block
         self._counts_changed = counts_changed
@@ -225,7 +231,8 @@ class Mailbox:
         # `relay` (pyserver.discovery); None: every user is in this cell
         self._in_other_cell = in_other_cell
         self._clock = clock
-        self._cache = SnapshotCache(self._settings.cache_max_users, self._settings.cache_max_bytes)
+        # the images, and beside them the replies the server answers without Python
+        self._cache = ResidentImages(self._settings.cache_max_users, self._settings.cache_max_bytes)
         # one lock per user with a write or a load under way; gone when nobody holds it
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._subscribers: dict[int, dict[int, EventCallback]] = {}
@@ -268,6 +275,33 @@ class Mailbox:
     def cached_read_ops(self) -> frozenset[Op]:
         """The operations `answer_cached` can answer."""
         return frozenset(self._cached_reads)
+
+    def reply_table(self) -> Any:
+        """The table of ready-made replies (pyserver.wire.replies), or None when this
+        server may not serve now and every read must go through the ownership checks."""
+        if self._serving is not None and not self._serving():
+            return None
+        return self._cache.replies
+
+    def remember_reply(self, op: Op, payload: dict[str, Any], raw: bytes, reply: bytes) -> None:
+        """Keep the reply to a read `answer_cached` just answered, for the reply table.
+
+        Only COUNTS and first pages (no `before` cursor) are kept: the reads a client
+        repeats. `raw` is the request's payload bytes, the table's key.
+        """
+        if op not in _REMEMBERED_READS or "before" in payload:
+            return
+        table = self.reply_table()
+        if table is not None:
+            table.put(payload["user"], op.value, raw, reply)
+
+    def reply_hits(self) -> dict[int, int]:
+        """Requests the reply table answered, by op code."""
+        return self._cache.replies.hits()
+
+    def forget_replies(self, user_ids: Iterable[int]) -> None:
+        """Drop these users' ready-made replies (they are frozen: reads must be refused)."""
+        self._cache.forget_replies(user_ids)
 
     @property
     def settings(self) -> MailboxSettings:
@@ -1077,16 +1111,9 @@ class Mailbox:
         return len(todo)
 
     def stats(self) -> dict[str, Any]:
-        """Cache figures (hits, misses, evictions, hit rate, users, bytes) and write counters."""
-        cache = self._cache
-        lookups = cache.hits + cache.misses
+        """Cache and reply-table figures (pyserver.app.resident), and write counters."""
         return {
-            "hits": cache.hits,
-            "misses": cache.misses,
-            "evictions": cache.evictions,
-            "hit_rate": cache.hits / lookups if lookups else 0.0,
-            "users": len(cache),
-            "bytes": cache.weight,
+            **self._cache.stats(),
             "subscriptions": len(self._subscription_users),
             **self._counters,
         }

@@ -5,6 +5,9 @@ requests, frame size, idle and request timeouts), flow control in both direction
 delivery of subscription events and graceful shutdown. Everything the protocol means
 lives in `pyserver.app.dispatcher`; this module feeds it frames and writes its answers.
 It runs on whatever loop is running (uvloop when started through `pyserver.app.loop`).
+Reads the mailbox's reply table holds are answered first, a run of them in one native
+call straight out of the frame decoder's buffer (`Dispatcher.answer_buffered`); every
+other frame goes through the dispatcher.
 
 Flow control, both ways:
 * Reading stops while a connection has `max_in_flight` requests running, while the
@@ -105,6 +108,7 @@ class _Connection(asyncio.Protocol):
         self._encode = server.codec.encode_frame
         self._loop = asyncio.get_running_loop()
         self._decoder = server.codec.FrameDecoder(server.dispatcher.max_frame_size)
+        self._answer_buffered = server.dispatcher.answer_buffered
         self._transport: asyncio.Transport | None = None
         self._session: Session | None = None
         self.peer = "?"
@@ -199,8 +203,13 @@ class _Connection(asyncio.Protocol):
     def _process(self) -> None:
         """Start the buffered requests, up to the in-flight cap and while the peer reads."""
         cap = self._limits.max_in_flight
+        assert self._session is not None
         # While the peer is not reading, start nothing: each reply would add to the pile.
         while self._in_flight < cap and not (self._write_paused or self._closing or self._draining):
+            # Reads the reply table holds are answered in one native call per run of them.
+            replies = self._answer_buffered(self._session, self._decoder)
+            if replies is not None:
+                self._send(replies)
             try:
                 frame = self._decoder.next_frame()
             except FrameError as exc:

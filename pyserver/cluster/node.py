@@ -109,9 +109,13 @@ class ClusterNode:
             counts_changed=self.dirty_reporter.report if self.dirty_reporter else None,
             in_other_cell=self._in_other_cell if self.cells is not None else None,
             blobs=self.blobs,
+            # fenced, draining or not synced: no reply is given from the table
+            serving=lambda: self.fence.serving,
         )
         # users frozen in this cell for a move to another, or moved away: refused here
         self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
+        # from the moment a user is listed, its reads go through the ownership checks
+        self.freeze.subscribe(self.mailbox.forget_replies)
         self.dispatcher = Dispatcher(
             self.mailbox,
             config.service_key,

@@ -180,15 +180,7 @@ cdef class FrameDecoder:
     are returned normally.
     """
 
-    cdef unsigned char* _data
-    cdef Py_ssize_t _capacity
-    cdef Py_ssize_t _start
-    cdef Py_ssize_t _end
-    cdef unsigned long long _limit
-    cdef object _max_frame_size
-    # Once broken: the error's class and message, raised afresh on every later call.
-    cdef object _error_class
-    cdef str _error_message
+    # Its fields are declared in _codec.pxd.
 
     def __cinit__(self):
         self._data = NULL
