@@ -136,6 +136,14 @@ def test_kill_9_under_load_loses_no_acknowledged_send(tmp_path: Path) -> None:
                         assert received[key] == 1, f"recipient of {sender}: {key} x{received[key]}"
                     assert all(n == 1 for n in sent.values()), "a duplicate in a sender's log"
                     assert all(n == 1 for n in received.values()), "a duplicate delivered"
+                    # ...and searchable: the index is derived from the log, so terms that
+                    # were not yet written when the server died are indexed from it.
+                    for key in mine:
+                        query = key.replace("-", " ")  # "s3-17": the words s3 and 17
+                        for user in (sender, sender + RECIPIENT_OFFSET):
+                            found = await client.search(user, query)
+                            texts = [m["text"] for m in found["messages"]]
+                            assert f"msg {key}" in texts, f"user {user}: {key} not found"
 
                 # Retrying every attempted SEND with its key stores nothing twice, and
                 # returns the first message id for those that were acknowledged.

@@ -378,6 +378,68 @@ async def test_search_finds_whole_words_case_insensitively_newest_first(tmp_path
             await found(" ".join(f"w{n}" for n in range(17)))
 
 
+@run_async
+async def test_search_terms_are_written_off_the_durable_path_and_derived_from_the_log(
+    tmp_path: Path,
+) -> None:
+    """A write's append holds no search terms; they follow in the background, and a
+    mailbox that died before writing them (nothing closed) finds them from the log."""
+    store = SQLiteStore(tmp_path / "cell.sqlite", synchronous="OFF")
+    await store.open()
+    appends: list[LogAppend] = []
+    spy = SpyStore(store)
+    spy.fail_append = lambda write: appends.append(write)  # type: ignore[func-returns-value]
+    first = Mailbox(spy)  # type: ignore[arg-type]
+    sent = await send(first, 1, [2], "quarterly plan draft")
+    assert appends and all(not write.terms for write in appends)
+    assert await store.search(2, ["quarterly"]) == []  # not yet: derived a moment later
+    await first.drain()
+    assert await store.search(2, ["quarterly"]) == [sent["message_id"]]
+    assert await store.indexed_seq(2) == 1
+
+    # More writes, then the process "dies": its pending terms are never written.
+    lost = await send(first, 1, [2], "budget figures attached")
+    await first.execute(Op.MARK_READ, {"user": 2, "thread_id": sent["thread_id"]})
+    assert await store.search(2, ["budget"]) == []
+
+    second = Mailbox(store)
+    reply = await second.execute(Op.SEARCH, {"user": 2, "query": "budget"})
+    assert [x["message_id"] for x in reply["messages"]] == [lost["message_id"]]
+    assert await store.indexed_seq(2) == 3
+
+    # A write after such a gap indexes the gap too, in the background: sender 1's
+    # "budget" copy was never indexed, and the next one starts after it.
+    later = await send(second, 1, [3], "budget for three")
+    await second.drain()
+    assert sorted(await store.search(1, ["budget"])) == sorted(
+        [lost["message_id"], later["message_id"]]
+    )
+    assert await store.indexed_seq(1) == 3
+    await second.close()
+    await store.close()
+
+
+@run_async
+async def test_a_failed_index_write_is_retried_and_search_still_finds_it(tmp_path: Path) -> None:
+    async with opened(tmp_path) as (m, spy):
+        real = spy.inner.index_terms
+        failures = [1]
+
+        async def flaky(*args: Any) -> None:
+            if args[0] == 2 and failures[0]:  # user 2's first index write
+                failures[0] -= 1
+                raise StoreUnavailable("the index write failed")
+            await real(*args)
+
+        spy.inner.index_terms = flaky  # type: ignore[method-assign]
+        sent = await send(m, 1, [2], "retry me please")
+        await m.drain()  # the first write fails, and waits for the next flush
+        assert await spy.inner.search(2, ["retry"]) == []
+        reply = await m.execute(Op.SEARCH, {"user": 2, "query": "retry"})
+        assert [x["message_id"] for x in reply["messages"]] == [sent["message_id"]]
+        assert m.stats()["search_index_failures"] == 1
+
+
 def test_settings_come_from_the_config_and_are_checked() -> None:
     from pyserver.config import Config
 

@@ -234,6 +234,35 @@ async def test_messages_and_search_terms_are_per_user(engine: Engine) -> None:
 
 
 @asyncio_test
+async def test_the_search_index_is_written_beside_the_log_with_a_mark_that_only_rises(
+    engine: Engine,
+) -> None:
+    async with engine.opened() as store:
+        await store.append(appending(1, 0, count=3, messages={"m1": b"a", "m2": b"b"}))
+        assert await store.indexed_seq(1) == 0
+        assert await store.search(1, ["lunch"]) == []
+        await store.index_terms(1, 2, [("lunch", "m1"), ("friday", "m1"), ("lunch", "m2")])
+        assert await store.indexed_seq(1) == 2
+        assert await store.search(1, ["lunch"]) == ["m1", "m2"]
+        assert await store.search(1, ["lunch", "friday"]) == ["m1"]
+        await store.index_terms(1, 1, [("late", "m2")])  # a late, lower mark: terms kept
+        assert await store.indexed_seq(1) == 2
+        assert await store.search(1, ["late"]) == ["m2"]
+        await store.index_terms(1, 3, [])  # the mark alone
+        await store.index_terms(1, 3, [("lunch", "m1")])  # idempotent
+        assert await store.indexed_seq(1) == 3
+        assert await store.search(1, ["lunch"]) == ["m1", "m2"]
+        assert await store.indexed_seq(2) == 0  # per user
+        assert await store.search(2, ["lunch"]) == []
+        await store.index_terms(U64_MAX, U64_MAX, [("edge", "m")])
+        assert await store.indexed_seq(U64_MAX) == U64_MAX
+        for bad in (-1, U64_MAX + 1):
+            with pytest.raises(ValueError):
+                await store.index_terms(1, bad, [])
+        assert await store.indexed_seq(1) == 3
+
+
+@asyncio_test
 async def test_a_later_append_replaces_a_message_body(engine: Engine) -> None:
     async with engine.opened() as store:
         await store.append(appending(1, 0, messages={"m": b"draft"}))
@@ -764,3 +793,28 @@ async def test_users_are_keyed_by_8_big_endian_bytes(sqlite_engine: Engine) -> N
         (b"\xff" * 7 + b"\xfe", (2).to_bytes(8, "big"), entry(2**64 - 2, 2)),
     ]
     assert mode == "wal"
+
+
+@asyncio_test
+async def test_a_version_1_file_is_brought_up_to_version_2(sqlite_engine: Engine) -> None:
+    async with sqlite_engine.opened() as store:
+        await store.append(appending(7, 0, count=2, terms=[("old", "m")]))
+    # What version 1 was: no `indexed` table.
+    with sqlite3.connect(sqlite_engine.location()) as conn:
+        conn.execute("DROP TABLE indexed")
+        conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    async with sqlite_engine.opened() as store:
+        assert await store.last_seq(7) == 2
+        assert await store.search(7, ["old"]) == ["m"]
+        await store.index_terms(7, 2, [("new", "m")])
+        assert await store.indexed_seq(7) == 2
+    with sqlite3.connect(sqlite_engine.location()) as conn:
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+    conn.close()
+    with sqlite3.connect(sqlite_engine.location()) as conn:
+        conn.execute("PRAGMA user_version = 9")
+    conn.close()
+    with pytest.raises(StoreUnavailable, match="schema version 9"):
+        async with sqlite_engine.opened():
+            pass

@@ -27,6 +27,7 @@ import orjson
 
 from pyserver import logcodec
 from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
+from pyserver.app.indexer import SearchIndexer
 from pyserver.app.resident import ResidentImages
 from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
@@ -233,6 +234,8 @@ class Mailbox:
         self._clock = clock
         # the images, and beside them the replies the server answers without Python
         self._cache = ResidentImages(self._settings.cache_max_users, self._settings.cache_max_bytes)
+        # search terms are derived from the log, written off the durable path of a write
+        self._indexer = SearchIndexer(store, self._terms_of_log)
         # one lock per user with a write or a load under way; gone when nobody holds it
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._subscribers: dict[int, dict[int, EventCallback]] = {}
@@ -604,6 +607,8 @@ class Mailbox:
         if len(words) > _MAX_QUERY_WORDS:
             raise TooLarge(f"query: {len(words)} words, over the limit of {_MAX_QUERY_WORDS}")
         image = await self._read_image(user)
+        # Everything in the image is in the index before it is read.
+        await self._indexer.caught_up(user, image.seq)
         # The store's term index finds candidates; the image drops deleted messages.
         found: list[Message] = []
         for message_id in await self._store.search(user, words):
@@ -832,7 +837,6 @@ class Mailbox:
             expected_seq=image.seq,
             records=[logcodec.encode(entry) for entry in entries],
             messages={mid: orjson.dumps(body) for mid, body in change.bodies.items()},
-            terms=change.terms,
         )
         try:
             await self._store.append(write)
@@ -847,6 +851,7 @@ class Mailbox:
             body = change.bodies.get(entry["message_id"]) if "body_ref" in entry else None
             image.apply(entry, body)
         change.entries = entries
+        self._indexer.committed(user_id, entries[0]["seq"], entries[-1]["seq"], change.terms)
         self._keep(user_id, image)
         self._publish(user_id, image, entries)
         if self._counts_changed is not None and any(
@@ -933,6 +938,25 @@ class Mailbox:
             if len(page) < limit:
                 return
 
+    async def _terms_of_log(self, user_id: int, after: int, until: int) -> list[tuple[str, str]]:
+        """The search terms of the user's log entries after seq `after` up to `until`:
+        those its messages were indexed under when written (`_adding`)."""
+        terms: list[tuple[str, str]] = []
+        while after < until:
+            page = await self._store.read_log(user_id, after, min(_REPLAY_PAGE, until - after))
+            if not page:
+                break
+            entries = _decode_page(page)
+            bodies = await self._bodies(user_id, entries)
+            for entry in entries:
+                body = bodies.get(entry["body_ref"]) if "body_ref" in entry else None
+                if body is not None:
+                    text = body.get("text") if isinstance(body.get("text"), str) else ""
+                    words = search_terms(entry.get("subject") or "", text)
+                    terms.extend((word, entry["message_id"]) for word in words)
+            after = page[-1][0]
+        return terms
+
     async def _bodies(
         self, user_id: int, entries: Iterable[dict[str, Any]]
     ) -> dict[str, dict[str, Any]]:
@@ -996,7 +1020,8 @@ class Mailbox:
                     await self._write_snapshot(user_id, image)
 
     async def drain(self) -> None:
-        """Wait until every background snapshot write has finished."""
+        """Wait until every background snapshot and search index write has finished."""
+        await self._indexer.flush()
         while self._snapshot_tasks:
             await asyncio.gather(*list(self._snapshot_tasks), return_exceptions=True)
 
@@ -1006,6 +1031,7 @@ class Mailbox:
         The store stays open: whoever opened it closes it.
         """
         await self.drain()
+        await self._indexer.close()
         for user_id, image in self._cache.items():
             if image.seq > image.snapshot_seq:
                 await self._write_snapshot(user_id, image)
@@ -1114,6 +1140,9 @@ class Mailbox:
         """Cache and reply-table figures (pyserver.app.resident), and write counters."""
         return {
             **self._cache.stats(),
+            "search_index_pending_users": self._indexer.pending_users,
+            "search_index_flushes": self._indexer.flushes,
+            "search_index_failures": self._indexer.failures,
             "subscriptions": len(self._subscription_users),
             **self._counters,
         }

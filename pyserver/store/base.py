@@ -47,7 +47,8 @@ class LogAppend:
     records: Sequence[bytes]
     # message id -> message body and metadata (JSON bytes), the `m` family
     messages: dict[str, bytes] = field(default_factory=dict)
-    # (term, message id) pairs for the search index, the `x` family
+    # (term, message id) pairs for the search index, the `x` family. The mailbox leaves
+    # this empty on its hot path: the index is derived from the log (`index_terms`).
     terms: Sequence[tuple[str, str]] = ()
 
     @property
@@ -110,6 +111,20 @@ class Store(ABC):
 
         No terms: no ids.
         """
+
+    # ---- the search index, derived from the log (pyserver.app.indexer) ----
+
+    @abstractmethod
+    async def index_terms(
+        self, user_id: int, indexed_seq: int, terms: Sequence[tuple[str, str]]
+    ) -> None:
+        """Add (term, message id) pairs to the user's search index and raise the user's
+        index mark to `indexed_seq`: the log up to there is indexed. Idempotent; the
+        mark never goes down (a late or repeated call leaves a higher one in place)."""
+
+    @abstractmethod
+    async def indexed_seq(self, user_id: int) -> int:
+        """The user's index mark (`index_terms`); 0 when nothing was indexed that way."""
 
     # ---- directory (user -> cell), global ----
 

@@ -42,6 +42,7 @@ from pyserver.store.hbase_layout import (
     FRIEND_NO,
     FRIEND_YES,
     HEAD,
+    INDEX_MARK,
     SNAPSHOT_SEQ,
     STAGE_TOKEN_BYTES,
     TABLES,
@@ -61,6 +62,7 @@ from pyserver.store.hbase_layout import (
     split_parts,
     split_term_qualifier,
     table_name,
+    term_column,
     term_prefix,
     text,
     u64,
@@ -88,6 +90,8 @@ WRITE_CALL_BYTES = 32 << 20
 COLUMNS_PER_GET = 1000
 FIRST_LOG_PAGE = 64
 ROWS_PER_SCAN_CALL = 1000
+# Cells of one index_terms call per Thrift mutation.
+_INDEX_CELLS_PER_CALL = 1000
 # Bounds on retries: an append whose head keeps changing under it, a read racing a writer.
 MAX_COMMIT_ATTEMPTS = 32
 MAX_READ_ATTEMPTS = 5
@@ -793,6 +797,38 @@ class HBaseStore(Store):
             return sorted(m.decode() for m, count in hits.items() if count == len(wanted))
 
         return await self._read("search", query)
+
+    # ---- the search index, derived from the log ----
+
+    async def index_terms(
+        self, user_id: int, indexed_seq: int, terms: Sequence[tuple[str, str]]
+    ) -> None:
+        row = user_row(u64(user_id))
+        u64(indexed_seq, "indexed_seq")
+        cells = [
+            term_column(text(term, "a search term").encode(), text(mid, "a message id").encode())
+            for term, mid in terms
+        ]
+        mutations = [Mutation(column=column, value=b"") for column in dict.fromkeys(cells)]
+        # The mark goes last, stamped with its position: the highest mark wins every
+        # read whatever order the writes land in, so it never goes down.
+        mutations.append(Mutation(column=INDEX_MARK, value=indexed_seq.to_bytes(8, "big")))
+        async with self._session("index_terms") as client:
+            for start in range(0, len(mutations), _INDEX_CELLS_PER_CALL):
+                part = mutations[start : start + _INDEX_CELLS_PER_CALL]
+                await client.mutateRowTs(
+                    self._users, row, part, snapshot_timestamp(indexed_seq), {}
+                )
+
+    async def indexed_seq(self, user_id: int) -> int:
+        row = user_row(u64(user_id))
+
+        async def query(client: Any) -> int:
+            cells = await self._get(client, self._users, row, [INDEX_MARK])
+            mark = cells.get(INDEX_MARK)
+            return int.from_bytes(mark, "big") if mark else 0
+
+        return await self._read("indexed_seq", query)
 
     # ---- directory (user -> cell), global ----
 

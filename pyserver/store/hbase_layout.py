@@ -46,6 +46,9 @@ _NAMESPACE = re.compile(r"([A-Za-z0-9_.-]+:)?[A-Za-z0-9_.-]+")
 # users: the head cell, the latest snapshot
 HEAD = b"l:last"
 SNAPSHOT_SEQ = b"s:seq"
+# The search index's mark (how far the log is indexed): an `x` qualifier no term cell
+# can have, since a term's qualifier starts with its length and terms are short.
+INDEX_MARK = b"x:\xff\xff\xff\xffindexed"
 SNAPSHOT_PARTS = b"s:parts"
 _SNAPSHOT_PART = b"s:image"
 # staging cells of a big batch: l:stage<token, 16 bytes><part, 4 bytes BE>

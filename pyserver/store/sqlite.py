@@ -30,7 +30,7 @@ from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflic
 
 __all__ = ["SQLiteStore"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 # One table per column family of `users` (l, s, m, x), then the other tables.
 _SCHEMA = """
 BEGIN IMMEDIATE;
@@ -57,6 +57,10 @@ CREATE TABLE IF NOT EXISTS terms (
     message_id TEXT NOT NULL,
     PRIMARY KEY (user, term, message_id)
 ) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS indexed (
+    user BLOB PRIMARY KEY,
+    seq  BLOB NOT NULL
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS directory (
     user BLOB PRIMARY KEY,
     cell TEXT NOT NULL
@@ -70,9 +74,22 @@ CREATE TABLE IF NOT EXISTS addresses (
     address TEXT PRIMARY KEY,
     user    BLOB NOT NULL
 ) WITHOUT ROWID;
-PRAGMA user_version = 1;
+PRAGMA user_version = 2;
 COMMIT;
 """
+# Brings a store of the version in the key up to the next one.
+_MIGRATIONS = {
+    # 2: the search index's mark per user (terms are derived from the log since)
+    1: """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS indexed (
+    user BLOB PRIMARY KEY,
+    seq  BLOB NOT NULL
+) WITHOUT ROWID;
+PRAGMA user_version = 2;
+COMMIT;
+""",
+}
 
 SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
 READ_CONNECTIONS = 4
@@ -248,7 +265,10 @@ class SQLiteStore(Store):
             version = self._writer_conn.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
                 self._writer_conn.executescript(_SCHEMA)
-            elif version != SCHEMA_VERSION:
+            while version in _MIGRATIONS:
+                self._writer_conn.executescript(_MIGRATIONS[version])
+                version += 1
+            if version not in (0, SCHEMA_VERSION):
                 raise sqlite3.DatabaseError(
                     f"schema version {version}; this code knows version {SCHEMA_VERSION}"
                 )
@@ -457,6 +477,24 @@ class SQLiteStore(Store):
         )
         return [message_id for (message_id,) in rows]
 
+    # ---- the search index, derived from the log ----
+
+    async def index_terms(
+        self, user_id: int, indexed_seq: int, terms: Sequence[tuple[str, str]]
+    ) -> None:
+        user = _u64_key(user_id)
+        mark = _u64_key(indexed_seq, "indexed_seq")
+        term_rows = [
+            (user, _text(term, "a search term"), _text(message_id, "a message id"))
+            for term, message_id in terms
+        ]
+        await self._write(partial(_apply_index, user, mark, term_rows))
+
+    async def indexed_seq(self, user_id: int) -> int:
+        user = _u64_key(user_id)
+        rows = await self._read(_fetch, "SELECT seq FROM indexed WHERE user = ?", (user,))
+        return _u64(rows[0][0]) if rows else 0
+
     # ---- directory (user -> cell), global ----
 
     async def get_cell(self, user_id: int) -> str | None:
@@ -557,6 +595,21 @@ def _apply_append(
         conn.executemany(
             "INSERT OR IGNORE INTO terms (user, term, message_id) VALUES (?, ?, ?)", term_rows
         )
+
+
+def _apply_index(
+    user: bytes, mark: bytes, term_rows: list[tuple[bytes, str, str]], conn: sqlite3.Connection
+) -> None:
+    if term_rows:
+        conn.executemany(
+            "INSERT OR IGNORE INTO terms (user, term, message_id) VALUES (?, ?, ?)", term_rows
+        )
+    # 8-byte big-endian blobs compare as the numbers they hold: the mark only rises.
+    conn.execute(
+        "INSERT INTO indexed (user, seq) VALUES (?, ?) "
+        "ON CONFLICT (user) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > indexed.seq",
+        (user, mark),
+    )
 
 
 def _execute(sql: str, rows: list[tuple[Any, ...]], conn: sqlite3.Connection) -> None:
