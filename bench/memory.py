@@ -43,9 +43,10 @@ async def _one_image_snapshot(folder: Path) -> bytes:
                 await mailbox.execute(
                     Op.SEND, {"sender": friend, "recipients": [1], "text": text, "channel": "chat"}
                 )
-        image = mailbox._cache.peek(1)  # the cached image the server would hold
-        assert image is not None and len(image.threads) == THREADS
-        return image.to_snapshot()
+        await mailbox.close()  # snapshots the image the server held
+        stored = await store.read_snapshot(1)
+        assert stored is not None
+        return stored[1]
     finally:
         await mailbox.close()
         await store.close()

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import pyserver.app.mailbox as mailbox_module
+import pyserver.app.residency as residency_module
 import pyserver.app.resident as resident_module
 from pyserver import implementation
 from pyserver.app.image import UserImage, thread_id_for
@@ -845,7 +845,7 @@ def twins(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> An
         table = importlib.import_module("pyserver.pure.replies").ReplyTable
     monkeypatch.setattr(resident_module, "SnapshotCache", cache)
     monkeypatch.setattr(resident_module, "ReplyTable", table)
-    monkeypatch.setattr(mailbox_module, "logcodec", codec)
+    monkeypatch.setattr(residency_module, "logcodec", codec)
     return frames
 
 

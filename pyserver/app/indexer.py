@@ -17,20 +17,30 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 from pyserver.store.base import Store
 
-__all__ = ["SearchIndexer"]
+__all__ = ["SearchIndexer", "search_terms"]
 
 log = logging.getLogger(__name__)
 
 # (user id, after seq, up to seq) -> the (term, message id) pairs of those log entries
 TermsOfLog = Callable[[int, int, int], Awaitable[list[tuple[str, str]]]]
 
+_WORD = re.compile(r"\w+")
+# A longer "word" (a hash, a base64 run) is neither indexed nor searchable.
+_MAX_TERM_CHARS = 64
 # Marks remembered per user; past this many the memory is dropped (they are re-read).
 _MAX_KNOWN_MARKS = 1_000_000
+
+
+def search_terms(*texts: str) -> list[str]:
+    """The distinct words of the texts, case-folded, in first-seen order (the search index)."""
+    words = (word for text in texts for word in _WORD.findall(text.casefold()))
+    return [word for word in dict.fromkeys(words) if len(word) <= _MAX_TERM_CHARS]
 
 
 @dataclass(slots=True)

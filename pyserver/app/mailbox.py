@@ -2,11 +2,12 @@
 
 Owns the rules between a request and the user's log: payload validation,
 threads keyed by participant set across channels, idempotent SEND and DELIVER,
-blocking, inbox/other routing through the user index, the per-user write
-serialisation, the retry after a lost compare-and-set, subscription events,
-and the write-through cache of user images (snapshot + replay of the log
-after it, snapshots written in the background). Calls the store, the log
-codec, the snapshot cache and the user index; nothing above it.
+blocking, inbox/other routing through the user index, and subscription events.
+Each write is decided against the user's current image and handed to the
+residency (`pyserver.app.residency`), which serialises the user's writes,
+commits them to the log, retries a lost compare-and-set and keeps the images,
+their snapshots and the search index true to the log. Calls the residency,
+the store's search, the blob store and the user index; nothing above it.
 """
 
 from __future__ import annotations
@@ -15,24 +16,21 @@ import asyncio
 import hashlib
 import itertools
 import logging
-import re
 import secrets
 import time
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
-from pyserver import logcodec
 from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
-from pyserver.app.indexer import SearchIndexer
-from pyserver.app.resident import ResidentImages
+from pyserver.app.indexer import search_terms
+from pyserver.app.residency import Change, Residency
 from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
-from pyserver.errors import BadRequest, LogCorrupt, NotFound, NotOwner, TooLarge, Unavailable
-from pyserver.store.base import LogAppend, Store, WriteConflict
+from pyserver.errors import BadRequest, NotFound, TooLarge
+from pyserver.store.base import Store
 from pyserver.userid import MAX_USER_ID, check_user_id, is_user_id
 from pyserver.userindex import RELATIONS, UserIndex
 from pyserver.userindex.local import LocalUserIndex
@@ -47,13 +45,7 @@ _THREADS_PAGE = (20, 200)
 _MESSAGES_PAGE = (50, 200)
 _SEARCH_PAGE = (20, 200)
 _MAX_QUERY_WORDS = 16
-# A longer "word" (a hash, a base64 run) is neither indexed nor searchable.
-_MAX_TERM_CHARS = 64
 _SNIPPET_CHARS = 100
-# Log records read per store call while replaying or exporting.
-_REPLAY_PAGE = 1_000
-_IMPORT_BATCH = 500
-_WORD = re.compile(r"\w+")
 # Log actions that never change a folder's counts (no counts_changed report).
 _COUNTS_UNCHANGED = frozenset({"sender_blocked", "sender_unblocked"})
 # Reads whose replies the reply table keeps (their first pages only).
@@ -155,22 +147,6 @@ class Delivery:
         return payload
 
 
-@dataclass(slots=True)
-class _Change:
-    """What an operation decided to write (nothing, if `entries` is empty) and answer."""
-
-    entries: list[dict[str, Any]] = field(default_factory=list)
-    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
-    terms: list[tuple[str, str]] = field(default_factory=list)
-    result: dict[str, Any] = field(default_factory=dict)
-
-
-def search_terms(*texts: str) -> list[str]:
-    """The distinct words of the texts, case-folded, in first-seen order (the search index)."""
-    words = (word for text in texts for word in _WORD.findall(text.casefold()))
-    return [word for word in dict.fromkeys(words) if len(word) <= _MAX_TERM_CHARS]
-
-
 def snippet_of(text: str) -> str:
     """The start of a message's text with its whitespace collapsed, for thread lists."""
     return " ".join(text[: _SNIPPET_CHARS * 4].split())[:_SNIPPET_CHARS]
@@ -231,21 +207,21 @@ class Mailbox:
         # says whether a recipient lives in another cell, whose owner gets the copy through
         # `relay` (pyserver.discovery); None: every user is in this cell
         self._in_other_cell = in_other_cell
-        self._clock = clock
-        # the images, and beside them the replies the server answers without Python
-        self._cache = ResidentImages(self._settings.cache_max_users, self._settings.cache_max_bytes)
-        # search terms are derived from the log, written off the durable path of a write
-        self._indexer = SearchIndexer(store, self._terms_of_log)
-        # one lock per user with a write or a load under way; gone when nobody holds it
-        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._resident = Residency(
+            store,
+            cache_max_users=self._settings.cache_max_users,
+            cache_max_bytes=self._settings.cache_max_bytes,
+            snapshot_every=self._settings.snapshot_every,
+            conflict_retries=self._settings.conflict_retries,
+            clock=clock,
+            on_commit=self._committed,
+            owns=owns,
+            owner_of=owner_of,
+        )
         self._subscribers: dict[int, dict[int, EventCallback]] = {}
         self._subscription_users: dict[int, int] = {}
         self._tokens = itertools.count(1)
-        self._snapshot_tasks: set[asyncio.Task[None]] = set()
-        self._snapshotting: set[int] = set()
-        self._counters = dict.fromkeys(
-            ("conflicts", "snapshots", "snapshot_failures", "index_failures", "loads"), 0
-        )
+        self._counters = dict.fromkeys(("index_failures",), 0)
         self._handlers: dict[Op, Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]] = {
             Op.SEND: self._send,
             Op.DELIVER: self._deliver,
@@ -284,7 +260,7 @@ class Mailbox:
         server may not serve now and every read must go through the ownership checks."""
         if self._serving is not None and not self._serving():
             return None
-        return self._cache.replies
+        return self._resident.replies
 
     def remember_reply(self, op: Op, payload: dict[str, Any], raw: bytes, reply: bytes) -> None:
         """Keep the reply to a read `answer_cached` just answered, for the reply table.
@@ -300,11 +276,11 @@ class Mailbox:
 
     def reply_hits(self) -> dict[int, int]:
         """Requests the reply table answered, by op code."""
-        return self._cache.replies.hits()
+        return self._resident.replies.hits()
 
     def forget_replies(self, user_ids: Iterable[int]) -> None:
         """Drop these users' ready-made replies (they are frozen: reads must be refused)."""
-        self._cache.forget_replies(user_ids)
+        self._resident.forget_replies(user_ids)
 
     @property
     def settings(self) -> MailboxSettings:
@@ -330,11 +306,11 @@ class Mailbox:
         channel = _choice(p, "channel", CHANNELS)
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
-        self._check_owner(sender)
+        self._resident.check_owner(sender)
         if self._relay is None:
             # No other server to hand copies to: refuse before writing anything.
             for recipient in recipients:
-                self._check_owner(recipient)
+                self._resident.check_owner(recipient)
         participants = tuple(sorted({sender, *recipients}))
         delivery = Delivery(
             message_id=message_id_for(sender, key),
@@ -356,15 +332,15 @@ class Mailbox:
         # concurrently, so a failure may have come between them; make sure every
         # recipient has theirs (each copy is idempotent), then answer the first result.
         if key:
-            first = (await self._read_image(sender)).key_result(sender, key)
+            first = (await self._resident.read(sender)).key_result(sender, key)
             if first is not None:
                 _raise_first(await asyncio.gather(*copies(), return_exceptions=True))
                 return _send_reply(first, duplicate=True)
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             first = image.key_result(sender, key) if key else None
             if first is not None:
-                return _Change(result=_send_reply(first, duplicate=True))
+                return Change(result=_send_reply(first, duplicate=True))
             thread = image.threads.get(delivery.thread_id)
             if thread is None:
                 folder = "sent"
@@ -375,7 +351,7 @@ class Mailbox:
         # Every copy at once: one round of group commits instead of two. All of them
         # settle before the reply, so nothing is still being written after an error.
         outcomes = await asyncio.gather(
-            self._update(sender, decide), *copies(), return_exceptions=True
+            self._resident.update(sender, decide), *copies(), return_exceptions=True
         )
         _raise_first(outcomes)
         change, _ = outcomes[0]
@@ -463,23 +439,23 @@ class Mailbox:
         message id: a retried relay) is not written again.
         """
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             reply = {"message_id": None, "thread_id": delivery.thread_id, "folder": None,
                      "duplicate": False, "dropped": False}  # fmt: skip
             first = image.key_result(delivery.sender, delivery.key) if delivery.key else None
             if first is not None:
                 reply.update(message_id=first[0], thread_id=first[1], folder=first[3])
                 reply["duplicate"] = True
-                return _Change(result=reply)
+                return Change(result=reply)
             known = image.messages.get(delivery.message_id)
             if known is not None:
                 thread = image.threads.get(known.thread_id)
                 reply.update(message_id=known.message_id, thread_id=known.thread_id)
                 reply.update(folder=thread.folder if thread else None, duplicate=True)
-                return _Change(result=reply)
+                return Change(result=reply)
             if delivery.sender in image.blocked:
                 reply["dropped"] = True
-                return _Change(result=reply)
+                return Change(result=reply)
             thread = image.threads.get(delivery.thread_id)
             if thread is None:
                 folder = await self._route(recipient, delivery.sender)
@@ -492,7 +468,7 @@ class Mailbox:
             change.result = reply
             return change
 
-        change, _ = await self._update(recipient, decide)
+        change, _ = await self._resident.update(recipient, decide)
         return change.result
 
     async def _route(self, recipient: int, sender: int) -> str:
@@ -528,15 +504,16 @@ class Mailbox:
         if answer is None:
             return None
         user = _user(payload, "user")
-        self._check_owner(user)
-        if self._cache.peek(user) is None:
+        self._resident.check_owner(user)
+        image = self._resident.cached(user)
+        if image is None:
             return None  # `execute` loads it (and counts the miss)
-        return answer(self._cache.get(user), payload)
+        return answer(image, payload)
 
     async def _read(
         self, p: dict[str, Any], answer: Callable[[UserImage, dict[str, Any]], dict[str, Any]]
     ) -> dict[str, Any]:
-        return answer(await self._read_image(_user(p, "user")), p)
+        return answer(await self._resident.read(_user(p, "user")), p)
 
     async def _list_threads(self, p: dict[str, Any]) -> dict[str, Any]:
         return await self._read(p, self._list_threads_of)
@@ -588,7 +565,7 @@ class Mailbox:
         """A range of a blob referenced by one of the user's messages (pyserver.blobs.access)."""
         user = _user(p, "user")
         request = blob_access.BlobRange.from_payload(p)
-        image = await self._read_image(user)
+        image = await self._resident.read(user)
         message_id = blob_access.find_reference(image.messages, request.ref, request.message_id)
         if message_id is None or self._blobs is None:
             raise NotFound(f"ref: user {user} has no message with blob {request.ref}")
@@ -606,9 +583,9 @@ class Mailbox:
             raise BadRequest("query: has no word to search for")
         if len(words) > _MAX_QUERY_WORDS:
             raise TooLarge(f"query: {len(words)} words, over the limit of {_MAX_QUERY_WORDS}")
-        image = await self._read_image(user)
+        image = await self._resident.read(user)
         # Everything in the image is in the index before it is read.
-        await self._indexer.caught_up(user, image.seq)
+        await self._resident.indexer.caught_up(user, image.seq)
         # The store's term index finds candidates; the image drops deleted messages.
         found: list[Message] = []
         for message_id in await self._store.search(user, words):
@@ -631,16 +608,16 @@ class Mailbox:
         thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
         message_id = _text(p, "message_id", self._settings.max_field_bytes, default="")
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             thread = _thread(image, thread_id)
             if message_id:
                 targets = [_message(thread, message_id)]
             else:
                 targets = list(thread.messages.values())
             if all(message.unread == unread for message in targets):
-                return _Change()
+                return Change()
             action = "marked_unread" if unread else "marked_read"
-            return _Change([{"action": action, "thread_id": thread_id, "message_id": message_id}])
+            return Change([{"action": action, "thread_id": thread_id, "message_id": message_id}])
 
         return await self._seq_reply(user, decide)
 
@@ -649,10 +626,10 @@ class Mailbox:
         thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
         folder = _choice(p, "folder", FOLDERS)
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             if _thread(image, thread_id).folder == folder:
-                return _Change()
-            return _Change([{"action": "moved", "thread_id": thread_id, "folder": folder}])
+                return Change()
+            return Change([{"action": "moved", "thread_id": thread_id, "folder": folder}])
 
         return await self._seq_reply(user, decide)
 
@@ -661,12 +638,12 @@ class Mailbox:
         thread_id = _text(p, "thread_id", self._settings.max_field_bytes)
         message_id = _text(p, "message_id", self._settings.max_field_bytes, default="")
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             thread = _thread(image, thread_id)
             if not message_id:
-                return _Change([{"action": "thread_deleted", "thread_id": thread_id}])
+                return Change([{"action": "thread_deleted", "thread_id": thread_id}])
             _message(thread, message_id)
-            return _Change(
+            return Change(
                 [{"action": "message_deleted", "thread_id": thread_id, "message_id": message_id}]
             )
 
@@ -676,10 +653,10 @@ class Mailbox:
         user = _user(p, "user")
         folder = _choice(p, "folder", FOLDERS, default="inbox")
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             if image.counts()[folder]["unseen"] == 0:
-                return _Change()
-            return _Change([{"action": "folder_seen", "folder": folder}])
+                return Change()
+            return Change([{"action": "folder_seen", "folder": folder}])
 
         return await self._seq_reply(user, decide)
 
@@ -695,18 +672,18 @@ class Mailbox:
         if sender == user:
             raise BadRequest(f"sender: user {user} cannot block themself")
 
-        async def decide(image: UserImage) -> _Change:
+        async def decide(image: UserImage) -> Change:
             if (sender in image.blocked) == block:
-                return _Change()
+                return Change()
             action = "sender_blocked" if block else "sender_unblocked"
-            return _Change([{"action": action, "sender": sender}])
+            return Change([{"action": action, "sender": sender}])
 
         return await self._seq_reply(user, decide)
 
     async def _seq_reply(
-        self, user_id: int, decide: Callable[[UserImage], Awaitable[_Change]]
+        self, user_id: int, decide: Callable[[UserImage], Awaitable[Change]]
     ) -> dict[str, Any]:
-        _, image = await self._update(user_id, decide)
+        _, image = await self._resident.update(user_id, decide)
         return {"seq": image.seq}
 
     # ---- the social graph (through the user index) ----
@@ -726,7 +703,7 @@ class Mailbox:
         friend = _user(p, "friend")
         if friend == user:
             raise BadRequest(f"friend: user {user} cannot befriend themself")
-        self._check_owner(user)
+        self._resident.check_owner(user)
         return user, friend
 
     # ---- subscriptions ----
@@ -753,7 +730,15 @@ class Mailbox:
             if not callbacks:
                 del self._subscribers[user_id]
 
-    def _publish(self, user_id: int, image: UserImage, entries: list[dict[str, Any]]) -> None:
+    def _committed(self, user_id: int, image: UserImage, entries: list[dict[str, Any]]) -> None:
+        """A write is durable and in the image: tell the subscribers and the dirty hook."""
+        if self._counts_changed is not None and any(
+            entry["action"] not in _COUNTS_UNCHANGED for entry in entries
+        ):
+            try:
+                self._counts_changed(user_id)
+            except Exception:
+                log.exception("counts_changed hook failed user=%d", user_id)
         callbacks = self._subscribers.get(user_id)
         if not callbacks:
             return
@@ -767,382 +752,46 @@ class Mailbox:
 
     # ---- images: the cache, loading, committing ----
 
-    def _check_owner(self, user_id: int) -> None:
-        if self._owns is None or self._owns(user_id):
-            return
-        owner = self._owner_of(user_id) if self._owner_of is not None else None
-        if owner:
-            raise NotOwner(f"user {user_id} is served by {owner}", owner)
-        raise Unavailable(f"this server does not serve user {user_id} now")
-
-    def _lock(self, user_id: int) -> asyncio.Lock:
-        lock = self._locks.get(user_id)
-        if lock is None:
-            lock = self._locks[user_id] = asyncio.Lock()
-        return lock
-
-    async def _read_image(self, user_id: int) -> UserImage:
-        """The user's image for a read: the cached one, else loaded (under the user's lock)."""
-        self._check_owner(user_id)
-        image = self._cache.get(user_id)
-        if image is not None:
-            return image
-        async with self._lock(user_id):
-            image = self._cache.peek(user_id)
-            return image if image is not None else await self._load(user_id)
-
-    async def _update(
-        self, user_id: int, decide: Callable[[UserImage], Awaitable[_Change]]
-    ) -> tuple[_Change, UserImage]:
-        """Decide a write against the current image and commit it, under the user's lock.
-
-        A lost compare-and-set (another writer appended first) drops the image,
-        re-checks ownership, reloads and decides again, a few times, before the
-        WriteConflict (CONFLICT) reaches the caller.
-        """
-        attempts = self._settings.conflict_retries + 1
-        for attempt in range(attempts):
-            self._check_owner(user_id)
-            async with self._lock(user_id):
-                image = self._cache.get(user_id)
-                if image is None:
-                    image = await self._load(user_id)
-                change = await decide(image)
-                if not change.entries:
-                    return change, image
-                try:
-                    await self._commit(user_id, image, change)
-                except WriteConflict as exc:
-                    self._counters["conflicts"] += 1
-                    self._forget(user_id, image)
-                    log.info("write conflict user=%d attempt=%d: %s", user_id, attempt + 1, exc)
-                    if attempt + 1 == attempts:
-                        raise
-                    continue
-                return change, image
-        raise AssertionError("unreachable")
-
-    async def _commit(self, user_id: int, image: UserImage, change: _Change) -> None:
-        """Append the change's entries to the log, then apply them to the image and publish.
-
-        On success `change.entries` are the full log entries (with seq and ts).
-        """
-        ts = self._clock()
-        entries = [
-            {"seq": image.seq + offset, "ts": ts, **fields}
-            for offset, fields in enumerate(change.entries, start=1)
-        ]
-        write = LogAppend(
-            user_id=user_id,
-            expected_seq=image.seq,
-            records=[logcodec.encode(entry) for entry in entries],
-            messages={mid: orjson.dumps(body) for mid, body in change.bodies.items()},
-        )
-        try:
-            await self._store.append(write)
-        except WriteConflict:
-            raise
-        except BaseException:
-            # The outcome is unknown (a cancelled or failed call may still have
-            # committed), so the image may be behind the log: reload next time.
-            self._forget(user_id, image)
-            raise
-        for entry in entries:
-            body = change.bodies.get(entry["message_id"]) if "body_ref" in entry else None
-            image.apply(entry, body)
-        change.entries = entries
-        self._indexer.committed(user_id, entries[0]["seq"], entries[-1]["seq"], change.terms)
-        self._keep(user_id, image)
-        self._publish(user_id, image, entries)
-        if self._counts_changed is not None and any(
-            entry["action"] not in _COUNTS_UNCHANGED for entry in entries
-        ):
-            try:
-                self._counts_changed(user_id)
-            except Exception:
-                log.exception("counts_changed hook failed user=%d", user_id)
-        if image.seq - image.snapshot_seq >= self._settings.snapshot_every:
-            self._snapshot_soon(user_id, image)
-
-    def _keep(self, user_id: int, image: UserImage) -> None:
-        """(Re)insert the image with its current weight; snapshot whatever that evicts."""
-        if self._owns is not None and not self._owns(user_id):
-            # Ownership moved (or the server was fenced) while this image was loaded or
-            # written: another server may extend the log now, so keep nothing it outdates.
-            self._forget(user_id, image)
-            return
-        evicted = self._cache.put(user_id, image, image.weight)
-        seen: set[int] = set()
-        for evicted_id, evicted_image in evicted:
-            if id(evicted_image) in seen:
-                continue
-            seen.add(id(evicted_image))
-            if evicted_image.seq > evicted_image.snapshot_seq:
-                self._snapshot_soon(evicted_id, evicted_image, evicted=True)
-
-    def _forget(self, user_id: int, image: UserImage) -> None:
-        """Drop this image from the cache (not a newer one that replaced it)."""
-        if self._cache.peek(user_id) is image:
-            self._cache.pop(user_id)
+    # ---- images: everything goes through the residency ----
 
     def release(self, keep: Callable[[int], bool] | None = None) -> int:
-        """Drop the cached images of users this server no longer serves; how many went.
-
-        Every image goes when `keep` is None, else those of users for whom
-        `keep(user_id)` is false. Another server may write their logs now; a
-        later request here loads them again from the store. Images ahead of
-        their snapshot are snapshotted (in the background) on the way out, so
-        the new owner replays less.
-        """
-        dropped = 0
-        for user_id, image in self._cache.items():
-            if keep is not None and keep(user_id):
-                continue
-            self._cache.pop(user_id)
-            dropped += 1
-            if image.seq > image.snapshot_seq:
-                self._snapshot_soon(user_id, image, evicted=True)
-        return dropped
-
-    async def _load(self, user_id: int) -> UserImage:
-        """Snapshot + replay of the log after it; cached. The caller holds the user's lock."""
-        self._counters["loads"] += 1
-        image = UserImage()
-        stored = await self._store.read_snapshot(user_id)
-        if stored is not None:
-            seq, data = stored
-            try:
-                image = UserImage.from_snapshot(data)
-                if image.seq != seq:
-                    raise LogCorrupt(f"snapshot stored at seq {seq} holds seq {image.seq}")
-                image.snapshot_seq = seq
-            except LogCorrupt as exc:
-                # The log is the truth: do without the snapshot.
-                log.error("unreadable snapshot user=%d, replaying the whole log: %s", user_id, exc)
-                image = UserImage()
-        await self._replay(user_id, image)
-        self._keep(user_id, image)
-        return image
-
-    async def _replay(self, user_id: int, image: UserImage, until: int | None = None) -> None:
-        """Apply the stored log after `image.seq` (up to seq `until`, if given)."""
-        while until is None or image.seq < until:
-            limit = _REPLAY_PAGE if until is None else min(_REPLAY_PAGE, until - image.seq)
-            page = await self._store.read_log(user_id, image.seq, limit)
-            if not page:
-                return
-            entries = _decode_page(page)
-            bodies = await self._bodies(user_id, entries)
-            for entry in entries:
-                image.apply(entry, bodies.get(entry["body_ref"]) if "body_ref" in entry else None)
-            if len(page) < limit:
-                return
-
-    async def _terms_of_log(self, user_id: int, after: int, until: int) -> list[tuple[str, str]]:
-        """The search terms of the user's log entries after seq `after` up to `until`:
-        those its messages were indexed under when written (`_adding`)."""
-        terms: list[tuple[str, str]] = []
-        while after < until:
-            page = await self._store.read_log(user_id, after, min(_REPLAY_PAGE, until - after))
-            if not page:
-                break
-            entries = _decode_page(page)
-            bodies = await self._bodies(user_id, entries)
-            for entry in entries:
-                body = bodies.get(entry["body_ref"]) if "body_ref" in entry else None
-                if body is not None:
-                    text = body.get("text") if isinstance(body.get("text"), str) else ""
-                    words = search_terms(entry.get("subject") or "", text)
-                    terms.extend((word, entry["message_id"]) for word in words)
-            after = page[-1][0]
-        return terms
-
-    async def _bodies(
-        self, user_id: int, entries: Iterable[dict[str, Any]]
-    ) -> dict[str, dict[str, Any]]:
-        refs = [entry["body_ref"] for entry in entries if "body_ref" in entry]
-        if not refs:
-            return {}
-        bodies: dict[str, dict[str, Any]] = {}
-        for ref, raw in (await self._store.get_messages(user_id, refs)).items():
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                body = None
-            if isinstance(body, dict):
-                bodies[ref] = body
-            else:
-                log.error("unreadable message body user=%d message=%s", user_id, ref)
-        return bodies
-
-    # ---- snapshots ----
-
-    def _snapshot_soon(self, user_id: int, image: UserImage, evicted: bool = False) -> None:
-        """Write the image's snapshot in the background: the reply never waits for it."""
-        if not evicted:
-            if user_id in self._snapshotting:
-                return  # one in flight already; the next commit asks again
-            self._snapshotting.add(user_id)
-        task = asyncio.get_running_loop().create_task(
-            self._write_snapshot(user_id, image, release=not evicted)
-        )
-        self._snapshot_tasks.add(task)
-        task.add_done_callback(self._snapshot_tasks.discard)
-
-    async def _write_snapshot(self, user_id: int, image: UserImage, release: bool = False) -> None:
-        try:
-            # seq and bytes taken together, with no await between them
-            seq, data = image.seq, image.to_snapshot()
-            await self._store.write_snapshot(user_id, seq, data)
-            image.snapshot_seq = max(image.snapshot_seq, seq)
-            self._counters["snapshots"] += 1
-        except Exception:
-            self._counters["snapshot_failures"] += 1
-            log.exception("snapshot failed user=%d", user_id)
-        finally:
-            if release:
-                self._snapshotting.discard(user_id)
+        """Drop the cached images of users this server no longer serves; how many went
+        (every image when `keep` is None, else those for which `keep(user_id)` is false)."""
+        return self._resident.release(keep)
 
     async def quiesce(self, user_id: int) -> None:
-        """Let the user's writes already under way finish, then drop its cached image.
-
-        For a user this server has just stopped serving (frozen for a move to
-        another cell): a write that passed the ownership check before that
-        holds or waits for the user's lock, so once the lock is ours no write
-        of the user is left; later ones are refused by the ownership hooks.
-        The image is snapshotted first when ahead of its last snapshot.
-        """
-        async with self._lock(user_id):
-            image = self._cache.peek(user_id)
-            if image is not None:
-                self._cache.pop(user_id)
-                if image.seq > image.snapshot_seq:
-                    await self._write_snapshot(user_id, image)
+        """Let the user's writes under way finish, then drop its cached image."""
+        await self._resident.quiesce(user_id)
 
     async def drain(self) -> None:
         """Wait until every background snapshot and search index write has finished."""
-        await self._indexer.flush()
-        while self._snapshot_tasks:
-            await asyncio.gather(*list(self._snapshot_tasks), return_exceptions=True)
+        await self._resident.drain()
 
     async def close(self) -> None:
-        """Finish background snapshots, then snapshot every cached image ahead of its last one.
+        """Finish background writes, then snapshot every image ahead of its last one.
 
         The store stays open: whoever opened it closes it.
         """
-        await self.drain()
-        await self._indexer.close()
-        for user_id, image in self._cache.items():
-            if image.seq > image.snapshot_seq:
-                await self._write_snapshot(user_id, image)
+        await self._resident.close()
 
     # ---- admin: rebuild, export, import, stats ----
 
     async def rebuild(self, user_id: int) -> dict[str, Any]:
-        """Regenerate the user's image from the log alone; report how the stored snapshot differs.
-
-        The snapshot is compared with the log replayed up to the snapshot's
-        position; the regenerated image then replaces the cached one and is
-        written as the new snapshot.
-        """
-        self._check_owner(user_id)
-        async with self._lock(user_id):
-            rebuilt = UserImage()
-            differences: list[str] = []
-            stored = await self._store.read_snapshot(user_id)
-            snapshot_seq = None
-            if stored is not None:
-                snapshot_seq, data = stored
-                await self._replay(user_id, rebuilt, until=snapshot_seq)
-                if rebuilt.seq < snapshot_seq:
-                    differences.append(
-                        f"seq: the snapshot is at {snapshot_seq}, the log ends at {rebuilt.seq}"
-                    )
-                else:
-                    try:
-                        differences = UserImage.from_snapshot(data).differences(rebuilt)
-                    except LogCorrupt as exc:
-                        differences = [f"snapshot: {exc}"]
-            await self._replay(user_id, rebuilt)
-            if rebuilt.seq:
-                await self._store.write_snapshot(user_id, rebuilt.seq, rebuilt.to_snapshot())
-                rebuilt.snapshot_seq = rebuilt.seq
-            self._keep(user_id, rebuilt)
-        return {
-            "user": user_id,
-            "seq": rebuilt.seq,
-            "snapshot_seq": snapshot_seq,
-            "threads": len(rebuilt.threads),
-            "messages": len(rebuilt.messages),
-            "differences": differences,
-            "ok": not differences,
-        }
+        """Regenerate the user's image from the log alone; report how the snapshot differs."""
+        return await self._resident.rebuild(user_id)
 
     async def export_log(self, user_id: int) -> list[dict[str, Any]]:
-        """The user's whole log as JSON-able dicts, in order; a message_added entry
-        carries its stored body under "body" (None if the store has lost it)."""
-        out: list[dict[str, Any]] = []
-        after = 0
-        while page := await self._store.read_log(user_id, after, _REPLAY_PAGE):
-            entries = _decode_page(page)
-            bodies = await self._bodies(user_id, entries)
-            for entry in entries:
-                if "body_ref" in entry:
-                    entry["body"] = bodies.get(entry["body_ref"])
-                out.append(entry)
-            after = page[-1][0]
-        return out
+        """The user's whole log as JSON-able dicts, bodies included."""
+        return await self._resident.export_log(user_id)
 
     async def import_log(self, user_id: int, entries: Iterable[dict[str, Any]]) -> int:
-        """Append exported entries to the user's log; returns how many were appended.
-
-        Entries at or below the log's end are skipped, so re-running an import
-        is harmless; the rest must continue the log without a gap. Message
-        bodies are stored and indexed for search again. The cached image is
-        dropped and reloaded on the next request.
-        """
-        self._check_owner(user_id)
-        async with self._lock(user_id):
-            last = await self._store.last_seq(user_id)
-            todo = [_imported(entry) for entry in entries]
-            todo = [(entry, body) for entry, body in todo if entry["seq"] > last]
-            for expected, (entry, _) in enumerate(todo, start=last + 1):
-                if entry["seq"] != expected:
-                    raise BadRequest(f"entries: seq {entry['seq']} where {expected} should follow")
-            # Every entry is checked (encoded) before the first is written.
-            records = [logcodec.encode(entry) for entry, _ in todo]
-            for start in range(0, len(todo), _IMPORT_BATCH):
-                batch = todo[start : start + _IMPORT_BATCH]
-                messages: dict[str, bytes] = {}
-                terms: list[tuple[str, str]] = []
-                for entry, body in batch:
-                    if body is not None:
-                        ref = entry["body_ref"]
-                        messages[ref] = orjson.dumps(body)
-                        text = body.get("text") if isinstance(body.get("text"), str) else ""
-                        words = search_terms(entry["subject"], text)
-                        terms.extend((word, entry["message_id"]) for word in words)
-                await self._store.append(
-                    LogAppend(
-                        user_id=user_id,
-                        expected_seq=batch[0][0]["seq"] - 1,
-                        records=records[start : start + _IMPORT_BATCH],
-                        messages=messages,
-                        terms=terms,
-                    )
-                )
-            image = self._cache.peek(user_id)
-            if image is not None:
-                self._forget(user_id, image)
-        return len(todo)
+        """Append exported entries to the user's log; returns how many were appended."""
+        return await self._resident.import_log(user_id, entries)
 
     def stats(self) -> dict[str, Any]:
-        """Cache and reply-table figures (pyserver.app.resident), and write counters."""
+        """The residency's figures (cache, reply table, search index, writes) and ours."""
         return {
-            **self._cache.stats(),
-            "search_index_pending_users": self._indexer.pending_users,
-            "search_index_flushes": self._indexer.flushes,
-            "search_index_failures": self._indexer.failures,
+            **self._resident.stats(),
             "subscriptions": len(self._subscription_users),
             **self._counters,
         }
@@ -1263,10 +912,10 @@ def _message(thread: Thread, message_id: str) -> Message:
 # ---- small pieces ----
 
 
-def _adding(delivery: Delivery, folder: str, unread: bool) -> _Change:
+def _adding(delivery: Delivery, folder: str, unread: bool) -> Change:
     """The change that adds one copy of a delivery to a mailbox."""
     words = search_terms(delivery.subject, delivery.text)
-    return _Change(
+    return Change(
         entries=[delivery.entry(folder, unread)],
         bodies={delivery.message_id: delivery.body()},
         terms=[(word, delivery.message_id) for word in words],
@@ -1289,26 +938,3 @@ def _event(user_id: int, image: UserImage, entry: dict[str, Any]) -> Event:
     else:
         event.update((k, v) for k, v in entry.items() if k not in ("seq", "ts", "action"))
     return event
-
-
-def _decode_page(page: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
-    entries = []
-    for seq, record in page:
-        entry = logcodec.decode(record)
-        if entry["seq"] != seq:
-            raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
-        entries.append(entry)
-    return entries
-
-
-def _imported(item: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """An exported entry split into the log entry and its body (encode checks the entry)."""
-    if not isinstance(item, dict):
-        raise BadRequest("entries: each must be a JSON object")
-    entry = dict(item)
-    body = entry.pop("body", None)
-    if body is not None and not isinstance(body, dict):
-        raise BadRequest(f"entries: seq {entry.get('seq')!r} has a body that is not an object")
-    if type(entry.get("seq")) is not int:
-        raise BadRequest("entries: each needs an integer seq")
-    return entry, body

@@ -38,7 +38,7 @@ from typing import Any
 import orjson
 
 from pyserver import logcodec
-from pyserver.app.mailbox import search_terms
+from pyserver.app.indexer import search_terms
 from pyserver.cluster import layout
 from pyserver.cluster.layout import NodeRecord
 from pyserver.cluster.zk import BadVersion, NoNode, ZooKeeper

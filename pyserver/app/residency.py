@@ -1,0 +1,500 @@
+"""Where user images live: loaded, cached, written through, snapshotted, given back.
+
+`Residency` owns one app server's images of its users (`pyserver.app.image.UserImage`)
+and everything about keeping them true to the log: the write-through cache with the
+reply table beside it (`pyserver.app.resident`), one lock per user, loading (snapshot
+plus log replay), the commit of a write (the compare-and-set append, then the image),
+background snapshots, giving users back when ownership moves, and the search index
+derived from the log (`pyserver.app.indexer`). The operations (`pyserver.app.mailbox`)
+see one narrow interface: `check_owner`, `cached`, `read`, `update` with a `Change`
+decided against the current image, and the admin calls (rebuild, export, import).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import weakref
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+
+from pyserver import logcodec
+from pyserver.app.image import UserImage
+from pyserver.app.indexer import SearchIndexer, search_terms
+from pyserver.app.resident import ResidentImages
+from pyserver.errors import BadRequest, LogCorrupt, NotOwner, Unavailable
+from pyserver.store.base import LogAppend, Store, WriteConflict
+
+__all__ = ["Change", "Residency"]
+
+log = logging.getLogger(__name__)
+
+# Log records read per store call while replaying or exporting.
+_REPLAY_PAGE = 1_000
+_IMPORT_BATCH = 500
+
+# (user id, the image after the write, the entries written): told after each commit.
+OnCommit = Callable[[int, UserImage, list[dict[str, Any]]], None]
+
+
+@dataclass(slots=True)
+class Change:
+    """What an operation decided to write (nothing, if `entries` is empty) and answer."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
+    terms: list[tuple[str, str]] = field(default_factory=list)
+    result: dict[str, Any] = field(default_factory=dict)
+
+
+class Residency:
+    """The user images of one app server (see the module docstring).
+
+    `owns(user_id)` says whether this server may serve a user now; when it may not,
+    `owner_of(user_id)` names the owner ("host:port", for NOT_OWNER) or None
+    (UNAVAILABLE). Both default to a single node that owns everyone.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        cache_max_users: int,
+        cache_max_bytes: int,
+        snapshot_every: int,
+        conflict_retries: int,
+        clock: Callable[[], int],
+        on_commit: OnCommit,
+        owns: Callable[[int], bool] | None = None,
+        owner_of: Callable[[int], str | None] | None = None,
+    ) -> None:
+        self._store = store
+        self._snapshot_every = snapshot_every
+        self._conflict_retries = conflict_retries
+        self._clock = clock
+        self._on_commit = on_commit
+        self._owns = owns
+        self._owner_of = owner_of
+        # the images, and beside them the replies the server answers without Python
+        self._cache = ResidentImages(cache_max_users, cache_max_bytes)
+        # search terms are derived from the log, written off the durable path of a write
+        self.indexer = SearchIndexer(store, self.terms_of_log)
+        # one lock per user with a write or a load under way; gone when nobody holds it
+        self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._snapshot_tasks: set[asyncio.Task[None]] = set()
+        self._snapshotting: set[int] = set()
+        self._counters = dict.fromkeys(("conflicts", "snapshots", "snapshot_failures", "loads"), 0)
+
+    @property
+    def replies(self) -> Any:
+        """The reply table that mirrors the cached images (pyserver.wire.replies)."""
+        return self._cache.replies
+
+    def forget_replies(self, user_ids: Iterable[int]) -> None:
+        """Drop these users' ready-made replies, keeping their images."""
+        self._cache.forget_replies(user_ids)
+
+    def cached(self, user_id: int) -> UserImage | None:
+        """The user's cached image (counted as a cache hit), or None without counting a
+        miss: the caller then goes through `read`, which loads it and counts the miss."""
+        if self._cache.peek(user_id) is None:
+            return None
+        return self._cache.get(user_id)
+
+    def check_owner(self, user_id: int) -> None:
+        if self._owns is None or self._owns(user_id):
+            return
+        owner = self._owner_of(user_id) if self._owner_of is not None else None
+        if owner:
+            raise NotOwner(f"user {user_id} is served by {owner}", owner)
+        raise Unavailable(f"this server does not serve user {user_id} now")
+
+    def _lock(self, user_id: int) -> asyncio.Lock:
+        lock = self._locks.get(user_id)
+        if lock is None:
+            lock = self._locks[user_id] = asyncio.Lock()
+        return lock
+
+    async def read(self, user_id: int) -> UserImage:
+        """The user's image for a read: the cached one, else loaded (under the user's lock)."""
+        self.check_owner(user_id)
+        image = self._cache.get(user_id)
+        if image is not None:
+            return image
+        async with self._lock(user_id):
+            image = self._cache.peek(user_id)
+            return image if image is not None else await self._load(user_id)
+
+    async def update(
+        self, user_id: int, decide: Callable[[UserImage], Awaitable[Change]]
+    ) -> tuple[Change, UserImage]:
+        """Decide a write against the current image and commit it, under the user's lock.
+
+        A lost compare-and-set (another writer appended first) drops the image,
+        re-checks ownership, reloads and decides again, a few times, before the
+        WriteConflict (CONFLICT) reaches the caller.
+        """
+        attempts = self._conflict_retries + 1
+        for attempt in range(attempts):
+            self.check_owner(user_id)
+            async with self._lock(user_id):
+                image = self._cache.get(user_id)
+                if image is None:
+                    image = await self._load(user_id)
+                change = await decide(image)
+                if not change.entries:
+                    return change, image
+                try:
+                    await self._commit(user_id, image, change)
+                except WriteConflict as exc:
+                    self._counters["conflicts"] += 1
+                    self._forget(user_id, image)
+                    log.info("write conflict user=%d attempt=%d: %s", user_id, attempt + 1, exc)
+                    if attempt + 1 == attempts:
+                        raise
+                    continue
+                return change, image
+        raise AssertionError("unreachable")
+
+    async def _commit(self, user_id: int, image: UserImage, change: Change) -> None:
+        """Append the change's entries to the log, then apply them to the image and publish.
+
+        On success `change.entries` are the full log entries (with seq and ts).
+        """
+        ts = self._clock()
+        entries = [
+            {"seq": image.seq + offset, "ts": ts, **fields}
+            for offset, fields in enumerate(change.entries, start=1)
+        ]
+        write = LogAppend(
+            user_id=user_id,
+            expected_seq=image.seq,
+            records=[logcodec.encode(entry) for entry in entries],
+            messages={mid: orjson.dumps(body) for mid, body in change.bodies.items()},
+        )
+        try:
+            await self._store.append(write)
+        except WriteConflict:
+            raise
+        except BaseException:
+            # The outcome is unknown (a cancelled or failed call may still have
+            # committed), so the image may be behind the log: reload next time.
+            self._forget(user_id, image)
+            raise
+        for entry in entries:
+            body = change.bodies.get(entry["message_id"]) if "body_ref" in entry else None
+            image.apply(entry, body)
+        change.entries = entries
+        self.indexer.committed(user_id, entries[0]["seq"], entries[-1]["seq"], change.terms)
+        self._keep(user_id, image)
+        self._on_commit(user_id, image, entries)
+        if image.seq - image.snapshot_seq >= self._snapshot_every:
+            self._snapshot_soon(user_id, image)
+
+    def _keep(self, user_id: int, image: UserImage) -> None:
+        """(Re)insert the image with its current weight; snapshot whatever that evicts."""
+        if self._owns is not None and not self._owns(user_id):
+            # Ownership moved (or the server was fenced) while this image was loaded or
+            # written: another server may extend the log now, so keep nothing it outdates.
+            self._forget(user_id, image)
+            return
+        evicted = self._cache.put(user_id, image, image.weight)
+        seen: set[int] = set()
+        for evicted_id, evicted_image in evicted:
+            if id(evicted_image) in seen:
+                continue
+            seen.add(id(evicted_image))
+            if evicted_image.seq > evicted_image.snapshot_seq:
+                self._snapshot_soon(evicted_id, evicted_image, evicted=True)
+
+    def _forget(self, user_id: int, image: UserImage) -> None:
+        """Drop this image from the cache (not a newer one that replaced it)."""
+        if self._cache.peek(user_id) is image:
+            self._cache.pop(user_id)
+
+    def release(self, keep: Callable[[int], bool] | None = None) -> int:
+        """Drop the cached images of users this server no longer serves; how many went.
+
+        Every image goes when `keep` is None, else those of users for whom
+        `keep(user_id)` is false. Another server may write their logs now; a
+        later request here loads them again from the store. Images ahead of
+        their snapshot are snapshotted (in the background) on the way out, so
+        the new owner replays less.
+        """
+        dropped = 0
+        for user_id, image in self._cache.items():
+            if keep is not None and keep(user_id):
+                continue
+            self._cache.pop(user_id)
+            dropped += 1
+            if image.seq > image.snapshot_seq:
+                self._snapshot_soon(user_id, image, evicted=True)
+        return dropped
+
+    async def _load(self, user_id: int) -> UserImage:
+        """Snapshot + replay of the log after it; cached. The caller holds the user's lock."""
+        self._counters["loads"] += 1
+        image = UserImage()
+        stored = await self._store.read_snapshot(user_id)
+        if stored is not None:
+            seq, data = stored
+            try:
+                image = UserImage.from_snapshot(data)
+                if image.seq != seq:
+                    raise LogCorrupt(f"snapshot stored at seq {seq} holds seq {image.seq}")
+                image.snapshot_seq = seq
+            except LogCorrupt as exc:
+                # The log is the truth: do without the snapshot.
+                log.error("unreadable snapshot user=%d, replaying the whole log: %s", user_id, exc)
+                image = UserImage()
+        await self.replay(user_id, image)
+        self._keep(user_id, image)
+        return image
+
+    async def replay(self, user_id: int, image: UserImage, until: int | None = None) -> None:
+        """Apply the stored log after `image.seq` (up to seq `until`, if given)."""
+        while until is None or image.seq < until:
+            limit = _REPLAY_PAGE if until is None else min(_REPLAY_PAGE, until - image.seq)
+            page = await self._store.read_log(user_id, image.seq, limit)
+            if not page:
+                return
+            entries = _decode_page(page)
+            bodies = await self.bodies(user_id, entries)
+            for entry in entries:
+                image.apply(entry, bodies.get(entry["body_ref"]) if "body_ref" in entry else None)
+            if len(page) < limit:
+                return
+
+    async def terms_of_log(self, user_id: int, after: int, until: int) -> list[tuple[str, str]]:
+        """The search terms of the user's log entries after seq `after` up to `until`:
+        those its messages were indexed under when written (`_adding`)."""
+        terms: list[tuple[str, str]] = []
+        while after < until:
+            page = await self._store.read_log(user_id, after, min(_REPLAY_PAGE, until - after))
+            if not page:
+                break
+            entries = _decode_page(page)
+            bodies = await self.bodies(user_id, entries)
+            for entry in entries:
+                body = bodies.get(entry["body_ref"]) if "body_ref" in entry else None
+                if body is not None:
+                    text = body.get("text") if isinstance(body.get("text"), str) else ""
+                    words = search_terms(entry.get("subject") or "", text)
+                    terms.extend((word, entry["message_id"]) for word in words)
+            after = page[-1][0]
+        return terms
+
+    async def bodies(
+        self, user_id: int, entries: Iterable[dict[str, Any]]
+    ) -> dict[str, dict[str, Any]]:
+        refs = [entry["body_ref"] for entry in entries if "body_ref" in entry]
+        if not refs:
+            return {}
+        bodies: dict[str, dict[str, Any]] = {}
+        for ref, raw in (await self._store.get_messages(user_id, refs)).items():
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                body = None
+            if isinstance(body, dict):
+                bodies[ref] = body
+            else:
+                log.error("unreadable message body user=%d message=%s", user_id, ref)
+        return bodies
+
+    # ---- snapshots ----
+
+    def _snapshot_soon(self, user_id: int, image: UserImage, evicted: bool = False) -> None:
+        """Write the image's snapshot in the background: the reply never waits for it."""
+        if not evicted:
+            if user_id in self._snapshotting:
+                return  # one in flight already; the next commit asks again
+            self._snapshotting.add(user_id)
+        task = asyncio.get_running_loop().create_task(
+            self._write_snapshot(user_id, image, release=not evicted)
+        )
+        self._snapshot_tasks.add(task)
+        task.add_done_callback(self._snapshot_tasks.discard)
+
+    async def _write_snapshot(self, user_id: int, image: UserImage, release: bool = False) -> None:
+        try:
+            # seq and bytes taken together, with no await between them
+            seq, data = image.seq, image.to_snapshot()
+            await self._store.write_snapshot(user_id, seq, data)
+            image.snapshot_seq = max(image.snapshot_seq, seq)
+            self._counters["snapshots"] += 1
+        except Exception:
+            self._counters["snapshot_failures"] += 1
+            log.exception("snapshot failed user=%d", user_id)
+        finally:
+            if release:
+                self._snapshotting.discard(user_id)
+
+    async def quiesce(self, user_id: int) -> None:
+        """Let the user's writes already under way finish, then drop its cached image.
+
+        For a user this server has just stopped serving (frozen for a move to
+        another cell): a write that passed the ownership check before that
+        holds or waits for the user's lock, so once the lock is ours no write
+        of the user is left; later ones are refused by the ownership hooks.
+        The image is snapshotted first when ahead of its last snapshot.
+        """
+        async with self._lock(user_id):
+            image = self._cache.peek(user_id)
+            if image is not None:
+                self._cache.pop(user_id)
+                if image.seq > image.snapshot_seq:
+                    await self._write_snapshot(user_id, image)
+
+    async def drain(self) -> None:
+        """Wait until every background snapshot and search index write has finished."""
+        await self.indexer.flush()
+        while self._snapshot_tasks:
+            await asyncio.gather(*list(self._snapshot_tasks), return_exceptions=True)
+
+    async def close(self) -> None:
+        """Finish background snapshots, then snapshot every cached image ahead of its last one.
+
+        The store stays open: whoever opened it closes it.
+        """
+        await self.drain()
+        await self.indexer.close()
+        for user_id, image in self._cache.items():
+            if image.seq > image.snapshot_seq:
+                await self._write_snapshot(user_id, image)
+
+    # ---- admin: rebuild, export, import, stats ----
+
+    async def rebuild(self, user_id: int) -> dict[str, Any]:
+        """Regenerate the user's image from the log alone; report how the stored snapshot differs.
+
+        The snapshot is compared with the log replayed up to the snapshot's
+        position; the regenerated image then replaces the cached one and is
+        written as the new snapshot.
+        """
+        self.check_owner(user_id)
+        async with self._lock(user_id):
+            rebuilt = UserImage()
+            differences: list[str] = []
+            stored = await self._store.read_snapshot(user_id)
+            snapshot_seq = None
+            if stored is not None:
+                snapshot_seq, data = stored
+                await self.replay(user_id, rebuilt, until=snapshot_seq)
+                if rebuilt.seq < snapshot_seq:
+                    differences.append(
+                        f"seq: the snapshot is at {snapshot_seq}, the log ends at {rebuilt.seq}"
+                    )
+                else:
+                    try:
+                        differences = UserImage.from_snapshot(data).differences(rebuilt)
+                    except LogCorrupt as exc:
+                        differences = [f"snapshot: {exc}"]
+            await self.replay(user_id, rebuilt)
+            if rebuilt.seq:
+                await self._store.write_snapshot(user_id, rebuilt.seq, rebuilt.to_snapshot())
+                rebuilt.snapshot_seq = rebuilt.seq
+            self._keep(user_id, rebuilt)
+        return {
+            "user": user_id,
+            "seq": rebuilt.seq,
+            "snapshot_seq": snapshot_seq,
+            "threads": len(rebuilt.threads),
+            "messages": len(rebuilt.messages),
+            "differences": differences,
+            "ok": not differences,
+        }
+
+    async def export_log(self, user_id: int) -> list[dict[str, Any]]:
+        """The user's whole log as JSON-able dicts, in order; a message_added entry
+        carries its stored body under "body" (None if the store has lost it)."""
+        out: list[dict[str, Any]] = []
+        after = 0
+        while page := await self._store.read_log(user_id, after, _REPLAY_PAGE):
+            entries = _decode_page(page)
+            bodies = await self.bodies(user_id, entries)
+            for entry in entries:
+                if "body_ref" in entry:
+                    entry["body"] = bodies.get(entry["body_ref"])
+                out.append(entry)
+            after = page[-1][0]
+        return out
+
+    async def import_log(self, user_id: int, entries: Iterable[dict[str, Any]]) -> int:
+        """Append exported entries to the user's log; returns how many were appended.
+
+        Entries at or below the log's end are skipped, so re-running an import
+        is harmless; the rest must continue the log without a gap. Message
+        bodies are stored and indexed for search again. The cached image is
+        dropped and reloaded on the next request.
+        """
+        self.check_owner(user_id)
+        async with self._lock(user_id):
+            last = await self._store.last_seq(user_id)
+            todo = [_imported(entry) for entry in entries]
+            todo = [(entry, body) for entry, body in todo if entry["seq"] > last]
+            for expected, (entry, _) in enumerate(todo, start=last + 1):
+                if entry["seq"] != expected:
+                    raise BadRequest(f"entries: seq {entry['seq']} where {expected} should follow")
+            # Every entry is checked (encoded) before the first is written.
+            records = [logcodec.encode(entry) for entry, _ in todo]
+            for start in range(0, len(todo), _IMPORT_BATCH):
+                batch = todo[start : start + _IMPORT_BATCH]
+                messages: dict[str, bytes] = {}
+                terms: list[tuple[str, str]] = []
+                for entry, body in batch:
+                    if body is not None:
+                        ref = entry["body_ref"]
+                        messages[ref] = orjson.dumps(body)
+                        text = body.get("text") if isinstance(body.get("text"), str) else ""
+                        words = search_terms(entry["subject"], text)
+                        terms.extend((word, entry["message_id"]) for word in words)
+                await self._store.append(
+                    LogAppend(
+                        user_id=user_id,
+                        expected_seq=batch[0][0]["seq"] - 1,
+                        records=records[start : start + _IMPORT_BATCH],
+                        messages=messages,
+                        terms=terms,
+                    )
+                )
+            image = self._cache.peek(user_id)
+            if image is not None:
+                self._forget(user_id, image)
+        return len(todo)
+
+    def stats(self) -> dict[str, Any]:
+        """Cache and reply-table figures, the search index's, and the write counters."""
+        return {
+            **self._cache.stats(),
+            "search_index_pending_users": self.indexer.pending_users,
+            "search_index_flushes": self.indexer.flushes,
+            "search_index_failures": self.indexer.failures,
+            **self._counters,
+        }
+
+
+def _decode_page(page: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
+    entries = []
+    for seq, record in page:
+        entry = logcodec.decode(record)
+        if entry["seq"] != seq:
+            raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
+        entries.append(entry)
+    return entries
+
+
+def _imported(item: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """An exported entry split into the log entry and its body (encode checks the entry)."""
+    if not isinstance(item, dict):
+        raise BadRequest("entries: each must be a JSON object")
+    entry = dict(item)
+    body = entry.pop("body", None)
+    if body is not None and not isinstance(body, dict):
+        raise BadRequest(f"entries: seq {entry.get('seq')!r} has a body that is not an object")
+    if type(entry.get("seq")) is not int:
+        raise BadRequest("entries: each needs an integer seq")
+    return entry, body
