@@ -61,7 +61,7 @@ def _print_table(results: dict[str, object]) -> None:
 
 
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
-SUITE_MODULES = ("server", "mail", "userindex", "cluster")
+SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster")
 
 
 def _suite(name: str) -> Callable[[bool], dict[str, object]]:

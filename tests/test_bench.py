@@ -114,3 +114,20 @@ def test_memory_per_cached_user_is_measured() -> None:
     assert figures["users"] == 300 and figures["threads_per_user"] == 10
     # 200 messages are held per user: at least their snapshot's worth, well under 10 MB
     assert figures["snapshot_bytes"] < figures["bytes_per_cached_user"] < 10_000_000
+
+
+@pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
+def test_bench_writes_measures_the_mailbox_and_three_engines() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "writes", "--json", "--quick"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    ).stdout
+    results = json.loads(out)
+    mailbox = results["mailbox"]
+    assert mailbox["sends_per_s"] > 0 and mailbox["writes_per_commit"] >= 1
+    assert 0 < mailbox["event_loop_cpu_share"] <= 1.5
+    assert set(results["engine_appends_per_s"]) == {"sqlite", "lmdb", "rocksdb"}
+    assert all(rate > 0 for rate in results["engine_appends_per_s"].values())

@@ -1,7 +1,7 @@
 """A plain install (no dev extras) can import every part of the package.
 
-The dev extras (msgpack, uhashring, lru-dict: the benchmarks' peers) are blocked in a
-child interpreter, and every module of `pyserver` is imported there.
+The dev extras (msgpack, uhashring, lru-dict, lmdb, rocksdict: the benchmarks' peers)
+are blocked in a child interpreter, and every module of `pyserver` is imported there.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest")
+DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest", "lmdb", "rocksdict")
 
 _CHILD = f"""
 import importlib, pkgutil, sys

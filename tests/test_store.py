@@ -32,7 +32,8 @@ from hypothesis import strategies as st
 from pyserver.errors import BadRequest
 from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
 from pyserver.store.hbase import HBaseStore
-from pyserver.store.sqlite import SQLiteStore
+from pyserver.store.sqlite import SQLiteStore, index_path
+from pyserver.store.sqlite_file import SQLiteFile
 
 ENGINES = ["sqlite", "hbase"]
 U64_MAX = 2**64 - 1
@@ -707,9 +708,9 @@ async def test_a_failed_commit_fails_every_write_of_its_batch(
 ) -> None:
     calls = 0
     first_commit_started, others_queued = threading.Event(), threading.Event()
-    real_commit = SQLiteStore._commit
+    real_commit = SQLiteFile._commit
 
-    def commit_then_fail(self: SQLiteStore, conn: sqlite3.Connection) -> None:
+    def commit_then_fail(self: SQLiteFile, conn: sqlite3.Connection) -> None:
         nonlocal calls
         calls += 1
         if calls == 1:
@@ -721,7 +722,7 @@ async def test_a_failed_commit_fails_every_write_of_its_batch(
         else:
             real_commit(self, conn)
 
-    monkeypatch.setattr(SQLiteStore, "_commit", commit_then_fail)
+    monkeypatch.setattr(SQLiteFile, "_commit", commit_then_fail)
     async with sqlite_engine.opened() as store:
         first = asyncio.ensure_future(store.append(appending(0, 0)))
         assert await asyncio.to_thread(first_commit_started.wait, 5)
@@ -746,16 +747,16 @@ async def test_reads_do_not_wait_behind_the_writer(
     sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     committing = threading.Event()
-    real_commit = SQLiteStore._commit
+    real_commit = SQLiteFile._commit
 
-    def slow_commit(self: SQLiteStore, conn: sqlite3.Connection) -> None:
+    def slow_commit(self: SQLiteFile, conn: sqlite3.Connection) -> None:
         committing.set()
         time.sleep(1.0)
         real_commit(self, conn)
 
     async with sqlite_engine.opened() as store:
         await store.append(appending(1, 0))
-        monkeypatch.setattr(SQLiteStore, "_commit", slow_commit)
+        monkeypatch.setattr(SQLiteFile, "_commit", slow_commit)
         write = asyncio.create_task(store.append(appending(1, 1)))
         assert await asyncio.to_thread(committing.wait, 5)
         started = time.monotonic()
@@ -798,23 +799,45 @@ async def test_users_are_keyed_by_8_big_endian_bytes(sqlite_engine: Engine) -> N
 @asyncio_test
 async def test_a_version_1_file_is_brought_up_to_version_2(sqlite_engine: Engine) -> None:
     async with sqlite_engine.opened() as store:
-        await store.append(appending(7, 0, count=2, terms=[("old", "m")]))
-    # What version 1 was: no `indexed` table.
+        await store.append(appending(7, 0, count=2))
+    # What version 1 was: the search index inside the data file.
     with sqlite3.connect(sqlite_engine.location()) as conn:
-        conn.execute("DROP TABLE indexed")
+        conn.execute("CREATE TABLE terms (user BLOB, term TEXT, message_id TEXT)")
+        conn.execute("INSERT INTO terms VALUES (?, 'old', 'm')", ((7).to_bytes(8, "big"),))
         conn.execute("PRAGMA user_version = 1")
     conn.close()
     async with sqlite_engine.opened() as store:
         assert await store.last_seq(7) == 2
-        assert await store.search(7, ["old"]) == ["m"]
+        assert await store.indexed_seq(7) == 0  # the index is derived again from the log
         await store.index_terms(7, 2, [("new", "m")])
-        assert await store.indexed_seq(7) == 2
+        assert await store.search(7, ["new"]) == ["m"]
     with sqlite3.connect(sqlite_engine.location()) as conn:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
+    assert "terms" not in tables and "log" in tables
     with sqlite3.connect(sqlite_engine.location()) as conn:
         conn.execute("PRAGMA user_version = 9")
     conn.close()
     with pytest.raises(StoreUnavailable, match="schema version 9"):
         async with sqlite_engine.opened():
             pass
+
+
+@asyncio_test
+async def test_a_damaged_search_index_is_started_afresh_and_the_data_kept(
+    sqlite_engine: Engine,
+) -> None:
+    async with sqlite_engine.opened() as store:
+        await store.append(appending(3, 0, messages={"m": b"body"}))
+        await store.index_terms(3, 1, [("word", "m")])
+    index = Path(index_path(sqlite_engine.location()))
+    assert index.exists()
+    for suffix in ("-wal", "-shm"):
+        Path(str(index) + suffix).unlink(missing_ok=True)
+    index.write_bytes(b"not an index at all " * 500)
+    async with sqlite_engine.opened() as store:
+        assert await store.read_log(3) == [(1, entry(3, 1))]
+        assert await store.get_messages(3, ["m"]) == {"m": b"body"}
+        assert await store.indexed_seq(3) == 0
+        assert await store.search(3, ["word"]) == []

@@ -1,38 +1,38 @@
 """The embedded store: every `Store` method on the standard library `sqlite3`, in WAL mode.
 
-Owns one SQLite file laid out like the HBase schema of DESIGN.md (docs/storage.md
-has the tables and keys). Users are keyed by their id as 8 bytes big-endian, so
-the full unsigned 64-bit range is stored losslessly and sorts numerically.
-
-Writes go through one writer thread that does group commit: it takes every
-write queued at that moment, runs them in one transaction (each in its own
-SAVEPOINT, so one that loses its compare-and-set or fails is rolled back alone),
-commits once (one fsync with `synchronous=FULL`) and only then resolves the
-callers' futures. Reads run on a small pool of read connections on worker
-threads; in WAL mode they never wait behind the writer.
+Owns two SQLite files (`pyserver.store.sqlite_file`, one writer thread with group
+commit and a pool of readers each) laid out like the HBase schema of DESIGN.md
+(docs/storage.md has the tables and keys): the data (log, snapshots, message bodies,
+directory, social graph, addresses), fsynced on every commit with
+`synchronous=FULL`; and beside it the search index (`<name>.index<ext>`), which is
+derived from the log (`pyserver.app.indexer`) and so is committed without an fsync and
+started afresh if it is ever damaged. Users are keyed by their id as 8 bytes
+big-endian, so the full unsigned 64-bit range is stored losslessly and sorts
+numerically.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
+import logging
 import os
-import queue
 import sqlite3
-import threading
-from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Sequence
 from functools import partial
 from typing import Any, TypeVar
 
 from pyserver.errors import BadRequest
 from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
+from pyserver.store.sqlite_file import SYNCHRONOUS_MODES, Schema, SQLiteFile
 
-__all__ = ["SQLiteStore"]
+__all__ = ["SYNCHRONOUS_MODES", "SQLiteStore", "index_path"]
 
-SCHEMA_VERSION = 2
-# One table per column family of `users` (l, s, m, x), then the other tables.
-_SCHEMA = """
+log = logging.getLogger(__name__)
+
+# One table per column family of `users` (l, s, m), then the other tables. The search
+# index (family x) is in the index file.
+_SCHEMA = Schema(
+    create="""
 BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS log (
     user   BLOB NOT NULL,
@@ -51,16 +51,6 @@ CREATE TABLE IF NOT EXISTS messages (
     body       BLOB NOT NULL,
     PRIMARY KEY (user, message_id)
 );
-CREATE TABLE IF NOT EXISTS terms (
-    user       BLOB NOT NULL,
-    term       TEXT NOT NULL,
-    message_id TEXT NOT NULL,
-    PRIMARY KEY (user, term, message_id)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS indexed (
-    user BLOB PRIMARY KEY,
-    seq  BLOB NOT NULL
-) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS directory (
     user BLOB PRIMARY KEY,
     cell TEXT NOT NULL
@@ -76,35 +66,52 @@ CREATE TABLE IF NOT EXISTS addresses (
 ) WITHOUT ROWID;
 PRAGMA user_version = 2;
 COMMIT;
-"""
-# Brings a store of the version in the key up to the next one.
-_MIGRATIONS = {
-    # 2: the search index's mark per user (terms are derived from the log since)
-    1: """
+""",
+    version=2,
+    migrations={
+        # 2: the search index moved to its own file, derived again from the log there
+        1: """
 BEGIN IMMEDIATE;
+DROP TABLE IF EXISTS terms;
+DROP TABLE IF EXISTS indexed;
+PRAGMA user_version = 2;
+COMMIT;
+""",
+    },
+)
+
+# The search index: the `x` family, and how far each user's log is indexed.
+_INDEX_SCHEMA = Schema(
+    create="""
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS terms (
+    user       BLOB NOT NULL,
+    term       TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    PRIMARY KEY (user, term, message_id)
+) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS indexed (
     user BLOB PRIMARY KEY,
     seq  BLOB NOT NULL
 ) WITHOUT ROWID;
-PRAGMA user_version = 2;
+PRAGMA user_version = 1;
 COMMIT;
 """,
-}
+    version=1,
+)
 
-SYNCHRONOUS_MODES = ("OFF", "NORMAL", "FULL", "EXTRA")
-READ_CONNECTIONS = 4
-# Bounds one transaction's size and the latency of the first write in it.
-MAX_BATCH = 1024
-# How long a connection waits for another process's lock before giving up.
-BUSY_TIMEOUT_S = 5.0
 # Stay far below SQLite's limit on bound parameters per statement.
 IN_LIST_CHUNK = 500
 
 U64_MAX = (1 << 64) - 1
 
 T = TypeVar("T")
-# A write as the writer thread runs it: plain sqlite3 work on the writer connection.
-WriteFn = Callable[[sqlite3.Connection], None]
+
+
+def index_path(path: str | os.PathLike[str]) -> str:
+    """The search index file beside a store file: `cell.sqlite` -> `cell.index.sqlite`."""
+    root, ext = os.path.splitext(os.fspath(path))
+    return f"{root}.index{ext}"
 
 
 def _u64_key(value: int, what: str = "user id") -> bytes:
@@ -139,271 +146,67 @@ def _address_key(address: str) -> str:
     return key
 
 
-def _unavailable(action: str, cause: BaseException) -> StoreUnavailable:
-    error = StoreUnavailable(f"{action}: {type(cause).__name__}: {cause}")
-    error.__cause__ = cause
-    return error
-
-
 def _chunks(items: Sequence[T], size: int) -> Iterable[Sequence[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
 
 
-class _QueuedWrite:
-    """One write waiting for the writer thread, and the future its caller awaits."""
-
-    __slots__ = ("apply", "future", "loop")
-
-    def __init__(
-        self, apply: WriteFn, loop: asyncio.AbstractEventLoop, future: asyncio.Future[None]
-    ) -> None:
-        self.apply = apply
-        self.loop = loop
-        self.future = future
-
-
-def _settle(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
-    """Runs on the caller's event loop: hand each caller its write's outcome."""
-    for future, error in outcomes:
-        if future.done():  # the caller was cancelled; the write's fate is as reported
-            continue
-        if error is None:
-            future.set_result(None)
-        else:
-            future.set_exception(error)
-
-
 class SQLiteStore(Store):
-    """The embedded store of a single-node cell, in one SQLite file (plus its -wal and -shm).
+    """The embedded store of a single-node cell: the data in one SQLite file (plus its
+    -wal and -shm), and the search index derived from it in a second one beside it.
 
     A write returns once its transaction is committed; with `synchronous="FULL"`
     (or "EXTRA") that means fsynced, and concurrent writes share the commit.
-    "NORMAL" and "OFF" trade that durability for speed (tests, bulk loads).
-    `commits` counts committed transactions and `writes` the writes they
-    acknowledged, so `writes / commits` is the mean group-commit batch size.
+    "NORMAL" and "OFF" trade that durability for speed (tests, bulk loads). The
+    index file never fsyncs ("NORMAL", or "OFF" with an "OFF" store): what a crash
+    takes from it, with its marks, is derived from the log again.
+    `commits` counts the data file's committed transactions and `writes` the writes
+    they acknowledged, so `writes / commits` is the mean group-commit batch size.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
-        self._path = os.fspath(path)
-        if self._path == ":memory:" or self._path.startswith("file::memory:"):
-            raise ValueError("SQLiteStore needs a file: its read and write connections share it")
-        mode = str(synchronous).upper()
-        if mode not in SYNCHRONOUS_MODES:
-            raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
-        self._synchronous = mode
-        self._lifecycle = asyncio.Lock()
-        self._open = False
-        self._writer_conn: sqlite3.Connection | None = None
-        # None, put there by close(), tells the writer to stop after what came before it.
-        self._write_queue: queue.SimpleQueue[_QueuedWrite | None] = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
-        self._read_conns: queue.SimpleQueue[sqlite3.Connection] = queue.SimpleQueue()
-        self._all_read_conns: list[sqlite3.Connection] = []
-        self._read_pool: ThreadPoolExecutor | None = None
-        self._commits = 0
-        self._writes = 0
+        self._db = SQLiteFile(path, "store", _SCHEMA, synchronous)
+        index_mode = "OFF" if str(synchronous).upper() == "OFF" else "NORMAL"
+        self._index = SQLiteFile(index_path(path), "search index", _INDEX_SCHEMA, index_mode)
+        self._write = self._db.write
+        self._read = self._db.read
 
     @property
     def path(self) -> str:
-        return self._path
+        return self._db.path
 
     @property
     def commits(self) -> int:
-        """Transactions the writer thread committed since this object was created."""
-        return self._commits
+        """Transactions the data file's writer committed since this object was created."""
+        return self._db.commits
 
     @property
     def writes(self) -> int:
-        """Writes acknowledged as committed since this object was created."""
-        return self._writes
+        """Writes to the data file acknowledged since this object was created."""
+        return self._db.writes
 
     # ---- lifecycle ----
 
     async def open(self) -> None:
-        async with self._lifecycle:
-            if self._open:
-                return
-            await asyncio.to_thread(self._connect_all)
-            self._write_queue = queue.SimpleQueue()
-            self._read_pool = ThreadPoolExecutor(
-                max_workers=READ_CONNECTIONS, thread_name_prefix="sqlite-store-read"
-            )
-            self._writer = threading.Thread(
-                target=self._run_writer, name="sqlite-store-writer", daemon=True
-            )
-            self._writer.start()
-            self._open = True
+        await self._db.open()
+        try:
+            await self._index.open()
+        except StoreUnavailable as exc:
+            if not isinstance(exc.__cause__, sqlite3.DatabaseError) or isinstance(
+                exc.__cause__, sqlite3.OperationalError
+            ):
+                await self._db.close()
+                raise
+            # A damaged index is derived data: start it afresh, the log rebuilds it.
+            log.error("search index %s unreadable (%s): starting it afresh", self._index.path, exc)
+            for suffix in ("", "-wal", "-shm"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(self._index.path + suffix)
+            await self._index.open()
 
     async def close(self) -> None:
-        async with self._lifecycle:
-            if not self._open:
-                return
-            # Refuse new work first; the writer drains everything queued before the None.
-            self._open = False
-            self._write_queue.put(None)
-            assert self._writer is not None and self._read_pool is not None
-            await asyncio.to_thread(self._writer.join)
-            await asyncio.to_thread(self._read_pool.shutdown, wait=True)
-            self._writer = None
-            self._read_pool = None
-            self._disconnect_all()
-
-    def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: sqlite3 never opens transactions behind our back.
-        return sqlite3.connect(
-            self._path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
-        )
-
-    def _connect_all(self) -> None:
-        try:
-            self._writer_conn = self._connect()
-            mode = self._writer_conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise sqlite3.OperationalError(f"journal_mode is {mode!r}, WAL is required")
-            self._writer_conn.execute(f"PRAGMA synchronous={self._synchronous}")
-            version = self._writer_conn.execute("PRAGMA user_version").fetchone()[0]
-            if version == 0:
-                self._writer_conn.executescript(_SCHEMA)
-            while version in _MIGRATIONS:
-                self._writer_conn.executescript(_MIGRATIONS[version])
-                version += 1
-            if version not in (0, SCHEMA_VERSION):
-                raise sqlite3.DatabaseError(
-                    f"schema version {version}; this code knows version {SCHEMA_VERSION}"
-                )
-            for _ in range(READ_CONNECTIONS):
-                conn = self._connect()
-                conn.execute("PRAGMA query_only=ON")
-                self._all_read_conns.append(conn)
-                self._read_conns.put(conn)
-        except sqlite3.Error as exc:
-            self._disconnect_all()
-            raise _unavailable(f"cannot open the SQLite store {self._path}", exc) from exc
-
-    def _disconnect_all(self) -> None:
-        conns = [*self._all_read_conns, self._writer_conn]
-        self._all_read_conns = []
-        self._read_conns = queue.SimpleQueue()
-        self._writer_conn = None
-        for conn in conns:
-            if conn is not None:
-                conn.close()
-
-    def _ensure_open(self) -> None:
-        if not self._open:
-            raise StoreUnavailable(f"the SQLite store {self._path} is not open")
-
-    # ---- the writer thread: group commit ----
-
-    async def _write(self, apply: WriteFn) -> None:
-        """Queue a write for the writer thread; return once it is committed."""
-        self._ensure_open()
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[None] = loop.create_future()
-        self._write_queue.put(_QueuedWrite(apply, loop, future))
-        await future
-
-    def _run_writer(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._write_queue.get()
-            if first is None:
-                break
-            batch = [first]
-            while len(batch) < MAX_BATCH:
-                try:
-                    item = self._write_queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    stopping = True
-                    break
-                batch.append(item)
-            self._commit_batch(batch)
-        # Only a write racing close() can be left; it was never run.
-        leftovers: list[_QueuedWrite] = []
-        while True:
-            try:
-                item = self._write_queue.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                leftovers.append(item)
-        closed = [StoreUnavailable(f"the SQLite store {self._path} was closed") for _ in leftovers]
-        self._report(leftovers, closed)
-
-    def _commit_batch(self, batch: list[_QueuedWrite]) -> None:
-        conn = self._writer_conn
-        assert conn is not None
-        outcomes: list[BaseException | None] = []
-        try:
-            conn.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                outcomes.append(self._run_in_savepoint(conn, write.apply))
-            self._commit(conn)
-        except Exception as exc:
-            # Nothing of this batch is durable, so none of it may be acknowledged.
-            self._rollback(conn)
-            outcomes = [_unavailable("the store transaction failed", exc) for _ in batch]
-        else:
-            self._commits += 1
-            self._writes += outcomes.count(None)
-        self._report(batch, outcomes)
-
-    @staticmethod
-    def _run_in_savepoint(conn: sqlite3.Connection, apply: WriteFn) -> BaseException | None:
-        """Run one write; on failure undo it alone. Raises only if the transaction is lost."""
-        conn.execute("SAVEPOINT write")
-        try:
-            apply(conn)
-        except Exception as exc:
-            # If SQLite already rolled the whole transaction back (I/O error, disk
-            # full), this raises and the caller fails the whole batch.
-            conn.execute("ROLLBACK TO write")
-            conn.execute("RELEASE write")
-            if isinstance(exc, sqlite3.Error):
-                return _unavailable("the write failed", exc)
-            return exc
-        conn.execute("RELEASE write")
-        return None
-
-    def _commit(self, conn: sqlite3.Connection) -> None:
-        conn.execute("COMMIT")
-
-    @staticmethod
-    def _rollback(conn: sqlite3.Connection) -> None:
-        if conn.in_transaction:
-            # If even this fails, the next BEGIN reports the broken connection.
-            with contextlib.suppress(sqlite3.Error):
-                conn.execute("ROLLBACK")
-
-    @staticmethod
-    def _report(batch: list[_QueuedWrite], outcomes: Sequence[BaseException | None]) -> None:
-        """Resolve each caller's future on its own loop, one wake-up per loop."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[Any]] = {}
-        for write, outcome in zip(batch, outcomes, strict=True):
-            by_loop.setdefault(write.loop, []).append((write.future, outcome))
-        for loop, results in by_loop.items():
-            # RuntimeError: that loop is closed, nobody is waiting any more.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_settle, results)
-
-    # ---- read connections ----
-
-    async def _read(self, query: Callable[..., T], *args: Any) -> T:
-        self._ensure_open()
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._read_pool, self._run_read, query, args)
-
-    def _run_read(self, query: Callable[..., T], args: tuple[Any, ...]) -> T:
-        conn = self._read_conns.get()
-        try:
-            return query(conn, *args)
-        except sqlite3.Error as exc:
-            raise _unavailable("the store read failed", exc) from exc
-        finally:
-            self._read_conns.put(conn)
+        await self._db.close()
+        await self._index.close()
 
     # ---- per-user log, snapshots, messages, search ----
 
@@ -425,9 +228,9 @@ class SQLiteStore(Store):
             (user, _text(term, "a search term"), _text(message_id, "a message id"))
             for term, message_id in write.terms
         ]
-        await self._write(
-            partial(_apply_append, write.user_id, expected, log_rows, message_rows, term_rows)
-        )
+        await self._write(partial(_apply_append, write.user_id, expected, log_rows, message_rows))
+        if term_rows:  # derived: added once the records are committed
+            await self._index.write(partial(_execute, _ADD_TERM, term_rows))
 
     async def last_seq(self, user_id: int) -> int:
         return await self._read(_last_seq, _u64_key(user_id))
@@ -469,7 +272,7 @@ class SQLiteStore(Store):
         if not wanted:
             return []
         marks = ", ".join("?" * len(wanted))
-        rows = await self._read(
+        rows = await self._index.read(
             _fetch,
             f"SELECT message_id FROM terms WHERE user = ? AND term IN ({marks})"
             " GROUP BY message_id HAVING COUNT(*) = ? ORDER BY message_id",
@@ -488,11 +291,11 @@ class SQLiteStore(Store):
             (user, _text(term, "a search term"), _text(message_id, "a message id"))
             for term, message_id in terms
         ]
-        await self._write(partial(_apply_index, user, mark, term_rows))
+        await self._index.write(partial(_apply_index, user, mark, term_rows))
 
     async def indexed_seq(self, user_id: int) -> int:
         user = _u64_key(user_id)
-        rows = await self._read(_fetch, "SELECT seq FROM indexed WHERE user = ?", (user,))
+        rows = await self._index.read(_fetch, "SELECT seq FROM indexed WHERE user = ?", (user,))
         return _u64(rows[0][0]) if rows else 0
 
     # ---- directory (user -> cell), global ----
@@ -553,6 +356,8 @@ class SQLiteStore(Store):
 
 # ---- the SQL, as plain functions of a connection (run on the store's threads) ----
 
+_ADD_TERM = "INSERT OR IGNORE INTO terms (user, term, message_id) VALUES (?, ?, ?)"
+
 # Keep the stored snapshot when the new one is older (blob order is numeric order here).
 _UPSERT_SNAPSHOT = (
     "INSERT INTO snapshots (user, seq, image) VALUES (?, ?, ?)"
@@ -577,7 +382,6 @@ def _apply_append(
     expected_seq: int,
     log_rows: list[tuple[bytes, bytes, bytes]],
     message_rows: list[tuple[bytes, str, bytes]],
-    term_rows: list[tuple[bytes, str, str]],
     conn: sqlite3.Connection,
 ) -> None:
     # The compare-and-set: inside the batch's transaction, so earlier appends
@@ -591,19 +395,13 @@ def _apply_append(
             "INSERT OR REPLACE INTO messages (user, message_id, body) VALUES (?, ?, ?)",
             message_rows,
         )
-    if term_rows:
-        conn.executemany(
-            "INSERT OR IGNORE INTO terms (user, term, message_id) VALUES (?, ?, ?)", term_rows
-        )
 
 
 def _apply_index(
     user: bytes, mark: bytes, term_rows: list[tuple[bytes, str, str]], conn: sqlite3.Connection
 ) -> None:
     if term_rows:
-        conn.executemany(
-            "INSERT OR IGNORE INTO terms (user, term, message_id) VALUES (?, ?, ?)", term_rows
-        )
+        conn.executemany(_ADD_TERM, term_rows)
     # 8-byte big-endian blobs compare as the numbers they hold: the mark only rises.
     conn.execute(
         "INSERT INTO indexed (user, seq) VALUES (?, ?) "
