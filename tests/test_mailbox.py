@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import pyserver.app.imagecache as imagecache_module
 import pyserver.app.residency as residency_module
-import pyserver.app.resident as resident_module
 from pyserver import implementation
 from pyserver.app.image import UserImage, thread_id_for
 from pyserver.app.mailbox import Mailbox, MailboxSettings, search_terms
@@ -843,8 +843,8 @@ def twins(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> An
         codec = importlib.import_module("pyserver.pure.logcodec")
         frames = importlib.import_module("pyserver.pure.frame")
         table = importlib.import_module("pyserver.pure.replies").ReplyTable
-    monkeypatch.setattr(resident_module, "SnapshotCache", cache)
-    monkeypatch.setattr(resident_module, "ReplyTable", table)
+    monkeypatch.setattr(imagecache_module, "SnapshotCache", cache)
+    monkeypatch.setattr(imagecache_module, "ReplyTable", table)
     monkeypatch.setattr(residency_module, "logcodec", codec)
     return frames
 

@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-import pyserver.app.resident as resident_module
+import pyserver.app.imagecache as imagecache_module
 from pyserver import implementation
 from pyserver.app.auth import (
     check_service_key,
@@ -466,7 +466,7 @@ def test_repeated_reads_come_from_the_reply_table_and_stay_current(
     tmp_path: Path, impl: Impl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     if impl.name == "pure":  # the table must read the decoder of its own twin
-        monkeypatch.setattr(resident_module, "ReplyTable", pure_replies.ReplyTable)
+        monkeypatch.setattr(imagecache_module, "ReplyTable", pure_replies.ReplyTable)
 
     async def scenario() -> None:
         async with Cell(tmp_path, impl) as cell:

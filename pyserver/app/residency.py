@@ -2,7 +2,7 @@
 
 `Residency` owns one app server's images of its users (`pyserver.app.image.UserImage`)
 and everything about keeping them true to the log: the write-through cache with the
-reply table beside it (`pyserver.app.resident`), one lock per user, loading (snapshot
+reply table beside it (`pyserver.app.imagecache`), one lock per user, loading (snapshot
 plus log replay), the commit of a write (the compare-and-set append, then the image),
 background snapshots, giving users back when ownership moves, and the search index
 derived from the log (`pyserver.app.indexer`). The operations (`pyserver.app.mailbox`)
@@ -23,8 +23,8 @@ import orjson
 
 from pyserver import logcodec
 from pyserver.app.image import UserImage
+from pyserver.app.imagecache import ImageCache
 from pyserver.app.indexer import SearchIndexer, search_terms
-from pyserver.app.resident import ResidentImages
 from pyserver.errors import BadRequest, LogCorrupt, NotOwner, Unavailable
 from pyserver.store.base import LogAppend, Store, WriteConflict
 
@@ -79,7 +79,7 @@ class Residency:
         self._owns = owns
         self._owner_of = owner_of
         # the images, and beside them the replies the server answers without Python
-        self._cache = ResidentImages(cache_max_users, cache_max_bytes)
+        self._cache = ImageCache(cache_max_users, cache_max_bytes)
         # search terms are derived from the log, written off the durable path of a write
         self.indexer = SearchIndexer(store, self.terms_of_log)
         # one lock per user with a write or a load under way; gone when nobody holds it

@@ -1,10 +1,10 @@
-"""The user images resident in one app server, and the ready-made replies that mirror them.
+"""The cache of user images of one app server, and the ready-made replies that mirror them.
 
-`ResidentImages` is the write-through LRU of user images (`pyserver.snapcache`) with the
+`ImageCache` is the write-through LRU of user images (`pyserver.snapcache`) with the
 table of cached-read replies (`pyserver.wire.replies`) beside it: every change of what
 the cache holds for a user (a new or changed image put back, an image dropped or
 evicted) forgets that user's replies in the same synchronous step, so the table never
-answers from an image the cache no longer holds. The mailbox puts an image back after
+answers from an image the cache no longer holds. The residency puts an image back after
 every change it applies (`put`), which is what keeps the table current.
 """
 
@@ -16,10 +16,10 @@ from typing import Any
 from pyserver.snapcache import SnapshotCache
 from pyserver.wire.replies import ReplyTable
 
-__all__ = ["ResidentImages"]
+__all__ = ["ImageCache"]
 
 
-class ResidentImages:
+class ImageCache:
     """User id -> image, bounded by count and bytes, with the replies derived from them."""
 
     def __init__(self, max_users: int, max_bytes: int, reply_bytes: int = 64 << 20) -> None:
