@@ -171,7 +171,16 @@ class _Connection(asyncio.Protocol):
         if self._closing:
             return
         self._last_activity = self._loop.time()
-        self._decoder.feed(data)
+        decoder = self._decoder
+        decoder.feed(data)
+        # The common case first: reads the reply table holds, answered in one native
+        # call and written at once, not at the loop's next turn like other replies.
+        if not (self._write_paused or self._draining or self._out):
+            replies = self._answer_buffered(self._session, decoder)
+            if replies is not None:
+                self._transport.write(replies)  # type: ignore[union-attr]
+                if not decoder.buffered:
+                    return
         self._process()
 
     def eof_received(self) -> bool | None:
