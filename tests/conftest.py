@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-PURE_FORCED = os.environ.get("PYSERVER_PURE", "") not in ("", "0")
+from pyserver.implementation import PURE_FORCED
 
 
 def implementation_params() -> list:

@@ -6,18 +6,15 @@
 from __future__ import annotations
 
 import asyncio
-import os
+
+from pyserver.implementation import PURE_FORCED
 
 __all__ = ["loop_implementation", "new_event_loop"]
 
 
-def _uvloop_wanted() -> bool:
-    return os.environ.get("PYSERVER_PURE", "") in ("", "0")
-
-
 def new_event_loop() -> asyncio.AbstractEventLoop:
     """A new event loop: uvloop's unless PYSERVER_PURE=1 or uvloop is not installed."""
-    if _uvloop_wanted():
+    if not PURE_FORCED:
         try:
             import uvloop
         except ImportError:

@@ -38,7 +38,6 @@ from typing import Any
 import orjson
 
 from pyserver import logcodec
-from pyserver.app.indexer import search_terms
 from pyserver.cluster import layout
 from pyserver.cluster.layout import NodeRecord
 from pyserver.cluster.zk import BadVersion, NoNode, ZooKeeper
@@ -163,25 +162,13 @@ async def copy_log(source: Store, target: Store, user: int) -> tuple[int, int]:
         entries = [logcodec.decode(record) for _, record in page]
         refs = [entry["body_ref"] for entry in entries if "body_ref" in entry]
         bodies = await source.get_messages(user, refs) if refs else {}
-        terms: list[tuple[str, str]] = []
-        for entry in entries:
-            raw = bodies.get(entry.get("body_ref", ""))
-            if raw is None:
-                continue
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                continue
-            text = body.get("text") if isinstance(body, dict) else None
-            words = search_terms(entry.get("subject", ""), text if isinstance(text, str) else "")
-            terms.extend((word, entry["message_id"]) for word in words)
+        # No search terms: the target's index is derived from the log it now holds.
         await target.append(
             LogAppend(
                 user_id=user,
                 expected_seq=after,
                 records=[record for _, record in page],
                 messages=bodies,
-                terms=terms,
             )
         )
         copied += len(page)
