@@ -21,16 +21,17 @@ KEYS_AND_PEERS = {
 }
 
 
+def _bench_json(*args: str) -> dict:
+    """Run `python -m <args>` and parse the JSON it prints."""
+    out = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, check=True, timeout=300
+    ).stdout
+    return json.loads(out)
+
+
 @pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
 def test_micro_bench_json_shape() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "micro", "--json", "--quick"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
-    results = json.loads(out)
+    results = _bench_json("bench", "micro", "--json", "--quick")
     for key, peers in KEYS_AND_PEERS.items():
         figures = results[key]
         assert figures["native_ns"] > 0 and figures["pure_ns"] > 0
@@ -103,14 +104,7 @@ def test_the_load_generator_drives_a_real_redis_in_resp(tmp_path) -> None:
 
 
 def test_memory_per_cached_user_is_measured() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench.memory", "--users", "300"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    ).stdout
-    figures = json.loads(out)
+    figures = _bench_json("bench.memory", "--users", "300")
     assert figures["users"] == 300 and figures["threads_per_user"] == 10
     # 200 messages are held per user: at least their snapshot's worth, well under 10 MB
     assert figures["snapshot_bytes"] < figures["bytes_per_cached_user"] < 10_000_000
@@ -118,14 +112,7 @@ def test_memory_per_cached_user_is_measured() -> None:
 
 @pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
 def test_bench_writes_measures_the_mailbox_and_three_engines() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "bench", "writes", "--json", "--quick"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=300,
-    ).stdout
-    results = json.loads(out)
+    results = _bench_json("bench", "writes", "--json", "--quick")
     mailbox = results["mailbox"]
     assert mailbox["sends_per_s"] > 0 and mailbox["writes_per_commit"] >= 1
     assert 0 < mailbox["event_loop_cpu_share"] <= 1.5

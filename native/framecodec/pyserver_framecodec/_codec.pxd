@@ -1,7 +1,8 @@
-# The decoder's C-level fields, shared with `_replies.pyx`, which answers cached reads
-# straight out of the decoder's buffer.
+# The decoder's C-level fields and the big-endian u32 helpers, shared with
+# `_replies.pyx`, which answers cached reads straight out of the decoder's buffer.
 
 cimport cython
+from libc.stdint cimport uint32_t
 
 
 @cython.final
@@ -22,3 +23,14 @@ cdef class FrameDecoder:
     cdef void _consume(self, Py_ssize_t size) noexcept
     cdef int _fail(self, error_class, str message) except -1
     cdef object _next(self)
+
+
+cdef inline uint32_t _read_u32(const unsigned char* p) noexcept nogil:
+    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
+
+
+cdef inline void _write_u32(unsigned char* p, uint32_t value) noexcept nogil:
+    p[0] = <unsigned char>(value >> 24)
+    p[1] = <unsigned char>(value >> 16)
+    p[2] = <unsigned char>(value >> 8)
+    p[3] = <unsigned char>value

@@ -93,17 +93,6 @@ cdef inline object _make_frame(object kind, object op, object request_id, object
     return frame
 
 
-cdef inline uint32_t _read_u32(const unsigned char* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void _write_u32(unsigned char* p, uint32_t value) noexcept nogil:
-    p[0] = <unsigned char>(value >> 24)
-    p[1] = <unsigned char>(value >> 16)
-    p[2] = <unsigned char>(value >> 8)
-    p[3] = <unsigned char>value
-
-
 cdef unsigned long long _check_field(
     object value, str name, unsigned long long limit, str what
 ) except? 0xFFFFFFFFFFFFFFFF:

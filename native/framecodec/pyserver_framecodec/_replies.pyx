@@ -21,7 +21,7 @@ from cpython.ref cimport Py_DECREF, Py_INCREF
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
 
-from pyserver_framecodec._codec cimport FrameDecoder
+from pyserver_framecodec._codec cimport FrameDecoder, _read_u32, _write_u32
 
 from pyserver.wire import framedef
 
@@ -72,17 +72,6 @@ cdef struct Slot:
     unsigned long long user
     PyObject* payload  # owned reference to the request payload (bytes)
     PyObject* reply  # owned reference to the reply payload (bytes)
-
-
-cdef inline uint32_t _read_u32(const unsigned char* p) noexcept nogil:
-    return (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | p[3]
-
-
-cdef inline void _write_u32(unsigned char* p, uint32_t value) noexcept nogil:
-    p[0] = <unsigned char>(value >> 24)
-    p[1] = <unsigned char>(value >> 16)
-    p[2] = <unsigned char>(value >> 8)
-    p[3] = <unsigned char>value
 
 
 cdef inline uint64_t _key_hash(unsigned int op, const unsigned char* payload, Py_ssize_t size):
