@@ -14,7 +14,8 @@ import hashlib
 import os
 import random
 import tracemalloc
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +35,13 @@ from pyserver.errors import BadRequest, Forbidden, NotFound
 from pyserver.pure import frame as pure_frame
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
+from tests import support
 from tests.conftest import implementation_params
 
 KEY = "blob-test-service-key-0123456789"
 
 
-def run(scenario: Callable[[], Awaitable[Any]], timeout: float = 30.0) -> Any:
-    async def bounded() -> Any:
-        return await asyncio.wait_for(scenario(), timeout)
-
-    return asyncio.run(bounded())
+run = partial(support.run, timeout=30.0, new_loop=asyncio.new_event_loop)
 
 
 def data_of(size: int, seed: int = 1) -> bytes:

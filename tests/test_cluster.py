@@ -16,20 +16,20 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
 
-from pyserver.app.loop import new_event_loop
 from pyserver.client import Client
 from pyserver.cluster.routing import OwnerRouter
 from pyserver.errors import PyserverError, Unavailable
 from pyserver.wire.ops import Op
+from tests import support
 from tests.cluster_harness import (
     REPO,
     SESSION_TIMEOUT_S,
@@ -42,12 +42,7 @@ from tests.cluster_harness import (
 USERS = 60
 
 
-def run(scenario: Callable[[], Awaitable[None]], timeout: float = 90.0) -> None:
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
-    finally:
-        loop.close()
+run = partial(support.run, timeout=90.0)
 
 
 @pytest.fixture
@@ -318,12 +313,6 @@ def test_two_nodes_that_both_own_a_user_keep_its_log_whole(any_store_cluster: Cl
 # ---- ZooKeeper stopped and started again ----
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def _engines(engines_dir: Path, port: int, *args: str) -> None:
     env = {**os.environ, "PYSERVER_ENGINES_DIR": str(engines_dir),
            "PYSERVER_ZOOKEEPER_PORT": str(port)}  # fmt: skip
@@ -338,7 +327,7 @@ def _engines(engines_dir: Path, port: int, *args: str) -> None:
 def private_zookeeper(tmp_path: Path, zookeeper: str) -> Iterator[tuple[str, Callable]]:
     """A ZooKeeper of this test's own (started by scripts/engines in tmp_path), and a
     function that runs `scripts/engines up|down zookeeper` on it."""
-    port = _free_port()
+    port = support.free_port()
     engines_dir = tmp_path / "engines"
 
     def control(action: str) -> None:

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,6 @@ import pytest
 from pyserver.app.auth import make_user_token
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.image import thread_id_for
-from pyserver.app.loop import new_event_loop
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
 from pyserver.client import Client
@@ -32,17 +32,13 @@ from pyserver.ring import HashRing
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
+from tests import support
 
 KEY = "relay-test-service-key-0123456789"
 NODES = ("a", "b")
 
 
-def run(scenario: Callable[[], Awaitable[None]], timeout: float = 20.0) -> None:
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
-    finally:
-        loop.close()
+run = partial(support.run, timeout=20.0)
 
 
 @dataclass

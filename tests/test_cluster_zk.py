@@ -8,33 +8,28 @@ session with its id and password and closes it.
 from __future__ import annotations
 
 import asyncio
-import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 
 import aiozk
 import orjson
 import pytest
 
-from pyserver.app.loop import new_event_loop
 from pyserver.cluster import layout
 from pyserver.cluster.fence import OwnershipFence
 from pyserver.cluster.membership import Membership, NodeIdInUse
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.zk import ZooKeeper, ZooKeeperUnavailable
 from pyserver.ring import HashRing
+from tests import support
 
 SESSION_S = 4.0
 
 
-def run(scenario: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
-    finally:
-        loop.close()
+run = partial(support.run, timeout=30.0)
 
 
 @pytest.fixture
@@ -65,13 +60,6 @@ async def sessions(servers: str, chroot: str, count: int) -> AsyncIterator[list[
         await remove_tree(servers, chroot)
 
 
-def free_port() -> int:
-    """A port nothing listens on (once the probe socket is closed)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 async def expire(zk: ZooKeeper) -> None:
     """End `zk`'s session from another connection: ZooKeeper deletes its ephemerals.
 
@@ -79,7 +67,7 @@ async def expire(zk: ZooKeeper) -> None:
     nowhere), so it cannot take the session back before it is closed.
     """
     session = zk.client.session
-    hosts, session.hosts = session.hosts, [("127.0.0.1", free_port())]
+    hosts, session.hosts = session.hosts, [("127.0.0.1", support.free_port())]
     session.conn.writer.transport.abort()
     other = aiozk.ZKClient(zk.servers, session_timeout=SESSION_S)
     other.session.session_id = zk.session_id
@@ -116,7 +104,7 @@ class Releases:
 
 
 def test_start_is_bounded_when_zookeeper_is_not_there() -> None:
-    port = free_port()
+    port = support.free_port()
 
     async def scenario() -> None:
         zk = ZooKeeper(f"127.0.0.1:{port}", session_timeout_s=2)

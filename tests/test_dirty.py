@@ -18,8 +18,9 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,20 +38,14 @@ from pyserver.errors import BadRequest
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.web.counts import CountReader
 from pyserver.wire.ops import Op
+from tests import support
 from tests.conftest import REQUIRE_ENGINES
 from tests.processes import listening, start
 
 KEY = "test-service-key-dirty-0123456789abc"
 
 
-def run(scenario: Callable[[], Awaitable[None]], timeout: float = 40.0) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+run = partial(support.run, timeout=40.0, new_loop=asyncio.new_event_loop)
 
 
 def fresh_user() -> int:
@@ -366,7 +361,7 @@ def private_memcached(count: int) -> Iterator[list[subprocess.Popen]]:
     procs: list[subprocess.Popen] = []
     try:
         for _ in range(count):
-            procs.append(start_memcached(binary, free_port()))
+            procs.append(start_memcached(binary, support.free_port()))
         yield procs
     finally:
         for proc in procs:
@@ -493,7 +488,7 @@ def test_separate_processes_keep_every_data_centre_fresh(
 
     centres = centres_of(memcached_servers)
     spec = ",".join(str(centre) for centre in centres)
-    dirty_port = free_port()
+    dirty_port = support.free_port()
     env = {"PYSERVER_SERVICE_KEY": KEY, "PYSERVER_LOG_LEVEL": "WARNING"}
     dc_args = [arg for centre in centres for arg in ("--dc", str(centre))]
     dirty = start(

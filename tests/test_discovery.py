@@ -17,7 +17,8 @@ import contextlib
 import random
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -39,15 +40,10 @@ from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
+from tests import support
 from tests.cluster_harness import Cluster, SendLoad, remove_tree
 
-
-def run(scenario: Callable[[], Awaitable[None]], timeout: float = 90.0) -> None:
-    loop = new_event_loop()
-    try:
-        loop.run_until_complete(asyncio.wait_for(scenario(), timeout))
-    finally:
-        loop.close()
+run = partial(support.run, timeout=90.0)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -6,7 +6,6 @@ The "native" parameter is skipped only under PYSERVER_PURE=1; otherwise a missin
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import mmap
 import pickle
@@ -32,12 +31,11 @@ from pyserver.wire.framedef import (
     KIND_REQUEST,
     Frame,
 )
+from tests import support
 
 
 def _native() -> ModuleType:
-    if implementation.PURE_FORCED:
-        pytest.skip("PYSERVER_PURE=1: the Cython codec is not under test")
-    return importlib.import_module("pyserver_framecodec")
+    return support.native("pyserver_framecodec")
 
 
 @pytest.fixture(params=["native", "pure"])

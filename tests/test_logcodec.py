@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import array
 import enum
-import importlib
 import json
 import struct
 import sys
@@ -32,6 +31,7 @@ from pyserver import implementation
 from pyserver.errors import BadRequest, LogCorrupt
 from pyserver.pure import logcodec as pure_codec
 from pyserver.pure.logcodec import ACTIONS, CHANNELS, FIELDS, FOLDERS, MAX_FIELDS_LEN
+from tests import support
 
 GOLDEN_DIR = Path(__file__).resolve().parent / "golden" / "logcodec"
 U64_MAX = 2**64 - 1
@@ -134,17 +134,13 @@ RECORD_NAMES = list(ACTIONS)
 
 
 def _native() -> ModuleType:
-    return importlib.import_module("pyserver._native")
+    return support.native("pyserver._native")
 
 
 @pytest.fixture(params=["native", "pure"])
 def codec(request: pytest.FixtureRequest) -> ModuleType:
     """The module holding encode, decode, encode_batch and decode_batch of one twin."""
-    if request.param == "native":
-        if implementation.PURE_FORCED:
-            pytest.skip("PYSERVER_PURE=1 forces the pure twin")
-        return _native()
-    return pure_codec
+    return _native() if request.param == "native" else pure_codec
 
 
 def twins() -> list[ModuleType]:

@@ -6,7 +6,6 @@ only under PYSERVER_PURE=1; a missing build fails these tests.
 
 from __future__ import annotations
 
-import importlib
 from types import ModuleType
 from typing import Any
 
@@ -14,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyserver import implementation
 from pyserver.pure import frame as pure_frame
 from pyserver.pure import replies as pure_replies
 from pyserver.wire.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
+from tests import support
 
 COUNTS, LIST_THREADS = 23, 20
 
@@ -37,9 +36,7 @@ class Twin:
 
 
 def _native() -> Twin:
-    if implementation.PURE_FORCED:
-        pytest.skip("PYSERVER_PURE=1: the Cython table is not under test")
-    module = importlib.import_module("pyserver_framecodec")
+    module = support.native("pyserver_framecodec")
     return Twin("native", module, module.ReplyTable)
 
 

@@ -6,7 +6,6 @@ native module that fails to import makes its tests fail.
 
 from __future__ import annotations
 
-import importlib
 import json
 import random
 import sys
@@ -22,6 +21,7 @@ import pyserver.ring
 from pyserver import implementation
 from pyserver.errors import EmptyRing, PyserverError
 from pyserver.pure import ring as pure_ring
+from tests import support
 
 VECTORS_FILE = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "ring-v1.json"
 VECTORS = json.loads(VECTORS_FILE.read_text())
@@ -33,17 +33,13 @@ U64_MAX = 2**64 - 1
 
 
 def _native() -> ModuleType:
-    return importlib.import_module("pyserver._native")
+    return support.native("pyserver._native")
 
 
 @pytest.fixture(params=["native", "pure"])
 def impl(request: pytest.FixtureRequest) -> ModuleType:
     """The module holding HashRing, key_position and token_position of one twin."""
-    if request.param == "native":
-        if implementation.PURE_FORCED:
-            pytest.skip("PYSERVER_PURE=1 forces the pure twin")
-        return _native()
-    return pure_ring
+    return _native() if request.param == "native" else pure_ring
 
 
 def build(impl: ModuleType, nodes: list[str], tokens_per_node: int = 64):

@@ -10,12 +10,12 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +36,13 @@ from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
 from pyserver.userindex.service import UserIndexService
 from pyserver.wire.ops import Op
+from tests import support
 from tests.processes import listening, start
 
 KEY = "test-service-key-userindex-0123456789"
 
 
-def run(scenario: Callable[[], Awaitable[None]], timeout: float = 30.0) -> None:
-    asyncio.run(asyncio.wait_for(scenario(), timeout))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+run = partial(support.run, timeout=30.0, new_loop=asyncio.new_event_loop)
 
 
 @asynccontextmanager
@@ -199,7 +193,7 @@ def test_app_server_friendships_and_routing_go_through_the_service(tmp_path: Pat
 
 
 def test_delivery_uses_the_default_folder_while_the_service_is_down(tmp_path: Path) -> None:
-    port = free_port()
+    port = support.free_port()
 
     async def scenario() -> None:
         index = RemoteUserIndex("127.0.0.1", port, KEY, retry_connect_after_s=0.1)
@@ -300,7 +294,7 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 def test_separate_processes_and_the_service_killed(tmp_path: Path) -> None:
     index_dir, app_dir = tmp_path / "index", tmp_path / "app"
-    index_port = free_port()
+    index_port = support.free_port()
     env = {"PYSERVER_SERVICE_KEY": KEY, "PYSERVER_LOG_LEVEL": "WARNING"}
     index_args = ["userindex", "--data", str(index_dir), "--port", str(index_port)]
     index_proc = start(index_args, env, listening(index_port))
