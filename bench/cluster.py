@@ -29,6 +29,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def _loadgens(
         "ops_per_s": sum(r["ops_per_s"] for r in results),
         "p99_ms": max(r["p99_ms"] for r in results),
         "errors": sum(r["errors"] for r in results),
+        "error_codes": dict(sum((Counter(r["error_codes"]) for r in results), Counter())),
     }
 
 

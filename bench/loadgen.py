@@ -19,7 +19,7 @@ import itertools
 import json
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from typing import Any
 
 import orjson
@@ -77,6 +77,7 @@ class _Connection(asyncio.Protocol):
             replies += 1
             if frame.kind == KIND_ERROR:
                 run.errors += 1
+                run.error_codes[_error_code(frame.payload)] += 1
             if run.measuring:
                 run.latencies.append(now - started)
         if replies and not run.stopping:
@@ -157,9 +158,19 @@ class _Run:
         self.payload = payload
         self.latencies: list[int] = []
         self.errors = 0
+        self.error_codes: Counter[str] = Counter()
         self.measuring = False
         self.stopping = False
         self.started = time.time_ns()
+
+
+def _error_code(payload: bytes) -> str:
+    """The code of an error reply (docs/protocol.md, "Errors"), or "?" if unreadable."""
+    try:
+        code = orjson.loads(payload).get("code")
+    except (orjson.JSONDecodeError, AttributeError):
+        return "?"
+    return code if isinstance(code, str) else "?"
 
 
 def _percentile(sorted_values: list[int], q: float) -> float:
@@ -221,6 +232,7 @@ async def _measure(
         "p50_ms": round(_percentile(latencies, 0.50), 3),
         "p99_ms": round(_percentile(latencies, 0.99), 3),
         "errors": run.errors,
+        "error_codes": dict(run.error_codes),
     }
 
 
