@@ -487,7 +487,8 @@ def test_repeated_reads_come_from_the_reply_table_and_stay_current(
             assert stats["mailbox"]["table_replies"] == 50
             assert stats["requests"]["COUNTS"] == 41
 
-            # A write forgets the user's replies: the next read sees it.
+            # A write answers the held replies again (write-through): the next reads
+            # come from the table, and see it.
             await service.friend_add(3, 2)
             await service.send(3, [2], "hello from three")  # a second unread thread
             await service.send(1, [2], "hello again")
@@ -495,6 +496,8 @@ def test_repeated_reads_come_from_the_reply_table_and_stay_current(
             assert after["folders"]["inbox"]["unread"] == first["folders"]["inbox"]["unread"] + 1
             assert len((await reader.get_thread(2, sent["thread_id"]))["messages"]) == 2
             assert await reader.counts(2) == after
+            stats = await service.request(Op.STATS, {})
+            assert stats["mailbox"]["table_replies"] == 53
 
             # A token for user 3 never reads user 2's held reply.
             assert await service.counts(2) == after

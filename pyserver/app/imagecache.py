@@ -1,30 +1,42 @@
 """The cache of user images of one app server, and the ready-made replies that mirror them.
 
 `ImageCache` is the write-through LRU of user images (`pyserver.snapcache`) with the
-table of cached-read replies (`pyserver.wire.replies`) beside it: every change of what
-the cache holds for a user (a new or changed image put back, an image dropped or
-evicted) forgets that user's replies in the same synchronous step, so the table never
-answers from an image the cache no longer holds. The residency puts an image back after
-every change it applies (`put`), which is what keeps the table current.
+table of cached-read replies (`pyserver.wire.replies`) beside it, kept current the same
+way: when an image is put back after a change, the replies held for that user are
+answered again from the new image (`answer_again`, the operations' own read code), in
+the same synchronous step; when an image is dropped or evicted, its user's replies go.
+So the table never answers from an image the cache no longer holds, and a reply a
+client keeps asking for stays in it across writes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from pyserver.snapcache import SnapshotCache
 from pyserver.wire.replies import ReplyTable
 
-__all__ = ["ImageCache"]
+__all__ = ["AnswerAgain", "ImageCache"]
+
+# (op, request payload bytes, the user's new image) -> the reply payload, or None when
+# that read now fails (its reply is then dropped).
+AnswerAgain = Callable[[int, bytes, Any], "bytes | None"]
 
 
 class ImageCache:
     """User id -> image, bounded by count and bytes, with the replies derived from them."""
 
-    def __init__(self, max_users: int, max_bytes: int, reply_bytes: int = 64 << 20) -> None:
+    def __init__(
+        self,
+        max_users: int,
+        max_bytes: int,
+        answer_again: AnswerAgain | None = None,
+        reply_bytes: int = 64 << 20,
+    ) -> None:
         self._cache = SnapshotCache(max_users, max_bytes)
         self.replies = ReplyTable(reply_bytes)
+        self._answer_again = answer_again
 
     # ---- the images ----
 
@@ -37,11 +49,21 @@ class ImageCache:
         return self._cache.peek(user_id)
 
     def put(self, user_id: int, image: Any, weight: int) -> list[tuple[int, Any]]:
-        """(Re)insert an image after it was loaded or changed; returns what that evicted."""
+        """(Re)insert an image after it was loaded or changed; returns what that evicted.
+
+        The user's replies are answered again from `image` (those that now fail go).
+        """
+        held = self.replies.held(user_id)
         self.replies.forget(user_id)
         evicted = self._cache.put(user_id, image, weight)
-        for evicted_id, _ in evicted:
+        gone = {evicted_id for evicted_id, _ in evicted}
+        for evicted_id in gone:
             self.replies.forget(evicted_id)
+        if held and user_id not in gone and self._answer_again is not None:
+            for op, payload in held:
+                reply = self._answer_again(op, payload, image)
+                if reply is not None:
+                    self.replies.put(user_id, op, payload, reply)
         return evicted
 
     def pop(self, user_id: int) -> Any:

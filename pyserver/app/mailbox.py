@@ -217,6 +217,7 @@ class Mailbox:
             on_commit=self._committed,
             owns=owns,
             owner_of=owner_of,
+            answer_again=self._answer_again,
         )
         self._subscribers: dict[int, dict[int, EventCallback]] = {}
         self._subscription_users: dict[int, int] = {}
@@ -273,6 +274,14 @@ class Mailbox:
         table = self.reply_table()
         if table is not None:
             table.put(payload["user"], op.value, raw, reply)
+
+    def _answer_again(self, op: int, raw: bytes, image: UserImage) -> bytes | None:
+        """A held reply answered from the user's new image (write-through); None if that
+        read now fails (a thread deleted: NOT_FOUND), so its reply is dropped."""
+        try:
+            return orjson.dumps(self._cached_reads[Op(op)](image, orjson.loads(raw)))
+        except Exception:
+            return None
 
     def reply_hits(self) -> dict[int, int]:
         """Requests the reply table answered, by op code."""

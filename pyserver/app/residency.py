@@ -23,7 +23,7 @@ import orjson
 
 from pyserver import logcodec
 from pyserver.app.image import UserImage
-from pyserver.app.imagecache import ImageCache
+from pyserver.app.imagecache import AnswerAgain, ImageCache
 from pyserver.app.indexer import SearchIndexer, search_terms
 from pyserver.errors import BadRequest, LogCorrupt, NotOwner, Unavailable
 from pyserver.store.base import LogAppend, Store, WriteConflict
@@ -70,6 +70,7 @@ class Residency:
         on_commit: OnCommit,
         owns: Callable[[int], bool] | None = None,
         owner_of: Callable[[int], str | None] | None = None,
+        answer_again: AnswerAgain | None = None,
     ) -> None:
         self._store = store
         self._snapshot_every = snapshot_every
@@ -79,7 +80,8 @@ class Residency:
         self._owns = owns
         self._owner_of = owner_of
         # the images, and beside them the replies the server answers without Python
-        self._cache = ImageCache(cache_max_users, cache_max_bytes)
+        # (answer_again: the operations' read code, which keeps those replies current)
+        self._cache = ImageCache(cache_max_users, cache_max_bytes, answer_again)
         # search terms are derived from the log, written off the durable path of a write
         self.indexer = SearchIndexer(store, self.terms_of_log)
         # one lock per user with a write or a load under way; gone when nobody holds it

@@ -80,6 +80,10 @@ class ReplyTable:
         del self._entries[key]
         self._nbytes -= len(key[1]) + len(held[1]) + _ENTRY_OVERHEAD
 
+    def held(self, user: int) -> list[tuple[int, bytes]]:
+        """The (op, request payload) keys of the replies held for `user`, oldest first."""
+        return list(self._by_user.get(user, ()))
+
     def forget(self, user: int) -> None:
         """Drop every reply held for `user` (its image changed or left the cache)."""
         for key in self._by_user.pop(user, ()):

@@ -10,6 +10,8 @@ class ReplyTable:
         """ValueError unless both are positive ints."""
     def put(self, user: int, op: int, payload: bytes, reply: bytes) -> None:
         """Remember a reply; ValueError for a user outside 1..2**64-1 or an op outside 0..255."""
+    def held(self, user: int) -> list[tuple[int, bytes]]:
+        """The (op, request payload) keys of the replies held for `user`, oldest first."""
     def forget(self, user: int) -> None:
         """Drop every reply held for `user`."""
     def clear(self) -> None:

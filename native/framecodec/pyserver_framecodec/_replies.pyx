@@ -284,6 +284,13 @@ cdef class ReplyTable:
                 del self._by_user[user]
         return 0
 
+    def held(self, user):
+        """held(user: int) -> list[tuple[int, bytes]]
+
+        The (op, request payload) keys of the replies held for `user`, oldest first.
+        """
+        return list(self._by_user.get(user, ()))
+
     def forget(self, user):
         """forget(user: int) -> None
 
