@@ -26,6 +26,7 @@ from pyserver.store.base import LogAppend, StoreUnavailable, WriteConflict
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex import UserIndex
 from pyserver.userindex.local import LocalUserIndex
+from pyserver.wire import frame as frame_codec
 from pyserver.wire.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
 
@@ -695,6 +696,78 @@ async def test_a_race_lost_every_time_answers_conflict(tmp_path: Path) -> None:
             await m.execute(Op.BLOCK, {"user": 2, "sender": 9})
         assert caught.value.code == "CONFLICT"
         assert store.calls["append"] == 3  # the first try and two retries
+
+
+# ---- group commit per user ----
+
+
+@run_async
+async def test_concurrent_writes_of_one_user_are_appended_together_and_each_answered(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path) as (m, store):
+        first = await send(m, 1, [2], "the first, alone")
+        before = store.calls["append"]
+        tid = first["thread_id"]
+        _check_replies(m, frame_codec, scope=0)  # fills the reply table
+        replies = await asyncio.gather(
+            *(send(m, 1, [2], f"burst {n}", key=f"k{n % 10}") for n in range(20)),
+            m.execute(Op.MARK_READ, {"user": 2, "thread_id": tid}),
+            m.execute(Op.MOVE, {"user": 2, "thread_id": "no-such-thread", "folder": "spam"}),
+            return_exceptions=True,
+        )
+        sends, marked, moved = replies[:20], replies[20], replies[21]
+        assert isinstance(moved, NotFound)  # fails alone: the others are written
+        assert isinstance(marked, dict) and marked["seq"] >= 2
+        # Ten keys: each stored once, its repeats answered as duplicates of it.
+        stored = [r for r in sends if not r["duplicate"]]
+        assert len(stored) == 10
+        assert {r["message_id"] for r in sends} == {r["message_id"] for r in stored}
+        # Far fewer appends than writes: the burst went in a few groups per user.
+        appended = store.calls["append"] - before
+        assert appended < 20, appended
+        # The replies held were answered again from the image the group left.
+        assert len(m.reply_table()) > 0
+        _check_replies(m, frame_codec, scope=0)
+        # Each user's log is gap-free and equals its image.
+        for user in (1, 2):
+            report = await m.rebuild(user)
+            assert report["ok"], report
+        assert report["messages"] == 11
+
+
+@run_async
+async def test_a_group_that_loses_its_race_is_decided_again_and_one_that_fails_is_not_kept(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path) as (m, store):
+        await send(m, 1, [2], "warm up")
+        lost = [1]
+
+        def lose_once(write: LogAppend) -> BaseException | None:
+            if write.user_id == 2 and len(write.records) > 1 and lost[0]:
+                lost[0] -= 1
+                return WriteConflict(2, write.expected_seq, write.expected_seq + 1)
+            return None
+
+        store.fail_append = lose_once
+        burst = [deliver(m, 2, 7, f"mail {n}", key=f"c{n}") for n in range(8)]
+        replies = await asyncio.gather(*burst)
+        assert lost == [0] and all(not r["duplicate"] for r in replies)
+        assert (await m.rebuild(2))["messages"] == 9
+
+        seen = await counts(m, 2)
+        store.fail_append = lambda w: StoreUnavailable("down") if w.user_id == 2 else None
+        failed = await asyncio.gather(
+            *(deliver(m, 2, 7, f"lost {n}", key=f"f{n}") for n in range(6)),
+            return_exceptions=True,
+        )
+        assert all(isinstance(r, StoreUnavailable) for r in failed)
+        store.fail_append = None
+        # Nothing of the failed group is visible: the image was reloaded from the log.
+        assert await counts(m, 2) == seen
+        report = await m.rebuild(2)
+        assert report["ok"] and report["messages"] == 9
 
 
 # ---- admin: rebuild, export, import ----

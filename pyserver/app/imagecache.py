@@ -48,12 +48,20 @@ class ImageCache:
         """The user's image or None, without counting or reordering."""
         return self._cache.peek(user_id)
 
-    def put(self, user_id: int, image: Any, weight: int) -> list[tuple[int, Any]]:
+    def put(
+        self,
+        user_id: int,
+        image: Any,
+        weight: int,
+        held: list[tuple[int, bytes]] | None = None,
+    ) -> list[tuple[int, Any]]:
         """(Re)insert an image after it was loaded or changed; returns what that evicted.
 
-        The user's replies are answered again from `image` (those that now fail go).
+        The user's replies (or `held`, those `take` returned) are answered again from
+        `image`; those that now fail go.
         """
-        held = self.replies.held(user_id)
+        if held is None:
+            held = self.replies.held(user_id)
         self.replies.forget(user_id)
         evicted = self._cache.put(user_id, image, weight)
         gone = {evicted_id for evicted_id, _ in evicted}
@@ -65,6 +73,12 @@ class ImageCache:
                 if reply is not None:
                     self.replies.put(user_id, op, payload, reply)
         return evicted
+
+    def take(self, user_id: int) -> tuple[Any, list[tuple[int, bytes]]]:
+        """Take the user's image out while it is changed (nobody reads it meanwhile):
+        the image (or None) and the keys of its replies, for `put` to answer again."""
+        held = self.replies.held(user_id)
+        return self.pop(user_id), held
 
     def pop(self, user_id: int) -> Any:
         """Drop the user's image (and its replies); the image, or None."""

@@ -692,8 +692,8 @@ class Mailbox:
     async def _seq_reply(
         self, user_id: int, decide: Callable[[UserImage], Awaitable[Change]]
     ) -> dict[str, Any]:
-        _, image = await self._resident.update(user_id, decide)
-        return {"seq": image.seq}
+        change, image = await self._resident.update(user_id, decide)
+        return {"seq": change.entries[-1]["seq"] if change.entries else image.seq}
 
     # ---- the social graph (through the user index) ----
 

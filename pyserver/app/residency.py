@@ -38,6 +38,8 @@ _IMPORT_BATCH = 500
 
 # (user id, the image after the write, the entries written): told after each commit.
 OnCommit = Callable[[int, UserImage, list[dict[str, Any]]], None]
+# Writes of one user appended together at the most.
+_MAX_GROUP = 256
 
 
 @dataclass(slots=True)
@@ -48,6 +50,26 @@ class Change:
     bodies: dict[str, dict[str, Any]] = field(default_factory=dict)
     terms: list[tuple[str, str]] = field(default_factory=list)
     result: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Waiting:
+    """A write waiting for its user's next group."""
+
+    decide: Callable[[UserImage], Awaitable[Change]]
+    # None for the write its own caller runs at once (`update`)
+    future: asyncio.Future[tuple[Change, UserImage]] | None
+
+
+def _settle(group: list[_Waiting], outcomes: list[Any]) -> None:
+    """Hand each waiting write its outcome (a result, or the exception to raise)."""
+    for waiting, outcome in zip(group, outcomes, strict=True):
+        if waiting.future is None or waiting.future.done():  # its caller gave up
+            continue
+        if isinstance(outcome, BaseException):
+            waiting.future.set_exception(outcome)
+        else:
+            waiting.future.set_result(outcome)
 
 
 class Residency:
@@ -88,6 +110,11 @@ class Residency:
         self._locks: weakref.WeakValueDictionary[int, asyncio.Lock] = weakref.WeakValueDictionary()
         self._snapshot_tasks: set[asyncio.Task[None]] = set()
         self._snapshotting: set[int] = set()
+        # writes waiting for their user's next group, the task committing each user's
+        # groups, and the users whose image is out of the cache while a group changes it
+        self._waiting: dict[int, list[_Waiting]] = {}
+        self._leaders: dict[int, asyncio.Task[None] | None] = {}
+        self._hidden: set[int] = set()
         self._counters = dict.fromkeys(("conflicts", "snapshots", "snapshot_failures", "loads"), 0)
 
     @property
@@ -133,12 +160,59 @@ class Residency:
     async def update(
         self, user_id: int, decide: Callable[[UserImage], Awaitable[Change]]
     ) -> tuple[Change, UserImage]:
-        """Decide a write against the current image and commit it, under the user's lock.
+        """Decide a write against the current image and commit it; (change, image).
 
-        A lost compare-and-set (another writer appended first) drops the image,
-        re-checks ownership, reloads and decides again, a few times, before the
-        WriteConflict (CONFLICT) reaches the caller.
+        Writes of one user run one group at a time, in arrival order: those that
+        arrive while a group commits form the next one, decided one after another
+        against the image (each sees the ones before it) and appended together in
+        one compare-and-set (group commit per user). A lost compare-and-set (another
+        writer appended first) drops the image, re-checks ownership, reloads and
+        decides the group again, a few times, before the WriteConflict (CONFLICT)
+        reaches the callers.
         """
+        self.check_owner(user_id)
+        loop = asyncio.get_running_loop()
+        if user_id in self._leaders:  # a group is under way: join the next one
+            future: asyncio.Future[tuple[Change, UserImage]] = loop.create_future()
+            self._waiting.setdefault(user_id, []).append(_Waiting(decide, future))
+            return await future
+        # Nothing under way: this call writes at once, as a group of one, and hands
+        # whatever queued meanwhile to a task that goes on group after group.
+        self._leaders[user_id] = None
+        try:
+            outcome = (await self._write_group(user_id, [_Waiting(decide, None)]))[0]
+        finally:
+            if self._waiting.get(user_id):
+                self._leaders[user_id] = loop.create_task(self._lead(user_id))
+            else:
+                del self._leaders[user_id]
+        if isinstance(outcome, BaseException):
+            raise outcome
+        return outcome
+
+    async def _lead(self, user_id: int) -> None:
+        """Commit the user's waiting writes, group after group, until none is left."""
+        try:
+            while waiting := self._waiting.pop(user_id, None):
+                group = [entry for entry in waiting if entry.future and not entry.future.done()]
+                if len(group) > _MAX_GROUP:
+                    self._waiting.setdefault(user_id, [])[:0] = group[_MAX_GROUP:]
+                    group = group[:_MAX_GROUP]
+                try:
+                    outcomes = await self._write_group(user_id, group)
+                except BaseException as exc:
+                    outcomes = [exc] * len(group)
+                    if isinstance(exc, asyncio.CancelledError):
+                        _settle(group, outcomes)
+                        raise
+                _settle(group, outcomes)
+        finally:
+            self._leaders.pop(user_id, None)
+
+    async def _write_group(
+        self, user_id: int, group: list[_Waiting]
+    ) -> list[tuple[Change, UserImage] | BaseException]:
+        """Each write's outcome; raises what fails them all (ownership, the store)."""
         attempts = self._conflict_retries + 1
         for attempt in range(attempts):
             self.check_owner(user_id)
@@ -146,20 +220,79 @@ class Residency:
                 image = self._cache.get(user_id)
                 if image is None:
                     image = await self._load(user_id)
-                change = await decide(image)
-                if not change.entries:
-                    return change, image
                 try:
-                    await self._commit(user_id, image, change)
+                    if len(group) == 1:
+                        return [await self._write_one(user_id, image, group[0].decide)]
+                    return await self._write_many(user_id, image, group)
                 except WriteConflict as exc:
                     self._counters["conflicts"] += 1
                     self._forget(user_id, image)
                     log.info("write conflict user=%d attempt=%d: %s", user_id, attempt + 1, exc)
                     if attempt + 1 == attempts:
                         raise
-                    continue
-                return change, image
         raise AssertionError("unreachable")
+
+    async def _write_one(
+        self, user_id: int, image: UserImage, decide: Callable[[UserImage], Awaitable[Change]]
+    ) -> tuple[Change, UserImage] | BaseException:
+        """A group of one: decided against the image readers see, applied once durable."""
+        try:
+            change = await decide(image)
+        except Exception as exc:
+            return exc
+        if change.entries:
+            await self._commit(user_id, image, change)
+        return change, image
+
+    async def _write_many(
+        self, user_id: int, image: UserImage, group: list[_Waiting]
+    ) -> list[tuple[Change, UserImage] | BaseException]:
+        """Several writes in one append. Each is applied to the image as soon as it is
+        decided, so the next one sees it; the image is taken out of the cache meanwhile
+        (reads wait on the user's lock), and put back only once the append is durable."""
+        _, held = self._cache.take(user_id)  # the cached one is `image` (or it was not kept)
+        self._hidden.add(user_id)
+        expected = image.seq
+        ts = self._clock()
+        outcomes: list[Change | BaseException] = []
+        records: list[bytes] = []
+        bodies: dict[str, bytes] = {}
+        terms: list[tuple[str, str]] = []
+        try:
+            for waiting in group:
+                try:
+                    change = await waiting.decide(image)
+                    entries = [
+                        {"seq": image.seq + offset, "ts": ts, **fields}
+                        for offset, fields in enumerate(change.entries, start=1)
+                    ]
+                    encoded = [logcodec.encode(entry) for entry in entries]
+                    message_bodies = {m: orjson.dumps(b) for m, b in change.bodies.items()}
+                except Exception as exc:
+                    outcomes.append(exc)
+                    continue
+                for entry in entries:
+                    body = change.bodies.get(entry["message_id"]) if "body_ref" in entry else None
+                    image.apply(entry, body)
+                change.entries = entries
+                records += encoded
+                bodies.update(message_bodies)
+                terms += change.terms
+                outcomes.append(change)
+            if records:
+                # On any failure the image (ahead of the log, maybe) is not put back.
+                await self._store.append(LogAppend(user_id, expected, records, messages=bodies))
+        finally:
+            self._hidden.discard(user_id)
+        if records:
+            self.indexer.committed(user_id, expected + 1, image.seq, terms)
+        self._keep(user_id, image, held)
+        for outcome in outcomes:
+            if isinstance(outcome, Change) and outcome.entries:
+                self._on_commit(user_id, image, outcome.entries)
+        if image.seq - image.snapshot_seq >= self._snapshot_every:
+            self._snapshot_soon(user_id, image)
+        return [(o, image) if isinstance(o, Change) else o for o in outcomes]
 
     async def _commit(self, user_id: int, image: UserImage, change: Change) -> None:
         """Append the change's entries to the log, then apply them to the image and publish.
@@ -196,14 +329,18 @@ class Residency:
         if image.seq - image.snapshot_seq >= self._snapshot_every:
             self._snapshot_soon(user_id, image)
 
-    def _keep(self, user_id: int, image: UserImage) -> None:
-        """(Re)insert the image with its current weight; snapshot whatever that evicts."""
+    def _keep(
+        self, user_id: int, image: UserImage, held: list[tuple[int, bytes]] | None = None
+    ) -> None:
+        """(Re)insert the image with its current weight; snapshot whatever that evicts.
+
+        `held`: the reply keys `ImageCache.take` returned, to answer again."""
         if self._owns is not None and not self._owns(user_id):
             # Ownership moved (or the server was fenced) while this image was loaded or
             # written: another server may extend the log now, so keep nothing it outdates.
             self._forget(user_id, image)
             return
-        evicted = self._cache.put(user_id, image, image.weight)
+        evicted = self._cache.put(user_id, image, image.weight, held)
         seen: set[int] = set()
         for evicted_id, evicted_image in evicted:
             if id(evicted_image) in seen:
@@ -323,6 +460,8 @@ class Residency:
 
     async def _write_snapshot(self, user_id: int, image: UserImage, release: bool = False) -> None:
         try:
+            if user_id in self._hidden:
+                return  # a group is changing the image: it may be ahead of the log
             # seq and bytes taken together, with no await between them
             seq, data = image.seq, image.to_snapshot()
             await self._store.write_snapshot(user_id, seq, data)
@@ -352,7 +491,10 @@ class Residency:
                     await self._write_snapshot(user_id, image)
 
     async def drain(self) -> None:
-        """Wait until every background snapshot and search index write has finished."""
+        """Wait until every write under way, background snapshot and search index write
+        has finished."""
+        while tasks := [task for task in self._leaders.values() if task is not None]:
+            await asyncio.gather(*tasks, return_exceptions=True)
         await self.indexer.flush()
         while self._snapshot_tasks:
             await asyncio.gather(*list(self._snapshot_tasks), return_exceptions=True)
