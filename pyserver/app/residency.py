@@ -195,6 +195,8 @@ class Residency:
         try:
             while waiting := self._waiting.pop(user_id, None):
                 group = [entry for entry in waiting if entry.future and not entry.future.done()]
+                if not group:  # every caller of these gave up
+                    continue
                 if len(group) > _MAX_GROUP:
                     self._waiting.setdefault(user_id, [])[:0] = group[_MAX_GROUP:]
                     group = group[:_MAX_GROUP]
