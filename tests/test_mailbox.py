@@ -770,6 +770,46 @@ async def test_a_group_that_loses_its_race_is_decided_again_and_one_that_fails_i
         assert report["ok"] and report["messages"] == 9
 
 
+@run_async
+async def test_nobody_reads_a_group_before_it_is_durable(tmp_path: Path) -> None:
+    async with opened(tmp_path) as (m, spy):
+        first = await deliver(m, 2, 7, "already there", key="w0")
+        tid = first["thread_id"]
+        assert len(await messages(m, 2, tid)) == 1
+        real_append = spy.inner.append
+        release = asyncio.Event()
+        group_waiting = asyncio.Event()
+
+        async def slow_then_fail(write: LogAppend) -> None:
+            if write.user_id == 2 and len(write.records) > 1:
+                group_waiting.set()
+                await release.wait()
+                raise StoreUnavailable("the disk went away")
+            await real_append(write)
+
+        spy.inner.append = slow_then_fail  # type: ignore[method-assign]
+        writes = [
+            asyncio.ensure_future(deliver(m, 2, 7, f"pending {n}", key=f"p{n}")) for n in range(5)
+        ]
+        await asyncio.wait_for(group_waiting.wait(), 5)
+        # The first went alone and is durable; the other four wait in one append.
+        assert m.answer_cached(Op.COUNTS, {"user": 2}) is None  # not from a pending image
+        read = asyncio.ensure_future(messages(m, 2, tid))
+        await asyncio.sleep(0.05)
+        assert not read.done()  # it waits for the group, it does not see it
+        release.set()
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        stored = [o for o in outcomes if not isinstance(o, BaseException)]
+        assert len(stored) == 1  # the one that went alone
+        assert all(isinstance(o, (dict, StoreUnavailable)) for o in outcomes)
+        # That write shows, nothing of the failed group does.
+        texts = [x["text"] for x in await read]
+        assert len(texts) == 2 and texts[1].startswith("pending"), texts
+        assert len(await messages(m, 2, tid)) == 2
+        report = await m.rebuild(2)
+        assert report["ok"] and report["messages"] == 2
+
+
 # ---- admin: rebuild, export, import ----
 
 
