@@ -95,7 +95,7 @@ class SingleNodeCell:
             self.config.node_id,
             max_frame_size=self.config.max_frame_size,
             observer=self.metrics,
-            health_check=self._store_healthy,
+            health_check=self.store.healthy,
         )
         self.server = AppServer(
             self.dispatcher,
@@ -197,15 +197,8 @@ class SingleNodeCell:
             status = 400 if isinstance(exc, BadRequest) else 503
             return web.json_response(error_payload(exc), status=status)
 
-    async def _store_healthy(self) -> bool:
-        try:
-            await self.store.last_seq(0)
-        except Exception:
-            return False
-        return True
-
     async def _health(self) -> dict[str, Any]:
-        healthy = await self._store_healthy()
+        healthy = await self.store.healthy()
         return {
             "status": "ok" if healthy else "unavailable",
             "node": self.config.node_id,

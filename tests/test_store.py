@@ -520,11 +520,14 @@ async def test_open_and_close_are_safe_twice_and_a_closed_store_refuses_work(
     store = engine.new_store()
     with pytest.raises(StoreUnavailable):
         await store.last_seq(1)
+    assert await store.healthy() is False
     await store.open()
     await store.open()
+    assert await store.healthy() is True
     await store.append(appending(1, 0))
     await store.close()
     await store.close()
+    assert await store.healthy() is False
     with pytest.raises(StoreUnavailable):
         await store.append(appending(1, 1))
     with pytest.raises(StoreUnavailable):

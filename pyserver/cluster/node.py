@@ -122,7 +122,7 @@ class ClusterNode:
             config.node_id,
             max_frame_size=config.max_frame_size,
             observer=self.metrics,
-            health_check=self._store_healthy,
+            health_check=self.store.healthy,
         )
         self.server = AppServer(
             self.dispatcher,
@@ -316,15 +316,8 @@ class ClusterNode:
         for addr in stale:  # servers that left the cell
             asyncio.get_running_loop().create_task(self.pool.discard(addr))
 
-    async def _store_healthy(self) -> bool:
-        try:
-            await self.store.last_seq(0)
-        except Exception:
-            return False
-        return True
-
     async def _health(self) -> dict[str, Any]:
-        store_ok = await self._store_healthy()
+        store_ok = await self.store.healthy()
         serving = self.fence.serving
         return {
             "status": "ok" if store_ok and serving else "unavailable",

@@ -83,6 +83,14 @@ class Store(ABC):
     async def last_seq(self, user_id: int) -> int:
         """The user's last log sequence number; 0 for a user with no log."""
 
+    async def healthy(self) -> bool:
+        """Whether the store answers a read now (the processes' health checks)."""
+        try:
+            await self.last_seq(0)
+        except Exception:
+            return False
+        return True
+
     @abstractmethod
     async def read_log(
         self, user_id: int, after_seq: int = 0, limit: int | None = None
