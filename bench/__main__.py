@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 
-MICRO_PARTS = ("micro_ring", "micro_logcodec", "micro_snapcache", "micro_frame")
+MICRO_PARTS = ("micro_ring", "micro_logcodec", "micro_snapcache", "micro_frame", "micro_replies")
 
 
 def _require_native() -> None:

@@ -18,6 +18,7 @@ KEYS_AND_PEERS = {
     "lru_get": {"ordereddict", "lru-dict"},
     "lru_put": {"ordereddict", "lru-dict"},
     "frame_decode": {"struct"},
+    "reply_table": {"decode+encode"},
 }
 
 
