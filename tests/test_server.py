@@ -766,6 +766,44 @@ def test_bad_frames_are_answered_and_close_only_their_connection(
     impl.run(scenario)
 
 
+def test_hostile_frames_behind_table_hits_are_still_refused(
+    tmp_path: Path, impl: Impl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if impl.name == "pure":  # the table must read the decoder of its own twin
+        monkeypatch.setattr(imagecache_module, "ReplyTable", pure_replies.ReplyTable)
+
+    async def scenario() -> None:
+        async with Cell(tmp_path, impl) as cell:
+            witness = await cell.client()
+            await witness.friend_add(1, 2)
+            await witness.send(1, [2], "hello two")
+            payload = orjson.dumps({"user": 2})
+            raw = await cell.raw()
+            assert (await raw.request(Op.HELLO, 1, {"service_key": KEY}))[0] == KIND_REPLY
+            expected = (await raw.request(Op.COUNTS, 2, payload))[1]  # fills the table
+            # Three hits, a request with id 0, then a frame of an unknown version, all
+            # in one write: the hits are answered from the table, then the stream error.
+            raw.send_bytes(
+                b"".join(raw.codec.encode_frame(KIND_REQUEST, Op.COUNTS, n, payload)
+                         for n in (3, 4, 5))
+                + raw.codec.encode_frame(KIND_REQUEST, Op.COUNTS, 0, payload)
+                + struct.pack(">IBBHI", 10, 9, 0, 1, 6) + b"{}"
+            )  # fmt: skip
+            for request_id in (3, 4, 5):
+                got = await raw.frame()
+                assert got == (KIND_REPLY, Op.COUNTS, request_id, expected)
+            got = await raw.frame()
+            assert got is not None and got[:3] == (KIND_ERROR, 0, 0)
+            assert "request id 0" in got[3]["message"]
+            assert await raw.closed()
+            stats = await witness.stats()
+            assert stats["mailbox"]["table_replies"] == 3
+            assert stats["server"]["frame_errors"] >= 1
+            assert (await witness.counts(2)) == expected  # the server serves on
+
+    impl.run(scenario)
+
+
 # ---- timeouts ----
 
 
