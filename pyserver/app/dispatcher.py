@@ -282,9 +282,10 @@ class Dispatcher:
         outcome: dict[str, Any] | Exception,
     ) -> tuple[int, bytes]:
         """Encode a reply or an error, count it and tell the observer."""
-        if isinstance(outcome, PyserverError):
-            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(outcome)), outcome.code
-            if code == "INTERNAL":  # the server's own fault (a corrupt stored record): loudly
+        if isinstance(outcome, Exception):
+            code = outcome.code if isinstance(outcome, PyserverError) else "INTERNAL"
+            kind, body = KIND_ERROR, orjson.dumps(error_payload(outcome))
+            if code == "INTERNAL":  # a bug, or the server's own fault (a corrupt record): loudly
                 log.error(
                     "request failed op=%s request_id=%d peer=%s",
                     op_name,
@@ -292,15 +293,6 @@ class Dispatcher:
                     session.peer,
                     exc_info=outcome,
                 )
-        elif isinstance(outcome, Exception):
-            log.error(
-                "request failed op=%s request_id=%d peer=%s",
-                op_name,
-                frame.request_id,
-                session.peer,
-                exc_info=outcome,
-            )
-            kind, body, code = KIND_ERROR, orjson.dumps(error_payload(outcome)), "INTERNAL"
         else:
             kind, body, code = KIND_REPLY, orjson.dumps(outcome), None
         self._requests[op_name] += 1
