@@ -76,13 +76,15 @@ class Impl:
 
 
 @pytest.fixture(params=implementation_params())
-def impl(request: pytest.FixtureRequest) -> Impl:
+def impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Impl:
     if request.param == "native":
         import uvloop
 
         # Not a skip: a missing native codec must fail the native run.
         assert implementation.framecodec is not None, "the Cython frame codec is not built"
         return Impl("native", uvloop.new_event_loop, implementation.framecodec)
+    # The reply table reads the frame decoder's buffer: the pure codec gets the pure table.
+    monkeypatch.setattr(imagecache_module, "ReplyTable", pure_replies.ReplyTable)
     return Impl("pure", asyncio.new_event_loop, pure_frame)
 
 
@@ -463,11 +465,8 @@ def test_a_bug_is_answered_internal_logged_and_observed(
 
 
 def test_repeated_reads_come_from_the_reply_table_and_stay_current(
-    tmp_path: Path, impl: Impl, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, impl: Impl
 ) -> None:
-    if impl.name == "pure":  # the table must read the decoder of its own twin
-        monkeypatch.setattr(imagecache_module, "ReplyTable", pure_replies.ReplyTable)
-
     async def scenario() -> None:
         async with Cell(tmp_path, impl) as cell:
             service = await cell.client()
@@ -766,12 +765,7 @@ def test_bad_frames_are_answered_and_close_only_their_connection(
     impl.run(scenario)
 
 
-def test_hostile_frames_behind_table_hits_are_still_refused(
-    tmp_path: Path, impl: Impl, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if impl.name == "pure":  # the table must read the decoder of its own twin
-        monkeypatch.setattr(imagecache_module, "ReplyTable", pure_replies.ReplyTable)
-
+def test_hostile_frames_behind_table_hits_are_still_refused(tmp_path: Path, impl: Impl) -> None:
     async def scenario() -> None:
         async with Cell(tmp_path, impl) as cell:
             witness = await cell.client()
