@@ -249,7 +249,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     print(f"  send {sqlite_send}  get_thread {sqlite_get}", file=sys.stderr)
     print("bench cluster: three nodes on HBase", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-hbase-cell-") as folder:
-        from pyserver.config import load_or_create_service_key
+        from pyserver.servicekey import load_or_create_service_key
 
         key = load_or_create_service_key(Path(folder))
         hbase = _hbase_cell(seconds, key, Path(folder))

@@ -12,8 +12,8 @@ from collections.abc import Callable
 from struct import Struct
 
 from bench.timing import compare, entry
+from pyserver.framedef import KIND_REQUEST, Frame
 from pyserver.pure import frame as pure_frame
-from pyserver.wire.framedef import KIND_REQUEST, Frame
 
 CHUNK_SIZE = 64 * 1024
 PAYLOAD = b'{"thread":123456789,"text":"hello there"}'[:40]

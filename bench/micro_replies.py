@@ -14,9 +14,9 @@ from collections.abc import Callable
 from typing import Any
 
 from bench.timing import compare, entry
+from pyserver.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
 from pyserver.pure import replies as pure_replies
-from pyserver.wire.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
 
 BATCH = 16

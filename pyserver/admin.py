@@ -20,11 +20,11 @@ from typing import Any
 
 
 async def _token(args: argparse.Namespace) -> int:
-    from pyserver import endpoints
     from pyserver.app.auth import make_user_token
+    from pyserver.servicekey import read_service_key
 
     expires_at = int(time.time()) + args.ttl
-    print(make_user_token(args.user, expires_at, endpoints.service_key(args.data)))
+    print(make_user_token(args.user, expires_at, read_service_key(args.data)))
     return 0
 
 

@@ -20,13 +20,14 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import endpoints, implementation
+from pyserver.addresses import parse_data_centres
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
 from pyserver.config import Config
-from pyserver.dirty import memcached_client, parse_data_centres
+from pyserver.dirty import memcached_client
 from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
 from pyserver.dirty.service import DirtyService
 from pyserver.errors import BadRequest, PyserverError, error_payload

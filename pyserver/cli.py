@@ -19,6 +19,7 @@ from typing import Any
 
 from pyserver import endpoints
 from pyserver.errors import PyserverError
+from pyserver.servicekey import read_service_key
 from pyserver.userid import is_user_id
 
 DEFAULT_DATA = Path("pyserver-data")
@@ -100,7 +101,7 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Any], Awaitable
         finally:
             await cluster.close()
     host, port = endpoints.server_address(args.data, args.server)
-    client = await Client.connect(host, port, service_key=endpoints.service_key(args.data))
+    client = await Client.connect(host, port, service_key=read_service_key(args.data))
     try:
         return await work(client)
     finally:

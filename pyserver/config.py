@@ -16,8 +16,10 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from pyserver.app.auth import generate_service_key
+from pyserver.addresses import DataCentre, parse_addresses, parse_data_centres, parse_host_port
 from pyserver.errors import PyserverError
+from pyserver.servicekey import SERVICE_KEY_FILE, load_or_create_service_key
+from pyserver.store.spec import StoreSpec, parse_store_spec
 
 
 class ConfigError(PyserverError, ValueError):
@@ -95,33 +97,35 @@ class Config:
 
     @property
     def service_key_path(self) -> Path:
-        return self.data_dir / "service.key"
+        return self.data_dir / SERVICE_KEY_FILE
 
     def with_service_key(self) -> Config:
         """This config with its service key filled in from data_dir (created on first start)."""
         if self.service_key:
             return self
-        return dataclasses.replace(self, service_key=load_or_create_service_key(self.data_dir))
-
-
-def load_or_create_service_key(data_dir: Path) -> str:
-    """The service key in data_dir/service.key, written (mode 0600) if there is none."""
-    path = data_dir / "service.key"
-    try:
-        key = path.read_text().strip()
-    except FileNotFoundError:
-        data_dir.mkdir(parents=True, exist_ok=True)
-        key = generate_service_key()
-        # O_EXCL: two processes starting at once must not end up with two keys.
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        except FileExistsError:
-            return path.read_text().strip()
-        with os.fdopen(fd, "w") as out:
-            out.write(key + "\n")
-    if not key:
-        raise ConfigError(f"{path} is empty: delete it to have a new key made")
-    return key
+            key = load_or_create_service_key(self.data_dir)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return dataclasses.replace(self, service_key=key)
+
+    # The settings below are strings in files and flags; these are their parsed values,
+    # checked once by load_config.
+
+    @property
+    def store_spec(self) -> StoreSpec:
+        """The metadata store to open (`store`)."""
+        return parse_store_spec(self.store, self.data_dir)
+
+    @property
+    def data_centres(self) -> list[DataCentre]:
+        """Each data centre's memcached (`memcached_dcs`); empty: no count caches."""
+        return parse_data_centres(self.memcached_dcs)
+
+    @property
+    def discovery(self) -> list[str]:
+        """The discovery instances, "host:port" each (`discovery_addrs`); empty: none."""
+        return parse_addresses(self.discovery_addrs) if self.discovery_addrs else []
 
 
 def _convert(name: str, kind: type, value: Any) -> Any:
@@ -206,13 +210,13 @@ def _check(config: Config) -> None:
 
 def _check_services(config: Config) -> None:
     """The user index, dirty service and memcached settings."""
-    from pyserver.dirty import parse_data_centres
-
     for name in ("userindex_addr", "dirty_addr"):
         address = getattr(config, name)
-        host, _, port = address.rpartition(":")
-        if address and (not host or not port.isdigit() or not 0 < int(port) < 65536):
-            raise ConfigError(f"config {name}: {address!r} is not HOST:PORT")
+        try:
+            if address:
+                parse_host_port(address)
+        except ValueError as exc:
+            raise ConfigError(f"config {name}: {exc}") from None
     try:
         centres = parse_data_centres(config.memcached_dcs)
     except ValueError as exc:
@@ -223,16 +227,12 @@ def _check_services(config: Config) -> None:
 
 def _check_cluster(config: Config) -> None:
     """The settings of `pyserver node`."""
-    from pyserver.cluster.storespec import parse_store_spec
-
     for name in ("zookeeper_session_timeout_s", "relay_timeout_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     if config.drain_settle_s < 0:
         raise ConfigError(f"config drain_settle_s: must be >= 0, not {config.drain_settle_s}")
     if config.discovery_addrs:
-        from pyserver.discovery.client import parse_addresses
-
         try:
             parse_addresses(config.discovery_addrs)
         except ValueError as exc:

@@ -46,13 +46,3 @@ def server_address(data_dir: Path, explicit: str | None = None) -> tuple[str, in
         return host or "127.0.0.1", int(port)
     server = read(data_dir)["server"]
     return server["host"], server["port"]
-
-
-def service_key(data_dir: Path) -> str:
-    key_path = data_dir / "service.key"
-    try:
-        return key_path.read_text().strip()
-    except FileNotFoundError:
-        raise Unavailable(
-            f"no service key at {key_path}: run `pyserver run --data {data_dir}` once first"
-        ) from None

@@ -32,9 +32,9 @@ import aiozk
 
 from pyserver import logcodec
 from pyserver.cluster.cellclient import CellClient
-from pyserver.cluster.storespec import open_store, parse_store_spec
-from pyserver.config import load_or_create_service_key
 from pyserver.errors import PyserverError
+from pyserver.servicekey import load_or_create_service_key
+from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.wire.ops import Op
 
 REPO = Path(__file__).resolve().parent.parent

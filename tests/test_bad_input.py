@@ -31,9 +31,9 @@ from pyserver.app.auth import make_user_token
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer, ServerLimits
+from pyserver.framedef import KIND_ERROR, KIND_EVENT, KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
 from pyserver.store.sqlite import SQLiteStore
-from pyserver.wire.framedef import KIND_ERROR, KIND_EVENT, KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
 from tests.conftest import implementation_params
 

@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pyserver.config import Config, ConfigError, load_config, load_or_create_service_key
+from pyserver.config import Config, ConfigError, load_config
+from pyserver.servicekey import load_or_create_service_key
 
 
 def test_defaults_are_a_loopback_single_node_cell() -> None:
@@ -68,8 +69,8 @@ def test_service_key_is_created_once_and_kept(tmp_path: Path) -> None:
 
 
 def test_service_processes_take_the_configured_limits_and_store(tmp_path: Path) -> None:
+    from pyserver.addresses import DataCentre
     from pyserver.app.server import ServerLimits
-    from pyserver.dirty import DataCentre
     from pyserver.dirty.command import DirtyProcess
     from pyserver.store.hbase import HBaseStore
     from pyserver.userindex.command import UserIndexProcess

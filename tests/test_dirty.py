@@ -28,9 +28,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyserver.addresses import DataCentre, parse_data_centres
 from pyserver.app.mailbox import Mailbox
 from pyserver.client import Client
-from pyserver.dirty import DataCentre, count_key, memcached_client, parse_data_centres
+from pyserver.dirty import count_key, memcached_client
 from pyserver.dirty.queue import DirtyQueue
 from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
 from pyserver.dirty.service import DirtyService

@@ -28,7 +28,6 @@ from hbase_namespaces import drop_made, fresh_namespace, wait_for_drops
 from pyserver import logcodec
 from pyserver.app.loop import new_event_loop
 from pyserver.cluster import layout
-from pyserver.cluster.storespec import open_store, parse_store_spec
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import load_config
 from pyserver.discovery import freeze
@@ -38,6 +37,7 @@ from pyserver.discovery.directory import Directory
 from pyserver.discovery.move import move_user, set_cell_record
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
+from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests import support

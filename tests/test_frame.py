@@ -20,9 +20,7 @@ from hypothesis import strategies as st
 
 from pyserver import implementation
 from pyserver.errors import BadFrameVersion, FrameError, FrameTooLarge
-from pyserver.pure import frame as pure_frame
-from pyserver.wire import frame as facade
-from pyserver.wire.framedef import (
+from pyserver.framedef import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
     KIND_ERROR,
@@ -31,6 +29,8 @@ from pyserver.wire.framedef import (
     KIND_REQUEST,
     Frame,
 )
+from pyserver.pure import frame as pure_frame
+from pyserver.wire import frame as facade
 from tests import support
 
 

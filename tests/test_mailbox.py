@@ -22,12 +22,12 @@ from pyserver import implementation
 from pyserver.app.image import UserImage, thread_id_for
 from pyserver.app.mailbox import Mailbox, MailboxSettings, search_terms
 from pyserver.errors import BadRequest, NotFound, NotOwner, TooLarge, Unavailable
+from pyserver.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.store.base import LogAppend, StoreUnavailable, WriteConflict
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex import UserIndex
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire import frame as frame_codec
-from pyserver.wire.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
 
 

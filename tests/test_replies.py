@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pyserver.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
 from pyserver.pure import replies as pure_replies
-from pyserver.wire.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from tests import support
 
 COUNTS, LIST_THREADS = 23, 20

@@ -27,7 +27,6 @@ import pyserver.app.imagecache as imagecache_module
 from pyserver import implementation
 from pyserver.app.auth import (
     check_service_key,
-    generate_service_key,
     make_user_token,
     verify_user_token,
 )
@@ -46,10 +45,11 @@ from pyserver.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pyserver.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
 from pyserver.pure import replies as pure_replies
+from pyserver.servicekey import generate_service_key
 from pyserver.store.sqlite import SQLiteStore
-from pyserver.wire.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from pyserver.wire.ops import Op
 from tests.conftest import implementation_params
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import secrets
 
 from pyserver.errors import Unauthenticated
 from pyserver.userid import MAX_USER_ID, is_user_id
@@ -20,7 +19,6 @@ from pyserver.userid import MAX_USER_ID, is_user_id
 __all__ = [
     "MAX_USER_ID",
     "check_service_key",
-    "generate_service_key",
     "make_user_token",
     "verify_user_token",
 ]
@@ -30,13 +28,6 @@ __all__ = [
 _MAX_TOKEN_LENGTH = 20 + 1 + 20 + 1 + 64
 _SIGNATURE_LENGTH = 64  # hex digits of an HMAC-SHA256
 _HEX_DIGITS = frozenset("0123456789abcdef")
-
-
-def generate_service_key(nbytes: int = 32) -> str:
-    """A new random service key: `nbytes` bytes from the OS's CSPRNG, as hex."""
-    if nbytes < 16:
-        raise ValueError(f"a service key needs at least 16 random bytes, not {nbytes}")
-    return secrets.token_hex(nbytes)
 
 
 def check_service_key(given: str, expected: str) -> bool:

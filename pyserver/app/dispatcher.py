@@ -28,8 +28,7 @@ from pyserver.errors import (
     Unauthenticated,
     error_payload,
 )
-from pyserver.userid import is_user_id
-from pyserver.wire.framedef import (
+from pyserver.framedef import (
     DEFAULT_MAX_FRAME_SIZE,
     KIND_ERROR,
     KIND_REPLY,
@@ -37,6 +36,7 @@ from pyserver.wire.framedef import (
     VERSION,
     Frame,
 )
+from pyserver.userid import is_user_id
 from pyserver.wire.ops import NO_HELLO, SERVICE_ONLY, Op
 
 __all__ = [

@@ -34,8 +34,8 @@ import orjson
 
 from pyserver.app.dispatcher import Dispatcher, Session
 from pyserver.errors import BadRequest, FrameError, Unavailable, error_payload
+from pyserver.framedef import KIND_ERROR, KIND_EVENT, Frame
 from pyserver.wire import frame as default_codec
-from pyserver.wire.framedef import KIND_ERROR, KIND_EVENT, Frame
 from pyserver.wire.ops import Op
 
 __all__ = ["AppServer", "ServerLimits"]

@@ -31,7 +31,7 @@ def blob_store_for(config: Any) -> BlobStore:
     store = getattr(config, "blob_store", "") or getattr(config, "store", "")
     if store.startswith("hbase:"):
         from pyserver.blobs.hbase import HBaseBlobStore
-        from pyserver.cluster.storespec import parse_store_spec
+        from pyserver.store.spec import parse_store_spec
 
         spec = parse_store_spec(store, Path(config.data_dir))
         return HBaseBlobStore(spec.host, spec.port, namespace=spec.namespace)

@@ -51,9 +51,10 @@ def attachment_lines(message: dict[str, Any]) -> list[str]:
 async def _write_blob(args: argparse.Namespace) -> int:
     from pyserver import endpoints
     from pyserver.client import Client
+    from pyserver.servicekey import read_service_key
 
     host, port = endpoints.server_address(args.data, args.server)
-    client = await Client.connect(host, port, service_key=endpoints.service_key(args.data))
+    client = await Client.connect(host, port, service_key=read_service_key(args.data))
     try:
         if args.out is None:
             out = sys.stdout.buffer

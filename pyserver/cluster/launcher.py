@@ -285,7 +285,7 @@ def cluster_up(
             _create_tables([spec.rsplit("/", 1)[1] for spec in [directory_store, *stores.values()]])
         )
     asyncio.run(_write_cells(ZOOKEEPER, chroot, stores))
-    from pyserver.config import load_or_create_service_key
+    from pyserver.servicekey import load_or_create_service_key
 
     load_or_create_service_key(data)
     state: dict[str, Any] = {

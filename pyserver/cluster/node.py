@@ -42,7 +42,6 @@ from pyserver.cluster.fence import OwnershipFence
 from pyserver.cluster.membership import Membership
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.routing import ClientPool, OwnerRouter
-from pyserver.cluster.storespec import open_store, parse_store_spec
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError
 from pyserver.discovery.client import ClusterClient
@@ -51,6 +50,7 @@ from pyserver.errors import NotOwner, Unavailable
 from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
 from pyserver.process import configure_logging, run
+from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
 
@@ -147,7 +147,7 @@ class ClusterNode:
 
     def _dirty_reporter(self) -> Any:
         """Count-change reports, when the cell has count caches (as `pyserver run` does)."""
-        from pyserver.dirty import parse_data_centres
+        from pyserver.addresses import parse_data_centres
         from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
 
         centres = parse_data_centres(self.config.memcached_dcs)

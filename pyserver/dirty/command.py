@@ -14,10 +14,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pyserver.addresses import DataCentre, parse_data_centres
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.config import Config, load_config
-from pyserver.dirty import DataCentre, parse_data_centres
 from pyserver.dirty.service import DirtyService
 from pyserver.process import configure_logging, run, stop_signal
 

@@ -23,7 +23,8 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from pyserver.dirty import DataCentre, count_key, memcached_client
+from pyserver.addresses import DataCentre
+from pyserver.dirty import count_key, memcached_client
 from pyserver.dirty.queue import Batch, DirtyQueue
 from pyserver.errors import BadRequest, TooLarge
 from pyserver.wire.ops import Op

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyserver.addresses import parse_addresses
 from pyserver.client import Client, Subscription
 from pyserver.cluster.routing import ClientPool, OwnerRouter
 from pyserver.errors import BadRequest, PyserverError, Unavailable
@@ -38,7 +39,7 @@ from pyserver.ring import HashRing
 from pyserver.snapcache import SnapshotCache
 from pyserver.wire.ops import Op
 
-__all__ = ["CellRing", "ClusterClient", "ClusterRoute", "connect_to_cluster", "parse_addresses"]
+__all__ = ["CellRing", "ClusterClient", "ClusterRoute", "connect_to_cluster"]
 
 log = logging.getLogger(__name__)
 
@@ -46,22 +47,6 @@ log = logging.getLogger(__name__)
 _STALE_CODES = frozenset({"UNAVAILABLE", "NOT_OWNER", "CONFLICT"})
 # A cell's ring is asked for at most this often while requests find it stale.
 _RING_REFRESH_S = 0.1
-
-
-def parse_addresses(addresses: str | Iterable[str]) -> list[str]:
-    """["host:port", ...] from "host:port,host:port" or an iterable; ValueError if one is bad."""
-    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
-    result = []
-    for item in (item.strip() for item in items):
-        if not item:
-            continue
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"{item!r} is not host:port")
-        result.append(item)
-    if not result:
-        raise ValueError("no discovery address")
-    return result
 
 
 @dataclass(frozen=True, slots=True)

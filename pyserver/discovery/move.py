@@ -221,7 +221,7 @@ async def move_user(
 
 
 async def _open_store(spec: str) -> Any:
-    from pyserver.cluster.storespec import open_store, parse_store_spec
+    from pyserver.store.spec import open_store, parse_store_spec
 
     store = open_store(parse_store_spec(spec, Path(".")))
     await store.open()

@@ -20,9 +20,9 @@ async def _serve(config: Any, server: str | None) -> None:
     stopped = stop_signal()
     from pyserver import endpoints
     from pyserver.blobs import blob_store_for
-    from pyserver.cluster.storespec import open_store, parse_store_spec
     from pyserver.mta.route import SingleServerRoute
     from pyserver.mta.service import MtaService
+    from pyserver.store.spec import open_store, parse_store_spec
 
     store = open_store(parse_store_spec(config.store, config.data_dir))
     blobs = blob_store_for(config)

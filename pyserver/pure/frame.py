@@ -1,7 +1,7 @@
 """Pure-Python twin of the Cython wire-frame codec (`pyserver_framecodec`).
 
 Same API, same bytes out and the same errors as the Cython module; the layout lives in
-`pyserver.wire.framedef`. Sans I/O: it is fed bytes and hands back `Frame`s.
+`pyserver.framedef`. Sans I/O: it is fed bytes and hands back `Frame`s.
 
 The decoder keeps the unread part of one chunk (`bytes` plus a read position) and a
 list of later chunks. The chunks are joined only once enough bytes have arrived to make
@@ -16,7 +16,7 @@ from struct import Struct
 from typing import NoReturn
 
 from pyserver.errors import BadFrameVersion, FrameError, FrameTooLarge
-from pyserver.wire.framedef import (
+from pyserver.framedef import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
     KIND_EVENT,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import struct
 
-from pyserver.pure.frame import FrameDecoder
-from pyserver.userid import MAX_USER_ID
-from pyserver.wire.framedef import (
+from pyserver.framedef import (
     HEADER_SIZE,
     KIND_REPLY,
     KIND_REQUEST,
@@ -21,6 +19,8 @@ from pyserver.wire.framedef import (
     MIN_FRAME_LENGTH,
     VERSION,
 )
+from pyserver.pure.frame import FrameDecoder
+from pyserver.userid import MAX_USER_ID
 
 __all__ = ["ReplyTable"]
 

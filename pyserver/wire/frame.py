@@ -1,14 +1,14 @@
 """The wire-frame codec the server uses: the Cython one if built, else its pure twin.
 
 `pyserver.implementation` makes the choice; this module only re-exports the chosen
-`encode_frame` and `FrameDecoder` next to the layout from `pyserver.wire.framedef`.
+`encode_frame` and `FrameDecoder` next to the layout from `pyserver.framedef`.
 `IMPLEMENTATION` says which one is in use ("native" or "pure").
 """
 
 from __future__ import annotations
 
 from pyserver import implementation
-from pyserver.wire.framedef import (
+from pyserver.framedef import (
     DEFAULT_MAX_FRAME_SIZE,
     HEADER_SIZE,
     KIND_ERROR,

@@ -5,7 +5,7 @@ The pure-Python twin `pyserver.pure.frame` has exactly this API.
 
 from collections.abc import Iterator
 
-from pyserver.wire.framedef import Frame
+from pyserver.framedef import Frame
 
 def encode_frame(
     kind: int, op: int, request_id: int, payload: bytes | bytearray | memoryview

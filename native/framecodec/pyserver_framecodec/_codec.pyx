@@ -3,7 +3,7 @@
 """The wire-frame codec of DESIGN.md ("Wire protocol") in Cython, on the server's hot path.
 
 Its twin is `pyserver.pure.frame`: same API, same bytes out, same errors and messages.
-The layout and the `Frame` class come from `pyserver.wire.framedef`.
+The layout and the `Frame` class come from `pyserver.framedef`.
 
 The decoder owns one C buffer: bytes `[_start, _end)` are unread. Feeding appends at
 `_end` (sliding the unread bytes to the front or growing the buffer when full), so a
@@ -23,8 +23,8 @@ from libc.stdint cimport uint32_t
 from libc.string cimport memcpy, memmove
 
 from pyserver.errors import BadFrameVersion, FrameError, FrameTooLarge
-from pyserver.wire import framedef
-from pyserver.wire.framedef import DEFAULT_MAX_FRAME_SIZE, Frame
+from pyserver import framedef
+from pyserver.framedef import DEFAULT_MAX_FRAME_SIZE, Frame
 
 
 cdef extern from "Python.h":

@@ -23,7 +23,7 @@ from libc.string cimport memcmp, memcpy, memset
 
 from pyserver_framecodec._codec cimport FrameDecoder, _read_u32, _write_u32
 
-from pyserver.wire import framedef
+from pyserver import framedef
 
 cdef extern from "Python.h":
     # CPython's keyed (SipHash) hash of a byte string: collisions cannot be chosen by a
