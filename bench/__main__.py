@@ -22,9 +22,9 @@ MICRO_PARTS = ("micro_ring", "micro_logcodec", "micro_snapcache", "micro_frame",
 
 
 def _require_native() -> None:
-    from pyserver import implementation
+    from pyserver import doctor
 
-    report = implementation.report()
+    report = doctor.report()
     pure = [part for part, impl in report.items() if impl == "pure"]
     if pure or not report["native_release_build"]:
         sys.exit(

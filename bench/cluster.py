@@ -203,7 +203,7 @@ async def _join(cell: _Cell, key: str, node_id: str) -> tuple[float, float]:
 
 
 def _hbase_cell(seconds: float, key: str, folder: Path) -> dict[str, Any]:
-    from pyserver.cluster.launcher import THRIFT, ZOOKEEPER, _create_tables, _drop_tables
+    from pyserver.processes.launcher import THRIFT, ZOOKEEPER, _create_tables, _drop_tables
 
     cell = _Cell(folder, THRIFT, ZOOKEEPER)
     asyncio.run(_create_tables([cell.namespace]))
@@ -226,7 +226,7 @@ def _hbase_cell(seconds: float, key: str, folder: Path) -> dict[str, Any]:
     finally:
         cell.close()
         asyncio.run(_drop_tables([cell.namespace]))
-        from pyserver.cluster.launcher import _remove_tree
+        from pyserver.processes.launcher import _remove_tree
 
         asyncio.run(_remove_tree(ZOOKEEPER, cell.chroot))
     return {"send": send, "get_thread": get_thread, "failover_s": failover_s,
@@ -234,7 +234,7 @@ def _hbase_cell(seconds: float, key: str, folder: Path) -> dict[str, Any]:
 
 
 def run(quick: bool = False) -> dict[str, Any]:
-    from pyserver.cluster.launcher import _ensure_engines
+    from pyserver.processes.launcher import _ensure_engines
 
     seconds = 0.5 if quick else 2.0
     logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends

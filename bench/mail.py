@@ -45,7 +45,7 @@ ATTACHMENT_BYTES = 1 << 20
 @contextmanager
 def _cell() -> Iterator[tuple[Path, int, int, str]]:
     """A `pyserver run` on a fresh folder with USERS addresses: (data, port, smtp port, key)."""
-    from pyserver.cell import store_path
+    from pyserver.processes.cell import store_path
     from pyserver.store.sqlite import SQLiteStore
 
     with tempfile.TemporaryDirectory(prefix="bench-mail-") as folder:

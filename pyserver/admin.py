@@ -18,19 +18,20 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyserver.app.auth import make_user_token
+from pyserver.cluster import tools as cluster_tools
+from pyserver.discovery import move as discovery_move
+from pyserver.processes.cell import open_mailbox, open_store
+from pyserver.servicekey import read_service_key
+
 
 async def _token(args: argparse.Namespace) -> int:
-    from pyserver.app.auth import make_user_token
-    from pyserver.servicekey import read_service_key
-
     expires_at = int(time.time()) + args.ttl
     print(make_user_token(args.user, expires_at, read_service_key(args.data)))
     return 0
 
 
 async def _rebuild(args: argparse.Namespace) -> int:
-    from pyserver.cell import open_mailbox
-
     async with open_mailbox(args.data) as mailbox:
         report = await mailbox.rebuild(args.user)
     print(json.dumps(report, indent=2, ensure_ascii=False))
@@ -38,8 +39,6 @@ async def _rebuild(args: argparse.Namespace) -> int:
 
 
 async def _export(args: argparse.Namespace) -> int:
-    from pyserver.cell import open_mailbox
-
     out = open(args.out, "w") if args.out else sys.stdout  # noqa: SIM115 (closed below)
     try:
         async with open_mailbox(args.data) as mailbox:
@@ -54,8 +53,6 @@ async def _export(args: argparse.Namespace) -> int:
 
 
 async def _import(args: argparse.Namespace) -> int:
-    from pyserver.cell import open_mailbox
-
     source = open(args.input) if args.input else sys.stdin  # noqa: SIM115 (closed below)
     try:
         entries = [json.loads(line) for line in source if line.strip()]
@@ -69,8 +66,6 @@ async def _import(args: argparse.Namespace) -> int:
 
 
 async def _add_address(args: argparse.Namespace) -> int:
-    from pyserver.cell import open_store
-
     async with open_store(args.data) as store:
         await store.add_address(args.address, args.user)
     print(f"{args.address} -> user {args.user}")
@@ -78,6 +73,7 @@ async def _add_address(args: argparse.Namespace) -> int:
 
 
 async def _create_tables(args: argparse.Namespace) -> int:
+    # the HBase client libraries load slowly: only the command that needs them imports them
     from pyserver.store.hbase import HBaseStore, parse_thrift_address
 
     host, port = parse_thrift_address(args.thrift)
@@ -118,10 +114,8 @@ def add_parser(
     tables.set_defaults(handler=lambda args: asyncio.run(_create_tables(args)))
     address = action("add-address", "route an email address or phone to a user", _add_address)
     address.add_argument("address")
-    from pyserver.cluster import tools as cluster_tools
 
     cluster_tools.add_admin_actions(actions)
-    from pyserver.discovery import move as discovery_move
 
     discovery_move.add_admin_actions(actions)
     return admin

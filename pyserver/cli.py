@@ -17,8 +17,20 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from pyserver import endpoints
+from pyserver import admin, doctor, endpoints, implementation
+from pyserver.blobs import command as blob_command
+from pyserver.blobs.command import attachment_lines, with_extras
+from pyserver.client import Client
+from pyserver.config import load_config
+from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
+from pyserver.processes import dirty as dirty_process
+from pyserver.processes import discovery as discovery_process
+from pyserver.processes import launcher
+from pyserver.processes import mta as mta_process
+from pyserver.processes import node as node_process
+from pyserver.processes import userindex as userindex_process
+from pyserver.processes.cell import serve
 from pyserver.servicekey import read_service_key
 from pyserver.userid import is_user_id
 
@@ -58,7 +70,6 @@ def _print_message(message: dict[str, Any]) -> None:
     print(f"  id {message['message_id']}")
     for line in message.get("text", "").splitlines() or [""]:
         print(f"  {line}")
-    from pyserver.blobs.command import attachment_lines
 
     for line in attachment_lines(message):
         print(f"  {line}")
@@ -66,8 +77,6 @@ def _print_message(message: dict[str, Any]) -> None:
 
 async def _thread_with_extras(args: argparse.Namespace, client: Any) -> dict[str, Any]:
     """GET_THREAD, with each mail's `extra` (its attachments) from GET_MESSAGE."""
-    from pyserver.blobs.command import with_extras
-
     reply = await client.get_thread(args.user, args.thread_id, limit=args.limit, before=args.before)
     return await with_extras(client, args.user, reply)
 
@@ -90,11 +99,7 @@ def _print_counts(reply: dict[str, Any]) -> None:
 
 
 async def _with_client(args: argparse.Namespace, work: Callable[[Any], Awaitable[Any]]) -> Any:
-    from pyserver.client import Client
-
     if getattr(args, "cluster", None):  # a cluster: route through its discovery
-        from pyserver.discovery.client import connect_to_cluster
-
         cluster = await connect_to_cluster(args.cluster)
         try:
             return await work(cluster)
@@ -142,9 +147,6 @@ def _tail_handler(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pyserver.cell import serve
-    from pyserver.config import load_config
-
     config = load_config(
         args.config,
         overrides={
@@ -160,9 +162,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _doctor(args: argparse.Namespace) -> int:
-    from pyserver import implementation
-
-    report = implementation.report()
+    report = doctor.report()
     if args.json:
         print(json.dumps(report))
         return 0
@@ -195,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smtp-port", type=int, help="the MTA proxy's SMTP port (default 2525)")
     run.set_defaults(handler=_run)
 
-    doctor = commands.add_parser("doctor", help="which implementation each core part uses")
-    doctor.add_argument("--json", action="store_true", help="print one JSON object")
-    doctor.set_defaults(handler=_doctor)
+    doctor_command = commands.add_parser("doctor", help="which implementation each core part uses")
+    doctor_command.add_argument("--json", action="store_true", help="print one JSON object")
+    doctor_command.set_defaults(handler=_doctor)
 
     def client_parser(name: str, help_text: str, user: bool = True) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
@@ -293,26 +293,13 @@ def build_parser() -> argparse.ArgumentParser:
     tail = client_parser("tail", "print the user's new events as they happen")
     tail.set_defaults(handler=_tail_handler)
 
-    from pyserver import admin
-
     admin.add_parser(commands, DEFAULT_DATA, _user_id)
-    from pyserver.blobs import command as blob_command
-    from pyserver.mta import command as mta_command
-
-    mta_command.add_parser(commands, DEFAULT_DATA)
+    mta_process.add_parser(commands, DEFAULT_DATA)
     blob_command.add_parser(commands, DEFAULT_DATA, _user_id)
-    from pyserver.cluster import node as cluster_node
-
-    cluster_node.add_parser(commands)
-    from pyserver.dirty import command as dirty_command
-    from pyserver.userindex import command as userindex_command
-
-    userindex_command.add_parser(commands, DEFAULT_DATA)
-    dirty_command.add_parser(commands, DEFAULT_DATA)
-    from pyserver.cluster import launcher
-    from pyserver.discovery import command as discovery_command
-
-    discovery_command.add_parser(commands, DEFAULT_DATA)
+    node_process.add_parser(commands)
+    userindex_process.add_parser(commands, DEFAULT_DATA)
+    dirty_process.add_parser(commands, DEFAULT_DATA)
+    discovery_process.add_parser(commands, DEFAULT_DATA)
     launcher.add_parser(commands)
     return parser
 

@@ -1,8 +1,11 @@
 """The one place that chooses the native or the pure-Python twin of each core part.
 
 `PYSERVER_PURE=1` forces the pure twins. Without it, a missing native module
-falls back to them with one warning, never an ImportError. `report()` tells
-which implementation each part uses (`pyserver doctor` prints it).
+falls back to them with one warning, never an ImportError. The facades
+(`pyserver.ring`, `logcodec`, `snapcache`, `wire.frame`, `wire.replies`) read
+their choice here; `pyserver.doctor.report()` tells which one each part uses.
+
+May import: nothing of pyserver (the extension modules only).
 """
 
 from __future__ import annotations
@@ -39,18 +42,3 @@ if _missing:
         RuntimeWarning,
         stacklevel=2,
     )
-
-
-def report() -> dict[str, str | bool]:
-    """Which implementation each part is using, and whether the Rust build is optimised."""
-    # The facades import this module, so they are imported here, not at the top.
-    from pyserver import logcodec, ring, snapcache
-    from pyserver.wire import frame
-
-    return {
-        "ring": ring.IMPLEMENTATION,
-        "log_codec": logcodec.IMPLEMENTATION,
-        "lru": snapcache.IMPLEMENTATION,
-        "frame_codec": frame.IMPLEMENTATION,
-        "native_release_build": bool(native is not None and native.RELEASE_BUILD),
-    }

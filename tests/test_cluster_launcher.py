@@ -86,7 +86,7 @@ def test_cluster_up_status_send_read_move_down(
 async def _blob_round_trip(folder: str, attachment: bytes) -> bytes:
     """Put a blob where the MTA proxy would, DELIVER a mail referencing it, GET_BLOB it."""
     from pyserver.blobs import blob_store_for
-    from pyserver.cluster.launcher import read_state
+    from pyserver.cluster.state import read_state
     from pyserver.discovery.client import connect_to_cluster
     from pyserver.wire.ops import Op
 

@@ -71,9 +71,9 @@ def test_service_key_is_created_once_and_kept(tmp_path: Path) -> None:
 def test_service_processes_take_the_configured_limits_and_store(tmp_path: Path) -> None:
     from pyserver.addresses import DataCentre
     from pyserver.app.server import ServerLimits
-    from pyserver.dirty.command import DirtyProcess
+    from pyserver.processes.dirty import DirtyProcess
+    from pyserver.processes.userindex import UserIndexProcess
     from pyserver.store.hbase import HBaseStore
-    from pyserver.userindex.command import UserIndexProcess
 
     config = load_config(
         env={},

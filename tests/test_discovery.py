@@ -27,16 +27,15 @@ from hbase_namespaces import drop_made, fresh_namespace, wait_for_drops
 
 from pyserver import logcodec
 from pyserver.app.loop import new_event_loop
-from pyserver.cluster import layout
+from pyserver.cluster import freeze, layout
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import load_config
-from pyserver.discovery import freeze
 from pyserver.discovery.client import ClusterClient
-from pyserver.discovery.command import DiscoveryProcess
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.move import move_user, set_cell_record
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
+from pyserver.processes.discovery import DiscoveryProcess
 from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op

@@ -7,9 +7,9 @@ import os
 import subprocess
 import sys
 
-from pyserver import implementation
+from pyserver import doctor, implementation
 
-PARTS = ("ring", "log_codec", "lru", "frame_codec")
+PARTS = ("ring", "log_codec", "lru", "frame_codec", "reply_table")
 
 
 def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -20,7 +20,7 @@ def _python(code: str, **env: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_loaded_implementations_match_the_environment() -> None:
-    report = implementation.report()
+    report = doctor.report()
     if implementation.PURE_FORCED:
         assert all(report[part] == "pure" for part in PARTS), report
         assert report["native_release_build"] is False
@@ -37,18 +37,17 @@ def test_doctor_json_has_the_documented_keys() -> None:
         text=True,
         check=True,
     ).stdout
-    assert json.loads(out) == implementation.report()
+    assert json.loads(out) == doctor.report()
     assert set(json.loads(out)) == {*PARTS, "native_release_build"}
 
 
 def test_pure_is_forced_by_the_environment_variable() -> None:
     out = _python(
-        "import json; from pyserver import implementation\n"
-        "print(json.dumps(implementation.report()))",
+        "import json; from pyserver import doctor\nprint(json.dumps(doctor.report()))",
         PYSERVER_PURE="1",
     ).stdout
     report = json.loads(out)
-    assert [report[p] for p in PARTS] == ["pure"] * 4
+    assert [report[p] for p in PARTS] == ["pure"] * len(PARTS)
     assert report["native_release_build"] is False
 
 
@@ -60,18 +59,18 @@ sys.modules["pyserver._native"] = None
 sys.modules["pyserver_framecodec"] = None
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
-    from pyserver import implementation
+    from pyserver import doctor
     from pyserver.ring import HashRing
     from pyserver.logcodec import encode
     from pyserver.snapcache import SnapshotCache
     from pyserver.wire.frame import FrameDecoder
 ring = HashRing(tokens_per_node=4)
 ring.add_node("a")
-print(json.dumps({"report": implementation.report(), "owner": ring.owner(7),
+print(json.dumps({"report": doctor.report(), "owner": ring.owner(7),
                   "warnings": [str(w.message) for w in caught]}))
 """
     result = json.loads(_python(code).stdout)
-    assert [result["report"][p] for p in PARTS] == ["pure"] * 4
+    assert [result["report"][p] for p in PARTS] == ["pure"] * len(PARTS)
     assert result["owner"] == "a"
     assert len(result["warnings"]) == 1
     assert "pyserver._native" in result["warnings"][0]

@@ -25,11 +25,11 @@ from pyserver.app.auth import make_user_token
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.server import AppServer
-from pyserver.cell import SingleNodeCell
 from pyserver.client import Client
 from pyserver.config import load_config
 from pyserver.errors import BadRequest, Forbidden, Unavailable
 from pyserver.implementation import PURE_FORCED
+from pyserver.processes.cell import SingleNodeCell
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex import UserIndex
 from pyserver.userindex.local import LocalUserIndex

@@ -20,6 +20,7 @@ from pyserver.blobs.base import (
     is_ref,
 )
 from pyserver.blobs.disk import DiskBlobStore
+from pyserver.store.spec import parse_store_spec
 
 # The embedded blob store's folder, under the cell's data folder.
 BLOB_FOLDER = "blobs"
@@ -30,8 +31,7 @@ def blob_store_for(config: Any) -> BlobStore:
     `store`: with HBase, its `blobs` table; else files under data_dir/blobs."""
     store = getattr(config, "blob_store", "") or getattr(config, "store", "")
     if store.startswith("hbase:"):
-        from pyserver.blobs.hbase import HBaseBlobStore
-        from pyserver.store.spec import parse_store_spec
+        from pyserver.blobs.hbase import HBaseBlobStore  # the HBase libraries load slowly
 
         spec = parse_store_spec(store, Path(config.data_dir))
         return HBaseBlobStore(spec.host, spec.port, namespace=spec.namespace)

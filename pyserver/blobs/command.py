@@ -17,6 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pyserver import endpoints
+from pyserver.client import Client
+from pyserver.servicekey import read_service_key
+
 __all__ = ["add_parser", "attachment_lines", "with_extras"]
 
 
@@ -49,10 +53,6 @@ def attachment_lines(message: dict[str, Any]) -> list[str]:
 
 
 async def _write_blob(args: argparse.Namespace) -> int:
-    from pyserver import endpoints
-    from pyserver.client import Client
-    from pyserver.servicekey import read_service_key
-
     host, port = endpoints.server_address(args.data, args.server)
     client = await Client.connect(host, port, service_key=read_service_key(args.data))
     try:

@@ -39,7 +39,12 @@ from pyserver.blobs.base import (
     pieces_of,
 )
 from pyserver.errors import PyserverError, Unavailable
-from pyserver.store.hbase import ADMIN_TIMEOUT_S, _unavailable, column_descriptors, ensure_tables
+from pyserver.store.hbase import (
+    ADMIN_TIMEOUT_S,
+    column_descriptors,
+    ensure_tables,
+    unavailable_error,
+)
 from pyserver.store.hbase_layout import table_name
 from pyserver.store.hbase_pool import ThriftPool
 
@@ -93,7 +98,9 @@ class HBaseBlobStore(BlobStore):
             raise
         except Exception as exc:
             pool.close()
-            raise _unavailable(f"open the blobs table at {self._host}:{self._port}", exc) from exc
+            raise unavailable_error(
+                f"open the blobs table at {self._host}:{self._port}", exc
+            ) from exc
         self._pool = pool
 
     async def close(self) -> None:
@@ -126,7 +133,7 @@ class HBaseBlobStore(BlobStore):
         except TimeoutError as exc:
             raise Unavailable(f"HBase blobs: {action}: no answer in {self._timeout_s:g} s") from exc
         except Exception as exc:
-            raise _unavailable(f"blobs: {action}", exc) from exc
+            raise unavailable_error(f"blobs: {action}", exc) from exc
 
     # ---- writing ----
 

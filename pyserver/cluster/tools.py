@@ -5,7 +5,7 @@ sees it, hands its users over and exits (pyserver.cluster.node). With `--wait`
 (the default) the command returns once the node has left the cell. `nodes`
 lists the cell's registered nodes with their address, tokens and state.
 ZooKeeper's address, the chroot and the cell come from the flags, else from
-the configuration (`--config`, PYSERVER_* variables).
+the `--cluster` folder, else from the configuration (`pyserver.cluster.state`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 
 from pyserver.cluster import layout
 from pyserver.cluster.layout import NodeRecord
+from pyserver.cluster.state import add_cluster_arguments, cluster_settings
 from pyserver.cluster.zk import BadVersion, NoNode, ZooKeeper
 
 __all__ = ["add_admin_actions", "drain_node", "list_nodes"]
@@ -84,29 +85,19 @@ async def list_nodes(zk: ZooKeeper, cell: str) -> dict[str, Any]:
 # ---- the command line ----
 
 
-def _settings(args: argparse.Namespace) -> tuple[str, str, str]:
-    from pyserver.config import load_config
-
-    config = load_config(
-        args.config,
-        overrides={"zookeeper": args.zookeeper, "zookeeper_chroot": args.chroot, "cell": args.cell},
-    )
-    if not config.zookeeper:
-        raise SystemExit("pyserver: give ZooKeeper's address (--zookeeper or PYSERVER_ZOOKEEPER)")
-    return config.zookeeper, config.zookeeper_chroot, config.cell
-
-
 def _with_zookeeper(
     args: argparse.Namespace, work: Callable[[ZooKeeper, str], Awaitable[int]]
 ) -> int:
-    servers, chroot, cell = _settings(args)
+    settings = cluster_settings(args)
     logging.getLogger("aiozk").setLevel(logging.ERROR)  # it logs each reconnection attempt
 
     async def run() -> int:
-        zk = ZooKeeper(servers, chroot=chroot, session_timeout_s=10.0, call_timeout_s=5.0)
+        zk = ZooKeeper(
+            settings.zookeeper, chroot=settings.chroot, session_timeout_s=10.0, call_timeout_s=5.0
+        )
         await zk.start(10.0)
         try:
-            return await work(zk, cell)
+            return await work(zk, settings.cell)
         finally:
             await zk.close()
 
@@ -156,10 +147,7 @@ def add_admin_actions(actions: Any) -> None:
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text)
-        sub.add_argument("--config", help="a TOML configuration file")
-        sub.add_argument("--zookeeper", help="ZooKeeper, host:port[,host:port...]")
-        sub.add_argument("--chroot", help="ZooKeeper path the cells live under")
-        sub.add_argument("--cell", help="the cell (default from the configuration)")
+        add_cluster_arguments(sub, cell=True)
         return sub
 
     drain = action("drain", "drain an app server: hand its users over, then it exits")

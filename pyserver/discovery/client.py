@@ -34,6 +34,7 @@ from typing import Any
 from pyserver.addresses import parse_addresses
 from pyserver.client import Client, Subscription
 from pyserver.cluster.routing import ClientPool, OwnerRouter
+from pyserver.cluster.state import read_state
 from pyserver.errors import BadRequest, PyserverError, Unavailable
 from pyserver.ring import HashRing
 from pyserver.snapcache import SnapshotCache
@@ -361,8 +362,6 @@ class ClusterRoute:
 async def connect_to_cluster(folder: str | Path, **options: Any) -> ClusterClient:
     """A client of the cluster `pyserver cluster up` runs from `folder` (its discovery, its
     service key)."""
-    from pyserver.cluster.launcher import read_state
-
     state = read_state(Path(folder))
     key = Path(state["service_key_file"]).read_text().strip()
     return await ClusterClient.connect(state["discovery"], key, **options)

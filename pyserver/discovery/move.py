@@ -2,7 +2,7 @@
 
 `move_user(...)`:
 
-1. **freeze**: list the user under the old cell (`pyserver.discovery.freeze`);
+1. **freeze**: list the user under the old cell (`pyserver.cluster.freeze`);
    every app server of that cell refuses the user's requests with
    UNAVAILABLE from then on, lets the writes already under way finish, and
    acknowledges; the move waits for every active node's acknowledgement;
@@ -38,13 +38,14 @@ from typing import Any
 import orjson
 
 from pyserver import logcodec
-from pyserver.cluster import layout
+from pyserver.cluster import freeze, layout
 from pyserver.cluster.layout import NodeRecord
+from pyserver.cluster.state import add_cluster_arguments, cluster_settings
 from pyserver.cluster.zk import BadVersion, NoNode, ZooKeeper
-from pyserver.discovery import freeze
 from pyserver.discovery.directory import Directory
 from pyserver.errors import BadRequest, NotFound, Unavailable
 from pyserver.store.base import LogAppend, Store
+from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = [
     "MoveReport",
@@ -221,20 +222,19 @@ async def move_user(
 
 
 async def _open_store(spec: str) -> Any:
-    from pyserver.store.spec import open_store, parse_store_spec
-
     store = open_store(parse_store_spec(spec, Path(".")))
     await store.open()
     return store
 
 
 async def _move_command(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    zk = ZooKeeper(settings["zookeeper"], chroot=settings["chroot"], session_timeout_s=10.0)
+    settings = cluster_settings(args)
+    logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
+    zk = ZooKeeper(settings.zookeeper, chroot=settings.chroot, session_timeout_s=10.0)
     await zk.start(10.0)
     opened: list[Any] = []
     try:
-        directory_store = await _open_store(settings["directory"])
+        directory_store = await _open_store(settings.directory_store)
         opened.append(directory_store)
         directory = Directory(directory_store)
         source = await directory.cell_of(args.user)
@@ -268,8 +268,9 @@ async def _move_command(args: argparse.Namespace) -> int:
 
 
 async def _cell_command(args: argparse.Namespace) -> int:
-    settings = _settings(args)
-    zk = ZooKeeper(settings["zookeeper"], chroot=settings["chroot"], session_timeout_s=10.0)
+    settings = cluster_settings(args)
+    logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
+    zk = ZooKeeper(settings.zookeeper, chroot=settings.chroot, session_timeout_s=10.0)
     await zk.start(10.0)
     try:
         fields: dict[str, Any] = {}
@@ -288,43 +289,12 @@ async def _cell_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def _settings(args: argparse.Namespace) -> dict[str, str]:
-    """ZooKeeper, chroot and the directory's store: flags, else the cluster folder, else the
-    configuration."""
-    from pyserver.config import load_config
-
-    logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
-
-    found: dict[str, str] = {}
-    if getattr(args, "cluster", None):
-        from pyserver.cluster.launcher import read_state
-
-        state = read_state(Path(args.cluster))
-        found = {
-            "zookeeper": state["zookeeper"],
-            "chroot": state["chroot"],
-            "directory": state["directory_store"],
-        }
-    config = load_config(args.config)
-    zookeeper = args.zookeeper or found.get("zookeeper") or config.zookeeper
-    if not zookeeper:
-        raise SystemExit("pyserver: give ZooKeeper's address (--zookeeper or --cluster DIR)")
-    return {
-        "zookeeper": zookeeper,
-        "chroot": args.chroot or found.get("chroot") or config.zookeeper_chroot,
-        "directory": getattr(args, "directory", None) or found.get("directory") or config.store,
-    }
-
-
 def add_admin_actions(actions: Any) -> None:
     """Add `move-user` and `cell` to `pyserver admin`."""
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text)
-        sub.add_argument("--config", help="a TOML configuration file")
-        sub.add_argument("--cluster", help="a `pyserver cluster up` folder (its settings)")
-        sub.add_argument("--zookeeper", help="ZooKeeper, host:port[,host:port...]")
-        sub.add_argument("--chroot", help="ZooKeeper path the cells live under")
+        add_cluster_arguments(sub)
         return sub
 
     move = action("move-user", "move a user to another cell, no message lost")

@@ -31,6 +31,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyserver.cluster import layout
+from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.zk import (
     CHILDREN_CHANGED,
@@ -41,7 +42,6 @@ from pyserver.cluster.zk import (
     ZooKeeperUnavailable,
 )
 from pyserver.discovery.directory import Directory
-from pyserver.discovery.freeze import FreezeWatch
 from pyserver.errors import BadRequest, NotFound, Unavailable
 from pyserver.snapcache import SnapshotCache
 from pyserver.userid import check_user_id

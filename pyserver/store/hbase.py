@@ -71,7 +71,13 @@ from pyserver.store.hbase_layout import (
 )
 from pyserver.store.hbase_pool import ThriftPool
 
-__all__ = ["HBaseStore", "column_descriptors", "ensure_tables", "parse_thrift_address"]
+__all__ = [
+    "HBaseStore",
+    "column_descriptors",
+    "ensure_tables",
+    "parse_thrift_address",
+    "unavailable_error",
+]
 
 T = TypeVar("T")
 
@@ -114,7 +120,9 @@ def parse_thrift_address(address: str) -> tuple[str, int]:
     return host, number
 
 
-def _unavailable(action: str, cause: BaseException) -> StoreUnavailable:
+def unavailable_error(action: str, cause: BaseException) -> StoreUnavailable:
+    """A Thrift or HBase failure as StoreUnavailable, its first line kept (the blob store
+    reports its own the same way)."""
     detail = getattr(cause, "message", None) or str(cause) or type(cause).__name__
     if isinstance(detail, bytes):
         detail = detail.decode("utf-8", "replace")
@@ -373,7 +381,7 @@ class HBaseStore(Store):
         except TimeoutError as exc:
             raise StoreUnavailable("HBase: dropping tables took too long") from exc
         except Exception as exc:
-            raise _unavailable("drop tables", exc) from exc
+            raise unavailable_error("drop tables", exc) from exc
         finally:
             pool.close()
         self._heads.clear()
@@ -391,7 +399,7 @@ class HBaseStore(Store):
                 f"HBase at {self._host}:{self._port}: creating tables took too long"
             ) from exc
         except Exception as exc:
-            raise _unavailable(f"open tables at {self._host}:{self._port}", exc) from exc
+            raise unavailable_error(f"open tables at {self._host}:{self._port}", exc) from exc
 
     # ---- calls: one connection, one deadline, engine failures as StoreUnavailable ----
 
@@ -415,7 +423,7 @@ class HBaseStore(Store):
                 f"HBase: {action}: no answer within {self._timeout_s:g} s"
             ) from exc
         except Exception as exc:
-            raise _unavailable(action, exc) from exc
+            raise unavailable_error(action, exc) from exc
         finally:
             self._in_flight -= 1
             if not self._in_flight:

@@ -16,7 +16,7 @@ from typing import Any
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.config import Config, ConfigError, load_config
-from pyserver.process import configure_logging, run, stop_signal
+from pyserver.processes.runtime import configure_logging, run, stop_signal
 from pyserver.store.base import Store
 from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.userindex.local import LocalUserIndex

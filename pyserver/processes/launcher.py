@@ -40,11 +40,15 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-__all__ = ["add_parser", "cluster_down", "cluster_status", "cluster_up", "read_state"]
+from pyserver.cluster.state import STATE_FILE, NoCluster, read_state, write_state
+from pyserver.cluster.zk import ZooKeeper
+from pyserver.discovery.move import set_cell_record
+from pyserver.servicekey import load_or_create_service_key
+
+__all__ = ["add_parser", "cluster_down", "cluster_status", "cluster_up"]
 
 REPO = Path(__file__).resolve().parent.parent.parent
 DEFAULT_DIR = Path("pyserver-cluster")
-STATE_FILE = "cluster.json"
 # the engines `scripts/engines up` starts (the same variables choose their ports)
 ZOOKEEPER = f"127.0.0.1:{os.environ.get('PYSERVER_ZOOKEEPER_PORT', '2181')}"
 THRIFT = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT_PORT', '9090')}"
@@ -69,20 +73,6 @@ class LaunchError(Exception):
 
 
 # ---- the state folder ----
-
-
-def read_state(folder: Path) -> dict[str, Any]:
-    """The cluster's `cluster.json`; LaunchError if there is none."""
-    try:
-        return json.loads((folder / STATE_FILE).read_text())
-    except FileNotFoundError:
-        raise LaunchError(f"no cluster in {folder} (pyserver cluster up --dir {folder})") from None
-
-
-def _write_state(folder: Path, state: dict[str, Any]) -> None:
-    temporary = folder / (STATE_FILE + ".tmp")
-    temporary.write_text(json.dumps(state, indent=2) + "\n")
-    temporary.replace(folder / STATE_FILE)
 
 
 def alive(pid: int) -> bool:
@@ -156,9 +146,6 @@ async def _drop_tables(namespaces: list[str]) -> None:
 
 
 async def _write_cells(zookeeper: str, chroot: str, stores: dict[str, str]) -> None:
-    from pyserver.cluster.zk import ZooKeeper
-    from pyserver.discovery.move import set_cell_record
-
     zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=10.0)
     await zk.start(15.0)
     try:
@@ -285,7 +272,6 @@ def cluster_up(
             _create_tables([spec.rsplit("/", 1)[1] for spec in [directory_store, *stores.values()]])
         )
     asyncio.run(_write_cells(ZOOKEEPER, chroot, stores))
-    from pyserver.servicekey import load_or_create_service_key
 
     load_or_create_service_key(data)
     state: dict[str, Any] = {
@@ -357,11 +343,11 @@ def cluster_up(
         _wait_ready([mta], timeout_s)
     except BaseException:
         state["processes"] = [_public(entry) for entry in started]
-        _write_state(folder, state)
+        write_state(folder, state)
         _stop(started, grace_s=10.0)
         raise
     state["processes"] = [_public(entry) for entry in started]
-    _write_state(folder, state)
+    write_state(folder, state)
     return state
 
 
@@ -453,7 +439,7 @@ def _up(args: argparse.Namespace) -> int:
             args.dir, args.cells, args.nodes, engine=args.engine,
             session_timeout_s=args.session_timeout, timeout_s=args.timeout,
         )  # fmt: skip
-    except LaunchError as error:
+    except (LaunchError, NoCluster) as error:
         print(f"pyserver cluster: {error}", file=sys.stderr)
         return 1
     _print_status(cluster_status(args.dir))
@@ -464,7 +450,7 @@ def _up(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     try:
         report = cluster_status(args.dir)
-    except LaunchError as error:
+    except (LaunchError, NoCluster) as error:
         print(f"pyserver cluster: {error}", file=sys.stderr)
         return 1
     if args.json:
@@ -477,7 +463,7 @@ def _status(args: argparse.Namespace) -> int:
 def _down(args: argparse.Namespace) -> int:
     try:
         killed = cluster_down(args.dir, purge=args.purge, grace_s=args.grace)
-    except LaunchError as error:
+    except (LaunchError, NoCluster) as error:
         print(f"pyserver cluster: {error}", file=sys.stderr)
         return 1
     if killed:

@@ -19,7 +19,7 @@ from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.config import Config, load_config
 from pyserver.dirty.service import DirtyService
-from pyserver.process import configure_logging, run, stop_signal
+from pyserver.processes.runtime import configure_logging, run, stop_signal
 
 __all__ = ["DEFAULT_PORT", "DirtyProcess", "add_parser"]
 

@@ -22,7 +22,7 @@ from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
-from pyserver.process import configure_logging, run, stop_signal
+from pyserver.processes.runtime import configure_logging, run, stop_signal
 from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = ["DEFAULT_PORT", "DiscoveryProcess", "add_parser"]

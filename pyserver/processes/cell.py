@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pyserver import endpoints, implementation
+from pyserver import doctor, endpoints
 from pyserver.addresses import parse_data_centres
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.loop import loop_implementation
@@ -35,7 +35,7 @@ from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
-from pyserver.process import configure_logging, run, stop_signal
+from pyserver.processes.runtime import configure_logging, run, stop_signal
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
@@ -226,7 +226,7 @@ async def _serve_until_stopped(cell: SingleNodeCell) -> None:
     print(f"  data             {cell.config.data_dir.resolve()}", flush=True)
     print(f"  service key      {cell.config.service_key_path.resolve()}", flush=True)
     loop = loop_implementation(asyncio.get_running_loop())
-    print(f"  implementations  {implementation.report()} loop={loop}")
+    print(f"  implementations  {doctor.report()} loop={loop}")
     sys.stdout.flush()
     try:
         await stopped.wait()

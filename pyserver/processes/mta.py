@@ -11,25 +11,24 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from pyserver.process import configure_logging, run, stop_signal
+from pyserver import endpoints
+from pyserver.blobs import blob_store_for
+from pyserver.config import load_config
+from pyserver.discovery.client import ClusterRoute
+from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.service import MtaService
+from pyserver.processes.runtime import configure_logging, run, stop_signal
+from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = ["add_parser"]
 
 
 async def _serve(config: Any, server: str | None) -> None:
     stopped = stop_signal()
-    from pyserver import endpoints
-    from pyserver.blobs import blob_store_for
-    from pyserver.mta.route import SingleServerRoute
-    from pyserver.mta.service import MtaService
-    from pyserver.store.spec import open_store, parse_store_spec
-
     store = open_store(parse_store_spec(config.store, config.data_dir))
     blobs = blob_store_for(config)
     route: Any
     if config.discovery_addrs:  # a cluster: each recipient's owner, through discovery
-        from pyserver.discovery.client import ClusterRoute
-
         target = f"discovery {config.discovery_addrs}"
         route = ClusterRoute(
             config.discovery_addrs, config.service_key, config.mta_deliver_timeout_s
@@ -57,8 +56,6 @@ async def _serve(config: Any, server: str | None) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pyserver.config import load_config
-
     config = load_config(
         args.config,
         overrides={

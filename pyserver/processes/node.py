@@ -32,26 +32,30 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyserver import implementation
+from pyserver import doctor
+from pyserver.addresses import parse_data_centres
 from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Delivery, Mailbox, MailboxSettings
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
 from pyserver.cluster.fence import OwnershipFence
+from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.membership import Membership
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.routing import ClientPool, OwnerRouter
 from pyserver.cluster.zk import ZooKeeper
-from pyserver.config import Config, ConfigError
+from pyserver.config import Config, ConfigError, load_config
+from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
+from pyserver.dirty.service import DirtyService
 from pyserver.discovery.client import ClusterClient
-from pyserver.discovery.freeze import FreezeWatch
 from pyserver.errors import NotOwner, Unavailable
 from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
-from pyserver.process import configure_logging, run
+from pyserver.processes.runtime import configure_logging, run
 from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.userindex.local import LocalUserIndex
+from pyserver.userindex.remote import RemoteUserIndex
 from pyserver.wire.ops import Op
 
 __all__ = ["ClusterNode", "add_parser", "serve"]
@@ -140,23 +144,17 @@ class ClusterNode:
 
     def _user_index(self, store: Any) -> Any:
         if self.config.userindex_addr:
-            from pyserver.userindex.remote import RemoteUserIndex
-
             return RemoteUserIndex.from_address(self.config.userindex_addr, self.config.service_key)
         return LocalUserIndex(store)
 
     def _dirty_reporter(self) -> Any:
         """Count-change reports, when the cell has count caches (as `pyserver run` does)."""
-        from pyserver.addresses import parse_data_centres
-        from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
-
         centres = parse_data_centres(self.config.memcached_dcs)
         if not centres:
             return None
         if self.config.dirty_addr:
             key = self.config.service_key
             return DirtyReporter(RemoteDirtyService.from_address(self.config.dirty_addr, key))
-        from pyserver.dirty.service import DirtyService
 
         self.dirty_service = DirtyService(centres)
         return DirtyReporter(self.dirty_service.invalidate)
@@ -366,7 +364,7 @@ async def _run_until_stopped(node: ClusterNode) -> None:
         f"session {node.zk.session_id or 0:#x} timeout {node.zk.negotiated_timeout_s:g} s"
     )
     print(f"  ring             {len(view.active)} active: {', '.join(view.active)}")
-    print(f"  implementations  {implementation.report()} loop={loop_implementation(loop)}")
+    print(f"  implementations  {doctor.report()} loop={loop_implementation(loop)}")
     sys.stdout.flush()
     await node.stopped.wait()
     if node._drain_task is not None and not node._drain_task.done():
@@ -386,8 +384,6 @@ def serve(config: Config) -> int:
 
 
 def _node_command(args: argparse.Namespace) -> int:
-    from pyserver.config import load_config
-
     overrides = {
         "data_dir": args.data,
         "cell": args.cell,
