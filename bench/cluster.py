@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.server import _cell, _prefill
+from pyserver import endpoints
 from pyserver.wire.ops import Op
 
 SESSION_S = 3.0
@@ -81,29 +82,31 @@ class _Cell:
 
     def spawn(self, node_id: str) -> subprocess.Popen[bytes]:
         log = open(self.folder / f"{node_id}.log", "ab")  # noqa: SIM115 (the child holds it)
+        self._ready_file(node_id).unlink(missing_ok=True)  # a killed node's is left behind
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyserver.cli", "node", "--data", str(self.folder),
              "--cell", "bench", "--node-id", node_id, "--port", "0", "--http-port", "0",
              "--zookeeper", self.zookeeper, "--chroot", self.chroot, "--store", self.store,
              "--session-timeout", str(SESSION_S), "--tokens", str(TOKENS),
-             "--drain-settle", "0.2"],
-            env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE, stderr=log,
+             "--drain-settle", "0.2", "--ready-file", str(self._ready_file(node_id))],
+            env={**_env(), "PYTHONUNBUFFERED": "1"}, stdout=log, stderr=log,
         )  # fmt: skip
         log.close()
         self.procs[node_id] = proc
         return proc
 
+    def _ready_file(self, node_id: str) -> Path:
+        return self.folder / f"{node_id}.ready.json"
+
     def wait_serving(self, node_id: str, timeout_s: float = 60.0) -> str:
         proc = self.procs[node_id]
         deadline = time.monotonic() + timeout_s
-        assert proc.stdout is not None
-        while time.monotonic() < deadline:
-            line = proc.stdout.readline().decode()
-            if not line and proc.poll() is not None:
-                break
-            if " serving on " in line:
-                self.addrs[node_id] = line.split()[-1]
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready = endpoints.read_file(self._ready_file(node_id))
+            if ready is not None:
+                self.addrs[node_id] = ready["addr"]
                 return self.addrs[node_id]
+            time.sleep(0.05)
         raise RuntimeError(f"bench: node {node_id} did not start (see {self.folder})")
 
     def port(self, node_id: str) -> int:

@@ -5,6 +5,8 @@
 the cell runs, because every log append is a compare-and-set: the running
 server notices a newer log, reloads the user and carries on. `create-tables`
 makes a cell's tables on HBase (through its Thrift gateway).
+
+May import: any of pyserver but pyserver.cli.
 """
 
 from __future__ import annotations

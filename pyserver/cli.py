@@ -3,6 +3,8 @@
 `run` serves; the person-facing commands (`send`, `threads`, `thread`, ...)
 talk to a running cell through `pyserver.client`, finding its address and
 service key in its data folder; `admin` works on the store directly.
+
+May import: any of pyserver.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pyserver.processes import mta as mta_process
 from pyserver.processes import node as node_process
 from pyserver.processes import userindex as userindex_process
 from pyserver.processes.cell import serve
+from pyserver.processes.runtime import add_ready_file_argument
 from pyserver.servicekey import read_service_key
 from pyserver.userid import is_user_id
 
@@ -158,7 +161,7 @@ def _run(args: argparse.Namespace) -> int:
             "smtp_port": args.smtp_port,
         },
     )
-    return serve(config)
+    return serve(config, args.ready_file)
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -193,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, help="/metrics and /health port (default 7480)")
     run.add_argument("--node-id", help="this server's node id")
     run.add_argument("--smtp-port", type=int, help="the MTA proxy's SMTP port (default 2525)")
+    add_ready_file_argument(run)
     run.set_defaults(handler=_run)
 
     doctor_command = commands.add_parser("doctor", help="which implementation each core part uses")

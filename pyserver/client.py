@@ -24,6 +24,8 @@ when the server can no longer deliver: `SubscriptionOverflow` (a kind of `Unavai
 after the server's overflow event, `Unavailable` when the connection drops. Either way
 events were missed: re-read the mailbox, then subscribe again. It stops (plain end of
 iteration) only after `close()`.
+
+May import: pyserver.errors, pyserver.userid, pyserver.framedef, pyserver.wire.
 """
 
 from __future__ import annotations

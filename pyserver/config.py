@@ -4,6 +4,8 @@ Sources, later ones winning: the defaults below (a single-node cell on
 `./pyserver-data`), a TOML file (`--config FILE` or `PYSERVER_CONFIG`),
 environment variables `PYSERVER_<FIELD>` (upper case), then command-line flags.
 docs/configuration.md lists every field.
+
+May import: pyserver.errors, pyserver.addresses, pyserver.servicekey, pyserver.store.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
 """What this installation runs: which twin, native or pure, each core part uses
 (`pyserver doctor` prints it; every server prints it when it starts).
 
-May import: pyserver.implementation and the facades it chooses for.
+May import: pyserver.implementation and the facades that read it, pyserver.ring,
+pyserver.logcodec, pyserver.snapcache and pyserver.wire.
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
-"""Where a running cell can be found: its addresses and service key, in its data folder.
+"""Where a running process can be found: its addresses, in a JSON file it writes once it
+serves.
 
 `pyserver run` writes `endpoints.json` beside the store when it has bound its
 ports (and removes it on a clean stop); the terminal commands read it, so
-`--data DIR` is all they need.
+`--data DIR` is all they need. Every serving command also takes `--ready-file
+PATH` and writes the same kind of file there (its role, `addr` and ports): the
+launcher, the tests and the benchmarks wait for that file, not for a line of
+output.
+
+May import: pyserver.errors.
 """
 
 from __future__ import annotations
@@ -17,12 +23,24 @@ from pyserver.errors import Unavailable
 ENDPOINTS_FILE = "endpoints.json"
 
 
-def publish(data_dir: Path, addresses: dict[str, Any]) -> None:
+def write_file(path: Path, addresses: dict[str, Any]) -> None:
     """Write the addresses atomically (a reader never sees half a file)."""
-    path = data_dir / ENDPOINTS_FILE
-    temporary = path.with_suffix(".tmp")
+    temporary = path.with_name(path.name + ".tmp")
     temporary.write_text(json.dumps(addresses, indent=2) + "\n")
     os.replace(temporary, path)
+
+
+def read_file(path: Path) -> dict[str, Any] | None:
+    """The addresses a process wrote to `path`; None while it has not (or no longer)."""
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+
+
+def publish(data_dir: Path, addresses: dict[str, Any]) -> None:
+    """The cell's addresses, in its data folder."""
+    write_file(data_dir / ENDPOINTS_FILE, addresses)
 
 
 def withdraw(data_dir: Path) -> None:

@@ -2,6 +2,8 @@
 
 Each error that can reach a client carries the protocol error code of
 DESIGN.md ("Wire protocol"), so the server can answer it without a table.
+
+May import: nothing of pyserver.
 """
 
 from __future__ import annotations

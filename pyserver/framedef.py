@@ -6,6 +6,8 @@ same class and agree on every constant. Layout, all big-endian:
     length (u32) | version (u8) | kind (u8) | op (u16) | request id (u32) | payload
 
 `length` counts everything after itself, so it is `8 + len(payload)`.
+
+May import: pyserver.errors.
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""The HTTP side of a process: Prometheus `/metrics` and `/health`, on aiohttp."""
+"""The HTTP side of a process: Prometheus `/metrics` and `/health`, on aiohttp.
+
+May import: pyserver.metrics.
+"""
 
 from __future__ import annotations
 

@@ -5,6 +5,8 @@ the names of the format's enumerations (docs/log-format.md) for callers:
 `ACTIONS`, `CHANNELS` and `FOLDERS` list the names by code (index + 1), and
 `FIELDS` maps each action to its own fields in record order.
 `IMPLEMENTATION` says which twin is in use ("native" or "pure").
+
+May import: pyserver.implementation, pyserver.pure, pyserver.errors.
 """
 
 from __future__ import annotations

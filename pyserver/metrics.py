@@ -2,6 +2,8 @@
 
 Each process keeps its own registry (tests run several servers in one process).
 The HTTP side that serves them is pyserver.httpapi.
+
+May import: nothing of pyserver.
 """
 
 from __future__ import annotations

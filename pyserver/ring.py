@@ -2,6 +2,8 @@
 
 `pyserver.implementation` makes the choice; this module only re-exports it.
 `IMPLEMENTATION` says which twin is in use ("native" or "pure").
+
+May import: pyserver.implementation, pyserver.pure, pyserver.errors.
 """
 
 from __future__ import annotations

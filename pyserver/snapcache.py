@@ -3,6 +3,8 @@
 The Rust class (`pyserver._native.SnapshotCache`) when the native module is
 built, else its pure-Python twin (`pyserver.pure.snapcache`); both have the
 same API and behaviour. `IMPLEMENTATION` says which one is in use.
+
+May import: pyserver.implementation, pyserver.pure, pyserver.errors.
 """
 
 from __future__ import annotations

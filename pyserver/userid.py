@@ -2,6 +2,8 @@
 
 Every part that takes a user id from outside (a request's payload, a command line,
 an HTTP path, a token) checks it here. Imports: `pyserver.errors` only.
+
+May import: pyserver.errors.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import queue
 import random
 import signal
 import subprocess
@@ -30,7 +29,7 @@ from typing import Any
 
 import aiozk
 
-from pyserver import logcodec
+from pyserver import endpoints, logcodec
 from pyserver.cluster.cellclient import CellClient
 from pyserver.errors import PyserverError
 from pyserver.servicekey import load_or_create_service_key
@@ -42,7 +41,8 @@ SESSION_TIMEOUT_S = 3.0
 
 
 class NodeProcess:
-    """One `pyserver node` process; its stdout lines are collected by a thread."""
+    """One `pyserver node` process; its stdout lines are collected by a thread, its address
+    read from its ready file."""
 
     def __init__(self, args: list[str], node_id: str, log_path: Path) -> None:
         self.node_id = node_id
@@ -50,14 +50,23 @@ class NodeProcess:
         self._log = open(log_path, "ab")  # noqa: SIM115 (closed in wait/kill)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         self.started_at = time.monotonic()
+        self.ready_file = log_path.with_suffix(".ready.json")
+        self.ready_file.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pyserver.cli", "node", *args],
+            [
+                sys.executable,
+                "-m",
+                "pyserver.cli",
+                "node",
+                *args,
+                "--ready-file",
+                str(self.ready_file),
+            ],
             stdout=subprocess.PIPE,
             stderr=self._log,
             cwd=REPO,
             env=env,
         )
-        self.lines: queue.Queue[str] = queue.Queue()
         self.output: list[str] = []
         self.addr = ""
         threading.Thread(target=self._read, daemon=True).start()
@@ -67,23 +76,19 @@ class NodeProcess:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             self.output.append(line)
-            self.lines.put(line)
 
     def wait_serving(self, timeout_s: float = 30.0) -> str:
-        """The node's address once it says it serves; AssertionError with its log otherwise."""
+        """The node's address once its ready file says it serves; AssertionError with its log
+        otherwise."""
         deadline = time.monotonic() + timeout_s
-        banner_done = False  # the banner ends with the implementations line
-        while not banner_done:
-            try:
-                line = self.lines.get(timeout=max(0.01, deadline - time.monotonic()))
-            except queue.Empty:
+        while (ready := endpoints.read_file(self.ready_file)) is None:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.kill()
                 raise AssertionError(
                     f"{self.node_id} did not serve in {timeout_s} s\n{self.tail()}"
                 ) from None
-            if " serving on " in line:
-                self.addr = line.rsplit(" ", 1)[1]
-            banner_done = bool(self.addr) and line.startswith("  implementations")
+            time.sleep(0.05)
+        self.addr = ready["addr"]
         return self.addr
 
     def tail(self, lines: int = 40) -> str:

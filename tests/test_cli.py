@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import start_serving
+
 
 def pyserver(*args: str, data: Path, check: bool = True) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -32,16 +34,11 @@ def pyserver(*args: str, data: Path, check: bool = True) -> subprocess.Completed
 @pytest.fixture(scope="module")
 def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     data = tmp_path_factory.mktemp("cli") / "cell"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
-         "--http-port", "0", "--smtp-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc, _ = start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0"],
+        data.parent / "ready.json", stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not (data / "endpoints.json").exists():
-        assert proc.poll() is None, proc.stderr.read()
-        assert time.monotonic() < deadline, "pyserver run did not start"
-        time.sleep(0.05)
+    assert (data / "endpoints.json").exists()
     yield data
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=30)

@@ -14,7 +14,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -23,27 +22,17 @@ import pytest
 
 from pyserver.client import Client
 from pyserver.errors import PyserverError
+from tests.support import start_serving
 
 SENDERS = range(1, 9)
 RECIPIENT_OFFSET = 100  # sender s writes to user s + 100
 
 
 def _start_cell(data: Path) -> subprocess.Popen[bytes]:
-    (data / "endpoints.json").unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
-         "--http-port", "0", "--smtp-port", "0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+    proc, _ = start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0"],
+        data.parent / f"{data.name}.ready.json", stdout=subprocess.DEVNULL,
     )  # fmt: skip
-    deadline = time.monotonic() + 30
-    while not (data / "endpoints.json").exists():
-        if proc.poll() is not None:
-            raise AssertionError(f"pyserver run exited: {proc.stderr.read().decode()}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("pyserver run did not publish its endpoints in 30 s")
-        time.sleep(0.05)
     return proc
 
 

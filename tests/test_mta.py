@@ -19,7 +19,6 @@ import signal
 import smtplib
 import subprocess
 import sys
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from email import policy
 from email.message import EmailMessage
@@ -46,6 +45,7 @@ from pyserver.mta.smtp import MtaProxy, read_data
 from pyserver.pure import frame as pure_frame
 from pyserver.store.sqlite import SQLiteStore
 from tests.conftest import REQUIRE_ENGINES, implementation_params
+from tests.support import start_serving
 
 KEY = "mta-test-service-key-0123456789ab"
 CORPUS = Path(__file__).parent / "mail"
@@ -676,18 +676,12 @@ def _cli(*args: str, data: Path, stdout: Any = subprocess.PIPE) -> subprocess.Co
 @pytest.fixture
 def running_cell(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     data = tmp_path / "cell"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
-         "--http-port", "0", "--smtp-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc, ready = start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0"],
+        tmp_path / "cell.ready.json", stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    smtp = ready["smtp"]
     try:
-        deadline = time.monotonic() + 30
-        while not (data / "endpoints.json").exists():
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "pyserver run did not start"
-            time.sleep(0.05)
-        smtp = json.loads((data / "endpoints.json").read_text())["smtp"]
         yield data, smtp["port"]
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -734,15 +728,13 @@ def test_the_cli_reads_mail_and_writes_attachments_out(running_cell: Any, tmp_pa
 def test_pyserver_mta_runs_alone_in_front_of_a_cell(running_cell: Any) -> None:
     data, _ = running_cell
     _cli("admin", "add-address", "--user", "9", "solo@example.com", data=data)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", "mta", "--data", str(data), "--smtp-port", "0"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    proc, ready = start_serving(
+        ["mta", "--data", str(data), "--smtp-port", "0"], data.parent / "mta.ready.json",
+        stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert proc.stdout is not None
-        line = proc.stdout.readline()
-        assert "MTA proxy listening on 127.0.0.1:" in line, line + (proc.stderr.read() or "")
-        port = int(line.rsplit(":", 1)[1])
+        assert ready["role"] == "mta" and ready["addr"].startswith("127.0.0.1:")
+        port = int(ready["addr"].rsplit(":", 1)[1])
         with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
             smtp.sendmail("a@example.org", ["solo@example.com"], wire(mail(to="solo@example.com")))
         threads = json.loads(_cli("threads", "--user", "9", "--folder", "other", "--json",

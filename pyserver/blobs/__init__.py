@@ -5,6 +5,9 @@ checksums, streaming), `disk` the embedded engine under the cell's data folder,
 `hbase` the HBase engine (`blobs` table, chunked rows), `access` the rule of
 who may read a blob (a user with a message that references it). Calls nothing
 above it.
+
+May import: pyserver.errors, pyserver.store, pyserver.client, pyserver.endpoints,
+pyserver.servicekey.
 """
 
 from pathlib import Path

@@ -1,7 +1,7 @@
 """`pyserver admin drain` and `pyserver admin nodes`: a cell's app servers, seen in ZooKeeper.
 
 `drain --node ID` marks the node draining in its ephemeral record; the node
-sees it, hands its users over and exits (pyserver.cluster.node). With `--wait`
+sees it, hands its users over and exits (pyserver.processes.node). With `--wait`
 (the default) the command returns once the node has left the cell. `nodes`
 lists the cell's registered nodes with their address, tokens and state.
 ZooKeeper's address, the chroot and the cell come from the flags, else from

@@ -6,6 +6,8 @@ under `count_key(user)`. App servers report the users whose counts changed
 those keys in every data centre and acknowledges the report; the web tier's
 read (`pyserver.web.counts`) fills the keys again. This module owns what they
 share: the key of a user's counts and the memcached client of a data centre.
+
+May import: pyserver.errors, pyserver.addresses, pyserver.wire, pyserver.client.
 """
 
 from __future__ import annotations

@@ -2,12 +2,14 @@
 
 * `directory`: the durable user -> cell directory in the store's `directory`
   table, with a first-writer-wins placement of new users.
-* `freeze`: users frozen in a cell while they move to another (ZooKeeper), and
-  the app-server side that refuses their writes.
 * `service`: the discovery service (LOOKUP, CELL_RING, CELLS) and its cells'
-  ring clients; `command`: `pyserver discovery`.
+  ring clients (`pyserver.processes.discovery` runs it: `pyserver discovery`).
 * `client`: `ClusterClient`, the client library that routes through discovery.
 * `move`: `pyserver admin move-user`.
 
 docs/cluster.md ("Discovery and several cells") describes the whole.
+
+May import: pyserver.errors, pyserver.userid, pyserver.addresses, pyserver.ring,
+pyserver.logcodec, pyserver.snapcache, pyserver.wire, pyserver.client, pyserver.store,
+pyserver.config, pyserver.cluster.
 """

@@ -2,7 +2,7 @@
 
 `DiscoveryService` answers LOOKUP, CELL_RING and CELLS (docs/protocol.md,
 "Discovery") behind `execute(op, payload)`, the shape the app server's
-`Dispatcher` drives, so `pyserver.discovery.command` serves it on the same
+`Dispatcher` drives, so `pyserver.processes.discovery` serves it on the same
 wire shell. It keeps:
 
 * `CellsWatch`: the cells listed under `/cells` in ZooKeeper, each with a

@@ -4,7 +4,10 @@
 message, `parse` reads MIME with the standard library's `email` package (with
 `skeleton` setting big base64 bodies aside and `htmltext` for HTML-only mail),
 `emailobject` builds what DELIVER carries, `route` reaches a user's owner,
-`service` assembles them and `command` is `pyserver mta`. Calls the blob store,
-the address book (the store's addresses table) and app servers through the
-client library; nothing calls it.
+`service` assembles them (`pyserver.processes.mta` runs it alone: `pyserver
+mta`). Calls the blob store, the address book (the store's addresses table) and
+app servers through the client library; nothing calls it.
+
+May import: pyserver.errors, pyserver.wire, pyserver.client, pyserver.store,
+pyserver.blobs.
 """

@@ -15,11 +15,17 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.addresses import DataCentre, parse_data_centres
-from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.server import AppServer, ServerLimits
 from pyserver.config import Config, load_config
 from pyserver.dirty.service import DirtyService
-from pyserver.processes.runtime import configure_logging, run, stop_signal
+from pyserver.processes.assembly import service_server
+from pyserver.processes.runtime import (
+    add_ready_file_argument,
+    announce_ready,
+    configure_logging,
+    run,
+    stop_signal,
+    withdraw_ready,
+)
 
 __all__ = ["DEFAULT_PORT", "DirtyProcess", "add_parser"]
 
@@ -32,14 +38,9 @@ class DirtyProcess:
     def __init__(self, config: Config, centres: Sequence[DataCentre]) -> None:
         self.config = config.with_service_key()
         self.service = DirtyService(centres)
-        self.dispatcher = Dispatcher(
-            self.service,
-            self.config.service_key,
-            f"dirty-{self.config.node_id}",
-            max_frame_size=self.config.max_frame_size,
-            stats_section="dirty",
+        self.server = service_server(
+            self.config, self.service, f"dirty-{self.config.node_id}", stats_section="dirty"
         )
-        self.server = AppServer(self.dispatcher, ServerLimits.from_config(self.config))
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         await self.service.start()
@@ -50,15 +51,17 @@ class DirtyProcess:
         await self.service.close()
 
 
-async def _serve(process: DirtyProcess, host: str, port: int) -> None:
+async def _serve(process: DirtyProcess, host: str, port: int, ready: Path | None) -> None:
     stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
     centres = " ".join(str(centre) for centre in process.service.centres)
     print(f"pyserver: dirty service listening on {bound_host}:{bound_port}", flush=True)
     print(f"  data centres  {centres}", flush=True)
+    announce_ready(ready, "dirty", f"{bound_host}:{bound_port}")
     try:
         await stopped.wait()
     finally:
+        withdraw_ready(ready)
         await process.stop()
 
 
@@ -73,7 +76,8 @@ def _run(args: argparse.Namespace) -> int:
     if not centres:
         print("pyserver dirty: no data centre (--dc NAME=HOST:PORT)", file=sys.stderr)
         return 2
-    run(_serve(DirtyProcess(config, centres), args.host or config.host, args.port))
+    process = DirtyProcess(config, centres)
+    run(_serve(process, args.host or config.host, args.port, args.ready_file))
     return 0
 
 
@@ -92,5 +96,6 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
         metavar="NAME=HOST:PORT",
         help="a data centre's memcached (repeat per data centre; HOST:PORT+HOST:PORT for several)",
     )
+    add_ready_file_argument(sub)
     sub.set_defaults(handler=_run)
     return sub

@@ -15,15 +15,22 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.server import AppServer, ServerLimits
+from pyserver.app.server import AppServer
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
-from pyserver.processes.runtime import configure_logging, run, stop_signal
-from pyserver.store.spec import open_store, parse_store_spec
+from pyserver.processes.assembly import service_server
+from pyserver.processes.runtime import (
+    add_ready_file_argument,
+    announce_ready,
+    configure_logging,
+    run,
+    stop_signal,
+    withdraw_ready,
+)
+from pyserver.store.spec import open_store
 
 __all__ = ["DEFAULT_PORT", "DiscoveryProcess", "add_parser"]
 
@@ -40,7 +47,7 @@ class DiscoveryProcess:
         if not config.zookeeper:
             raise ConfigError("config zookeeper: discovery needs ZooKeeper (host:port)")
         self.config = config = config.with_service_key()
-        self.store_spec = parse_store_spec(config.store, config.data_dir)
+        self.store_spec = config.store_spec
         self.store: Any = open_store(self.store_spec)
         self.zk = ZooKeeper(
             config.zookeeper,
@@ -60,15 +67,13 @@ class DiscoveryProcess:
             await self.zk.start(timeout_s)
             self.service = DiscoveryService(self.zk, self.directory, cache_users=self._cache_users)
             await self.service.start(timeout_s)
-            dispatcher = Dispatcher(
+            self.server = service_server(
+                self.config,
                 self.service,
-                self.config.service_key,
                 f"discovery-{self.config.node_id}",
-                max_frame_size=self.config.max_frame_size,
                 health_check=self._healthy,
                 stats_section="discovery",
             )
-            self.server = AppServer(dispatcher, ServerLimits.from_config(self.config))
             return await self.server.start(host, port)
         except BaseException:
             await self.stop()
@@ -87,14 +92,10 @@ class DiscoveryProcess:
     async def _healthy(self) -> bool:
         if not self.zk.live:
             return False
-        try:
-            await self.store.get_cell(0)
-        except Exception:
-            return False
-        return True
+        return await self.store.healthy()
 
 
-async def _serve(process: DiscoveryProcess, host: str, port: int) -> None:
+async def _serve(process: DiscoveryProcess, host: str, port: int, ready: Path | None) -> None:
     stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
     assert process.service is not None
@@ -103,9 +104,11 @@ async def _serve(process: DiscoveryProcess, host: str, port: int) -> None:
     print(f"  directory  {process.store_spec}", flush=True)
     print(f"  zookeeper  {process.config.zookeeper} chroot {process.zk.chroot or '/'}", flush=True)
     print(f"  cells      {', '.join(sorted(cells)) or '(none yet)'}", flush=True)
+    announce_ready(ready, "discovery", f"{bound_host}:{bound_port}")
     try:
         await stopped.wait()
     finally:
+        withdraw_ready(ready)
         await process.stop()
 
 
@@ -123,7 +126,8 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        run(_serve(DiscoveryProcess(config, args.cache_users), args.host or config.host, args.port))
+        process = DiscoveryProcess(config, args.cache_users)
+        run(_serve(process, args.host or config.host, args.port, args.ready_file))
     except (Unavailable, ConfigError) as error:
         print(f"pyserver discovery: could not start: {error}", file=sys.stderr)
         return 1
@@ -146,5 +150,6 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     sub.add_argument("--store", help="the directory's store: sqlite:PATH or hbase:HOST:PORT/ns")
     sub.add_argument("--instance", help="this instance's name (STATS, logs)")
     sub.add_argument("--cache-users", type=int, default=1_000_000, help="users' cells cached")
+    add_ready_file_argument(sub)
     sub.set_defaults(handler=_run)
     return sub

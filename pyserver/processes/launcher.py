@@ -13,7 +13,8 @@
   memcached), C x N app servers (`pyserver node`, knowing discovery, the user
   index and the dirty service) and the MTA proxy (routing through discovery);
 
-prints where each listens and returns once all serve. The folder (default
+prints where each listens and returns once all serve (each writes its
+addresses to `ready/<name>.json` when it does). The folder (default
 `./pyserver-cluster`) keeps the state (`cluster.json`: settings, every
 process's role, cell, node, address, pid and log), the logs and the service
 key; `up` on a folder whose cluster is down starts it again on the same data.
@@ -40,6 +41,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pyserver import endpoints
 from pyserver.cluster.state import STATE_FILE, NoCluster, read_state, write_state
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.discovery.move import set_cell_record
@@ -56,14 +58,6 @@ MEMCACHED = tuple(
     f"127.0.0.1:{port}"
     for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
 )
-# The first line each role prints once it serves; its last word is the address.
-_READY = {
-    "discovery": "pyserver: discovery listening on ",
-    "userindex": "pyserver: user index service listening on ",
-    "dirty": "pyserver: dirty service listening on ",
-    "node": " serving on ",
-    "mta": "pyserver: MTA proxy listening on ",
-}
 # down: app servers first (they drain), the services they call last
 _STOP_ORDER = ("mta", "node", "discovery", "dirty", "userindex")
 
@@ -174,9 +168,11 @@ def _spawn(
     folder: Path, name: str, role: str, args: list[str], env: dict[str, str], **fields: Any
 ) -> dict[str, Any]:
     log_path = folder / "logs" / f"{name}.log"
+    ready_path = folder / "ready" / f"{name}.json"
+    ready_path.unlink(missing_ok=True)
     with open(log_path, "ab") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "pyserver.cli", *args],
+            [sys.executable, "-m", "pyserver.cli", *args, "--ready-file", str(ready_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -192,31 +188,25 @@ def _spawn(
         "address": None,
         "pid": process.pid,
         "log": str(log_path),
-        "offset": log_path.stat().st_size if log_path.exists() else 0,
+        "_ready": ready_path,
         "_process": process,
     }
 
 
 def _wait_ready(entries: list[dict[str, Any]], timeout_s: float) -> None:
-    """Fill in each entry's address from its log; LaunchError if one exits or stays silent."""
+    """Fill in each entry's address from its ready file; LaunchError if one exits or stays
+    silent."""
     deadline = time.monotonic() + timeout_s
     waiting = list(entries)
     while waiting:
         for entry in list(waiting):
-            marker = _READY[entry["role"]]
-            with open(entry["log"], "rb") as log:
-                log.seek(entry["offset"])
-                text = log.read().decode(errors="replace")
-            for line in text.splitlines():
-                if marker in line:
-                    entry["address"] = line.rsplit(" ", 1)[1]
-                    if entry["role"] == "node":
-                        entry["address"] = entry["address"].strip()
-                    break
-            if entry["address"]:
+            ready = endpoints.read_file(entry["_ready"])
+            if ready is not None:
+                entry["address"] = ready["addr"]
                 waiting.remove(entry)
             elif entry["_process"].poll() is not None:
-                tail = "\n".join(text.splitlines()[-15:])
+                lines = Path(entry["log"]).read_text(errors="replace").splitlines()
+                tail = "\n".join(lines[-15:])
                 raise LaunchError(f"{entry['name']} exited while starting:\n{tail}")
         if waiting and time.monotonic() > deadline:
             names = ", ".join(entry["name"] for entry in waiting)
@@ -226,7 +216,7 @@ def _wait_ready(entries: list[dict[str, Any]], timeout_s: float) -> None:
 
 
 def _public(entry: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in entry.items() if not k.startswith("_") and k != "offset"}
+    return {k: v for k, v in entry.items() if not k.startswith("_")}
 
 
 def cluster_up(
@@ -244,6 +234,7 @@ def cluster_up(
         raise LaunchError("--cells and --nodes must be at least 1")
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "logs").mkdir(exist_ok=True)
+    (folder / "ready").mkdir(exist_ok=True)
     previous: dict[str, Any] | None = None
     if (folder / STATE_FILE).exists():
         previous = read_state(folder)

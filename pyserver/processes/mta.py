@@ -17,13 +17,20 @@ from pyserver.config import load_config
 from pyserver.discovery.client import ClusterRoute
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
-from pyserver.processes.runtime import configure_logging, run, stop_signal
+from pyserver.processes.runtime import (
+    add_ready_file_argument,
+    announce_ready,
+    configure_logging,
+    run,
+    stop_signal,
+    withdraw_ready,
+)
 from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = ["add_parser"]
 
 
-async def _serve(config: Any, server: str | None) -> None:
+async def _serve(config: Any, server: str | None, ready: Path | None) -> None:
     stopped = stop_signal()
     store = open_store(parse_store_spec(config.store, config.data_dir))
     blobs = blob_store_for(config)
@@ -45,9 +52,11 @@ async def _serve(config: Any, server: str | None) -> None:
             smtp_host, smtp_port = await service.start()
             print(f"pyserver: MTA proxy listening on {smtp_host}:{smtp_port}", flush=True)
             print(f"  delivering to     {target}", flush=True)
+            announce_ready(ready, "mta", f"{smtp_host}:{smtp_port}", {"delivering_to": target})
             try:
                 await stopped.wait()
             finally:
+                withdraw_ready(ready)
                 await service.stop()
         finally:
             await blobs.close()
@@ -66,7 +75,7 @@ def _run(args: argparse.Namespace) -> int:
         },
     ).with_service_key()
     configure_logging(config.log_level)
-    run(_serve(config, args.server))
+    run(_serve(config, args.server, args.ready_file))
     return 0
 
 
@@ -79,5 +88,6 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     mta.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     mta.add_argument("--smtp-port", type=int, help="SMTP port (default 2525; 0: any)")
     mta.add_argument("--discovery", help="a cluster's discovery, host:port[,...] (not --server)")
+    add_ready_file_argument(mta)
     mta.set_defaults(handler=_run)
     return mta

@@ -1,11 +1,11 @@
 """One app server of a cell of several, in its own process: `pyserver node`.
 
-Assembles, from one `Config`: the store (`store` setting: SQLite, shared by
-the cell's nodes, or HBase), the user index, the mailbox with its ownership
-hooks (`OwnershipFence`) and its copy relay (SEND copies go to each
-recipient's owner as DELIVER_COPY, through an `OwnerRouter` on the node's own
-ring), the dispatcher, the app server and the HTTP endpoint; then the
-ZooKeeper session, the cell's `RingWatch` and the node's `Membership`.
+Assembles, from one `Config`, the parts every app server has
+(`processes.assembly.AppServerParts` on the `store` setting's store: SQLite,
+shared by the cell's nodes, or HBase), giving the mailbox its ownership hooks
+(`OwnershipFence`) and its copy relay (SEND copies go to each recipient's
+owner as DELIVER_COPY, through an `OwnerRouter` on the node's own ring); then
+the ZooKeeper session, the cell's `RingWatch` and the node's `Membership`.
 
 Start: open the store, listen (so the address is known), open the ZooKeeper
 session, read the cell's ring, register, and wait until the registration is
@@ -33,12 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from pyserver import doctor
-from pyserver.addresses import parse_data_centres
-from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.loop import loop_implementation
-from pyserver.app.mailbox import Delivery, Mailbox, MailboxSettings
-from pyserver.app.server import AppServer, ServerLimits
-from pyserver.blobs import blob_store_for
+from pyserver.app.mailbox import Delivery
 from pyserver.cluster.fence import OwnershipFence
 from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.membership import Membership
@@ -46,16 +42,17 @@ from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.routing import ClientPool, OwnerRouter
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError, load_config
-from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
-from pyserver.dirty.service import DirtyService
 from pyserver.discovery.client import ClusterClient
 from pyserver.errors import NotOwner, Unavailable
-from pyserver.httpapi import HttpEndpoint
-from pyserver.metrics import Metrics, TimedStore
-from pyserver.processes.runtime import configure_logging, run
-from pyserver.store.spec import open_store, parse_store_spec
-from pyserver.userindex.local import LocalUserIndex
-from pyserver.userindex.remote import RemoteUserIndex
+from pyserver.processes.assembly import AppServerParts
+from pyserver.processes.runtime import (
+    add_ready_file_argument,
+    announce_ready,
+    configure_logging,
+    run,
+    withdraw_ready,
+)
+from pyserver.store.spec import open_store
 from pyserver.wire.ops import Op
 
 __all__ = ["ClusterNode", "add_parser", "serve"]
@@ -70,13 +67,7 @@ class ClusterNode:
         if not config.zookeeper:
             raise ConfigError("config zookeeper: a cell node needs ZooKeeper (host:port)")
         self.config = config = config.with_service_key()
-        self.store_spec = parse_store_spec(config.store, config.data_dir)
-        self.metrics = Metrics()
-        self.store: Any = open_store(self.store_spec)
-        # attachments and raw mail, for GET_BLOB: the cluster's one blob store
-        self.blobs = blob_store_for(config)
-        timed_store: Any = TimedStore(self.store, self.metrics)
-        self.user_index: Any = self._user_index(timed_store)
+        self.store_spec = config.store_spec
         self.zk = ZooKeeper(
             config.zookeeper,
             chroot=config.zookeeper_chroot,
@@ -89,8 +80,6 @@ class ClusterNode:
         self.pool = ClientPool(
             config.service_key, connect_timeout_s=1.0, request_timeout_s=config.relay_timeout_s
         )
-        self.dirty_service: Any = None
-        self.dirty_reporter: Any = self._dirty_reporter()
         self.relay = OwnerRouter(
             self.fence.owner_of, pool=self.pool, timeout_s=config.relay_timeout_s
         )
@@ -98,66 +87,35 @@ class ClusterNode:
         self.cells: ClusterClient | None = None
         if config.discovery_addrs:
             self.cells = ClusterClient(
-                config.discovery_addrs,
+                config.discovery,
                 config.service_key,
                 request_timeout=config.relay_timeout_s,
                 attempt_timeout=min(2.0, config.relay_timeout_s),
             )
-        self.mailbox = Mailbox(
-            timed_store,
-            self.user_index,
-            MailboxSettings.from_config(config),
-            owns=self._owns,
-            owner_of=self._owner_of,
-            relay=self._relay_copy,
-            counts_changed=self.dirty_reporter.report if self.dirty_reporter else None,
-            in_other_cell=self._in_other_cell if self.cells is not None else None,
-            blobs=self.blobs,
-            # fenced, draining or not synced: no reply is given from the table
-            serving=lambda: self.fence.serving,
+        self.parts = AppServerParts(
+            config,
+            open_store(self.store_spec),
+            health=self._health,
+            mailbox_hooks={
+                "owns": self._owns,
+                "owner_of": self._owner_of,
+                "relay": self._relay_copy,
+                "in_other_cell": self._in_other_cell if self.cells is not None else None,
+                # fenced, draining or not synced: no reply is given from the table
+                "serving": lambda: self.fence.serving,
+            },
         )
+        self.mailbox = self.parts.mailbox
         # users frozen in this cell for a move to another, or moved away: refused here
         self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
         # from the moment a user is listed, its reads go through the ownership checks
         self.freeze.subscribe(self.mailbox.forget_replies)
-        self.dispatcher = Dispatcher(
-            self.mailbox,
-            config.service_key,
-            config.node_id,
-            max_frame_size=config.max_frame_size,
-            observer=self.metrics,
-            health_check=self.store.healthy,
-        )
-        self.server = AppServer(
-            self.dispatcher,
-            ServerLimits.from_config(config),
-        )
-        self.http = HttpEndpoint(self.metrics, self._health)
-        self.metrics.watch_cache(self.mailbox.stats)
-        self.metrics.connections.set_function(lambda: self.dispatcher.connections)
         self.addr = ""
         self.addresses: dict[str, Any] = {}
         self.stopped = asyncio.Event()
         self._drain_task: asyncio.Task[None] | None = None
         self._stopping = False
         self._started: list[str] = []
-
-    def _user_index(self, store: Any) -> Any:
-        if self.config.userindex_addr:
-            return RemoteUserIndex.from_address(self.config.userindex_addr, self.config.service_key)
-        return LocalUserIndex(store)
-
-    def _dirty_reporter(self) -> Any:
-        """Count-change reports, when the cell has count caches (as `pyserver run` does)."""
-        centres = parse_data_centres(self.config.memcached_dcs)
-        if not centres:
-            return None
-        if self.config.dirty_addr:
-            key = self.config.service_key
-            return DirtyReporter(RemoteDirtyService.from_address(self.config.dirty_addr, key))
-
-        self.dirty_service = DirtyService(centres)
-        return DirtyReporter(self.dirty_service.invalidate)
 
     # ---- life ----
 
@@ -170,20 +128,10 @@ class ClusterNode:
         """Open the store, listen, join the cell; returns the addresses."""
         config = self.config
         try:
-            config.data_dir.mkdir(parents=True, exist_ok=True)
-            await self.store.open()
-            self._started.append("store")
-            await self.blobs.open()
-            self._started.append("blobs")
-            if self.dirty_reporter is not None:
-                if self.dirty_service is not None:
-                    await self.dirty_service.start()
-                self.dirty_reporter.start()
-                self._started.append("dirty")
-            host, port = await self.server.start(config.host, config.port)
-            self._started.append("server")
-            http_port = await self.http.start(config.host, config.http_port)
-            self._started.append("http")
+            await self.parts.open()
+            self._started.append("parts")
+            addresses = await self.parts.listen()
+            host, port = addresses["server"]["host"], addresses["server"]["port"]
             self.addr = f"{config.advertise_host or host}:{port}"
             await self.zk.start(self.join_timeout_s)
             self._started.append("zookeeper")
@@ -199,13 +147,7 @@ class ClusterNode:
         except BaseException:
             await self._close_parts(grace_s=0.0)
             raise
-        self.addresses = {
-            "node": config.node_id,
-            "cell": config.cell,
-            "server": {"host": host, "port": port},
-            "addr": self.addr,
-            "http": {"host": config.host, "port": http_port},
-        }
+        self.addresses = {**addresses, "cell": config.cell, "addr": self.addr}
         return self.addresses
 
     def drain(self) -> asyncio.Task[None]:
@@ -239,11 +181,7 @@ class ClusterNode:
 
     async def _close_parts(self, grace_s: float) -> None:
         started = set(self._started)
-        if "server" in started:
-            await self.server.stop(grace_s)
-        if "http" in started:
-            await self.http.stop()
-        await self.mailbox.close()
+        await self.parts.stop_serving(grace_s)
         if "membership" in started:
             await self.membership.leave()
         await self.freeze.close()
@@ -254,16 +192,7 @@ class ClusterNode:
         await self.pool.close()
         if self.cells is not None:
             await self.cells.close()
-        if hasattr(self.user_index, "close"):
-            await self.user_index.close()
-        if "dirty" in started:
-            await self.dirty_reporter.close()
-            if self.dirty_service is not None:
-                await self.dirty_service.close()
-        if "blobs" in started:
-            await self.blobs.close()
-        if "store" in started:
-            await self.store.close()
+        await self.parts.close()
         self._started.clear()
 
     # ---- hooks ----
@@ -315,7 +244,7 @@ class ClusterNode:
             asyncio.get_running_loop().create_task(self.pool.discard(addr))
 
     async def _health(self) -> dict[str, Any]:
-        store_ok = await self.store.healthy()
+        store_ok = await self.parts.store.healthy()
         serving = self.fence.serving
         return {
             "status": "ok" if store_ok and serving else "unavailable",
@@ -333,7 +262,7 @@ class ClusterNode:
 # ---- the process ----
 
 
-async def _run_until_stopped(node: ClusterNode) -> None:
+async def _run_until_stopped(node: ClusterNode, ready: Path | None) -> None:
     loop = asyncio.get_running_loop()
     signals = 0
     stopping: set[asyncio.Task[None]] = set()
@@ -366,17 +295,22 @@ async def _run_until_stopped(node: ClusterNode) -> None:
     print(f"  ring             {len(view.active)} active: {', '.join(view.active)}")
     print(f"  implementations  {doctor.report()} loop={loop_implementation(loop)}")
     sys.stdout.flush()
-    await node.stopped.wait()
+    announce_ready(ready, "node", node.addr, addresses)
+    try:
+        await node.stopped.wait()
+    finally:
+        withdraw_ready(ready)
     if node._drain_task is not None and not node._drain_task.done():
         node._drain_task.cancel()
     print(f"pyserver: node {config.node_id} stopped", flush=True)
 
 
-def serve(config: Config) -> int:
-    """`pyserver node`: serve as one node of a cell until drained or signalled."""
+def serve(config: Config, ready_file: Path | None = None) -> int:
+    """`pyserver node`: serve as one node of a cell until drained or signalled; once it
+    serves, its addresses are written to `ready_file` (if given)."""
     configure_logging(config.log_level)
     try:
-        run(_run_until_stopped(ClusterNode(config)))
+        run(_run_until_stopped(ClusterNode(config), ready_file))
     except Unavailable as error:
         print(f"pyserver: node {config.node_id} could not start: {error}", file=sys.stderr)
         return 1
@@ -400,7 +334,7 @@ def _node_command(args: argparse.Namespace) -> int:
         "drain_settle_s": args.drain_settle,
         "discovery_addrs": args.discovery,
     }
-    return serve(load_config(args.config, overrides=overrides))
+    return serve(load_config(args.config, overrides=overrides), args.ready_file)
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:
@@ -423,5 +357,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     node.add_argument("--store", help="sqlite:PATH or hbase:HOST:PORT[/namespace]")
     node.add_argument("--drain-settle", type=float, help="seconds of NOT_OWNER before stopping")
     node.add_argument("--discovery", help="discovery, host:port[,...]: reach other cells' users")
+    add_ready_file_argument(node)
     node.set_defaults(handler=_node_command)
     return node

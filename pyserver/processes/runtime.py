@@ -1,15 +1,18 @@
 """One pyserver process (`pyserver run`, `node`, `mta`, `discovery`, ...): its logging,
-its event loop, and serving until SIGINT or SIGTERM."""
+its event loop, its readiness file, and serving until SIGINT or SIGTERM."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import signal
 import sys
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any, TypeVar
 
+from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
 
 T = TypeVar("T")
@@ -45,3 +48,26 @@ def run(main: Coroutine[Any, Any, T]) -> T:
         return loop.run_until_complete(main)
     finally:
         loop.close()
+
+
+def add_ready_file_argument(parser: argparse.ArgumentParser) -> None:
+    """`--ready-file PATH`, which every serving command takes."""
+    parser.add_argument(
+        "--ready-file",
+        type=Path,
+        help="write this process's addresses here (JSON) once it serves; removed when it stops",
+    )
+
+
+def announce_ready(
+    path: Path | None, role: str, addr: str, addresses: dict[str, Any] | None = None
+) -> None:
+    """Tell whoever started the process that it serves: `role`, `addr` (the "host:port"
+    others reach it at) and its other addresses, written atomically to `path`."""
+    if path is not None:
+        endpoints.write_file(path, {**(addresses or {}), "role": role, "addr": addr})
+
+
+def withdraw_ready(path: Path | None) -> None:
+    if path is not None:
+        path.unlink(missing_ok=True)

@@ -13,12 +13,18 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.server import AppServer, ServerLimits
 from pyserver.config import Config, ConfigError, load_config
-from pyserver.processes.runtime import configure_logging, run, stop_signal
+from pyserver.processes.assembly import service_server
+from pyserver.processes.runtime import (
+    add_ready_file_argument,
+    announce_ready,
+    configure_logging,
+    run,
+    stop_signal,
+    withdraw_ready,
+)
 from pyserver.store.base import Store
-from pyserver.store.spec import open_store, parse_store_spec
+from pyserver.store.spec import open_store
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.service import UserIndexService
 
@@ -36,21 +42,19 @@ class UserIndexProcess:
         self.config = config.with_service_key()
         self.store = store
         self.service = UserIndexService(LocalUserIndex(store, cache_users))
-        self.dispatcher = Dispatcher(
+        self.server = service_server(
+            self.config,
             self.service,
-            self.config.service_key,
             f"userindex-{self.config.node_id}",
-            max_frame_size=self.config.max_frame_size,
-            health_check=self._store_healthy,
+            health_check=store.healthy,
             stats_section="userindex",
         )
-        self.server = AppServer(self.dispatcher, ServerLimits.from_config(self.config))
 
     @classmethod
     def from_config(cls, config: Config, cache_users: int = 100_000) -> UserIndexProcess:
         """The process on the store the configuration names (not opened yet)."""
         try:
-            store = open_store(parse_store_spec(config.store, config.data_dir))
+            store = open_store(config.store_spec)
         except ValueError as exc:
             raise ConfigError(f"config store: {exc}") from None
         return cls(config, store, cache_users)
@@ -63,21 +67,16 @@ class UserIndexProcess:
         await self.server.stop(self.config.shutdown_grace_s)
         await self.store.close()
 
-    async def _store_healthy(self) -> bool:
-        try:
-            await self.store.friends(1)
-        except Exception:
-            return False
-        return True
 
-
-async def _serve(process: UserIndexProcess, host: str, port: int) -> None:
+async def _serve(process: UserIndexProcess, host: str, port: int, ready: Path | None) -> None:
     stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
     print(f"pyserver: user index service listening on {bound_host}:{bound_port}", flush=True)
+    announce_ready(ready, "userindex", f"{bound_host}:{bound_port}")
     try:
         await stopped.wait()
     finally:
+        withdraw_ready(ready)
         await process.stop()
 
 
@@ -86,7 +85,7 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     process = UserIndexProcess.from_config(config, args.cache_users)
-    run(_serve(process, args.host or config.host, args.port))
+    run(_serve(process, args.host or config.host, args.port, args.ready_file))
     return 0
 
 
@@ -98,5 +97,6 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     sub.add_argument("--host", help="address to listen on (default: the config's host)")
     sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
     sub.add_argument("--cache-users", type=int, default=100_000, help="hot users' friend lists")
+    add_ready_file_argument(sub)
     sub.set_defaults(handler=_run)
     return sub

@@ -2,6 +2,8 @@
 
 Owns every byte at rest: per-user logs, snapshots, message bodies, search terms,
 the user directory, the social graph and the address book. Calls nothing above it.
+
+May import: pyserver.errors, pyserver.userid.
 """
 
 from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict

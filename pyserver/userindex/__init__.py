@@ -4,6 +4,9 @@ Owns the social relation between a mailbox's user and a sender (friend, friend o
 friend, stranger) and the changes to friendships. `UserIndex` is the interface the
 application server calls; `pyserver.userindex.local.LocalUserIndex` implements it on
 the store's social table, and a separate user index service can implement it too.
+
+May import: pyserver.errors, pyserver.userid, pyserver.wire, pyserver.store,
+pyserver.client.
 """
 
 from __future__ import annotations

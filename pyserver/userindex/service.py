@@ -4,8 +4,8 @@ Owns the answers to RELATION, FRIENDS, INDEX_FRIEND_ADD and INDEX_FRIEND_REMOVE
 (docs/protocol.md, "User index service") over a `LocalUserIndex` (the store's
 social table plus its cache of hot users). `UserIndexService` has the shape the
 app server's `Dispatcher` drives (`execute`, `stats`), so the service reuses the
-app server's wire shell as it is; `pyserver.userindex.command` runs it as its own
-process, `pyserver.cell` in-process. Calls only the index.
+app server's wire shell as it is; `pyserver.processes.userindex` runs it as its own
+process, `pyserver.processes.cell` in-process. Calls only the index.
 """
 
 from __future__ import annotations

@@ -1,22 +1,28 @@
 """What many test modules need, written once: running a scenario on a fresh event loop,
-a free loopback port, and the native twin of a core part (or a skip under
-PYSERVER_PURE=1, never otherwise)."""
+a free loopback port, the native twin of a core part (or a skip under
+PYSERVER_PURE=1, never otherwise), and a `pyserver` process started and waited for
+until its ready file says it serves."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib
 import socket
+import subprocess
+import sys
+import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import ModuleType
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
+from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
 from pyserver.implementation import PURE_FORCED
 
-__all__ = ["free_port", "native", "run"]
+__all__ = ["free_port", "native", "run", "start_serving"]
 
 T = TypeVar("T")
 
@@ -49,3 +55,25 @@ def native(module_name: str) -> ModuleType:
     if PURE_FORCED:
         pytest.skip("PYSERVER_PURE=1 forces the pure twins")
     return importlib.import_module(module_name)
+
+
+def start_serving(
+    args: list[str], ready_file: Path, timeout_s: float = 30.0, **popen: Any
+) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+    """`python -m pyserver.cli ARGS --ready-file READY_FILE`, once it serves: the process and
+    the addresses it wrote. AssertionError (with its error output) if it exits first or stays
+    silent for `timeout_s`."""
+    ready_file.unlink(missing_ok=True)
+    popen.setdefault("stderr", subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyserver.cli", *args, "--ready-file", str(ready_file)], **popen
+    )
+    deadline = time.monotonic() + timeout_s
+    while (ready := endpoints.read_file(ready_file)) is None:
+        failed = proc.poll() is not None or time.monotonic() > deadline
+        if failed:
+            proc.kill()
+            _, errors = proc.communicate(timeout=10)
+            raise AssertionError(f"pyserver {args[0]} did not serve in {timeout_s:g} s: {errors}")
+        time.sleep(0.05)
+    return proc, ready

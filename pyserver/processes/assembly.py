@@ -1,0 +1,168 @@
+"""One assembler for every process that serves the binary protocol.
+
+`service_server` puts any handler (the mailbox, the user index, the dirty
+service, discovery) on the app server's wire shell with the configuration's
+frame size and limits. `AppServerParts` builds, from one `Config` and a store,
+what `pyserver run` (`processes.cell`) and `pyserver node` (`processes.node`)
+share: metrics, the blob store, the user index (in-process or remote), the
+dirty reports (in-process or remote, when memcached is configured), the
+mailbox with the hooks the process gives it, its app server and the HTTP
+endpoint, and opens and closes them in one order. The cell and the node add
+only what is theirs (the MTA and the count endpoint; ZooKeeper, the ring and
+the fence).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pyserver.app.dispatcher import Dispatcher, MailboxLike, RequestObserver
+from pyserver.app.mailbox import Mailbox, MailboxSettings
+from pyserver.app.server import AppServer, ServerLimits
+from pyserver.blobs import blob_store_for
+from pyserver.config import Config
+from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
+from pyserver.dirty.service import DirtyService
+from pyserver.httpapi import HttpEndpoint
+from pyserver.metrics import Metrics, TimedStore
+from pyserver.store.base import Store
+from pyserver.userindex.local import LocalUserIndex
+from pyserver.userindex.remote import RemoteUserIndex
+
+__all__ = ["AppServerParts", "service_server"]
+
+
+def service_server(
+    config: Config,
+    handler: MailboxLike,
+    name: str,
+    *,
+    stats_section: str = "mailbox",
+    health_check: Callable[[], Awaitable[bool]] | None = None,
+    observer: RequestObserver | None = None,
+) -> AppServer:
+    """`handler` served on the wire shell with the configured frame size and limits, under
+    the process name `name`; `config` must carry its service key (`Config.with_service_key`)."""
+    dispatcher = Dispatcher(
+        handler,
+        config.service_key,
+        name,
+        max_frame_size=config.max_frame_size,
+        observer=observer,
+        health_check=health_check,
+        stats_section=stats_section,
+    )
+    return AppServer(dispatcher, ServerLimits.from_config(config))
+
+
+class AppServerParts:
+    """The parts of an app-server process, built (not started) from one configuration.
+
+    `mailbox_hooks` go to the `Mailbox` as they are (ownership, relay, ...);
+    `health` answers the HTTP endpoint's /health.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        *,
+        health: Callable[[], Awaitable[dict[str, Any]]],
+        mailbox_hooks: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.store = store
+        timed_store: Any = TimedStore(store, self.metrics)
+        # attachments, long mail bodies and raw mail (GET_BLOB reads them; the MTA writes them)
+        self.blobs = blob_store_for(config)
+        # the user index: this process's own, or the user index service's
+        self.user_index: LocalUserIndex | RemoteUserIndex = (
+            RemoteUserIndex.from_address(config.userindex_addr, config.service_key)
+            if config.userindex_addr
+            else LocalUserIndex(timed_store)
+        )
+        # count-change reports, only with memcached: to the dirty service, or one in-process
+        self.centres = config.data_centres
+        self.dirty_service: DirtyService | None = None
+        self.dirty_reporter: DirtyReporter | None = None
+        if self.centres:
+            if config.dirty_addr:
+                invalidate: Any = RemoteDirtyService.from_address(
+                    config.dirty_addr, config.service_key
+                )
+            else:
+                self.dirty_service = DirtyService(self.centres)
+                invalidate = self.dirty_service.invalidate
+            self.dirty_reporter = DirtyReporter(invalidate)
+        self.mailbox = Mailbox(
+            timed_store,
+            self.user_index,
+            MailboxSettings.from_config(config),
+            counts_changed=self.dirty_reporter.report if self.dirty_reporter else None,
+            blobs=self.blobs,
+            **(mailbox_hooks or {}),
+        )
+        self.server = service_server(
+            config,
+            self.mailbox,
+            config.node_id,
+            observer=self.metrics,
+            health_check=store.healthy,
+        )
+        self.dispatcher = self.server.dispatcher
+        self.http = HttpEndpoint(self.metrics, health)
+        self.metrics.watch_cache(self.mailbox.stats)
+        self.metrics.connections.set_function(lambda: self.dispatcher.connections)
+        self._opened: list[str] = []
+        self._listening = False
+
+    async def open(self) -> None:
+        """Open the store and the blob store, start the dirty reports (nothing listens yet)."""
+        self.config.data_dir.mkdir(parents=True, exist_ok=True)
+        await self.store.open()
+        self._opened.append("store")
+        await self.blobs.open()
+        self._opened.append("blobs")
+        if self.dirty_service is not None:
+            await self.dirty_service.start()
+            self._opened.append("dirty service")
+        if self.dirty_reporter is not None:
+            self.dirty_reporter.start()
+            self._opened.append("dirty reporter")
+
+    async def listen(self) -> dict[str, Any]:
+        """Listen on the configured ports; the addresses bound, as endpoints files hold them."""
+        self._listening = True
+        host, port = await self.server.start(self.config.host, self.config.port)
+        http_port = await self.http.start(self.config.host, self.config.http_port)
+        return {
+            "node": self.config.node_id,
+            "server": {"host": host, "port": port},
+            "http": {"host": self.config.host, "port": http_port},
+        }
+
+    async def stop_serving(self, grace_s: float) -> None:
+        """Answer in-flight requests (for up to grace_s), stop listening, snapshot what the
+        mailbox holds."""
+        if self._listening:
+            await self.server.stop(grace_s)
+            await self.http.stop()
+            self._listening = False
+        await self.mailbox.close()
+
+    async def close(self) -> None:
+        """Close what `open` opened and the user index's connection (after stop_serving)."""
+        if isinstance(self.user_index, RemoteUserIndex):
+            await self.user_index.close()
+        opened = set(self._opened)
+        if "dirty reporter" in opened and self.dirty_reporter is not None:
+            await self.dirty_reporter.close()
+        if "dirty service" in opened and self.dirty_service is not None:
+            await self.dirty_service.close()
+        if "blobs" in opened:
+            await self.blobs.close()
+        if "store" in opened:
+            await self.store.close()
+        self._opened.clear()
