@@ -138,7 +138,6 @@ def test_new_users_go_to_the_enabled_cell_with_the_fewest_users(
             finally:
                 await service.close()
         finally:
-            await directory.close()
             await store.close()
             await service_zk.close()
             await zk.close()
@@ -193,8 +192,7 @@ def test_two_discovery_instances_placing_the_same_new_users_agree(
             for service in services:
                 await service.close()
                 await service.zk.close()
-            for directory, store in zip(directories, stores, strict=True):
-                await directory.close()
+            for store in stores:
                 await store.close()
             await zk.close()
 
@@ -433,7 +431,6 @@ def test_users_moved_between_cells_under_load_keep_every_message(
                     tombstone = (await freeze.read_frozen(zk, source))[user]
                     assert tombstone["state"] == "moved"
             finally:
-                await directory.close()
                 await zk.close()
                 for store in opened.values():
                     await store.close()

@@ -389,6 +389,25 @@ async def test_the_directory_places_users_in_cells(engine: Engine) -> None:
 
 
 @asyncio_test
+async def test_placing_a_user_keeps_the_first_writers_cell(engine: Engine) -> None:
+    async with engine.opened() as store:
+        assert await store.place_cell(10, "cell-a") == "cell-a"
+        assert await store.place_cell(10, "cell-b") == "cell-a"  # placed already: kept
+        assert await store.get_cell(10) == "cell-a"
+        # many placements of new users at once: each user ends in exactly one cell, the
+        # same for every writer
+        users = range(20, 40)
+        answers = await asyncio.gather(
+            *(store.place_cell(user, cell) for user in users for cell in ("cell-x", "cell-y"))
+        )
+        for index, user in enumerate(users):
+            first, second = answers[2 * index], answers[2 * index + 1]
+            assert first == second == await store.get_cell(user)
+        with pytest.raises(BadRequest):
+            await store.place_cell(-1, "cell-a")
+
+
+@asyncio_test
 async def test_friendships_are_mutual_and_idempotent(engine: Engine) -> None:
     async with engine.opened() as store:
         await store.add_friend(1, 2)

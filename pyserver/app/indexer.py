@@ -21,7 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from pyserver.store.base import Store
+from pyserver.store.base import LogStore
 
 __all__ = ["SearchIndexer", "search_terms"]
 
@@ -55,7 +55,7 @@ class _Pending:
 class SearchIndexer:
     """Writes the search terms of committed entries in the background, batched."""
 
-    def __init__(self, store: Store, terms_of_log: TermsOfLog, delay_s: float = 0.05) -> None:
+    def __init__(self, store: LogStore, terms_of_log: TermsOfLog, delay_s: float = 0.05) -> None:
         self._store = store
         self._terms_of_log = terms_of_log
         self._delay_s = delay_s

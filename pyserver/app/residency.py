@@ -26,7 +26,7 @@ from pyserver.app.image import UserImage
 from pyserver.app.imagecache import AnswerAgain, ImageCache
 from pyserver.app.indexer import SearchIndexer, search_terms
 from pyserver.errors import BadRequest, LogCorrupt, NotOwner, Unavailable
-from pyserver.store.base import LogAppend, Store, WriteConflict
+from pyserver.store.base import LogAppend, LogStore, WriteConflict
 
 __all__ = ["Change", "Residency"]
 
@@ -82,7 +82,7 @@ class Residency:
 
     def __init__(
         self,
-        store: Store,
+        store: LogStore,
         *,
         cache_max_users: int,
         cache_max_bytes: int,

@@ -44,7 +44,7 @@ from pyserver.cluster.state import add_cluster_arguments, cluster_settings
 from pyserver.cluster.zk import BadVersion, NoNode, ZooKeeper
 from pyserver.discovery.directory import Directory
 from pyserver.errors import BadRequest, NotFound, Unavailable
-from pyserver.store.base import LogAppend, Store
+from pyserver.store.base import LogAppend, LogStore, Store
 from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = [
@@ -142,7 +142,7 @@ async def _wait_acknowledged(zk: ZooKeeper, cell: str, user: int, timeout_s: flo
         await asyncio.sleep(0.02)
 
 
-async def copy_log(source: Store, target: Store, user: int) -> tuple[int, int]:
+async def copy_log(source: LogStore, target: LogStore, user: int) -> tuple[int, int]:
     """Append to `target` the user's entries it lacks from `source`; (copied, last seq)."""
     source_last = await source.last_seq(user)
     after = await target.last_seq(user)
@@ -246,12 +246,9 @@ async def _move_command(args: argparse.Namespace) -> int:
                 return 1
             stores[cell] = await _open_store(spec)
             opened.append(stores[cell])
-        try:
-            report = await move_user(
-                zk, directory, stores, args.user, args.to, ack_timeout_s=args.ack_timeout
-            )
-        finally:
-            await directory.close()
+        report = await move_user(
+            zk, directory, stores, args.user, args.to, ack_timeout_s=args.ack_timeout
+        )
     finally:
         for store in opened:
             await store.close()

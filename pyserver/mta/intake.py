@@ -20,23 +20,18 @@ import logging
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 from pyserver.blobs.base import BlobInfo, BlobStore
 from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
+from pyserver.store.base import AddressStore
 
-__all__ = ["AddressBook", "MailIntake", "MtaSettings"]
+__all__ = ["MailIntake", "MtaSettings"]
 
 log = logging.getLogger(__name__)
-
-
-class AddressBook(Protocol):
-    """Where addresses are looked up (the `addresses` table: `Store.resolve_address`)."""
-
-    async def resolve_address(self, address: str) -> int | None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +66,7 @@ class MailIntake:
 
     def __init__(
         self,
-        addresses: AddressBook,
+        addresses: AddressStore,
         blobs: BlobStore,
         route: OwnerRoute,
         settings: MtaSettings | None = None,

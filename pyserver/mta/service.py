@@ -8,9 +8,10 @@ import socket
 from typing import Any
 
 from pyserver.blobs.base import BlobStore
-from pyserver.mta.intake import AddressBook, MailIntake, MtaSettings
+from pyserver.mta.intake import MailIntake, MtaSettings
 from pyserver.mta.route import OwnerRoute
 from pyserver.mta.smtp import MtaProxy
+from pyserver.store.base import AddressStore
 
 __all__ = ["MtaService"]
 
@@ -23,7 +24,7 @@ class MtaService:
     """
 
     def __init__(
-        self, config: Any, addresses: AddressBook, blobs: BlobStore, route: OwnerRoute
+        self, config: Any, addresses: AddressStore, blobs: BlobStore, route: OwnerRoute
     ) -> None:
         self.config = config
         self.route = route

@@ -85,8 +85,6 @@ class DiscoveryProcess:
         if self.service is not None:
             await self.service.close()
         await self.zk.close()
-        if self.directory is not None:
-            await self.directory.close()
         await self.store.close()
 
     async def _healthy(self) -> bool:

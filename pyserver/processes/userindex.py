@@ -23,7 +23,7 @@ from pyserver.processes.runtime import (
     stop_signal,
     withdraw_ready,
 )
-from pyserver.store.base import Store
+from pyserver.store.base import SocialStore
 from pyserver.store.spec import open_store
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.service import UserIndexService
@@ -38,7 +38,7 @@ DEFAULT_PORT = 7410
 class UserIndexProcess:
     """The service, its store and its listener, started and stopped together."""
 
-    def __init__(self, config: Config, store: Store, cache_users: int = 100_000) -> None:
+    def __init__(self, config: Config, store: SocialStore, cache_users: int = 100_000) -> None:
         self.config = config.with_service_key()
         self.store = store
         self.service = UserIndexService(LocalUserIndex(store, cache_users))

@@ -56,14 +56,8 @@ class LogAppend:
         return self.expected_seq + len(self.records)
 
 
-class Store(ABC):
-    """A pluggable store. Every method is a coroutine; a write is durable when it returns.
-
-    Engines raise StoreUnavailable when they cannot serve (never a raw driver
-    error), and WriteConflict when an append loses its compare-and-set. User ids
-    and sequence numbers are unsigned 64-bit: anything outside that range is a
-    BadRequest (a ValueError), raised before anything is written.
-    """
+class Lifecycle(ABC):
+    """What every engine has: opening and closing."""
 
     @abstractmethod
     async def open(self) -> None:
@@ -73,7 +67,14 @@ class Store(ABC):
     async def close(self) -> None:
         """Finish pending writes, then release every resource."""
 
-    # ---- per-user log, snapshots, messages, search ----
+    @abstractmethod
+    async def healthy(self) -> bool:
+        """Whether the engine answers a read now (the processes' health checks)."""
+
+
+class LogStore(Lifecycle):
+    """Per-user logs, snapshots, message bodies and the search index derived from the log:
+    what an app server keeps for the users it owns."""
 
     @abstractmethod
     async def append(self, write: LogAppend) -> None:
@@ -82,14 +83,6 @@ class Store(ABC):
     @abstractmethod
     async def last_seq(self, user_id: int) -> int:
         """The user's last log sequence number; 0 for a user with no log."""
-
-    async def healthy(self) -> bool:
-        """Whether the store answers a read now (the processes' health checks)."""
-        try:
-            await self.last_seq(0)
-        except Exception:
-            return False
-        return True
 
     @abstractmethod
     async def read_log(
@@ -134,19 +127,47 @@ class Store(ABC):
     async def indexed_seq(self, user_id: int) -> int:
         """The user's index mark (`index_terms`); 0 when nothing was indexed that way."""
 
-    # ---- directory (user -> cell), global ----
+    @abstractmethod
+    async def user_ids(self) -> list[int]:
+        """Every user with a log, in ascending order (for export and rebuild tools)."""
+
+    async def healthy(self) -> bool:
+        try:
+            await self.last_seq(0)
+        except Exception:
+            return False
+        return True
+
+
+class DirectoryStore(Lifecycle):
+    """The global user -> cell directory (discovery's table)."""
 
     @abstractmethod
     async def get_cell(self, user_id: int) -> str | None: ...
 
     @abstractmethod
-    async def set_cell(self, user_id: int, cell: str) -> None: ...
+    async def set_cell(self, user_id: int, cell: str) -> None:
+        """Point the user at `cell`, whatever it was."""
+
+    @abstractmethod
+    async def place_cell(self, user_id: int, cell: str) -> str:
+        """Put a new user in `cell` unless the directory has the user already, as one atomic
+        conditional insert; the user's cell (the first writer's), read back."""
 
     @abstractmethod
     async def count_users_by_cell(self) -> dict[str, int]:
         """How many users the directory places in each cell."""
 
-    # ---- social graph: mutual friendships ----
+    async def healthy(self) -> bool:
+        try:
+            await self.get_cell(0)
+        except Exception:
+            return False
+        return True
+
+
+class SocialStore(Lifecycle):
+    """Mutual friendships (the user index's table)."""
 
     @abstractmethod
     async def friends(self, user_id: int) -> set[int]: ...
@@ -162,7 +183,9 @@ class Store(ABC):
     async def remove_friend(self, user_id: int, friend_id: int) -> None:
         """End the friendship both ways (idempotent)."""
 
-    # ---- addresses: email address or phone number -> user ----
+
+class AddressStore(Lifecycle):
+    """Email addresses and phone numbers -> users (the MTA's and gateways' address book)."""
 
     @abstractmethod
     async def resolve_address(self, address: str) -> int | None:
@@ -172,6 +195,15 @@ class Store(ABC):
     async def add_address(self, address: str, user_id: int) -> None:
         """Register (or re-point) an address."""
 
-    @abstractmethod
-    async def user_ids(self) -> list[int]:
-        """Every user with a log, in ascending order (for export and rebuild tools)."""
+
+class Store(LogStore, DirectoryStore, SocialStore, AddressStore):
+    """A pluggable store of every table family. Every method is a coroutine; a write is
+    durable when it returns.
+
+    Engines raise StoreUnavailable when they cannot serve (never a raw driver
+    error), and WriteConflict when an append loses its compare-and-set. User ids
+    and sequence numbers are unsigned 64-bit: anything outside that range is a
+    BadRequest (a ValueError), raised before anything is written. A part that needs
+    one family only takes that family (`LogStore`, `DirectoryStore`, `SocialStore`,
+    `AddressStore`), so an engine serving only some of them fits it.
+    """

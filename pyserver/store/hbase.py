@@ -856,6 +856,19 @@ class HBaseStore(Store):
         async with self._session("set_cell") as client:
             await self._write_row(client, self._tables["directory"], row, [(DIRECTORY_CELL, value)])
 
+    async def place_cell(self, user_id: int, cell: str) -> str:
+        row = user_row(u64(user_id))
+        mutation = Mutation(column=DIRECTORY_CELL, value=text(cell, "cell").encode())
+        async with self._session("place_cell") as client:
+            # expecting no value: False means another writer placed the user first
+            await client.checkAndPut(
+                self._tables["directory"], row, DIRECTORY_CELL, None, mutation, {}
+            )
+        placed = await self.get_cell(user_id)
+        if placed is None:  # the insert was acknowledged, yet the cell is not there
+            raise StoreUnavailable(f"directory: user {user_id} not placed; retry")
+        return placed
+
     async def count_users_by_cell(self) -> dict[str, int]:
         table = self._tables["directory"]
 

@@ -310,6 +310,14 @@ class SQLiteStore(Store):
         row = (_u64_key(user_id), _text(cell, "cell"))
         await self._write(partial(_execute, _SET_CELL, [row]))
 
+    async def place_cell(self, user_id: int, cell: str) -> str:
+        row = (_u64_key(user_id), _text(cell, "cell"))
+        await self._write(partial(_execute, _PLACE_CELL, [row]))
+        placed = await self.get_cell(user_id)
+        if placed is None:  # the insert was acknowledged, yet the row is not there
+            raise StoreUnavailable(f"directory: user {user_id} not placed; retry")
+        return placed
+
     async def count_users_by_cell(self) -> dict[str, int]:
         rows = await self._read(_fetch, "SELECT cell, COUNT(*) FROM directory GROUP BY cell", ())
         return dict(rows)
@@ -365,6 +373,8 @@ _UPSERT_SNAPSHOT = (
     " WHERE excluded.seq >= snapshots.seq"
 )
 _SET_CELL = "INSERT OR REPLACE INTO directory (user, cell) VALUES (?, ?)"
+# the first writer wins: a user already placed keeps its cell
+_PLACE_CELL = "INSERT OR IGNORE INTO directory (user, cell) VALUES (?, ?)"
 _ADD_FRIEND = "INSERT OR IGNORE INTO social (user, friend) VALUES (?, ?)"
 _REMOVE_FRIEND = "DELETE FROM social WHERE user = ? AND friend = ?"
 _ADD_ADDRESS = "INSERT OR REPLACE INTO addresses (address, user) VALUES (?, ?)"

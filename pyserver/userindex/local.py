@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import OrderedDict
 
 from pyserver.errors import BadRequest
-from pyserver.store.base import Store
+from pyserver.store.base import SocialStore
 from pyserver.userindex import Relation
 
 __all__ = ["LocalUserIndex"]
@@ -22,7 +22,7 @@ class LocalUserIndex:
     entry ages out; the cell's own index is the one that changes friendships.
     """
 
-    def __init__(self, store: Store, cache_users: int = 10_000) -> None:
+    def __init__(self, store: SocialStore, cache_users: int = 10_000) -> None:
         if cache_users < 1:
             raise ValueError("cache_users must be at least 1")
         self._store = store
