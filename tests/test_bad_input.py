@@ -28,16 +28,13 @@ from hypothesis import strategies as st
 
 from pyserver import implementation
 from pyserver.app.auth import make_user_token
-from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.mailbox import Mailbox
-from pyserver.app.server import AppServer, ServerLimits
+from pyserver.app.server import ServerLimits
 from pyserver.framedef import KIND_ERROR, KIND_EVENT, KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
-from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests.conftest import implementation_params
+from tests.support.cells import KEY, InProcessCell
 
-KEY = "bad-input-service-key-0123456789"
 MAX_FRAME = 16 * 1024
 # The user whose mailbox must come through untouched; no generated input may name it.
 KNOWN = 2**63 + 4242
@@ -107,22 +104,20 @@ class ServedCell:
 
     async def _serve(self, codec: Any) -> None:
         self._stop = asyncio.Event()
-        store = SQLiteStore(self.path / "cell.sqlite", synchronous="OFF")
-        await store.open()
-        self.mailbox = Mailbox(store)
-        self.dispatcher = dispatcher = Dispatcher(
-            self.mailbox, KEY, "app-hostile", max_frame_size=MAX_FRAME
+        cell = InProcessCell(
+            self.path,
+            synchronous="OFF",
+            codec=codec,
+            limits=ServerLimits(request_timeout_s=5, idle_timeout_s=30),
+            node_id="app-hostile",
+            dispatcher_options={"max_frame_size": MAX_FRAME},
         )
-        limits = ServerLimits(request_timeout_s=5, idle_timeout_s=30)
-        server = AppServer(dispatcher, limits, codec=codec)
-        _, self.port = await server.start("127.0.0.1", 0)
-        self._ready.set()
-        try:
+        async with cell:
+            self.mailbox = cell.mailbox
+            self.port = await cell.serve()
+            self._ready.set()
             await self._stop.wait()
-        finally:
-            await server.stop(2)
-            await self.mailbox.close()
-            await store.close()
+            await cell.stop_serving(2)
 
     async def snapshot(self, user: int) -> Any:
         """Everything a client can read of a user's mailbox."""

@@ -26,17 +26,16 @@ from hypothesis import strategies as st
 from pyserver import implementation
 from pyserver.app.auth import make_user_token
 from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
 from pyserver.blobs import CHUNK_SIZE, BlobCorrupt, BlobNotFound, BlobStore, DiskBlobStore
 from pyserver.blobs.access import MAX_RANGE
 from pyserver.client import Client
 from pyserver.errors import BadRequest, Forbidden, NotFound
 from pyserver.pure import frame as pure_frame
-from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests import support
 from tests.conftest import implementation_params
+from tests.support.cells import InProcessCell
 
 KEY = "blob-test-service-key-0123456789"
 
@@ -348,17 +347,15 @@ def test_durable_writes_leave_no_temporary_file(tmp_path: Path) -> None:
 # ---- GET_BLOB through the mailbox ----
 
 
-class BlobCell:
+class BlobCell(InProcessCell):
     """A mailbox over SQLite with a blob store, and one mail for user 2 referencing a blob."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.store = SQLiteStore(tmp_path / "cell.sqlite", synchronous="NORMAL")
-        self.blobs = DiskBlobStore(tmp_path / "blobs", durable=False)
-        self.mailbox = Mailbox(self.store, blobs=self.blobs)
+        super().__init__(tmp_path, blobs=True)
 
     async def __aenter__(self) -> BlobCell:
-        await self.store.open()
-        await self.blobs.open()
+        await super().__aenter__()
+        assert self.blobs is not None
         self.data = data_of(CHUNK_SIZE * 4 + 777, seed=9)
         self.info = await self.blobs.put(self.data)
         self.stranger_blob = await self.blobs.put(b"nobody's attachment")
@@ -371,11 +368,6 @@ class BlobCell:
         self.message_id = reply["message_id"]
         self.thread_id = reply["thread_id"]
         return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.mailbox.close()
-        await self.store.close()
-        await self.blobs.close()
 
     async def get(self, **payload: Any) -> dict[str, Any]:
         return await self.mailbox.execute(Op.GET_BLOB, payload)

@@ -26,9 +26,10 @@ from pyserver.app.image import thread_id_for
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
 from pyserver.client import Client
-from pyserver.cluster.routing import ClientPool, OwnerRouter
+from pyserver.cluster.routing import OwnerRouter
 from pyserver.errors import BadRequest, Forbidden, NotOwner, PyserverError, Unavailable
 from pyserver.ring import HashRing
+from pyserver.servicelink import ServiceLinks
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
@@ -366,7 +367,7 @@ def test_the_router_retries_unavailable_until_its_deadline(tmp_path: Path) -> No
 def test_the_pool_reconnects_after_a_server_goes_away(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with cell(tmp_path) as (nodes, _on_a, _on_b):
-            pool = ClientPool(KEY, connect_timeout_s=0.5)
+            pool = ServiceLinks(KEY, connect_timeout_s=0.5, retry_connect_after_s=0)
             try:
                 addr = nodes.nodes["a"].addr
                 first = await pool.get(addr)

@@ -36,12 +36,12 @@ from pyserver.dirty.queue import DirtyQueue
 from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
 from pyserver.dirty.service import DirtyService
 from pyserver.errors import BadRequest
-from pyserver.store.sqlite import SQLiteStore
 from pyserver.web.counts import CountReader
 from pyserver.wire.ops import Op
 from tests import support
 from tests.conftest import REQUIRE_ENGINES
 from tests.processes import listening, start
+from tests.support.cells import InProcessCell
 
 KEY = "test-service-key-dirty-0123456789abc"
 
@@ -208,27 +208,26 @@ async def cell_pieces(
     folder: Path, centres: list[DataCentre], **service_options: Any
 ) -> AsyncIterator[tuple[Mailbox, DirtyService, DirtyReporter, dict[str, CountReader]]]:
     """A mailbox reporting to an in-process dirty service, and a count reader per centre."""
-    store = SQLiteStore(folder / "store.sqlite3")
-    await store.open()
     service = DirtyService(centres, **service_options)
     await service.start()
     reporter = DirtyReporter(service.invalidate)
     reporter.start()
-    mailbox = Mailbox(store, counts_changed=reporter.report)
+    cell = InProcessCell(folder, mailbox_options={"counts_changed": reporter.report})
 
     async def counts(user: int) -> dict[str, Any]:
-        return await mailbox.execute(Op.COUNTS, {"user": user})
+        return await cell.mailbox.execute(Op.COUNTS, {"user": user})
 
-    readers = {c.name: CountReader(await memcached_client(c), counts) for c in centres}
     try:
-        yield mailbox, service, reporter, readers
+        async with cell:
+            readers = {c.name: CountReader(await memcached_client(c), counts) for c in centres}
+            try:
+                yield cell.mailbox, service, reporter, readers
+            finally:
+                for reader in readers.values():
+                    await reader.cache.close()
     finally:
-        for reader in readers.values():
-            await reader.cache.close()
         await reporter.close()
         await service.close()
-        await mailbox.close()
-        await store.close()
 
 
 def centres_of(servers: list[tuple[str, int]]) -> list[DataCentre]:

@@ -30,10 +30,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyserver import implementation
-from pyserver.app.dispatcher import Dispatcher
-from pyserver.app.mailbox import Mailbox
-from pyserver.app.server import AppServer
-from pyserver.blobs import DiskBlobStore
 from pyserver.client import Client
 from pyserver.errors import BadRequest, Unavailable
 from pyserver.mta.emailobject import MAX_EXTRA_BYTES
@@ -43,11 +39,10 @@ from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.skeleton import MIN_RUN, skeleton_of
 from pyserver.mta.smtp import MtaProxy, read_data
 from pyserver.pure import frame as pure_frame
-from pyserver.store.sqlite import SQLiteStore
 from tests.conftest import REQUIRE_ENGINES, implementation_params
 from tests.support import start_serving
+from tests.support.cells import KEY, InProcessCell
 
-KEY = "mta-test-service-key-0123456789ab"
 CORPUS = Path(__file__).parent / "mail"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text())
 USERS = {"bob@example.com": 2, "carol@example.com": 3, "erin@example.org": 5}
@@ -57,50 +52,38 @@ SWAKS = shutil.which("swaks")
 # ---- the cell under test ----
 
 
-class MailCell:
+class MailCell(InProcessCell):
     """App server, mailbox, blob store and MTA proxy on loopback (see the module docstring)."""
 
     def __init__(self, tmp_path: Path, codec: Any = None, **settings: Any) -> None:
-        self.tmp_path = tmp_path
-        self.codec = codec
+        super().__init__(tmp_path, blobs=True, codec=codec, node_id="mta-node")
         settings.setdefault("mta_deliver_timeout_s", 2.0)
         self.settings = MtaSettings(**settings)
-        self.store = SQLiteStore(tmp_path / "cell.sqlite", synchronous="NORMAL")
-        self.blobs = DiskBlobStore(tmp_path / "blobs", durable=False)
-        self.mailbox = Mailbox(self.store, blobs=self.blobs)
-        self.server: AppServer | None = None
-        self.port = 0
 
     async def __aenter__(self) -> MailCell:
-        await self.store.open()
-        await self.blobs.open()
+        await super().__aenter__()
+        assert self.blobs is not None
         for address, user in USERS.items():
             await self.store.add_address(address, user)
-        await self.start_app_server()
+        await self.serve()
         self.route = SingleServerRoute("127.0.0.1", self.port, KEY, 2.0)
         self.intake = MailIntake(self.store, self.blobs, self.route, self.settings)
         self.proxy = MtaProxy(self.intake, hostname="mx.test")
         _, self.smtp_port = await self.proxy.start("127.0.0.1", 0)
         self.client = await Client.connect("127.0.0.1", self.port, service_key=KEY)
+        self.clients.append(self.client)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.proxy.stop(1.0)
         await self.route.close()
-        await self.client.close()
-        await self.stop_app_server()
-        await self.mailbox.close()
-        await self.store.close()
-        await self.blobs.close()
+        await super().__aexit__(*exc_info)
 
     async def start_app_server(self) -> None:
-        self.server = AppServer(Dispatcher(self.mailbox, KEY, "mta-node"), codec=self.codec)
-        _, self.port = await self.server.start("127.0.0.1", self.port)
+        await self.serve()
 
     async def stop_app_server(self) -> None:
-        if self.server is not None:
-            await self.server.stop(0.5)
-            self.server = None
+        await self.stop_serving(0.5)
 
     async def send(
         self, data: bytes, to: list[str], sender: str = "sender@example.org", **options: Any

@@ -30,10 +30,9 @@ from pyserver.app.auth import (
     make_user_token,
     verify_user_token,
 )
-from pyserver.app.dispatcher import Dispatcher
 from pyserver.app.loop import loop_implementation, new_event_loop
 from pyserver.app.mailbox import Mailbox
-from pyserver.app.server import AppServer, ServerLimits
+from pyserver.app.server import ServerLimits
 from pyserver.client import Client, SubscriptionOverflow, error_from_payload
 from pyserver.errors import (
     BadRequest,
@@ -49,11 +48,10 @@ from pyserver.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
 from pyserver.pure import replies as pure_replies
 from pyserver.servicekey import generate_service_key
-from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests.conftest import implementation_params
+from tests.support.cells import KEY, InProcessCell
 
-KEY = "test-service-key-0123456789abcdef"
 NODE = "app-test"
 
 
@@ -112,46 +110,28 @@ class GatedMailbox:
         return getattr(self._mailbox, name)
 
 
-class Cell:
-    """One node's worth of server on loopback, with its clients cleaned up after the test."""
+class Cell(InProcessCell):
+    """One node's worth of server on loopback, serving a `GatedMailbox`, with its clients
+    cleaned up after the test."""
 
     def __init__(self, tmp_path: Path, impl: Impl, limits: ServerLimits | None = None, **kw: Any):
-        self.tmp_path = tmp_path
-        self.impl = impl
-        self.limits = limits
-        self.dispatcher_options = kw
-        self.clients: list[Client] = []
-        self.server: AppServer | None = None
-        self.port = 0
+        super().__init__(
+            tmp_path, codec=impl.codec, limits=limits, node_id=NODE, wrap=GatedMailbox,
+            dispatcher_options=kw,
+        )  # fmt: skip
+        self.gated: GatedMailbox = self.served  # type: ignore[assignment]
 
     async def __aenter__(self) -> Cell:
-        self.store = SQLiteStore(self.tmp_path / "cell.sqlite", synchronous="NORMAL")
-        await self.store.open()
-        self.mailbox = GatedMailbox(Mailbox(self.store))
-        await self.start()
+        await super().__aenter__()
+        await self.serve()
         return self
 
-    async def start(self, port: int | None = None) -> None:
-        self.dispatcher = Dispatcher(self.mailbox, KEY, NODE, **self.dispatcher_options)
-        self.server = AppServer(self.dispatcher, self.limits, codec=self.impl.codec)
-        _, self.port = await self.server.start("127.0.0.1", self.port if port is None else port)
-
     async def __aexit__(self, *exc_info: object) -> None:
-        self.mailbox.gate.set()
-        for client in self.clients:
-            await client.close()
-        assert self.server is not None
-        await self.server.stop(1.0)
-        await self.mailbox.close()
-        await self.store.close()
+        self.gated.gate.set()
+        await super().__aexit__(*exc_info)
 
-    async def client(self, **options: Any) -> Client:
-        if "user_token" not in options and "service_key" not in options:
-            options["service_key"] = KEY
-        options.setdefault("backoff_max_s", 0.2)
-        client = await Client.connect("127.0.0.1", self.port, **options)
-        self.clients.append(client)
-        return client
+    async def start(self, port: int | None = None) -> None:
+        await self.serve(port)
 
     async def anonymous(self, **options: Any) -> Client:
         client = await Client.connect("127.0.0.1", self.port, **options)
@@ -165,7 +145,7 @@ class Cell:
         sock.setblocking(False)
         await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", self.port))
         reader, writer = await asyncio.open_connection(sock=sock)
-        return Raw(reader, writer, self.impl.codec)
+        return Raw(reader, writer, self.codec)
 
 
 class Raw:
@@ -531,22 +511,22 @@ def test_pipelined_replies_come_back_as_they_finish(tmp_path: Path, impl: Impl) 
             first, second = await raw.frame(), await raw.frame()
             assert first is not None and second is not None
             assert {first[2], second[2]} == {11, 12}, "the fast requests waited for the slow one"
-            assert cell.mailbox.entered.is_set()
-            cell.mailbox.gate.set()
+            assert cell.gated.entered.is_set()
+            cell.gated.gate.set()
             slow = await raw.frame()
             assert slow is not None and slow[:3] == (KIND_REPLY, Op.SEARCH, 10)
             assert slow[3] == {"messages": []}
             raw.close()
 
             # The client matches out-of-order replies to their callers.
-            cell.mailbox.gate.clear()
+            cell.gated.gate.clear()
             client = await cell.client()
             slow_task = asyncio.ensure_future(client.search(2, "slowpoke"))
-            await cell.mailbox.entered.wait()
+            await cell.gated.entered.wait()
             replies = await asyncio.gather(*(client.counts(u) for u in range(1, 40)))
             assert all("inbox" in r["folders"] for r in replies)
             assert not slow_task.done()
-            cell.mailbox.gate.set()
+            cell.gated.gate.set()
             assert await slow_task == {"messages": []}
 
     impl.run(scenario)
@@ -834,7 +814,7 @@ def test_a_request_over_its_time_is_answered_unavailable(tmp_path: Path, impl: I
                 await client.search(2, "slowpoke")
             assert 0.15 < time.monotonic() - started < 3
             assert (await client.ping())["pong"] is True
-            cell.mailbox.gate.set()
+            cell.gated.gate.set()
             await asyncio.sleep(0.05)  # the late reply is dropped, not sent
             assert (await client.stats())["server"]["request_timeouts"] == 1
 
@@ -849,20 +829,20 @@ def test_graceful_shutdown_finishes_requests_in_flight(tmp_path: Path, impl: Imp
         async with Cell(tmp_path, impl) as cell:
             client = await cell.client(reconnect=False)
             slow = asyncio.ensure_future(client.search(2, "slowpoke"))
-            await cell.mailbox.entered.wait()
+            await cell.gated.entered.wait()
             assert cell.server is not None
             stopping = asyncio.ensure_future(cell.server.stop(grace_s=5))
             await asyncio.sleep(0.05)
             with pytest.raises(Unavailable):
                 await Client.connect("127.0.0.1", cell.port, service_key=KEY)
             assert not stopping.done()
-            cell.mailbox.gate.set()
+            cell.gated.gate.set()
             assert await slow == {"messages": []}
             await asyncio.wait_for(stopping, 3)
             assert cell.server.connections == 0
 
             # Bounded: a request that never finishes does not hold the shutdown up.
-            cell.mailbox.gate.clear()
+            cell.gated.gate.clear()
             await cell.start(port=0)
             client = await cell.client(reconnect=False)
             stuck = asyncio.ensure_future(client.search(2, "slowpoke"))
@@ -882,14 +862,14 @@ def test_client_reconnects_after_a_server_restart(tmp_path: Path, impl: Impl) ->
             client = await cell.client(user_token=token_for(7), request_timeout=5)
             await client.send(7, [8], "before the restart")
             in_flight = asyncio.ensure_future(client.search(7, "slowpoke"))
-            await cell.mailbox.entered.wait()
+            await cell.gated.entered.wait()
             assert cell.server is not None
             await cell.server.stop(grace_s=0.05)
             with pytest.raises(Unavailable):  # dropped mid-request: the caller may retry
                 await in_flight
             assert not client.connected
 
-            cell.mailbox.gate.set()
+            cell.gated.gate.set()
             await asyncio.sleep(0.3)  # the client keeps trying meanwhile
             await cell.start(port=cell.port)
             threads = await client.list_threads(7, folder="sent")  # waits for the reconnect

@@ -36,7 +36,7 @@ from pyserver.framedef import (
     VERSION,
     Frame,
 )
-from pyserver.userid import is_user_id
+from pyserver.userid import check_user_id
 from pyserver.wire.ops import NO_HELLO, SERVICE_ONLY, Op
 
 __all__ = [
@@ -117,12 +117,7 @@ class Session:
 
 
 def _user_id(payload: dict[str, Any], field: str, minimum: int = 0) -> int:
-    value = payload.get(field)
-    if not is_user_id(value, minimum):
-        raise BadRequest(
-            f"{field}: must be a user id (an int in {minimum}..2**64-1), not {value!r}"
-        )
-    return value
+    return check_user_id(payload.get(field), field, minimum)
 
 
 class Dispatcher:

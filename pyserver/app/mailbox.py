@@ -31,7 +31,7 @@ from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, NotFound, TooLarge
 from pyserver.store.base import Store
-from pyserver.userid import MAX_USER_ID, check_user_id, is_user_id
+from pyserver.userid import MAX_USER_ID, check_user_id
 from pyserver.userindex import RELATIONS, UserIndex
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
@@ -837,8 +837,7 @@ def _user_list(p: dict[str, Any], name: str, most: int, default: Any = _MISSING)
     if len(value) > most:
         raise TooLarge(f"{name}: {len(value)} users, over the limit of {most}")
     for user in value:
-        if not is_user_id(user):
-            raise BadRequest(f"{name}: {user!r} is not a user id in 1..2**64-1")
+        check_user_id(user, name)
     return value
 
 

@@ -7,7 +7,8 @@ those keys in every data centre and acknowledges the report; the web tier's
 read (`pyserver.web.counts`) fills the keys again. This module owns what they
 share: the key of a user's counts and the memcached client of a data centre.
 
-May import: pyserver.errors, pyserver.addresses, pyserver.wire, pyserver.client.
+May import: pyserver.errors, pyserver.userid, pyserver.addresses, pyserver.wire, pyserver.client,
+pyserver.servicelink.
 """
 
 from __future__ import annotations

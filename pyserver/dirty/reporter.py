@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-from pyserver.client import Client
+from pyserver.addresses import parse_host_port
 from pyserver.dirty.queue import DirtyQueue
-from pyserver.errors import Unavailable
+from pyserver.servicelink import ServiceLink
 from pyserver.wire.ops import Op
 
 __all__ = ["DirtyReporter", "RemoteDirtyService"]
@@ -144,47 +143,26 @@ class RemoteDirtyService:
         connect_timeout_s: float = 1.0,
         retry_connect_after_s: float = 1.0,
     ) -> None:
-        self.host = host
-        self.port = port
-        self._service_key = service_key
-        self._timeout_s = timeout_s
-        self._connect_timeout_s = connect_timeout_s
-        self._retry_connect_after_s = retry_connect_after_s
-        self._client: Client | None = None
-        self._connect_failed_at: float | None = None
+        self._link = ServiceLink(
+            host,
+            port,
+            service_key,
+            name="dirty service",
+            connect_timeout_s=connect_timeout_s,
+            request_timeout_s=timeout_s,
+            retry_connect_after_s=retry_connect_after_s,
+        )
 
     @classmethod
     def from_address(cls, address: str, service_key: str, **options: Any) -> RemoteDirtyService:
-        host, _, port = address.rpartition(":")
-        return cls(host or "127.0.0.1", int(port), service_key, **options)
+        host, port = parse_host_port(address)
+        return cls(host, port, service_key, **options)
 
     async def __call__(self, users: Sequence[int], flush: bool = False) -> dict[str, Any]:
-        client = self._client or await self._connect()
         payload: dict[str, Any] = {"users": list(users)}
         if flush:
             payload["flush"] = True
-        return await client.request(Op.DIRTY, payload, self._timeout_s)
-
-    async def _connect(self) -> Client:
-        failed_at = self._connect_failed_at
-        if failed_at is not None and time.monotonic() - failed_at < self._retry_connect_after_s:
-            raise Unavailable(f"the dirty service at {self.host}:{self.port} is down")
-        try:
-            client = await Client.connect(
-                self.host,
-                self.port,
-                service_key=self._service_key,
-                connect_timeout=self._connect_timeout_s,
-                request_timeout=self._timeout_s,
-            )
-        except Unavailable:
-            self._connect_failed_at = time.monotonic()
-            raise
-        self._connect_failed_at = None
-        self._client = client
-        return client
+        return await self._link.request(Op.DIRTY, payload)
 
     async def close(self) -> None:
-        client, self._client = self._client, None
-        if client is not None:
-            await client.close()
+        await self._link.close()

@@ -27,6 +27,7 @@ from pyserver.addresses import DataCentre
 from pyserver.dirty import count_key, memcached_client
 from pyserver.dirty.queue import Batch, DirtyQueue
 from pyserver.errors import BadRequest, TooLarge
+from pyserver.userid import check_user_id
 from pyserver.wire.ops import Op
 
 __all__ = ["MAX_REPORT_USERS", "DirtyService"]
@@ -35,7 +36,6 @@ log = logging.getLogger(__name__)
 
 # Users in one DIRTY request.
 MAX_REPORT_USERS = 10_000
-_U64_MAX = (1 << 64) - 1
 
 
 class _CentreWorker:
@@ -223,8 +223,7 @@ class DirtyService:
         if len(users) > MAX_REPORT_USERS:
             raise TooLarge(f"users: {len(users)} users, over the limit of {MAX_REPORT_USERS}")
         for user in users:
-            if type(user) is not int or not 1 <= user <= _U64_MAX:
-                raise BadRequest(f"users: {user!r} is not a user id in 1..2**64-1")
+            check_user_id(user, "users")
         if not users and not flush:
             raise BadRequest("users: empty (and no flush asked)")
         return await self.invalidate(users, flush)

@@ -33,10 +33,11 @@ from typing import Any
 
 from pyserver.addresses import parse_addresses
 from pyserver.client import Client, Subscription
-from pyserver.cluster.routing import ClientPool, OwnerRouter
+from pyserver.cluster.routing import OwnerRouter
 from pyserver.cluster.state import read_state
 from pyserver.errors import BadRequest, PyserverError, Unavailable
 from pyserver.ring import HashRing
+from pyserver.servicelink import ServiceLinks
 from pyserver.snapcache import SnapshotCache
 from pyserver.wire.ops import Op
 
@@ -104,13 +105,24 @@ class ClusterClient:
         self.request_timeout = request_timeout
         self.attempt_timeout = attempt_timeout
         self._backoff = (backoff_initial_s, backoff_max_s)
-        self.pool = ClientPool(
-            service_key, connect_timeout_s=connect_timeout, request_timeout_s=request_timeout
+        self.pool = ServiceLinks(
+            service_key,
+            name="app server",
+            connect_timeout_s=connect_timeout,
+            request_timeout_s=request_timeout,
+            retry_connect_after_s=0,  # the router retries with its own back-off
         )
         self.router = OwnerRouter(
             self._locate, pool=self.pool, timeout_s=attempt_timeout, backoff_max_s=backoff_max_s
         )
-        self._discovery_clients: dict[str, Client] = {}
+        # one link per discovery instance; a failed one is tried again on the next request
+        self._discovery_links = ServiceLinks(
+            service_key,
+            name="discovery",
+            connect_timeout_s=min(connect_timeout, attempt_timeout),
+            request_timeout_s=attempt_timeout,
+            retry_connect_after_s=0,
+        )
         self._preferred = random.randrange(len(self.discovery))
         # user -> cell name, most recently used kept (the native LRU; weight 1 per entry).
         self._cells = SnapshotCache(max(1, cache_users), max(1, cache_users))
@@ -139,8 +151,7 @@ class ClusterClient:
             task.cancel()
         await self.router.close()
         await self.pool.close()
-        clients, self._discovery_clients = list(self._discovery_clients.values()), {}
-        await asyncio.gather(*(client.close() for client in clients), return_exceptions=True)
+        await self._discovery_links.close()
 
     async def __aenter__(self) -> ClusterClient:
         return self
@@ -161,42 +172,17 @@ class ClusterClient:
             index = (self._preferred + step) % count
             addr = self.discovery[index]
             try:
-                client = await self._discovery_client(addr, timeout)
+                client = await self._discovery_links.get(addr)
                 reply = await client.request(op, payload, timeout=timeout)
             except PyserverError as error:
                 if error.code != "UNAVAILABLE":
                     raise
                 last = error
-                await self._drop_discovery_client(addr)
+                await self._discovery_links.discard(addr)
                 continue
             self._preferred = index
             return reply
         raise Unavailable(f"no discovery instance answered ({', '.join(self.discovery)}): {last}")
-
-    async def _discovery_client(self, addr: str, timeout: float) -> Client:
-        client = self._discovery_clients.get(addr)
-        if client is not None and client.connected:
-            return client
-        if self._closed:
-            raise Unavailable("the cluster client is closed")
-        if client is not None:
-            await self._drop_discovery_client(addr)
-        host, _, port = addr.rpartition(":")
-        client = await Client.connect(
-            host,
-            int(port),
-            service_key=self._service_key,
-            reconnect=False,
-            connect_timeout=timeout,
-            request_timeout=timeout,
-        )
-        self._discovery_clients[addr] = client
-        return client
-
-    async def _drop_discovery_client(self, addr: str) -> None:
-        client = self._discovery_clients.pop(addr, None)
-        if client is not None:
-            await client.close()
 
     async def lookup(self, user: int, *, fresh: bool = False) -> dict[str, Any]:
         """Discovery's LOOKUP reply for the user (placing a new one); remembers the cell."""

@@ -9,19 +9,11 @@ the cell of the first writer; a move's flip (`assign`) overwrites.
 
 from __future__ import annotations
 
-from typing import Any
-
 from pyserver.errors import BadRequest
 from pyserver.store.base import DirectoryStore
-from pyserver.userid import is_user_id
+from pyserver.userid import check_user_id
 
 __all__ = ["Directory"]
-
-
-def _check_user(user_id: Any) -> int:
-    if not is_user_id(user_id, minimum=0):
-        raise BadRequest(f"user: {user_id!r} is not a user id (0..2**64-1)")
-    return user_id
 
 
 class Directory:
@@ -32,18 +24,18 @@ class Directory:
 
     async def cell_of(self, user_id: int) -> str | None:
         """The user's cell, or None for a user not placed yet."""
-        return await self.store.get_cell(_check_user(user_id))
+        return await self.store.get_cell(check_user_id(user_id, minimum=0))
 
     async def place(self, user_id: int, cell: str) -> str:
         """Put a new user in `cell` unless the directory has it already; the user's cell."""
-        _check_user(user_id)
+        check_user_id(user_id, minimum=0)
         if not isinstance(cell, str) or not cell:
             raise BadRequest(f"cell: {cell!r} is not a cell name")
         return await self.store.place_cell(user_id, cell)
 
     async def assign(self, user_id: int, cell: str) -> None:
         """Point the user at `cell`, whatever it was (the flip of a move)."""
-        await self.store.set_cell(_check_user(user_id), cell)
+        await self.store.set_cell(check_user_id(user_id, minimum=0), cell)
 
     async def counts(self) -> dict[str, int]:
         """How many users each cell has (a scan: call it rarely)."""

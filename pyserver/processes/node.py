@@ -39,7 +39,7 @@ from pyserver.cluster.fence import OwnershipFence
 from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.membership import Membership
 from pyserver.cluster.ringwatch import RingView, RingWatch
-from pyserver.cluster.routing import ClientPool, OwnerRouter
+from pyserver.cluster.routing import OwnerRouter
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.client import ClusterClient
@@ -52,6 +52,7 @@ from pyserver.processes.runtime import (
     run,
     withdraw_ready,
 )
+from pyserver.servicelink import ServiceLinks
 from pyserver.store.spec import open_store
 from pyserver.wire.ops import Op
 
@@ -77,8 +78,12 @@ class ClusterNode:
         self.ring = RingWatch(self.zk, config.cell, tokens_per_node=config.tokens_per_node)
         self.membership = Membership(self.zk, config.cell, config.node_id, config.tokens_per_node)
         self.fence = OwnershipFence(self.membership, self.ring)
-        self.pool = ClientPool(
-            config.service_key, connect_timeout_s=1.0, request_timeout_s=config.relay_timeout_s
+        self.pool = ServiceLinks(
+            config.service_key,
+            name="app server",
+            connect_timeout_s=1.0,
+            request_timeout_s=config.relay_timeout_s,
+            retry_connect_after_s=0,  # the router retries a peer with its own back-off
         )
         self.relay = OwnerRouter(
             self.fence.owner_of, pool=self.pool, timeout_s=config.relay_timeout_s
