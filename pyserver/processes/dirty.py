@@ -18,14 +18,7 @@ from pyserver.addresses import DataCentre, parse_data_centres
 from pyserver.config import Config, load_config
 from pyserver.dirty.service import DirtyService
 from pyserver.processes.assembly import service_server
-from pyserver.processes.runtime import (
-    add_ready_file_argument,
-    announce_ready,
-    configure_logging,
-    run,
-    stop_signal,
-    withdraw_ready,
-)
+from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 
 __all__ = ["DEFAULT_PORT", "DirtyProcess", "add_parser"]
 
@@ -50,19 +43,8 @@ class DirtyProcess:
         await self.server.stop(self.config.shutdown_grace_s)
         await self.service.close()
 
-
-async def _serve(process: DirtyProcess, host: str, port: int, ready: Path | None) -> None:
-    stopped = stop_signal()
-    bound_host, bound_port = await process.start(host, port)
-    centres = " ".join(str(centre) for centre in process.service.centres)
-    print(f"pyserver: dirty service listening on {bound_host}:{bound_port}", flush=True)
-    print(f"  data centres  {centres}", flush=True)
-    announce_ready(ready, "dirty", f"{bound_host}:{bound_port}")
-    try:
-        await stopped.wait()
-    finally:
-        withdraw_ready(ready)
-        await process.stop()
+    def banner(self) -> list[str]:
+        return [f"data centres  {' '.join(str(centre) for centre in self.service.centres)}"]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -77,25 +59,20 @@ def _run(args: argparse.Namespace) -> int:
         print("pyserver dirty: no data centre (--dc NAME=HOST:PORT)", file=sys.stderr)
         return 2
     process = DirtyProcess(config, centres)
-    run(_serve(process, args.host or config.host, args.port, args.ready_file))
+    host = args.host or config.host
+    run(serve_service(process, "dirty", "dirty service", host, args.port, args.ready_file))
     return 0
 
 
 def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     """Add `dirty` to the `pyserver` command line."""
     sub = commands.add_parser("dirty", help="run the memcache dirty service (its own process)")
-    sub.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
-    sub.add_argument(
-        "--data", type=Path, default=default_data, help="the cell's data folder (service key)"
-    )
-    sub.add_argument("--host", help="address to listen on (default: the config's host)")
-    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    add_service_arguments(sub, default_data, DEFAULT_PORT, "the cell's data folder (service key)")
     sub.add_argument(
         "--dc",
         action="append",
         metavar="NAME=HOST:PORT",
         help="a data centre's memcached (repeat per data centre; HOST:PORT+HOST:PORT for several)",
     )
-    add_ready_file_argument(sub)
     sub.set_defaults(handler=_run)
     return sub

@@ -22,14 +22,7 @@ from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
 from pyserver.processes.assembly import service_server
-from pyserver.processes.runtime import (
-    add_ready_file_argument,
-    announce_ready,
-    configure_logging,
-    run,
-    stop_signal,
-    withdraw_ready,
-)
+from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.store.spec import open_store
 
 __all__ = ["DEFAULT_PORT", "DiscoveryProcess", "add_parser"]
@@ -87,27 +80,18 @@ class DiscoveryProcess:
         await self.zk.close()
         await self.store.close()
 
+    def banner(self) -> list[str]:
+        cells = self.service.cells.cells if self.service is not None else {}
+        return [
+            f"directory  {self.store_spec}",
+            f"zookeeper  {self.config.zookeeper} chroot {self.zk.chroot or '/'}",
+            f"cells      {', '.join(sorted(cells)) or '(none yet)'}",
+        ]
+
     async def _healthy(self) -> bool:
         if not self.zk.live:
             return False
         return await self.store.healthy()
-
-
-async def _serve(process: DiscoveryProcess, host: str, port: int, ready: Path | None) -> None:
-    stopped = stop_signal()
-    bound_host, bound_port = await process.start(host, port)
-    assert process.service is not None
-    cells = process.service.cells.cells
-    print(f"pyserver: discovery listening on {bound_host}:{bound_port}", flush=True)
-    print(f"  directory  {process.store_spec}", flush=True)
-    print(f"  zookeeper  {process.config.zookeeper} chroot {process.zk.chroot or '/'}", flush=True)
-    print(f"  cells      {', '.join(sorted(cells)) or '(none yet)'}", flush=True)
-    announce_ready(ready, "discovery", f"{bound_host}:{bound_port}")
-    try:
-        await stopped.wait()
-    finally:
-        withdraw_ready(ready)
-        await process.stop()
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -125,7 +109,8 @@ def _run(args: argparse.Namespace) -> int:
     config.data_dir.mkdir(parents=True, exist_ok=True)
     try:
         process = DiscoveryProcess(config, args.cache_users)
-        run(_serve(process, args.host or config.host, args.port, args.ready_file))
+        host = args.host or config.host
+        run(serve_service(process, "discovery", "discovery", host, args.port, args.ready_file))
     except (Unavailable, ConfigError) as error:
         print(f"pyserver discovery: could not start: {error}", file=sys.stderr)
         return 1
@@ -137,17 +122,11 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     sub = commands.add_parser(
         "discovery", help="run a discovery service instance (user -> cell -> app server)"
     )
-    sub.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
-    sub.add_argument(
-        "--data", type=Path, default=default_data, help="data folder (service key; SQLite store)"
-    )
-    sub.add_argument("--host", help="address to listen on (default: the config's host)")
-    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    add_service_arguments(sub, default_data, DEFAULT_PORT, "data folder (service key, SQLite)")
     sub.add_argument("--zookeeper", help="ZooKeeper, host:port[,host:port...]")
     sub.add_argument("--chroot", help="ZooKeeper path the cells live under (default /pyserver)")
     sub.add_argument("--store", help="the directory's store: sqlite:PATH or hbase:HOST:PORT/ns")
     sub.add_argument("--instance", help="this instance's name (STATS, logs)")
     sub.add_argument("--cache-users", type=int, default=1_000_000, help="users' cells cached")
-    add_ready_file_argument(sub)
     sub.set_defaults(handler=_run)
     return sub

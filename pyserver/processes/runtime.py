@@ -10,7 +10,7 @@ import signal
 import sys
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
@@ -71,3 +71,45 @@ def announce_ready(
 def withdraw_ready(path: Path | None) -> None:
     if path is not None:
         path.unlink(missing_ok=True)
+
+
+def add_service_arguments(
+    parser: argparse.ArgumentParser, default_data: Path, default_port: int, data_help: str
+) -> None:
+    """The flags every service process takes: its configuration, data folder, address and
+    ready file."""
+    parser.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
+    parser.add_argument("--data", type=Path, default=default_data, help=data_help)
+    parser.add_argument("--host", help="address to listen on (default: the config's host)")
+    parser.add_argument("--port", type=int, default=default_port, help="port (0: any free port)")
+    add_ready_file_argument(parser)
+
+
+class ServiceProcess(Protocol):
+    """A service with its listener, as `serve_service` runs it."""
+
+    async def start(self, host: str, port: int) -> tuple[str, int]: ...
+
+    async def stop(self) -> None: ...
+
+    def banner(self) -> list[str]:
+        """What it says under its first line once it serves (settings worth seeing)."""
+        ...
+
+
+async def serve_service(
+    process: ServiceProcess, role: str, title: str, host: str, port: int, ready: Path | None
+) -> None:
+    """Start the service, say where it listens (and write the ready file), serve until
+    SIGINT or SIGTERM, then stop it."""
+    stopped = stop_signal()
+    bound_host, bound_port = await process.start(host, port)
+    print(f"pyserver: {title} listening on {bound_host}:{bound_port}", flush=True)
+    for line in process.banner():
+        print(f"  {line}", flush=True)
+    announce_ready(ready, role, f"{bound_host}:{bound_port}")
+    try:
+        await stopped.wait()
+    finally:
+        withdraw_ready(ready)
+        await process.stop()

@@ -15,14 +15,7 @@ from typing import Any
 
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.processes.assembly import service_server
-from pyserver.processes.runtime import (
-    add_ready_file_argument,
-    announce_ready,
-    configure_logging,
-    run,
-    stop_signal,
-    withdraw_ready,
-)
+from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.store.base import SocialStore
 from pyserver.store.spec import open_store
 from pyserver.userindex.local import LocalUserIndex
@@ -67,17 +60,8 @@ class UserIndexProcess:
         await self.server.stop(self.config.shutdown_grace_s)
         await self.store.close()
 
-
-async def _serve(process: UserIndexProcess, host: str, port: int, ready: Path | None) -> None:
-    stopped = stop_signal()
-    bound_host, bound_port = await process.start(host, port)
-    print(f"pyserver: user index service listening on {bound_host}:{bound_port}", flush=True)
-    announce_ready(ready, "userindex", f"{bound_host}:{bound_port}")
-    try:
-        await stopped.wait()
-    finally:
-        withdraw_ready(ready)
-        await process.stop()
+    def banner(self) -> list[str]:
+        return [f"store  {self.config.store_spec}"]
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -85,18 +69,15 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     process = UserIndexProcess.from_config(config, args.cache_users)
-    run(_serve(process, args.host or config.host, args.port, args.ready_file))
+    host = args.host or config.host
+    run(serve_service(process, "userindex", "user index service", host, args.port, args.ready_file))
     return 0
 
 
 def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     """Add `userindex` to the `pyserver` command line."""
     sub = commands.add_parser("userindex", help="run the user index service (its own process)")
-    sub.add_argument("--config", help="a TOML configuration file (docs/configuration.md)")
-    sub.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
-    sub.add_argument("--host", help="address to listen on (default: the config's host)")
-    sub.add_argument("--port", type=int, default=DEFAULT_PORT, help="port (0: any free port)")
+    add_service_arguments(sub, default_data, DEFAULT_PORT, "the cell's data folder")
     sub.add_argument("--cache-users", type=int, default=100_000, help="hot users' friend lists")
-    add_ready_file_argument(sub)
     sub.set_defaults(handler=_run)
     return sub
