@@ -169,7 +169,7 @@ def _doctor(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report))
         return 0
-    for part in ("ring", "log_codec", "lru", "frame_codec"):
+    for part in ("ring", "log_codec", "lru", "frame_codec", "reply_table"):
         print(f"{part:<22}{report[part]}")
     print(f"{'native_release_build':<22}{str(report['native_release_build']).lower()}")
     if implementation.PURE_FORCED:
