@@ -25,6 +25,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -36,6 +37,7 @@ from pyserver.mta.emailobject import MAX_EXTRA_BYTES
 from pyserver.mta.intake import MailIntake, MtaSettings
 from pyserver.mta.parse import parse_mail
 from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.senders import check_dkim, from_domain
 from pyserver.mta.skeleton import MIN_RUN, skeleton_of
 from pyserver.mta.smtp import MtaProxy, read_data
 from pyserver.pure import frame as pure_frame
@@ -748,3 +750,145 @@ def test_the_mail_benchmark_prints_its_figures() -> None:
     assert results["mb_cost_ratio"] == pytest.approx(
         results["smtp_small_per_s"] / results["smtp_1mb_per_s"], rel=0.05
     )
+
+
+# ---- known senders: mail that proves its From is a registered user's ----
+
+DKIM_KEY = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
+DKIM_RECORD = (
+    b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes().strip()
+)
+
+
+def dkim_dns(records: dict[bytes, bytes]) -> Callable[..., bytes | None]:
+    """dkimpy's DNS hook over a table (no network): name -> TXT record."""
+
+    def lookup(name: bytes, timeout: int = 5) -> bytes | None:
+        return records.get(name)
+
+    return lookup
+
+
+def signed(message: EmailMessage, domain: str, selector: str = "test") -> bytes:
+    data = wire(message)
+    signature = dkim.sign(
+        data, selector.encode(), domain.encode(), DKIM_KEY,
+        include_headers=[b"from", b"to", b"subject", b"message-id"],
+    )  # fmt: skip
+    return signature + data
+
+
+# example.org publishes the test key under selector "test"; so does evil.example
+KEYS = dkim_dns({
+    b"test._domainkey.example.org.": DKIM_RECORD,
+    b"test._domainkey.evil.example.": DKIM_RECORD,
+})  # fmt: skip
+
+
+async def _alice_and_bob_chat(cell: MailCell) -> str:
+    """User 1 owns alice@example.org, is user 2's friend and chats with user 2; the chat's
+    thread id."""
+    await cell.store.add_address("alice@example.org", 1)
+    await cell.store.add_address("alice@mail.example.org", 1)
+    await cell.client.friend_add(1, 2)
+    sent = await cell.client.send(1, [2], "see you at lunch", channel="chat")
+    return sent["thread_id"]
+
+
+def test_a_signed_mail_from_a_registered_address_joins_the_users_conversation(
+    tmp_path: Path,
+) -> None:
+    async def scenario() -> None:
+        async with MailCell(tmp_path, dkim_dns=KEYS) as cell:
+            chat_thread = await _alice_and_bob_chat(cell)
+            data = signed(mail(text="Here is the agenda.\n"), "example.org")
+            assert await cell.send(data, ["bob@example.com"]) == {}
+            reply = await cell.client.get_thread(2, chat_thread, limit=10)
+            assert reply["participants"] == [1, 2]
+            texts = [m["text"] for m in reply["messages"]]
+            assert texts == ["see you at lunch", "Here is the agenda."]
+            email = reply["messages"][-1]
+            assert email["sender"] == 1 and email["channel"] == "email"
+            full = await cell.client.get_message(2, email["message_id"])
+            assert full["extra"]["sender_proof"] == "dkim:example.org"
+            inbox = await cell.client.list_threads(2, folder="inbox")
+            assert [t["thread_id"] for t in inbox["threads"]] == [chat_thread]
+            assert (await cell.client.list_threads(2, folder="other"))["threads"] == []
+            assert cell.intake.counters["senders_proved"] == 1
+
+    run(scenario)
+
+
+def test_a_subdomain_of_the_signing_domain_is_aligned(tmp_path: Path) -> None:
+    message = mail(message_id="<sub@example.org>")
+    message.replace_header("From", "Alice <alice@mail.example.org>")
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, dkim_dns=KEYS) as cell:
+            chat_thread = await _alice_and_bob_chat(cell)
+            assert await cell.send(signed(message, "example.org"), ["bob@example.com"]) == {}
+            reply = await cell.client.get_thread(2, chat_thread, limit=10)
+            assert [m["sender"] for m in reply["messages"]] == [1, 1]
+
+    run(scenario)
+
+
+@pytest.mark.parametrize(
+    ("forgery", "why"),
+    [
+        ("unsigned", "no DKIM signature"),
+        ("tampered", "body hash mismatch"),
+        ("other domain", "d=evil.example is not aligned"),
+        ("unknown key", "signature 1"),
+    ],
+)
+def test_a_forged_from_never_becomes_the_users_message(
+    tmp_path: Path, forgery: str, why: str
+) -> None:
+    message = mail(text="Please wire the money.\n", message_id=f"<{forgery[:5]}@evil.example>")
+    if forgery == "unsigned":
+        data = wire(message)
+    elif forgery == "tampered":
+        data = signed(message, "example.org").replace(b"wire the money", b"wire more money")
+    elif forgery == "other domain":
+        data = signed(message, "evil.example")
+    else:
+        data = signed(message, "example.org", selector="absent")
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, dkim_dns=KEYS) as cell:
+            chat_thread = await _alice_and_bob_chat(cell)
+            assert await cell.send(data, ["bob@example.com"]) == {}
+            chat = await cell.client.get_thread(2, chat_thread, limit=10)
+            assert len(chat["messages"]) == 1  # nothing joined the users' conversation
+            (thread,) = (await cell.client.list_threads(2, folder="other"))["threads"]
+            reply = await cell.client.get_thread(2, thread["thread_id"], limit=10)
+            assert reply["participants"] == [2]
+            (message_entry,) = reply["messages"]
+            assert message_entry["sender"] == 0
+            full = await cell.client.get_message(2, message_entry["message_id"])
+            assert full["from"] == "alice@example.org"
+            assert why in full["extra"]["sender_unverified"]
+            assert "sender_proof" not in full["extra"]
+            assert cell.intake.counters["senders_unverified"] == 1
+
+    run(scenario)
+
+
+def test_mail_from_an_unregistered_address_is_not_checked(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with MailCell(tmp_path, dkim_dns=KEYS) as cell:
+            assert await cell.send(wire(mail()), ["bob@example.com"]) == {}
+            (message,) = await cell.messages(2)
+            assert message["sender"] == 0
+            assert "sender_unverified" not in message["extra"]
+            assert cell.intake.counters["senders_unverified"] == 0
+
+    run(scenario)
+
+
+def test_alignment_is_the_from_domain_or_below_the_signing_domain() -> None:
+    assert from_domain("Alice@Mail.Example.ORG.") == "mail.example.org"
+    assert from_domain("no-domain") == ""
+    proof = asyncio.run(check_dkim(b"From: x\r\n\r\nbody\r\n", "nobody"))
+    assert not proof.verified and "no domain" in proof.detail

@@ -9,6 +9,7 @@ thread and answer it, and references to the blobs. docs/protocol.md
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -58,14 +59,17 @@ class EmailObject:
     text: str
     key: str
     extra: dict[str, Any]
+    # the registered user the mail proved to speak for; 0: a sender from outside
+    sender_user: int = 0
 
     def deliver_payload(self, user: int, participants: Iterable[int]) -> dict[str, Any]:
         """DELIVER's payload for one recipient (a sender from outside: `sender` 0)."""
+        sender = [self.sender_user] if self.sender_user else []
         return {
             "user": user,
-            "sender": 0,
+            "sender": self.sender_user,
             "from": self.sender,
-            "participants": sorted({user, *participants}),
+            "participants": sorted({user, *participants, *sender}),
             "text": self.text,
             "subject": self.subject,
             "channel": "email",
@@ -76,6 +80,20 @@ class EmailObject:
     @property
     def attachments(self) -> list[dict[str, Any]]:
         return list(self.extra.get("attachments", ()))
+
+    def spoken_for(self, user: int, proof: str) -> EmailObject:
+        """This mail as registered user `user`'s message, `proof` saying how it was shown
+        (`extra.sender_proof`, e.g. "dkim:example.org")."""
+        extra = {**self.extra, "sender_proof": _cut(proof, 256)}
+        _fit(extra)
+        return dataclasses.replace(self, sender_user=user, extra=extra)
+
+    def unverified(self, why: str) -> EmailObject:
+        """This mail, still from outside, marked as claiming a registered address it did not
+        prove (`extra.sender_unverified`: why not)."""
+        extra = {**self.extra, "sender_unverified": _cut(why, 256)}
+        _fit(extra)
+        return dataclasses.replace(self, extra=extra)
 
 
 def build_email(

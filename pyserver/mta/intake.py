@@ -27,6 +27,7 @@ from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
+from pyserver.mta.senders import DnsLookup, check_dkim
 from pyserver.store.base import AddressStore
 
 __all__ = ["MailIntake", "MtaSettings"]
@@ -47,6 +48,8 @@ class MtaSettings:
     mta_deliver_timeout_s: float = 10.0
     # messages at least this big are parsed on a worker thread, off the event loop
     parse_in_thread_bytes: int = 256 << 10
+    # DKIM key lookups (name -> TXT record); None: the system's resolver (dnspython)
+    dkim_dns: DnsLookup | None = None
 
     def __post_init__(self) -> None:
         for name in ("max_mail_bytes", "mail_inline_text_bytes", "max_recipients"):
@@ -105,6 +108,7 @@ class MailIntake:
             self.counters["deferred"] += 1
             log.warning("could not store a message of %d bytes: %r", len(raw), exc)
             return "451 4.3.0 Could not store the message, try again later"
+        email = await self._attribute(raw, email)
         participants = await self._participants(email, recipients)
         outcomes = await asyncio.gather(
             *(self._route.deliver(email.deliver_payload(user, participants)) for user in users),
@@ -164,6 +168,27 @@ class MailIntake:
             body=body,
             attachments=attachments,
         )
+
+    async def _attribute(self, raw: bytes, email: EmailObject) -> EmailObject:
+        """The mail as its From address's user's message when that address is registered and
+        the mail proves it (`pyserver.mta.senders`); else as it is, marked unverified when it
+        claims a registered address."""
+        if "@" not in email.sender:  # a bounce (MAILER-DAEMON) speaks for nobody
+            return email
+        try:
+            user = await self._addresses.resolve_address(email.sender)
+        except PyserverError as exc:
+            log.warning("sender lookup failed address=%r error=%r", email.sender, exc)
+            return email  # delivered as from outside: nothing is lost
+        if user is None:
+            return email
+        proof = await check_dkim(raw, email.sender, self.settings.dkim_dns)
+        if proof.verified:
+            self.counters["senders_proved"] += 1
+            return email.spoken_for(user, proof.detail)
+        self.counters["senders_unverified"] += 1
+        log.info("unverified sender address=%r: %s", email.sender, proof.detail)
+        return email.unverified(proof.detail)
 
     async def _inline_text(self, mail: ParsedMail) -> tuple[str, BlobInfo | None]:
         """The body as delivered inline, and the blob holding all of it when it is cut."""
