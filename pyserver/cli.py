@@ -159,6 +159,8 @@ def _run(args: argparse.Namespace) -> int:
             "http_port": args.http_port,
             "node_id": args.node_id,
             "smtp_port": args.smtp_port,
+            "relay_addr": args.relay,
+            "mail_domain": args.mail_domain,
         },
     )
     return serve(config, args.ready_file)
@@ -184,6 +186,11 @@ def _user_id(text: str) -> int:
     return value
 
 
+def _recipient(text: str) -> int | str:
+    """A SEND recipient on the command line: a user id, or an email address (with an @)."""
+    return text.strip() if "@" in text else _user_id(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pyserver", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -196,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http-port", type=int, help="/metrics and /health port (default 7480)")
     run.add_argument("--node-id", help="this server's node id")
     run.add_argument("--smtp-port", type=int, help="the MTA proxy's SMTP port (default 2525)")
+    run.add_argument("--relay", help="the smart host mail to outside addresses goes through")
+    run.add_argument("--mail-domain", help="users' mail goes out from u<user>@DOMAIN")
     add_ready_file_argument(run)
     run.set_defaults(handler=_run)
 
@@ -214,7 +223,13 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     send = client_parser("send", "send a message")
-    send.add_argument("--to", type=_user_id, action="append", required=True, help="a recipient")
+    send.add_argument(
+        "--to",
+        type=_recipient,
+        action="append",
+        required=True,
+        help="a recipient: a user id or an email address (repeat for several)",
+    )
     send.add_argument("--channel", default="chat", choices=("chat", "email", "sms", "web"))
     send.add_argument("--subject", default="")
     send.add_argument("--key", help="idempotency key: a retry with it sends nothing twice")

@@ -586,7 +586,7 @@ class Client:
     async def send(
         self,
         sender: int,
-        recipients: Sequence[int],
+        recipients: Sequence[int | str],
         text: str,
         channel: str = "chat",
         subject: str = "",

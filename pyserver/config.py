@@ -96,6 +96,15 @@ class Config:
     mail_inline_text_bytes: int = 64 << 10
     # one delivery to a recipient's owner, connecting included; past it the proxy answers 451
     mta_deliver_timeout_s: float = 10.0
+    # ---- mail out: SEND to email addresses (docs/mail.md, "Mail out") ----
+    # the smart host outgoing mail is relayed through, "host:port"; empty: such mail waits
+    # in its sender's log, queued, until a relay is configured
+    relay_addr: str = ""
+    # this cell's mail domain: users' mail goes out from u<user>@<mail_domain>, and mail to
+    # those addresses comes back to them
+    mail_domain: str = "pyserver.localhost"
+    # an address the relay keeps deferring is given up (failed) once the mail is this old
+    outbound_give_up_s: float = 345_600.0
 
     @property
     def service_key_path(self) -> Path:
@@ -206,13 +215,18 @@ def _check(config: Config) -> None:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_services(config)
     _check_cluster(config)
+    if config.outbound_give_up_s <= 0:
+        raise ConfigError("config outbound_give_up_s: must be positive")
+    domain = config.mail_domain
+    if "." not in domain or any(c.isspace() or c in "@<>" for c in domain):
+        raise ConfigError(f"config mail_domain: {domain!r} is not a domain name")
     if config.default_folder not in ("inbox", "other"):
         raise ConfigError(f"config default_folder: {config.default_folder!r} is not inbox or other")
 
 
 def _check_services(config: Config) -> None:
     """The user index, dirty service and memcached settings."""
-    for name in ("userindex_addr", "dirty_addr"):
+    for name in ("userindex_addr", "dirty_addr", "relay_addr"):
         address = getattr(config, name)
         try:
             if address:

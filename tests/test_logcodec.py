@@ -102,6 +102,15 @@ GOLDEN_ENTRIES: dict[str, Any] = {
         "action": "folder_seen",
         "folder": "other",
     },
+    "outbound_settled": {
+        "seq": 50,
+        "ts": 1_764_211_580_000_000,
+        "action": "outbound_settled",
+        "message_id": "m3f1c2",
+        "address": "Zoë@example.net",
+        "outcome": "failed",
+        "detail": "550 5.1.1 no such user",
+    },
     "batch": [
         {
             "seq": 7,
@@ -393,7 +402,7 @@ def test_checksum_mismatch_names_both_values(codec):
     )
 
 
-@pytest.mark.parametrize("code", [0, 10, 200, 255])
+@pytest.mark.parametrize("code", [0, 11, 200, 255])
 def test_unknown_action(codec, code):
     bad = build(code, s("t"))
     assert corrupt(codec, bad, "unknown action") == f"unknown action at byte 1: {code}"
@@ -821,7 +830,7 @@ def test_random_bytes_raise_log_corrupt_in_both_twins(data):
 
 @PROPERTY
 @given(
-    code=st.integers(0, 10),
+    code=st.integers(0, 11),
     fields=st.binary(max_size=80),
     more=st.binary(max_size=8),
 )

@@ -43,15 +43,19 @@ _KEY_OVERHEAD = 250
 _BLOCKED_OVERHEAD = 80
 
 
-def thread_id_for(participants: Iterable[int], outside: str | None = None) -> str:
-    """The thread of a set of users (plus an outside sender's address, if any).
+def thread_id_for(participants: Iterable[int], outside: str | Iterable[str] | None = None) -> str:
+    """The thread of a set of users and of the outside addresses in the conversation (an
+    outside sender's, or those a user wrote to), if any.
 
     Deterministic and channel-blind, so chat, SMS and email between the same
-    people land in one thread, in every participant's mailbox.
+    people land in one thread, in every participant's mailbox; addresses count
+    case-insensitively.
     """
     canonical = ",".join(str(user) for user in sorted(set(participants)))
-    if outside:
-        canonical += "|" + outside.strip().lower()
+    addresses = [outside] if isinstance(outside, str) else list(outside or ())
+    addresses = sorted({address.strip().lower() for address in addresses if address.strip()})
+    if addresses:
+        canonical += "|" + ",".join(addresses)
     return "t" + hashlib.blake2b(canonical.encode("utf-8"), digest_size=12).hexdigest()
 
 
@@ -123,6 +127,8 @@ class Message:
         }
         if with_extra:
             out["extra"] = self.extra
+        elif "delivery" in self.extra:  # a mail to outside addresses: how each one went
+            out["delivery"] = self.extra["delivery"]
         return out
 
     def weight(self) -> int:
@@ -375,6 +381,12 @@ class UserImage:
             self._unlist(thread)
             thread.folder = entry["folder"]
         body = body or {}
+        extra = body.get("extra") or {}
+        if extra.get("outbound"):
+            # the sender's copy of a mail to outside addresses: each address's delivery,
+            # queued until an `outbound_settled` entry settles it
+            queued = {address: {"state": "queued"} for address in extra["outbound"]}
+            extra = {**extra, "delivery": queued}
         message = Message(
             message_id=message_id,
             thread_id=thread_id,
@@ -387,7 +399,7 @@ class UserImage:
             # a body the store lost still leaves the snippet to show
             text=body.get("text", entry["snippet"]),
             unread=entry["unread"],
-            extra=body.get("extra") or {},
+            extra=extra,
             seq=entry["seq"],
         )
         thread.add(message)
@@ -485,6 +497,30 @@ class UserImage:
                 self._count(thread, -1)
                 thread.unseen = False
                 self._count(thread, +1)
+
+    def _outbound_settled(self, entry: dict[str, Any], body: dict[str, Any] | None) -> None:
+        message = self.messages.get(entry["message_id"])
+        if message is None or entry["address"] not in message.extra.get("delivery", {}):
+            return
+        self._weight -= message.weight()
+        delivery = {
+            **message.extra["delivery"],
+            entry["address"]: {"state": entry["outcome"], "detail": entry["detail"]},
+        }
+        message.extra = {**message.extra, "delivery": delivery}
+        self._weight += message.weight()
+
+    def pending_outbound(self) -> list[tuple[str, list[str]]]:
+        """(message id, addresses still queued) of each mail to outside addresses this user
+        sent that is not settled yet, oldest first."""
+        pending = []
+        for message in self.messages.values():
+            delivery = message.extra.get("delivery")
+            if delivery:
+                queued = [a for a, state in delivery.items() if state["state"] == "queued"]
+                if queued:
+                    pending.append((message.seq, message.message_id, queued))
+        return [(message_id, queued) for _, message_id, queued in sorted(pending)]
 
     # ---- snapshots and comparison ----
 
@@ -592,6 +628,7 @@ _HANDLERS = {
     "sender_blocked": UserImage._sender_blocked,
     "sender_unblocked": UserImage._sender_unblocked,
     "folder_seen": UserImage._folder_seen,
+    "outbound_settled": UserImage._outbound_settled,
 }
 
 

@@ -13,6 +13,7 @@ the store's search, the blob store and the user index; nothing above it.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import itertools
 import logging
@@ -105,6 +106,8 @@ class Delivery:
     text: str
     key: str
     extra: dict[str, Any]
+    # the outside addresses the conversation includes (a SEND to email addresses)
+    addresses: tuple[str, ...] = ()
 
     def entry(self, folder: str, unread: bool) -> dict[str, Any]:
         """The message_added fields of a copy (the log entry without seq and ts)."""
@@ -123,9 +126,16 @@ class Delivery:
             "key": self.key,
         }
 
-    def body(self) -> dict[str, Any]:
-        """What the `m` family keeps of the message, under its id."""
-        return {"text": self.text, "from": self.sender_address, "extra": self.extra}
+    def body(self, outbound: bool = False) -> dict[str, Any]:
+        """What the `m` family keeps of the message, under its id; the sender's copy of a
+        mail to outside addresses (`outbound`) also lists them as to be sent, which makes
+        it the durable outbound queue (the image tracks each address's delivery)."""
+        extra = self.extra
+        if self.addresses:
+            extra = {**extra, "to_addresses": list(self.addresses)}
+            if outbound:
+                extra["outbound"] = list(self.addresses)
+        return {"text": self.text, "from": self.sender_address, "extra": extra}
 
     def copy_request(self, recipient: int) -> dict[str, Any]:
         """The DELIVER_COPY payload of one recipient's copy (docs/protocol.md)."""
@@ -144,6 +154,8 @@ class Delivery:
             payload["from"] = self.sender_address
         if self.extra:
             payload["extra"] = self.extra
+        if self.addresses:
+            payload["addresses"] = list(self.addresses)
         return payload
 
 
@@ -189,8 +201,12 @@ class Mailbox:
         blobs: BlobStore | None = None,
         in_other_cell: Callable[[int], Awaitable[bool]] | None = None,
         serving: Callable[[], bool] | None = None,
+        outbound_queued: Callable[[int, str], None] | None = None,
     ) -> None:
         self._store = store
+        # told (after the commit) of each SEND to outside addresses: (sender, message id),
+        # for the outbox (pyserver.app.outbox); it must not block
+        self._outbound_queued = outbound_queued
         self._serving = serving
         # told (after the commit) of each write that may change a user's counts: the
         # dirty reporter (pyserver.dirty.reporter); it must not block
@@ -310,7 +326,7 @@ class Mailbox:
 
     async def _send(self, p: dict[str, Any]) -> dict[str, Any]:
         sender = _user(p, "sender")
-        recipients = _recipients(p, sender, self._settings.max_recipients)
+        recipients, addresses = _recipients(p, sender, self._settings.max_recipients)
         text = _text(p, "text", self._settings.max_text_bytes)
         channel = _choice(p, "channel", CHANNELS)
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
@@ -323,15 +339,16 @@ class Mailbox:
         participants = tuple(sorted({sender, *recipients}))
         delivery = Delivery(
             message_id=message_id_for(sender, key),
-            thread_id=thread_id_for(participants),
+            thread_id=thread_id_for(participants, addresses),
             sender=sender,
             sender_address=None,
             participants=participants,
-            channel=channel,
+            channel="email" if addresses else channel,
             subject=subject,
             text=text,
             key=key,
             extra={},
+            addresses=addresses,
         )
 
         def copies() -> list[Awaitable[dict[str, Any]]]:
@@ -355,7 +372,7 @@ class Mailbox:
                 folder = "sent"
             else:
                 folder = "inbox" if thread.folder == "archived" else thread.folder
-            return _adding(delivery, folder, unread=False)
+            return _adding(delivery, folder, unread=False, outbound=True)
 
         # Every copy at once: one round of group commits instead of two. All of them
         # settle before the reply, so nothing is still being written after an error.
@@ -366,6 +383,8 @@ class Mailbox:
         change, _ = outcomes[0]
         if change.result:
             return change.result
+        if addresses and self._outbound_queued is not None:
+            self._outbound_queued(sender, delivery.message_id)
         return {
             "message_id": delivery.message_id,
             "thread_id": delivery.thread_id,
@@ -386,6 +405,7 @@ class Mailbox:
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
         extra = _extra(p, "extra", self._settings.max_extra_bytes)
+        hint = _text(p, "thread", self._settings.max_field_bytes, default=None)
         delivery = Delivery(
             message_id=message_id_for(sender, key),
             thread_id=thread_id_for(participants, None if sender else address),
@@ -398,7 +418,7 @@ class Mailbox:
             key=key,
             extra=extra,
         )
-        return await self._write_copy(user, delivery)
+        return await self._write_copy(user, delivery, hint)
 
     async def _deliver_copy_request(self, p: dict[str, Any]) -> dict[str, Any]:
         """DELIVER_COPY: one recipient's copy of a SEND, from the sender's owner."""
@@ -412,7 +432,8 @@ class Mailbox:
             raise BadRequest("participants: must include user and sender")
         if not message_id:
             raise BadRequest("message_id: must not be empty")
-        if thread_id != thread_id_for(participants):
+        addresses = _addresses(p, "addresses", self._settings.max_recipients, default=[])
+        if thread_id != thread_id_for(participants, addresses):
             raise BadRequest("thread_id: is not the participants' thread")
         delivery = Delivery(
             message_id=message_id,
@@ -425,6 +446,7 @@ class Mailbox:
             text=_text(p, "text", self._settings.max_text_bytes),
             key=_text(p, "key", self._settings.max_field_bytes, default=""),
             extra=_extra(p, "extra", self._settings.max_extra_bytes),
+            addresses=tuple(addresses),
         )
         return await self._write_copy(user, delivery)
 
@@ -441,14 +463,21 @@ class Mailbox:
             return await self._relay(recipient, delivery)
         return await self._write_copy(recipient, delivery)
 
-    async def _write_copy(self, recipient: int, delivery: Delivery) -> dict[str, Any]:
+    async def _write_copy(
+        self, recipient: int, delivery: Delivery, thread_hint: str | None = None
+    ) -> dict[str, Any]:
         """Write one recipient's copy to that recipient's own log; DELIVER's reply.
 
         A copy already there (the same key from the same sender, or the same
-        message id: a retried relay) is not written again.
+        message id: a retried relay) is not written again. `thread_hint`: the
+        conversation a mail answers (from its In-Reply-To), used when the recipient
+        has it; it only ever chooses among the recipient's own threads.
         """
 
         async def decide(image: UserImage) -> Change:
+            nonlocal delivery
+            if thread_hint and thread_hint in image.threads:
+                delivery = dataclasses.replace(delivery, thread_id=thread_hint)
             reply = {"message_id": None, "thread_id": delivery.thread_id, "folder": None,
                      "duplicate": False, "dropped": False}  # fmt: skip
             first = image.key_result(delivery.sender, delivery.key) if delivery.key else None
@@ -499,6 +528,52 @@ class Mailbox:
             )  # fmt: skip
             return self._settings.default_folder
         return "other" if relation == "stranger" else "inbox"
+
+    # ---- the outbound queue: mail to outside addresses (pyserver.app.outbox) ----
+
+    async def pending_outbound(self, user_id: int) -> list[tuple[str, list[str]]]:
+        """(message id, addresses still queued) of the user's unsettled mail to outside
+        addresses, oldest first."""
+        return (await self._resident.read(user_id)).pending_outbound()
+
+    async def outbound_message(self, user_id: int, message_id: str) -> dict[str, Any] | None:
+        """What the outbox needs to send one of the user's mails: the message (with its
+        extra) and its thread's subject and earlier mail headers; None if it is gone."""
+        image = await self._resident.read(user_id)
+        message = image.messages.get(message_id)
+        thread = image.threads.get(message.thread_id) if message is not None else None
+        if message is None or thread is None:
+            return None
+        references = [
+            m.extra["message_id_header"]
+            for m in thread.messages.values()
+            if m.seq < message.seq and m.extra.get("message_id_header")
+        ]
+        return {
+            **message.to_dict(with_extra=True),
+            "thread_subject": thread.subject,
+            "references": references,
+        }
+
+    async def settle_outbound(
+        self, user_id: int, message_id: str, address: str, outcome: str, detail: str
+    ) -> bool:
+        """Record how one address's copy of the user's mail ended ("sent" or "failed"), once:
+        False if it was settled already (or the message is gone)."""
+        if outcome not in ("sent", "failed"):
+            raise ValueError(f"outcome: {outcome!r} is not sent or failed")
+        entry = {"action": "outbound_settled", "message_id": message_id, "address": address,
+                 "outcome": outcome, "detail": detail[:1000]}  # fmt: skip
+
+        async def decide(image: UserImage) -> Change:
+            message = image.messages.get(message_id)
+            state = message.extra.get("delivery", {}).get(address) if message else None
+            if state is None or state["state"] != "queued":
+                return Change(result={"settled": False})
+            return Change(entries=[dict(entry)], result={"settled": True})
+
+        change, _ = await self._resident.update(user_id, decide)
+        return bool(change.result["settled"])
 
     # ---- reads: served from the image, no store read when it is cached ----
 
@@ -558,6 +633,7 @@ class Mailbox:
         return {
             "thread_id": thread.thread_id,
             "participants": thread.participants,
+            "addresses": _outside_addresses(thread),
             "folder": thread.folder,
             "messages": [message.to_dict() for message in page],
             "next": str(page[0].seq) if len(newest) > limit else None,
@@ -841,12 +917,46 @@ def _user_list(p: dict[str, Any], name: str, most: int, default: Any = _MISSING)
     return value
 
 
-def _recipients(p: dict[str, Any], sender: int, most: int) -> list[int]:
-    recipients = _user_list(p, "recipients", most)
-    others = sorted(set(recipients) - {sender})
-    if not others:
+def _recipients(p: dict[str, Any], sender: int, most: int) -> tuple[list[int], tuple[str, ...]]:
+    """SEND's recipients: user ids and email addresses, (users but the sender, addresses)."""
+    value = _field(p, "recipients", _MISSING)
+    if not isinstance(value, list):
+        raise BadRequest("recipients: must be a list of user ids and email addresses")
+    if len(value) > most:
+        raise TooLarge(f"recipients: {len(value)} recipients, over the limit of {most}")
+    users = [item for item in value if not isinstance(item, str)]
+    for user in users:
+        check_user_id(user, "recipients")
+    addresses = tuple(sorted({_email_address(item, "recipients") for item in value
+                              if isinstance(item, str)}, key=str.lower))  # fmt: skip
+    others = sorted(set(users) - {sender})
+    if not others and not addresses:
         raise BadRequest("recipients: must name at least one user other than the sender")
-    return others
+    return others, addresses
+
+
+def _addresses(p: dict[str, Any], name: str, most: int, default: Any = _MISSING) -> list[str]:
+    value = _field(p, name, default)
+    if not isinstance(value, list) or len(value) > most:
+        raise BadRequest(f"{name}: must be a list of at most {most} email addresses")
+    return [_email_address(item, name) for item in value]
+
+
+def _email_address(value: Any, name: str) -> str:
+    """An email address as a recipient: local@domain, no spaces, brackets or separators."""
+    if not isinstance(value, str):
+        raise BadRequest(f"{name}: {value!r} is neither a user id nor an email address")
+    address = value.strip()
+    local, at, domain = address.rpartition("@")
+    if (
+        not at
+        or not local
+        or "." not in domain
+        or len(address) > 254
+        or any(c.isspace() or c in '<>,;"()[]\\' or ord(c) < 32 for c in address)
+    ):
+        raise BadRequest(f"{name}: {value!r} is not an email address")
+    return address
 
 
 def _text(p: dict[str, Any], name: str, max_bytes: int, default: Any = _MISSING) -> Any:
@@ -920,12 +1030,25 @@ def _message(thread: Thread, message_id: str) -> Message:
 # ---- small pieces ----
 
 
-def _adding(delivery: Delivery, folder: str, unread: bool) -> Change:
-    """The change that adds one copy of a delivery to a mailbox."""
+def _outside_addresses(thread: Thread) -> list[str]:
+    """The outside addresses of a conversation: those its users wrote to and those that
+    wrote to them."""
+    found: dict[str, str] = {}
+    for message in thread.messages.values():
+        for address in message.extra.get("to_addresses", ()):
+            found.setdefault(address.lower(), address)
+        if message.sender == 0 and message.sender_address:
+            found.setdefault(message.sender_address.lower(), message.sender_address)
+    return sorted(found.values(), key=str.lower)
+
+
+def _adding(delivery: Delivery, folder: str, unread: bool, outbound: bool = False) -> Change:
+    """The change that adds one copy of a delivery to a mailbox (`outbound`: the sender's
+    copy of a mail to outside addresses, which queues it)."""
     words = search_terms(delivery.subject, delivery.text)
     return Change(
         entries=[delivery.entry(folder, unread)],
-        bodies={delivery.message_id: delivery.body()},
+        bodies={delivery.message_id: delivery.body(outbound)},
         terms=[(word, delivery.message_id) for word in words],
     )
 

@@ -61,11 +61,15 @@ class EmailObject:
     extra: dict[str, Any]
     # the registered user the mail proved to speak for; 0: a sender from outside
     sender_user: int = 0
+    # the conversation the mail answers, from its In-Reply-To (a mail this cell sent)
+    thread_hint: str | None = None
 
     def deliver_payload(self, user: int, participants: Iterable[int]) -> dict[str, Any]:
         """DELIVER's payload for one recipient (a sender from outside: `sender` 0)."""
         sender = [self.sender_user] if self.sender_user else []
+        hint = {"thread": self.thread_hint} if self.thread_hint else {}
         return {
+            **hint,
             "user": user,
             "sender": self.sender_user,
             "from": self.sender,

@@ -16,6 +16,7 @@ what could be read of it, marked `malformed`.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -25,6 +26,7 @@ from typing import Any
 from pyserver.blobs.base import BlobInfo, BlobStore
 from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
+from pyserver.mta.outbound import thread_of_message_id, user_of_address
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
 from pyserver.mta.senders import DnsLookup, check_dkim
@@ -50,6 +52,8 @@ class MtaSettings:
     parse_in_thread_bytes: int = 256 << 10
     # DKIM key lookups (name -> TXT record); None: the system's resolver (dnspython)
     dkim_dns: DnsLookup | None = None
+    # this cell's own mail domain: u<user>@<mail_domain> is that user (mail out comes from it)
+    mail_domain: str = "pyserver.localhost"
 
     def __post_init__(self) -> None:
         for name in ("max_mail_bytes", "mail_inline_text_bytes", "max_recipients"):
@@ -85,6 +89,9 @@ class MailIntake:
     async def recipient(self, address: str) -> tuple[str, int | None]:
         """(SMTP reply, user id or None) for one RCPT address."""
         address = address.strip().strip("<>").strip()
+        own = user_of_address(address, self.settings.mail_domain)
+        if own is not None:
+            return "250 2.1.5 OK", own
         try:
             user = await self._addresses.resolve_address(address) if address else None
         except PyserverError as exc:
@@ -109,6 +116,7 @@ class MailIntake:
             log.warning("could not store a message of %d bytes: %r", len(raw), exc)
             return "451 4.3.0 Could not store the message, try again later"
         email = await self._attribute(raw, email)
+        email = self._answering(email)
         participants = await self._participants(email, recipients)
         outcomes = await asyncio.gather(
             *(self._route.deliver(email.deliver_payload(user, participants)) for user in users),
@@ -168,6 +176,16 @@ class MailIntake:
             body=body,
             attachments=attachments,
         )
+
+    def _answering(self, email: EmailObject) -> EmailObject:
+        """The mail with the conversation it answers, when its In-Reply-To or References
+        name a mail this cell sent (pyserver.mta.outbound)."""
+        named = [email.extra.get("in_reply_to"), *reversed(email.extra.get("references", []))]
+        for header in named:
+            thread = thread_of_message_id(header, self.settings.mail_domain) if header else None
+            if thread is not None:
+                return dataclasses.replace(email, thread_hint=thread)
+        return email
 
     async def _attribute(self, raw: bytes, email: EmailObject) -> EmailObject:
         """The mail as its From address's user's message when that address is registered and

@@ -14,11 +14,15 @@ the fence).
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from pyserver.addresses import parse_host_port
 from pyserver.app.dispatcher import Dispatcher, MailboxLike, RequestObserver
 from pyserver.app.mailbox import Mailbox, MailboxSettings
+from pyserver.app.outbox import Outbox
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
 from pyserver.config import Config
@@ -26,11 +30,14 @@ from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
 from pyserver.dirty.service import DirtyService
 from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
+from pyserver.mta.outbound import RelaySender
 from pyserver.store.base import Store
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
 
 __all__ = ["AppServerParts", "service_server"]
+
+log = logging.getLogger(__name__)
 
 
 def service_server(
@@ -102,8 +109,18 @@ class AppServerParts:
             MailboxSettings.from_config(config),
             counts_changed=self.dirty_reporter.report if self.dirty_reporter else None,
             blobs=self.blobs,
+            outbound_queued=self._outbound_queued,
             **(mailbox_hooks or {}),
         )
+        # mail to outside addresses, relayed through the smart host (none: it waits queued)
+        self.outbox: Outbox | None = None
+        if config.relay_addr:
+            host, port = parse_host_port(config.relay_addr)
+            self.outbox = Outbox(
+                self.mailbox,
+                RelaySender(host, port, config.mail_domain),
+                give_up_after_s=config.outbound_give_up_s,
+            )
         self.server = service_server(
             config,
             self.mailbox,
@@ -117,6 +134,7 @@ class AppServerParts:
         self.metrics.connections.set_function(lambda: self.dispatcher.connections)
         self._opened: list[str] = []
         self._listening = False
+        self._recovery: asyncio.Task[None] | None = None
 
     async def open(self) -> None:
         """Open the store and the blob store, start the dirty reports (nothing listens yet)."""
@@ -132,20 +150,39 @@ class AppServerParts:
             self.dirty_reporter.start()
             self._opened.append("dirty reporter")
 
+    def _outbound_queued(self, user_id: int, message_id: str) -> None:
+        if self.outbox is not None:
+            self.outbox.queued(user_id, message_id)
+
     async def listen(self) -> dict[str, Any]:
-        """Listen on the configured ports; the addresses bound, as endpoints files hold them."""
+        """Listen on the configured ports; the addresses bound, as endpoints files hold them.
+        The outbox starts too, and queues again the mail a previous run left unsettled."""
         self._listening = True
         host, port = await self.server.start(self.config.host, self.config.port)
         http_port = await self.http.start(self.config.host, self.config.http_port)
+        if self.outbox is not None:
+            self.outbox.start()
+            self._recovery = asyncio.get_running_loop().create_task(self._recover_outbound())
         return {
             "node": self.config.node_id,
             "server": {"host": host, "port": port},
             "http": {"host": self.config.host, "port": http_port},
         }
 
+    async def _recover_outbound(self) -> None:
+        assert self.outbox is not None
+        try:
+            await self.outbox.recover(await self.store.user_ids())
+        except Exception:  # the store down at start: the next start recovers them
+            log.exception("outbox: recovering unsettled mail failed")
+
     async def stop_serving(self, grace_s: float) -> None:
         """Answer in-flight requests (for up to grace_s), stop listening, snapshot what the
         mailbox holds."""
+        if self._recovery is not None:
+            self._recovery.cancel()
+        if self.outbox is not None:
+            await self.outbox.close()
         if self._listening:
             await self.server.stop(grace_s)
             await self.http.stop()

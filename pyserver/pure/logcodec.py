@@ -45,6 +45,7 @@ ACTIONS: tuple[str, ...] = (
     "sender_blocked",
     "sender_unblocked",
     "folder_seen",
+    "outbound_settled",
 )
 CHANNELS: tuple[str, ...] = ("chat", "email", "sms", "web")
 FOLDERS: tuple[str, ...] = ("inbox", "other", "archived", "sent", "spam")
@@ -74,6 +75,12 @@ _SCHEMAS: dict[str, tuple[tuple[str, int], ...]] = {
     "sender_blocked": (("sender", _U64),),
     "sender_unblocked": (("sender", _U64),),
     "folder_seen": (("folder", _FOLDER),),
+    "outbound_settled": (
+        ("message_id", _STR),
+        ("address", _STR),
+        ("outcome", _STR),
+        ("detail", _STR),
+    ),
 }
 
 # Each action's own fields, in record order (after seq, ts and action).

@@ -60,6 +60,7 @@ class InProcessCell:
         self.clients: list[Client] = []
 
     async def __aenter__(self) -> InProcessCell:
+        self.folder.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         if self.blobs is not None:
             await self.blobs.open()

@@ -37,11 +37,12 @@ pub enum Action {
     SenderBlocked = 7,
     SenderUnblocked = 8,
     FolderSeen = 9,
+    OutboundSettled = 10,
 }
 
 impl Action {
     /// Every action, in code order.
-    pub const ALL: [Action; 9] = [
+    pub const ALL: [Action; 10] = [
         Action::MessageAdded,
         Action::MarkedRead,
         Action::MarkedUnread,
@@ -51,6 +52,7 @@ impl Action {
         Action::SenderBlocked,
         Action::SenderUnblocked,
         Action::FolderSeen,
+        Action::OutboundSettled,
     ];
 
     pub fn code(self) -> u8 {
@@ -72,6 +74,7 @@ impl Action {
             Action::SenderBlocked => "sender_blocked",
             Action::SenderUnblocked => "sender_unblocked",
             Action::FolderSeen => "folder_seen",
+            Action::OutboundSettled => "outbound_settled",
         }
     }
 
@@ -102,6 +105,7 @@ impl Action {
             Action::ThreadDeleted => &["thread_id"],
             Action::SenderBlocked | Action::SenderUnblocked => &["sender"],
             Action::FolderSeen => &["folder"],
+            Action::OutboundSettled => &["message_id", "address", "outcome", "detail"],
         }
     }
 }
@@ -228,6 +232,14 @@ pub enum Change<'a> {
     FolderSeen {
         folder: Folder,
     },
+    /// An outgoing mail's copy to one outside address is settled: relayed ("sent") or
+    /// given up ("failed", `detail` says why).
+    OutboundSettled {
+        message_id: &'a str,
+        address: &'a str,
+        outcome: &'a str,
+        detail: &'a str,
+    },
 }
 
 /// The fields of a `message_added` entry, in record order.
@@ -260,6 +272,7 @@ impl Change<'_> {
             Change::SenderBlocked { .. } => Action::SenderBlocked,
             Change::SenderUnblocked { .. } => Action::SenderUnblocked,
             Change::FolderSeen { .. } => Action::FolderSeen,
+            Change::OutboundSettled { .. } => Action::OutboundSettled,
         }
     }
 
@@ -303,6 +316,17 @@ impl Change<'_> {
                 sink.u64(*sender)
             }
             Change::FolderSeen { folder } => sink.byte(folder.code()),
+            Change::OutboundSettled {
+                message_id,
+                address,
+                outcome,
+                detail,
+            } => {
+                sink.str(message_id);
+                sink.str(address);
+                sink.str(outcome);
+                sink.str(detail);
+            }
         }
     }
 }
@@ -776,6 +800,12 @@ impl<'a> FieldReader<'a> {
             Action::FolderSeen => Change::FolderSeen {
                 folder: self.folder("folder")?,
             },
+            Action::OutboundSettled => Change::OutboundSettled {
+                message_id: self.str("message_id")?,
+                address: self.str("address")?,
+                outcome: self.str("outcome")?,
+                detail: self.str("detail")?,
+            },
         })
     }
 }
@@ -980,7 +1010,7 @@ mod tests {
             assert_eq!(Folder::from_name(f.name()), Some(f));
         }
         assert_eq!(Action::from_code(0), None);
-        assert_eq!(Action::from_code(10), None);
+        assert_eq!(Action::from_code(11), None);
         assert_eq!(Channel::from_code(5), None);
         assert_eq!(Folder::from_code(0), None);
         assert_eq!(Folder::from_name("Inbox"), None);
@@ -1050,11 +1080,11 @@ mod tests {
         ));
 
         let mut bad = good.clone();
-        bad[1] = 10;
+        bad[1] = 11;
         fix_crc(&mut bad);
         assert_eq!(
             decode(&bad).unwrap_err(),
-            DecodeError::UnknownAction { offset: 1, code: 10 }
+            DecodeError::UnknownAction { offset: 1, code: 11 }
         );
 
         let mut bad = good.clone();
@@ -1293,6 +1323,12 @@ mod tests {
                 },
                 Action::FolderSeen => Change::FolderSeen {
                     folder: self.folder,
+                },
+                Action::OutboundSettled => Change::OutboundSettled {
+                    message_id: s(0),
+                    address: s(1),
+                    outcome: s(2),
+                    detail: s(3),
                 },
             };
             Entry {

@@ -263,6 +263,12 @@ impl<'py> Held<'py> {
             Action::FolderSeen => Change::FolderSeen {
                 folder: field!(folder, 0),
             },
+            Action::OutboundSettled => Change::OutboundSettled {
+                message_id: field!(text, 0),
+                address: field!(text, 1),
+                outcome: field!(text, 2),
+                detail: field!(text, 3),
+            },
         };
         Ok(Entry { seq, ts, change })
     }
@@ -474,6 +480,17 @@ fn entry_to_dict<'py>(
             dict.set_item(key(0), *sender)?
         }
         Change::FolderSeen { folder: f } => dict.set_item(key(0), folder(*f))?,
+        Change::OutboundSettled {
+            message_id,
+            address,
+            outcome,
+            detail,
+        } => {
+            dict.set_item(key(0), text(message_id))?;
+            dict.set_item(key(1), text(address))?;
+            dict.set_item(key(2), text(outcome))?;
+            dict.set_item(key(3), text(detail))?;
+        }
     }
     Ok(dict)
 }

@@ -1,0 +1,115 @@
+"""Mail out: a user's message to outside addresses, as a MIME mail handed to the relay.
+
+`RelaySender` is the outbox's `send` (pyserver.app.outbox): it writes the mail
+with the standard library's `email` package and gives it to the configured
+smart host over SMTP (aiosmtplib). The mail is From the user's address in the
+cell's mail domain (`u<user>@<mail_domain>`, which the MTA proxy takes back in:
+replies reach the user), and its Message-ID names the message and its
+conversation (`<message_id.thread_id@mail_domain>`), so that a reply's
+In-Reply-To or References brings the answer back into the same conversation;
+In-Reply-To and References carry the conversation's earlier mail headers.
+
+Outcomes per address: the relay's acceptance is "sent"; a permanent refusal
+(5xx) is "failed"; anything else (4xx, no connection, a timeout) is "retry".
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from email.message import EmailMessage
+from email.utils import format_datetime, formatdate
+from typing import Any
+
+import aiosmtplib
+
+__all__ = ["RelaySender", "thread_of_message_id", "user_address"]
+
+_USER_ADDRESS = re.compile(r"^u(\d{1,20})$")
+_OUR_MESSAGE_ID = re.compile(r"<?m[0-9a-f]{24}\.(t[0-9a-f]{24})@([^>\s]+)>?")
+
+
+def user_address(user_id: int, mail_domain: str) -> str:
+    """The address a user's mail goes out from (and replies come back to)."""
+    return f"u{user_id}@{mail_domain}"
+
+
+def user_of_address(address: str, mail_domain: str) -> int | None:
+    """The user of one of this cell's own addresses (`u<user>@<mail_domain>`), else None."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    match = _USER_ADDRESS.match(local.lower()) if at else None
+    if match is None or domain.lower().rstrip(".") != mail_domain.lower():
+        return None
+    return int(match.group(1))
+
+
+def thread_of_message_id(header: str, mail_domain: str) -> str | None:
+    """The conversation a Message-ID this cell wrote names (`<m….t…@mail_domain>`), else None."""
+    match = _OUR_MESSAGE_ID.fullmatch(header.strip())
+    if match is None or match.group(2).lower() != mail_domain.lower():
+        return None
+    return match.group(1)
+
+
+class RelaySender:
+    """Sends the outbox's mail through the smart host at host:port."""
+
+    def __init__(self, host: str, port: int, mail_domain: str, timeout_s: float = 30.0) -> None:
+        self.host = host
+        self.port = port
+        self.mail_domain = mail_domain
+        self._timeout_s = timeout_s
+
+    def compose(self, mail: dict[str, Any]) -> EmailMessage:
+        """The MIME mail of one outgoing message (see the module docstring)."""
+        message = EmailMessage()
+        message["From"] = user_address(mail["user"], self.mail_domain)
+        message["To"] = ", ".join(mail["addresses"])
+        message["Subject"] = mail["subject"]
+        when = datetime.fromtimestamp(mail["ts"] / 1_000_000, UTC)
+        message["Date"] = format_datetime(when) if mail.get("ts") else formatdate()
+        message["Message-ID"] = f"<{mail['message_id']}.{mail['thread_id']}@{self.mail_domain}>"
+        references = [ref for ref in mail.get("references", ()) if ref][-20:]
+        if references:
+            message["In-Reply-To"] = references[-1]
+            message["References"] = " ".join(references)
+        message.set_content(mail["text"])
+        return message
+
+    async def __call__(self, mail: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        message = self.compose(mail)
+        addresses = list(mail["addresses"])
+        try:
+            refused, reply = await aiosmtplib.send(
+                message,
+                hostname=self.host,
+                port=self.port,
+                sender=user_address(mail["user"], self.mail_domain),
+                recipients=addresses,
+                timeout=self._timeout_s,
+                start_tls=False,
+            )
+        except aiosmtplib.SMTPRecipientsRefused as error:
+            refused = {r.recipient: r for r in error.recipients}
+            return {a: _refusal(refused.get(a)) for a in addresses}
+        except aiosmtplib.SMTPResponseException as error:
+            outcome = "failed" if 500 <= error.code < 600 else "retry"
+            return dict.fromkeys(addresses, (outcome, f"{error.code} {error.message}"))
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            return dict.fromkeys(addresses, ("retry", f"{type(error).__name__}: {error}"))
+        outcomes = {}
+        for address in addresses:
+            if address in refused:
+                outcomes[address] = _refusal(refused[address])
+            else:
+                outcomes[address] = ("sent", reply[:500])
+        return outcomes
+
+
+def _refusal(answer: Any) -> tuple[str, str]:
+    """(outcome, detail) of a refused recipient: aiosmtplib gives a response or an error."""
+    if answer is None:
+        return "retry", "no answer for this address"
+    code = getattr(answer, "code", 0)
+    detail = f"{code} {getattr(answer, 'message', answer)}"
+    return ("failed" if 500 <= code < 600 else "retry"), detail[:500]

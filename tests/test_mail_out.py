@@ -1,0 +1,313 @@
+"""Mail out: SEND to email addresses, relayed through a real SMTP relay, and the answers
+coming back into the same conversation.
+
+The relay is Postfix's `smtp-sink` on loopback, dumping each mail it accepts into a
+folder (`-d`), or refusing every recipient for good (`-f rcpt`) or for now (`-r
+rcpt`). The app side is the in-process cell with an `Outbox`; replies from outside
+come in over real SMTP through the MTA proxy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import smtplib
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from email import message_from_bytes, policy
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyserver.app.mailbox import Mailbox
+from pyserver.app.outbox import Outbox
+from pyserver.mta.intake import MailIntake, MtaSettings
+from pyserver.mta.outbound import RelaySender, thread_of_message_id, user_of_address
+from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.smtp import MtaProxy
+from pyserver.wire.ops import Op
+from tests import support
+from tests.conftest import REQUIRE_ENGINES
+from tests.support.cells import KEY, InProcessCell
+
+DOMAIN = "cell.test"
+SMTP_SINK = shutil.which("smtp-sink") or (
+    "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
+)
+
+
+class Relay:
+    """`smtp-sink` on a loopback port, its accepted mail dumped into a folder of its own
+    (directly under the system's temporary folder: as root, smtp-sink runs as nobody, who
+    cannot reach into the test's private folders)."""
+
+    def __init__(self, *flags: str, port: int | None = None) -> None:
+        if SMTP_SINK is None:
+            message = "smtp-sink is not installed (apt-get install postfix)"
+            if REQUIRE_ENGINES:
+                pytest.fail(message)
+            pytest.skip(message)
+        self.folder = folder = Path(tempfile.mkdtemp(prefix="pyserver-relay-"))
+        folder.chmod(0o777)
+        self.port = port or support.free_port()
+        user = ["-u", "nobody"] if os.geteuid() == 0 else []
+        self.proc = subprocess.Popen(
+            [SMTP_SINK, *user, *flags, "-d", f"{folder}/mail.", f"127.0.0.1:{self.port}", "16"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        )  # fmt: skip
+        _wait_listening(self.port, self.proc)
+
+    def mails(self) -> list[EmailMessage]:
+        found = []
+        for path in sorted(self.folder.glob("mail.*")):
+            found.append(message_from_bytes(path.read_bytes(), policy=policy.default))
+        return found  # type: ignore[return-value]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=10)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _wait_listening(port: int, proc: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"smtp-sink exited: {proc.stderr.read() if proc.stderr else ''}")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError("smtp-sink did not listen")
+
+
+@pytest.fixture
+def relay(tmp_path: Path) -> Iterator[Relay]:
+    running = Relay()
+    yield running
+    running.stop()
+
+
+class OutCell(InProcessCell):
+    """A cell whose mailbox relays mail to outside addresses through `relay_port`, with the
+    MTA proxy in front for the answers."""
+
+    def __init__(self, folder: Path, relay_port: int) -> None:
+        super().__init__(folder, blobs=True, mailbox_options={"outbound_queued": self._queued})
+        self.relay_port = relay_port
+        self.outbox = self._outbox(self.mailbox)
+
+    def _queued(self, user: int, message_id: str) -> None:
+        self.outbox.queued(user, message_id)
+
+    def _outbox(self, mailbox: Mailbox) -> Outbox:
+        sender = RelaySender("127.0.0.1", self.relay_port, DOMAIN, timeout_s=5)
+        return Outbox(mailbox, sender, retry_initial_s=0.1, retry_max_s=0.3, workers=2)
+
+    async def __aenter__(self) -> OutCell:
+        await super().__aenter__()
+        await self.store.add_address("bob@example.com", 2)
+        await self.serve()
+        self.outbox.start()
+        self.route = SingleServerRoute("127.0.0.1", self.port, KEY, 5.0)
+        assert self.blobs is not None
+        settings = MtaSettings(mail_domain=DOMAIN)
+        intake = MailIntake(self.store, self.blobs, self.route, settings)
+        self.proxy = MtaProxy(intake, hostname="mx.test")
+        _, self.smtp_port = await self.proxy.start("127.0.0.1", 0)
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.proxy.stop(1.0)
+        await self.outbox.close()
+        await self.route.close()
+        await super().__aexit__(*exc_info)
+
+    async def send(self, sender: int, recipients: list[Any], text: str, **more: Any) -> dict:
+        payload = {"sender": sender, "recipients": recipients, "text": text, "channel": "chat"}
+        return await self.mailbox.execute(Op.SEND, {**payload, **more})
+
+    async def deliver_by_smtp(self, message: EmailMessage, to: list[str]) -> None:
+        await asyncio.to_thread(_sendmail, self.smtp_port, message, to)
+
+    async def thread(self, user: int, thread_id: str) -> dict[str, Any]:
+        return await self.mailbox.execute(Op.GET_THREAD, {"user": user, "thread_id": thread_id})
+
+
+def test_a_send_to_an_address_goes_out_and_the_answer_comes_back(tmp_path: Path, relay: Relay):
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", relay.port) as cell:
+            sent = await cell.send(2, ["Alice@Outside.example", 3], "lunch?", subject="Lunch")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            (mail,) = relay.mails()
+            assert mail["From"] == f"u2@{DOMAIN}" and mail["To"] == "Alice@Outside.example"
+            assert mail["Subject"] == "Lunch" and mail.get_content().strip() == "lunch?"
+            our_id = mail["Message-ID"]
+            assert thread_of_message_id(our_id, DOMAIN) == sent["thread_id"]
+            thread = await cell.thread(2, sent["thread_id"])
+            assert thread["participants"] == [2, 3]
+            assert thread["addresses"] == ["Alice@Outside.example"]
+            (message,) = thread["messages"]
+            state = message["delivery"]["Alice@Outside.example"]
+            assert state["state"] == "sent" and state["detail"].startswith("2")
+            assert cell.outbox.counters["sent"] == 1
+            # user 3, a user participant, got the message; it has no delivery of its own
+            (copy,) = (await cell.thread(3, sent["thread_id"]))["messages"]
+            assert "delivery" not in copy
+
+            # alice answers from outside, to the address the mail came from
+            answer = EmailMessage()
+            answer["From"] = "Alice <alice@outside.example>"
+            answer["To"] = f"u2@{DOMAIN}"
+            answer["Subject"] = "Re: Lunch"
+            answer["Message-ID"] = "<answer-1@outside.example>"
+            answer["In-Reply-To"] = our_id
+            answer["References"] = our_id
+            answer.set_content("yes, at noon")
+            await cell.deliver_by_smtp(answer, [f"u2@{DOMAIN}"])
+            thread = await cell.thread(2, sent["thread_id"])
+            assert [m["text"] for m in thread["messages"]] == ["lunch?", "yes, at noon"]
+            assert thread["messages"][-1]["sender"] == 0
+            assert thread["folder"] == "inbox"
+
+            # user 2 answers back: the mail refers to alice's
+            again = await cell.send(2, ["alice@outside.example", 3], "see you", subject="Lunch")
+            assert again["thread_id"] == sent["thread_id"]
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            second = relay.mails()[-1]
+            assert second["In-Reply-To"] == "<answer-1@outside.example>"
+
+    support.run(scenario, timeout=60)
+
+
+def test_a_permanent_refusal_marks_the_mail_failed(tmp_path: Path) -> None:
+    refusing = Relay("-f", "rcpt")
+
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", refusing.port) as cell:
+            sent = await cell.send(2, ["nobody@outside.example"], "hello?")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            (message,) = (await cell.thread(2, sent["thread_id"]))["messages"]
+            state = message["delivery"]["nobody@outside.example"]
+            assert state["state"] == "failed" and state["detail"].startswith("5")
+            assert refusing.mails() == []
+
+    try:
+        support.run(scenario, timeout=60)
+    finally:
+        refusing.stop()
+
+
+def test_queued_mail_survives_a_restart_and_goes_out_once(tmp_path: Path) -> None:
+    port = support.free_port()  # nothing listens yet: the relay is down
+
+    async def first_run() -> str:
+        async with OutCell(tmp_path / "cell", port) as cell:
+            sent = await cell.send(2, ["carol@outside.example"], "queued while down", key="k1")
+            await asyncio.sleep(0.5)  # a few attempts, each deferred
+            assert cell.outbox.counters["retries"] >= 1
+            (message,) = (await cell.thread(2, sent["thread_id"]))["messages"]
+            assert message["delivery"]["carol@outside.example"]["state"] == "queued"
+            return sent["thread_id"]
+
+    thread_id = support.run(first_run, timeout=60)
+    relay = Relay()  # the relay is back (the cell is pointed at it)
+
+    async def second_run() -> None:
+        async with OutCell(tmp_path / "cell", relay.port) as cell:
+            assert await cell.outbox.recover(await cell.store.user_ids()) == 1
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            (message,) = (await cell.thread(2, thread_id))["messages"]
+            assert message["delivery"]["carol@outside.example"]["state"] == "sent"
+            # once settled, a later recovery sends nothing again
+            assert await cell.outbox.recover(await cell.store.user_ids()) == 0
+
+    try:
+        support.run(second_run, timeout=60)
+        assert [m["To"] for m in relay.mails()] == ["carol@outside.example"]
+    finally:
+        relay.stop()
+
+
+def test_addresses_of_the_cell_and_its_message_ids_are_read_back() -> None:
+    assert user_of_address(f"U42@{DOMAIN}", DOMAIN) == 42
+    assert user_of_address("u42@other.test", DOMAIN) is None
+    assert user_of_address(f"bob@{DOMAIN}", DOMAIN) is None
+    message_id = f"<m{'a' * 24}.t{'b' * 24}@{DOMAIN}>"
+    assert thread_of_message_id(message_id, DOMAIN) == "t" + "b" * 24
+    assert thread_of_message_id(message_id.replace(DOMAIN, "evil.test"), DOMAIN) is None
+    assert thread_of_message_id("<whatever@cell.test>", DOMAIN) is None
+
+
+def test_send_refuses_what_is_neither_a_user_nor_an_address(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        async with InProcessCell(tmp_path) as cell:
+            for bad in ["no-at-sign", "a@b", "two words@example.org", "<x@example.org>", 1.5]:
+                with pytest.raises(Exception, match="recipients"):
+                    await cell.mailbox.execute(
+                        Op.SEND, {"sender": 2, "recipients": [bad], "text": "x", "channel": "chat"}
+                    )
+
+    support.run(scenario)
+
+
+def _sendmail(port: int, message: EmailMessage, to: list[str]) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.send_message(message, to_addrs=to)
+
+
+# ---- the whole cell: `pyserver run --relay`, killed with mail queued ----
+
+
+def _cli(*args: str, data: Path) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", *args, "--data", str(data)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    return done.stdout
+
+
+def _run_cell(data: Path, relay_port: int) -> subprocess.Popen[Any]:
+    proc, _ = support.start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
+         "--relay", f"127.0.0.1:{relay_port}", "--mail-domain", DOMAIN],
+        data.parent / "cell.ready.json", stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    return proc
+
+
+def test_mail_queued_when_the_cell_is_killed_goes_out_exactly_once(tmp_path: Path) -> None:
+    data = tmp_path / "cell"
+    relay_port = support.free_port()  # the relay is down at first
+    cell = _run_cell(data, relay_port)
+    try:
+        out = _cli("send", "--user", "2", "--to", "dora@outside.example", "--to", "3",
+                   "--key", "once", "sent while the relay is down", data=data)  # fmt: skip
+        assert out.startswith("sent ")
+    finally:
+        cell.kill()  # kill -9, with the mail queued
+        cell.wait(timeout=10)
+    relay = Relay(port=relay_port)  # the relay comes back
+    try:
+        cell = _run_cell(data, relay_port)
+        try:
+            deadline = time.monotonic() + 30
+            while not relay.mails() and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(1.0)  # a second copy, if there were one, would be here by now
+            mails = relay.mails()
+            assert [m["To"] for m in mails] == ["dora@outside.example"]
+            assert mails[0]["From"] == f"u2@{DOMAIN}"
+        finally:
+            cell.terminate()
+            cell.wait(timeout=30)
+    finally:
+        relay.stop()
