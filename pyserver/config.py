@@ -105,6 +105,10 @@ class Config:
     mail_domain: str = "pyserver.localhost"
     # an address the relay keeps deferring is given up (failed) once the mail is this old
     outbound_give_up_s: float = 345_600.0
+    # a PEM RSA key: outgoing mail is DKIM-signed for mail_domain with it; empty: unsigned
+    dkim_key_file: str = ""
+    # the DKIM selector the key's public half is published under
+    dkim_selector: str = "pyserver"
 
     @property
     def service_key_path(self) -> Path:
@@ -215,6 +219,8 @@ def _check(config: Config) -> None:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_services(config)
     _check_cluster(config)
+    if config.dkim_key_file and not os.access(config.dkim_key_file, os.R_OK):
+        raise ConfigError(f"config dkim_key_file: cannot read {config.dkim_key_file!r}")
     if config.outbound_give_up_s <= 0:
         raise ConfigError("config outbound_give_up_s: must be positive")
     domain = config.mail_domain

@@ -31,6 +31,7 @@ from pyserver.app.outbox import Outbox
 from pyserver.mta.intake import MailIntake, MtaSettings
 from pyserver.mta.outbound import RelaySender, thread_of_message_id, user_of_address
 from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.senders import check_dkim
 from pyserver.mta.smtp import MtaProxy
 from pyserver.wire.ops import Op
 from tests import support
@@ -100,16 +101,19 @@ class OutCell(InProcessCell):
     """A cell whose mailbox relays mail to outside addresses through `relay_port`, with the
     MTA proxy in front for the answers."""
 
-    def __init__(self, folder: Path, relay_port: int) -> None:
+    def __init__(self, folder: Path, relay_port: int, dkim_key: bytes | None = None) -> None:
         super().__init__(folder, blobs=True, mailbox_options={"outbound_queued": self._queued})
         self.relay_port = relay_port
+        self.dkim_key = dkim_key
         self.outbox = self._outbox(self.mailbox)
 
     def _queued(self, user: int, message_id: str) -> None:
         self.outbox.queued(user, message_id)
 
     def _outbox(self, mailbox: Mailbox) -> Outbox:
-        sender = RelaySender("127.0.0.1", self.relay_port, DOMAIN, timeout_s=5)
+        sender = RelaySender(
+            "127.0.0.1", self.relay_port, DOMAIN, timeout_s=5, dkim_key=self.dkim_key
+        )
         return Outbox(mailbox, sender, retry_initial_s=0.1, retry_max_s=0.3, workers=2)
 
     async def __aenter__(self) -> OutCell:
@@ -182,8 +186,30 @@ def test_a_send_to_an_address_goes_out_and_the_answer_comes_back(tmp_path: Path,
             again = await cell.send(2, ["alice@outside.example", 3], "see you", subject="Lunch")
             assert again["thread_id"] == sent["thread_id"]
             await asyncio.wait_for(cell.outbox.idle(), 10)
-            second = relay.mails()[-1]
+            (second,) = [m for m in relay.mails() if m["Message-ID"] != our_id]
             assert second["In-Reply-To"] == "<answer-1@outside.example>"
+
+    support.run(scenario, timeout=60)
+
+
+def test_mail_out_is_dkim_signed_for_the_mail_domain(tmp_path: Path, relay: Relay) -> None:
+    key = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
+    record = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
+    records = {f"pyserver._domainkey.{DOMAIN}.".encode(): record.strip()}
+
+    def published(name: bytes, timeout: int = 5) -> bytes | None:
+        return records.get(name)
+
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", relay.port, dkim_key=key) as cell:
+            await cell.send(2, ["erin@outside.example"], "signed, sealed", subject="Proof")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+        (path,) = sorted(relay.folder.glob("mail.*"))
+        # what the receiver got, the relay's own trace headers on top
+        proof = await check_dkim(path.read_bytes(), f"u2@{DOMAIN}", published)
+        assert proof.verified and proof.detail == f"dkim:{DOMAIN}"
+        tampered = path.read_bytes().replace(b"signed, sealed", b"signed, altered")
+        assert not (await check_dkim(tampered, f"u2@{DOMAIN}", published)).verified
 
     support.run(scenario, timeout=60)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from pyserver.addresses import parse_host_port
@@ -116,9 +117,13 @@ class AppServerParts:
         self.outbox: Outbox | None = None
         if config.relay_addr:
             host, port = parse_host_port(config.relay_addr)
+            key = Path(config.dkim_key_file).read_bytes() if config.dkim_key_file else None
+            sender = RelaySender(
+                host, port, config.mail_domain, dkim_key=key, dkim_selector=config.dkim_selector
+            )
             self.outbox = Outbox(
                 self.mailbox,
-                RelaySender(host, port, config.mail_domain),
+                sender,
                 give_up_after_s=config.outbound_give_up_s,
             )
         self.server = service_server(
