@@ -214,6 +214,63 @@ def test_mail_out_is_dkim_signed_for_the_mail_domain(tmp_path: Path, relay: Rela
     support.run(scenario, timeout=60)
 
 
+def _bounce(to: str, failed: str, message_id: str) -> bytes:
+    """A delivery status notification as Postfix writes one for an unknown remote user."""
+    text = f"""From: MAILER-DAEMON@mx.outside.example (Mail Delivery System)
+To: {to}
+Subject: Undelivered Mail Returned to Sender
+MIME-Version: 1.0
+Content-Type: multipart/report; report-type=delivery-status; boundary="B1"
+
+--B1
+Content-Type: text/plain
+
+I'm sorry to have to inform you that your message could not
+be delivered to one or more recipients.
+
+--B1
+Content-Type: message/delivery-status
+
+Reporting-MTA: dns; mx.outside.example
+
+Final-Recipient: rfc822; {failed}
+Original-Recipient: rfc822;{failed}
+Action: failed
+Status: 5.1.1
+Diagnostic-Code: smtp; 550 5.1.1 <{failed}>: Recipient address rejected:
+    User unknown in local recipient table
+
+--B1
+Content-Type: text/rfc822-headers
+
+Message-ID: {message_id}
+
+--B1--
+"""
+    return text.replace("\n", "\r\n").encode()
+
+
+def test_a_bounce_marks_the_address_failed(tmp_path: Path, relay: Relay) -> None:
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", relay.port) as cell:
+            sent = await cell.send(2, ["ghost@outside.example", "fred@outside.example"], "hi")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            (mail,) = relay.mails()
+            envelope = mail["X-Mail-Args"].strip("<>")  # the sink's record of MAIL FROM
+            assert envelope.startswith(f"b-2-{sent['message_id']}@")
+            data = _bounce(envelope, "ghost@outside.example", mail["Message-ID"])
+            await asyncio.to_thread(_sendmail_raw, cell.smtp_port, "", [envelope], data)
+            (message,) = (await cell.thread(2, sent["thread_id"]))["messages"]
+            ghost = message["delivery"]["ghost@outside.example"]
+            assert ghost["state"] == "failed" and "User unknown" in ghost["detail"]
+            assert message["delivery"]["fred@outside.example"]["state"] == "sent"
+            # a bounce names only the mail it is about; nothing lands in a mailbox
+            counts = (await cell.mailbox.execute(Op.COUNTS, {"user": 2}))["folders"]
+            assert all(folder["unread"] == 0 for folder in counts.values())
+
+    support.run(scenario, timeout=60)
+
+
 def test_a_permanent_refusal_marks_the_mail_failed(tmp_path: Path) -> None:
     refusing = Relay("-f", "rcpt")
 
@@ -283,6 +340,11 @@ def test_send_refuses_what_is_neither_a_user_nor_an_address(tmp_path: Path) -> N
                     )
 
     support.run(scenario)
+
+
+def _sendmail_raw(port: int, sender: str, to: list[str], data: bytes) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+        smtp.sendmail(sender, to, data)
 
 
 def _sendmail(port: int, message: EmailMessage, to: list[str]) -> None:

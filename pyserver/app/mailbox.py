@@ -243,6 +243,7 @@ class Mailbox:
             Op.SEND: self._send,
             Op.DELIVER: self._deliver,
             Op.DELIVER_COPY: self._deliver_copy_request,
+            Op.OUTBOUND_SETTLE: self._outbound_settle,
             Op.LIST_THREADS: self._list_threads,
             Op.GET_THREAD: self._get_thread,
             Op.GET_MESSAGE: self._get_message,
@@ -555,11 +556,22 @@ class Mailbox:
             "references": references,
         }
 
+    async def _outbound_settle(self, p: dict[str, Any]) -> dict[str, Any]:
+        """OUTBOUND_SETTLE: how one address's copy of a user's mail ended, as a bounce said."""
+        user = _user(p, "user")
+        message_id = _text(p, "message_id", self._settings.max_field_bytes)
+        address = _email_address(_field(p, "address", _MISSING), "address")
+        outcome = _choice(p, "outcome", ("sent", "failed"))
+        detail = _text(p, "detail", self._settings.max_field_bytes, default="")
+        settled = await self.settle_outbound(user, message_id, address, outcome, detail)
+        return {"settled": settled}
+
     async def settle_outbound(
         self, user_id: int, message_id: str, address: str, outcome: str, detail: str
     ) -> bool:
-        """Record how one address's copy of the user's mail ended ("sent" or "failed"), once:
-        False if it was settled already (or the message is gone)."""
+        """Record how one address's copy of the user's mail ended ("sent" or "failed"): a
+        queued copy settles either way, a sent one can still fail (a bounce); False if
+        nothing changed (settled already, or the message is gone)."""
         if outcome not in ("sent", "failed"):
             raise ValueError(f"outcome: {outcome!r} is not sent or failed")
         entry = {"action": "outbound_settled", "message_id": message_id, "address": address,
@@ -568,7 +580,10 @@ class Mailbox:
         async def decide(image: UserImage) -> Change:
             message = image.messages.get(message_id)
             state = message.extra.get("delivery", {}).get(address) if message else None
-            if state is None or state["state"] != "queued":
+            # queued -> sent or failed; sent -> failed (a bounce after the relay took it)
+            if state is None or not (
+                state["state"] == "queued" or (state["state"] == "sent" and outcome == "failed")
+            ):
                 return Change(result={"settled": False})
             return Change(entries=[dict(entry)], result={"settled": True})
 

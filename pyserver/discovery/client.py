@@ -339,7 +339,10 @@ class ClusterRoute:
         self._timeout_s = timeout_s
 
     async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]:
-        return await self._client.request(Op.DELIVER, payload, timeout=self._timeout_s)
+        return await self.request(Op.DELIVER, payload)
+
+    async def request(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self._client.request(op, payload, timeout=self._timeout_s)
 
     async def close(self) -> None:
         await self._client.close()

@@ -19,18 +19,20 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyserver.blobs.base import BlobInfo, BlobStore
 from pyserver.errors import BadRequest, PyserverError
+from pyserver.mta.dsn import failed_recipients
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
-from pyserver.mta.outbound import thread_of_message_id, user_of_address
+from pyserver.mta.outbound import bounced_mail, thread_of_message_id, user_of_address
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
 from pyserver.mta.senders import DnsLookup, check_dkim
 from pyserver.store.base import AddressStore
+from pyserver.wire.ops import Op
 
 __all__ = ["MailIntake", "MtaSettings"]
 
@@ -92,6 +94,9 @@ class MailIntake:
         own = user_of_address(address, self.settings.mail_domain)
         if own is not None:
             return "250 2.1.5 OK", own
+        bounced = bounced_mail(address, self.settings.mail_domain)
+        if bounced is not None:  # a bounce of a mail a user sent: read in accept()
+            return "250 2.1.5 OK", bounced[0]
         try:
             user = await self._addresses.resolve_address(address) if address else None
         except PyserverError as exc:
@@ -106,6 +111,16 @@ class MailIntake:
 
     async def accept(self, raw: bytes, mail_from: str | None, recipients: Mapping[str, int]) -> str:
         """Store, parse and deliver one message to the resolved recipients; the SMTP reply."""
+        bounces = {
+            address: found
+            for address in recipients
+            if (found := bounced_mail(address, self.settings.mail_domain)) is not None
+        }
+        if bounces:
+            reply = await self._settle_bounces(raw, bounces.values())
+            recipients = {a: user for a, user in recipients.items() if a not in bounces}
+            if not recipients or not reply.startswith("250"):
+                return reply
         users = sorted(set(recipients.values()))
         if not users:
             return "554 5.5.1 No valid recipients"
@@ -176,6 +191,29 @@ class MailIntake:
             body=body,
             attachments=attachments,
         )
+
+    async def _settle_bounces(self, raw: bytes, mails: Iterable[tuple[int, str]]) -> str:
+        """Record each failure a bounce reports on the mail it is about (OUTBOUND_SETTLE at
+        the sender's owner); the SMTP reply."""
+        failures = failed_recipients(raw)
+        if not failures:
+            self.counters["bounces_without_failures"] += 1
+            return "250 2.0.0 OK (nothing failed)"
+        try:
+            for user, message_id in mails:
+                for failure in failures:
+                    payload = {"user": user, "message_id": message_id,
+                               "address": failure.address, "outcome": "failed",
+                               "detail": failure.detail}  # fmt: skip
+                    await self._route.request(Op.OUTBOUND_SETTLE, payload)
+        except BadRequest as exc:  # an address the mail was never sent to, a bad report
+            self.counters["bounces_refused"] += 1
+            return f"554 5.6.0 Bounce refused: {_one_line(str(exc))[:200]}"
+        except PyserverError as exc:
+            log.warning("could not record a bounce: %r", exc)
+            return "451 4.4.1 Could not record the bounce, try again later"
+        self.counters["bounces"] += 1
+        return f"250 2.0.0 OK bounce of {len(failures)} recipient(s) recorded"
 
     def _answering(self, email: EmailObject) -> EmailObject:
         """The mail with the conversation it answers, when its In-Reply-To or References

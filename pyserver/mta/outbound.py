@@ -4,7 +4,8 @@
 with the standard library's `email` package and gives it to the configured
 smart host over SMTP (aiosmtplib). The mail is From the user's address in the
 cell's mail domain (`u<user>@<mail_domain>`, which the MTA proxy takes back in:
-replies reach the user), and its Message-ID names the message and its
+replies reach the user) with an envelope sender naming the message (its
+bounces come back to it: pyserver.mta.dsn), and its Message-ID names the message and its
 conversation (`<message_id.thread_id@mail_domain>`), so that a reply's
 In-Reply-To or References brings the answer back into the same conversation;
 In-Reply-To and References carry the conversation's earlier mail headers.
@@ -29,9 +30,17 @@ from typing import Any
 import aiosmtplib
 import dkim
 
-__all__ = ["RelaySender", "thread_of_message_id", "user_address"]
+__all__ = [
+    "RelaySender",
+    "bounce_address",
+    "bounced_mail",
+    "thread_of_message_id",
+    "user_address",
+    "user_of_address",
+]
 
 _USER_ADDRESS = re.compile(r"^u(\d{1,20})$")
+_BOUNCE_ADDRESS = re.compile(r"^b-(\d{1,20})-(m[0-9a-f]{24})$")
 # the headers a signature covers (those present; From always is)
 _SIGNED_HEADERS = [b"from", b"to", b"subject", b"date", b"message-id", b"in-reply-to",
                    b"references"]  # fmt: skip
@@ -50,6 +59,20 @@ def user_of_address(address: str, mail_domain: str) -> int | None:
     if match is None or domain.lower().rstrip(".") != mail_domain.lower():
         return None
     return int(match.group(1))
+
+
+def bounce_address(user_id: int, message_id: str, mail_domain: str) -> str:
+    """The envelope sender of one outgoing mail: its bounces come back to it, naming it."""
+    return f"b-{user_id}-{message_id}@{mail_domain}"
+
+
+def bounced_mail(address: str, mail_domain: str) -> tuple[int, str] | None:
+    """(user, message id) a bounce address names, else None."""
+    local, at, domain = address.strip().strip("<>").rpartition("@")
+    match = _BOUNCE_ADDRESS.match(local.lower()) if at else None
+    if match is None or domain.lower().rstrip(".") != mail_domain.lower():
+        return None
+    return int(match.group(1)), match.group(2)
 
 
 def thread_of_message_id(header: str, mail_domain: str) -> str | None:
@@ -116,7 +139,7 @@ class RelaySender:
                 message,
                 hostname=self.host,
                 port=self.port,
-                sender=user_address(mail["user"], self.mail_domain),
+                sender=bounce_address(mail["user"], mail["message_id"], self.mail_domain),
                 recipients=addresses,
                 timeout=self._timeout_s,
                 start_tls=False,

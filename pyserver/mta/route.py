@@ -23,6 +23,10 @@ __all__ = ["OwnerRoute", "SingleServerRoute"]
 class OwnerRoute(Protocol):
     async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]: ...
 
+    async def request(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        """Any per-user request, at `payload["user"]`'s owner."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -47,12 +51,15 @@ class SingleServerRoute:
         )
 
     async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return await self.request(Op.DELIVER, payload)
+
+    async def request(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]:
         try:
             async with asyncio.timeout(self._timeout_s):
-                return await self._link.request(Op.DELIVER, payload, self._timeout_s)
+                return await self._link.request(op, payload, self._timeout_s)
         except TimeoutError:
             raise Unavailable(
-                f"app server {self._link.address} did not answer DELIVER within "
+                f"app server {self._link.address} did not answer {op.name} within "
                 f"{self._timeout_s:g} s"
             ) from None
 

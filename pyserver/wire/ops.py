@@ -10,6 +10,8 @@ class Op(IntEnum):
     HELLO = 2
     SEND = 10
     DELIVER = 11
+    # a mail a user sent out came back undelivered (the MTA proxy read a bounce)
+    OUTBOUND_SETTLE = 12
     LIST_THREADS = 20
     GET_THREAD = 21
     GET_MESSAGE = 22
@@ -51,7 +53,7 @@ class Op(IntEnum):
 # Operations a user-token connection may not use.
 SERVICE_ONLY: frozenset[Op] = frozenset({Op.DELIVER, Op.FRIEND_ADD, Op.FRIEND_REMOVE, Op.STATS})
 # Copies of SENDs between app servers travel on service connections only.
-SERVICE_ONLY |= {Op.DELIVER_COPY}
+SERVICE_ONLY |= {Op.DELIVER_COPY, Op.OUTBOUND_SETTLE}
 # The user index and dirty services serve trusted tiers only.
 SERVICE_ONLY |= {Op.RELATION, Op.FRIENDS, Op.INDEX_FRIEND_ADD, Op.INDEX_FRIEND_REMOVE, Op.DIRTY}
 # Discovery answers trusted tiers only (the web tier, the MTA proxy, gateways, app servers).
