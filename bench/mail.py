@@ -13,6 +13,12 @@ of the four contenders alternate and each keeps its best round (bench.timing's r
 
 Targets (issue 5): at least 500 small mails/s end to end, and a 1 MB attachment costing
 no more than 3x a small mail (`mb_cost_ratio`, small mails/s over 1 MB mails/s).
+
+Mail out (issue 15): SENDs to an outside address each, from the client library, until
+the relay accepted every one (`smtp_out_per_s`: the last mail's delivery reads `sent`,
+then all are checked). The relay is Postfix's `smtp-sink`; its own ceiling in the same
+run is Postfix's `smtp-source` (C, 8 sessions) straight into it (`sink_ceiling_per_s`),
+and `smtp_out_vs_sink` is the ratio. Target: at least 1,000 mails/s out.
 """
 
 from __future__ import annotations
@@ -22,8 +28,10 @@ import base64
 import json
 import os
 import random
+import shutil
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +51,7 @@ ATTACHMENT_BYTES = 1 << 20
 
 
 @contextmanager
-def _cell() -> Iterator[tuple[Path, int, int, str]]:
+def _cell(*extra_args: str) -> Iterator[tuple[Path, int, int, str]]:
     """A `pyserver run` on a fresh folder with USERS addresses: (data, port, smtp port, key)."""
     from pyserver.processes.cell import store_path
     from pyserver.store.sqlite import SQLiteStore
@@ -62,7 +70,7 @@ def _cell() -> Iterator[tuple[Path, int, int, str]]:
         env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyserver.cli", "run", "--data", folder, "--port", "0",
-             "--http-port", "0", "--smtp-port", "0"],
+             "--http-port", "0", "--smtp-port", "0", *extra_args],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
         )  # fmt: skip
         try:
@@ -199,6 +207,109 @@ async def _email_object(port: int, key: str, user: int, subject: str) -> dict[st
     raise RuntimeError(f"bench: no delivered mail with subject {subject!r}")
 
 
+# ---- mail out ----
+
+
+@contextmanager
+def _smtp_sink() -> Iterator[int]:
+    """Postfix's smtp-sink on a loopback port, accepting everything, keeping nothing."""
+    sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
+    port = _free_port()
+    user = ["-u", "nobody"] if os.geteuid() == 0 else []
+    proc = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "256"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("bench: smtp-sink did not start") from None
+                time.sleep(0.05)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _sink_ceiling(port: int, count: int) -> float:
+    """smtp-source straight into the sink: `count` small mails over 8 sessions; seconds."""
+    source = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+    started = time.perf_counter()
+    subprocess.run([source, "-s", "8", "-m", str(count), "-l", "300", "-f", "a@bench.test",
+                    "-t", "b@remote.test", f"127.0.0.1:{port}"], check=True,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return time.perf_counter() - started
+
+
+async def _send_out(port: int, key: str, count: int, width: int) -> float:
+    """`count` SENDs, each to one outside address, until the relay took them all; seconds."""
+    from pyserver.client import Client
+
+    nonce = f"{time.time_ns():x}"
+    async with await Client.connect("127.0.0.1", port, service_key=key) as client:
+        numbers = iter(range(count))
+        sent: list[tuple[int, str]] = []
+
+        async def worker() -> None:
+            for n in numbers:
+                user = n % USERS + 1
+                reply = await client.send(user, [f"friend{n}@remote.test"], "lunch on friday?",
+                                          subject="Lunch", key=f"out.{nonce}.{n}")  # fmt: skip
+                sent.append((user, reply["thread_id"]))
+
+        def delivered(reply: dict[str, Any]) -> bool:
+            states = reply["messages"][-1].get("delivery", {}).values()
+            return all(state["state"] == "sent" for state in states)
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(width)))
+        user, thread = sent[-1]
+        while not delivered(await client.get_thread(user, thread)):
+            await asyncio.sleep(0.005)
+        elapsed = time.perf_counter() - started
+        for user, thread in sent:  # outside the clock: every one of them went out
+            while not delivered(await client.get_thread(user, thread)):
+                await asyncio.sleep(0.05)
+        return elapsed
+
+
+def run_out(quick: bool = False) -> dict[str, Any]:
+    count = 200 if quick else 2_000
+    rounds = 1 if quick else 3
+    best = {"smtp_out": 0.0, "sink_ceiling": 0.0}
+    with _smtp_sink() as sink_port, _cell("--relay", f"127.0.0.1:{sink_port}") as cell:
+        _, port, _, key = cell
+        asyncio.run(_send_out(port, key, 20, 4))  # warm up
+        for _ in range(rounds):
+            best["smtp_out"] = max(best["smtp_out"], count / asyncio.run(
+                _send_out(port, key, count, 32)))  # fmt: skip
+            best["sink_ceiling"] = max(
+                best["sink_ceiling"], count / _sink_ceiling(sink_port, count)
+            )
+    return {
+        "smtp_out_per_s": round(best["smtp_out"], 1),
+        "sink_ceiling_per_s": round(best["sink_ceiling"], 1),
+        "smtp_out_vs_sink": round(best["smtp_out"] / best["sink_ceiling"], 3),
+        "targets": {"smtp_out_per_s >= 1000": best["smtp_out"] >= 1000},
+        "setup": {
+            "mails_per_round": count,
+            "rounds": rounds,
+            "senders": "32 at once",
+            "relay": "smtp-sink",
+            "ceiling": "smtp-source, 8 sessions, 300 B",
+        },
+    }
+
+
 def run(quick: bool = False) -> dict[str, Any]:
     small, big = MailTemplate(attachment=False), MailTemplate(attachment=True)
     counts = {"small": 60, "1mb": 12} if quick else {"small": 600, "1mb": 80}
@@ -236,6 +347,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         "smtp_small_per_s >= 500": best["smtp_small"] >= 500,
         "mb_cost_ratio <= 3": best["smtp_small"] / best["smtp_1mb"] <= 3,
     }
+    results["out"] = run_out(quick)
     results["setup"] = {
         "sender": f"smtplib, {connections} connections at once",
         "mails_per_round": counts,

@@ -109,6 +109,9 @@ class Outbox:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._workers.clear()
+        closing = getattr(self._send, "close", None)
+        if closing is not None:
+            await closing()
 
     def stats(self) -> dict[str, Any]:
         return {**self.counters, "waiting": len(self._waiting)}

@@ -2,12 +2,13 @@
 
 `RelaySender` is the outbox's `send` (pyserver.app.outbox): it writes the mail
 with the standard library's `email` package and gives it to the configured
-smart host over SMTP (aiosmtplib). The mail is From the user's address in the
-cell's mail domain (`u<user>@<mail_domain>`, which the MTA proxy takes back in:
-replies reach the user) with an envelope sender naming the message (its
-bounces come back to it: pyserver.mta.dsn), and its Message-ID names the message and its
-conversation (`<message_id.thread_id@mail_domain>`), so that a reply's
-In-Reply-To or References brings the answer back into the same conversation;
+smart host over SMTP (aiosmtplib), on sessions it keeps open between mails.
+The mail is From the user's address in the cell's mail domain
+(`u<user>@<mail_domain>`, which the MTA proxy takes back in: replies reach the
+user), with an envelope sender naming the message (its bounces come back to
+it: pyserver.mta.dsn). Its Message-ID names the message and its conversation
+(`<message_id.thread_id@mail_domain>`), so a reply's In-Reply-To or
+References brings the answer back into the same conversation; its own
 In-Reply-To and References carry the conversation's earlier mail headers.
 
 With a DKIM key (`dkim_key_file`, PEM), every mail is signed for the mail
@@ -102,6 +103,8 @@ class RelaySender:
         self._timeout_s = timeout_s
         self._dkim_key = dkim_key
         self._dkim_selector = dkim_selector.encode()
+        # sessions to the relay kept open between mails (one per outbox worker at most)
+        self._idle: list[aiosmtplib.SMTP] = []
 
     def wire(self, mail: dict[str, Any]) -> bytes:
         """The bytes handed to the relay: the composed mail, DKIM-signed when a key is set."""
@@ -134,24 +137,25 @@ class RelaySender:
     async def __call__(self, mail: dict[str, Any]) -> dict[str, tuple[str, str]]:
         message = self.wire(mail)
         addresses = list(mail["addresses"])
+        sender = bounce_address(mail["user"], mail["message_id"], self.mail_domain)
         try:
-            refused, reply = await aiosmtplib.send(
-                message,
-                hostname=self.host,
-                port=self.port,
-                sender=bounce_address(mail["user"], mail["message_id"], self.mail_domain),
-                recipients=addresses,
-                timeout=self._timeout_s,
-                start_tls=False,
-            )
+            smtp = await self._connection()
+        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            return dict.fromkeys(addresses, ("retry", f"{type(error).__name__}: {error}"))
+        try:
+            refused, reply = await smtp.sendmail(sender, addresses, message)
         except aiosmtplib.SMTPRecipientsRefused as error:
-            refused = {r.recipient: r for r in error.recipients}
-            return {a: _refusal(refused.get(a)) for a in addresses}
+            await _discard(smtp)
+            answers = {r.recipient: r for r in error.recipients}
+            return {a: _refusal(answers.get(a)) for a in addresses}
         except aiosmtplib.SMTPResponseException as error:
+            await _discard(smtp)
             outcome = "failed" if 500 <= error.code < 600 else "retry"
             return dict.fromkeys(addresses, (outcome, f"{error.code} {error.message}"))
         except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+            await _discard(smtp)
             return dict.fromkeys(addresses, ("retry", f"{type(error).__name__}: {error}"))
+        self._idle.append(smtp)  # a session that went well carries the next mail
         outcomes = {}
         for address in addresses:
             if address in refused:
@@ -159,6 +163,34 @@ class RelaySender:
             else:
                 outcomes[address] = ("sent", reply[:500])
         return outcomes
+
+    async def _connection(self) -> aiosmtplib.SMTP:
+        """An idle session to the relay, or a new one."""
+        while self._idle:
+            smtp = self._idle.pop()
+            if smtp.is_connected:
+                return smtp
+        smtp = aiosmtplib.SMTP(
+            hostname=self.host, port=self.port, timeout=self._timeout_s, start_tls=False
+        )
+        await smtp.connect()
+        return smtp
+
+    async def close(self) -> None:
+        """Say goodbye on every idle session."""
+        idle, self._idle = self._idle, []
+        for smtp in idle:
+            await _discard(smtp, polite=True)
+
+
+async def _discard(smtp: aiosmtplib.SMTP, polite: bool = False) -> None:
+    """Close a session (QUIT first when `polite`), whatever state it is in."""
+    try:
+        if polite and smtp.is_connected:
+            await smtp.quit()
+    except (aiosmtplib.SMTPException, OSError, TimeoutError):
+        pass
+    smtp.close()
 
 
 def _header_names(data: bytes) -> set[bytes]:
