@@ -399,3 +399,28 @@ def test_mail_queued_when_the_cell_is_killed_goes_out_exactly_once(tmp_path: Pat
             cell.wait(timeout=30)
     finally:
         relay.stop()
+
+
+def test_composed_mail_reads_back_with_the_email_package() -> None:
+    """Non-ASCII subject and body, long lines, a dot line, references: what the email
+    package reads of the bytes is what was sent."""
+    sender = RelaySender("127.0.0.1", 25, DOMAIN)
+    text = "Zoë's café: ½ price\n.\nline " + "x" * 2000 + "\nend"
+    mail = {
+        "user": 7, "message_id": "m" + "1" * 24, "thread_id": "t" + "2" * 24,
+        "addresses": ["a@outside.example", "B@Outside.example"],
+        "subject": "Réunion — lundi " + "long " * 40, "text": text, "ts": 1_764_211_200_000_000,
+        "references": ["<first@outside.example>", "not an id", "<second@outside.example>"],
+    }  # fmt: skip
+    data = sender.compose(mail)
+    assert all(len(line) <= 998 for line in data.split(b"\r\n"))
+    parsed = message_from_bytes(data, policy=policy.default)
+    assert parsed["From"] == f"u7@{DOMAIN}"
+    assert [a.addr_spec for a in parsed["To"].addresses] == mail["addresses"]
+    assert parsed["Subject"] == " ".join(mail["subject"].split())
+    assert parsed.get_content().replace("\r\n", "\n") == text + "\n"  # CRLF on the wire
+    assert parsed["In-Reply-To"] == "<second@outside.example>"
+    assert parsed["References"].split() == ["<first@outside.example>", "<second@outside.example>"]
+    assert thread_of_message_id(parsed["Message-ID"], DOMAIN) == "t" + "2" * 24
+    plain = sender.compose({**mail, "subject": "Lunch", "text": "lunch?"})
+    assert b"Content-Transfer-Encoding: 7bit" in plain and plain.endswith(b"\r\n\r\nlunch?\r\n")

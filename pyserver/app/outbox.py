@@ -46,7 +46,7 @@ class Outbox:
         mailbox: Any,
         send: SendMail,
         *,
-        workers: int = 8,
+        workers: int = 32,
         retry_initial_s: float = 1.0,
         retry_max_s: float = 300.0,
         give_up_after_s: float = 4 * 86_400.0,

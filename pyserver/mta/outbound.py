@@ -21,11 +21,11 @@ Outcomes per address: the relay's acceptance is "sent"; a permanent refusal
 
 from __future__ import annotations
 
+import binascii
 import re
 from datetime import UTC, datetime
-from email.message import EmailMessage
-from email.policy import SMTP
-from email.utils import format_datetime, formatdate
+from email.header import Header
+from email.utils import format_datetime
 from typing import Any
 
 import aiosmtplib
@@ -108,7 +108,7 @@ class RelaySender:
 
     def wire(self, mail: dict[str, Any]) -> bytes:
         """The bytes handed to the relay: the composed mail, DKIM-signed when a key is set."""
-        data = self.compose(mail).as_bytes(policy=SMTP)
+        data = self.compose(mail)
         if self._dkim_key is None:
             return data
         present = [h for h in _SIGNED_HEADERS if h in _header_names(data)]
@@ -118,21 +118,39 @@ class RelaySender:
         )  # fmt: skip
         return signature + data
 
-    def compose(self, mail: dict[str, Any]) -> EmailMessage:
-        """The MIME mail of one outgoing message (see the module docstring)."""
-        message = EmailMessage()
-        message["From"] = user_address(mail["user"], self.mail_domain)
-        message["To"] = ", ".join(mail["addresses"])
-        message["Subject"] = mail["subject"]
-        when = datetime.fromtimestamp(mail["ts"] / 1_000_000, UTC)
-        message["Date"] = format_datetime(when) if mail.get("ts") else formatdate()
-        message["Message-ID"] = f"<{mail['message_id']}.{mail['thread_id']}@{self.mail_domain}>"
-        references = [ref for ref in mail.get("references", ()) if ref][-20:]
+    def compose(self, mail: dict[str, Any]) -> bytes:
+        """The MIME mail of one outgoing message (see the module docstring), CRLF.
+
+        Written here rather than with `EmailMessage`: the email package's header
+        registry and generator cost about 2 ms a mail, most of mail out's time. The
+        encodings are still the standard library's: RFC 2047 words (`email.header`)
+        for a header that is not ASCII, quoted-printable (`binascii`) for a body
+        that is not short-lined ASCII.
+        """
+        when = format_datetime(datetime.fromtimestamp(mail["ts"] / 1_000_000, UTC))
+        lines = [
+            f"From: {user_address(mail['user'], self.mail_domain)}",
+            "To: " + ",\r\n ".join(mail["addresses"]),
+            "Subject: " + _header_text(mail["subject"]),
+            f"Date: {when}",
+            f"Message-ID: <{mail['message_id']}.{mail['thread_id']}@{self.mail_domain}>",
+        ]
+        references = [_one_id(ref) for ref in mail.get("references", ()) if _one_id(ref)]
         if references:
-            message["In-Reply-To"] = references[-1]
-            message["References"] = " ".join(references)
-        message.set_content(mail["text"])
-        return message
+            lines.append(f"In-Reply-To: {references[-1]}")
+            lines.append("References: " + "\r\n ".join(references[-20:]))
+        body = mail["text"].replace("\r\n", "\n").replace("\r", "\n")
+        lines += ["MIME-Version: 1.0", "Content-Type: text/plain; charset=utf-8"]
+        if body.isascii() and all(len(line) <= 900 for line in body.split("\n")):
+            lines.append("Content-Transfer-Encoding: 7bit")
+            encoded = body.encode("ascii")
+        else:
+            lines.append("Content-Transfer-Encoding: quoted-printable")
+            encoded = binascii.b2a_qp(body.encode("utf-8"), istext=True)
+        encoded = encoded.replace(b"\n", b"\r\n")
+        if not encoded.endswith(b"\r\n"):
+            encoded += b"\r\n"
+        return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii") + encoded
 
     async def __call__(self, mail: dict[str, Any]) -> dict[str, tuple[str, str]]:
         message = self.wire(mail)
@@ -191,6 +209,21 @@ async def _discard(smtp: aiosmtplib.SMTP, polite: bool = False) -> None:
     except (aiosmtplib.SMTPException, OSError, TimeoutError):
         pass
     smtp.close()
+
+
+def _header_text(value: str) -> str:
+    """A header's text: as it is when short ASCII, else RFC 2047 encoded words, folded."""
+    value = " ".join(value.split())
+    if value.isascii() and len(value) <= 900:
+        return value
+    return Header(value, "utf-8", maxlinelen=76).encode(linesep="\r\n")
+
+
+def _one_id(reference: str) -> str:
+    """A Message-ID as a header may carry it (`<...>`, no spaces), else ""."""
+    reference = reference.strip()
+    ok = reference.startswith("<") and reference.endswith(">") and reference.isascii()
+    return reference if ok and len(reference) <= 500 and " " not in reference else ""
 
 
 def _header_names(data: bytes) -> set[bytes]:
