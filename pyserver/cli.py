@@ -160,6 +160,9 @@ def _run(args: argparse.Namespace) -> int:
             "node_id": args.node_id,
             "smtp_port": args.smtp_port,
             "relay_addr": args.relay,
+            "submission_port": args.submission_port,
+            "tls_cert_file": args.tls_cert,
+            "tls_key_file": args.tls_key,
             "mail_domain": args.mail_domain,
         },
     )
@@ -205,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--smtp-port", type=int, help="the MTA proxy's SMTP port (default 2525)")
     run.add_argument("--relay", help="the smart host mail to outside addresses goes through")
     run.add_argument("--mail-domain", help="users' mail goes out from u<user>@DOMAIN")
+    run.add_argument("--submission-port", type=int, help="SMTP submission for mail clients")
+    run.add_argument("--tls-cert", help="PEM certificate of the submission port's STARTTLS")
+    run.add_argument("--tls-key", help="PEM key of that certificate")
     add_ready_file_argument(run)
     run.set_defaults(handler=_run)
 

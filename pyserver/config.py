@@ -109,6 +109,11 @@ class Config:
     dkim_key_file: str = ""
     # the DKIM selector the key's public half is published under
     dkim_selector: str = "pyserver"
+    # SMTP submission for mail clients (STARTTLS, then AUTH with a user token): its port;
+    # -1: none, 0: any free port. Needs tls_cert_file and tls_key_file (PEM).
+    submission_port: int = -1
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     @property
     def service_key_path(self) -> Path:
@@ -219,6 +224,13 @@ def _check(config: Config) -> None:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_services(config)
     _check_cluster(config)
+    if not -1 <= config.submission_port <= 65535:
+        raise ConfigError(f"config submission_port: {config.submission_port} is not a port or -1")
+    if config.submission_port >= 0:
+        for name in ("tls_cert_file", "tls_key_file"):
+            path = getattr(config, name)
+            if not path or not os.access(path, os.R_OK):
+                raise ConfigError(f"config {name}: submission needs a readable PEM file")
     if config.dkim_key_file and not os.access(config.dkim_key_file, os.R_OK):
         raise ConfigError(f"config dkim_key_file: cannot read {config.dkim_key_file!r}")
     if config.outbound_give_up_s <= 0:

@@ -10,10 +10,12 @@ come in over real SMTP through the MTA proxy.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import smtplib
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -26,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from pyserver.app.auth import make_user_token, verify_user_token
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.outbox import Outbox
 from pyserver.mta.intake import MailIntake, MtaSettings
@@ -33,6 +36,7 @@ from pyserver.mta.outbound import RelaySender, thread_of_message_id, user_of_add
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.senders import check_dkim
 from pyserver.mta.smtp import MtaProxy
+from pyserver.mta.submission import SubmissionProxy
 from pyserver.wire.ops import Op
 from tests import support
 from tests.conftest import REQUIRE_ENGINES
@@ -363,12 +367,13 @@ def _cli(*args: str, data: Path) -> str:
     return done.stdout
 
 
-def _run_cell(data: Path, relay_port: int) -> subprocess.Popen[Any]:
-    proc, _ = support.start_serving(
+def _run_cell(data: Path, relay_port: int, *more: str) -> subprocess.Popen[Any]:
+    proc, ready = support.start_serving(
         ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--relay", f"127.0.0.1:{relay_port}", "--mail-domain", DOMAIN],
+         "--relay", f"127.0.0.1:{relay_port}", "--mail-domain", DOMAIN, *more],
         data.parent / "cell.ready.json", stdout=subprocess.DEVNULL,
     )  # fmt: skip
+    proc.ready = ready  # type: ignore[attr-defined]
     return proc
 
 
@@ -424,3 +429,116 @@ def test_composed_mail_reads_back_with_the_email_package() -> None:
     assert thread_of_message_id(parsed["Message-ID"], DOMAIN) == "t" + "2" * 24
     plain = sender.compose({**mail, "subject": "Lunch", "text": "lunch?"})
     assert b"Content-Transfer-Encoding: 7bit" in plain and plain.endswith(b"\r\n\r\nlunch?\r\n")
+
+
+# ---- submission: a mail client sends as the user (swaks, STARTTLS, AUTH) ----
+
+SWAKS = shutil.which("swaks")
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> ssl.SSLContext:
+    """A self-signed certificate for localhost, made by openssl, in a server context."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    return context
+
+
+def _swaks(port: int, *args: str) -> subprocess.CompletedProcess[str]:
+    if SWAKS is None:
+        if REQUIRE_ENGINES:
+            pytest.fail("swaks is not installed (apt-get install swaks)")
+        pytest.skip("swaks is not installed")
+    return subprocess.run(
+        [SWAKS, "--server", f"127.0.0.1:{port}", "--helo", "client.test", *args],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+
+
+def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ssl.SSLContext):
+    token = make_user_token(1, int(time.time()) + 3600, KEY)
+
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", relay.port) as cell:
+            await cell.store.add_address("alice@example.org", 1)
+            submission = SubmissionProxy(
+                cell.store, cell.route, lambda t: verify_user_token(t, KEY, time.time()), tls,
+                mail_domain=DOMAIN,
+            )  # fmt: skip
+            _, port = await submission.start("127.0.0.1", 0)
+            try:
+                auth = ["--auth", "PLAIN", "--auth-user", "alice@example.org",
+                        "--auth-password", token]  # fmt: skip
+                mail = ["--from", "alice@example.org",
+                        "--to", "bob@example.com,gus@outside.example", "--header", "Subject: Plans",
+                        "--header", "Message-ID: <plans-1@example.org>",
+                        "--body", "Dinner on Saturday?"]  # fmt: skip
+                # no TLS, then TLS without AUTH, then a token for another user: refused
+                plain = await asyncio.to_thread(_swaks, port, *auth, *mail)
+                assert plain.returncode != 0  # AUTH is not even offered before STARTTLS
+                assert "did not advertise authentication" in plain.stderr
+                anonymous = await asyncio.to_thread(_swaks, port, "--tls", *mail)
+                assert anonymous.returncode != 0 and "530" in anonymous.stdout
+                wrong = make_user_token(2, int(time.time()) + 3600, KEY)
+                other = ["--auth", "PLAIN", "--auth-user", "alice@example.org",
+                         "--auth-password", wrong]  # fmt: skip
+                forged = await asyncio.to_thread(_swaks, port, "--tls", *other, *mail)
+                assert forged.returncode != 0 and "535 5.7.8" in forged.stdout
+                done = await asyncio.to_thread(_swaks, port, "--tls", *auth, *mail)
+                assert done.returncode == 0, done.stdout + done.stderr
+                assert "250 2.0.0 OK queued as m" in done.stdout
+                await asyncio.wait_for(cell.outbox.idle(), 10)
+            finally:
+                await submission.stop(1.0)
+            (thread,) = (
+                await cell.mailbox.execute(Op.LIST_THREADS, {"user": 1, "folder": "sent"})
+            )["threads"]
+            reply = await cell.thread(1, thread["thread_id"])
+            assert reply["participants"] == [1, 2], reply
+            assert reply["addresses"] == ["gus@outside.example"]
+            (message,) = reply["messages"]
+            assert message["sender"] == 1 and message["text"].strip() == "Dinner on Saturday?"
+            assert message["delivery"]["gus@outside.example"]["state"] == "sent"
+            (out,) = relay.mails()
+            assert out["To"] == "gus@outside.example" and out["Subject"] == "Plans"
+            assert out["From"] == f"u1@{DOMAIN}"
+
+    support.run(scenario, timeout=120)
+
+
+def test_pyserver_run_takes_submissions_from_a_mail_client(tmp_path: Path, relay: Relay) -> None:
+    """The whole path in processes: `pyserver run --submission-port --relay`, a user token
+    from `pyserver admin token`, swaks as the mail client, smtp-sink as the relay."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60,
+    )  # fmt: skip
+    data = tmp_path / "cell"
+    cell = _run_cell(data, relay.port, "--submission-port", "0", "--tls-cert", str(cert),
+                     "--tls-key", str(key))  # fmt: skip
+    try:
+        port = cell.ready["submission"]["port"]  # type: ignore[attr-defined]
+        token = _cli("admin", "token", "--user", "4", data=data).strip()
+        done = _swaks(port, "--tls", "--auth", "LOGIN", "--auth-user", f"u4@{DOMAIN}",
+                      "--auth-password", token, "--from", f"u4@{DOMAIN}",
+                      "--to", "hal@outside.example", "--header", "Subject: From my phone",
+                      "--body", "sent from a mail client")  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+        deadline = time.monotonic() + 20
+        while not relay.mails() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (mail,) = relay.mails()
+        assert mail["From"] == f"u4@{DOMAIN}" and mail["Subject"] == "From my phone"
+        sent = json.loads(_cli("threads", "--user", "4", "--folder", "sent", "--json", data=data))
+        assert [t["snippet"] for t in sent["threads"]] == ["sent from a mail client"]
+    finally:
+        cell.terminate()
+        cell.wait(timeout=30)

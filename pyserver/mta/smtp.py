@@ -22,7 +22,7 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from pyserver.mta.intake import MailIntake
 
-__all__ = ["MtaProxy", "read_data"]
+__all__ = ["MtaProxy", "SmtpSession", "read_data"]
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,7 @@ class _Envelope(Envelope):
         self.users: dict[str, int] = {}
 
 
-class _SmtpSession(SMTP):
+class SmtpSession(SMTP):
     """One SMTP connection: aiosmtpd, with DATA read in blocks (see `read_data`)."""
 
     line_length_limit = _READ_LIMIT
@@ -172,10 +172,10 @@ class MtaProxy:
         self._hostname = hostname
         self._timeout_s = timeout_s
         self._server: asyncio.base_events.Server | None = None
-        self._sessions: weakref.WeakSet[_SmtpSession] = weakref.WeakSet()
+        self._sessions: weakref.WeakSet[SmtpSession] = weakref.WeakSet()
 
-    def _session(self) -> _SmtpSession:
-        session = _SmtpSession(
+    def _session(self) -> SmtpSession:
+        session = SmtpSession(
             self._handler,
             data_size_limit=self.intake.settings.max_mail_bytes,
             enable_SMTPUTF8=True,
@@ -213,7 +213,7 @@ class MtaProxy:
                 await server.wait_closed()
 
 
-def _busy(session: _SmtpSession) -> bool:
+def _busy(session: SmtpSession) -> bool:
     """Whether a connection is inside a transaction (after RCPT, before its reply)."""
     envelope = session.envelope
     return session.transport is not None and envelope is not None and bool(envelope.rcpt_tos)

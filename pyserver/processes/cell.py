@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import sys
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -22,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import doctor, endpoints
+from pyserver.app.auth import verify_user_token
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
@@ -30,6 +33,7 @@ from pyserver.dirty import memcached_client
 from pyserver.errors import BadRequest, PyserverError, error_payload
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
+from pyserver.mta.submission import SubmissionProxy
 from pyserver.processes.assembly import AppServerParts, service_server
 from pyserver.processes.runtime import (
     announce_ready,
@@ -73,6 +77,8 @@ class SingleNodeCell:
             )
         # the MTA proxy, started once the app server it delivers to listens
         self.mta: MtaService | None = None
+        # SMTP submission for mail clients (STARTTLS, AUTH), when a port is configured
+        self.submission: SubmissionProxy | None = None
         self.counts: CountReader | None = None
         self.parts.http.add_get("/counts/{user}", self._serve_counts)
         self.addresses: dict[str, Any] = {}
@@ -93,6 +99,12 @@ class SingleNodeCell:
         self.mta = MtaService(self.config, self.parts.store, self.parts.blobs, route)
         smtp_host, smtp_port = await self.mta.start()
         self.addresses["smtp"] = {"host": smtp_host, "port": smtp_port}
+        if self.config.submission_port >= 0:
+            self.submission = self._submission(route)
+            sub_host, sub_port = await self.submission.start(
+                self.config.host, self.config.submission_port
+            )
+            self.addresses["submission"] = {"host": sub_host, "port": sub_port}
         endpoints.publish(self.config.data_dir, self.addresses)
         return self.addresses
 
@@ -101,12 +113,27 @@ class SingleNodeCell:
         endpoints.withdraw(self.config.data_dir)
         if self.mta is not None:  # first: mail under way still reaches the app server
             await self.mta.stop()
+        if self.submission is not None:
+            await self.submission.stop()
         await self.parts.stop_serving(self.config.shutdown_grace_s)
         if self.userindex_server is not None:
             await self.userindex_server.stop(self.config.shutdown_grace_s)
         if self.counts is not None and self.counts.cache is not None:
             await self.counts.cache.close()
         await self.parts.close()
+
+    def _submission(self, route: SingleServerRoute) -> SubmissionProxy:
+        key = self.config.service_key
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
+        return SubmissionProxy(
+            self.parts.store,
+            route,
+            lambda token: verify_user_token(token, key, time.time()),
+            tls,
+            mail_domain=self.config.mail_domain,
+            max_mail_bytes=self.config.max_mail_bytes,
+        )
 
     async def _count_cache(self) -> Any:
         """The local data centre's memcached client for count reads; None without memcached."""
