@@ -26,6 +26,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
+import dkim
 import pytest
 
 from pyserver.app.auth import make_user_token, verify_user_token
@@ -105,10 +106,13 @@ class OutCell(InProcessCell):
     """A cell whose mailbox relays mail to outside addresses through `relay_port`, with the
     MTA proxy in front for the answers."""
 
-    def __init__(self, folder: Path, relay_port: int, dkim_key: bytes | None = None) -> None:
+    def __init__(
+        self, folder: Path, relay_port: int, dkim_key: bytes | None = None, dkim_dns: Any = None
+    ) -> None:
         super().__init__(folder, blobs=True, mailbox_options={"outbound_queued": self._queued})
         self.relay_port = relay_port
         self.dkim_key = dkim_key
+        self.dkim_dns = dkim_dns
         self.outbox = self._outbox(self.mailbox)
 
     def _queued(self, user: int, message_id: str) -> None:
@@ -127,7 +131,7 @@ class OutCell(InProcessCell):
         self.outbox.start()
         self.route = SingleServerRoute("127.0.0.1", self.port, KEY, 5.0)
         assert self.blobs is not None
-        settings = MtaSettings(mail_domain=DOMAIN)
+        settings = MtaSettings(mail_domain=DOMAIN, dkim_dns=self.dkim_dns)
         intake = MailIntake(self.store, self.blobs, self.route, settings)
         self.proxy = MtaProxy(intake, hostname="mx.test")
         _, self.smtp_port = await self.proxy.start("127.0.0.1", 0)
@@ -542,3 +546,66 @@ def test_pyserver_run_takes_submissions_from_a_mail_client(tmp_path: Path, relay
     finally:
         cell.terminate()
         cell.wait(timeout=30)
+
+
+def test_the_issue_scenario_one_conversation_and_email_both_ways(
+    tmp_path: Path, relay: Relay
+) -> None:
+    """User 1 owns alice@example.org, is user 2's friend and chats with user 2. Alice mails
+    bob@example.com (user 2) from her own mail system, signed: it joins their Inbox
+    conversation. User 2 answers there: user 1 gets it in the app, and alice's mail system
+    gets it by mail, answering hers."""
+    key = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
+    record = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
+
+    def dns(name: bytes, timeout: int = 5) -> bytes | None:
+        return record.strip() if name == b"test._domainkey.example.org." else None
+
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", relay.port, dkim_dns=dns) as cell:
+            await cell.store.add_address("alice@example.org", 1)
+            await cell.mailbox.execute(Op.FRIEND_ADD, {"user": 1, "friend": 2})
+            chat = await cell.send(1, [2], "see you at lunch")
+            mail = EmailMessage()
+            mail["From"] = "Alice <alice@example.org>"
+            mail["To"] = "bob@example.com"
+            mail["Subject"] = "Agenda"
+            mail["Message-ID"] = "<agenda-1@example.org>"
+            mail.set_content("Here is the agenda.")
+            data = mail.as_bytes(policy=policy.SMTP)
+            signature = dkim.sign(
+                data,
+                b"test",
+                b"example.org",
+                key,
+                include_headers=[b"from", b"to", b"subject", b"message-id"],
+            )
+            await asyncio.to_thread(
+                _sendmail_raw, cell.smtp_port, "alice@example.org", ["bob@example.com"],
+                signature + data,
+            )  # fmt: skip
+            inbox = await cell.mailbox.execute(Op.LIST_THREADS, {"user": 2, "folder": "inbox"})
+            assert [t["thread_id"] for t in inbox["threads"]] == [chat["thread_id"]]
+
+            answer = await cell.send(2, [1], "Thanks, looks good.", subject="Re: Agenda")
+            assert answer["thread_id"] == chat["thread_id"]
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            thread = await cell.thread(2, chat["thread_id"])
+            assert thread["participants"] == [1, 2] and thread["addresses"] == []
+            texts = [m["text"].strip() for m in thread["messages"]]
+            assert texts == ["see you at lunch", "Here is the agenda.", "Thanks, looks good."]
+            assert thread["messages"][-1]["delivery"]["alice@example.org"]["state"] == "sent"
+            # user 1 has it in the app too
+            mine = await cell.thread(1, chat["thread_id"])
+            assert mine["messages"][-1]["text"] == "Thanks, looks good."
+            # and alice's mail system got it by mail, answering her mail
+            (out,) = relay.mails()
+            assert out["To"] == "alice@example.org" and out["From"] == f"u2@{DOMAIN}"
+            assert out["In-Reply-To"] == "<agenda-1@example.org>"
+            # a later chat from user 1 in the app: user 2's next answer stays in the app
+            await cell.send(1, [2], "also, bring the slides")
+            await cell.send(2, [1], "will do")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            assert len(relay.mails()) == 1
+
+    support.run(scenario, timeout=60)

@@ -126,15 +126,17 @@ class Delivery:
             "key": self.key,
         }
 
-    def body(self, outbound: bool = False) -> dict[str, Any]:
+    def body(self, outbound: bool = False, mail_to: list[str] | None = None) -> dict[str, Any]:
         """What the `m` family keeps of the message, under its id; the sender's copy of a
-        mail to outside addresses (`outbound`) also lists them as to be sent, which makes
-        it the durable outbound queue (the image tracks each address's delivery)."""
+        mail to outside addresses (`outbound`) also lists them, and `mail_to` (users who
+        take part by email), as to be sent, which makes it the durable outbound queue (the
+        image tracks each address's delivery)."""
         extra = self.extra
         if self.addresses:
             extra = {**extra, "to_addresses": list(self.addresses)}
-            if outbound:
-                extra["outbound"] = list(self.addresses)
+        send_to = [*self.addresses, *(mail_to or [])] if outbound else []
+        if send_to:
+            extra = {**extra, "outbound": send_to}
         return {"text": self.text, "from": self.sender_address, "extra": extra}
 
     def copy_request(self, recipient: int) -> dict[str, Any]:
@@ -364,16 +366,20 @@ class Mailbox:
                 _raise_first(await asyncio.gather(*copies(), return_exceptions=True))
                 return _send_reply(first, duplicate=True)
 
+        mirrored: list[str] = []
+
         async def decide(image: UserImage) -> Change:
             first = image.key_result(sender, key) if key else None
             if first is not None:
                 return Change(result=_send_reply(first, duplicate=True))
+            # recipients who take part in this conversation by email get a mail too
+            mirrored[:] = _mail_readers(image, delivery.thread_id, recipients)
             thread = image.threads.get(delivery.thread_id)
             if thread is None:
                 folder = "sent"
             else:
                 folder = "inbox" if thread.folder == "archived" else thread.folder
-            return _adding(delivery, folder, unread=False, outbound=True)
+            return _adding(delivery, folder, unread=False, outbound=True, mail_to=mirrored)
 
         # Every copy at once: one round of group commits instead of two. All of them
         # settle before the reply, so nothing is still being written after an error.
@@ -384,7 +390,7 @@ class Mailbox:
         change, _ = outcomes[0]
         if change.result:
             return change.result
-        if addresses and self._outbound_queued is not None:
+        if (addresses or mirrored) and self._outbound_queued is not None:
             self._outbound_queued(sender, delivery.message_id)
         return {
             "message_id": delivery.message_id,
@@ -1045,6 +1051,27 @@ def _message(thread: Thread, message_id: str) -> Message:
 # ---- small pieces ----
 
 
+def _mail_readers(image: UserImage, thread_id: str, recipients: Iterable[int]) -> list[str]:
+    """The addresses of the recipients who take part in this conversation by email: whose
+    latest message in it is a mail that proved to come from them (pyserver.mta.senders).
+    They get a SEND there by mail as well, answering theirs."""
+    thread = image.threads.get(thread_id)
+    if thread is None:
+        return []
+    wanted = set(recipients)
+    latest: dict[int, Message] = {}
+    for message in thread.messages.values():  # in log order: the last one wins
+        if message.sender in wanted:
+            latest[message.sender] = message
+    return sorted(
+        message.sender_address
+        for message in latest.values()
+        if message.channel == "email"
+        and message.extra.get("sender_proof")
+        and message.sender_address
+    )
+
+
 def _outside_addresses(thread: Thread) -> list[str]:
     """The outside addresses of a conversation: those its users wrote to and those that
     wrote to them."""
@@ -1057,13 +1084,19 @@ def _outside_addresses(thread: Thread) -> list[str]:
     return sorted(found.values(), key=str.lower)
 
 
-def _adding(delivery: Delivery, folder: str, unread: bool, outbound: bool = False) -> Change:
+def _adding(
+    delivery: Delivery,
+    folder: str,
+    unread: bool,
+    outbound: bool = False,
+    mail_to: list[str] | None = None,
+) -> Change:
     """The change that adds one copy of a delivery to a mailbox (`outbound`: the sender's
-    copy of a mail to outside addresses, which queues it)."""
+    copy, which queues the mail to outside addresses, and to `mail_to`: users' addresses)."""
     words = search_terms(delivery.subject, delivery.text)
     return Change(
         entries=[delivery.entry(folder, unread)],
-        bodies={delivery.message_id: delivery.body(outbound)},
+        bodies={delivery.message_id: delivery.body(outbound, mail_to or [])},
         terms=[(word, delivery.message_id) for word in words],
     )
 
