@@ -440,15 +440,21 @@ def test_composed_mail_reads_back_with_the_email_package() -> None:
 SWAKS = shutil.which("swaks")
 
 
-@pytest.fixture
-def tls(tmp_path: Path) -> ssl.SSLContext:
-    """A self-signed certificate for localhost, made by openssl, in a server context."""
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A certificate for localhost and its key, made by openssl: (cert, key) PEM files."""
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
          "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
         check=True, capture_output=True, timeout=60,
     )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls(tmp_path: Path) -> ssl.SSLContext:
+    """A self-signed certificate for localhost in a server context."""
+    cert, key = _self_signed(tmp_path)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
@@ -519,12 +525,7 @@ def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ss
 def test_pyserver_run_takes_submissions_from_a_mail_client(tmp_path: Path, relay: Relay) -> None:
     """The whole path in processes: `pyserver run --submission-port --relay`, a user token
     from `pyserver admin token`, swaks as the mail client, smtp-sink as the relay."""
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60,
-    )  # fmt: skip
+    cert, key = _self_signed(tmp_path)
     data = tmp_path / "cell"
     cell = _run_cell(data, relay.port, "--submission-port", "0", "--tls-cert", str(cert),
                      "--tls-key", str(key))  # fmt: skip
