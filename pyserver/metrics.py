@@ -92,6 +92,33 @@ class _RequestCollector(Collector):
         yield latency
 
 
+class _OutboxCollector(Collector):
+    """Mail out (pyserver.app.outbox), read at scrape time: copies settled by outcome,
+    retries, and mails waiting."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        stats = self._stats()
+        settled = CounterMetricFamily(
+            "pyserver_outbound_settled",
+            "Outgoing mail copies settled, by outcome",
+            labels=["outcome"],
+        )
+        for outcome in ("sent", "failed"):
+            settled.add_metric([outcome], stats.get(outcome, 0))
+        yield settled
+        yield CounterMetricFamily(
+            "pyserver_outbound_retries", "Outgoing mail copies deferred and tried again",
+            value=stats.get("retries", 0),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "pyserver_outbound_waiting", "Outgoing mails queued or being sent",
+            value=stats.get("waiting", 0),
+        )  # fmt: skip
+
+
 class Metrics:
     """The process's metrics. `observe` is the dispatcher's RequestObserver."""
 
@@ -112,6 +139,9 @@ class Metrics:
 
     def watch_cache(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_CacheCollector(stats))
+
+    def watch_outbox(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_OutboxCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

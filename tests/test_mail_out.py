@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Iterator
 from email import message_from_bytes, policy
 from email.message import EmailMessage
@@ -544,6 +545,10 @@ def test_pyserver_run_takes_submissions_from_a_mail_client(tmp_path: Path, relay
         assert mail["From"] == f"u4@{DOMAIN}" and mail["Subject"] == "From my phone"
         sent = json.loads(_cli("threads", "--user", "4", "--folder", "sent", "--json", data=data))
         assert [t["snippet"] for t in sent["threads"]] == ["sent from a mail client"]
+        http = cell.ready["http"]  # type: ignore[attr-defined]
+        with urllib.request.urlopen(f"http://127.0.0.1:{http['port']}/metrics") as page:
+            metrics = page.read().decode()
+        assert 'pyserver_outbound_settled_total{outcome="sent"} 1.0' in metrics
     finally:
         cell.terminate()
         cell.wait(timeout=30)

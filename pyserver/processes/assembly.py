@@ -126,6 +126,7 @@ class AppServerParts:
                 sender,
                 give_up_after_s=config.outbound_give_up_s,
             )
+            self.metrics.watch_outbox(self.outbox.stats)
         self.server = service_server(
             config,
             self.mailbox,
