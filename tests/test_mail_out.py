@@ -43,6 +43,7 @@ from pyserver.wire.ops import Op
 from tests import support
 from tests.conftest import REQUIRE_ENGINES
 from tests.support.cells import KEY, InProcessCell
+from tests.support.postfix import OUTSIDE, Postfix
 
 DOMAIN = "cell.test"
 SMTP_SINK = shutil.which("smtp-sink") or (
@@ -615,3 +616,57 @@ def test_the_issue_scenario_one_conversation_and_email_both_ways(
             assert len(relay.mails()) == 1
 
     support.run(scenario, timeout=60)
+
+
+# ---- the outside world is a real Postfix ----
+
+
+def test_through_a_real_postfix_mail_arrives_once_bounces_and_answers_come_back(
+    tmp_path: Path,
+) -> None:
+    """Postfix is the relay and the outside provider: alice's copy lands in her Maildir
+    once; ghost is unknown there, so Postfix bounces it to the mail's envelope sender,
+    which it hands to the cell's MTA proxy: the message shows ghost failed. Alice's
+    answer, from her Maildir's mail, comes back into the same conversation."""
+    postfix_port = support.free_port()
+
+    async def scenario() -> None:
+        async with OutCell(tmp_path / "cell", postfix_port) as cell:
+            postfix = Postfix(postfix_port, ["alice"], DOMAIN, cell.smtp_port)
+            postfix.start()
+            try:
+                to = [f"alice@{OUTSIDE}", f"ghost@{OUTSIDE}"]
+                sent = await cell.send(2, to, "lunch on friday?", subject="Lunch", key="l1")
+                (received,) = await asyncio.to_thread(postfix.wait_for, "alice", 1)
+                assert received["From"] == f"u2@{DOMAIN}"
+                assert received.get_content().strip() == "lunch on friday?"
+                deadline = time.monotonic() + 30
+                while True:
+                    thread = await cell.thread(2, sent["thread_id"])
+                    delivery = thread["messages"][0]["delivery"]
+                    if delivery[f"ghost@{OUTSIDE}"]["state"] == "failed":
+                        break
+                    assert time.monotonic() < deadline, (delivery, postfix.log())
+                    await asyncio.sleep(0.1)
+                assert delivery[f"alice@{OUTSIDE}"]["state"] == "sent"
+                assert "5.1.1" in delivery[f"ghost@{OUTSIDE}"]["detail"]
+                # alice answers the mail in her Maildir, through her provider
+                answer = EmailMessage()
+                answer["From"] = f"alice@{OUTSIDE}"
+                answer["To"] = received["From"]
+                answer["Subject"] = "Re: Lunch"
+                answer["Message-ID"] = f"<answer@{OUTSIDE}>"
+                answer["In-Reply-To"] = received["Message-ID"]
+                answer.set_content("friday works")
+                await asyncio.to_thread(_sendmail, cell.smtp_port, answer, [f"u2@{DOMAIN}"])
+                thread = await cell.thread(2, sent["thread_id"])
+                assert [m["text"].strip() for m in thread["messages"]] == [
+                    "lunch on friday?",
+                    "friday works",
+                ]
+                await asyncio.sleep(1.0)  # a second copy, if there were one, would be here
+                assert len(postfix.mailbox("alice")) == 1
+            finally:
+                postfix.stop()
+
+    support.run(scenario, timeout=90)
