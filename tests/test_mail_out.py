@@ -33,6 +33,7 @@ import pytest
 from pyserver.app.auth import make_user_token, verify_user_token
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.outbox import Outbox
+from pyserver.errors import Forbidden
 from pyserver.mta.intake import MailIntake, MtaSettings
 from pyserver.mta.outbound import RelaySender, thread_of_message_id, user_of_address
 from pyserver.mta.route import SingleServerRoute
@@ -122,8 +123,9 @@ class OutCell(InProcessCell):
 
     def _outbox(self, mailbox: Mailbox) -> Outbox:
         sender = RelaySender(
-            "127.0.0.1", self.relay_port, DOMAIN, timeout_s=5, dkim_key=self.dkim_key
-        )
+            "127.0.0.1", self.relay_port, DOMAIN, timeout_s=5, dkim_key=self.dkim_key,
+            blobs=self.blobs,
+        )  # fmt: skip
         return Outbox(mailbox, sender, retry_initial_s=0.1, retry_max_s=0.3, workers=2)
 
     async def __aenter__(self) -> OutCell:
@@ -475,13 +477,15 @@ def _swaks(port: int, *args: str) -> subprocess.CompletedProcess[str]:
 
 def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ssl.SSLContext):
     token = make_user_token(1, int(time.time()) + 3600, KEY)
+    report = tmp_path / "report.pdf"
+    report.write_bytes(bytes(range(256)) * 400)
 
     async def scenario() -> None:
         async with OutCell(tmp_path / "cell", relay.port) as cell:
             await cell.store.add_address("alice@example.org", 1)
             submission = SubmissionProxy(
                 cell.store, cell.route, lambda t: verify_user_token(t, KEY, time.time()), tls,
-                mail_domain=DOMAIN,
+                blobs=cell.blobs, mail_domain=DOMAIN,
             )  # fmt: skip
             _, port = await submission.start("127.0.0.1", 0)
             try:
@@ -502,7 +506,9 @@ def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ss
                          "--auth-password", wrong]  # fmt: skip
                 forged = await asyncio.to_thread(_swaks, port, "--tls", *other, *mail)
                 assert forged.returncode != 0 and "535 5.7.8" in forged.stdout
-                done = await asyncio.to_thread(_swaks, port, "--tls", *auth, *mail)
+                attach = ["--attach-type", "application/pdf", "--attach-name", "report.pdf",
+                          "--attach", f"@{report}"]  # fmt: skip
+                done = await asyncio.to_thread(_swaks, port, "--tls", *auth, *mail, *attach)
                 assert done.returncode == 0, done.stdout + done.stderr
                 assert "250 2.0.0 OK queued as m" in done.stdout
                 await asyncio.wait_for(cell.outbox.idle(), 10)
@@ -520,6 +526,18 @@ def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ss
             (out,) = relay.mails()
             assert out["To"] == "gus@outside.example" and out["Subject"] == "Plans"
             assert out["From"] == f"u1@{DOMAIN}"
+            # the attachment went out whole, and bob can read it from his copy
+            (file,) = list(out.iter_attachments())
+            assert file.get_filename() == "report.pdf"
+            assert file.get_content_type() == "application/pdf"
+            assert file.get_content() == report.read_bytes()
+            (copy,) = (await cell.thread(2, thread["thread_id"]))["messages"]
+            full = await cell.mailbox.execute(
+                Op.GET_MESSAGE, {"user": 2, "message_id": copy["message_id"]}
+            )
+            (listed,) = full["extra"]["attachments"]
+            blob = await cell.mailbox.execute(Op.GET_BLOB, {"user": 2, "ref": listed["ref"]})
+            assert blob["size"] == report.stat().st_size
 
     support.run(scenario, timeout=120)
 
@@ -670,3 +688,30 @@ def test_through_a_real_postfix_mail_arrives_once_bounces_and_answers_come_back(
                 postfix.stop()
 
     support.run(scenario, timeout=90)
+
+
+def test_a_user_token_connection_cannot_attach_blobs(tmp_path: Path) -> None:
+    """A blob ref in a SEND is readable by every recipient afterwards: only a trusted tier,
+    which stored the bytes, may name one."""
+
+    async def scenario() -> None:
+        async with InProcessCell(tmp_path) as cell:
+            await cell.serve()
+            token = make_user_token(5, int(time.time()) + 60, KEY)
+            client = await cell.client(user_token=token)
+            attachments = [{"ref": "a" * 64, "name": "x.bin", "type": "", "size": 1}]
+            with pytest.raises(Forbidden, match="attachments"):
+                await client.request(
+                    Op.SEND,
+                    {
+                        "sender": 5,
+                        "recipients": [6],
+                        "text": "x",
+                        "channel": "chat",
+                        "attachments": attachments,
+                    },
+                )
+            sent = await client.send(5, [6], "no files")  # the same user, without: fine
+            assert sent["message_id"]
+
+    support.run(scenario)

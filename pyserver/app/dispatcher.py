@@ -341,6 +341,10 @@ class Dispatcher:
         field = "sender" if op is Op.SEND else "user"
         if _user_id(payload, field) != session.user:
             raise Forbidden(f"this connection's token covers user {session.user} only")
+        if op is Op.SEND and "attachments" in payload:
+            # a blob ref attached is readable by every recipient: only a trusted tier,
+            # which stored the bytes itself, may name one
+            raise Forbidden("attachments: a SEND with attachments needs a service connection")
 
     # ---- operations answered here ----
 

@@ -29,7 +29,7 @@ from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, th
 from pyserver.app.indexer import search_terms
 from pyserver.app.residency import Change, Residency
 from pyserver.blobs import access as blob_access
-from pyserver.blobs.base import BlobStore
+from pyserver.blobs.base import BlobStore, check_ref
 from pyserver.errors import BadRequest, NotFound, TooLarge
 from pyserver.store.base import Store
 from pyserver.userid import MAX_USER_ID, check_user_id
@@ -334,6 +334,7 @@ class Mailbox:
         channel = _choice(p, "channel", CHANNELS)
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
+        attachments = _attachments(p, "attachments", self._settings.max_extra_bytes)
         self._resident.check_owner(sender)
         if self._relay is None:
             # No other server to hand copies to: refuse before writing anything.
@@ -350,7 +351,7 @@ class Mailbox:
             subject=subject,
             text=text,
             key=key,
-            extra={},
+            extra={"attachments": attachments} if attachments else {},
             addresses=addresses,
         )
 
@@ -1019,6 +1020,29 @@ def _cursor(p: dict[str, Any], name: str) -> int:
     if not isinstance(value, str) or not value.isascii() or not value.isdigit() or len(value) > 20:
         raise BadRequest(f"{name}: {value!r} is not a cursor this server gave")
     return int(value)
+
+
+def _attachments(p: dict[str, Any], name: str, max_bytes: int) -> list[dict[str, Any]]:
+    """SEND's attachments: files already in the blob store, `{"ref", "name", "type",
+    "size"}` each (as the MTA proxy lists a received mail's)."""
+    value = _field(p, name, [])
+    if not isinstance(value, list) or len(value) > 100:
+        raise BadRequest(f"{name}: must be a list of at most 100 attachments")
+    found = []
+    for item in value:
+        if not isinstance(item, dict):
+            raise BadRequest(f"{name}: {item!r} is not an attachment object")
+        ref = check_ref(item.get("ref"), f"{name}.ref")
+        filename, kind, size = item.get("name", ""), item.get("type", ""), item.get("size")
+        if not isinstance(filename, str) or not isinstance(kind, str) or len(filename) > 255:
+            raise BadRequest(f"{name}: name and type must be strings (name up to 255)")
+        if type(size) is not int or size < 0:
+            raise BadRequest(f"{name}.size: must be a byte count")
+        found.append({"ref": ref, "name": filename, "type": kind[:255] or
+                      "application/octet-stream", "size": size})  # fmt: skip
+    if len(orjson.dumps(found)) > max_bytes:
+        raise TooLarge(f"{name}: the list is over {max_bytes} bytes")
+    return found
 
 
 def _extra(p: dict[str, Any], name: str, max_bytes: int) -> dict[str, Any]:

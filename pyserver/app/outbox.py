@@ -15,7 +15,8 @@ dropped.
 
 `send(mail)` gets a dict: `user`, `message_id`, `thread_id`, `addresses` (those
 still queued), `subject`, `text`, `ts`, `references` (the earlier mail headers of
-the conversation, oldest first), and answers `{address: (outcome, detail)}` with
+the conversation, oldest first), `attachments` (blob refs with name, type, size),
+and answers `{address: (outcome, detail)}` with
 outcome "sent", "failed" or "retry".
 """
 
@@ -156,6 +157,7 @@ class Outbox:
             "text": mail["text"],
             "ts": mail["ts"],
             "references": mail["references"],
+            "attachments": mail["extra"].get("attachments", []),
         }
         outcomes = await self._send(outgoing)
         age_s = time.time() - mail["ts"] / 1_000_000

@@ -8,8 +8,8 @@ users and the outside addresses of its envelope: the sender's copy is stored in
 their conversation at once, users get theirs, and the outbox relays the rest
 (pyserver.app.outbox). The From is the user's whatever the mail says; the
 subject and the text body are kept, the Message-ID is the SEND's key (a client
-that sends twice sends once). Attachments of submitted mail are not carried
-yet.
+that sends twice sends once). Its attachments go to the blob store and out with
+the mail.
 
 `verify_token(token) -> user id` (ValueError when the token is not valid) is
 given by the process, which holds the service key.
@@ -25,6 +25,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
+from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.outbound import user_of_address
 from pyserver.mta.parse import parse_mail
@@ -59,8 +60,10 @@ class _Submission:
         route: OwnerRoute,
         verify_token: Callable[[str], int],
         mail_domain: str,
+        blobs: BlobStore,
     ) -> None:
         self._addresses = addresses
+        self._blobs = blobs
         self._route = route
         self._verify_token = verify_token
         self._mail_domain = mail_domain
@@ -128,8 +131,16 @@ class _Submission:
             for address in envelope.rcpt_tos:
                 user = await self._user_of(address)
                 recipients.append(user if user is not None else address.strip().strip("<>"))
+            attachments = []
+            for attachment in mail.attachments:
+                stored = await self._blobs.put(attachment.pieces())
+                attachments.append({"ref": stored.ref, "name": attachment.name[:255],
+                                    "type": attachment.content_type,
+                                    "size": stored.size})  # fmt: skip
             payload = {"sender": sender, "recipients": recipients, "channel": "email",
                        "text": mail.text, "subject": mail.subject[:4000]}  # fmt: skip
+            if attachments:
+                payload["attachments"] = attachments
             if mail.message_id:
                 payload["key"] = mail.message_id[:4000]
             reply = await self._route.request(Op.SEND, payload)
@@ -158,12 +169,13 @@ class SubmissionProxy(MtaProxy):
         verify_token: Callable[[str], int],
         tls: ssl.SSLContext,
         *,
+        blobs: BlobStore,
         mail_domain: str,
         max_mail_bytes: int = 80 << 20,
         hostname: str = "pyserver",
         timeout_s: float = 300,
     ) -> None:
-        self._submission = _Submission(addresses, route, verify_token, mail_domain)
+        self._submission = _Submission(addresses, route, verify_token, mail_domain, blobs)
         self._tls = tls
         self._max_mail_bytes = max_mail_bytes
         super().__init__(None, hostname=hostname, timeout_s=timeout_s)  # type: ignore[arg-type]

@@ -119,7 +119,12 @@ class AppServerParts:
             host, port = parse_host_port(config.relay_addr)
             key = Path(config.dkim_key_file).read_bytes() if config.dkim_key_file else None
             sender = RelaySender(
-                host, port, config.mail_domain, dkim_key=key, dkim_selector=config.dkim_selector
+                host,
+                port,
+                config.mail_domain,
+                dkim_key=key,
+                dkim_selector=config.dkim_selector,
+                blobs=self.blobs,
             )
             self.outbox = Outbox(
                 self.mailbox,

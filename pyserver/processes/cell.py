@@ -131,6 +131,7 @@ class SingleNodeCell:
             route,
             lambda token: verify_user_token(token, key, time.time()),
             tls,
+            blobs=self.parts.blobs,
             mail_domain=self.config.mail_domain,
             max_mail_bytes=self.config.max_mail_bytes,
         )
