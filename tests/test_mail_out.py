@@ -715,3 +715,63 @@ def test_a_user_token_connection_cannot_attach_blobs(tmp_path: Path) -> None:
             assert sent["message_id"]
 
     support.run(scenario)
+
+
+def test_done_when_the_answer_from_the_cli_reaches_alices_mailbox_at_postfix(
+    tmp_path: Path,
+) -> None:
+    """The issue's "done when": user 1 (alice@outside.example) and user 2 chat; alice
+    mails user 2 from her provider, signed: one Inbox conversation [1, 2] holds both;
+    user 2 answers with `pyserver send` and the answer lands in alice's Maildir at her
+    provider (a real Postfix), answering her mail."""
+    key = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
+    record = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
+
+    def dns(name: bytes, timeout: int = 5) -> bytes | None:
+        return record.strip() if name == f"test._domainkey.{OUTSIDE}.".encode() else None
+
+    postfix_port = support.free_port()
+    folder = tmp_path / "cell"
+
+    async def scenario() -> None:
+        async with OutCell(folder, postfix_port, dkim_dns=dns) as cell:
+            postfix = Postfix(postfix_port, ["alice"], DOMAIN, cell.smtp_port)
+            postfix.start()
+            try:
+                await cell.store.add_address(f"alice@{OUTSIDE}", 1)
+                await cell.mailbox.execute(Op.FRIEND_ADD, {"user": 1, "friend": 2})
+                chat = await cell.send(1, [2], "see you at lunch")
+                mail = EmailMessage()
+                mail["From"] = f"Alice <alice@{OUTSIDE}>"
+                mail["To"] = "bob@example.com"
+                mail["Subject"] = "Agenda"
+                mail["Message-ID"] = f"<agenda@{OUTSIDE}>"
+                mail.set_content("Here is the agenda.")
+                data = mail.as_bytes(policy=policy.SMTP)
+                signature = dkim.sign(data, b"test", OUTSIDE.encode(), key,
+                                      include_headers=[b"from", b"to", b"subject"])  # fmt: skip
+                await asyncio.to_thread(
+                    _sendmail_raw, cell.smtp_port, f"alice@{OUTSIDE}", ["bob@example.com"],
+                    signature + data,
+                )  # fmt: skip
+                inbox = await cell.mailbox.execute(Op.LIST_THREADS, {"user": 2})
+                (thread,) = inbox["threads"]
+                assert thread["thread_id"] == chat["thread_id"]
+                assert thread["participants"] == [1, 2]
+
+                (folder / "service.key").write_text(KEY + "\n")
+                out = await asyncio.to_thread(
+                    _cli, "send", "--server", f"127.0.0.1:{cell.port}", "--user", "2",
+                    "--to", "1", "--subject", "Re: Agenda", "Thanks, looks good.", data=folder,
+                )  # fmt: skip
+                assert out.startswith("sent ") and chat["thread_id"] in out
+                (answer,) = await asyncio.to_thread(postfix.wait_for, "alice", 1)
+                assert answer["In-Reply-To"] == f"<agenda@{OUTSIDE}>"
+                assert answer.get_content().strip() == "Thanks, looks good."
+                bob = await cell.thread(2, chat["thread_id"])
+                texts = [m["text"].strip() for m in bob["messages"]]
+                assert texts == ["see you at lunch", "Here is the agenda.", "Thanks, looks good."]
+            finally:
+                postfix.stop()
+
+    support.run(scenario, timeout=90)
