@@ -396,22 +396,22 @@ def test_mail_queued_when_the_cell_is_killed_goes_out_exactly_once(tmp_path: Pat
     finally:
         cell.kill()  # kill -9, with the mail queued
         cell.wait(timeout=10)
-    relay = Relay(port=relay_port)  # the relay comes back
+    # the outside provider comes back: a real Postfix, delivering into dora's Maildir
+    postfix = Postfix(relay_port, ["dora"], DOMAIN, support.free_port())
+    postfix.start()
     try:
         cell = _run_cell(data, relay_port)
         try:
-            deadline = time.monotonic() + 30
-            while not relay.mails() and time.monotonic() < deadline:
-                time.sleep(0.1)
+            (mail,) = postfix.wait_for("dora", 1)
             time.sleep(1.0)  # a second copy, if there were one, would be here by now
-            mails = relay.mails()
-            assert [m["To"] for m in mails] == ["dora@outside.example"]
-            assert mails[0]["From"] == f"u2@{DOMAIN}"
+            assert len(postfix.mailbox("dora")) == 1  # exactly once, by its Message-ID too
+            assert thread_of_message_id(mail["Message-ID"], DOMAIN) is not None
+            assert mail["From"] == f"u2@{DOMAIN}"
         finally:
             cell.terminate()
             cell.wait(timeout=30)
     finally:
-        relay.stop()
+        postfix.stop()
 
 
 def test_composed_mail_reads_back_with_the_email_package() -> None:
