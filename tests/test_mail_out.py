@@ -47,6 +47,9 @@ from tests.support.cells import KEY, InProcessCell
 from tests.support.postfix import OUTSIDE, Postfix
 
 DOMAIN = "cell.test"
+# the tests' DKIM key (tests/dkim/README.md) and its key record
+DKIM_KEY = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
+DKIM_RECORD = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
 SMTP_SINK = shutil.which("smtp-sink") or (
     "/usr/sbin/smtp-sink" if os.path.exists("/usr/sbin/smtp-sink") else None
 )
@@ -205,8 +208,7 @@ def test_a_send_to_an_address_goes_out_and_the_answer_comes_back(tmp_path: Path,
 
 
 def test_mail_out_is_dkim_signed_for_the_mail_domain(tmp_path: Path, relay: Relay) -> None:
-    key = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
-    record = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
+    key, record = DKIM_KEY, DKIM_RECORD
     records = {f"pyserver._domainkey.{DOMAIN}.".encode(): record.strip()}
 
     def published(name: bytes, timeout: int = 5) -> bytes | None:
@@ -580,8 +582,7 @@ def test_the_issue_scenario_one_conversation_and_email_both_ways(
     bob@example.com (user 2) from her own mail system, signed: it joins their Inbox
     conversation. User 2 answers there: user 1 gets it in the app, and alice's mail system
     gets it by mail, answering hers."""
-    key = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
-    record = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
+    key, record = DKIM_KEY, DKIM_RECORD
 
     def dns(name: bytes, timeout: int = 5) -> bytes | None:
         return record.strip() if name == b"test._domainkey.example.org." else None
@@ -724,8 +725,7 @@ def test_done_when_the_answer_from_the_cli_reaches_alices_mailbox_at_postfix(
     mails user 2 from her provider, signed: one Inbox conversation [1, 2] holds both;
     user 2 answers with `pyserver send` and the answer lands in alice's Maildir at her
     provider (a real Postfix), answering her mail."""
-    key = (Path(__file__).parent / "dkim" / "test-rsa.key").read_bytes()
-    record = b"v=DKIM1; k=rsa; p=" + (Path(__file__).parent / "dkim" / "test-rsa.pub").read_bytes()
+    key, record = DKIM_KEY, DKIM_RECORD
 
     def dns(name: bytes, timeout: int = 5) -> bytes | None:
         return record.strip() if name == f"test._domainkey.{OUTSIDE}.".encode() else None
