@@ -775,3 +775,30 @@ def test_done_when_the_answer_from_the_cli_reaches_alices_mailbox_at_postfix(
                 postfix.stop()
 
     support.run(scenario, timeout=90)
+
+
+def test_a_session_the_relay_closed_meanwhile_is_replaced_at_once(tmp_path: Path) -> None:
+    """The relay restarts between two mails: the kept session is dead, and the second mail
+    goes out on a new one without waiting for a retry."""
+    first_relay = Relay()
+
+    async def scenario() -> None:
+        nonlocal first_relay
+        async with OutCell(tmp_path / "cell", first_relay.port) as cell:
+            await cell.send(2, ["ida@outside.example"], "one")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            port = first_relay.port
+            first_relay.stop()
+            first_relay = Relay(port=port)  # back on the same port
+            sent = await cell.send(2, ["ida@outside.example"], "two")
+            await asyncio.wait_for(cell.outbox.idle(), 10)
+            (message,) = [m for m in (await cell.thread(2, sent["thread_id"]))["messages"]
+                          if m["message_id"] == sent["message_id"]]  # fmt: skip
+            assert message["delivery"]["ida@outside.example"]["state"] == "sent"
+            assert cell.outbox.counters["retries"] == 0
+            assert [m.get_content().strip() for m in first_relay.mails()] == ["two"]
+
+    try:
+        support.run(scenario, timeout=60)
+    finally:
+        first_relay.stop()

@@ -33,7 +33,7 @@ import dkim
 import pybase64
 
 from pyserver.blobs.base import BlobStore
-from pyserver.errors import PyserverError
+from pyserver.errors import NotFound, PyserverError
 
 __all__ = [
     "RelaySender",
@@ -165,16 +165,25 @@ class RelaySender:
         addresses = list(mail["addresses"])
         try:
             files = await self._files(mail.get("attachments", []))
-        except PyserverError as error:  # a file gone from the blob store: it cannot go out
+        except NotFound as error:  # a file gone from the blob store: it can never go out
             return dict.fromkeys(addresses, ("failed", f"attachment: {error}"))
+        except PyserverError as error:  # the blob store down: later
+            return dict.fromkeys(addresses, ("retry", f"attachment: {error}"))
         message = self.wire(mail, files)
         sender = bounce_address(mail["user"], mail["message_id"], self.mail_domain)
+        smtp: aiosmtplib.SMTP | None = None
         try:
-            smtp = await self._connection()
-        except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
-            return dict.fromkeys(addresses, ("retry", f"{type(error).__name__}: {error}"))
-        try:
-            refused, reply = await smtp.sendmail(sender, addresses, message)
+            smtp, reused = await self._connection()
+            try:
+                refused, reply = await smtp.sendmail(sender, addresses, message)
+            except (aiosmtplib.SMTPServerDisconnected, ConnectionError):
+                if not reused:
+                    raise
+                # the relay closed the idle session meanwhile: once more on a new one
+                await _discard(smtp)
+                smtp = None
+                smtp, _ = await self._connection(fresh=True)
+                refused, reply = await smtp.sendmail(sender, addresses, message)
         except aiosmtplib.SMTPRecipientsRefused as error:
             await _discard(smtp)
             answers = {r.recipient: r for r in error.recipients}
@@ -200,17 +209,17 @@ class RelaySender:
             raise PyserverError("no blob store to read attachments from")
         return [await self._blobs.get(a["ref"]) for a in attachments] if self._blobs else []
 
-    async def _connection(self) -> aiosmtplib.SMTP:
-        """An idle session to the relay, or a new one."""
-        while self._idle:
+    async def _connection(self, fresh: bool = False) -> tuple[aiosmtplib.SMTP, bool]:
+        """An idle session to the relay (and True), or a new one (and False)."""
+        while self._idle and not fresh:
             smtp = self._idle.pop()
             if smtp.is_connected:
-                return smtp
+                return smtp, True
         smtp = aiosmtplib.SMTP(
             hostname=self.host, port=self.port, timeout=self._timeout_s, start_tls=False
         )
         await smtp.connect()
-        return smtp
+        return smtp, False
 
     async def close(self) -> None:
         """Say goodbye on every idle session."""
@@ -219,8 +228,10 @@ class RelaySender:
             await _discard(smtp, polite=True)
 
 
-async def _discard(smtp: aiosmtplib.SMTP, polite: bool = False) -> None:
-    """Close a session (QUIT first when `polite`), whatever state it is in."""
+async def _discard(smtp: aiosmtplib.SMTP | None, polite: bool = False) -> None:
+    """Close a session (QUIT first when `polite`), whatever state it is in (None: none)."""
+    if smtp is None:
+        return
     try:
         if polite and smtp.is_connected:
             await smtp.quit()
