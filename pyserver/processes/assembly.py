@@ -6,9 +6,10 @@ frame size and limits. `AppServerParts` builds, from one `Config` and a store,
 what `pyserver run` (`processes.cell`) and `pyserver node` (`processes.node`)
 share: metrics, the blob store, the user index (in-process or remote), the
 dirty reports (in-process or remote, when memcached is configured), the
-mailbox with the hooks the process gives it, its app server and the HTTP
-endpoint, and opens and closes them in one order. The cell and the node add
-only what is theirs (the MTA and the count endpoint; ZooKeeper, the ring and
+mailbox with the hooks the process gives it, the outbox relaying mail to
+outside addresses (with `relay_addr`), its app server and the HTTP endpoint,
+and opens and closes them in one order. The cell and the node add only what
+is theirs (the MTA, submission and the count endpoint; ZooKeeper, the ring and
 the fence).
 """
 
