@@ -31,7 +31,6 @@ import random
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,11 +38,13 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+
+from bench.listeners import listening_process
 
 USERS = 64
 MARK_ID = b"<MESSAGE-ID-PLACEHOLDER>"
@@ -210,26 +211,11 @@ async def _email_object(port: int, key: str, user: int, subject: str) -> dict[st
 # ---- mail out ----
 
 
-@contextmanager
-def _smtp_sink() -> Iterator[int]:
+def _smtp_sink() -> AbstractContextManager[int]:
     """Postfix's smtp-sink on a loopback port, accepting everything, keeping nothing."""
     sink = shutil.which("smtp-sink") or "/usr/sbin/smtp-sink"
-    port = _free_port()
     user = ["-u", "nobody"] if os.geteuid() == 0 else []
-    proc = subprocess.Popen([sink, *user, f"127.0.0.1:{port}", "256"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        _wait_listening(port, proc)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+    return listening_process(lambda port: [sink, *user, f"127.0.0.1:{port}", "256"], "smtp-sink")
 
 
 def _sink_ceiling(port: int, count: int) -> float:
@@ -277,30 +263,11 @@ async def _send_out(port: int, key: str, count: int, width: int) -> float:
 # ---- intake driven by smtp-source, with its ceilings (issue 9) ----
 
 
-@contextmanager
-def _aiosmtpd_sink() -> Iterator[int]:
+def _aiosmtpd_sink() -> AbstractContextManager[int]:
     """bench.aiosmtpd_sink in its own process: aiosmtpd on uvloop, answering 250, no work."""
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "bench.aiosmtpd_sink", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
-    try:
-        _wait_listening(port, proc)
-        yield port
-    finally:
-        proc.terminate()
-        proc.wait(timeout=10)
-
-
-def _wait_listening(port: int, proc: subprocess.Popen[Any]) -> None:
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("bench: a sink did not start") from None
-            time.sleep(0.05)
+    return listening_process(
+        lambda port: [sys.executable, "-m", "bench.aiosmtpd_sink", str(port)], "aiosmtpd sink"
+    )
 
 
 def _source(port: int, count: int, size: int, sessions: int = 32) -> float:

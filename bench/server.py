@@ -29,16 +29,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from bench.listeners import free_port
 from bench.memory import cached_user_memory
 
 OPS = ("counts", "get_thread", "send")
 SETTINGS = ((1, 1), (1, 16), (64, 1), (64, 16))  # (connections, pipeline depth)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @contextlib.contextmanager
@@ -48,7 +43,7 @@ def _cell(pure: bool) -> Iterator[tuple[int, str]]:
     if pure:
         env["PYSERVER_PURE"] = "1"
     with tempfile.TemporaryDirectory(prefix="bench-cell-") as data:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyserver.cli", "run", "--data", data, "--port", str(port),
              "--http-port", "0", "--smtp-port", "0"],
@@ -117,7 +112,7 @@ def _redis(seconds: float, value_bytes: int) -> list[dict[str, Any]]:
     scenarios, op "redis_get") and, beside it, redis-benchmark's own figure
     (op "redis_benchmark_get")."""
     server, benchmark = _redis_programs()
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [server, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,

@@ -27,15 +27,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench.listeners import free_port
+
 FRIENDS = 1_000
 CONCURRENCY = 64
 KEY = "bench-service-key-userindex-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def _make_store(path: Path, users: int, friends: int) -> None:
@@ -157,7 +153,7 @@ def run(quick: bool = False) -> dict[str, Any]:
             build_s = time.perf_counter() - started
             hot = loop.run_until_complete(_local(path, pairs, users))
             cold = loop.run_until_complete(_local(path, pairs[: queries // 10], 1))
-            port = _free_port()
+            port = free_port()
             proc = _service(data, port)
             try:
                 remote = loop.run_until_complete(_remote(port, pairs))
