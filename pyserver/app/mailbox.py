@@ -1080,7 +1080,8 @@ def _mail_readers(image: UserImage, thread_id: str, recipients: Iterable[int]) -
     latest message in it is a mail that proved to come from them (pyserver.mta.senders).
     They get a SEND there by mail as well, answering theirs."""
     thread = image.threads.get(thread_id)
-    if thread is None:
+    # a conversation with no mail in it (most: chat, SMS) is not read message by message
+    if thread is None or "email" not in thread.channels:
         return []
     wanted = set(recipients)
     latest: dict[int, Message] = {}
