@@ -27,7 +27,7 @@ from pyserver.blobs.base import BlobInfo, BlobStore
 from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.dsn import failed_recipients
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
-from pyserver.mta.outbound import bounced_mail, thread_of_message_id, user_of_address
+from pyserver.mta.outbound import bounced_mail, resolve_user, thread_of_message_id
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
 from pyserver.mta.senders import DnsLookup, check_dkim
@@ -91,14 +91,11 @@ class MailIntake:
     async def recipient(self, address: str) -> tuple[str, int | None]:
         """(SMTP reply, user id or None) for one RCPT address."""
         address = address.strip().strip("<>").strip()
-        own = user_of_address(address, self.settings.mail_domain)
-        if own is not None:
-            return "250 2.1.5 OK", own
         bounced = bounced_mail(address, self.settings.mail_domain)
         if bounced is not None:  # a bounce of a mail a user sent: read in accept()
             return "250 2.1.5 OK", bounced[0]
         try:
-            user = await self._addresses.resolve_address(address) if address else None
+            user = await resolve_user(address, self._addresses, self.settings.mail_domain)
         except PyserverError as exc:
             log.warning("address lookup failed address=%r error=%r", address, exc)
             return "451 4.3.0 Address lookup failed, try again later", None

@@ -34,11 +34,13 @@ import pybase64
 
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import NotFound, PyserverError
+from pyserver.store.base import AddressStore
 
 __all__ = [
     "RelaySender",
     "bounce_address",
     "bounced_mail",
+    "resolve_user",
     "thread_of_message_id",
     "user_address",
     "user_of_address",
@@ -65,6 +67,16 @@ def user_of_address(address: str, mail_domain: str) -> int | None:
     if match is None or domain.lower().rstrip(".") != mail_domain.lower():
         return None
     return int(match.group(1))
+
+
+async def resolve_user(address: str, addresses: AddressStore, mail_domain: str) -> int | None:
+    """The user an address reaches: `u<user>@<mail_domain>`, else the one it is registered
+    to (the store's address book); None for nobody here."""
+    address = address.strip().strip("<>").strip()
+    own = user_of_address(address, mail_domain)
+    if own is not None:
+        return own
+    return await addresses.resolve_address(address) if address else None
 
 
 def bounce_address(user_id: int, message_id: str, mail_domain: str) -> str:

@@ -27,7 +27,7 @@ from aiosmtpd.smtp import SMTP, AuthResult, Envelope, LoginPassword, Session
 
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, PyserverError
-from pyserver.mta.outbound import user_of_address
+from pyserver.mta.outbound import resolve_user
 from pyserver.mta.parse import parse_mail
 from pyserver.mta.route import OwnerRoute
 from pyserver.mta.smtp import MtaProxy, SmtpSession
@@ -69,11 +69,8 @@ class _Submission:
         self._mail_domain = mail_domain
 
     async def _user_of(self, address: str) -> int | None:
-        own = user_of_address(address, self._mail_domain)
-        if own is not None:
-            return own
         try:
-            return await self._addresses.resolve_address(address.strip().strip("<>"))
+            return await resolve_user(address, self._addresses, self._mail_domain)
         except BadRequest:
             return None
 
