@@ -45,6 +45,7 @@ from tests import support
 from tests.conftest import REQUIRE_ENGINES
 from tests.support.cells import KEY, InProcessCell
 from tests.support.postfix import OUTSIDE, Postfix
+from tests.support.swaks import swaks
 
 DOMAIN = "cell.test"
 # the tests' DKIM key (tests/dkim/README.md) and its key record
@@ -443,8 +444,6 @@ def test_composed_mail_reads_back_with_the_email_package() -> None:
 
 # ---- submission: a mail client sends as the user (swaks, STARTTLS, AUTH) ----
 
-SWAKS = shutil.which("swaks")
-
 
 def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
     """A certificate for localhost and its key, made by openssl: (cert, key) PEM files."""
@@ -464,17 +463,6 @@ def tls(tmp_path: Path) -> ssl.SSLContext:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.load_cert_chain(cert, key)
     return context
-
-
-def _swaks(port: int, *args: str) -> subprocess.CompletedProcess[str]:
-    if SWAKS is None:
-        if REQUIRE_ENGINES:
-            pytest.fail("swaks is not installed (apt-get install swaks)")
-        pytest.skip("swaks is not installed")
-    return subprocess.run(
-        [SWAKS, "--server", f"127.0.0.1:{port}", "--helo", "client.test", *args],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
 
 
 def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ssl.SSLContext):
@@ -498,19 +486,19 @@ def test_a_mail_client_submits_as_the_user(tmp_path: Path, relay: Relay, tls: ss
                         "--header", "Message-ID: <plans-1@example.org>",
                         "--body", "Dinner on Saturday?"]  # fmt: skip
                 # no TLS, then TLS without AUTH, then a token for another user: refused
-                plain = await asyncio.to_thread(_swaks, port, *auth, *mail)
+                plain = await asyncio.to_thread(swaks, port, *auth, *mail)
                 assert plain.returncode != 0  # AUTH is not even offered before STARTTLS
                 assert "did not advertise authentication" in plain.stderr
-                anonymous = await asyncio.to_thread(_swaks, port, "--tls", *mail)
+                anonymous = await asyncio.to_thread(swaks, port, "--tls", *mail)
                 assert anonymous.returncode != 0 and "530" in anonymous.stdout
                 wrong = make_user_token(2, int(time.time()) + 3600, KEY)
                 other = ["--auth", "PLAIN", "--auth-user", "alice@example.org",
                          "--auth-password", wrong]  # fmt: skip
-                forged = await asyncio.to_thread(_swaks, port, "--tls", *other, *mail)
+                forged = await asyncio.to_thread(swaks, port, "--tls", *other, *mail)
                 assert forged.returncode != 0 and "535 5.7.8" in forged.stdout
                 attach = ["--attach-type", "application/pdf", "--attach-name", "report.pdf",
                           "--attach", f"@{report}"]  # fmt: skip
-                done = await asyncio.to_thread(_swaks, port, "--tls", *auth, *mail, *attach)
+                done = await asyncio.to_thread(swaks, port, "--tls", *auth, *mail, *attach)
                 assert done.returncode == 0, done.stdout + done.stderr
                 assert "250 2.0.0 OK queued as m" in done.stdout
                 await asyncio.wait_for(cell.outbox.idle(), 10)
@@ -554,7 +542,7 @@ def test_pyserver_run_takes_submissions_from_a_mail_client(tmp_path: Path, relay
     try:
         port = cell.ready["submission"]["port"]  # type: ignore[attr-defined]
         token = _cli("admin", "token", "--user", "4", data=data).strip()
-        done = _swaks(port, "--tls", "--auth", "LOGIN", "--auth-user", f"u4@{DOMAIN}",
+        done = swaks(port, "--tls", "--auth", "LOGIN", "--auth-user", f"u4@{DOMAIN}",
                       "--auth-password", token, "--from", f"u4@{DOMAIN}",
                       "--to", "hal@outside.example", "--header", "Subject: From my phone",
                       "--body", "sent from a mail client")  # fmt: skip

@@ -14,7 +14,6 @@ import asyncio
 import base64
 import json
 import random
-import shutil
 import signal
 import smtplib
 import subprocess
@@ -41,14 +40,14 @@ from pyserver.mta.senders import check_dkim, from_domain
 from pyserver.mta.skeleton import MIN_RUN, skeleton_of
 from pyserver.mta.smtp import MtaProxy, read_data
 from pyserver.pure import frame as pure_frame
-from tests.conftest import REQUIRE_ENGINES, implementation_params
+from tests.conftest import implementation_params
 from tests.support import start_serving
 from tests.support.cells import KEY, InProcessCell
+from tests.support.swaks import swaks
 
 CORPUS = Path(__file__).parent / "mail"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((CORPUS / "expected.json").read_text())
 USERS = {"bob@example.com": 2, "carol@example.com": 3, "erin@example.org": 5}
-SWAKS = shutil.which("swaks")
 
 
 # ---- the cell under test ----
@@ -470,33 +469,19 @@ def test_the_corpus_through_smtp(tmp_path: Path) -> None:
 # ---- swaks: a real SMTP client of its own ----
 
 
-@pytest.fixture
-def swaks() -> str:
-    if SWAKS is None:
-        message = "swaks is not installed (apt-get install swaks)"
-        if REQUIRE_ENGINES:
-            pytest.fail(message)
-        pytest.skip(message)
-    return SWAKS
+async def _swaks(port: int, *args: str) -> tuple[int, str]:
+    done = await asyncio.to_thread(swaks, port, *args)
+    return done.returncode, done.stdout + done.stderr
 
 
-async def _swaks(swaks: str, port: int, *args: str) -> tuple[int, str]:
-    proc = await asyncio.create_subprocess_exec(
-        swaks, "--server", f"127.0.0.1:{port}", "--helo", "client.test", *args,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
-    out, _ = await asyncio.wait_for(proc.communicate(), 30)
-    return proc.returncode or 0, out.decode(errors="replace")
-
-
-def test_swaks_sends_a_mail_with_an_attachment(tmp_path: Path, swaks: str) -> None:
+def test_swaks_sends_a_mail_with_an_attachment(tmp_path: Path) -> None:
     attached = tmp_path / "figures.bin"
     attached.write_bytes(random.Random(3).randbytes(200_000))
 
     async def scenario() -> None:
         async with MailCell(tmp_path) as cell:
             code, out = await _swaks(
-                swaks, cell.smtp_port, "--from", "zed@example.net", "--to", "bob@example.com",
+                cell.smtp_port, "--from", "zed@example.net", "--to", "bob@example.com",
                 "--header", "Subject: figures via swaks", "--body", "numbers attached",
                 "--attach-type", "application/octet-stream", "--attach-name", "figures.bin",
                 "--attach", f"@{attached}",
@@ -514,10 +499,10 @@ def test_swaks_sends_a_mail_with_an_attachment(tmp_path: Path, swaks: str) -> No
     run(scenario)
 
 
-def test_swaks_to_an_unknown_address_gets_550(tmp_path: Path, swaks: str) -> None:
+def test_swaks_to_an_unknown_address_gets_550(tmp_path: Path) -> None:
     async def scenario() -> None:
         async with MailCell(tmp_path) as cell:
-            code, out = await _swaks(swaks, cell.smtp_port, "--to", "nobody@example.com")
+            code, out = await _swaks(cell.smtp_port, "--to", "nobody@example.com")
             assert code != 0
             assert "550 5.1.1" in out
             assert await cell.messages(2) == []
@@ -525,13 +510,13 @@ def test_swaks_to_an_unknown_address_gets_550(tmp_path: Path, swaks: str) -> Non
     run(scenario)
 
 
-def test_swaks_pipelined_data_and_dot_lines(tmp_path: Path, swaks: str) -> None:
+def test_swaks_pipelined_data_and_dot_lines(tmp_path: Path) -> None:
     body = "first\n.\n..two dots\n.leading\nlast"
 
     async def scenario() -> None:
         async with MailCell(tmp_path) as cell:
             code, out = await _swaks(
-                swaks, cell.smtp_port, "--to", "carol@example.com", "--pipeline",
+                cell.smtp_port, "--to", "carol@example.com", "--pipeline",
                 "--header", "Message-Id: <dots@swaks>", "--body", body,
             )  # fmt: skip
             assert code == 0, out

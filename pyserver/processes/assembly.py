@@ -27,6 +27,7 @@ from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.outbox import Outbox
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
+from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config
 from pyserver.dirty.reporter import DirtyReporter, RemoteDirtyService
 from pyserver.dirty.service import DirtyService
@@ -37,7 +38,7 @@ from pyserver.store.base import Store
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
 
-__all__ = ["AppServerParts", "service_server"]
+__all__ = ["AppServerParts", "service_server", "zookeeper_session"]
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +64,17 @@ def service_server(
         stats_section=stats_section,
     )
     return AppServer(dispatcher, ServerLimits.from_config(config))
+
+
+def zookeeper_session(config: Config) -> ZooKeeper:
+    """The process's ZooKeeper session as the configuration sets it (not started): each
+    call waits up to the session timeout, kept between 1 and 5 s."""
+    return ZooKeeper(
+        config.zookeeper,
+        chroot=config.zookeeper_chroot,
+        session_timeout_s=config.zookeeper_session_timeout_s,
+        call_timeout_s=max(1.0, min(5.0, config.zookeeper_session_timeout_s)),
+    )
 
 
 class AppServerParts:

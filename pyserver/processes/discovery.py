@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.app.server import AppServer
-from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
-from pyserver.processes.assembly import service_server
+from pyserver.processes.assembly import service_server, zookeeper_session
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.store.spec import open_store
 
@@ -42,12 +41,7 @@ class DiscoveryProcess:
         self.config = config = config.with_service_key()
         self.store_spec = config.store_spec
         self.store: Any = open_store(self.store_spec)
-        self.zk = ZooKeeper(
-            config.zookeeper,
-            chroot=config.zookeeper_chroot,
-            session_timeout_s=config.zookeeper_session_timeout_s,
-            call_timeout_s=max(1.0, min(5.0, config.zookeeper_session_timeout_s)),
-        )
+        self.zk = zookeeper_session(config)
         self.directory: Directory | None = None
         self.service: DiscoveryService | None = None
         self._cache_users = cache_users

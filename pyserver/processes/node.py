@@ -40,11 +40,10 @@ from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.membership import Membership
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.routing import OwnerRouter
-from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.client import ClusterClient
 from pyserver.errors import NotOwner, Unavailable
-from pyserver.processes.assembly import AppServerParts
+from pyserver.processes.assembly import AppServerParts, zookeeper_session
 from pyserver.processes.runtime import (
     add_ready_file_argument,
     announce_ready,
@@ -69,12 +68,7 @@ class ClusterNode:
             raise ConfigError("config zookeeper: a cell node needs ZooKeeper (host:port)")
         self.config = config = config.with_service_key()
         self.store_spec = config.store_spec
-        self.zk = ZooKeeper(
-            config.zookeeper,
-            chroot=config.zookeeper_chroot,
-            session_timeout_s=config.zookeeper_session_timeout_s,
-            call_timeout_s=max(1.0, min(5.0, config.zookeeper_session_timeout_s)),
-        )
+        self.zk = zookeeper_session(config)
         self.ring = RingWatch(self.zk, config.cell, tokens_per_node=config.tokens_per_node)
         self.membership = Membership(self.zk, config.cell, config.node_id, config.tokens_per_node)
         self.fence = OwnershipFence(self.membership, self.ring)
