@@ -32,6 +32,7 @@ from pyserver.processes import launcher
 from pyserver.processes import mta as mta_process
 from pyserver.processes import node as node_process
 from pyserver.processes import userindex as userindex_process
+from pyserver.processes import web as web_process
 from pyserver.processes.cell import serve
 from pyserver.processes.runtime import add_ready_file_argument
 from pyserver.servicekey import read_service_key
@@ -164,9 +165,10 @@ def _run(args: argparse.Namespace) -> int:
             "tls_cert_file": args.tls_cert,
             "tls_key_file": args.tls_key,
             "mail_domain": args.mail_domain,
+            "web_port": args.web_port,
         },
     )
-    return serve(config, args.ready_file)
+    return serve(config, args.ready_file, tuple(args.sign_in_links or ()))
 
 
 def _doctor(args: argparse.Namespace) -> int:
@@ -211,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--submission-port", type=int, help="SMTP submission for mail clients")
     run.add_argument("--tls-cert", help="PEM certificate of the submission port's STARTTLS")
     run.add_argument("--tls-key", help="PEM key of that certificate")
+    run.add_argument("--web-port", type=int, help="the web inbox's port (default 7488; -1: none)")
+    run.add_argument(
+        "--sign-in-links",
+        type=lambda text: [_user_id(part) for part in text.split(",") if part],
+        help="print a web sign-in link (valid a day) for each of these users, e.g. 1,2",
+    )
     add_ready_file_argument(run)
     run.set_defaults(handler=_run)
 
@@ -325,6 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
     userindex_process.add_parser(commands, DEFAULT_DATA)
     dirty_process.add_parser(commands, DEFAULT_DATA)
     discovery_process.add_parser(commands, DEFAULT_DATA)
+    web_process.add_parser(commands, DEFAULT_DATA)
     launcher.add_parser(commands)
     return parser
 

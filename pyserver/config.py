@@ -114,6 +114,13 @@ class Config:
     submission_port: int = -1
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # ---- the web tier: the inbox and web chat (docs/web.md) ----
+    # its HTTP port (`pyserver run` and `pyserver web`); -1: none, 0: any free port
+    web_port: int = 7488
+    # the largest request a browser may send (a message with its files)
+    web_max_upload_bytes: int = 25 << 20
+    # how long a browser stays signed in (never past its sign-in token's expiry)
+    web_session_s: int = 7 * 86_400
 
     @property
     def service_key_path(self) -> Path:
@@ -224,8 +231,12 @@ def _check(config: Config) -> None:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_services(config)
     _check_cluster(config)
-    if not -1 <= config.submission_port <= 65535:
-        raise ConfigError(f"config submission_port: {config.submission_port} is not a port or -1")
+    for name in ("submission_port", "web_port"):
+        if not -1 <= getattr(config, name) <= 65535:
+            raise ConfigError(f"config {name}: {getattr(config, name)} is not a port or -1")
+    for name in ("web_max_upload_bytes", "web_session_s"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     if config.submission_port >= 0:
         for name in ("tls_cert_file", "tls_key_file"):
             path = getattr(config, name)

@@ -1,6 +1,7 @@
 """A plain install (no dev extras) can import every part of the package.
 
-The dev extras (msgpack, uhashring, lru-dict, lmdb, rocksdict: the benchmarks' peers)
+The dev extras (msgpack, uhashring, lru-dict, lmdb, rocksdict: the benchmarks' peers;
+playwright: the browser tests')
 are blocked in a child interpreter, and every module of `pyserver` is imported there.
 """
 
@@ -9,7 +10,7 @@ from __future__ import annotations
 import subprocess
 import sys
 
-DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest", "lmdb", "rocksdict")
+DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest", "lmdb", "rocksdict", "playwright")
 
 _CHILD = f"""
 import importlib, pkgutil, sys

@@ -135,6 +135,7 @@ class Dispatcher:
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_subscriptions: int = 64,
+        max_service_subscriptions: int = 100_000,
         observer: RequestObserver | None = None,
         health_check: Callable[[], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -150,7 +151,10 @@ class Dispatcher:
         self._service_key = service_key
         self.node_id = node_id
         self.max_frame_size = max_frame_size
+        # A user's connection holds a few; a trusted tier (the web tier, a gateway)
+        # multiplexes the subscriptions of all its users on a few connections.
         self._max_subscriptions = max_subscriptions
+        self._max_service_subscriptions = max_service_subscriptions
         self.observer: RequestObserver = observer if observer is not None else NullObserver()
         self._health_check = health_check
         self._clock = clock
@@ -389,10 +393,9 @@ class Dispatcher:
             raise BadRequest(
                 f"request id {subscription_id} already names a live subscription on this connection"
             )
-        if len(session.subscriptions) >= self._max_subscriptions:
-            raise TooLarge(
-                f"this connection already has {self._max_subscriptions} subscriptions, the limit"
-            )
+        limit = self._max_service_subscriptions if session.is_service else self._max_subscriptions
+        if len(session.subscriptions) >= limit:
+            raise TooLarge(f"this connection already has {limit} subscriptions, the limit")
         callback = partial(session.event_sink, subscription_id)
         token = self._mailbox.subscribe(user, callback)
         session.subscriptions[subscription_id] = (user, token)

@@ -41,6 +41,8 @@ _THREAD_OVERHEAD = 700
 _MESSAGE_OVERHEAD = 450
 _KEY_OVERHEAD = 250
 _BLOCKED_OVERHEAD = 80
+# What a message's summary (GET_THREAD, events) says of each attachment.
+_ATTACHMENT_FIELDS = ("ref", "name", "type", "size")
 
 
 def thread_id_for(participants: Iterable[int], outside: str | Iterable[str] | None = None) -> str:
@@ -127,8 +129,16 @@ class Message:
         }
         if with_extra:
             out["extra"] = self.extra
-        elif "delivery" in self.extra:  # a mail to outside addresses: how each one went
+            return out
+        if "from_name" in self.extra:  # an outside sender's name, as their mail gave it
+            out["from_name"] = self.extra["from_name"]
+        if "delivery" in self.extra:  # a mail to outside addresses: how each one went
             out["delivery"] = self.extra["delivery"]
+        if "attachments" in self.extra:  # what a thread view lists to download
+            out["attachments"] = [
+                {key: file[key] for key in _ATTACHMENT_FIELDS if key in file}
+                for file in self.extra["attachments"]
+            ]
         return out
 
     def weight(self) -> int:

@@ -261,6 +261,7 @@ class Mailbox:
             Op.UNBLOCK: self._unblock,
             Op.FRIEND_ADD: self._friend_add,
             Op.FRIEND_REMOVE: self._friend_remove,
+            Op.FRIENDS: self._friends,
         }
         # The reads `answer_cached` can answer at once from a cached image.
         self._cached_reads: dict[Op, Callable[[UserImage, dict[str, Any]], dict[str, Any]]] = {
@@ -804,6 +805,13 @@ class Mailbox:
         user, friend = self._friend_pair(p)
         await self._index.remove_friend(user, friend)
         return {}
+
+    async def _friends(self, p: dict[str, Any]) -> dict[str, Any]:
+        """The user's friends, as the user index service answers FRIENDS (the web tier's
+        friends page asks the user's app server, which holds the index or reaches it)."""
+        user = _user(p, "user")
+        self._resident.check_owner(user)
+        return {"friends": sorted(await self._index.friends(user))}
 
     def _friend_pair(self, p: dict[str, Any]) -> tuple[int, int]:
         user = _user(p, "user")

@@ -4,7 +4,8 @@ Assembles, from one `Config`, the parts every app server has
 (`processes.assembly.AppServerParts` on the embedded store: the user index, the
 mailbox, the app server speaking the binary protocol, the HTTP endpoint with
 /metrics and /health) and what a whole cell adds: the user index served to
-other processes, the MTA proxy and the count reads (/counts/<user>). `serve()` is
+other processes, the MTA proxy, the web tier (inbox and web chat, a client of the
+cell's own app server) and the count reads (/counts/<user>). `serve()` is
 `pyserver run`: it runs the cell on uvloop until SIGINT or SIGTERM, then stops
 it gracefully (in-flight requests finish, cached images are snapshotted).
 """
@@ -24,10 +25,11 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import doctor, endpoints
-from pyserver.app.auth import verify_user_token
+from pyserver.app.auth import make_user_token, verify_user_token
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
+from pyserver.client import Client
 from pyserver.config import Config
 from pyserver.dirty import memcached_client
 from pyserver.errors import BadRequest, PyserverError, error_payload
@@ -47,6 +49,7 @@ from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.service import UserIndexService
 from pyserver.web.counts import CountReader
+from pyserver.web.server import WebTier
 from pyserver.wire.ops import Op
 
 log = logging.getLogger(__name__)
@@ -80,6 +83,9 @@ class SingleNodeCell:
         # SMTP submission for mail clients (STARTTLS, AUTH), when a port is configured
         self.submission: SubmissionProxy | None = None
         self.counts: CountReader | None = None
+        # the web tier, and its connection to the app server (when web_port is not -1)
+        self.web: WebTier | None = None
+        self._web_client: Client | None = None
         self.parts.http.add_get("/counts/{user}", self._serve_counts)
         self.addresses: dict[str, Any] = {}
 
@@ -105,6 +111,9 @@ class SingleNodeCell:
                 self.config.host, self.config.submission_port
             )
             self.addresses["submission"] = {"host": sub_host, "port": sub_port}
+        if self.config.web_port >= 0:
+            web_host, web_port = await self._start_web(host, port)
+            self.addresses["web"] = {"host": web_host, "port": web_port}
         endpoints.publish(self.config.data_dir, self.addresses)
         return self.addresses
 
@@ -115,12 +124,36 @@ class SingleNodeCell:
             await self.mta.stop()
         if self.submission is not None:
             await self.submission.stop()
+        if self.web is not None:  # its pages close first; their scripts reconnect later
+            await self.web.stop()
+        if self._web_client is not None:
+            await self._web_client.close()
         await self.parts.stop_serving(self.config.shutdown_grace_s)
         if self.userindex_server is not None:
             await self.userindex_server.stop(self.config.shutdown_grace_s)
         if self.counts is not None and self.counts.cache is not None:
             await self.counts.cache.close()
         await self.parts.close()
+
+    async def _start_web(self, host: str, port: int) -> tuple[str, int]:
+        config = self.config
+        self._web_client = await Client.connect(host, port, service_key=config.service_key)
+        assert self.counts is not None
+        self.web = WebTier(
+            self._web_client,
+            config.service_key,
+            counts=self.counts.read,
+            blobs=self.parts.blobs,
+            max_upload_bytes=config.web_max_upload_bytes,
+            session_lifetime_s=config.web_session_s,
+        )
+        return config.host, await self.web.start(config.host, config.web_port)
+
+    def sign_in_link(self, user: int, valid_s: int = 86_400) -> str:
+        """A link that signs a browser in to the web tier as `user` (for a day)."""
+        web_addr = self.addresses["web"]
+        token = make_user_token(user, int(time.time()) + valid_s, self.config.service_key)
+        return f"http://{web_addr['host']}:{web_addr['port']}/login?token={token}"
 
     def _submission(self, route: SingleServerRoute) -> SubmissionProxy:
         key = self.config.service_key
@@ -170,7 +203,9 @@ class SingleNodeCell:
         }
 
 
-async def _serve_until_stopped(cell: SingleNodeCell, ready: Path | None) -> None:
+async def _serve_until_stopped(
+    cell: SingleNodeCell, ready: Path | None, sign_in_links: tuple[int, ...]
+) -> None:
     stopped = stop_signal()
     addresses = await cell.start()
     server, http = addresses["server"], addresses["http"]
@@ -179,6 +214,11 @@ async def _serve_until_stopped(cell: SingleNodeCell, ready: Path | None) -> None
     print(f"  http             http://{http['host']}:{http['port']}/metrics  /health", flush=True)
     smtp = addresses["smtp"]
     print(f"  smtp (MTA proxy) {smtp['host']}:{smtp['port']}", flush=True)
+    if "web" in addresses:
+        web_addr = addresses["web"]
+        print(f"  web (inbox, chat) http://{web_addr['host']}:{web_addr['port']}/", flush=True)
+        for user in sign_in_links:
+            print(f"    sign in as user {user}: {cell.sign_in_link(user)}", flush=True)
     if "userindex" in addresses:
         index = addresses["userindex"]
         print(f"  user index       {index['host']}:{index['port']}", flush=True)
@@ -200,11 +240,14 @@ async def _serve_until_stopped(cell: SingleNodeCell, ready: Path | None) -> None
         await cell.stop()
 
 
-def serve(config: Config, ready_file: Path | None = None) -> int:
+def serve(
+    config: Config, ready_file: Path | None = None, sign_in_links: tuple[int, ...] = ()
+) -> int:
     """`pyserver run`: serve a single-node cell until SIGINT/SIGTERM; once it serves, its
-    addresses are written to `ready_file` (if given) as well as to its data folder."""
+    addresses are written to `ready_file` (if given) as well as to its data folder, and a
+    sign-in link of the web tier is printed for each user of `sign_in_links`."""
     configure_logging(config.log_level)
-    run(_serve_until_stopped(SingleNodeCell(config), ready_file))
+    run(_serve_until_stopped(SingleNodeCell(config), ready_file, sign_in_links))
     return 0
 
 

@@ -27,6 +27,10 @@ class UserIndex(Protocol):
         """How `sender_id` stands to `user_id`: "friend", "friend_of_friend" or "stranger"."""
         ...
 
+    async def friends(self, user_id: int) -> frozenset[int]:
+        """The user's friends."""
+        ...
+
     async def add_friend(self, user_id: int, friend_id: int) -> None:
         """Make the two users friends of each other (idempotent)."""
         ...

@@ -1,4 +1,10 @@
-"""The web tier's pieces: what the web gateway calls to serve pages (counts.py: unread counts).
+"""The web tier: the inbox and web chat a person uses in a browser (docs/web.md).
 
-May import: pyserver.errors, pyserver.addresses, pyserver.dirty.
+`server` serves the pages and the live socket on aiohttp; `sessions` signs people
+in (session cookies, CSRF tokens); `viewer` scopes every app-server request to the
+signed-in user; `live` fans each user's mailbox events out to their open pages;
+`counts` reads unread counts through memcached.
+
+May import: pyserver.errors, pyserver.addresses, pyserver.dirty, pyserver.app,
+pyserver.client, pyserver.blobs, pyserver.userid, pyserver.wire.
 """
