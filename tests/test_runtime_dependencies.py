@@ -1,8 +1,7 @@
 """A plain install (no dev extras) can import every part of the package.
 
 The dev extras (msgpack, uhashring, lru-dict, lmdb, rocksdict: the benchmarks' peers;
-playwright: the browser tests')
-are blocked in a child interpreter, and every module of `pyserver` is imported there.
+playwright: the browser's driver) are blocked in a child interpreter, and every module of `pyserver` is imported there.
 """
 
 from __future__ import annotations
@@ -10,7 +9,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
-DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest", "lmdb", "rocksdict", "playwright")
+DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest", "lmdb", "rocksdict")
+DEV_ONLY += ("playwright",)
 
 _CHILD = f"""
 import importlib, pkgutil, sys
