@@ -1,7 +1,8 @@
 """A plain install (no dev extras) can import every part of the package.
 
 The dev extras (msgpack, uhashring, lru-dict, lmdb, rocksdict: the benchmarks' peers;
-playwright: the browser's driver) are blocked in a child interpreter, and every module of `pyserver` is imported there.
+playwright: the browser's driver) are blocked in a child interpreter, and every module
+of `pyserver` is imported there.
 """
 
 from __future__ import annotations
