@@ -223,7 +223,7 @@ def test_hostile_content_runs_nothing(browser: Any, cell: WebCell, tmp_path: Pat
     mallory.page.fill("[data-testid=compose-subject]", "<img src=x onerror=window.__xss=1>")
     mallory.page.fill(
         "[data-testid=compose-text]",
-        "<script>window.__xss=2</script><img src=x onerror=\"window.__xss=3\">",
+        '<script>window.__xss=2</script><img src=x onerror="window.__xss=3">',
     )
     mallory.page.click("[data-testid=compose-send]")
     page_file = tmp_path / "page.html"
@@ -256,7 +256,7 @@ def test_hostile_content_runs_nothing(browser: Any, cell: WebCell, tmp_path: Pat
         if bob.page.query_selector("[data-testid=attachment]"):
             mail_page = bob.page.url
     for literal in [
-        "<script>window.__xss=2</script><img src=x onerror=\"window.__xss=3\">",
+        '<script>window.__xss=2</script><img src=x onerror="window.__xss=3">',
         "<img src=x onerror=window.__xss=1>",
         "<script>window.__xss=5</script> <mallory@example.net>",
         "<svg onload=window.__xss=6>",
