@@ -4,6 +4,7 @@
 `server`: a running app server under load, native+uvloop against pure+asyncio, and Redis.
 `mail`: SMTP end to end against DELIVER. `userindex`: relation queries.
 `cluster`: a 3-node HBase cell against one SQLite node; failover and join times.
+`web`: live chat through the web tier with 1,000 pages connected, against direct SENDs.
 Each prints one JSON object with --json. Every figure of a run is measured in that run.
 The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
@@ -61,7 +62,7 @@ def _print_table(results: dict[str, object]) -> None:
 
 
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
-SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster")
+SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web")
 
 
 def _suite(name: str) -> Callable[[bool], dict[str, object]]:

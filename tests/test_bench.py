@@ -119,3 +119,15 @@ def test_bench_writes_measures_the_mailbox_and_three_engines() -> None:
     assert 0 < mailbox["event_loop_cpu_share"] <= 1.5
     assert set(results["engine_appends_per_s"]) == {"sqlite", "lmdb", "rocksdb"}
     assert all(rate > 0 for rate in results["engine_appends_per_s"].values())
+
+
+@pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
+def test_bench_web_measures_live_chat_beside_direct_sends() -> None:
+    web = _bench_json("bench", "web", "--json", "--quick")["web"]
+    assert web["pages_connected"] == 100 and web["chat_samples"] == 50
+    assert 0 < web["chat_p50_ms"] <= web["chat_p99_ms"]
+    assert web["delivered_per_s"] > 0
+    assert web["web_vs_direct_send"] == pytest.approx(
+        web["web_send_us"] / web["direct_send_us"], rel=0.05
+    )
+    assert web["web_cpu_us_per_message"] > 0 and web["server_cpu_us_per_send"] > 0

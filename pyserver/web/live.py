@@ -48,6 +48,14 @@ _COUNTING = frozenset(
 _RESYNC = orjson.dumps({"type": "resync"})
 
 
+def _changes_counts(event: dict[str, Any]) -> bool:
+    """Whether an event may change unread counts (the sender's own copy of a message,
+    already read, does not)."""
+    if event.get("event") == "message_added":
+        return bool((event.get("message") or {}).get("unread", True))
+    return event.get("event") in _COUNTING
+
+
 class PageFeed:
     """What one open page is sent: encoded messages, in order, bounded."""
 
@@ -109,7 +117,7 @@ class UserFeed:
                 self._broadcast(_RESYNC)
                 async for event in subscription:
                     self._broadcast(orjson.dumps({"type": "event", **event}))
-                    if event.get("event") in _COUNTING:
+                    if _changes_counts(event):
                         await self._send_counts()
             except PyserverError as exc:
                 log.info("live feed of user %d ended: %s", self.viewer.user, exc)
