@@ -6,10 +6,16 @@ hooks are the `data-testid`s of docs/web.md."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +23,8 @@ import pytest
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 
+from pyserver.app.auth import make_user_token  # noqa: E402
+from pyserver.discovery.client import connect_to_cluster  # noqa: E402
 from tests.support.swaks import swaks  # noqa: E402
 from tests.support.web import WebCell, chromium  # noqa: E402
 
@@ -276,3 +284,80 @@ def test_hostile_content_runs_nothing(browser: Any, cell: WebCell, tmp_path: Pat
     assert bob.dialogs == [] and mallory.dialogs == []
     bob.close()
     mallory.close()
+
+
+def test_a_kill_of_the_owner_during_a_chat_on_a_cluster_loses_and_doubles_nothing(
+    browser: Any, tmp_path: Path, zookeeper: str
+) -> None:
+    """`pyserver web` in front of a cluster (`pyserver cluster up`: one cell of three app
+    servers on SQLite): the app server owning Bob is killed with SIGKILL mid-chat; the
+    pages stay on the web tier, which finds Bob's new owner through discovery."""
+    folder = tmp_path / "cluster"
+    up = _pyserver("cluster", "up", "--dir", str(folder), "--engine", "sqlite", "--cells", "1",
+                   "--nodes", "3", "--session-timeout", "3", timeout=180)  # fmt: skip
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        status = json.loads(_pyserver("cluster", "status", "--dir", str(folder), "--json").stdout)
+        processes = {p["name"]: p for p in status["processes"]}
+        state = json.loads((folder / "cluster.json").read_text())
+        key = Path(state["service_key_file"]).read_text().strip()
+        cluster = _ClusterWeb(f"http://{processes['web']['address']}", key)
+        sent = _pyserver("send", "--cluster", str(folder), "--user", "1", "--to", "2", "hi")
+        thread = _thread_id(sent.stdout)
+        alice, bob = Person(browser, cluster, 1), Person(browser, cluster, 2)  # type: ignore[arg-type]
+        alice.go(f"/thread/{thread}")
+        bob.go(f"/thread/{thread}")
+        alice.type_and_enter("before the kill")
+        assert bob.wait_messages(2)[-1] == "before the kill"
+
+        # (Playwright's loop runs in this thread: ask on another one)
+        with ThreadPoolExecutor(1) as thread_of_its_own:
+            owner = thread_of_its_own.submit(asyncio.run, _owner_address(folder, 2)).result()
+        victim = next(p for p in status["processes"] if p["address"] == owner)
+        os.kill(victim["pid"], signal.SIGKILL)
+        bob.type_and_enter("during the failover")
+        alice.type_and_enter("me too")
+        expected = ["hi", "before the kill", "during the failover", "me too"]
+        for person in (alice, bob):
+            shown = person.wait_messages(4, timeout_ms=30_000)
+            assert sorted(shown) == sorted(expected), shown
+        time.sleep(0.5)
+        for person in (alice, bob):
+            assert sorted(person.messages()) == sorted(expected)
+        # the new owner serves Bob's live page: a message after the failover arrives live
+        started = time.monotonic()
+        alice.type_and_enter("after it")
+        assert bob.wait_messages(5, timeout_ms=5_000)[-1] == "after it"
+        assert time.monotonic() - started < 5
+        alice.close()
+        bob.close()
+    finally:
+        _pyserver("cluster", "down", "--dir", str(folder), "--grace", "10", timeout=120)
+
+
+class _ClusterWeb:
+    """What `Person` needs of a web tier in front of a cluster: its address, sign-in links."""
+
+    def __init__(self, url: str, key: str) -> None:
+        self.url = url
+        self.key = key
+
+    def sign_in_link(self, user: int) -> str:
+        token = make_user_token(user, int(time.time()) + 3600, self.key)
+        return f"{self.url}/login?token={token}"
+
+
+async def _owner_address(folder: Path, user: int) -> str:
+    client = await connect_to_cluster(folder)
+    try:
+        owner = await client.owner_client(user)
+        return f"{owner.host}:{owner.port}"
+    finally:
+        await client.close()
+
+
+def _pyserver(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip

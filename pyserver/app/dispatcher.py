@@ -188,6 +188,22 @@ class Dispatcher:
             self.end_subscription(session, subscription_id)
         self._sessions.discard(session)
 
+    def end_subscriptions_of(self, ended: Callable[[int], bool], reason: str) -> int:
+        """End every subscription whose user `ended(user)` names, after one last
+        `{"event": "overflow", "reason": reason}` event (the subscriber subscribes again,
+        at the user's owner now); how many ended."""
+        count = 0
+        for session in list(self._sessions):
+            for subscription_id, (user, _token) in list(session.subscriptions.items()):
+                if not ended(user):
+                    continue
+                session.event_sink(
+                    subscription_id, {"event": "overflow", "user": user, "reason": reason}
+                )
+                self.end_subscription(session, subscription_id)
+                count += 1
+        return count
+
     def end_subscription(self, session: Session, subscription_id: int) -> bool:
         """End one subscription of a session; False if it was not live."""
         entry = session.subscriptions.pop(subscription_id, None)

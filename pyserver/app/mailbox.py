@@ -827,12 +827,19 @@ class Mailbox:
         """Call `callback(event)` after each commit to the user's log, in log order.
 
         The callback runs on the event loop and must not block; an exception it
-        raises is logged and ignored. Returns the token for `unsubscribe`.
+        raises is logged and ignored. Returns the token for `unsubscribe`. Only the
+        user's owner takes a subscription (NotOwner elsewhere): events come from the
+        server that commits the user's writes.
         """
+        self._resident.check_owner(user_id)
         token = next(self._tokens)
         self._subscribers.setdefault(user_id, {})[token] = callback
         self._subscription_users[token] = user_id
         return token
+
+    def owns(self, user_id: int) -> bool:
+        """Whether this server serves the user now (a node of a cell: by its ring)."""
+        return self._resident.owns(user_id)
 
     def unsubscribe(self, token: int) -> None:
         """End a subscription (safe to repeat)."""

@@ -133,8 +133,12 @@ class Residency:
             return None
         return self._cache.get(user_id)
 
+    def owns(self, user_id: int) -> bool:
+        """Whether this server serves the user now (always, outside a cluster)."""
+        return self._owns is None or self._owns(user_id)
+
     def check_owner(self, user_id: int) -> None:
-        if self._owns is None or self._owns(user_id):
+        if self.owns(user_id):
             return
         owner = self._owner_of(user_id) if self._owner_of is not None else None
         if owner:

@@ -303,10 +303,11 @@ class ClusterClient:
         (`await` it, or use it with `async with` / `async for`, as `Client.subscribe`)."""
         return _RoutedSubscription(self, user)
 
-    async def owner_client(self, user: int) -> Client:
-        """The pooled connection to the user's owner now."""
-        cell = await self.cell_of(user)
-        addr = (await self.ring_of(cell)).owner_address(user)
+    async def owner_client(self, user: int, *, fresh: bool = False) -> Client:
+        """The pooled connection to the user's owner now (`fresh`: the route asked of
+        discovery again, not the one cached)."""
+        cell = await self.cell_of(user, fresh=fresh)
+        addr = (await self.ring_of(cell, refresh=fresh)).owner_address(user)
         if addr is None:
             raise Unavailable(f"no app server owns user {user} now")
         return await self.pool.get(addr)
@@ -324,8 +325,19 @@ class _RoutedSubscription(Subscription):
         self._cluster = cluster
 
     async def start(self) -> Subscription:
-        if self._client is None:
+        """Subscribe at the owner the cached route names; when that one cannot take it
+        (gone, or no longer the owner), at the owner discovery names now."""
+        if self._started:
+            return self
+        try:
             self._client = await self._cluster.owner_client(self.user)
+            return await super().start()
+        except PyserverError as error:
+            if error.code not in _STALE_CODES:
+                raise
+        self._started = False
+        self._end = None
+        self._client = await self._cluster.owner_client(self.user, fresh=True)
         return await super().start()
 
 

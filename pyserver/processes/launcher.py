@@ -11,7 +11,8 @@
   the cluster's own;
 * two discovery instances, the user index service, the dirty service (with
   memcached), C x N app servers (`pyserver node`, knowing discovery, the user
-  index and the dirty service) and the MTA proxy (routing through discovery);
+  index and the dirty service), the MTA proxy and the web tier (both routing
+  through discovery);
 
 prints where each listens and returns once all serve (each writes its
 addresses to `ready/<name>.json` when it does). The folder (default
@@ -59,7 +60,7 @@ MEMCACHED = tuple(
     for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
 )
 # down: app servers first (they drain), the services they call last
-_STOP_ORDER = ("mta", "node", "discovery", "dirty", "userindex")
+_STOP_ORDER = ("web", "mta", "node", "discovery", "dirty", "userindex")
 
 
 class LaunchError(Exception):
@@ -331,7 +332,16 @@ def cluster_up(
             {"PYSERVER_STORE": directory_store},
         )  # fmt: skip
         started.append(mta)
-        _wait_ready([mta], timeout_s)
+        # the web tier: the inbox and web chat, every user's owner found through discovery
+        web_env = {"PYSERVER_BLOB_STORE": directory_store}
+        if memcached:
+            web_env["PYSERVER_MEMCACHED_DCS"] = dcs
+        web = _spawn(
+            folder, "web", "web",
+            ["web", *common, "--port", "0", "--discovery", discovery], web_env,
+        )  # fmt: skip
+        started.append(web)
+        _wait_ready([mta, web], timeout_s)
     except BaseException:
         state["processes"] = [_public(entry) for entry in started]
         write_state(folder, state)

@@ -238,6 +238,16 @@ class ClusterNode:
         # the fence, told first, has adopted a "draining" written to this node's record
         if self.membership.draining and not self._stopping:
             self.drain()
+        # subscribers of users this node no longer serves go to their new owner
+        moved = self.parts.dispatcher.end_subscriptions_of(
+            lambda user: not self.mailbox.owns(user), "owner changed"
+        )
+        if moved:
+            log.info(
+                "node %s ended %d subscriptions of users it no longer serves",
+                self.config.node_id,
+                moved,
+            )
         stale = set(self.pool.addresses()) - {member.addr for member in view.members.values()}
         for addr in stale:  # servers that left the cell
             asyncio.get_running_loop().create_task(self.pool.discard(addr))
