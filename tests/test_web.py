@@ -186,6 +186,61 @@ def test_mail_with_attachment_arrives_live_and_downloads_byte_for_byte(
     bob.close()
 
 
+def test_compose_with_files_archive_move_delete_search_and_paging(
+    browser: Any, cell: WebCell, tmp_path: Path
+) -> None:
+    alice, bob = Person(browser, cell, 1), Person(browser, cell, 2)
+    upload = tmp_path / "plan.pdf"
+    upload.write_bytes(b"%PDF-1.4 " + bytes(range(256)) * 40)
+    alice.go("/compose")
+    alice.page.fill("[data-testid=compose-to]", "2, carol@example.net")
+    alice.page.fill("[data-testid=compose-subject]", "the plan")
+    alice.page.fill("[data-testid=compose-text]", "see the attached plan")
+    alice.page.set_input_files("[data-testid=compose-files]", str(upload))
+    alice.page.click("[data-testid=compose-send]")
+    alice.page.wait_for_selector("[data-testid=attachment]")
+    assert "carol@example.net" in alice.page.inner_text("h1")
+
+    bob.go("/folder/other")
+    bob.page.click("[data-testid=thread]")
+    bob.page.wait_for_selector(LIVE)
+    with bob.page.expect_download() as download:
+        bob.page.click("[data-testid=attachment]")
+    assert Path(download.value.path()).read_bytes() == upload.read_bytes()
+    # search finds it; archive, move and delete file it away
+    bob.page.fill("header input[name=q]", "attached plan")
+    bob.page.press("header input[name=q]", "Enter")
+    bob.page.wait_for_selector("[data-testid=search-result]")
+    assert "see the attached plan" in bob.page.inner_text("[data-testid=search-result]")
+    bob.page.click("[data-testid=search-result] a")
+    bob.page.wait_for_selector(LIVE)
+    bob.page.click("[data-testid=archive]")
+    bob.go("/folder/archived")
+    assert len(bob.page.query_selector_all("[data-testid=thread]")) == 1
+    bob.page.click("[data-testid=thread]")
+    bob.page.wait_for_selector(LIVE)
+    bob.page.select_option("select[name=folder]", "inbox")
+    bob.page.click("text=Move")
+    bob.go("/folder/inbox")
+    bob.page.click("[data-testid=thread]")
+    bob.page.wait_for_selector(LIVE)
+    bob.page.click("[data-testid=delete]")
+    bob.go("/folder/inbox")
+    assert bob.page.query_selector("[data-testid=thread]") is None
+
+    # 30 conversations page by 25
+    for user in range(10, 40):
+        cell.cli("send", "--user", str(user), "--to", "1", f"note {user}")
+    alice.go("/folder/other")
+    assert len(alice.page.query_selector_all("[data-testid=thread]")) == 25
+    alice.page.click("a.more")
+    alice.page.wait_for_selector(LIVE)
+    assert len(alice.page.query_selector_all("[data-testid=thread]")) == 5
+    assert "note 10" in alice.page.inner_text("#threads")
+    alice.close()
+    bob.close()
+
+
 def test_a_restart_during_a_chat_loses_and_doubles_nothing(browser: Any, cell: WebCell) -> None:
     cell.cli("friend", "--user", "1", "2")
     thread = _thread_id(cell.cli("send", "--user", "1", "--to", "2", "hello"))

@@ -270,3 +270,30 @@ def test_a_live_socket_opens_from_the_sites_own_pages_only(cell: WebCell) -> Non
     assert status == 403
     # the socket works, and a send without the session's CSRF token is refused
     assert said == "resync missing or wrong CSRF token"
+
+
+def test_a_request_over_the_upload_limit_is_refused(cell: WebCell) -> None:
+    browser = cell.http(34)
+    token = _csrf(_status(browser, f"{cell.url}/compose")[2])
+    boundary = "pyserverbound"
+    big = b"x" * (26 << 20)  # over the default 25 MiB
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="csrf"\r\n\r\n{token}\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="big.bin"\r\n'
+            "Content-Type: application/octet-stream\r\n\r\n"
+        ).encode()
+        + big
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    request = urllib.request.Request(
+        f"{cell.url}/compose",
+        data=body,
+        headers={"Content-Type": f"multipart/form-data; boundary={boundary}"},
+    )
+    status = _status(browser, request)[0]  # type: ignore[arg-type]
+    assert status == 413
+    assert json.loads(cell.cli("threads", "--user", "34", "--folder", "sent", "--json")) == {
+        "threads": [],
+        "next": None,
+    }
