@@ -11,7 +11,7 @@ import subprocess
 import sys
 
 DEV_ONLY = ("lru", "msgpack", "uhashring", "hypothesis", "pytest", "lmdb", "rocksdict")
-DEV_ONLY += ("playwright",)
+DEV_ONLY += ("playwright", "smpp34", "smpplib")
 
 _CHILD = f"""
 import importlib, pkgutil, sys
