@@ -79,9 +79,7 @@ def test_texts_split_at_160_153_70_67(text: str, parts: int, coding: int) -> Non
 
 
 @settings(max_examples=300)
-@given(
-    st.text(alphabet=st.sampled_from(list(GSM_BASIC + GSM_EXTENSION) + ["😀", "☃"]), max_size=700)
-)
+@given(st.text(alphabet=st.sampled_from([*GSM_BASIC, *GSM_EXTENSION, "😀", "☃"]), max_size=700))
 def test_parts_stay_within_limits_cut_no_pair_and_join_to_the_text(text: str) -> None:
     encoded = gsm.split_text(text)
     single, part = (160, 153) if encoded.data_coding == 0 else (140, 134)
