@@ -25,6 +25,7 @@ from pyserver.cluster import tools as cluster_tools
 from pyserver.discovery import move as discovery_move
 from pyserver.processes.cell import open_mailbox, open_store
 from pyserver.servicekey import read_service_key
+from pyserver.sms.gateway import normalise_phone
 
 
 async def _token(args: argparse.Namespace) -> int:
@@ -74,6 +75,19 @@ async def _add_address(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _add_phone(args: argparse.Namespace) -> int:
+    phone = normalise_phone(args.phone)
+    if phone is None:
+        print(
+            f"pyserver: {args.phone!r} is not a phone number (+ and 8-15 digits)", file=sys.stderr
+        )
+        return 2
+    async with open_store(args.data) as store:
+        await store.add_address(phone, args.user)
+    print(f"{phone} -> user {args.user}")
+    return 0
+
+
 async def _create_tables(args: argparse.Namespace) -> int:
     # the HBase client libraries load slowly: only the command that needs them imports them
     from pyserver.store.hbase import HBaseStore, parse_thrift_address
@@ -114,8 +128,10 @@ def add_parser(
     tables.add_argument("--thrift", default="127.0.0.1:9090", help="HBase's Thrift1 gateway")
     tables.add_argument("--namespace", default="pyserver", help="the store's table-name prefix")
     tables.set_defaults(handler=lambda args: asyncio.run(_create_tables(args)))
-    address = action("add-address", "route an email address or phone to a user", _add_address)
+    address = action("add-address", "route an email address to a user", _add_address)
     address.add_argument("address")
+    phone = action("add-phone", "register a user's phone (E.164) for SMS", _add_phone)
+    phone.add_argument("phone", help="+ and 8-15 digits, e.g. +15550001234")
 
     cluster_tools.add_admin_actions(actions)
 

@@ -31,6 +31,7 @@ from pyserver.processes import discovery as discovery_process
 from pyserver.processes import launcher
 from pyserver.processes import mta as mta_process
 from pyserver.processes import node as node_process
+from pyserver.processes import sms as sms_process
 from pyserver.processes import userindex as userindex_process
 from pyserver.processes import web as web_process
 from pyserver.processes.cell import serve
@@ -334,6 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     dirty_process.add_parser(commands, DEFAULT_DATA)
     discovery_process.add_parser(commands, DEFAULT_DATA)
     web_process.add_parser(commands, DEFAULT_DATA)
+    sms_process.add_parser(commands, DEFAULT_DATA)
     launcher.add_parser(commands)
     return parser
 

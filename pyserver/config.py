@@ -121,6 +121,15 @@ class Config:
     web_max_upload_bytes: int = 25 << 20
     # how long a browser stays signed in (never past its sign-in token's expiry)
     web_session_s: int = 7 * 86_400
+    # ---- the SMS gateway: SMPP 3.4 to SMSCs (docs/sms.md) ----
+    # the SMSCs to bind to as a transceiver, "host:port[,host:port...]"; empty: no SMS
+    smsc: str = ""
+    sms_system_id: str = "pyserver"
+    sms_password: str = ""
+    # the short codes texts are sent to, and the user owning each: "12345=7,54321=9"
+    sms_short_codes: str = ""
+    # submit_sm sent and not yet answered, per SMSC
+    sms_window: int = 32
 
     @property
     def service_key_path(self) -> Path:
@@ -234,6 +243,7 @@ def _check(config: Config) -> None:
     for name in ("submission_port", "web_port"):
         if not -1 <= getattr(config, name) <= 65535:
             raise ConfigError(f"config {name}: {getattr(config, name)} is not a port or -1")
+    _check_sms(config)
     for name in ("web_max_upload_bytes", "web_session_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
@@ -251,6 +261,28 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config mail_domain: {domain!r} is not a domain name")
     if config.default_folder not in ("inbox", "other"):
         raise ConfigError(f"config default_folder: {config.default_folder!r} is not inbox or other")
+
+
+def _check_sms(config: Config) -> None:
+    try:
+        if config.smsc:
+            parse_addresses(config.smsc)
+        short_codes(config)
+    except ValueError as exc:
+        raise ConfigError(f"config smsc / sms_short_codes: {exc}") from None
+    if config.sms_window < 1:
+        raise ConfigError("config sms_window: must be at least 1")
+
+
+def short_codes(config: Config) -> dict[str, int]:
+    """`sms_short_codes` parsed: short code -> the user owning it (ValueError if malformed)."""
+    found: dict[str, int] = {}
+    for item in filter(None, (part.strip() for part in config.sms_short_codes.split(","))):
+        code, equals, user = item.partition("=")
+        if not equals or not code.strip().isdigit() or not user.strip().isdigit():
+            raise ValueError(f"{item!r} is not SHORTCODE=USER")
+        found[code.strip()] = int(user)
+    return found
 
 
 def _check_services(config: Config) -> None:
