@@ -1,0 +1,244 @@
+"""The SMS gateway against a simulated SMSC (smpp34's server): texts from phones land in
+the conversation of the same people as their chat, long texts are reassembled from parts
+in any order, an SMSC's resend stores nothing twice, and the session binds again after a
+drop, keeps its submit window and rides out throttling."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyserver.errors import Unavailable
+from pyserver.sms import concat
+from pyserver.sms.esme import Esme, SubmitRefused
+from pyserver.sms.gateway import SmsGateway, normalise_phone
+from pyserver.sms.pdu import Status, Tag
+from tests.support import free_port, run
+from tests.support.cells import InProcessCell
+from tests.support.smsc import CuttableLink, SimulatedSmsc
+
+OWNER = 7  # owns short code 12345
+ALICE, ALICE_PHONE = 1, "+15550001111"
+SHORT_CODE = "12345"
+
+
+class Rig:
+    def __init__(
+        self, cell: InProcessCell, client: Any, smsc: SimulatedSmsc, link: CuttableLink
+    ) -> None:
+        self.cell, self.client, self.smsc, self.link = cell, client, smsc, link
+        self.gateway: SmsGateway | None = None
+        self.esme: Esme | None = None
+
+    async def thread_of(self, user: int, folder: str = "inbox") -> dict[str, Any]:
+        threads = (await self.client.list_threads(user, folder=folder))["threads"]
+        assert len(threads) == 1, threads
+        return await self.client.get_thread(user, threads[0]["thread_id"])
+
+
+@asynccontextmanager
+async def rig(
+    tmp_path: Path, reassembly_timeout_s: float = 60.0, **esme_options: Any
+) -> AsyncIterator[Rig]:
+    async with InProcessCell(tmp_path / "cell") as cell:
+        await cell.serve()
+        client = await cell.client()
+        await cell.store.add_address(ALICE_PHONE, ALICE)
+        await client.friend_add(ALICE, OWNER)
+        smsc = await SimulatedSmsc(free_port()).start()
+        link = await CuttableLink(smsc.port).start()
+        here = Rig(cell, client, smsc, link)
+        gateway = SmsGateway(
+            lambda op, payload: client.request(op, payload),
+            cell.store.resolve_address,
+            {SHORT_CODE: OWNER},
+            reassembly_timeout_s=reassembly_timeout_s,
+        )
+        gateway.start()
+        esme = Esme("127.0.0.1", link.port, "pyserver", "secret", gateway.on_deliver,
+                    rebind_initial_s=0.05, rebind_max_s=0.2, **esme_options)  # fmt: skip
+        esme.start()
+        await asyncio.wait_for(esme.bound.wait(), 10)
+        here.gateway, here.esme = gateway, esme
+        try:
+            yield here
+        finally:
+            await esme.close()
+            await gateway.close()
+            await link.stop()
+            await smsc.stop()
+
+
+def scenario(tmp_path: Path, body: Callable[[Rig], Awaitable[None]], **options: Any) -> None:
+    async def go() -> None:
+        async with rig(tmp_path, **options) as here:
+            await body(here)
+
+    run(go, timeout=60)
+
+
+def test_a_text_from_a_registered_phone_joins_the_chat_of_the_same_people(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        await here.client.send(OWNER, [ALICE], "shall we meet?")
+        status = await here.smsc.text(ALICE_PHONE, SHORT_CODE, b"yes, at noon")
+        assert status == Status.OK
+        thread = await here.thread_of(OWNER)
+        assert [(m["channel"], m["sender"], m["text"]) for m in thread["messages"]] == [
+            ("chat", OWNER, "shall we meet?"),
+            ("sms", ALICE, "yes, at noon"),
+        ]
+
+    scenario(tmp_path, body)
+
+
+def test_gsm_extension_characters_and_ucs2_are_decoded_exactly(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        await here.smsc.text(ALICE_PHONE, SHORT_CODE, b"\x1b\x65 10 \x1b\x3c\x1b\x3e \x00")
+        await here.smsc.text(
+            ALICE_PHONE, SHORT_CODE, "Grüße ☃ 😀".encode("utf-16-be"), data_coding=8
+        )
+        texts = [m["text"] for m in (await here.thread_of(OWNER))["messages"]]
+        assert texts == ["€ 10 [] @", "Grüße ☃ 😀"]
+
+    scenario(tmp_path, body)
+
+
+def test_parts_in_any_order_with_duplicates_make_one_message(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        words = [b"one ", b"two ", b"three"]
+        order = [3, 1, 1, 2]  # part 1 twice
+        pushes = [
+            here.smsc.text(
+                ALICE_PHONE, SHORT_CODE, concat.udh_for(42, 3, n) + words[n - 1], esm_class=0x40
+            )
+            for n in order
+        ]
+        statuses = await asyncio.gather(*pushes)
+        # every part is answered once the whole text is durable, the duplicate too
+        assert statuses == [Status.OK] * 4
+        texts = [m["text"] for m in (await here.thread_of(OWNER))["messages"]]
+        assert texts == ["one two three"]
+
+        # sar_* TLVs (16-bit reference) work the same way
+        def sar_tlvs(number: int) -> list[Any]:
+            return [
+                _tlv(Tag.SAR_MSG_REF_NUM, 0x0102.to_bytes(2, "big")),
+                _tlv(Tag.SAR_TOTAL_SEGMENTS, b"\x02"),
+                _tlv(Tag.SAR_SEGMENT_SEQNUM, bytes([number])),
+            ]
+
+        sar = [
+            here.smsc.text(ALICE_PHONE, SHORT_CODE, word, tlvs=sar_tlvs(n))
+            for n, word in ((2, b"world"), (1, b"hello "))
+        ]
+        assert await asyncio.gather(*sar) == [Status.OK, Status.OK]
+        texts = [m["text"] for m in (await here.thread_of(OWNER))["messages"]]
+        assert texts == ["one two three", "hello world"]
+
+    scenario(tmp_path, body)
+
+
+def test_an_incomplete_text_times_out_into_what_arrived_marked(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        stranger = "+4915112345678"
+        part = concat.udh_for(9, 2, 1) + b"only the first half"
+        status = await here.smsc.text(stranger, SHORT_CODE, part, esm_class=0x40)
+        assert status == Status.OK
+        thread = await here.thread_of(OWNER, folder="other")
+        [message] = thread["messages"]
+        assert message["text"] == "only the first half" and message["from"] == stranger
+        full = await here.client.get_message(OWNER, message["message_id"])
+        assert full["extra"]["incomplete"] is True and full["extra"]["missing_parts"] == [2]
+
+    scenario(tmp_path, body, reassembly_timeout_s=0.5)
+
+
+def test_a_resent_text_is_stored_once_and_unknown_short_codes_are_refused(
+    tmp_path: Path,
+) -> None:
+    async def body(here: Rig) -> None:
+        assert await here.smsc.text(ALICE_PHONE, SHORT_CODE, b"ping") == Status.OK
+        assert await here.smsc.text(ALICE_PHONE, SHORT_CODE, b"ping") == Status.OK
+        assert [m["text"] for m in (await here.thread_of(OWNER))["messages"]] == ["ping"]
+        assert await here.smsc.text(ALICE_PHONE, "99999", b"lost?") == Status.INVDSTADR
+        assert await here.smsc.text("not-a-phone", SHORT_CODE, b"x") == Status.INVSRCADR
+        assert len((await here.thread_of(OWNER))["messages"]) == 1
+
+    scenario(tmp_path, body)
+
+
+def test_the_session_binds_again_after_the_link_drops(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        esme = here.esme
+        assert esme is not None
+        # a submit in flight when the link is cut fails as "may have been taken"
+        here.smsc.answer_delay_s = 0.5
+        fields = {"source_addr": SHORT_CODE, "destination_addr": "15550001111"}
+        in_flight = asyncio.ensure_future(esme.submit({**fields, "short_message": b"lost?"}))
+        await asyncio.sleep(0.1)
+        here.link.refusing = True
+        here.link.cut()
+        with pytest.raises(Unavailable):
+            await in_flight
+        await asyncio.sleep(0.3)
+        assert not esme.bound.is_set() and esme.counters["drops"] >= 2
+        here.smsc.answer_delay_s = 0.0
+        here.link.refusing = False
+        await asyncio.wait_for(esme.bound.wait(), 10)
+        assert esme.counters["binds"] == 2
+        assert await here.smsc.text(ALICE_PHONE, SHORT_CODE, b"back again") == Status.OK
+        assert [m["text"] for m in (await here.thread_of(OWNER))["messages"]] == ["back again"]
+        assert (await esme.submit({**fields, "short_message": b"ok"})).startswith("sim-")
+
+    scenario(tmp_path, body)
+
+
+def test_submits_ride_out_throttling_keep_their_window_and_report_refusals(
+    tmp_path: Path,
+) -> None:
+    async def body(here: Rig) -> None:
+        esme = here.esme
+        assert esme is not None
+        here.smsc.throttle_next = 3
+        fields = {"source_addr": SHORT_CODE, "destination_addr": "15550001111"}
+        message_id = await esme.submit({**fields, "short_message": b"hello"})
+        assert message_id.startswith("sim-") and esme.counters["throttled"] == 3
+        # a window of 4: eight slow submits never have more than 4 outstanding
+        here.smsc.answer_delay_s = 0.1
+        seen: list[int] = []
+
+        async def one(n: int) -> str:
+            seen.append(esme.in_window)
+            return await esme.submit({**fields, "short_message": f"n{n}".encode()})
+
+        ids = await asyncio.gather(*(one(n) for n in range(8)))
+        assert len(set(ids)) == 8 and max(seen) <= 4
+        here.smsc.answer_delay_s = 0.0
+        here.smsc.refuse_next = 1
+        with pytest.raises(SubmitRefused) as refused:
+            await esme.submit({**fields, "short_message": b"nope"})
+        assert refused.value.status == Status.INVDSTADR
+        assert bytes(here.smsc.submits[0].short_message) == b"hello"
+
+    scenario(tmp_path, body, window=4)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [("+15550001111", "+15550001111"), ("15550001111", "+15550001111"),
+     ("+1 555-000-1111", "+15550001111"), ("123", None), ("+0155500011", None),
+     ("phone", None), ("+١٢٣٤٥٦٧٨٩", None)],
+)  # fmt: skip
+def test_phones_are_e164(given: str, expected: str | None) -> None:
+    assert normalise_phone(given) == expected
+
+
+def _tlv(tag: int, value: bytes) -> Any:
+    import smpp34
+
+    return smpp34.Tlv(tag, value)
