@@ -26,6 +26,7 @@ from pyserver.discovery import move as discovery_move
 from pyserver.processes.cell import open_mailbox, open_store
 from pyserver.servicekey import read_service_key
 from pyserver.sms.gateway import normalise_phone
+from pyserver.wire.ops import Op
 
 
 async def _token(args: argparse.Namespace) -> int:
@@ -85,6 +86,10 @@ async def _add_phone(args: argparse.Namespace) -> int:
     async with open_store(args.data) as store:
         await store.add_address(phone, args.user)
     print(f"{phone} -> user {args.user}")
+    if args.sms is not None:  # the user's setting, in the user's log
+        async with open_mailbox(args.data) as mailbox:
+            await mailbox.execute(Op.SET_SMS, {"user": args.user, "phone": phone, "mode": args.sms})
+        print(f"texts to {phone}: {args.sms}")
     return 0
 
 
@@ -132,6 +137,9 @@ def add_parser(
     address.add_argument("address")
     phone = action("add-phone", "register a user's phone (E.164) for SMS", _add_phone)
     phone.add_argument("phone", help="+ and 8-15 digits, e.g. +15550001234")
+    phone.add_argument(
+        "--sms", choices=("off", "all", "inbox"), help="which of the user's messages are texted"
+    )
 
     cluster_tools.add_admin_actions(actions)
 

@@ -167,6 +167,8 @@ def _run(args: argparse.Namespace) -> int:
             "tls_key_file": args.tls_key,
             "mail_domain": args.mail_domain,
             "web_port": args.web_port,
+            "smsc": args.smsc,
+            "sms_short_codes": args.short_codes,
         },
     )
     return serve(config, args.ready_file, tuple(args.sign_in_links or ()))
@@ -215,6 +217,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-cert", help="PEM certificate of the submission port's STARTTLS")
     run.add_argument("--tls-key", help="PEM key of that certificate")
     run.add_argument("--web-port", type=int, help="the web inbox's port (default 7488; -1: none)")
+    run.add_argument("--smsc", help="SMSCs to bind to for SMS, host:port[,host:port...]")
+    run.add_argument("--short-codes", help="the SMS short codes and their owners, CODE=USER,...")
     run.add_argument(
         "--sign-in-links",
         type=lambda text: [_user_id(part) for part in text.split(",") if part],

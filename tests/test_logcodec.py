@@ -111,6 +111,13 @@ GOLDEN_ENTRIES: dict[str, Any] = {
         "outcome": "failed",
         "detail": "550 5.1.1 no such user",
     },
+    "sms_set": {
+        "seq": 51,
+        "ts": 1_764_211_590_000_000,
+        "action": "sms_set",
+        "phone": "+15550001111",
+        "mode": "inbox",
+    },
     "batch": [
         {
             "seq": 7,
@@ -402,7 +409,7 @@ def test_checksum_mismatch_names_both_values(codec):
     )
 
 
-@pytest.mark.parametrize("code", [0, 11, 200, 255])
+@pytest.mark.parametrize("code", [0, 12, 200, 255])
 def test_unknown_action(codec, code):
     bad = build(code, s("t"))
     assert corrupt(codec, bad, "unknown action") == f"unknown action at byte 1: {code}"

@@ -13,11 +13,14 @@ from typing import Any
 
 import pytest
 
+from pyserver.app.outbox import Outbox
 from pyserver.errors import Unavailable
-from pyserver.sms import concat
+from pyserver.sms import concat, gsm
 from pyserver.sms.esme import Esme, SubmitRefused
 from pyserver.sms.gateway import SmsGateway, normalise_phone
+from pyserver.sms.outbound import Receipts, SmsSender
 from pyserver.sms.pdu import Status, Tag
+from pyserver.wire.ops import Op
 from tests.support import free_port, run
 from tests.support.cells import InProcessCell
 from tests.support.smsc import CuttableLink, SimulatedSmsc
@@ -34,6 +37,7 @@ class Rig:
         self.cell, self.client, self.smsc, self.link = cell, client, smsc, link
         self.gateway: SmsGateway | None = None
         self.esme: Esme | None = None
+        self.outbox: Outbox | None = None
 
     async def thread_of(self, user: int, folder: str = "inbox") -> dict[str, Any]:
         threads = (await self.client.list_threads(user, folder=folder))["threads"]
@@ -45,7 +49,9 @@ class Rig:
 async def rig(
     tmp_path: Path, reassembly_timeout_s: float = 60.0, **esme_options: Any
 ) -> AsyncIterator[Rig]:
-    async with InProcessCell(tmp_path / "cell") as cell:
+    queued: list[Callable[[int, str], None]] = []  # the outbox's hook, once it exists
+    hooks = {"outbound_queued": lambda user, message: queued[0](user, message)}
+    async with InProcessCell(tmp_path / "cell", mailbox_options=hooks) as cell:
         await cell.serve()
         client = await cell.client()
         await cell.store.add_address(ALICE_PHONE, ALICE)
@@ -53,10 +59,13 @@ async def rig(
         smsc = await SimulatedSmsc(free_port()).start()
         link = await CuttableLink(smsc.port).start()
         here = Rig(cell, client, smsc, link)
+        request = cell.mailbox.execute
+        receipts = Receipts(request)
         gateway = SmsGateway(
-            lambda op, payload: client.request(op, payload),
+            request,
             cell.store.resolve_address,
             {SHORT_CODE: OWNER},
+            receipts=receipts,
             reassembly_timeout_s=reassembly_timeout_s,
         )
         gateway.start()
@@ -65,9 +74,13 @@ async def rig(
         esme.start()
         await asyncio.wait_for(esme.bound.wait(), 10)
         here.gateway, here.esme = gateway, esme
+        here.outbox = Outbox(cell.mailbox, SmsSender([esme], SHORT_CODE, receipts).send)
+        queued.append(here.outbox.queued)
+        here.outbox.start()
         try:
             yield here
         finally:
+            await here.outbox.close()
             await esme.close()
             await gateway.close()
             await link.stop()
@@ -226,6 +239,63 @@ def test_submits_ride_out_throttling_keep_their_window_and_report_refusals(
         assert bytes(here.smsc.submits[0].short_message) == b"hello"
 
     scenario(tmp_path, body, window=4)
+
+
+def test_a_chat_is_texted_in_parts_receipts_settle_it_and_the_reply_joins_it(
+    tmp_path: Path,
+) -> None:
+    bob = 2
+    text = "Lunch at noon? Bring the €20 you owe me " + "and the {book} " * 12
+
+    async def body(here: Rig) -> None:
+        client = here.client
+        await client.request(Op.SET_SMS, {"user": ALICE, "phone": ALICE_PHONE, "mode": "all"})
+        sent = await client.send(bob, [ALICE], text)
+        assert here.outbox is not None
+        await asyncio.wait_for(here.outbox.idle(), 10)
+        # the phone gets parts that reassemble to who sent it and the text
+        submits = here.smsc.submits
+        assert len(submits) == 2 and all(s.destination_addr == "15550001111" for s in submits)
+        assert all(s.source_addr == SHORT_CODE and s.registered_delivery == 1 for s in submits)
+        reassembler = concat.Reassembler()
+        whole = None
+        for submit in reversed(submits):
+            part = concat.read_part(bytes(submit.short_message), submit.esm_class)
+            whole = reassembler.add(("sim",), part, 0) or whole
+        assert whole is not None and whole.complete
+        assert gsm.decode_body(b"".join(whole.bodies), submits[0].data_coding) == (
+            f"user {bob}: {text}"
+        )
+        message = (await client.get_thread(ALICE, sent["thread_id"]))["messages"][-1]
+        assert message["delivery"][ALICE_PHONE]["state"] == "sent"
+        # one receipt per part: delivered once both are
+        for n, submit_id in enumerate(["sim-1", "sim-2"]):
+            receipt = f"id:{submit_id} sub:001 dlvrd:001 stat:DELIVRD err:000 text:x".encode()
+            status = await here.smsc.text(ALICE_PHONE, SHORT_CODE, receipt, esm_class=0x04)
+            assert status == Status.OK
+            message = (await client.get_thread(ALICE, sent["thread_id"]))["messages"][-1]
+            expected = "sent" if n == 0 else "delivered"
+            assert message["delivery"][ALICE_PHONE]["state"] == expected
+        # Alice answers from her phone: it joins the conversation with Bob
+        assert await here.smsc.text(ALICE_PHONE, SHORT_CODE, b"yes, see you") == Status.OK
+        thread = await client.get_thread(bob, sent["thread_id"])
+        assert [(m["sender"], m["channel"], m["text"]) for m in thread["messages"]] == [
+            (bob, "chat", text),
+            (ALICE, "sms", "yes, see you"),
+        ]
+        # a restart's recovery finds nothing unsettled: nothing is texted twice
+        again = Outbox(here.cell.mailbox, SmsSender([here.esme], SHORT_CODE, Receipts(
+            here.cell.mailbox.execute)).send)  # fmt: skip
+        assert await again.recover([ALICE, bob]) == 0
+        await again.close()
+        assert len(here.smsc.submits) == 2
+        # with "inbox", a stranger's message is not texted
+        await client.request(Op.SET_SMS, {"user": ALICE, "phone": ALICE_PHONE, "mode": "inbox"})
+        await client.send(99, [ALICE], "from a stranger")
+        await asyncio.wait_for(here.outbox.idle(), 10)
+        assert len(here.smsc.submits) == 2
+
+    scenario(tmp_path, body)
 
 
 @pytest.mark.parametrize(

@@ -286,6 +286,7 @@ class UserImage:
         "keys",
         "messages",
         "seq",
+        "sms",
         "snapshot_seq",
         "threads",
     )
@@ -297,6 +298,8 @@ class UserImage:
         # every message by id, for GET_MESSAGE and searches
         self.messages: dict[str, Message] = {}
         self.blocked: set[int] = set()
+        # the user's phone for texts and which messages go to it (`sms_set`); None: none
+        self.sms: dict[str, str] | None = None
         # scoped idempotency key -> [message_id, thread_id, ts, folder] of its first use;
         # kept after the message is deleted, so a late retry is still a no-op
         self.keys: dict[str, list[Any]] = {}
@@ -508,6 +511,19 @@ class UserImage:
                 thread.unseen = False
                 self._count(thread, +1)
 
+    def _sms_set(self, entry: dict[str, Any], body: dict[str, Any] | None) -> None:
+        self.sms = {"phone": entry["phone"], "mode": entry["mode"]} if entry["phone"] else None
+
+    def sms_phone_for(self, folder: str) -> str | None:
+        """The phone a message someone else sent, filed in `folder`, is texted to by the
+        user's setting (None: it is not texted)."""
+        if self.sms is None:
+            return None
+        mode = self.sms["mode"]
+        if mode == "all" or (mode == "inbox" and folder == "inbox"):
+            return self.sms["phone"]
+        return None
+
     def _outbound_settled(self, entry: dict[str, Any], body: dict[str, Any] | None) -> None:
         message = self.messages.get(entry["message_id"])
         if message is None or entry["address"] not in message.extra.get("delivery", {}):
@@ -538,6 +554,7 @@ class UserImage:
         return {
             "seq": self.seq,
             "blocked": sorted(self.blocked),
+            "sms": self.sms,
             "keys": self.keys,
             "threads": {tid: thread._state() for tid, thread in self.threads.items()},
             # derived, compared too
@@ -566,6 +583,7 @@ class UserImage:
                 "version": SNAPSHOT_VERSION,
                 "seq": self.seq,
                 "blocked": sorted(self.blocked),
+                "sms": self.sms,
                 "keys": self.keys,
                 "threads": [
                     {
@@ -600,6 +618,8 @@ class UserImage:
         image = cls()
         image.seq = int(raw["seq"])
         image.blocked = {int(sender) for sender in raw["blocked"]}
+        sms = raw.get("sms")  # snapshots made before texts existed have none
+        image.sms = {"phone": str(sms["phone"]), "mode": str(sms["mode"])} if sms else None
         image.keys = {str(key): list(result) for key, result in raw["keys"].items()}
         image._weight += _BLOCKED_OVERHEAD * len(image.blocked)
         image._weight += sum(_KEY_OVERHEAD + len(key) for key in image.keys)
@@ -639,6 +659,7 @@ _HANDLERS = {
     "sender_unblocked": UserImage._sender_unblocked,
     "folder_seen": UserImage._folder_seen,
     "outbound_settled": UserImage._outbound_settled,
+    "sms_set": UserImage._sms_set,
 }
 
 

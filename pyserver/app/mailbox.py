@@ -126,7 +126,12 @@ class Delivery:
             "key": self.key,
         }
 
-    def body(self, outbound: bool = False, mail_to: list[str] | None = None) -> dict[str, Any]:
+    def body(
+        self,
+        outbound: bool = False,
+        mail_to: list[str] | None = None,
+        notify: list[str] | None = None,
+    ) -> dict[str, Any]:
         """What the `m` family keeps of the message, under its id; the sender's copy of a
         mail to outside addresses (`outbound`) also lists them, and `mail_to` (users who
         take part by email), as to be sent, which makes it the durable outbound queue (the
@@ -135,6 +140,7 @@ class Delivery:
         if self.addresses:
             extra = {**extra, "to_addresses": list(self.addresses)}
         send_to = [*self.addresses, *(mail_to or [])] if outbound else []
+        send_to += notify or []
         if send_to:
             extra = {**extra, "outbound": send_to}
         return {"text": self.text, "from": self.sender_address, "extra": extra}
@@ -257,6 +263,7 @@ class Mailbox:
             Op.MOVE: self._move,
             Op.DELETE: self._delete,
             Op.MARK_SEEN: self._mark_seen,
+            Op.SET_SMS: self._set_sms,
             Op.BLOCK: self._block,
             Op.UNBLOCK: self._unblock,
             Op.FRIEND_ADD: self._friend_add,
@@ -511,11 +518,19 @@ class Mailbox:
             else:
                 folder = thread.folder
             reply.update(message_id=delivery.message_id, folder=folder)
-            change = _adding(delivery, folder, unread=True)
+            # the recipient's own text coming back would be texted to the same phone
+            phone = image.sms_phone_for(folder)
+            if phone and delivery.sender_address == phone:
+                phone = None
+            change = _adding(delivery, folder, unread=True, notify=[phone] if phone else [])
             change.result = reply
+            texted[:] = [phone] if phone else []
             return change
 
+        texted: list[str] = []
         change, _ = await self._resident.update(recipient, decide)
+        if texted and self._outbound_queued is not None:
+            self._outbound_queued(recipient, change.result["message_id"])
         return change.result
 
     async def _route(self, recipient: int, sender: int) -> str:
@@ -568,8 +583,10 @@ class Mailbox:
         """OUTBOUND_SETTLE: how one address's copy of a user's mail ended, as a bounce said."""
         user = _user(p, "user")
         message_id = _text(p, "message_id", self._settings.max_field_bytes)
-        address = _email_address(_field(p, "address", _MISSING), "address")
-        outcome = _choice(p, "outcome", ("sent", "failed"))
+        address = _field(p, "address", _MISSING)
+        if not (isinstance(address, str) and _is_phone(address)):
+            address = _email_address(address, "address")
+        outcome = _choice(p, "outcome", ("sent", "delivered", "failed"))
         detail = _text(p, "detail", self._settings.max_field_bytes, default="")
         settled = await self.settle_outbound(user, message_id, address, outcome, detail)
         return {"settled": settled}
@@ -577,20 +594,22 @@ class Mailbox:
     async def settle_outbound(
         self, user_id: int, message_id: str, address: str, outcome: str, detail: str
     ) -> bool:
-        """Record how one address's copy of the user's mail ended ("sent" or "failed"): a
-        queued copy settles either way, a sent one can still fail (a bounce); False if
-        nothing changed (settled already, or the message is gone)."""
-        if outcome not in ("sent", "failed"):
-            raise ValueError(f"outcome: {outcome!r} is not sent or failed")
+        """Record how one address's copy of the user's mail ended ("sent", "delivered" or
+        "failed"): a queued copy settles any way, a sent one can still be delivered (an
+        SMS receipt) or fail (a bounce); False if nothing changed (settled already, or the
+        message is gone)."""
+        if outcome not in ("sent", "delivered", "failed"):
+            raise ValueError(f"outcome: {outcome!r} is not sent, delivered or failed")
         entry = {"action": "outbound_settled", "message_id": message_id, "address": address,
                  "outcome": outcome, "detail": detail[:1000]}  # fmt: skip
 
         async def decide(image: UserImage) -> Change:
             message = image.messages.get(message_id)
             state = message.extra.get("delivery", {}).get(address) if message else None
-            # queued -> sent or failed; sent -> failed (a bounce after the relay took it)
+            # queued -> any; sent -> delivered or failed (a receipt, a bounce, after the
+            # relay or the SMSC took it)
             if state is None or not (
-                state["state"] == "queued" or (state["state"] == "sent" and outcome == "failed")
+                state["state"] == "queued" or (state["state"] == "sent" and outcome != "sent")
             ):
                 return Change(result={"settled": False})
             return Change(entries=[dict(entry)], result={"settled": True})
@@ -765,6 +784,23 @@ class Mailbox:
             if image.counts()[folder]["unseen"] == 0:
                 return Change()
             return Change([{"action": "folder_seen", "folder": folder}])
+
+        return await self._seq_reply(user, decide)
+
+    async def _set_sms(self, p: dict[str, Any]) -> dict[str, Any]:
+        """SET_SMS: the phone the user's messages are texted to, and which ones."""
+        user = _user(p, "user")
+        mode = _choice(p, "mode", SMS_MODES)
+        phone = _text(p, "phone", 32, default="")
+        if phone and not _is_phone(phone):
+            raise BadRequest(f"phone: {phone!r} is not + and 8-15 digits")
+        if mode != "off" and not phone:
+            raise BadRequest(f"phone: required for mode {mode!r}")
+
+        async def decide(image: UserImage) -> Change:
+            if image.sms == ({"phone": phone, "mode": mode} if phone else None):
+                return Change()
+            return Change([{"action": "sms_set", "phone": phone, "mode": mode}])
 
         return await self._seq_reply(user, decide)
 
@@ -979,6 +1015,15 @@ def _addresses(p: dict[str, Any], name: str, most: int, default: Any = _MISSING)
     return [_email_address(item, name) for item in value]
 
 
+SMS_MODES = ("off", "all", "inbox")
+
+
+def _is_phone(value: str) -> bool:
+    """E.164 as the SMS gateway keys phones: `+` and 8-15 ASCII digits."""
+    digits = value[1:]
+    return value[:1] == "+" and 8 <= len(digits) <= 15 and digits.isascii() and digits.isdigit()
+
+
 def _email_address(value: Any, name: str) -> str:
     """An email address as a recipient: local@domain, no spaces, brackets or separators."""
     if not isinstance(value, str):
@@ -1130,13 +1175,15 @@ def _adding(
     unread: bool,
     outbound: bool = False,
     mail_to: list[str] | None = None,
+    notify: list[str] | None = None,
 ) -> Change:
     """The change that adds one copy of a delivery to a mailbox (`outbound`: the sender's
-    copy, which queues the mail to outside addresses, and to `mail_to`: users' addresses)."""
+    copy, which queues the mail to outside addresses, and to `mail_to`: users' addresses;
+    `notify`: the phone a recipient's copy is texted to, queued the same way)."""
     words = search_terms(delivery.subject, delivery.text)
     return Change(
         entries=[delivery.entry(folder, unread)],
-        bodies={delivery.message_id: delivery.body(outbound, mail_to or [])},
+        bodies={delivery.message_id: delivery.body(outbound, mail_to or [], notify or [])},
         terms=[(word, delivery.message_id) for word in words],
     )
 

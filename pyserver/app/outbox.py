@@ -13,8 +13,9 @@ after the relay's acceptance, so a crash between the two sends that address's
 copy once more (the receiving side sees the same Message-ID); nothing is ever
 dropped.
 
-`send(mail)` gets a dict: `user`, `message_id`, `thread_id`, `addresses` (those
-still queued), `subject`, `text`, `ts`, `references` (the earlier mail headers of
+`send(mail)` gets a dict: `user`, `sender`, `from`, `channel`, `message_id`,
+`thread_id`, `addresses` (those still queued: email addresses, and phones that a
+recipient's copy is texted to), `subject`, `text`, `ts`, `references` (the earlier mail headers of
 the conversation, oldest first), `attachments` (blob refs with name, type, size),
 and answers `{address: (outcome, detail)}` with
 outcome "sent", "failed" or "retry".
@@ -150,6 +151,9 @@ class Outbox:
             return False
         outgoing = {
             "user": user_id,
+            "sender": mail["sender"],
+            "from": mail["from"],
+            "channel": mail["channel"],
             "message_id": message_id,
             "thread_id": mail["thread_id"],
             "addresses": queued,

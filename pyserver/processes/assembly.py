@@ -24,7 +24,7 @@ from typing import Any
 from pyserver.addresses import parse_host_port
 from pyserver.app.dispatcher import Dispatcher, MailboxLike, RequestObserver
 from pyserver.app.mailbox import Mailbox, MailboxSettings
-from pyserver.app.outbox import Outbox
+from pyserver.app.outbox import Outbox, SendMail
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
 from pyserver.cluster.zk import ZooKeeper
@@ -126,12 +126,16 @@ class AppServerParts:
             outbound_queued=self._outbound_queued,
             **(mailbox_hooks or {}),
         )
-        # mail to outside addresses, relayed through the smart host (none: it waits queued)
+        # mail to outside addresses, relayed through the smart host (none: it waits
+        # queued), and texts to users' phones, through the SMS gateway's sender
         self.outbox: Outbox | None = None
+        self.relay: RelaySender | None = None
+        # set by the process that binds to the SMSCs (`pyserver run` with `smsc`)
+        self.sms_sender: SendMail | None = None
         if config.relay_addr:
             host, port = parse_host_port(config.relay_addr)
             key = Path(config.dkim_key_file).read_bytes() if config.dkim_key_file else None
-            sender = RelaySender(
+            self.relay = RelaySender(
                 host,
                 port,
                 config.mail_domain,
@@ -139,9 +143,10 @@ class AppServerParts:
                 dkim_selector=config.dkim_selector,
                 blobs=self.blobs,
             )
+        if config.relay_addr or config.smsc:
             self.outbox = Outbox(
                 self.mailbox,
-                sender,
+                self._send_outbound,
                 give_up_after_s=config.outbound_give_up_s,
             )
             self.metrics.watch_outbox(self.outbox.stats)
@@ -173,6 +178,25 @@ class AppServerParts:
         if self.dirty_reporter is not None:
             self.dirty_reporter.start()
             self._opened.append("dirty reporter")
+
+    async def _send_outbound(self, mail: dict[str, Any]) -> dict[str, tuple[str, str]]:
+        """Phones to the SMS sender, email addresses to the relay; an address with neither
+        configured waits (retry)."""
+        phones = [a for a in mail["addresses"] if a.startswith("+")]
+        emails = [a for a in mail["addresses"] if not a.startswith("+")]
+        outcomes: dict[str, tuple[str, str]] = {}
+        senders: tuple[tuple[list[str], SendMail | None], ...] = (
+            (phones, self.sms_sender),
+            (emails, self.relay),
+        )
+        for addresses, send in senders:
+            if not addresses:
+                continue
+            if send is None:
+                outcomes.update(dict.fromkeys(addresses, ("retry", "no sender configured")))
+                continue
+            outcomes.update(await send({**mail, "addresses": addresses}))
+        return outcomes
 
     def _outbound_queued(self, user_id: int, message_id: str) -> None:
         if self.outbox is not None:
@@ -207,6 +231,8 @@ class AppServerParts:
             self._recovery.cancel()
         if self.outbox is not None:
             await self.outbox.close()
+        if self.relay is not None:
+            await self.relay.close()
         if self._listening:
             await self.server.stop(grace_s)
             await self.http.stop()

@@ -25,12 +25,13 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import doctor, endpoints
+from pyserver.addresses import parse_addresses, parse_host_port
 from pyserver.app.auth import make_user_token, verify_user_token
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
 from pyserver.client import Client
-from pyserver.config import Config
+from pyserver.config import Config, short_codes
 from pyserver.dirty import memcached_client
 from pyserver.errors import BadRequest, PyserverError, error_payload
 from pyserver.mta.route import SingleServerRoute
@@ -44,6 +45,9 @@ from pyserver.processes.runtime import (
     stop_signal,
     withdraw_ready,
 )
+from pyserver.sms.esme import Esme
+from pyserver.sms.gateway import SmsGateway
+from pyserver.sms.outbound import Receipts, SmsSender
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
@@ -86,6 +90,9 @@ class SingleNodeCell:
         # the web tier, and its connection to the app server (when web_port is not -1)
         self.web: WebTier | None = None
         self._web_client: Client | None = None
+        # the SMS gateway: texts in from the SMSCs, and out to users' phones (with `smsc`)
+        self.sms_gateway: SmsGateway | None = None
+        self.sms_sessions: list[Esme] = []
         self.parts.http.add_get("/counts/{user}", self._serve_counts)
         self.addresses: dict[str, Any] = {}
 
@@ -114,6 +121,8 @@ class SingleNodeCell:
         if self.config.web_port >= 0:
             web_host, web_port = await self._start_web(host, port)
             self.addresses["web"] = {"host": web_host, "port": web_port}
+        if self.config.smsc:
+            self.addresses["smsc"] = self._start_sms()
         endpoints.publish(self.config.data_dir, self.addresses)
         return self.addresses
 
@@ -126,6 +135,10 @@ class SingleNodeCell:
             await self.submission.stop()
         if self.web is not None:  # its pages close first; their scripts reconnect later
             await self.web.stop()
+        for esme in self.sms_sessions:  # unanswered texts are sent again by the SMSC
+            await esme.close()
+        if self.sms_gateway is not None:
+            await self.sms_gateway.close()
         if self._web_client is not None:
             await self._web_client.close()
         await self.parts.stop_serving(self.config.shutdown_grace_s)
@@ -148,6 +161,26 @@ class SingleNodeCell:
             session_lifetime_s=config.web_session_s,
         )
         return config.host, await self.web.start(config.host, config.web_port)
+
+    def _start_sms(self) -> list[str]:
+        """Bind to every SMSC (in the background: they rebind by themselves); the SMSCs."""
+        config = self.config
+        request = self.parts.mailbox.execute
+        receipts = Receipts(request)
+        codes = short_codes(config)
+        self.sms_gateway = SmsGateway(
+            request, self.parts.store.resolve_address, codes, receipts=receipts
+        )
+        self.sms_gateway.start()
+        for address in parse_addresses(config.smsc):
+            smsc_host, smsc_port = parse_host_port(address)
+            esme = Esme(smsc_host, smsc_port, config.sms_system_id, config.sms_password,
+                        self.sms_gateway.on_deliver, window=config.sms_window)  # fmt: skip
+            esme.start()
+            self.sms_sessions.append(esme)
+        source = next(iter(codes), "")
+        self.parts.sms_sender = SmsSender(self.sms_sessions, source, receipts).send
+        return [esme.name for esme in self.sms_sessions]
 
     def sign_in_link(self, user: int, valid_s: int = 86_400) -> str:
         """A link that signs a browser in to the web tier as `user` (for a day)."""
@@ -219,6 +252,8 @@ async def _serve_until_stopped(
         print(f"  web (inbox, chat) http://{web_addr['host']}:{web_addr['port']}/", flush=True)
         for user in sign_in_links:
             print(f"    sign in as user {user}: {cell.sign_in_link(user)}", flush=True)
+    if "smsc" in addresses:
+        print(f"  sms (SMPP ESME)  {', '.join(addresses['smsc'])}", flush=True)
     if "userindex" in addresses:
         index = addresses["userindex"]
         print(f"  user index       {index['host']}:{index['port']}", flush=True)

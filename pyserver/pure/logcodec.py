@@ -46,6 +46,7 @@ ACTIONS: tuple[str, ...] = (
     "sender_unblocked",
     "folder_seen",
     "outbound_settled",
+    "sms_set",
 )
 CHANNELS: tuple[str, ...] = ("chat", "email", "sms", "web")
 FOLDERS: tuple[str, ...] = ("inbox", "other", "archived", "sent", "spam")
@@ -81,6 +82,7 @@ _SCHEMAS: dict[str, tuple[tuple[str, int], ...]] = {
         ("outcome", _STR),
         ("detail", _STR),
     ),
+    "sms_set": (("phone", _STR), ("mode", _STR)),
 }
 
 # Each action's own fields, in record order (after seq, ts and action).

@@ -2,9 +2,8 @@
 
 Owns the mapping of SMS to the mailbox, inbound:
 
-1. A deliver_sm that is a delivery receipt (`esm_class` 0x04) is counted and
-   answered; receipts of the gateway's own texts are not sent yet (outbound SMS
-   is not built yet, see docs/sms.md).
+1. A deliver_sm that is a delivery receipt (`esm_class` 0x04) settles the texted
+   copy it is about (`outbound.Receipts`), and is answered.
 2. A part of a long text waits for the others (`concat.Reassembler`); every part
    of a text is answered together, once the whole text is durable, so an SMSC
    that got no answer sends the part again and nothing is lost. Parts that do not
@@ -14,8 +13,11 @@ Owns the mapping of SMS to the mailbox, inbound:
    short code: the sender's phone (E.164, `+` and digits) is looked up among the
    registered addresses (`pyserver admin add-phone`), the short code among
    `short_codes` (short code -> the user that owns it).
-   - From a registered phone: a SEND from the phone's user to the short code's
-     owner on channel `sms`, so it is in the one conversation of those two
+   - From a registered phone that was texted a message lately (`reply_window_s`):
+     a reply, a SEND from the phone's user on channel `sms` to the others of the
+     conversation that message was in.
+   - From a registered phone otherwise: a SEND from the phone's user to the short
+     code's owner on channel `sms`, so it is in the one conversation of those two
      people, beside their chat and email.
    - From any other phone: a DELIVER to the short code's owner from the phone, as
      mail from an outside address is (it lands in Other).
@@ -38,8 +40,9 @@ from collections import Counter, OrderedDict
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from pyserver.errors import PyserverError
+from pyserver.errors import NotFound, PyserverError
 from pyserver.sms import concat, gsm
+from pyserver.sms.outbound import Receipts
 from pyserver.sms.pdu import Pdu, Status, Tag
 from pyserver.wire.ops import Op
 
@@ -74,11 +77,15 @@ class SmsGateway:
         resolve_phone: ResolvePhone,
         short_codes: dict[str, int],
         *,
+        receipts: Receipts | None = None,
         reassembly_timeout_s: float = 120.0,
         duplicate_window_s: float = 600.0,
+        reply_window_s: float = 86_400.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._request = request
+        self.receipts = receipts
+        self._reply_window_s = reply_window_s
         self._resolve_phone = resolve_phone
         self.short_codes = dict(short_codes)
         self._reassembler = concat.Reassembler(timeout_s=reassembly_timeout_s)
@@ -105,6 +112,8 @@ class SmsGateway:
         esm_class = int(pdu.get("esm_class", 0))
         if esm_class & _MESSAGE_TYPE == _RECEIPT:
             self.counters["receipts"] += 1
+            if self.receipts is not None:
+                await self.receipts.receipt(pdu)
             return Status.OK
         source = str(pdu.get("source_addr", ""))
         destination = str(pdu.get("destination_addr", ""))
@@ -159,13 +168,14 @@ class SmsGateway:
             extra["missing_parts"] = text_parts.missing
         try:
             user = await self._resolve_phone(phone)
-            if user is not None and user != owner:
+            recipients = await self._answering(phone, user) if user is not None else None
+            if user is not None and (recipients or user != owner):
                 await self._request(
                     Op.SEND,
-                    {"sender": user, "recipients": [owner], "text": text, "channel": "sms",
-                     "key": key},
+                    {"sender": user, "recipients": recipients or [owner], "text": text,
+                     "channel": "sms", "key": key},
                 )  # fmt: skip
-                self.counters["texts_from_users"] += 1
+                self.counters["replies" if recipients else "texts_from_users"] += 1
             else:
                 await self._request(
                     Op.DELIVER,
@@ -184,6 +194,22 @@ class SmsGateway:
         if not text_parts.complete:
             self.counters["incomplete"] += 1
         return Status.OK
+
+    async def _answering(self, phone: str, user: int) -> list[int | str] | None:
+        """The others of the conversation last texted to this phone of `user`, if lately."""
+        if self.receipts is None:
+            return None
+        last = self.receipts.last_texted.get(phone)
+        if last is None or last[0] != user or time.time() - last[2] > self._reply_window_s:
+            return None
+        try:
+            thread = await self._request(
+                Op.GET_THREAD, {"user": user, "thread_id": last[1], "limit": 1}
+            )
+        except NotFound:  # deleted since: a new conversation with the short code's owner
+            return None
+        others: list[int | str] = [p for p in thread["participants"] if p != user]
+        return others + list(thread.get("addresses", ())) or None
 
     async def _sweep(self) -> None:
         while True:

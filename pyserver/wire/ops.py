@@ -22,6 +22,8 @@ class Op(IntEnum):
     MOVE = 32
     DELETE = 33
     MARK_SEEN = 34
+    # the user's phone for texts and which messages go to it (the SMS gateway)
+    SET_SMS = 35
     SUBSCRIBE = 40
     UNSUBSCRIBE = 41
     FRIEND_ADD = 50

@@ -38,11 +38,12 @@ pub enum Action {
     SenderUnblocked = 8,
     FolderSeen = 9,
     OutboundSettled = 10,
+    SmsSet = 11,
 }
 
 impl Action {
     /// Every action, in code order.
-    pub const ALL: [Action; 10] = [
+    pub const ALL: [Action; 11] = [
         Action::MessageAdded,
         Action::MarkedRead,
         Action::MarkedUnread,
@@ -53,6 +54,7 @@ impl Action {
         Action::SenderUnblocked,
         Action::FolderSeen,
         Action::OutboundSettled,
+        Action::SmsSet,
     ];
 
     pub fn code(self) -> u8 {
@@ -75,6 +77,7 @@ impl Action {
             Action::SenderUnblocked => "sender_unblocked",
             Action::FolderSeen => "folder_seen",
             Action::OutboundSettled => "outbound_settled",
+            Action::SmsSet => "sms_set",
         }
     }
 
@@ -106,6 +109,7 @@ impl Action {
             Action::SenderBlocked | Action::SenderUnblocked => &["sender"],
             Action::FolderSeen => &["folder"],
             Action::OutboundSettled => &["message_id", "address", "outcome", "detail"],
+            Action::SmsSet => &["phone", "mode"],
         }
     }
 }
@@ -240,6 +244,8 @@ pub enum Change<'a> {
         outcome: &'a str,
         detail: &'a str,
     },
+    /// The user's phone for texts and which messages go to it ("off", "all", "inbox").
+    SmsSet { phone: &'a str, mode: &'a str },
 }
 
 /// The fields of a `message_added` entry, in record order.
@@ -273,6 +279,7 @@ impl Change<'_> {
             Change::SenderUnblocked { .. } => Action::SenderUnblocked,
             Change::FolderSeen { .. } => Action::FolderSeen,
             Change::OutboundSettled { .. } => Action::OutboundSettled,
+            Change::SmsSet { .. } => Action::SmsSet,
         }
     }
 
@@ -326,6 +333,10 @@ impl Change<'_> {
                 sink.str(address);
                 sink.str(outcome);
                 sink.str(detail);
+            }
+            Change::SmsSet { phone, mode } => {
+                sink.str(phone);
+                sink.str(mode);
             }
         }
     }
@@ -806,6 +817,10 @@ impl<'a> FieldReader<'a> {
                 outcome: self.str("outcome")?,
                 detail: self.str("detail")?,
             },
+            Action::SmsSet => Change::SmsSet {
+                phone: self.str("phone")?,
+                mode: self.str("mode")?,
+            },
         })
     }
 }
@@ -1010,7 +1025,7 @@ mod tests {
             assert_eq!(Folder::from_name(f.name()), Some(f));
         }
         assert_eq!(Action::from_code(0), None);
-        assert_eq!(Action::from_code(11), None);
+        assert_eq!(Action::from_code(12), None);
         assert_eq!(Channel::from_code(5), None);
         assert_eq!(Folder::from_code(0), None);
         assert_eq!(Folder::from_name("Inbox"), None);
@@ -1080,11 +1095,11 @@ mod tests {
         ));
 
         let mut bad = good.clone();
-        bad[1] = 11;
+        bad[1] = 12;
         fix_crc(&mut bad);
         assert_eq!(
             decode(&bad).unwrap_err(),
-            DecodeError::UnknownAction { offset: 1, code: 11 }
+            DecodeError::UnknownAction { offset: 1, code: 12 }
         );
 
         let mut bad = good.clone();
@@ -1329,6 +1344,10 @@ mod tests {
                     address: s(1),
                     outcome: s(2),
                     detail: s(3),
+                },
+                Action::SmsSet => Change::SmsSet {
+                    phone: s(0),
+                    mode: s(1),
                 },
             };
             Entry {

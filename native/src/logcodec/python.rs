@@ -269,6 +269,10 @@ impl<'py> Held<'py> {
                 outcome: field!(text, 2),
                 detail: field!(text, 3),
             },
+            Action::SmsSet => Change::SmsSet {
+                phone: field!(text, 0),
+                mode: field!(text, 1),
+            },
         };
         Ok(Entry { seq, ts, change })
     }
@@ -490,6 +494,10 @@ fn entry_to_dict<'py>(
             dict.set_item(key(1), text(address))?;
             dict.set_item(key(2), text(outcome))?;
             dict.set_item(key(3), text(detail))?;
+        }
+        Change::SmsSet { phone, mode } => {
+            dict.set_item(key(0), text(phone))?;
+            dict.set_item(key(1), text(mode))?;
         }
     }
     Ok(dict)
