@@ -16,7 +16,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    SummaryMetricFamily,
+)
 from prometheus_client.registry import Collector
 
 # Loopback request/reply sits in tens of microseconds; durable writes in milliseconds.
@@ -119,6 +124,53 @@ class _OutboxCollector(Collector):
         )  # fmt: skip
 
 
+class _SmsCollector(Collector):
+    """The SMS gateway (pyserver.sms), read at scrape time: each SMSC session's binds,
+    window and traffic, the texts filed, and how long receipts take."""
+
+    _SESSION_COUNTERS = ("binds", "drops", "submits", "throttled", "refused", "delivers")
+    _GATEWAY_COUNTERS = ("texts_from_users", "texts_from_phones", "replies", "receipts",
+                         "incomplete", "not_stored", "unknown_short_code")  # fmt: skip
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Any]:
+        stats = self._stats()
+        bound = GaugeMetricFamily(
+            "pyserver_sms_bound", "1 while bound to the SMSC", labels=["smsc"]
+        )
+        window = GaugeMetricFamily(
+            "pyserver_sms_window_in_use", "submit_sm sent and not answered", labels=["smsc"]
+        )
+        counters = {
+            name: CounterMetricFamily(f"pyserver_sms_{name}", f"SMPP {name}", labels=["smsc"])
+            for name in self._SESSION_COUNTERS
+        }
+        for smsc, session in stats.get("smsc", {}).items():
+            bound.add_metric([smsc], 1 if session.get("bound") else 0)
+            window.add_metric([smsc], session.get("in_window", 0))
+            for name, family in counters.items():
+                family.add_metric([smsc], session.get(name, 0))
+        yield bound
+        yield window
+        yield from counters.values()
+        texts = CounterMetricFamily(
+            "pyserver_sms_texts", "Texts filed and receipts taken, by kind", labels=["kind"]
+        )
+        gateway = stats.get("gateway", {})
+        for name in self._GATEWAY_COUNTERS:
+            texts.add_metric([name], gateway.get(name, 0))
+        yield texts
+        receipts = stats.get("receipts", {})
+        yield SummaryMetricFamily(
+            "pyserver_sms_receipt_seconds",
+            "From the SMSC taking a text to its delivery receipt",
+            count_value=receipts.get("count", 0),
+            sum_value=receipts.get("seconds", 0.0),
+        )
+
+
 class Metrics:
     """The process's metrics. `observe` is the dispatcher's RequestObserver."""
 
@@ -142,6 +194,9 @@ class Metrics:
 
     def watch_outbox(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_OutboxCollector(stats))
+
+    def watch_sms(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self.registry.register(_SmsCollector(stats))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

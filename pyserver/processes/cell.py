@@ -180,6 +180,14 @@ class SingleNodeCell:
             self.sms_sessions.append(esme)
         source = next(iter(codes), "")
         self.parts.sms_sender = SmsSender(self.sms_sessions, source, receipts).send
+        gateway = self.sms_gateway
+        self.parts.metrics.watch_sms(
+            lambda: {
+                "smsc": {esme.name: esme.stats() for esme in self.sms_sessions},
+                "gateway": gateway.stats(),
+                "receipts": dict(receipts.counters),
+            }
+        )
         return [esme.name for esme in self.sms_sessions]
 
     def sign_in_link(self, user: int, valid_s: int = 86_400) -> str:

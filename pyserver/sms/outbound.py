@@ -68,6 +68,7 @@ class _Copy:
     message_id: str
     phone: str
     parts: set[str] = field(default_factory=set)
+    sent_at: float = field(default_factory=time.monotonic)
 
 
 class Receipts:
@@ -111,6 +112,8 @@ class Receipts:
             self.counters["receipts_unmatched"] += 1
             return
         self.counters[f"receipt_{stat.lower()}"] += 1
+        self.counters["count"] += 1
+        self.counters["seconds"] += time.monotonic() - copy.sent_at  # type: ignore[assignment]
         copy.parts.discard(smsc_id)  # type: ignore[arg-type]
         if stat == "DELIVRD" and copy.parts:
             return  # more parts to come

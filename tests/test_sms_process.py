@@ -1,0 +1,86 @@
+"""SMS in a whole cell, as a person sets it up: `pyserver run --smsc ... --short-codes ...`
+bound to a simulated SMSC (smpp34's server), a phone registered with `pyserver admin
+add-phone --sms all`, a chat texted to it, a text from it filed, and the figures on
+/metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+
+from pyserver.sms import concat, gsm
+from tests.support import free_port, run, start_serving
+from tests.support.smsc import SimulatedSmsc
+
+
+def _pyserver(*args: str) -> str:
+    done = subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", *args], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> None:
+    data = str(tmp_path / "cell")
+
+    async def scenario() -> None:
+        smsc = await SimulatedSmsc(free_port()).start()
+        proc, ready = await asyncio.to_thread(
+            start_serving,
+            ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
+             "--web-port", "-1", "--smsc", f"127.0.0.1:{smsc.port}",
+             "--short-codes", "12345=7"],
+            tmp_path / "ready.json",
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(smsc.bound.wait(), 10)
+            said = await asyncio.to_thread(
+                _pyserver, "admin", "add-phone", "--data", data, "--user", "1",
+                "+15550001111", "--sms", "all",
+            )  # fmt: skip
+            assert "texts to +15550001111: all" in said
+            sent = await asyncio.to_thread(
+                _pyserver, "send", "--data", data, "--user", "2", "--to", "1", "--json",
+                "dinner at 8? ☃",
+            )  # fmt: skip
+            thread_id = json.loads(sent)["thread_id"]
+            for _ in range(200):
+                if smsc.submits:
+                    break
+                await asyncio.sleep(0.05)
+            [submit] = smsc.submits
+            part = concat.read_part(bytes(submit.short_message), submit.esm_class)
+            assert gsm.decode_body(part.body, submit.data_coding) == "user 2: dinner at 8? ☃"
+            assert submit.data_coding == gsm.DATA_CODING_UCS2  # ☃ has no GSM code
+
+            # the answer from the phone joins the conversation with user 2
+            assert await smsc.text("+15550001111", "12345", b"yes!") == 0
+            thread = json.loads(
+                await asyncio.to_thread(
+                    _pyserver, "thread", "--data", data, "--user", "2", thread_id, "--json"
+                )
+            )
+            assert [(m["sender"], m["channel"], m["text"]) for m in thread["messages"]] == [
+                (2, "chat", "dinner at 8? ☃"),
+                (1, "sms", "yes!"),
+            ]
+            metrics_url = f"http://127.0.0.1:{ready['http']['port']}/metrics"
+            page = await asyncio.to_thread(
+                lambda: urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+            )
+            name = f'smsc="127.0.0.1:{smsc.port}"'
+            assert f"pyserver_sms_bound{{{name}}} 1.0" in page
+            assert f"pyserver_sms_submits_total{{{name}}} 1.0" in page
+            assert 'pyserver_sms_texts_total{kind="replies"} 1.0' in page
+        finally:
+            proc.terminate()
+            await asyncio.to_thread(proc.wait, 30)
+            await smsc.stop()
+
+    run(scenario, timeout=90)
