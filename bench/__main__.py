@@ -5,6 +5,7 @@
 `mail`: SMTP end to end against DELIVER. `userindex`: relation queries.
 `cluster`: a 3-node HBase cell against one SQLite node; failover and join times.
 `web`: live chat through the web tier with 1,000 pages connected, against direct SENDs.
+`sms`: texts in and out through the SMS gateway against a simulated SMSC.
 Each prints one JSON object with --json. Every figure of a run is measured in that run.
 The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
@@ -62,7 +63,7 @@ def _print_table(results: dict[str, object]) -> None:
 
 
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
-SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web")
+SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms")
 
 
 def _suite(name: str) -> Callable[[bool], dict[str, object]]:

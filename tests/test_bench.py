@@ -131,3 +131,15 @@ def test_bench_web_measures_live_chat_beside_direct_sends() -> None:
         web["web_send_us"] / web["direct_send_us"], rel=0.05
     )
     assert web["web_cpu_us_per_message"] > 0 and web["server_cpu_us_per_send"] > 0
+
+
+@pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
+def test_bench_sms_measures_texts_both_ways_beside_their_ceilings() -> None:
+    sms = _bench_json("bench", "sms", "--json", "--quick")["sms"]
+    for figure in ("sms_in_per_s", "deliver_ceiling_per_s", "sms_out_per_s",
+                   "send_ceiling_per_s", "smpp34_submits_per_s"):  # fmt: skip
+        assert sms[figure] > 0, figure
+    assert sms["sms_in_vs_deliver"] == pytest.approx(
+        sms["sms_in_per_s"] / sms["deliver_ceiling_per_s"], abs=0.01
+    )
+    assert sms["window"] == 32

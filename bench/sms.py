@@ -1,0 +1,251 @@
+"""`python -m bench sms`: texts in and out through the SMS gateway of a whole cell, against a
+simulated SMSC, beside the ceilings measured in the same run.
+
+A real `pyserver run --smsc` (native core, uvloop, durable SQLite) binds as a transceiver
+to an SMSC simulated in this process on smpp34's server (an independent SMPP 3.4
+implementation in Rust). USERS users have a phone each, texted every message (`all`).
+
+- `sms_in_per_s`: texts from phones nobody registered, to SHORT_CODES short codes
+  of as many users, pushed by the SMSC WINDOW at a time; a text counts once the gateway answered its
+  deliver_sm, that is once it is durable. Ceiling: the same deliveries made straight
+  over the binary protocol from the client library, WINDOW in flight
+  (`deliver_ceiling_per_s`, and `sms_in_vs_deliver`).
+- `sms_out_per_s`: SENDs between USERS pairs of users, WINDOW in flight from the
+  client library; a text counts once the SMSC took its submit_sm (the outbox texts each
+  copy, WINDOW submits outstanding per session). Ceilings: the same SENDs without
+  SMS (`send_ceiling_per_s`: what the cell does anyway), and smpp34's own client
+  submitting to the same SMSC with a window of WINDOW (`smpp34_submits_per_s`).
+
+Target (issue 12): at least 2,000/s each way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.listeners import free_port
+
+USERS = 500
+TEXTS = 6_000
+WINDOW = 32
+# short codes 20000.. owned by users 1000.., texts spread over them (as over many
+# businesses), so no one user's log holds every text
+SHORT_CODES = 50
+OWNERS = 1_000
+SENDERS = 10_000  # users 10000.. send the SENDs, to users 2.. (texted) or 1000000..
+
+
+async def _prepare(data: Path, users: int) -> None:
+    """Every user a phone, texted every message: as `admin add-phone --sms all` makes it."""
+    from pyserver.processes.cell import open_mailbox, open_store
+    from pyserver.wire.ops import Op
+
+    async with open_store(data) as store:
+        for user in range(2, users + 2):
+            await store.add_address(f"+1555{user:07d}", user)
+    async with open_mailbox(data) as mailbox:
+        for user in range(2, users + 2):
+            phone = f"+1555{user:07d}"
+            await mailbox.execute(Op.SET_SMS, {"user": user, "phone": phone, "mode": "all"})
+
+
+def _start_cell(data: Path, smsc_port: int) -> tuple[subprocess.Popen[Any], int]:
+    ready = data / "ready.json"
+    env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
+         "--http-port", "0", "--smtp-port", "0", "--web-port", "-1",
+         "--smsc", f"127.0.0.1:{smsc_port}", "--short-codes", _short_codes(),
+         "--ready-file", str(ready)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    from pyserver import endpoints
+
+    while endpoints.read_file(ready) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RuntimeError(f"bench: pyserver run did not start: {proc.stderr.read()}")  # type: ignore[union-attr]
+        time.sleep(0.05)
+    addresses = endpoints.read_file(ready)
+    assert addresses is not None
+    return proc, addresses["server"]["port"]
+
+
+def _short_codes() -> str:
+    return ",".join(f"{20_000 + n}={OWNERS + n}" for n in range(SHORT_CODES))
+
+
+async def _pump(server: Any, sessions: dict[str, Any], submits: list[float]) -> None:
+    import smpp34
+
+    ids = itertools.count(1)
+    while True:
+        event = await server.next()
+        if isinstance(event, smpp34.Esme):
+            sessions[event.session_id] = event
+        elif isinstance(event, smpp34.SubmitSmEvent):
+            event.accept(message_id=f"b{next(ids)}")
+            submits.append(time.perf_counter())
+
+
+async def _texts_in(session: Any, count: int, offset: int) -> float:
+    numbers = itertools.count()
+    failed = 0
+
+    async def worker() -> None:
+        nonlocal failed
+        while (n := next(numbers)) < count:
+            answer = await session.deliver_sm(
+                str(20_000 + n % SHORT_CODES), f"text {offset + n}".encode(),
+                source_addr=f"4930{offset + n:08d}", source_addr_ton=1,
+            )  # fmt: skip
+            failed += answer.command_status != 0
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(WINDOW)))
+    elapsed = time.perf_counter() - started
+    if failed:
+        raise RuntimeError(f"bench: {failed} texts were refused")
+    return count / elapsed
+
+
+async def _delivers(client: Any, count: int, offset: int) -> float:
+    numbers = itertools.count()
+
+    async def worker() -> None:
+        while (n := next(numbers)) < count:
+            await client.deliver(OWNERS + n % SHORT_CODES, 0, f"text {offset + n}",
+                                 channel="sms", from_=f"+4930{offset + n:08d}",
+                                 key=f"d{offset + n}")  # fmt: skip
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(WINDOW)))
+    return count / (time.perf_counter() - started)
+
+
+async def _sends(
+    client: Any, count: int, users: int, tag: str, submits: list[float] | None
+) -> float:
+    """SENDs from `users` senders, each to the next user: with `submits` (the SMSC's
+    list), to the users texted every message, until that many submits arrived; without,
+    to as many users who have no phone."""
+    numbers = itertools.count()
+    before = len(submits) if submits is not None else 0
+    first = 2 if submits is not None else 1_000_000
+
+    async def worker() -> None:
+        while (n := next(numbers)) < count:
+            sender = SENDERS + n % users
+            await client.send(sender, [first + n % users], f"{tag} {n}", key=f"{tag}{n}")
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(WINDOW)))
+    if submits is None:
+        return count / (time.perf_counter() - started)
+    deadline = time.monotonic() + 120
+    while len(submits) - before < count:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"bench: {len(submits) - before} of {count} texts went out")
+        await asyncio.sleep(0.002)
+    return count / (submits[before + count - 1] - started)
+
+
+async def _smpp34_client(port: int, count: int) -> float:
+    import smpp34
+
+    client = smpp34.Client(host="127.0.0.1", port=port, system_id="ceiling", password="x",
+                           bind_type="TRX")  # fmt: skip
+    smsc = await client.connect()
+    numbers = itertools.count()
+
+    async def worker() -> None:
+        while (n := next(numbers)) < count:
+            await smsc.submit_sm(destination_addr="15550000000", source_addr="20000",
+                                 short_message=f"c {n}".encode())  # fmt: skip
+
+    started = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(WINDOW)))
+    rate = count / (time.perf_counter() - started)
+    await smsc.unbind()
+    await client.stop()
+    return rate
+
+
+async def _measure(quick: bool) -> dict[str, Any]:
+    import smpp34
+
+    from pyserver.client import Client
+
+    users = 50 if quick else USERS
+    texts = 300 if quick else TEXTS
+    port = free_port()
+    server = smpp34.Server("127.0.0.1", port, system_id="BENCHSMSC", inbound_capacity=65_536)
+    await server.start()
+    sessions: dict[str, Any] = {}
+    submits: list[float] = []
+    pump = asyncio.get_running_loop().create_task(_pump(server, sessions, submits))
+    with tempfile.TemporaryDirectory(prefix="bench-sms-") as folder:
+        data = Path(folder)
+        await _prepare(data, users)
+        proc, server_port = await asyncio.to_thread(_start_cell, data, port)
+        key = (data / "service.key").read_text().strip()
+        try:
+            deadline = time.monotonic() + 30
+            while not sessions:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("bench: the cell did not bind to the SMSC")
+                await asyncio.sleep(0.02)
+            session = next(iter(sessions.values()))
+            client = await Client.connect("127.0.0.1", server_port, service_key=key)
+            try:
+                await _texts_in(session, 200, 10_000_000)  # warm up
+                await _sends(client, 200, users, "warm", submits)
+                best = dict.fromkeys(("in", "deliver", "out", "send"), 0.0)
+                for r in range(1 if quick else 3):  # rounds alternate; each keeps its best
+                    best["in"] = max(best["in"], await _texts_in(session, texts, r * texts))
+                    best["deliver"] = max(
+                        best["deliver"], await _delivers(client, texts, (10 + r) * texts)
+                    )
+                    best["out"] = max(best["out"], await _sends(client, texts, users, f"o{r}",
+                                                                submits))  # fmt: skip
+                    no_sms = await _sends(client, texts, users, f"s{r}", None)
+                    best["send"] = max(best["send"], no_sms)
+            finally:
+                await client.close()
+            ceiling = await _smpp34_client(port, texts)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            await asyncio.to_thread(proc.wait, 60)
+            pump.cancel()
+            await server.stop()
+    return {
+        "sms_in_per_s": round(best["in"], 1),
+        "deliver_ceiling_per_s": round(best["deliver"], 1),
+        "sms_in_vs_deliver": round(best["in"] / best["deliver"], 2),
+        "sms_out_per_s": round(best["out"], 1),
+        "send_ceiling_per_s": round(best["send"], 1),
+        "sms_out_vs_send": round(best["out"] / best["send"], 2),
+        "smpp34_submits_per_s": round(ceiling, 1),
+        "window": WINDOW,
+        "texts_per_round": texts,
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    from pyserver.app.loop import new_event_loop
+
+    loop = new_event_loop()
+    try:
+        return {"sms": loop.run_until_complete(_measure(quick))}
+    finally:
+        loop.close()
