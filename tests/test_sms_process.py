@@ -84,3 +84,40 @@ def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> 
             await smsc.stop()
 
     run(scenario, timeout=90)
+
+
+def test_pyserver_sms_files_texts_for_a_cell_it_runs_beside(tmp_path: Path) -> None:
+    data = str(tmp_path / "cell")
+
+    async def scenario() -> None:
+        smsc = await SimulatedSmsc(free_port()).start()
+        cell, _ = await asyncio.to_thread(
+            start_serving,
+            ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
+             "--web-port", "-1"],
+            tmp_path / "cell.json",
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        gateway, _ = await asyncio.to_thread(
+            start_serving,
+            ["sms", "--data", data, "--smsc", f"127.0.0.1:{smsc.port}",
+             "--short-codes", "555=9"],
+            tmp_path / "sms.json",
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        try:
+            assert await smsc.text("+447700900123", "555", b"Hi! \x1b\x655?") == 0
+            listed = await asyncio.to_thread(
+                _pyserver, "threads", "--data", data, "--user", "9", "--folder", "other",
+                "--json",
+            )  # fmt: skip
+            [thread] = json.loads(listed)["threads"]
+            assert thread["snippet"] == "Hi! €5?" and thread["channels"] == ["sms"]
+            assert await smsc.text("+447700900123", "999", b"nobody's") != 0
+        finally:
+            for proc in (gateway, cell):
+                proc.terminate()
+                await asyncio.to_thread(proc.wait, 30)
+            await smsc.stop()
+
+    run(scenario, timeout=90)
