@@ -11,6 +11,7 @@ import subprocess
 import sys
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from pyserver.sms import concat, gsm
 from tests.support import free_port, run, start_serving
@@ -25,18 +26,24 @@ def _pyserver(*args: str) -> str:
     return done.stdout
 
 
+def _start_cell(tmp_path: Path, data: str, *extra: str) -> tuple[Any, dict[str, Any]]:
+    """`pyserver run` on `data` (no web tier), once it serves."""
+    return start_serving(
+        ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
+         "--web-port", "-1", *extra],
+        tmp_path / "cell.json",
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
 def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> None:
     data = str(tmp_path / "cell")
 
     async def scenario() -> None:
         smsc = await SimulatedSmsc(free_port()).start()
         proc, ready = await asyncio.to_thread(
-            start_serving,
-            ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1", "--smsc", f"127.0.0.1:{smsc.port}",
-             "--short-codes", "12345=7"],
-            tmp_path / "ready.json",
-            stdout=subprocess.DEVNULL,
+            _start_cell, tmp_path, data, "--smsc", f"127.0.0.1:{smsc.port}",
+            "--short-codes", "12345=7",
         )  # fmt: skip
         try:
             await asyncio.wait_for(smsc.bound.wait(), 10)
@@ -91,13 +98,7 @@ def test_pyserver_sms_files_texts_for_a_cell_it_runs_beside(tmp_path: Path) -> N
 
     async def scenario() -> None:
         smsc = await SimulatedSmsc(free_port()).start()
-        cell, _ = await asyncio.to_thread(
-            start_serving,
-            ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1"],
-            tmp_path / "cell.json",
-            stdout=subprocess.DEVNULL,
-        )  # fmt: skip
+        cell, _ = await asyncio.to_thread(_start_cell, tmp_path, data)
         gateway, _ = await asyncio.to_thread(
             start_serving,
             ["sms", "--data", data, "--smsc", f"127.0.0.1:{smsc.port}",

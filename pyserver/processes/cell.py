@@ -25,7 +25,6 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import doctor, endpoints
-from pyserver.addresses import parse_addresses, parse_host_port
 from pyserver.app.auth import make_user_token, verify_user_token
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
@@ -45,6 +44,7 @@ from pyserver.processes.runtime import (
     stop_signal,
     withdraw_ready,
 )
+from pyserver.processes.sms import bind_sessions
 from pyserver.sms.esme import Esme
 from pyserver.sms.gateway import SmsGateway
 from pyserver.sms.outbound import Receipts, SmsSender
@@ -172,12 +172,7 @@ class SingleNodeCell:
             request, self.parts.store.resolve_address, codes, receipts=receipts
         )
         self.sms_gateway.start()
-        for address in parse_addresses(config.smsc):
-            smsc_host, smsc_port = parse_host_port(address)
-            esme = Esme(smsc_host, smsc_port, config.sms_system_id, config.sms_password,
-                        self.sms_gateway.on_deliver, window=config.sms_window)  # fmt: skip
-            esme.start()
-            self.sms_sessions.append(esme)
+        self.sms_sessions = bind_sessions(config, self.sms_gateway.on_deliver)
         source = next(iter(codes), "")
         self.parts.sms_sender = SmsSender(self.sms_sessions, source, receipts).send
         gateway = self.sms_gateway

@@ -21,11 +21,23 @@ from pyserver.config import Config, ConfigError, load_config, short_codes
 from pyserver.discovery.client import ClusterRoute
 from pyserver.mta.route import SingleServerRoute
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
-from pyserver.sms.esme import Esme
+from pyserver.sms.esme import Esme, OnDeliver
 from pyserver.sms.gateway import SmsGateway
 from pyserver.store.spec import open_store, parse_store_spec
 
-__all__ = ["SmsProcess", "add_parser"]
+__all__ = ["SmsProcess", "add_parser", "bind_sessions"]
+
+
+def bind_sessions(config: Config, on_deliver: OnDeliver) -> list[Esme]:
+    """One transceiver per SMSC of `smsc`, started (each binds, and rebinds, by itself)."""
+    sessions = []
+    for address in parse_addresses(config.smsc):
+        host, port = parse_host_port(address)
+        esme = Esme(host, port, config.sms_system_id, config.sms_password, on_deliver,
+                    window=config.sms_window)  # fmt: skip
+        esme.start()
+        sessions.append(esme)
+    return sessions
 
 
 class SmsProcess:
@@ -54,18 +66,7 @@ class SmsProcess:
             self.route.request, self.store.resolve_address, short_codes(config)
         )
         self.gateway.start()
-        for address in parse_addresses(config.smsc):
-            smsc_host, smsc_port = parse_host_port(address)
-            esme = Esme(
-                smsc_host,
-                smsc_port,
-                config.sms_system_id,
-                config.sms_password,
-                self.gateway.on_deliver,
-                window=config.sms_window,
-            )
-            esme.start()
-            self.sessions.append(esme)
+        self.sessions = bind_sessions(config, self.gateway.on_deliver)
         # bound within a few seconds, or serving on while it rebinds
         await asyncio.wait(
             [asyncio.ensure_future(s.bound.wait()) for s in self.sessions], timeout=5.0
