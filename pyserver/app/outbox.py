@@ -14,11 +14,11 @@ copy once more (the receiving side sees the same Message-ID); nothing is ever
 dropped.
 
 `send(mail)` gets a dict: `user`, `sender`, `from`, `channel`, `message_id`,
-`thread_id`, `addresses` (those still queued: email addresses, and phones that a
-recipient's copy is texted to), `subject`, `text`, `ts`, `references` (the earlier mail headers of
-the conversation, oldest first), `attachments` (blob refs with name, type, size),
-and answers `{address: (outcome, detail)}` with
-outcome "sent", "failed" or "retry".
+`thread_id`, `addresses` (those still queued: email addresses, and the phone a
+recipient's copy is texted to), `subject`, `text`, `ts`, `references` (the earlier
+mail headers of the conversation, oldest first), `attachments` (blob refs with
+name, type, size), and answers `{address: (outcome, detail)}` with outcome "sent",
+"delivered", "failed" or "retry".
 """
 
 from __future__ import annotations
