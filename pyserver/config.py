@@ -130,6 +130,9 @@ class Config:
     sms_short_codes: str = ""
     # submit_sm sent and not yet answered, per SMSC
     sms_window: int = 32
+    # a cluster's SMS gateway (`pyserver sms`), "host:port": app servers text their
+    # users' copies through it; empty: texted by this process's own sessions (`smsc`)
+    sms_gateway_addr: str = ""
 
     @property
     def service_key_path(self) -> Path:
@@ -287,7 +290,7 @@ def short_codes(config: Config) -> dict[str, int]:
 
 def _check_services(config: Config) -> None:
     """The user index, dirty service and memcached settings."""
-    for name in ("userindex_addr", "dirty_addr", "relay_addr"):
+    for name in ("userindex_addr", "dirty_addr", "relay_addr", "sms_gateway_addr"):
         address = getattr(config, name)
         try:
             if address:

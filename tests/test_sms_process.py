@@ -13,7 +13,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pyserver.discovery.client import connect_to_cluster
 from pyserver.sms import concat, gsm
+from pyserver.store.spec import open_store, parse_store_spec
+from pyserver.wire.ops import Op
 from tests.support import free_port, run, start_serving
 from tests.support.smsc import SimulatedSmsc
 
@@ -122,3 +125,55 @@ def test_pyserver_sms_files_texts_for_a_cell_it_runs_beside(tmp_path: Path) -> N
             await smsc.stop()
 
     run(scenario, timeout=90)
+
+
+def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper: str) -> None:
+    """`pyserver cluster up --smsc`: the SMS gateway (`pyserver sms`) holds the SMSC session,
+    the app servers text their users' copies through it, and texts in and receipts reach
+    each user's owner through discovery."""
+    folder = str(tmp_path / "cluster")
+
+    async def scenario() -> None:
+        smsc = await SimulatedSmsc(free_port()).start()
+        try:
+            await asyncio.to_thread(
+                _pyserver, "cluster", "up", "--dir", folder, "--engine", "sqlite", "--cells", "1",
+                "--nodes", "2", "--session-timeout", "3", "--smsc", f"127.0.0.1:{smsc.port}",
+                "--short-codes", "12345=7",
+            )  # fmt: skip
+            state = json.loads(Path(folder, "cluster.json").read_text())
+            assert [p["role"] for p in state["processes"]].count("sms") == 1
+            await asyncio.wait_for(smsc.bound.wait(), 10)
+            directory = open_store(parse_store_spec(state["directory_store"], Path(folder)))
+            await directory.open()
+            await directory.add_address("+15550001111", 1)
+            await directory.close()
+            cluster = await connect_to_cluster(folder)
+            try:
+                await cluster.request(
+                    Op.SET_SMS, {"user": 1, "phone": "+15550001111", "mode": "all"}
+                )
+                sent = await cluster.send(2, [1], "on my way")
+                for _ in range(200):
+                    if smsc.submits:
+                        break
+                    await asyncio.sleep(0.05)
+                [submit] = smsc.submits
+                assert bytes(submit.short_message) == gsm.encode_gsm("user 2: on my way")
+                receipt = b"id:sim-1 sub:001 dlvrd:001 stat:DELIVRD err:000 text:on my"
+                assert await smsc.text("+15550001111", "12345", receipt, esm_class=4) == 0
+                assert await smsc.text("+15550001111", "12345", b"thanks") == 0
+                thread = await cluster.get_thread(2, sent["thread_id"])
+                assert [(m["sender"], m["channel"], m["text"]) for m in thread["messages"]] == [
+                    (2, "chat", "on my way"),
+                    (1, "sms", "thanks"),
+                ]
+                mine = (await cluster.get_thread(1, sent["thread_id"]))["messages"][0]
+                assert mine["delivery"]["+15550001111"]["state"] == "delivered"
+            finally:
+                await cluster.close()
+        finally:
+            await asyncio.to_thread(_pyserver, "cluster", "down", "--dir", folder, "--grace", "10")
+            await smsc.stop()
+
+    run(scenario, timeout=240)

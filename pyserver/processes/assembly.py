@@ -34,6 +34,7 @@ from pyserver.dirty.service import DirtyService
 from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics, TimedStore
 from pyserver.mta.outbound import RelaySender
+from pyserver.sms.service import RemoteSmsSender
 from pyserver.store.base import Store
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.remote import RemoteUserIndex
@@ -130,8 +131,14 @@ class AppServerParts:
         # queued), and texts to users' phones, through the SMS gateway's sender
         self.outbox: Outbox | None = None
         self.relay: RelaySender | None = None
-        # set by the process that binds to the SMSCs (`pyserver run` with `smsc`)
+        # set by the process that binds to the SMSCs (`pyserver run` with `smsc`), or the
+        # cluster's SMS gateway
         self.sms_sender: SendMail | None = None
+        self.sms_gateway: RemoteSmsSender | None = None
+        if config.sms_gateway_addr:
+            host, port = parse_host_port(config.sms_gateway_addr)
+            self.sms_gateway = RemoteSmsSender(host, port, config.service_key)
+            self.sms_sender = self.sms_gateway.send
         if config.relay_addr:
             host, port = parse_host_port(config.relay_addr)
             key = Path(config.dkim_key_file).read_bytes() if config.dkim_key_file else None
@@ -143,7 +150,7 @@ class AppServerParts:
                 dkim_selector=config.dkim_selector,
                 blobs=self.blobs,
             )
-        if config.relay_addr or config.smsc:
+        if config.relay_addr or config.smsc or config.sms_gateway_addr:
             self.outbox = Outbox(
                 self.mailbox,
                 self._send_outbound,
@@ -233,6 +240,8 @@ class AppServerParts:
             await self.outbox.close()
         if self.relay is not None:
             await self.relay.close()
+        if self.sms_gateway is not None:
+            await self.sms_gateway.close()
         if self._listening:
             await self.server.stop(grace_s)
             await self.http.stop()

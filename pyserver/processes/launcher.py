@@ -12,7 +12,7 @@
 * two discovery instances, the user index service, the dirty service (with
   memcached), C x N app servers (`pyserver node`, knowing discovery, the user
   index and the dirty service), the MTA proxy and the web tier (both routing
-  through discovery);
+  through discovery), and with `--smsc` the SMS gateway the nodes text through;
 
 prints where each listens and returns once all serve (each writes its
 addresses to `ready/<name>.json` when it does). The folder (default
@@ -60,7 +60,7 @@ MEMCACHED = tuple(
     for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
 )
 # down: app servers first (they drain), the services they call last
-_STOP_ORDER = ("web", "mta", "node", "discovery", "dirty", "userindex")
+_STOP_ORDER = ("web", "mta", "node", "sms", "discovery", "dirty", "userindex")
 
 
 class LaunchError(Exception):
@@ -228,6 +228,8 @@ def cluster_up(
     engine: str = "hbase",
     session_timeout_s: float = 10.0,
     timeout_s: float = 120.0,
+    smsc: str = "",
+    short_codes: str = "",
     say: Any = print,
 ) -> dict[str, Any]:
     """Start the cluster (module docstring); its state, once every process serves."""
@@ -313,6 +315,16 @@ def cluster_up(
                 "PYSERVER_DIRTY_ADDR": by_role["dirty"]["address"],
                 "PYSERVER_MEMCACHED_DCS": dcs,
             }
+        if smsc:  # the SMS gateway: texts in through discovery, the nodes' texts out
+            sms = _spawn(
+                folder, "sms", "sms",
+                ["sms", *common, "--port", "0", "--discovery", discovery, "--smsc", smsc,
+                 "--short-codes", short_codes],
+                {"PYSERVER_STORE": directory_store},
+            )  # fmt: skip
+            started.append(sms)
+            _wait_ready([sms], timeout_s)
+            env["PYSERVER_SMS_GATEWAY_ADDR"] = sms["address"]
         app_servers = []
         for cell in cell_names:
             for n in range(1, nodes + 1):
@@ -439,6 +451,7 @@ def _up(args: argparse.Namespace) -> int:
         cluster_up(
             args.dir, args.cells, args.nodes, engine=args.engine,
             session_timeout_s=args.session_timeout, timeout_s=args.timeout,
+            smsc=args.smsc or "", short_codes=args.short_codes or "",
         )  # fmt: skip
     except (LaunchError, NoCluster) as error:
         print(f"pyserver cluster: {error}", file=sys.stderr)
@@ -489,6 +502,8 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     up.add_argument("--engine", choices=("hbase", "sqlite"), default="hbase", help="the stores")
     up.add_argument("--session-timeout", type=float, default=10.0, help="ZooKeeper, seconds")
     up.add_argument("--timeout", type=float, default=120.0, help="seconds for all to start")
+    up.add_argument("--smsc", help="SMSCs for an SMS gateway (pyserver sms), host:port,...")
+    up.add_argument("--short-codes", help="the SMS short codes and their owners, CODE=USER,...")
     up.set_defaults(handler=_up)
     status = action("status", "each process: role, cell, node, address, pid, alive")
     status.add_argument("--json", action="store_true", help="print one JSON object")

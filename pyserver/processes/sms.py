@@ -1,10 +1,11 @@
 """`pyserver sms`: the SMS gateway as its own process, bound to the configured SMSCs.
 
-Opens the cell's store (for the registered phones), reaches the app servers as the
-MTA proxy does (the app server of `--data`, or `--server`, or a cluster through
-`--discovery`), binds one `Esme` per SMSC of `smsc`, and files every text they
-deliver with `SmsGateway`, until SIGINT or SIGTERM. Its STATS-like figures are
-printed on the way out.
+Opens the store with the registered phones (the cell's, or a cluster's directory
+store), reaches the app servers as the MTA proxy does (the app server of `--data`,
+or `--server`, or a cluster through `--discovery`), binds one `Esme` per SMSC of
+`smsc`, files every text they deliver with `SmsGateway`, and serves SMS_SUBMIT on
+`--port` (default 7460) for the app servers that text their users' copies through
+it (their `sms_gateway_addr`), until SIGINT or SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,15 +18,21 @@ from typing import Any
 
 from pyserver import endpoints
 from pyserver.addresses import parse_addresses, parse_host_port
+from pyserver.app.server import AppServer
 from pyserver.config import Config, ConfigError, load_config, short_codes
 from pyserver.discovery.client import ClusterRoute
 from pyserver.mta.route import SingleServerRoute
+from pyserver.processes.assembly import service_server
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.sms.esme import Esme, OnDeliver
 from pyserver.sms.gateway import SmsGateway
+from pyserver.sms.outbound import Receipts, SmsSender
+from pyserver.sms.service import SmsService
 from pyserver.store.spec import open_store, parse_store_spec
 
-__all__ = ["SmsProcess", "add_parser", "bind_sessions"]
+__all__ = ["DEFAULT_PORT", "SmsProcess", "add_parser", "bind_sessions"]
+
+DEFAULT_PORT = 7460
 
 
 def bind_sessions(config: Config, on_deliver: OnDeliver) -> list[Esme]:
@@ -52,6 +59,8 @@ class SmsProcess:
         self.route: Any = None
         self.gateway: SmsGateway | None = None
         self.sessions: list[Esme] = []
+        self.sender: SmsSender | None = None
+        self.server: AppServer | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
@@ -62,19 +71,25 @@ class SmsProcess:
         else:
             server_host, server_port = endpoints.server_address(config.data_dir, self._server)
             self.route = SingleServerRoute(server_host, server_port, config.service_key, timeout)
+        codes = short_codes(config)
+        receipts = Receipts(self.route.request)
         self.gateway = SmsGateway(
-            self.route.request, self.store.resolve_address, short_codes(config)
+            self.route.request, self.store.resolve_address, codes, receipts=receipts
         )
         self.gateway.start()
         self.sessions = bind_sessions(config, self.gateway.on_deliver)
+        self.sender = SmsSender(self.sessions, next(iter(codes), ""), receipts)
         # bound within a few seconds, or serving on while it rebinds
         await asyncio.wait(
             [asyncio.ensure_future(s.bound.wait()) for s in self.sessions], timeout=5.0
         )
-        first = self.sessions[0]
-        return first.host, first.port
+        service = SmsService(self.sender.send, self.stats)
+        self.server = service_server(config, service, "sms-gateway", stats_section="sms")
+        return await self.server.start(host, port)
 
     async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.stop(self.config.shutdown_grace_s)
         for esme in self.sessions:
             await esme.close()
         if self.gateway is not None:
@@ -88,6 +103,7 @@ class SmsProcess:
         return {
             "gateway": self.gateway.stats() if self.gateway else {},
             "smsc": {esme.name: esme.stats() for esme in self.sessions},
+            "sender": dict(self.sender.counters) if self.sender else {},
         }
 
     def banner(self) -> list[str]:
@@ -107,14 +123,15 @@ def _run(args: argparse.Namespace) -> int:
     )
     configure_logging(config.log_level)
     process = SmsProcess(config, args.server)
-    run(serve_service(process, "sms", "SMS gateway (ESME)", "", 0, args.ready_file))
+    host = args.host or config.host
+    run(serve_service(process, "sms", "SMS gateway", host, args.port, args.ready_file))
     return 0
 
 
 def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     """Add `sms` to the `pyserver` command line."""
     sub = commands.add_parser("sms", help="run the SMS gateway: bind to SMSCs over SMPP 3.4")
-    add_service_arguments(sub, default_data, 0, "data folder (store, service key, app server)")
+    add_service_arguments(sub, default_data, DEFAULT_PORT, "data folder (store, service key)")
     sub.add_argument("--smsc", help="SMSCs, host:port[,host:port...] (config smsc)")
     sub.add_argument("--short-codes", help="SHORTCODE=USER[,...] (config sms_short_codes)")
     sub.add_argument("--server", help="one app server, HOST:PORT (default: the data folder's)")

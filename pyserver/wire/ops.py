@@ -34,7 +34,7 @@ class Op(IntEnum):
     HEALTH = 61
     # Ranges kept for the other services of a cell, each adding its own codes:
     # 70-79 discovery, 80-89 blobs, 90-99 user index, 100-109 dirty service,
-    # 110-119 between app servers.
+    # 110-119 between app servers, 120-129 the SMS gateway.
     # discovery: user -> cell -> owner (pyserver discovery)
     LOOKUP = 70
     CELL_RING = 71
@@ -50,12 +50,14 @@ class Op(IntEnum):
     DIRTY = 100
     # between the app servers of a cell (pyserver node)
     DELIVER_COPY = 110
+    # the SMS gateway (pyserver sms): an app server's texted copy, to the SMSC
+    SMS_SUBMIT = 120
 
 
 # Operations a user-token connection may not use.
 SERVICE_ONLY: frozenset[Op] = frozenset({Op.DELIVER, Op.FRIEND_ADD, Op.FRIEND_REMOVE, Op.STATS})
 # Copies of SENDs between app servers travel on service connections only.
-SERVICE_ONLY |= {Op.DELIVER_COPY, Op.OUTBOUND_SETTLE}
+SERVICE_ONLY |= {Op.DELIVER_COPY, Op.OUTBOUND_SETTLE, Op.SMS_SUBMIT}
 # The user index and dirty services serve trusted tiers only.
 SERVICE_ONLY |= {Op.RELATION, Op.FRIENDS, Op.INDEX_FRIEND_ADD, Op.INDEX_FRIEND_REMOVE, Op.DIRTY}
 # Discovery answers trusted tiers only (the web tier, the MTA proxy, gateways, app servers).
