@@ -74,7 +74,9 @@ async def rig(
         esme.start()
         await asyncio.wait_for(esme.bound.wait(), 10)
         here.gateway, here.esme = gateway, esme
-        here.outbox = Outbox(cell.mailbox, SmsSender([esme], SHORT_CODE, receipts).send)
+        here.outbox = Outbox(
+            cell.mailbox, SmsSender([esme], SHORT_CODE, receipts).send, retry_initial_s=0.1
+        )
         queued.append(here.outbox.queued)
         here.outbox.start()
         try:
@@ -296,6 +298,24 @@ def test_a_chat_is_texted_in_parts_receipts_settle_it_and_the_reply_joins_it(
         assert len(here.smsc.submits) == 2
 
     scenario(tmp_path, body)
+
+
+def test_a_lost_response_is_texted_again_and_settled_once(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        client = here.client
+        await client.request(Op.SET_SMS, {"user": ALICE, "phone": ALICE_PHONE, "mode": "all"})
+        here.smsc.lose_next = 1
+        sent = await client.send(2, [ALICE], "are you there?")
+        assert here.outbox is not None
+        await asyncio.wait_for(here.outbox.idle(), 20)
+        # the first submit was taken but never answered: the outbox sent it again
+        assert len(here.smsc.lost) == 1 and len(here.smsc.submits) == 1
+        assert here.smsc.lost[0].short_message == here.smsc.submits[0].short_message
+        message = (await client.get_thread(ALICE, sent["thread_id"]))["messages"][-1]
+        assert message["delivery"][ALICE_PHONE]["state"] == "sent"
+        assert here.outbox.counters["retries"] == 1 and here.outbox.counters["sent"] == 1
+
+    scenario(tmp_path, body, response_timeout_s=0.5)
 
 
 @pytest.mark.parametrize(

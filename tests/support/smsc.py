@@ -1,6 +1,6 @@
 """The SMSC the SMS tests bind to: a simulator on smpp34's server (an independent SMPP 3.4
 implementation in Rust, so a mistake of the project's codec cannot agree with itself),
-with the faults the gateway must survive: throttling, refusals and slow answers; and a
+with the faults the gateway must survive: throttling, refusals, slow and lost answers; and a
 relay in front of it that the test cuts, for network drops."""
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ class SimulatedSmsc:
         self.binds = 0
         self.throttle_next = 0  # answer this many submits ESME_RTHROTTLED first
         self.refuse_next = 0  # and this many ESME_RINVDSTADR
+        self.lose_next = 0  # and never answer this many (a lost response)
+        self.lost: list[Any] = []
         self.answer_delay_s = 0.0
         self.bound = asyncio.Event()
         self._ids = itertools.count(1)
@@ -69,6 +71,9 @@ class SimulatedSmsc:
         elif self.refuse_next > 0:
             self.refuse_next -= 1
             event.reject(smpp34.ESME_RINVDSTADR)
+        elif self.lose_next > 0:
+            self.lose_next -= 1
+            self.lost.append(event)  # taken, but its response never goes out
         else:
             self.submits.append(event)
             event.accept(message_id=f"sim-{next(self._ids)}")
