@@ -29,6 +29,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pyserver.addresses import DataCentre, parse_data_centres
+from pyserver.app.auth import make_user_token
 from pyserver.app.mailbox import Mailbox
 from pyserver.client import Client
 from pyserver.dirty import count_key, memcached_client
@@ -524,7 +525,7 @@ def test_separate_processes_keep_every_data_centre_fresh(
             client = await Client.connect("127.0.0.1", addresses["server"]["port"], service_key=KEY)
             # the web tier of dc1: its own memcached, COUNTS from the app server
             west = CountReader(await memcached_client(centres[1]), client.counts)
-            http = aiohttp.ClientSession()
+            http = aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"})
             url = f"http://127.0.0.1:{addresses['http']['port']}/counts/"
             try:
                 sender, user = fresh_user(), fresh_user()
@@ -552,6 +553,14 @@ def test_separate_processes_keep_every_data_centre_fresh(
                     assert unread(await west.read(user), "other") == n
                 async with http.get(url + "x") as response:
                     assert response.status == 400
+                # without the service key (none, a wrong one, a user's token): nobody's counts
+                token = make_user_token(user, 2**40, KEY)
+                for given in ("", "Bearer wrong", f"Bearer {token}"):
+                    headers = {"Authorization": given} if given else {}
+                    async with aiohttp.ClientSession(headers=headers) as anonymous:
+                        response = await anonymous.get(url + str(user))
+                        assert response.status == 401
+                        assert "unread" not in await response.text()
                 dirty_client = await Client.connect("127.0.0.1", dirty_port, service_key=KEY)
                 stats = (await dirty_client.stats())["dirty"]
                 await dirty_client.close()

@@ -25,7 +25,7 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import doctor, endpoints
-from pyserver.app.auth import make_user_token, verify_user_token
+from pyserver.app.auth import check_service_key, make_user_token, verify_user_token
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
@@ -218,7 +218,16 @@ class SingleNodeCell:
         return await self.parts.mailbox.execute(Op.COUNTS, {"user": user_id})
 
     async def _serve_counts(self, request: web.Request) -> web.Response:
-        """GET /counts/<user>: the user's COUNTS reply, through the count cache."""
+        """GET /counts/<user>: the user's COUNTS reply, through the count cache; for the
+        trusted tiers only (`Authorization: Bearer <service key>`): a person reads their
+        counts through the web tier's session."""
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if not check_service_key(given, self.config.service_key):
+            why = "GET /counts needs Authorization: Bearer <service key>"
+            refused = {"code": "UNAUTHENTICATED", "message": why}
+            return web.json_response(
+                refused, status=401, headers={"WWW-Authenticate": 'Bearer realm="pyserver"'}
+            )
         raw = request.match_info["user"]
         if not raw.isdigit() or not is_user_id(int(raw)):
             bad = {"code": "BAD_REQUEST", "message": f"{raw!r} is not a user id"}
