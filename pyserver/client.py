@@ -47,6 +47,7 @@ from pyserver.errors import (
     NotOwner,
     PyserverError,
     TooLarge,
+    TooMany,
     Unauthenticated,
     Unavailable,
 )
@@ -73,6 +74,7 @@ _ERROR_CLASSES: dict[str, type[PyserverError]] = {
     "UNAVAILABLE": Unavailable,
     "NOT_FOUND": NotFound,
     "TOO_LARGE": TooLarge,
+    "TOO_MANY": TooMany,
 }
 
 

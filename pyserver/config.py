@@ -43,6 +43,10 @@ class Config:
     service_key: str = ""
     max_frame_size: int = 1 << 20
     max_in_flight_per_connection: int = 256
+    # requests a second one user-token user may make of an app server, and the burst
+    # allowed above it (TOO_MANY beyond); 0: unlimited. Service connections are not limited.
+    user_requests_per_s: float = 1000.0
+    user_request_burst: int = 2000
     idle_timeout_s: float = 300.0
     request_timeout_s: float = 10.0
     shutdown_grace_s: float = 10.0
@@ -247,6 +251,8 @@ def _check(config: Config) -> None:
         if not -1 <= getattr(config, name) <= 65535:
             raise ConfigError(f"config {name}: {getattr(config, name)} is not a port or -1")
     _check_sms(config)
+    if config.user_requests_per_s < 0 or config.user_request_burst < 1:
+        raise ConfigError("config user_requests_per_s / user_request_burst: >= 0 and >= 1")
     for name in ("web_max_upload_bytes", "web_session_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")

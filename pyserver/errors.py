@@ -79,6 +79,12 @@ class Unavailable(PyserverError):
     code = "UNAVAILABLE"
 
 
+class TooMany(PyserverError):
+    """Over a rate limit (requests of one user): wait a moment, then retry."""
+
+    code = "TOO_MANY"
+
+
 class NotOwner(PyserverError):
     """Another server owns this user; `owner` is its "host:port"."""
 

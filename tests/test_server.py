@@ -30,6 +30,7 @@ from pyserver.app.auth import (
     make_user_token,
     verify_user_token,
 )
+from pyserver.app.limits import UserRateLimiter
 from pyserver.app.loop import loop_implementation, new_event_loop
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import ServerLimits
@@ -41,6 +42,7 @@ from pyserver.errors import (
     NotOwner,
     PyserverError,
     TooLarge,
+    TooMany,
     Unauthenticated,
     Unavailable,
 )
@@ -485,6 +487,50 @@ def test_repeated_reads_come_from_the_reply_table_and_stay_current(
                 await other.counts(2)
 
     impl.run(scenario)
+
+
+def test_a_user_over_its_rate_is_told_too_many_and_others_are_served(
+    tmp_path: Path, impl: Impl
+) -> None:
+    async def scenario() -> None:
+        limiter = UserRateLimiter(rate=50, burst=100)
+        async with Cell(tmp_path, impl, user_limiter=limiter) as cell:
+            service = await cell.client()
+            sent = await service.send(1, [2], "hi")
+            flooder = await cell.client(user_token=token_for(2))
+            started = time.monotonic()
+            flood = asyncio.gather(*(flooder.counts(2) for _ in range(600)), return_exceptions=True)
+            # the trusted tiers are not limited, and are served meanwhile
+            served = await asyncio.gather(*(service.counts(2) for _ in range(300)))
+            results = await flood
+            elapsed = time.monotonic() - started
+            answered = [r for r in results if isinstance(r, dict)]
+            refused = [r for r in results if isinstance(r, TooMany)]
+            assert len(answered) + len(refused) == 600 and len(served) == 300
+            assert 100 <= len(answered) <= 100 + 50 * elapsed + 1
+            assert "50 requests a second" in str(refused[0])
+            # writes count too, and the bucket refills
+            with pytest.raises(TooMany):
+                await flooder.mark_read(2, sent["thread_id"])
+            await asyncio.sleep(0.2)
+            assert (await flooder.counts(2))["folders"]["other"]["unread"] == 1
+            # another user has a bucket of its own
+            other = await cell.client(user_token=token_for(1))
+            assert await other.counts(1)
+
+    impl.run(scenario)
+
+
+def test_the_rate_limiter_refills_and_forgets_quiet_users() -> None:
+    limiter = UserRateLimiter(rate=10, burst=3, max_users=2)
+    assert [limiter.take(7, 100.0) for _ in range(4)] == [True, True, True, False]
+    assert limiter.take(7, 100.15)  # 0.15 s: one and a half tokens back
+    assert not limiter.take(7, 100.15)
+    assert limiter.take(7, 100.0 + 10, count=50)  # a run answered at once goes negative
+    assert limiter.available(7, 110.0) < 0 and not limiter.take(7, 111.0)
+    limiter.take(8, 111.0)
+    limiter.take(9, 111.0)  # user 7 is forgotten: full again
+    assert limiter.available(7, 111.0) == 3 and limiter.refused == 3
 
 
 def test_the_loop_is_uvloop_unless_pure_is_forced() -> None:

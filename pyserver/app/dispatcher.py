@@ -20,11 +20,13 @@ from typing import Any, Protocol
 import orjson
 
 from pyserver.app.auth import check_service_key, verify_user_token
+from pyserver.app.limits import UserRateLimiter
 from pyserver.errors import (
     BadRequest,
     Forbidden,
     PyserverError,
     TooLarge,
+    TooMany,
     Unauthenticated,
     error_payload,
 )
@@ -87,6 +89,21 @@ class NullObserver:
         return None
 
 
+# A limited user reads the reply table only while this many tokens remain (a run of
+# pipelined table answers is charged after it is answered).
+_TABLE_RUN = 256
+
+
+def _count_frames(data: bytes) -> int:
+    """How many frames `data` holds, back to back (each starts with the u32 length of
+    what follows it)."""
+    count = at = 0
+    while at + 4 <= len(data):
+        at += 4 + int.from_bytes(data[at : at + 4], "big")
+        count += 1
+    return count
+
+
 class Session:
     """One connection's state: who it is (after HELLO) and its live subscriptions.
 
@@ -136,6 +153,7 @@ class Dispatcher:
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
         max_subscriptions: int = 64,
         max_service_subscriptions: int = 100_000,
+        user_limiter: UserRateLimiter | None = None,
         observer: RequestObserver | None = None,
         health_check: Callable[[], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -155,6 +173,8 @@ class Dispatcher:
         # multiplexes the subscriptions of all its users on a few connections.
         self._max_subscriptions = max_subscriptions
         self._max_service_subscriptions = max_service_subscriptions
+        # requests per second of each user-token user (None: unlimited)
+        self.user_limiter = user_limiter
         self.observer: RequestObserver = observer if observer is not None else NullObserver()
         self._health_check = health_check
         self._clock = clock
@@ -255,6 +275,21 @@ class Dispatcher:
         self._mailbox.remember_reply(op, payload, frame.payload, body)  # type: ignore[attr-defined]
         return kind, body
 
+    def admit(self, session: Session, frame: Frame) -> tuple[int, bytes] | None:
+        """The TOO_MANY answer to a request of a user over their rate, or None to go on."""
+        limiter = self.user_limiter
+        if limiter is None or session.user is None:
+            return None
+        if limiter.take(session.user, time.monotonic()):
+            return None
+        op = _OPS.get(frame.op)
+        error = TooMany(
+            f"user {session.user} is over {limiter.rate:g} requests a second: wait, then retry"
+        )
+        return self._finish(
+            session, frame, op.name if op else "unknown", time.perf_counter(), error
+        )
+
     def answer_buffered(self, session: Session, decoder: Any) -> bytes | None:
         """Reply frames, from the mailbox's reply table, to the leading buffered requests.
 
@@ -265,10 +300,19 @@ class Dispatcher:
         """
         if not session.authenticated or self._reply_table is None:
             return None
+        user = session.user
+        limiter = self.user_limiter if user is not None else None
+        # a limited user's run of table answers is charged afterwards, frame by frame;
+        # near the end of the bucket every request goes the charged way, one by one
+        if limiter is not None and limiter.available(user or 0, time.monotonic()) < _TABLE_RUN:
+            return None
         table = self._reply_table()
         if table is None:
             return None
-        return table.answer(decoder, session.user or 0)
+        replies = table.answer(decoder, user or 0)
+        if replies and limiter is not None:
+            limiter.take(user or 0, time.monotonic(), _count_frames(replies))
+        return replies
 
     def _table_requests(self) -> dict[str, int]:
         """Requests the reply table answered, by op name."""

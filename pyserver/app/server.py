@@ -240,7 +240,9 @@ class _Connection(asyncio.Protocol):
 
     def _start(self, frame: Frame) -> None:
         assert self._session is not None
-        answer = self._dispatcher.handle_now(self._session, frame)
+        answer = self._dispatcher.admit(self._session, frame)  # over the user's rate?
+        if answer is None:
+            answer = self._dispatcher.handle_now(self._session, frame)
         if answer is not None:  # a read of a cached user: answered without a task
             self._write(answer[0], frame.op, frame.request_id, answer[1])
             return

@@ -23,6 +23,7 @@ from typing import Any
 
 from pyserver.addresses import parse_host_port
 from pyserver.app.dispatcher import Dispatcher, MailboxLike, RequestObserver
+from pyserver.app.limits import UserRateLimiter
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.outbox import Outbox, SendMail
 from pyserver.app.server import AppServer, ServerLimits
@@ -52,6 +53,7 @@ def service_server(
     stats_section: str = "mailbox",
     health_check: Callable[[], Awaitable[bool]] | None = None,
     observer: RequestObserver | None = None,
+    user_limiter: UserRateLimiter | None = None,
 ) -> AppServer:
     """`handler` served on the wire shell with the configured frame size and limits, under
     the process name `name`; `config` must carry its service key (`Config.with_service_key`)."""
@@ -63,6 +65,7 @@ def service_server(
         observer=observer,
         health_check=health_check,
         stats_section=stats_section,
+        user_limiter=user_limiter,
     )
     return AppServer(dispatcher, ServerLimits.from_config(config))
 
@@ -163,6 +166,11 @@ class AppServerParts:
             config.node_id,
             observer=self.metrics,
             health_check=store.healthy,
+            user_limiter=(
+                UserRateLimiter(config.user_requests_per_s, config.user_request_burst)
+                if config.user_requests_per_s > 0
+                else None
+            ),
         )
         self.dispatcher = self.server.dispatcher
         self.http = HttpEndpoint(self.metrics, health)
