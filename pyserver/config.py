@@ -47,6 +47,10 @@ class Config:
     # allowed above it (TOO_MANY beyond); 0: unlimited. Service connections are not limited.
     user_requests_per_s: float = 1000.0
     user_request_burst: int = 2000
+    # a frame must arrive whole within this long of its first byte (slow senders)
+    frame_timeout_s: float = 30.0
+    # connections from one peer address at once (TOO_MANY and closed beyond)
+    max_connections_per_peer: int = 4096
     idle_timeout_s: float = 300.0
     request_timeout_s: float = 10.0
     shutdown_grace_s: float = 10.0
@@ -241,6 +245,8 @@ def _check(config: Config) -> None:
         "max_text_bytes",
         "idle_timeout_s",
         "request_timeout_s",
+        "frame_timeout_s",
+        "max_connections_per_peer",
     )
     for name in positive:
         if getattr(config, name) <= 0:

@@ -849,6 +849,53 @@ def test_idle_connections_are_closed_busy_ones_are_not(tmp_path: Path, impl: Imp
     impl.run(scenario)
 
 
+def test_a_frame_trickled_in_too_slowly_fails_its_stream(tmp_path: Path, impl: Impl) -> None:
+    limits = ServerLimits(frame_timeout_s=0.4, idle_timeout_s=60)
+
+    async def scenario() -> None:
+        async with Cell(tmp_path, impl, limits) as cell:
+            slow = await cell.raw()
+            steady = await cell.raw()
+            frame = impl.codec.encode_frame(KIND_REQUEST, Op.PING, 7, b"{}")
+            started = time.monotonic()
+            for byte in frame[:6]:  # a byte every 0.05 s: active, but never whole
+                slow.send_bytes(bytes([byte]))
+                await asyncio.sleep(0.05)
+                # whole frames meanwhile keep the other connection going
+                assert (await steady.request(Op.PING, 1))[0] == KIND_REPLY
+            kind, _op, request_id, body = await slow.frame()  # type: ignore[misc]
+            assert (kind, request_id, body["code"]) == (KIND_ERROR, 0, "TOO_MANY")
+            assert "did not arrive whole within 0.4 s" in body["message"]
+            assert await slow.closed() and time.monotonic() - started < 2.0
+            # frames that arrive in pieces, but in time, are fine
+            for piece in (frame[:5], frame[5:]):
+                steady.send_bytes(piece)
+                await asyncio.sleep(0.2)
+            assert (await steady.frame())[0] == KIND_REPLY  # type: ignore[index]
+
+    impl.run(scenario)
+
+
+def test_one_address_cannot_hold_every_connection(tmp_path: Path, impl: Impl) -> None:
+    limits = ServerLimits(max_connections_per_peer=3)
+
+    async def scenario() -> None:
+        async with Cell(tmp_path, impl, limits) as cell:
+            held = [await cell.raw() for _ in range(3)]
+            refused = await cell.raw()
+            kind, _op, request_id, body = await refused.frame()  # type: ignore[misc]
+            assert (kind, request_id, body["code"]) == (KIND_ERROR, 0, "TOO_MANY")
+            assert await refused.closed()
+            for n, peer in enumerate(held, 1):  # the three serve on
+                assert (await peer.request(Op.PING, n))[0] == KIND_REPLY
+            held[0].close()
+            await asyncio.sleep(0.1)
+            again = await cell.raw()  # a place is free again
+            assert (await again.request(Op.PING, 9))[0] == KIND_REPLY
+
+    impl.run(scenario)
+
+
 def test_a_request_over_its_time_is_answered_unavailable(tmp_path: Path, impl: Impl) -> None:
     limits = ServerLimits(request_timeout_s=0.2)
 

@@ -25,7 +25,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
@@ -33,7 +33,7 @@ from typing import Any, cast
 import orjson
 
 from pyserver.app.dispatcher import Dispatcher, Session
-from pyserver.errors import BadRequest, FrameError, Unavailable, error_payload
+from pyserver.errors import BadRequest, FrameError, TooMany, Unavailable, error_payload
 from pyserver.framedef import KIND_ERROR, KIND_EVENT, Frame
 from pyserver.wire import frame as default_codec
 from pyserver.wire.ops import Op
@@ -67,6 +67,11 @@ class ServerLimits:
     # SO_SNDBUF of each connection's socket; None keeps the kernel's (autotuned, up to
     # megabytes), a small one makes a peer that stops reading show up sooner.
     socket_send_buffer: int | None = None
+    # A frame must arrive whole within this long of its first byte (a peer trickling
+    # bytes to hold the connection: slowloris); else the stream fails and closes.
+    frame_timeout_s: float = 30.0
+    # Connections from one peer address at once; one more is answered TOO_MANY and closed.
+    max_connections_per_peer: int = 4096
 
     @classmethod
     def from_config(cls, config: Any) -> ServerLimits:
@@ -75,6 +80,8 @@ class ServerLimits:
             max_in_flight=config.max_in_flight_per_connection,
             idle_timeout_s=config.idle_timeout_s,
             request_timeout_s=config.request_timeout_s,
+            frame_timeout_s=config.frame_timeout_s,
+            max_connections_per_peer=config.max_connections_per_peer,
         )
 
     def __post_init__(self) -> None:
@@ -82,7 +89,9 @@ class ServerLimits:
             raise ValueError("max_in_flight must be at least 1")
         if self.event_backlog < 1:
             raise ValueError("event_backlog must be at least 1")
-        for name in ("idle_timeout_s", "request_timeout_s", "event_stall_s"):
+        if self.max_connections_per_peer < 1:
+            raise ValueError("max_connections_per_peer must be at least 1")
+        for name in ("idle_timeout_s", "request_timeout_s", "event_stall_s", "frame_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
 
@@ -130,6 +139,8 @@ class _Connection(asyncio.Protocol):
         self._stall_timer: asyncio.TimerHandle | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._abort_timer: asyncio.TimerHandle | None = None
+        # started by the first byte of a frame still incomplete (`frame_timeout_s`)
+        self._frame_timer: asyncio.TimerHandle | None = None
         self._last_activity = self._loop.time()
         self._out: list[bytes] = []  # encoded frames waiting for the next flush
         self._flush_scheduled = False
@@ -141,6 +152,18 @@ class _Connection(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         peer = self._transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer)
+        self.peer_host = str(peer[0]) if isinstance(peer, tuple) else str(peer)
+        limit = self._limits.max_connections_per_peer
+        if self._server.connections_from(self.peer_host) >= limit:
+            # one address holding every connection would starve the others
+            self._dispatcher.count("peer_limit_refusals")
+            log.warning("refusing connection peer=%s: %d open from it", self.peer, limit)
+            refusal = TooMany(f"{limit} connections from {self.peer_host} already")
+            payload = orjson.dumps(error_payload(refusal))
+            self._transport.write(self._encode(KIND_ERROR, 0, 0, payload))
+            self._closing = True
+            self._transport.close()
+            return
         self._transport.set_write_buffer_limits(high=self._limits.write_buffer_high)
         if self._limits.socket_send_buffer is not None:
             sock = self._transport.get_extra_info("socket")
@@ -158,7 +181,8 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._closing = True
-        for timer in (self._idle_timer, self._stall_timer, self._abort_timer, self._timeout_timer):
+        timers = (self._idle_timer, self._stall_timer, self._abort_timer, self._timeout_timer)
+        for timer in (*timers, self._frame_timer):
             if timer is not None:
                 timer.cancel()
         self._backlog.clear()
@@ -229,6 +253,7 @@ class _Connection(asyncio.Protocol):
                 self._fail_stream(exc)
                 return
             if frame is None:
+                self._watch_partial_frame()
                 break
             if frame.request_id == 0:
                 # Id 0 names the stream in errors; a client using it cannot be answered
@@ -237,6 +262,26 @@ class _Connection(asyncio.Protocol):
                 return
             self._start(frame)
         self._update_reading()
+
+    def _watch_partial_frame(self) -> None:
+        """All whole frames are taken: what is left is part of one, which must arrive whole
+        within `frame_timeout_s` (the timer runs from the first part seen)."""
+        if not self._decoder.buffered:
+            if self._frame_timer is not None:
+                self._frame_timer.cancel()
+                self._frame_timer = None
+        elif self._frame_timer is None:
+            self._frame_timer = self._loop.call_later(
+                self._limits.frame_timeout_s, self._frame_too_slow
+            )
+
+    def _frame_too_slow(self) -> None:
+        self._frame_timer = None
+        if self._closing or not self._decoder.buffered:
+            return
+        self._dispatcher.count("slow_frames")
+        limit = self._limits.frame_timeout_s
+        self._fail_stream(TooMany(f"a frame did not arrive whole within {limit:g} s"))
 
     def _start(self, frame: Frame) -> None:
         assert self._session is not None
@@ -521,6 +566,7 @@ class AppServer:
         self.codec = codec if codec is not None else default_codec
         self._server: asyncio.Server | None = None
         self._connections: set[_Connection] = set()
+        self._per_peer: Counter[str] = Counter()  # open connections by peer address
         self._tasks: set[asyncio.Task[None]] = set()
         self.stopping = False
         self.address: tuple[str, int] | None = None
@@ -593,9 +639,18 @@ class AppServer:
 
     def _connection_opened(self, connection: _Connection) -> None:
         self._connections.add(connection)
+        self._per_peer[connection.peer_host] += 1
 
     def _connection_closed(self, connection: _Connection) -> None:
-        self._connections.discard(connection)
+        if connection in self._connections:
+            self._connections.discard(connection)
+            self._per_peer[connection.peer_host] -= 1
+            if self._per_peer[connection.peer_host] <= 0:
+                del self._per_peer[connection.peer_host]
+
+    def connections_from(self, host: str) -> int:
+        """Connections open from one peer address."""
+        return self._per_peer.get(host, 0)
 
     def _track(self, task: asyncio.Task[None]) -> None:
         self._tasks.add(task)
