@@ -123,7 +123,8 @@ class ClusterClient:
             request_timeout_s=attempt_timeout,
             retry_connect_after_s=0,
         )
-        self._preferred = random.randrange(len(self.discovery))
+        # spreads clients over the instances; not a secret
+        self._preferred = random.randrange(len(self.discovery))  # nosec B311
         # user -> cell name, most recently used kept (the native LRU; weight 1 per entry).
         self._cells = SnapshotCache(max(1, cache_users), max(1, cache_users))
         self._rings: dict[str, CellRing] = {}

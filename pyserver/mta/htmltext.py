@@ -82,7 +82,8 @@ def html_to_text(html: str) -> str:
     try:
         collector.feed(html)
         collector.close()
-    except Exception:  # html.parser is lenient, but never let a bad page through
+    # html.parser is lenient: keep the text read so far, whatever broke it
+    except Exception:  # nosec B110
         pass
     lines = (line.strip(" ") for line in "".join(collector.parts).split("\n"))
     text = "\n".join(lines)

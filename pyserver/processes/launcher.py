@@ -35,7 +35,7 @@ import logging
 import os
 import signal
 import socket
-import subprocess
+import subprocess  # nosec B404
 import sys
 import time
 import uuid
@@ -108,7 +108,7 @@ def _ensure_engines(engine: str, say: Any) -> bool:
         if not script.exists():
             raise LaunchError(f"{', '.join(missing)} not running, and no {script} to start them")
         say(f"starting engines: {' '.join(missing)} (scripts/engines up)")
-        done = subprocess.run([sys.executable, str(script), "up", *missing], cwd=REPO)
+        done = subprocess.run([sys.executable, str(script), "up", *missing], cwd=REPO)  # nosec B603
         if done.returncode != 0:
             required = [name for name in missing if name != "memcached"]
             if required and not all(
@@ -172,7 +172,7 @@ def _spawn(
     ready_path = folder / "ready" / f"{name}.json"
     ready_path.unlink(missing_ok=True)
     with open(log_path, "ab") as log:
-        process = subprocess.Popen(
+        process = subprocess.Popen(  # nosec B603
             [sys.executable, "-m", "pyserver.cli", *args, "--ready-file", str(ready_path)],
             stdin=subprocess.DEVNULL,
             stdout=log,
