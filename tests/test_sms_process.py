@@ -104,7 +104,7 @@ def test_pyserver_sms_files_texts_for_a_cell_it_runs_beside(tmp_path: Path) -> N
         cell, _ = await asyncio.to_thread(_start_cell, tmp_path, data)
         gateway, _ = await asyncio.to_thread(
             start_serving,
-            ["sms", "--data", data, "--smsc", f"127.0.0.1:{smsc.port}",
+            ["sms", "--data", data, "--port", "0", "--smsc", f"127.0.0.1:{smsc.port}",
              "--short-codes", "555=9"],
             tmp_path / "sms.json",
             stdout=subprocess.DEVNULL,
