@@ -16,16 +16,21 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
 from pyserver.app.auth import make_user_token
 from pyserver.cluster import tools as cluster_tools
+from pyserver.cluster.state import read_state
 from pyserver.discovery import move as discovery_move
+from pyserver.discovery.client import connect_to_cluster
 from pyserver.processes.cell import open_mailbox, open_store
 from pyserver.servicekey import read_service_key
 from pyserver.sms.gateway import normalise_phone
+from pyserver.store.spec import open_store as open_store_spec
+from pyserver.store.spec import parse_store_spec
 from pyserver.wire.ops import Op
 
 
@@ -69,8 +74,24 @@ async def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+@asynccontextmanager
+async def _address_book(args: argparse.Namespace) -> AsyncIterator[Any]:
+    """Where addresses live: a cluster's directory store (`--cluster`), else the cell's."""
+    if args.cluster is None:
+        async with open_store(args.data) as store:
+            yield store
+        return
+    state = read_state(args.cluster)
+    store = open_store_spec(parse_store_spec(state["directory_store"], args.cluster))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
+
+
 async def _add_address(args: argparse.Namespace) -> int:
-    async with open_store(args.data) as store:
+    async with _address_book(args) as store:
         await store.add_address(args.address, args.user)
     print(f"{args.address} -> user {args.user}")
     return 0
@@ -83,12 +104,17 @@ async def _add_phone(args: argparse.Namespace) -> int:
             f"pyserver: {args.phone!r} is not a phone number (+ and 8-15 digits)", file=sys.stderr
         )
         return 2
-    async with open_store(args.data) as store:
+    async with _address_book(args) as store:
         await store.add_address(phone, args.user)
     print(f"{phone} -> user {args.user}")
-    if args.sms is not None:  # the user's setting, in the user's log
-        async with open_mailbox(args.data) as mailbox:
-            await mailbox.execute(Op.SET_SMS, {"user": args.user, "phone": phone, "mode": args.sms})
+    if args.sms is not None:  # the user's setting, in the user's log (at its owner's)
+        setting = {"user": args.user, "phone": phone, "mode": args.sms}
+        if args.cluster is not None:
+            async with await connect_to_cluster(args.cluster) as cluster:
+                await cluster.request(Op.SET_SMS, setting)
+        else:
+            async with open_mailbox(args.data) as mailbox:
+                await mailbox.execute(Op.SET_SMS, setting)
         print(f"texts to {phone}: {args.sms}")
     return 0
 
@@ -135,11 +161,13 @@ def add_parser(
     tables.set_defaults(handler=lambda args: asyncio.run(_create_tables(args)))
     address = action("add-address", "route an email address to a user", _add_address)
     address.add_argument("address")
+    address.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
     phone = action("add-phone", "register a user's phone (E.164) for SMS", _add_phone)
     phone.add_argument("phone", help="+ and 8-15 digits, e.g. +15550001234")
     phone.add_argument(
         "--sms", choices=("off", "all", "inbox"), help="which of the user's messages are texted"
     )
+    phone.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
 
     cluster_tools.add_admin_actions(actions)
 

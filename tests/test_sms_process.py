@@ -15,8 +15,6 @@ from typing import Any
 
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.sms import concat, gsm
-from pyserver.store.spec import open_store, parse_store_spec
-from pyserver.wire.ops import Op
 from tests.support import free_port, run, start_serving
 from tests.support.smsc import SimulatedSmsc
 
@@ -144,15 +142,13 @@ def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper
             state = json.loads(Path(folder, "cluster.json").read_text())
             assert [p["role"] for p in state["processes"]].count("sms") == 1
             await asyncio.wait_for(smsc.bound.wait(), 10)
-            directory = open_store(parse_store_spec(state["directory_store"], Path(folder)))
-            await directory.open()
-            await directory.add_address("+15550001111", 1)
-            await directory.close()
+            said = await asyncio.to_thread(
+                _pyserver, "admin", "add-phone", "--cluster", folder, "--user", "1",
+                "+15550001111", "--sms", "all",
+            )  # fmt: skip
+            assert "texts to +15550001111: all" in said
             cluster = await connect_to_cluster(folder)
             try:
-                await cluster.request(
-                    Op.SET_SMS, {"user": 1, "phone": "+15550001111", "mode": "all"}
-                )
                 sent = await cluster.send(2, [1], "on my way")
                 for _ in range(200):
                     if smsc.submits:
