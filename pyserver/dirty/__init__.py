@@ -28,6 +28,16 @@ def count_key(user_id: int) -> bytes:
     return COUNT_KEY_PREFIX + str(user_id).encode()
 
 
+async def local_memcached(config: Any) -> Any:
+    """The memcached client of this process's data centre (`local_dc`, else the first of
+    `memcached_dcs`), for count reads; None without memcached."""
+    centres = config.data_centres
+    if not centres:
+        return None
+    local = config.local_dc or centres[0].name
+    return await memcached_client(next(centre for centre in centres if centre.name == local))
+
+
 async def memcached_client(centre: DataCentre, timeout_s: float = 0.5) -> Any:
     """An emcache client of one data centre's servers; every call times out after `timeout_s`.
 

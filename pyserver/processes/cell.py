@@ -30,8 +30,8 @@ from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
 from pyserver.client import Client
-from pyserver.config import Config, short_codes
-from pyserver.dirty import memcached_client
+from pyserver.config import Config
+from pyserver.dirty import local_memcached
 from pyserver.errors import BadRequest, PyserverError, error_payload
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
@@ -44,10 +44,7 @@ from pyserver.processes.runtime import (
     stop_signal,
     withdraw_ready,
 )
-from pyserver.processes.sms import bind_sessions
-from pyserver.sms.esme import Esme
-from pyserver.sms.gateway import SmsGateway
-from pyserver.sms.outbound import Receipts, SmsSender
+from pyserver.processes.sms import SmsLink
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
@@ -91,15 +88,14 @@ class SingleNodeCell:
         self.web: WebTier | None = None
         self._web_client: Client | None = None
         # the SMS gateway: texts in from the SMSCs, and out to users' phones (with `smsc`)
-        self.sms_gateway: SmsGateway | None = None
-        self.sms_sessions: list[Esme] = []
+        self.sms: SmsLink | None = None
         self.parts.http.add_get("/counts/{user}", self._serve_counts)
         self.addresses: dict[str, Any] = {}
 
     async def start(self) -> dict[str, Any]:
         """Open the store, then listen; returns (and publishes) the addresses."""
         await self.parts.open()
-        self.counts = CountReader(await self._count_cache(), self._counts_of)
+        self.counts = CountReader(await local_memcached(self.config), self._counts_of)
         self.addresses = await self.parts.listen()
         host, port = self.addresses["server"]["host"], self.addresses["server"]["port"]
         self.addresses["addr"] = f"{host}:{port}"
@@ -135,10 +131,8 @@ class SingleNodeCell:
             await self.submission.stop()
         if self.web is not None:  # its pages close first; their scripts reconnect later
             await self.web.stop()
-        for esme in self.sms_sessions:  # unanswered texts are sent again by the SMSC
-            await esme.close()
-        if self.sms_gateway is not None:
-            await self.sms_gateway.close()
+        if self.sms is not None:
+            await self.sms.close()
         if self._web_client is not None:
             await self._web_client.close()
         await self.parts.stop_serving(self.config.shutdown_grace_s)
@@ -164,26 +158,12 @@ class SingleNodeCell:
 
     def _start_sms(self) -> list[str]:
         """Bind to every SMSC (in the background: they rebind by themselves); the SMSCs."""
-        config = self.config
-        request = self.parts.mailbox.execute
-        receipts = Receipts(request)
-        codes = short_codes(config)
-        self.sms_gateway = SmsGateway(
-            request, self.parts.store.resolve_address, codes, receipts=receipts
+        self.sms = SmsLink(
+            self.config, self.parts.mailbox.execute, self.parts.store.resolve_address
         )
-        self.sms_gateway.start()
-        self.sms_sessions = bind_sessions(config, self.sms_gateway.on_deliver)
-        source = next(iter(codes), "")
-        self.parts.sms_sender = SmsSender(self.sms_sessions, source, receipts).send
-        gateway = self.sms_gateway
-        self.parts.metrics.watch_sms(
-            lambda: {
-                "smsc": {esme.name: esme.stats() for esme in self.sms_sessions},
-                "gateway": gateway.stats(),
-                "receipts": dict(receipts.counters),
-            }
-        )
-        return [esme.name for esme in self.sms_sessions]
+        self.parts.sms_sender = self.sms.sender.send
+        self.parts.metrics.watch_sms(self.sms.stats)
+        return [esme.name for esme in self.sms.sessions]
 
     def sign_in_link(self, user: int, valid_s: int = 86_400) -> str:
         """A link that signs a browser in to the web tier as `user` (for a day)."""
@@ -204,15 +184,6 @@ class SingleNodeCell:
             mail_domain=self.config.mail_domain,
             max_mail_bytes=self.config.max_mail_bytes,
         )
-
-    async def _count_cache(self) -> Any:
-        """The local data centre's memcached client for count reads; None without memcached."""
-        centres = self.parts.centres
-        if not centres:
-            return None
-        local = self.config.local_dc or centres[0].name
-        centre = next(centre for centre in centres if centre.name == local)
-        return await memcached_client(centre)
 
     async def _counts_of(self, user_id: int) -> dict[str, Any]:
         return await self.parts.mailbox.execute(Op.COUNTS, {"user": user_id})

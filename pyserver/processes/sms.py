@@ -24,27 +24,50 @@ from pyserver.discovery.client import ClusterRoute
 from pyserver.mta.route import SingleServerRoute
 from pyserver.processes.assembly import service_server
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
-from pyserver.sms.esme import Esme, OnDeliver
-from pyserver.sms.gateway import SmsGateway
+from pyserver.sms.esme import Esme
+from pyserver.sms.gateway import Request, ResolvePhone, SmsGateway
 from pyserver.sms.outbound import Receipts, SmsSender
 from pyserver.sms.service import SmsService
 from pyserver.store.spec import open_store, parse_store_spec
 
-__all__ = ["DEFAULT_PORT", "SmsProcess", "add_parser", "bind_sessions"]
+__all__ = ["DEFAULT_PORT", "SmsLink", "SmsProcess", "add_parser"]
 
 DEFAULT_PORT = 7460
 
 
-def bind_sessions(config: Config, on_deliver: OnDeliver) -> list[Esme]:
-    """One transceiver per SMSC of `smsc`, started (each binds, and rebinds, by itself)."""
-    sessions = []
-    for address in parse_addresses(config.smsc):
-        host, port = parse_host_port(address)
-        esme = Esme(host, port, config.sms_system_id, config.sms_password, on_deliver,
-                    window=config.sms_window)  # fmt: skip
-        esme.start()
-        sessions.append(esme)
-    return sessions
+class SmsLink:
+    """A process's SMS: the gateway (texts in), one transceiver per SMSC of `smsc` (each
+    binds, and rebinds, by itself), the sender (texts out, from the first short code) and
+    the receipts between them; `pyserver run` and `pyserver sms` each start one.
+    `request` reaches the users' owners, `resolve_phone` finds a phone's user."""
+
+    def __init__(self, config: Config, request: Request, resolve_phone: ResolvePhone) -> None:
+        codes = short_codes(config)
+        self.receipts = Receipts(request)
+        self.gateway = SmsGateway(request, resolve_phone, codes, receipts=self.receipts)
+        self.gateway.start()
+        self.sessions: list[Esme] = []
+        for address in parse_addresses(config.smsc):
+            host, port = parse_host_port(address)
+            esme = Esme(host, port, config.sms_system_id, config.sms_password,
+                        self.gateway.on_deliver, window=config.sms_window)  # fmt: skip
+            esme.start()
+            self.sessions.append(esme)
+        self.sender = SmsSender(self.sessions, next(iter(codes), ""), self.receipts)
+
+    async def close(self) -> None:
+        """Unbind (a text not answered yet is sent again by its SMSC), stop the gateway."""
+        for esme in self.sessions:
+            await esme.close()
+        await self.gateway.close()
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "smsc": {esme.name: esme.stats() for esme in self.sessions},
+            "gateway": self.gateway.stats(),
+            "receipts": dict(self.receipts.counters),
+            "sender": dict(self.sender.counters),
+        }
 
 
 class SmsProcess:
@@ -57,9 +80,7 @@ class SmsProcess:
         self._server = server
         self.store: Any = open_store(parse_store_spec(config.store, config.data_dir))
         self.route: Any = None
-        self.gateway: SmsGateway | None = None
-        self.sessions: list[Esme] = []
-        self.sender: SmsSender | None = None
+        self.sms: SmsLink | None = None
         self.server: AppServer | None = None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -71,43 +92,28 @@ class SmsProcess:
         else:
             server_host, server_port = endpoints.server_address(config.data_dir, self._server)
             self.route = SingleServerRoute(server_host, server_port, config.service_key, timeout)
-        codes = short_codes(config)
-        receipts = Receipts(self.route.request)
-        self.gateway = SmsGateway(
-            self.route.request, self.store.resolve_address, codes, receipts=receipts
-        )
-        self.gateway.start()
-        self.sessions = bind_sessions(config, self.gateway.on_deliver)
-        self.sender = SmsSender(self.sessions, next(iter(codes), ""), receipts)
+        self.sms = sms = SmsLink(config, self.route.request, self.store.resolve_address)
         # bound within a few seconds, or serving on while it rebinds
         await asyncio.wait(
-            [asyncio.ensure_future(s.bound.wait()) for s in self.sessions], timeout=5.0
+            [asyncio.ensure_future(s.bound.wait()) for s in sms.sessions], timeout=5.0
         )
-        service = SmsService(self.sender.send, self.stats)
+        service = SmsService(sms.sender.send, sms.stats)
         self.server = service_server(config, service, "sms-gateway", stats_section="sms")
         return await self.server.start(host, port)
 
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.stop(self.config.shutdown_grace_s)
-        for esme in self.sessions:
-            await esme.close()
-        if self.gateway is not None:
-            await self.gateway.close()
-            print(json.dumps({"sms": self.stats()}), flush=True)
+        if self.sms is not None:
+            await self.sms.close()
+            print(json.dumps({"sms": self.sms.stats()}), flush=True)
         if self.route is not None:
             await self.route.close()
         await self.store.close()
 
-    def stats(self) -> dict[str, Any]:
-        return {
-            "gateway": self.gateway.stats() if self.gateway else {},
-            "smsc": {esme.name: esme.stats() for esme in self.sessions},
-            "sender": dict(self.sender.counters) if self.sender else {},
-        }
-
     def banner(self) -> list[str]:
-        bound = [f"{e.name} ({'bound' if e.bound.is_set() else 'binding'})" for e in self.sessions]
+        sessions = self.sms.sessions if self.sms is not None else []
+        bound = [f"{e.name} ({'bound' if e.bound.is_set() else 'binding'})" for e in sessions]
         return [f"smsc        {', '.join(bound)}", f"short codes {self.config.sms_short_codes}"]
 
 

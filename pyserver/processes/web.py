@@ -21,7 +21,7 @@ from pyserver.blobs import blob_store_for
 from pyserver.client import Client
 from pyserver.cluster.state import read_state
 from pyserver.config import Config, load_config
-from pyserver.dirty import memcached_client
+from pyserver.dirty import local_memcached
 from pyserver.discovery.client import ClusterClient
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.web.counts import CountReader
@@ -57,7 +57,7 @@ class WebProcess:
                 server_host, server_port, service_key=config.service_key
             )
         await self.blobs.open()
-        self.counts = CountReader(await self._count_cache(), self._counts_of)
+        self.counts = CountReader(await local_memcached(config), self._counts_of)
         self.web = WebTier(
             self.servers,
             config.service_key,
@@ -79,13 +79,6 @@ class WebProcess:
 
     def banner(self) -> list[str]:
         return [f"app servers {self._target}", f"blob store  {self.config.blob_store or 'local'}"]
-
-    async def _count_cache(self) -> Any:
-        centres = self.config.data_centres
-        if not centres:
-            return None
-        local = self.config.local_dc or centres[0].name
-        return await memcached_client(next(c for c in centres if c.name == local))
 
     async def _counts_of(self, user: int) -> dict[str, Any]:
         assert self.servers is not None

@@ -52,7 +52,6 @@ from pyserver.userid import is_user_id
 from pyserver.web.live import LiveHub
 from pyserver.web.sessions import LOGIN_COOKIE, SESSION_COOKIE, SessionKeeper, WebSession
 from pyserver.web.viewer import FOLDERS, AppServers, Viewer
-from pyserver.wire.ops import Op
 
 __all__ = ["WebTier"]
 
@@ -89,7 +88,7 @@ class WebTier:
     """The web tier of one process: `start()` listens, `stop()` closes pages and the app.
 
     `servers` reaches the app servers (a `Client` or a `ClusterClient`); `counts`
-    reads a user's COUNTS (through the count cache when there is one); `blobs`
+    reads a user's COUNTS (a `CountReader`'s read: memcached when there is one); `blobs`
     takes uploads (None: sending files is refused).
     """
 
@@ -98,7 +97,7 @@ class WebTier:
         servers: AppServers,
         service_key: str,
         *,
-        counts: Callable[[int], Awaitable[dict[str, Any]]] | None = None,
+        counts: Callable[[int], Awaitable[dict[str, Any]]],
         blobs: BlobStore | None = None,
         max_upload_bytes: int = 25 << 20,
         session_lifetime_s: int = 7 * 86_400,
@@ -106,7 +105,7 @@ class WebTier:
     ) -> None:
         self.servers = servers
         self.sessions = SessionKeeper(service_key, lifetime_s=session_lifetime_s)
-        self._counts = counts or self._counts_from_server
+        self._counts = counts
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
         self._secure_cookies = secure_cookies
@@ -201,9 +200,6 @@ class WebTier:
             return await handler(request)
 
         return guarded
-
-    async def _counts_from_server(self, user: int) -> dict[str, Any]:
-        return await self.servers.request(Op.COUNTS, {"user": user})
 
     # ---- pages ----
 
