@@ -1,15 +1,21 @@
-"""Loopback listeners the benchmarks start beside a cell: a free port, and a process
-serving on it (the sinks that are bench mail's ceilings), stopped afterwards."""
+"""Loopback listeners the benchmarks start: a free port, a process serving on it (the
+sinks that are bench mail's ceilings), and `pyserver` commands themselves (a cell, a
+web tier) once their ready file says they serve, each stopped afterwards."""
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
 
-__all__ = ["free_port", "listening_process"]
+__all__ = ["free_port", "listening_process", "start_pyserver", "stop_process"]
 
 
 def free_port() -> int:
@@ -39,3 +45,34 @@ def listening_process(argv_for: Callable[[int], list[str]], what: str) -> Iterat
     finally:
         proc.terminate()
         proc.wait(timeout=10)
+
+
+def start_pyserver(args: list[str], ready: Path) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+    """`python -m pyserver.cli ARGS --ready-file READY` on the native core (never the pure
+    twins), once it serves: the process and the addresses its ready file holds.
+    RuntimeError, with its error output, if it exits or stays silent 60 s."""
+    from pyserver import endpoints
+
+    env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pyserver.cli", *args, "--ready-file", str(ready)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while (addresses := endpoints.read_file(ready)) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            errors = proc.stderr.read() if proc.stderr else b""
+            raise RuntimeError(f"bench: pyserver {args[0]} did not start: {errors!r}")
+        time.sleep(0.05)
+    return proc, addresses
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 60) -> None:
+    """SIGTERM (a graceful stop), then SIGKILL if it is still there after `timeout_s`."""
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import os
 import random
 import shutil
-import signal
 import smtplib
 import subprocess
 import sys
@@ -44,7 +42,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from bench.listeners import listening_process
+from bench.listeners import listening_process, start_pyserver, stop_process
 
 USERS = 64
 MARK_ID = b"<MESSAGE-ID-PLACEHOLDER>"
@@ -68,27 +66,16 @@ def _cell(*extra_args: str) -> Iterator[tuple[Path, int, int, str]]:
             await store.close()
 
         asyncio.run(addresses())
-        env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "pyserver.cli", "run", "--data", folder, "--port", "0",
-             "--http-port", "0", "--smtp-port", "0", *extra_args],
-            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        proc, ready = start_pyserver(
+            ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
+             "--web-port", "-1", *extra_args],
+            data / "ready.json",
         )  # fmt: skip
         try:
-            deadline = time.monotonic() + 30
-            while not (data / "endpoints.json").exists():
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("bench: pyserver run did not start")
-                time.sleep(0.05)
-            addresses_now = json.loads((data / "endpoints.json").read_text())
             key = (data / "service.key").read_text().strip()
-            yield data, addresses_now["server"]["port"], addresses_now["smtp"]["port"], key
+            yield data, ready["server"]["port"], ready["smtp"]["port"], key
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_process(proc)
 
 
 # ---- the mails ----

@@ -46,7 +46,7 @@ def _cell(pure: bool) -> Iterator[tuple[int, str]]:
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyserver.cli", "run", "--data", data, "--port", str(port),
-             "--http-port", "0", "--smtp-port", "0"],
+             "--http-port", "0", "--smtp-port", "0", "--web-port", "-1"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

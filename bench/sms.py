@@ -23,16 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.listeners import free_port
+from bench.listeners import free_port, start_pyserver, stop_process
 
 USERS = 500
 TEXTS = 6_000
@@ -56,29 +52,6 @@ async def _prepare(data: Path, users: int) -> None:
         for user in range(2, users + 2):
             phone = f"+1555{user:07d}"
             await mailbox.execute(Op.SET_SMS, {"user": user, "phone": phone, "mode": "all"})
-
-
-def _start_cell(data: Path, smsc_port: int) -> tuple[subprocess.Popen[Any], int]:
-    ready = data / "ready.json"
-    env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", "run", "--data", str(data), "--port", "0",
-         "--http-port", "0", "--smtp-port", "0", "--web-port", "-1",
-         "--smsc", f"127.0.0.1:{smsc_port}", "--short-codes", _short_codes(),
-         "--ready-file", str(ready)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    from pyserver import endpoints
-
-    while endpoints.read_file(ready) is None:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"bench: pyserver run did not start: {proc.stderr.read()}")  # type: ignore[union-attr]
-        time.sleep(0.05)
-    addresses = endpoints.read_file(ready)
-    assert addresses is not None
-    return proc, addresses["server"]["port"]
 
 
 def _short_codes() -> str:
@@ -197,7 +170,13 @@ async def _measure(quick: bool) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="bench-sms-") as folder:
         data = Path(folder)
         await _prepare(data, users)
-        proc, server_port = await asyncio.to_thread(_start_cell, data, port)
+        proc, ready = await asyncio.to_thread(
+            start_pyserver,
+            ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
+             "--web-port", "-1", "--smsc", f"127.0.0.1:{port}", "--short-codes", _short_codes()],
+            data / "ready.json",
+        )  # fmt: skip
+        server_port = ready["server"]["port"]
         key = (data / "service.key").read_text().strip()
         try:
             deadline = time.monotonic() + 30
@@ -224,8 +203,7 @@ async def _measure(quick: bool) -> dict[str, Any]:
                 await client.close()
             ceiling = await _smpp34_client(port, texts)
         finally:
-            proc.send_signal(signal.SIGTERM)
-            await asyncio.to_thread(proc.wait, 60)
+            await asyncio.to_thread(stop_process, proc)
             pump.cancel()
             await server.stop()
     return {

@@ -27,13 +27,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import random
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -44,7 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.listeners import free_port
+from bench.listeners import free_port, start_pyserver, stop_process
 
 USERS = 1_000
 LATENCY_SAMPLES = 400
@@ -54,52 +50,30 @@ ROUNDS = 3
 ROUND_MESSAGES = 1_500
 
 
-def _start(args: list[str], ready: Path) -> subprocess.Popen[Any]:
-    env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pyserver.cli", *args, "--ready-file", str(ready)],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )  # fmt: skip
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError(f"bench: pyserver {args[0]} did not start: {proc.stderr.read()}")
-        time.sleep(0.05)
-    return proc
-
-
-def _stop(proc: subprocess.Popen[Any]) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-
-
 @contextmanager
 def _cell_and_web() -> Iterator[tuple[int, int, str, dict[str, int]]]:
     """`pyserver run` (no web tier of its own) and `pyserver web` in front of it: the app
     server's port, the web tier's port, the service key and both processes' pids."""
     with tempfile.TemporaryDirectory(prefix="bench-web-") as folder:
         data = Path(folder)
-        cell = _start(
+        cell, addresses = start_pyserver(
             ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
              "--web-port", "-1"],
             data / "cell.ready",
         )  # fmt: skip
         try:
             web_port = free_port()
-            web = _start(["web", "--data", folder, "--port", str(web_port)], data / "web.ready")
+            web, _ = start_pyserver(
+                ["web", "--data", folder, "--port", str(web_port)], data / "web.ready"
+            )
             try:
-                addresses = json.loads((data / "endpoints.json").read_text())
                 key = (data / "service.key").read_text().strip()
                 pids = {"cell": cell.pid, "web": web.pid}
                 yield addresses["server"]["port"], web_port, key, pids
             finally:
-                _stop(web)
+                stop_process(web)
         finally:
-            _stop(cell)
+            stop_process(cell)
 
 
 class Page:

@@ -514,6 +514,8 @@ def test_separate_processes_keep_every_data_centre_fresh(
             "0",
             "--smtp-port",
             "0",
+            "--web-port",
+            "-1",
         ],
         app_env,
         endpoints.exists,

@@ -301,7 +301,19 @@ def test_separate_processes_and_the_service_killed(tmp_path: Path) -> None:
     app_env = {**env, "PYSERVER_USERINDEX_ADDR": f"127.0.0.1:{index_port}"}
     endpoints = app_dir / "endpoints.json"
     app_proc = start(
-        ["run", "--data", str(app_dir), "--port", "0", "--http-port", "0", "--smtp-port", "0"],
+        [
+            "run",
+            "--data",
+            str(app_dir),
+            "--port",
+            "0",
+            "--http-port",
+            "0",
+            "--smtp-port",
+            "0",
+            "--web-port",
+            "-1",
+        ],
         app_env,
         endpoints.exists,
     )
