@@ -8,23 +8,14 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import sys
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.sms import concat, gsm
-from tests.support import free_port, run, start_serving
+from tests.support import cli, free_port, run, start_serving
 from tests.support.smsc import SimulatedSmsc
-
-
-def _pyserver(*args: str) -> str:
-    done = subprocess.run(
-        [sys.executable, "-m", "pyserver.cli", *args], capture_output=True, text=True, timeout=60
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
 
 
 def _start_cell(tmp_path: Path, data: str, *extra: str) -> tuple[Any, dict[str, Any]]:
@@ -49,12 +40,12 @@ def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> 
         try:
             await asyncio.wait_for(smsc.bound.wait(), 10)
             said = await asyncio.to_thread(
-                _pyserver, "admin", "add-phone", "--data", data, "--user", "1",
+                cli, "admin", "add-phone", "--data", data, "--user", "1",
                 "+15550001111", "--sms", "all",
             )  # fmt: skip
             assert "texts to +15550001111: all" in said
             sent = await asyncio.to_thread(
-                _pyserver, "send", "--data", data, "--user", "2", "--to", "1", "--json",
+                cli, "send", "--data", data, "--user", "2", "--to", "1", "--json",
                 "dinner at 8? ☃",
             )  # fmt: skip
             thread_id = json.loads(sent)["thread_id"]
@@ -71,7 +62,7 @@ def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> 
             assert await smsc.text("+15550001111", "12345", b"yes!") == 0
             thread = json.loads(
                 await asyncio.to_thread(
-                    _pyserver, "thread", "--data", data, "--user", "2", thread_id, "--json"
+                    cli, "thread", "--data", data, "--user", "2", thread_id, "--json"
                 )
             )
             assert [(m["sender"], m["channel"], m["text"]) for m in thread["messages"]] == [
@@ -110,7 +101,7 @@ def test_pyserver_sms_files_texts_for_a_cell_it_runs_beside(tmp_path: Path) -> N
         try:
             assert await smsc.text("+447700900123", "555", b"Hi! \x1b\x655?") == 0
             listed = await asyncio.to_thread(
-                _pyserver, "threads", "--data", data, "--user", "9", "--folder", "other",
+                cli, "threads", "--data", data, "--user", "9", "--folder", "other",
                 "--json",
             )  # fmt: skip
             [thread] = json.loads(listed)["threads"]
@@ -135,7 +126,7 @@ def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper
         smsc = await SimulatedSmsc(free_port()).start()
         try:
             await asyncio.to_thread(
-                _pyserver, "cluster", "up", "--dir", folder, "--engine", "sqlite", "--cells", "1",
+                cli, "cluster", "up", "--dir", folder, "--engine", "sqlite", "--cells", "1",
                 "--nodes", "2", "--session-timeout", "3", "--smsc", f"127.0.0.1:{smsc.port}",
                 "--short-codes", "12345=7",
             )  # fmt: skip
@@ -143,7 +134,7 @@ def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper
             assert [p["role"] for p in state["processes"]].count("sms") == 1
             await asyncio.wait_for(smsc.bound.wait(), 10)
             said = await asyncio.to_thread(
-                _pyserver, "admin", "add-phone", "--cluster", folder, "--user", "1",
+                cli, "admin", "add-phone", "--cluster", folder, "--user", "1",
                 "+15550001111", "--sms", "all",
             )  # fmt: skip
             assert "texts to +15550001111: all" in said
@@ -169,7 +160,7 @@ def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper
             finally:
                 await cluster.close()
         finally:
-            await asyncio.to_thread(_pyserver, "cluster", "down", "--dir", folder, "--grace", "10")
+            await asyncio.to_thread(cli, "cluster", "down", "--dir", folder, "--grace", "10")
             await smsc.stop()
 
     run(scenario, timeout=240)

@@ -11,8 +11,6 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -25,6 +23,7 @@ playwright_sync = pytest.importorskip("playwright.sync_api")
 
 from pyserver.app.auth import make_user_token  # noqa: E402
 from pyserver.discovery.client import connect_to_cluster  # noqa: E402
+from tests.support import run_cli  # noqa: E402
 from tests.support.swaks import swaks  # noqa: E402
 from tests.support.web import WebCell, chromium  # noqa: E402
 
@@ -348,16 +347,16 @@ def test_a_kill_of_the_owner_during_a_chat_on_a_cluster_loses_and_doubles_nothin
     servers on SQLite): the app server owning Bob is killed with SIGKILL mid-chat; the
     pages stay on the web tier, which finds Bob's new owner through discovery."""
     folder = tmp_path / "cluster"
-    up = _pyserver("cluster", "up", "--dir", str(folder), "--engine", "sqlite", "--cells", "1",
+    up = run_cli("cluster", "up", "--dir", str(folder), "--engine", "sqlite", "--cells", "1",
                    "--nodes", "3", "--session-timeout", "3", timeout=180)  # fmt: skip
     try:
         assert up.returncode == 0, up.stdout + up.stderr
-        status = json.loads(_pyserver("cluster", "status", "--dir", str(folder), "--json").stdout)
+        status = json.loads(run_cli("cluster", "status", "--dir", str(folder), "--json").stdout)
         processes = {p["name"]: p for p in status["processes"]}
         state = json.loads((folder / "cluster.json").read_text())
         key = Path(state["service_key_file"]).read_text().strip()
         cluster = _ClusterWeb(f"http://{processes['web']['address']}", key)
-        sent = _pyserver("send", "--cluster", str(folder), "--user", "1", "--to", "2", "hi")
+        sent = run_cli("send", "--cluster", str(folder), "--user", "1", "--to", "2", "hi")
         thread = _thread_id(sent.stdout)
         alice, bob = Person(browser, cluster, 1), Person(browser, cluster, 2)  # type: ignore[arg-type]
         alice.go(f"/thread/{thread}")
@@ -387,7 +386,7 @@ def test_a_kill_of_the_owner_during_a_chat_on_a_cluster_loses_and_doubles_nothin
         alice.close()
         bob.close()
     finally:
-        _pyserver("cluster", "down", "--dir", str(folder), "--grace", "10", timeout=120)
+        run_cli("cluster", "down", "--dir", str(folder), "--grace", "10", timeout=120)
 
 
 class _ClusterWeb:
@@ -409,10 +408,3 @@ async def _owner_address(folder: Path, user: int) -> str:
         return f"{owner.host}:{owner.port}"
     finally:
         await client.close()
-
-
-def _pyserver(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "pyserver.cli", *args],
-        capture_output=True, text=True, timeout=timeout,
-    )  # fmt: skip

@@ -7,8 +7,6 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
-import sys
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -21,7 +19,7 @@ import pytest
 from pyserver.app.auth import make_user_token
 from pyserver.errors import Unauthenticated
 from pyserver.web.sessions import SessionKeeper
-from tests.support import run
+from tests.support import run, run_cli
 from tests.support.swaks import swaks
 from tests.support.web import WebCell
 
@@ -211,21 +209,7 @@ def test_forms_need_their_sessions_csrf_token(cell: WebCell) -> None:
     # with its own token the form works
     status = _status(browser, delete, urllib.parse.urlencode({"csrf": token}).encode())[0]
     assert status == 303
-    failed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pyserver.cli",
-            "thread",
-            "--user",
-            "22",
-            thread,
-            "--data",
-            str(cell.folder),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    failed = run_cli("thread", "--user", "22", thread, "--data", str(cell.folder))
     assert failed.returncode != 0 and "NOT_FOUND" in failed.stderr + failed.stdout
 
 

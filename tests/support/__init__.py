@@ -1,7 +1,7 @@
 """What many test modules need, written once: running a scenario on a fresh event loop,
 a free loopback port, the native twin of a core part (or a skip under
-PYSERVER_PURE=1, never otherwise), and a `pyserver` process started and waited for
-until its ready file says it serves."""
+PYSERVER_PURE=1, never otherwise), a `pyserver` process started and waited for
+until its ready file says it serves, and a `pyserver` command run to its end."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
 from pyserver.implementation import PURE_FORCED
 
-__all__ = ["free_port", "native", "run", "start_serving"]
+__all__ = ["cli", "free_port", "native", "run", "run_cli", "start_serving"]
 
 T = TypeVar("T")
 
@@ -77,3 +77,18 @@ def start_serving(
             raise AssertionError(f"pyserver {args[0]} did not serve in {timeout_s:g} s: {errors}")
         time.sleep(0.05)
     return proc, ready
+
+
+def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    """`python -m pyserver.cli ARGS`, run to its end: its exit status and output."""
+    return subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", *args],
+        capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
+
+
+def cli(*args: str, timeout: float = 60.0) -> str:
+    """`pyserver ARGS`'s output; AssertionError (with its errors) if it fails."""
+    done = run_cli(*args, timeout=timeout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout

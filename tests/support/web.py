@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
@@ -20,7 +19,7 @@ import pytest
 
 from pyserver.app.auth import make_user_token
 from tests.conftest import REQUIRE_ENGINES
-from tests.support import free_port, start_serving
+from tests.support import cli, free_port, start_serving
 
 __all__ = ["CHROMIUM_ARGS", "WebCell", "chromium"]
 
@@ -113,12 +112,7 @@ class WebCell:
 
     def cli(self, *args: str) -> str:
         """`pyserver ARGS --data FOLDER` against this cell; its output."""
-        done = subprocess.run(
-            [sys.executable, "-m", "pyserver.cli", *args, "--data", str(self.folder)],
-            capture_output=True, text=True, timeout=60,
-        )  # fmt: skip
-        assert done.returncode == 0, done.stderr
-        return done.stdout
+        return cli(*args, "--data", str(self.folder))
 
 
 class _NoRedirects(urllib.request.HTTPRedirectHandler):
