@@ -147,15 +147,7 @@ class LiveHub:
         self._page_queue = page_queue
         self._backoff_max_s = backoff_max_s
 
-    @property
-    def users(self) -> int:
-        return len(self._feeds)
-
-    @property
-    def pages(self) -> int:
-        return sum(len(feed.pages) for feed in self._feeds.values())
-
-    def open_page(self, viewer: Viewer) -> tuple[PageFeed, UserFeed]:
+    def open_page(self, viewer: Viewer) -> PageFeed:
         """A new page of `viewer`'s; the user's feed starts with their first page."""
         feed = self._feeds.get(viewer.user)
         if feed is None:
@@ -165,7 +157,7 @@ class LiveHub:
         feed.pages.add(page)
         if feed.subscribed.is_set():  # live already: the page reads its state now
             page.offer(_RESYNC)
-        return page, feed
+        return page
 
     async def close_page(self, user: int, page: PageFeed) -> None:
         feed = self._feeds.get(user)
@@ -180,6 +172,3 @@ class LiveHub:
         feeds, self._feeds = list(self._feeds.values()), {}
         for feed in feeds:
             await feed.stop()
-
-    def status(self) -> dict[str, Any]:
-        return {"users": self.users, "pages": self.pages}

@@ -444,7 +444,7 @@ class WebTier:
         socket = web.WebSocketResponse(heartbeat=30.0, max_msg_size=_MAX_WS_MESSAGE)
         await socket.prepare(request)
         self._sockets.add(socket)
-        page, _feed = self.live.open_page(viewer)
+        page = self.live.open_page(viewer)
         writer = asyncio.get_running_loop().create_task(_write_page(socket, page))
         try:
             async for incoming in socket:
