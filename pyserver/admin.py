@@ -1,6 +1,8 @@
 """`pyserver admin ...`: operations tools that work on a cell's data folder.
 
-`token` signs a user token with the cell's service key. `rebuild`, `export`,
+`token` signs a user token with the cell's service key; `revoke` revokes one
+token or every token of a user (every app server refuses them within seconds);
+`keys` rotates the service keys (docs/security.md). `rebuild`, `export`,
 `import` and `add-address` open the cell's store directly; they are safe while
 the cell runs, because every log append is a compare-and-set: the running
 server notices a newer log, reloads the user and carries on. `create-tables`
@@ -21,14 +23,23 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from pyserver.app.auth import make_user_token
+from pyserver.app.auth import make_user_token, read_user_token, token_id
 from pyserver.cluster import tools as cluster_tools
 from pyserver.cluster.state import read_state
 from pyserver.discovery import move as discovery_move
 from pyserver.discovery.client import connect_to_cluster
+from pyserver.errors import Unauthenticated
 from pyserver.processes.cell import open_mailbox, open_store
-from pyserver.servicekey import read_service_key
+from pyserver.servicekey import (
+    SERVICE_KEY_FILE,
+    ServiceKeys,
+    generate_service_key,
+    key_id,
+    read_service_key,
+    write_service_keys,
+)
 from pyserver.sms.gateway import normalise_phone
+from pyserver.store.base import ALL_TOKENS, Revocation
 from pyserver.store.spec import open_store as open_store_spec
 from pyserver.store.spec import parse_store_spec
 from pyserver.wire.ops import Op
@@ -37,6 +48,82 @@ from pyserver.wire.ops import Op
 async def _token(args: argparse.Namespace) -> int:
     expires_at = int(time.time()) + args.ttl
     print(make_user_token(args.user, expires_at, read_service_key(args.data)))
+    return 0
+
+
+async def _revoke(args: argparse.Namespace) -> int:
+    """Record the revocation in every store whose app servers (or web tier) check tokens:
+    the cell's, or each cell's of a cluster and its directory store."""
+    revoked = ALL_TOKENS
+    if args.token:
+        try:  # a token of another user, or not ours at all, is a mistake worth saying
+            token = read_user_token(args.token, _key_file_keys(args), time.time())
+        except Unauthenticated as error:
+            if "expired" not in str(error):
+                print(f"pyserver: not a token of this cell: {error}", file=sys.stderr)
+                return 2
+        else:
+            if token.user != args.user:
+                print(f"pyserver: that token is user {token.user}'s", file=sys.stderr)
+                return 2
+        revoked = token_id(args.token)
+    revocation = Revocation(args.user, revoked, time.time())
+    if args.cluster is None:
+        async with open_store(args.data) as store:
+            await store.revoke(revocation)
+    else:
+        state = read_state(args.cluster)
+        for spec in [state["directory_store"], *state["cells"].values()]:
+            store = open_store_spec(parse_store_spec(spec, args.cluster))
+            await store.open()
+            try:
+                await store.revoke(revocation)
+            finally:
+                await store.close()
+    what = f"token {revoked}" if args.token else "every token issued until now"
+    print(f"user {args.user}: {what} revoked")
+    return 0
+
+
+def _key_file(args: argparse.Namespace) -> Path:
+    if getattr(args, "cluster", None) is not None:
+        return Path(read_state(args.cluster)["service_key_file"])
+    return args.data / SERVICE_KEY_FILE
+
+
+def _key_file_keys(args: argparse.Namespace) -> ServiceKeys:
+    return ServiceKeys.from_file(_key_file(args))
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """List, add, promote or retire service keys; the processes re-read the file."""
+    path = _key_file(args)
+    keys = ServiceKeys.from_file(path).all()
+    ids = [key_id(key) for key in keys]
+    if args.step == "add":
+        keys.append(generate_service_key())
+        print(f"added key {key_id(keys[-1])}: accepted everywhere within a few seconds;")
+        print("promote it once every process has it (about two seconds later)")
+    elif args.step in ("promote", "retire"):
+        if args.id not in ids:
+            print(
+                f"pyserver: no key {args.id!r} in {path} (keys: {', '.join(ids)})", file=sys.stderr
+            )
+            return 2
+        chosen = keys[ids.index(args.id)]
+        keys.remove(chosen)
+        if args.step == "promote":
+            keys.insert(0, chosen)
+            print(f"key {args.id} is current: new connections and tokens use it")
+        elif not keys:
+            print("pyserver: the last key cannot be retired: add another first", file=sys.stderr)
+            return 2
+        else:
+            print(f"retired key {args.id}: its tokens and connections are refused from now on")
+    if args.step != "list":
+        write_service_keys(path, keys)
+    for number, key in enumerate(keys):
+        print(f"{key_id(key)}  {'current' if number == 0 else 'accepted'}")
     return 0
 
 
@@ -148,6 +235,15 @@ def add_parser(
 
     token = action("token", "print a signed user token", _token)
     token.add_argument("--ttl", type=int, default=86_400, help="seconds it stays valid")
+    revoke = action("revoke", "revoke a user token, or every token of the user", _revoke)
+    revoke.add_argument("--token", help="the token (default: every token issued until now)")
+    revoke.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    keys = actions.add_parser("keys", help="list and rotate the service keys")
+    keys.add_argument("step", choices=("list", "add", "promote", "retire"))
+    keys.add_argument("id", nargs="?", help="the key id (promote, retire)")
+    keys.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
+    keys.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    keys.set_defaults(handler=_keys)
     action("rebuild", "regenerate a user's image from the log; report drift", _rebuild)
     export = action("export", "write a user's log as JSON lines", _export)
     export.add_argument("--out", help="file (default: standard output)")

@@ -111,7 +111,9 @@ async def _with_client(args: argparse.Namespace, work: Callable[[Any], Awaitable
         finally:
             await cluster.close()
     host, port = endpoints.server_address(args.data, args.server)
-    client = await Client.connect(host, port, service_key=read_service_key(args.data))
+    client = await Client.connect(
+        host, port, service_key=read_service_key(args.data), tls=load_config().client_tls()
+    )
     try:
         return await work(client)
     finally:

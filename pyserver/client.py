@@ -25,7 +25,8 @@ after the server's overflow event, `Unavailable` when the connection drops. Eith
 events were missed: re-read the mailbox, then subscribe again. It stops (plain end of
 iteration) only after `close()`.
 
-May import: pyserver.errors, pyserver.userid, pyserver.framedef, pyserver.wire.
+May import: pyserver.errors, pyserver.userid, pyserver.framedef, pyserver.wire,
+pyserver.servicekey.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
 from collections import deque
 from collections.abc import AsyncIterator, Generator, Sequence
 from typing import Any, cast
@@ -51,6 +53,7 @@ from pyserver.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pyserver.servicekey import ServiceKey, current_key
 from pyserver.wire.frame import (
     KIND_ERROR,
     KIND_EVENT,
@@ -360,7 +363,7 @@ class Client:
         host: str,
         port: int,
         *,
-        service_key: str | None = None,
+        service_key: ServiceKey | None = None,
         user_token: str | None = None,
         request_timeout: float = 30.0,
         connect_timeout: float = 5.0,
@@ -369,6 +372,7 @@ class Client:
         backoff_max_s: float = 2.0,
         max_frame_size: int = 64 << 20,
         max_queued_events: int = 10_000,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         if service_key is not None and user_token is not None:
             raise ValueError("give a service_key or a user_token, not both")
@@ -376,6 +380,7 @@ class Client:
         self.port = port
         self._service_key = service_key
         self._user_token = user_token
+        self.tls = tls
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.reconnect = reconnect
@@ -397,7 +402,7 @@ class Client:
         host: str,
         port: int,
         *,
-        service_key: str | None = None,
+        service_key: ServiceKey | None = None,
         user_token: str | None = None,
         **options: Any,
     ) -> Client:
@@ -416,12 +421,19 @@ class Client:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, link = await loop.create_connection(lambda: _Link(self), self.host, self.port)
-        except (OSError, TimeoutError) as exc:
+                _, link = await loop.create_connection(
+                    lambda: _Link(self),
+                    self.host,
+                    self.port,
+                    ssl=self.tls,
+                    server_hostname=self.host if self.tls is not None else None,
+                )
+        except (OSError, TimeoutError) as exc:  # ssl.SSLError included: a refused handshake
             raise Unavailable(f"cannot connect to {self.host}:{self.port}: {exc!r}") from exc
         try:
             if self._service_key is not None or self._user_token is not None:
-                hello = _without_none(service_key=self._service_key, user_token=self._user_token)
+                key = None if self._service_key is None else current_key(self._service_key)
+                hello = _without_none(service_key=key, user_token=self._user_token)
                 reply = await self._request_on(link, Op.HELLO, hello, self.connect_timeout)
                 self.hello = reply
                 max_size = reply.get("max_frame_size")

@@ -5,13 +5,15 @@ Sources, later ones winning: the defaults below (a single-node cell on
 environment variables `PYSERVER_<FIELD>` (upper case), then command-line flags.
 docs/configuration.md lists every field.
 
-May import: pyserver.errors, pyserver.addresses, pyserver.servicekey, pyserver.store.
+May import: pyserver.errors, pyserver.addresses, pyserver.servicekey, pyserver.store,
+pyserver.tls.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import ssl
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
@@ -20,8 +22,14 @@ from typing import Any
 
 from pyserver.addresses import DataCentre, parse_addresses, parse_data_centres, parse_host_port
 from pyserver.errors import PyserverError
-from pyserver.servicekey import SERVICE_KEY_FILE, load_or_create_service_key
+from pyserver.servicekey import (
+    SERVICE_KEY_FILE,
+    ServiceKey,
+    ServiceKeys,
+    load_or_create_service_key,
+)
 from pyserver.store.spec import StoreSpec, parse_store_spec
+from pyserver.tls import TierTls
 
 
 class ConfigError(PyserverError, ValueError):
@@ -39,8 +47,13 @@ class Config:
     http_port: int = 7480
     node_id: str = "node-1"
     cell: str = "cell-1"
-    # trusted tiers' key; when unset, read from (or created in) data_dir/service.key
+    # trusted tiers' key, fixed; when unset, the keys of service_key_file
     service_key: str = ""
+    # the key file (one key a line, the first current), re-read as it changes so keys
+    # rotate without a restart; empty: data_dir/service.key (created on first start)
+    service_key_file: str = ""
+    # how often an app server reads the store's revoked user tokens
+    revocation_refresh_s: float = 1.0
     max_frame_size: int = 1 << 20
     max_in_flight_per_connection: int = 256
     # requests a second one user-token user may make of an app server, and the burst
@@ -78,6 +91,11 @@ class Config:
     zookeeper_chroot: str = "/pyserver"
     # ZooKeeper expires a silent node's session (and registration) after this long
     zookeeper_session_timeout_s: float = 10.0
+    # the digest identity this process signs in to ZooKeeper with, "user:password"; the
+    # nodes it creates are its own (and readable by zookeeper_read_ids); empty: no ACLs
+    zookeeper_auth: str = ""
+    # digest ids ("user:base64", `pyserver admin zk-digest`) that may read the cells' tree
+    zookeeper_read_ids: str = ""
     # this node's tokens on its cell's ring (every node of a cell should use the same)
     tokens_per_node: int = 64
     # the store: "sqlite:PATH" or "hbase:HOST:PORT[/namespace]"; empty: SQLite in data_dir
@@ -120,8 +138,18 @@ class Config:
     # SMTP submission for mail clients (STARTTLS, then AUTH with a user token): its port;
     # -1: none, 0: any free port. Needs tls_cert_file and tls_key_file (PEM).
     submission_port: int = -1
+    # SMTP with implicit TLS (RFC 8314), beside the plain port; -1: none. Needs `tls`.
+    smtps_port: int = -1
+    # ---- TLS between the tiers (docs/security.md) ----
+    # every listener speaks TLS and every connection to another tier is made with it
+    tls: bool = False
+    # this process's certificate and key (PEM); submission's STARTTLS uses them too
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    # the CA servers (and, with tls_mutual, clients) are checked against; empty: the system's
+    tls_ca_file: str = ""
+    # listeners of the binary protocol accept only clients with a certificate from the CA
+    tls_mutual: bool = False
     # ---- the web tier: the inbox and web chat (docs/web.md) ----
     # its HTTP port (`pyserver run` and `pyserver web`); -1: none, 0: any free port
     web_port: int = 7488
@@ -144,17 +172,35 @@ class Config:
 
     @property
     def service_key_path(self) -> Path:
+        if self.service_key_file:
+            return Path(self.service_key_file)
         return self.data_dir / SERVICE_KEY_FILE
 
     def with_service_key(self) -> Config:
-        """This config with its service key filled in from data_dir (created on first start)."""
+        """This config with its current service key filled in from the key file (created
+        in data_dir on first start)."""
         if self.service_key:
             return self
         try:
-            key = load_or_create_service_key(self.data_dir)
+            if self.service_key_file:
+                key = ServiceKeys.from_file(self.service_key_path).current
+            else:
+                key = load_or_create_service_key(self.data_dir)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        return dataclasses.replace(self, service_key=key)
+        return dataclasses.replace(
+            self, service_key=key, service_key_file=str(self.service_key_path)
+        )
+
+    def service_keys(self) -> ServiceKey:
+        """The keys this process accepts and the current one it uses: the key file's, re-read
+        as it changes (after `with_service_key`), or the fixed `service_key`."""
+        if self.service_key_file:
+            try:
+                return ServiceKeys.from_file(self.service_key_path)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return self.service_key
 
     # The settings below are strings in files and flags; these are their parsed values,
     # checked once by load_config.
@@ -168,6 +214,35 @@ class Config:
     def data_centres(self) -> list[DataCentre]:
         """Each data centre's memcached (`memcached_dcs`); empty: no count caches."""
         return parse_data_centres(self.memcached_dcs)
+
+    @property
+    def tier_tls(self) -> TierTls | None:
+        """The TLS contexts' source when `tls` is on; None: plain text."""
+        if not self.tls:
+            return None
+        return TierTls(self.tls_cert_file, self.tls_key_file, self.tls_ca_file, self.tls_mutual)
+
+    def server_tls(self) -> ssl.SSLContext | None:
+        """The context of this process's binary-protocol listener (or None): with
+        `tls_mutual`, clients must present a certificate from the CA."""
+        tier = self.tier_tls
+        return tier.server_context() if tier is not None else None
+
+    def public_tls(self) -> ssl.SSLContext | None:
+        """The context of the listeners people and outside programs reach (HTTP, the web
+        tier, SMTP): no client certificate asked (or None)."""
+        tier = self.tier_tls
+        return tier.server_context(require_client_cert=False) if tier is not None else None
+
+    def client_tls(self) -> ssl.SSLContext | None:
+        """The context of every connection this process makes to another tier (or None)."""
+        tier = self.tier_tls
+        return tier.client_context() if tier is not None else None
+
+    @property
+    def zookeeper_read_id_list(self) -> list[str]:
+        """The digest ids of `zookeeper_read_ids`."""
+        return [part.strip() for part in self.zookeeper_read_ids.split(",") if part.strip()]
 
     @property
     def discovery(self) -> list[str]:
@@ -247,6 +322,7 @@ def _check(config: Config) -> None:
         "request_timeout_s",
         "frame_timeout_s",
         "max_connections_per_peer",
+        "revocation_refresh_s",
     )
     for name in positive:
         if getattr(config, name) <= 0:
@@ -262,11 +338,7 @@ def _check(config: Config) -> None:
     for name in ("web_max_upload_bytes", "web_session_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
-    if config.submission_port >= 0:
-        for name in ("tls_cert_file", "tls_key_file"):
-            path = getattr(config, name)
-            if not path or not os.access(path, os.R_OK):
-                raise ConfigError(f"config {name}: submission needs a readable PEM file")
+    _check_tls(config)
     if config.dkim_key_file and not os.access(config.dkim_key_file, os.R_OK):
         raise ConfigError(f"config dkim_key_file: cannot read {config.dkim_key_file!r}")
     if config.outbound_give_up_s <= 0:
@@ -276,6 +348,24 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config mail_domain: {domain!r} is not a domain name")
     if config.default_folder not in ("inbox", "other"):
         raise ConfigError(f"config default_folder: {config.default_folder!r} is not inbox or other")
+
+
+def _check_tls(config: Config) -> None:
+    if not -1 <= config.smtps_port <= 65535:
+        raise ConfigError(f"config smtps_port: {config.smtps_port} is not a port or -1")
+    if config.smtps_port >= 0 and not config.tls:
+        raise ConfigError("config smtps_port: implicit TLS needs tls = true")
+    needs = [
+        ("tls_cert_file", config.submission_port >= 0 or config.tls, "a readable PEM file"),
+        ("tls_key_file", config.submission_port >= 0 or config.tls, "a readable PEM file"),
+        ("tls_ca_file", config.tls_mutual, "the CA of mutual TLS, a readable PEM file"),
+    ]
+    for name, needed, what in needs:
+        path = getattr(config, name)
+        if (needed or path) and (not path or not os.access(path, os.R_OK)):
+            raise ConfigError(f"config {name}: needs {what}, not {path!r}")
+    if config.tls_mutual and not config.tls:
+        raise ConfigError("config tls_mutual: needs tls = true")
 
 
 def _check_sms(config: Config) -> None:
@@ -329,6 +419,8 @@ def _check_cluster(config: Config) -> None:
             parse_addresses(config.discovery_addrs)
         except ValueError as exc:
             raise ConfigError(f"config discovery_addrs: {exc}") from None
+    if config.zookeeper_auth and ":" not in config.zookeeper_auth.strip(":"):
+        raise ConfigError("config zookeeper_auth: expected user:password")
     if not 1 <= config.tokens_per_node <= 65_536:
         raise ConfigError(f"config tokens_per_node: {config.tokens_per_node} is not in 1..65536")
     try:

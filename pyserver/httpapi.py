@@ -5,6 +5,7 @@ May import: pyserver.metrics.
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -30,8 +31,8 @@ class HttpEndpoint:
         """Serve GET `path` (aiohttp's route syntax, e.g. "/counts/{user}") too."""
         self._routes.append((path, handler))
 
-    async def start(self, host: str, port: int) -> int:
-        """Listen; returns the bound port (port 0 picks a free one)."""
+    async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
+        """Listen (HTTPS with `tls`); returns the bound port (port 0 picks a free one)."""
         app = web.Application()
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/health", self._serve_health)
@@ -39,7 +40,7 @@ class HttpEndpoint:
             app.router.add_get(path, handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=tls)
         await site.start()
         return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 

@@ -8,18 +8,20 @@ is down, a call costs a fast `Unavailable`, not a connect timeout each time: the
 caller decides what that means (file a message in the default folder, answer
 SMTP 451, retry another owner).
 
-May import: pyserver.errors, pyserver.addresses, pyserver.client.
+May import: pyserver.errors, pyserver.addresses, pyserver.client, pyserver.servicekey.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
 import time
 from typing import Any
 
 from pyserver.addresses import parse_host_port
 from pyserver.client import Client
 from pyserver.errors import Unavailable
+from pyserver.servicekey import ServiceKey
 
 __all__ = ["ServiceLink", "ServiceLinks"]
 
@@ -35,14 +37,16 @@ class ServiceLink:
         self,
         host: str,
         port: int,
-        service_key: str,
+        service_key: ServiceKey,
         *,
         name: str = "service",
         connect_timeout_s: float = 1.0,
         request_timeout_s: float = 10.0,
         retry_connect_after_s: float = 1.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.host = host
+        self.tls = tls
         self.port = port
         self.name = name
         self._service_key = service_key
@@ -55,7 +59,7 @@ class ServiceLink:
         self._closed = False
 
     @classmethod
-    def from_address(cls, address: str, service_key: str, **options: Any) -> ServiceLink:
+    def from_address(cls, address: str, service_key: ServiceKey, **options: Any) -> ServiceLink:
         """A link to "host:port"; ValueError if the address is not one."""
         host, port = parse_host_port(address)
         return cls(host, port, service_key, **options)
@@ -86,6 +90,7 @@ class ServiceLink:
                     self.host,
                     self.port,
                     service_key=self._service_key,
+                    tls=self.tls,
                     reconnect=False,
                     connect_timeout=self._connect_timeout_s,
                     request_timeout=self._request_timeout_s,
@@ -119,7 +124,7 @@ class ServiceLinks:
     """One `ServiceLink` per address ("host:port"), made on first use: a node's links to the
     other app servers it relays to."""
 
-    def __init__(self, service_key: str, **options: Any) -> None:
+    def __init__(self, service_key: ServiceKey, **options: Any) -> None:
         self._service_key = service_key
         self._options = options
         self._links: dict[str, ServiceLink] = {}

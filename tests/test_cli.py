@@ -110,8 +110,9 @@ def test_admin_token_export_import_rebuild(cell: Path, tmp_path: Path) -> None:
     pyserver("send", "--user", "41", "--to", "42", "second", data=cell)
 
     token = pyserver("admin", "token", "--user", "42", data=cell).stdout.strip()
-    user_id, expiry, signature = token.split(".")
-    assert user_id == "42" and int(expiry) > time.time() and len(signature) == 64
+    user_id, issued, expiry, _key_id, signature = token.split(".")
+    assert user_id == "42" and int(issued) <= time.time() < int(expiry)
+    assert len(signature) == 64
 
     exported = tmp_path / "42.jsonl"
     pyserver("admin", "export", "--user", "42", "--out", str(exported), data=cell)

@@ -26,8 +26,11 @@ import pytest
 import pyserver.app.imagecache as imagecache_module
 from pyserver import implementation
 from pyserver.app.auth import (
+    UserToken,
     check_service_key,
     make_user_token,
+    read_user_token,
+    token_id,
     verify_user_token,
 )
 from pyserver.app.limits import UserRateLimiter
@@ -49,7 +52,7 @@ from pyserver.errors import (
 from pyserver.framedef import KIND_ERROR, KIND_REPLY, KIND_REQUEST
 from pyserver.pure import frame as pure_frame
 from pyserver.pure import replies as pure_replies
-from pyserver.servicekey import generate_service_key
+from pyserver.servicekey import ServiceKeys, generate_service_key, key_id
 from pyserver.wire.ops import Op
 from tests.conftest import implementation_params
 from tests.support.cells import KEY, InProcessCell
@@ -211,43 +214,66 @@ def token_for(user: int, ttl: int = 3600) -> str:
 
 def test_user_token_round_trip_and_rejections() -> None:
     now = 1_700_000_000
-    token = make_user_token(42, now + 60, KEY)
-    user, expiry, signature = token.split(".")
-    assert (user, expiry) == ("42", str(now + 60))
+    token = make_user_token(42, now + 60, KEY, issued_at=now - 5)
+    user, issued, expiry, kid, signature = token.split(".")
+    assert (user, issued, expiry, kid) == ("42", str(now - 5), str(now + 60), key_id(KEY))
     assert len(signature) == 64 and signature == signature.lower()
     assert verify_user_token(token, KEY, now) == 42
+    assert read_user_token(token, KEY, now) == UserToken(
+        42, now - 5, now + 60, kid, token_id(token)
+    )
     assert verify_user_token(make_user_token(2**64 - 1, now + 1, KEY), KEY, now) == 2**64 - 1
 
     with pytest.raises(Unauthenticated, match="expired"):
         verify_user_token(token, KEY, now + 60)
-    with pytest.raises(Unauthenticated, match="signature"):
+    with pytest.raises(Unauthenticated, match="no longer"):  # a key not (or no more) accepted
         verify_user_token(token, KEY + "x", now)
     with pytest.raises(Unauthenticated, match="signature"):
-        verify_user_token(f"43.{expiry}.{signature}", KEY, now)
+        verify_user_token(f"43.{issued}.{expiry}.{kid}.{signature}", KEY, now)
     with pytest.raises(Unauthenticated, match="signature"):
-        verify_user_token(f"{user}.{now + 10**6}.{signature}", KEY, now)
+        verify_user_token(f"{user}.{issued}.{now + 10**6}.{kid}.{signature}", KEY, now)
+    with pytest.raises(Unauthenticated, match="signature"):
+        verify_user_token(f"{user}.{now - 1}.{expiry}.{kid}.{signature}", KEY, now)
+    head = f"{issued}.{expiry}.{kid}"
     bad_forms = [
         "",
         "42",
         f"42.{expiry}",
-        f"42.{expiry}.{signature}.x",
-        f"042.{expiry}.{signature}",
-        f"+42.{expiry}.{signature}",
-        f"-1.{expiry}.{signature}",
-        f"42.{expiry}.{signature.upper()}",
-        f"42.{expiry}.{signature[:-1]}",
-        f"4\uff12.{expiry}.{signature}",  # a fullwidth digit
+        f"42.{expiry}.{signature}",  # the old three-field form
+        f"42.{head}.{signature}.x",
+        f"042.{head}.{signature}",
+        f"+42.{head}.{signature}",
+        f"-1.{head}.{signature}",
+        f"42.0{issued}.{expiry}.{kid}.{signature}",
+        f"42.{issued}.{expiry}.{kid.upper()}.{signature}",
+        f"42.{head}.{signature.upper()}",
+        f"42.{head}.{signature[:-1]}",
+        f"4\uff12.{head}.{signature}",  # a fullwidth digit
         "9" * 200,
     ]
     for bad in bad_forms:
         with pytest.raises(Unauthenticated, match="malformed"):
             verify_user_token(bad, KEY, now)
-    signed = f"{2**64}.{now + 1}"  # well signed, but the user id does not fit in 64 bits
+    signed = f"{2**64}.{now}.{now + 1}.{kid}"  # well signed, but the id is over 64 bits
     over = hmac.new(KEY.encode(), signed.encode(), hashlib.sha256).hexdigest()
     with pytest.raises(Unauthenticated, match="2\\*\\*64"):
         verify_user_token(f"{signed}.{over}", KEY, now)
     with pytest.raises(Unauthenticated, match="no service key"):
         verify_user_token(token, "", now)
+
+
+def test_tokens_of_every_accepted_key_are_read_and_the_current_key_signs() -> None:
+    now = 1_700_000_000
+    old, new = "old-key-" + "0" * 24, "new-key-" + "1" * 24
+    keys = ServiceKeys([new, old])
+    by_old = make_user_token(7, now + 60, old)
+    by_keys = make_user_token(7, now + 60, keys)
+    assert by_keys.split(".")[3] == key_id(new)
+    assert verify_user_token(by_old, keys, now) == verify_user_token(by_keys, keys, now) == 7
+    assert check_service_key(old, keys) and check_service_key(new, keys)
+    assert not check_service_key("another", keys) and not check_service_key(old, ServiceKeys([new]))
+    with pytest.raises(Unauthenticated, match="no longer"):
+        verify_user_token(by_old, ServiceKeys([new]), now)
     for bad_user in (-1, 2**64, True, 1.0):
         with pytest.raises(ValueError):
             make_user_token(bad_user, now, KEY)  # type: ignore[arg-type]
@@ -329,7 +355,11 @@ def test_hello_service_key_and_user_tokens(tmp_path: Path, impl: Impl) -> None:
 
             with pytest.raises(Unauthenticated, match="expired"):
                 await cell.client(user_token=make_user_token(5, int(time.time()) - 1, KEY))
-            forged = make_user_token(5, int(time.time()) + 60, "another cell's key")
+            foreign = make_user_token(5, int(time.time()) + 60, "another cell's key")
+            with pytest.raises(Unauthenticated, match="not \\(or no longer\\) accepted"):
+                await cell.client(user_token=foreign)
+            genuine = make_user_token(5, int(time.time()) + 60, KEY)
+            forged = "6" + genuine[1:]  # another user's id under user 5's signature
             with pytest.raises(Unauthenticated, match="signature"):
                 await cell.client(user_token=forged)
             errors = (await service.stats())["errors"]

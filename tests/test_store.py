@@ -30,7 +30,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyserver.errors import BadRequest
-from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
+from pyserver.store.base import (
+    ALL_TOKENS,
+    LogAppend,
+    Revocation,
+    Store,
+    StoreUnavailable,
+    WriteConflict,
+)
 from pyserver.store.hbase import HBaseStore
 from pyserver.store.sqlite import SQLiteStore, index_path
 from pyserver.store.sqlite_file import SQLiteFile
@@ -423,6 +430,24 @@ async def test_friendships_are_mutual_and_idempotent(engine: Engine) -> None:
         with pytest.raises(BadRequest):
             await store.add_friend(4, 4)
         assert await store.friends(4) == set()
+
+
+@asyncio_test
+async def test_revocations_are_kept_and_replaced_per_token(engine: Engine) -> None:
+    async with engine.opened() as store:
+        assert await store.revocations() == []
+        await store.revoke(Revocation(7, "0123456789abcdef", 1_700_000_000.25))
+        await store.revoke(Revocation(7, ALL_TOKENS, 1_700_000_100.0))
+        await store.revoke(Revocation(2**64 - 1, "fedcba9876543210", 1_700_000_200.5))
+        await store.revoke(Revocation(7, "0123456789abcdef", 1_700_000_300.0))  # again, later
+        found = sorted(await store.revocations(), key=lambda r: (r.user_id, r.token_id))
+        assert found == [
+            Revocation(7, ALL_TOKENS, 1_700_000_100.0),
+            Revocation(7, "0123456789abcdef", 1_700_000_300.0),
+            Revocation(2**64 - 1, "fedcba9876543210", 1_700_000_200.5),
+        ]
+        with pytest.raises(BadRequest):
+            await store.revoke(Revocation(-1, ALL_TOKENS, 1.0))
 
 
 @asyncio_test
@@ -819,7 +844,7 @@ async def test_users_are_keyed_by_8_big_endian_bytes(sqlite_engine: Engine) -> N
 
 
 @asyncio_test
-async def test_a_version_1_file_is_brought_up_to_version_2(sqlite_engine: Engine) -> None:
+async def test_a_version_1_file_is_brought_up_to_the_current_version(sqlite_engine: Engine) -> None:
     async with sqlite_engine.opened() as store:
         await store.append(appending(7, 0, count=2))
     # What version 1 was: the search index inside the data file.
@@ -834,7 +859,7 @@ async def test_a_version_1_file_is_brought_up_to_version_2(sqlite_engine: Engine
         await store.index_terms(7, 2, [("new", "m")])
         assert await store.search(7, ["new"]) == ["m"]
     with sqlite3.connect(sqlite_engine.location()) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
     assert "terms" not in tables and "log" in tables

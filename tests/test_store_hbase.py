@@ -137,7 +137,7 @@ def test_row_keys_are_a_salt_byte_then_the_id_big_endian() -> None:
 def test_table_names_carry_the_namespace() -> None:
     assert table_name("pyserver", "users") == b"pyserver_users"
     assert table_name("ops:cell-1", "users") == b"ops:cell-1_users"
-    assert set(TABLES) == {"users", "directory", "social", "addresses"}
+    assert set(TABLES) == {"users", "directory", "social", "addresses", "revocations"}
     assert TABLES["users"] == ("l", "s", "m", "x")
     for bad in ("", "has space", "a:b:c", "semi;colon", 7):
         with pytest.raises(ValueError):

@@ -18,6 +18,7 @@ import pytest
 
 from pyserver.app.auth import make_user_token
 from pyserver.errors import Unauthenticated
+from pyserver.servicekey import ServiceKeys
 from pyserver.web.sessions import SessionKeeper
 from tests.support import run, run_cli
 from tests.support.swaks import swaks
@@ -73,17 +74,40 @@ def test_a_bad_token_signs_nobody_in(token: str) -> None:
 def test_a_forged_or_altered_cookie_is_nobody() -> None:
     keeper = SessionKeeper(KEY, clock=Clock())
     _, cookie = keeper.sign_in(make_user_token(7, 2_000_000, KEY))
-    version, user, expiry, nonce, signature = cookie.split(".")
+    version, user, expiry, issued, token, nonce, signature = cookie.split(".")
     for forged in [
-        f"{version}.8.{expiry}.{nonce}.{signature}",  # another user
-        f"{version}.{user}.9999999999.{nonce}.{signature}",  # a later expiry
-        f"{version}.{user}.{expiry}.{nonce}.{'0' * 64}",
+        f"{version}.8.{expiry}.{issued}.{token}.{nonce}.{signature}",  # another user
+        f"{version}.{user}.9999999999.{issued}.{token}.{nonce}.{signature}",  # a later expiry
+        f"{version}.{user}.{expiry}.{int(issued) + 1}.{token}.{nonce}.{signature}",  # reissued
+        f"{version}.{user}.{expiry}.{issued}.{'0' * 16}.{nonce}.{signature}",  # another token
+        f"{version}.{user}.{expiry}.{issued}.{token}.{nonce}.{'0' * 64}",
         cookie + "0",
-        "v1.7",
+        "v2.7",
         "x" * 1000,
     ]:
         assert keeper.read(forged) is None, forged
     assert SessionKeeper("another key", clock=Clock()).read(cookie) is None
+
+
+def test_sessions_outlive_a_key_rotation_and_end_with_their_token() -> None:
+    old, new = KEY, KEY + "-next"
+    before = SessionKeeper(ServiceKeys([old, new]), clock=Clock())
+    session, cookie = before.sign_in(make_user_token(7, 2_000_000, old))
+    # the new key promoted: pages signed before still work; the old key retired: they end
+    promoted = SessionKeeper(ServiceKeys([new, old]), clock=Clock())
+    read = promoted.read(cookie)
+    assert read is not None and (read.user, read.nonce) == (session.user, session.nonce)
+    assert promoted.check_csrf(read, session.csrf)  # a form of a page loaded before
+    assert SessionKeeper(ServiceKeys([new]), clock=Clock()).read(cookie) is None
+    # a revoked sign-in token ends its sessions
+    revoked: set[str] = set()
+    keeper = SessionKeeper(KEY, clock=Clock(), revoked=lambda token: token.token_id in revoked)
+    session, cookie = keeper.sign_in(make_user_token(7, 2_000_000, KEY))
+    assert keeper.read(cookie) == session
+    revoked.add(session.token.token_id)
+    assert keeper.read(cookie) is None
+    with pytest.raises(Unauthenticated, match="revoked"):
+        keeper.sign_in(make_user_token(7, 2_000_000, KEY, issued_at=session.token.issued_at))
 
 
 def test_signing_out_refuses_the_cookie_and_csrf_tokens_are_per_session() -> None:

@@ -6,5 +6,5 @@ docs/protocol.md, writing through the store and keeping images in the snapshot c
 
 May import: pyserver.errors, pyserver.userid, pyserver.framedef,
 pyserver.implementation, pyserver.logcodec, pyserver.snapcache, pyserver.wire,
-pyserver.store, pyserver.blobs, pyserver.userindex.
+pyserver.store, pyserver.blobs, pyserver.userindex, pyserver.servicekey.
 """

@@ -19,8 +19,9 @@ from typing import Any, Protocol
 
 import orjson
 
-from pyserver.app.auth import check_service_key, verify_user_token
+from pyserver.app.auth import UserToken, check_service_key, read_user_token
 from pyserver.app.limits import UserRateLimiter
+from pyserver.app.revocations import Revocations
 from pyserver.errors import (
     BadRequest,
     Forbidden,
@@ -38,6 +39,7 @@ from pyserver.framedef import (
     VERSION,
     Frame,
 )
+from pyserver.servicekey import ServiceKey
 from pyserver.userid import check_user_id
 from pyserver.wire.ops import NO_HELLO, SERVICE_ONLY, Op
 
@@ -111,13 +113,14 @@ class Session:
     SUBSCRIBE's request id to (user id, mailbox token).
     """
 
-    __slots__ = ("authenticated", "event_sink", "peer", "subscriptions", "user")
+    __slots__ = ("authenticated", "event_sink", "peer", "subscriptions", "token", "user")
 
     def __init__(self, peer: str, event_sink: EventSink) -> None:
         self.peer = peer
         self.event_sink = event_sink
         self.authenticated = False
         self.user: int | None = None
+        self.token: UserToken | None = None  # what a user-token session said in HELLO
         self.subscriptions: dict[int, tuple[int, Any]] = {}
 
     @property
@@ -147,7 +150,7 @@ class Dispatcher:
     def __init__(
         self,
         mailbox: MailboxLike,
-        service_key: str,
+        service_key: ServiceKey,
         node_id: str,
         *,
         max_frame_size: int = DEFAULT_MAX_FRAME_SIZE,
@@ -158,6 +161,7 @@ class Dispatcher:
         health_check: Callable[[], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
         stats_section: str = "mailbox",
+        revocations: Revocations | None = None,
     ) -> None:
         self._mailbox = mailbox
         # The ops the mailbox may answer at once from a cached image (`handle_now`).
@@ -167,6 +171,8 @@ class Dispatcher:
         # the STATS field holding `mailbox.stats()` (a service names its own: "userindex", ...)
         self._stats_section = stats_section
         self._service_key = service_key
+        # revoked user tokens (None: none are checked); `revoke_sessions` when they change
+        self.revocations = revocations
         self.node_id = node_id
         self.max_frame_size = max_frame_size
         # A user's connection holds a few; a trusted tier (the web tier, a gateway)
@@ -207,6 +213,28 @@ class Dispatcher:
         for subscription_id in list(session.subscriptions):
             self.end_subscription(session, subscription_id)
         self._sessions.discard(session)
+
+    def revoke_sessions(self) -> int:
+        """Sign out every session whose user token is now revoked: its subscriptions end
+        and its next request needs a new HELLO (refused with that token); how many."""
+        revocations = self.revocations
+        if revocations is None:
+            return 0
+        revoked = [
+            session
+            for session in self._sessions
+            if session.token is not None and revocations.refuses(session.token)
+        ]
+        for session in revoked:
+            for subscription_id in list(session.subscriptions):
+                session.event_sink(
+                    subscription_id,
+                    {"event": "overflow", "user": session.user, "reason": "token revoked"},
+                )
+                self.end_subscription(session, subscription_id)
+            log.info("signed out peer=%s user=%s reason=token_revoked", session.peer, session.user)
+            session.authenticated, session.user, session.token = False, None, None
+        return len(revoked)
 
     def end_subscriptions_of(self, ended: Callable[[int], bool], reason: str) -> int:
         """End every subscription whose user `ended(user)` names, after one last
@@ -433,10 +461,14 @@ class Dispatcher:
             if not isinstance(user_token, str):
                 raise Unauthenticated("malformed user token: not a string")
             try:
-                user = verify_user_token(user_token, self._service_key, self._clock())
+                token = read_user_token(user_token, self._service_key, self._clock())
+                if self.revocations is not None and self.revocations.refuses(token):
+                    raise Unauthenticated(f"user token {token.token_id} is revoked")
             except Unauthenticated as exc:
                 log.info("hello refused peer=%s reason=%r", session.peer, str(exc))
                 raise
+            user = token.user
+            session.token = token
         session.authenticated = True
         session.user = user
         return {

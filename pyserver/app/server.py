@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
+import ssl
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -551,7 +552,9 @@ class AppServer:
     """The TCP server of one app server node: `await start(host, port)`, `await stop(grace_s)`.
 
     `codec` is the wire-frame codec module (`encode_frame`, `FrameDecoder`); by default
-    the one `pyserver.wire.frame` chose.
+    the one `pyserver.wire.frame` chose. With `tls`, every connection is TLS (a client
+    speaking plain text, or without a certificate the context requires, is dropped in the
+    handshake, which must end within the frame timeout).
     """
 
     def __init__(
@@ -560,8 +563,10 @@ class AppServer:
         limits: ServerLimits | None = None,
         *,
         codec: ModuleType | Any = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        self.tls = tls
         self.limits = limits if limits is not None else ServerLimits()
         self.codec = codec if codec is not None else default_codec
         self._server: asyncio.Server | None = None
@@ -576,18 +581,26 @@ class AppServer:
         if self._server is not None:
             raise RuntimeError("this AppServer is already started")
         loop = asyncio.get_running_loop()
+        handshake = {"ssl_handshake_timeout": self.limits.frame_timeout_s} if self.tls else {}
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=1024
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_address=True,
+            backlog=1024,
+            ssl=self.tls,
+            **handshake,
         )
         sockname = self._server.sockets[0].getsockname()
         self.address = (sockname[0], sockname[1])
         log.info(
-            "app server listening node=%s addr=%s:%d loop=%s codec=%s",
+            "app server listening node=%s addr=%s:%d loop=%s codec=%s tls=%s",
             self.dispatcher.node_id,
             self.address[0],
             self.address[1],
             type(loop).__module__.split(".")[0],
             getattr(self.codec, "IMPLEMENTATION", getattr(self.codec, "__name__", "?")),
+            "mutual" if self.tls and self.tls.verify_mode == ssl.CERT_REQUIRED else bool(self.tls),
         )
         return self.address
 

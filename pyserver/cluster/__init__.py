@@ -12,5 +12,5 @@ The processes that use them are in `pyserver.processes`. docs/cluster.md
 describes how they fit together.
 
 May import: pyserver.errors, pyserver.addresses, pyserver.config, pyserver.ring,
-pyserver.wire, pyserver.client, pyserver.servicelink.
+pyserver.wire, pyserver.client, pyserver.servicelink, pyserver.servicekey.
 """

@@ -13,11 +13,13 @@ following NOT_OWNER and retrying UNAVAILABLE until the request's deadline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from pyserver.cluster.ringwatch import RingWatch
 from pyserver.cluster.routing import OwnerRouter
 from pyserver.cluster.zk import ZooKeeper
+from pyserver.servicekey import ServiceKey
 from pyserver.wire.ops import Op
 
 __all__ = ["CellClient"]
@@ -36,15 +38,24 @@ class CellClient:
         cls,
         zookeeper: str,
         cell: str,
-        service_key: str,
+        service_key: ServiceKey,
         *,
         chroot: str = "/pyserver",
         timeout_s: float = 10.0,
         request_timeout_s: float = 10.0,
+        zookeeper_auth: str = "",
+        zookeeper_read_ids: Sequence[str] = (),
         **router_options: Any,
     ) -> CellClient:
-        """Connect to ZooKeeper and read the cell's ring (Unavailable past timeout_s)."""
-        zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=10.0)
+        """Connect to ZooKeeper (as `zookeeper_auth`, a reader, when the tree has ACLs) and
+        read the cell's ring (Unavailable past timeout_s)."""
+        zk = ZooKeeper(
+            zookeeper,
+            chroot=chroot,
+            session_timeout_s=10.0,
+            auth=zookeeper_auth,
+            read_ids=zookeeper_read_ids,
+        )
         await zk.start(timeout_s)
         ring = RingWatch(zk, cell)
         try:

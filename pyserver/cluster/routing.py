@@ -26,6 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 from pyserver.errors import NotOwner, PyserverError, Unavailable
+from pyserver.servicekey import ServiceKey
 from pyserver.servicelink import ServiceLinks
 from pyserver.wire.ops import Op
 
@@ -44,7 +45,7 @@ class OwnerRouter:
     def __init__(
         self,
         locate: Callable[[int], str | None],
-        service_key: str = "",
+        service_key: ServiceKey = "",
         *,
         pool: ServiceLinks | None = None,
         timeout_s: float = 5.0,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pyserver.cluster.zk import ZooKeeper
 from pyserver.config import load_config
 
 __all__ = [
@@ -44,8 +45,11 @@ def read_state(folder: Path) -> dict[str, Any]:
 
 
 def write_state(folder: Path, state: dict[str, Any]) -> None:
-    """Replace the state atomically (a reader never sees half a file)."""
+    """Replace the state atomically (a reader never sees half a file); readable by its
+    owner only (it names the cluster's ZooKeeper credentials)."""
     temporary = folder / (STATE_FILE + ".tmp")
+    temporary.touch(mode=0o600)
+    temporary.chmod(0o600)
     temporary.write_text(json.dumps(state, indent=2) + "\n")
     temporary.replace(folder / STATE_FILE)
 
@@ -59,6 +63,19 @@ class ClusterSettings:
     chroot: str
     directory_store: str
     cell: str
+    # the ZooKeeper identity the command signs in with, and who else may read what it makes
+    zookeeper_auth: str = ""
+    zookeeper_read_ids: tuple[str, ...] = ()
+
+    def session(self, **options: Any) -> ZooKeeper:
+        """A ZooKeeper session (not started) on the cluster's tree, as this identity."""
+        return ZooKeeper(
+            self.zookeeper,
+            chroot=self.chroot,
+            auth=self.zookeeper_auth,
+            read_ids=self.zookeeper_read_ids,
+            **options,
+        )
 
 
 def add_cluster_arguments(parser: argparse.ArgumentParser, *, cell: bool = False) -> None:
@@ -84,6 +101,9 @@ def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
             "zookeeper": state["zookeeper"],
             "chroot": state["chroot"],
             "directory": state["directory_store"],
+            # `cluster up --tls`: the cluster's own identity, for the operator's tools
+            "auth": (state.get("zookeeper_acl") or {}).get("auth", ""),
+            "read_ids": (state.get("zookeeper_acl") or {}).get("read_ids", []),
         }
     config = load_config(getattr(args, "config", None))
     zookeeper = getattr(args, "zookeeper", None) or found.get("zookeeper") or config.zookeeper
@@ -98,4 +118,6 @@ def cluster_settings(args: argparse.Namespace) -> ClusterSettings:
             getattr(args, "directory", None) or found.get("directory") or config.store
         ),
         cell=getattr(args, "cell", None) or config.cell,
+        zookeeper_auth=found.get("auth") or config.zookeeper_auth,
+        zookeeper_read_ids=tuple(found.get("read_ids") or config.zookeeper_read_id_list),
     )

@@ -92,9 +92,7 @@ def _with_zookeeper(
     logging.getLogger("aiozk").setLevel(logging.ERROR)  # it logs each reconnection attempt
 
     async def run() -> int:
-        zk = ZooKeeper(
-            settings.zookeeper, chroot=settings.chroot, session_timeout_s=10.0, call_timeout_s=5.0
-        )
+        zk = settings.session(session_timeout_s=10.0, call_timeout_s=5.0)
         await zk.start(10.0)
         try:
             return await work(zk, settings.cell)

@@ -19,14 +19,21 @@ Wraps aiozk's `ZKClient` with what a cell needs and aiozk does not give:
 * Paths are relative to a chroot whose nodes are created persistent:
   aiozk's `ensure_path` (and its own chroot support) creates container nodes,
   which ZooKeeper deletes once their last child is gone.
+* Access control (docs/security.md): with `auth` ("user:password"), the session
+  signs in with that digest identity on every connection (aiozk does not do it
+  again after a reconnection), and every node it creates is readable and writable
+  by that identity and readable by the `read_ids` (digest ids, `digest_id`), and
+  by nobody else. A refusal is `ZooKeeperForbidden`, never mistaken for an outage.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import logging
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import aiozk
@@ -34,7 +41,7 @@ import aiozk.session
 from aiozk import exc, protocol
 from aiozk.states import States
 
-from pyserver.errors import Unavailable
+from pyserver.errors import Forbidden, Unavailable
 
 __all__ = [
     "CHILDREN_CHANGED",
@@ -46,7 +53,9 @@ __all__ = [
     "NodeExists",
     "StateListener",
     "ZooKeeper",
+    "ZooKeeperForbidden",
     "ZooKeeperUnavailable",
+    "digest_id",
 ]
 
 log = logging.getLogger(__name__)
@@ -79,6 +88,24 @@ class ZooKeeperUnavailable(Unavailable):
     """ZooKeeper could not be reached (or did not answer in time); retry later."""
 
 
+class ZooKeeperForbidden(Forbidden):
+    """ZooKeeper refused the call: this session's identity may not (ACLs)."""
+
+
+# ZooKeeper's refusals of an identity: not an outage, not worth a retry.
+_REFUSALS = (exc.NoAuth, exc.AuthFailed, exc.InvalidACL)
+
+
+def digest_id(credentials: str) -> str:
+    """The ACL id of the digest identity "user:password": "user:" and the base64 SHA-1 of
+    the whole (ZooKeeper's DigestAuthenticationProvider); safe to publish."""
+    user, colon, _ = credentials.partition(":")
+    if not user or not colon:
+        raise ValueError("ZooKeeper credentials are user:password")
+    hashed = hashlib.sha1(credentials.encode("utf-8")).digest()  # nosec B324: the scheme is SHA-1
+    return f"{user}:{base64.b64encode(hashed).decode()}"
+
+
 def normalize_chroot(chroot: str) -> str:
     """The chroot as an absolute path ("/a/b" for "a/b/"), or "" for the root."""
     parts = [part for part in chroot.split("/") if part]
@@ -95,6 +122,8 @@ class ZooKeeper:
         chroot: str = "/pyserver",
         session_timeout_s: float = 10.0,
         call_timeout_s: float = 5.0,
+        auth: str = "",
+        read_ids: Sequence[str] = (),
     ) -> None:
         if not servers:
             raise ValueError("servers: give ZooKeeper's address as host:port[,host:port...]")
@@ -104,6 +133,17 @@ class ZooKeeper:
         self.chroot = normalize_chroot(chroot)
         self.session_timeout_s = session_timeout_s
         self.call_timeout_s = call_timeout_s
+        self._auth = auth
+        # what every node this session creates allows: everything to its own identity,
+        # reading to the read ids; without an identity, everything to everyone
+        self.acl = (
+            [
+                aiozk.ACL.make("digest", digest_id(auth), True, True, True, True, True),
+                *(aiozk.ACL.make("digest", read_id, read=True) for read_id in read_ids),
+            ]
+            if auth
+            else [protocol.UNRESTRICTED_ACCESS]
+        )
         self._client: aiozk.ZKClient | None = None
         self._listeners: list[StateListener] = []
         self._monitor: asyncio.Task[None] | None = None
@@ -121,7 +161,10 @@ class ZooKeeper:
             self.servers,
             session_timeout=self.session_timeout_s,
             read_timeout=max(1.0, self.session_timeout_s / 3),
+            default_acl=self.acl,
         )
+        if self._auth:
+            self._sign_in_on_every_connection(client.session)
         self._client = client
         try:
             async with asyncio.timeout(timeout_s):
@@ -136,7 +179,10 @@ class ZooKeeper:
             raise
         self._monitor = asyncio.get_running_loop().create_task(self._watch_states())
         if self.chroot:
-            await self.ensure_persistent("/")
+            try:
+                await self.ensure_persistent("/")
+            except ZooKeeperForbidden as refused:  # the session stands; each call says so
+                log.warning("zookeeper chroot %s not readable here: %s", self.chroot, refused)
         log.info(
             "zookeeper session started servers=%s session=%#x timeout_s=%g chroot=%s",
             self.servers,
@@ -144,6 +190,23 @@ class ZooKeeper:
             self.negotiated_timeout_s,
             self.chroot or "/",
         )
+
+    def _sign_in_on_every_connection(self, session: Any) -> None:
+        """Say the digest identity on each new connection, before anything else is sent.
+
+        aiozk's repair loop calls `set_existing_watches` right after a connection is made
+        (the first one included), before any waiting request runs: the identity goes
+        first there, and ZooKeeper handles a connection's requests in order.
+        """
+        restore_watches = session.set_existing_watches
+        credentials = self._auth.encode("utf-8")
+
+        async def sign_in_then_restore_watches() -> None:
+            request = protocol.AuthRequest(type=0, scheme="digest", auth=credentials)
+            await session.conn.send(request)
+            await restore_watches()
+
+        session.set_existing_watches = sign_in_then_restore_watches
 
     async def close(self) -> None:
         """End the session (its ephemeral nodes go at once when ZooKeeper can be told)."""
@@ -311,6 +374,11 @@ class ZooKeeper:
                 return await operation
         except _ANSWERS:
             raise
+        except _REFUSALS as refusal:
+            raise ZooKeeperForbidden(
+                f"ZooKeeper refused: {type(refusal).__name__} (this process's credentials"
+                " may not do that; docs/security.md)"
+            ) from refusal
         except TimeoutError:
             raise ZooKeeperUnavailable(
                 f"ZooKeeper did not answer within {self.call_timeout_s:g} s ({self.state})"
@@ -350,6 +418,9 @@ class ZooKeeper:
         for depth in range(1, len(parts) + 1):
             absolute = "/" + "/".join(parts[:depth])
             last = depth == len(parts)
+            # a node that is there needs no create (which a read-only identity may not do)
+            if await self._call(self.client.exists(absolute)):
+                continue
             try:
                 await self._call(self.client.create(absolute, data if last else b""))
                 created = last

@@ -8,7 +8,7 @@ read (`pyserver.web.counts`) fills the keys again. This module owns what they
 share: the key of a user's counts and the memcached client of a data centre.
 
 May import: pyserver.errors, pyserver.userid, pyserver.addresses, pyserver.wire, pyserver.client,
-pyserver.servicelink.
+pyserver.servicelink, pyserver.servicekey.
 """
 
 from __future__ import annotations

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from pyserver.addresses import parse_host_port
 from pyserver.dirty.queue import DirtyQueue
+from pyserver.servicekey import ServiceKey
 from pyserver.servicelink import ServiceLink
 from pyserver.wire.ops import Op
 
@@ -137,11 +139,12 @@ class RemoteDirtyService:
         self,
         host: str,
         port: int,
-        service_key: str,
+        service_key: ServiceKey,
         *,
         timeout_s: float = 10.0,
         connect_timeout_s: float = 1.0,
         retry_connect_after_s: float = 1.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._link = ServiceLink(
             host,
@@ -151,10 +154,13 @@ class RemoteDirtyService:
             connect_timeout_s=connect_timeout_s,
             request_timeout_s=timeout_s,
             retry_connect_after_s=retry_connect_after_s,
+            tls=tls,
         )
 
     @classmethod
-    def from_address(cls, address: str, service_key: str, **options: Any) -> RemoteDirtyService:
+    def from_address(
+        cls, address: str, service_key: ServiceKey, **options: Any
+    ) -> RemoteDirtyService:
         host, port = parse_host_port(address)
         return cls(host, port, service_key, **options)
 

@@ -11,5 +11,5 @@ docs/cluster.md ("Discovery and several cells") describes the whole.
 
 May import: pyserver.errors, pyserver.userid, pyserver.addresses, pyserver.ring,
 pyserver.logcodec, pyserver.snapcache, pyserver.wire, pyserver.client, pyserver.store,
-pyserver.config, pyserver.cluster, pyserver.servicelink.
+pyserver.config, pyserver.cluster, pyserver.servicelink, pyserver.servicekey, pyserver.tls.
 """

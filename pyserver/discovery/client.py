@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import ssl
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,8 +38,10 @@ from pyserver.cluster.routing import OwnerRouter
 from pyserver.cluster.state import read_state
 from pyserver.errors import BadRequest, PyserverError, Unavailable
 from pyserver.ring import HashRing
+from pyserver.servicekey import ServiceKey, ServiceKeys
 from pyserver.servicelink import ServiceLinks
 from pyserver.snapcache import SnapshotCache
+from pyserver.tls import TierTls
 from pyserver.wire.ops import Op
 
 __all__ = ["CellRing", "ClusterClient", "ClusterRoute", "connect_to_cluster"]
@@ -91,7 +94,7 @@ class ClusterClient:
     def __init__(
         self,
         discovery: str | Iterable[str],
-        service_key: str,
+        service_key: ServiceKey,
         *,
         request_timeout: float = 30.0,
         attempt_timeout: float = 2.0,
@@ -99,6 +102,7 @@ class ClusterClient:
         cache_users: int = 1_000_000,
         backoff_initial_s: float = 0.02,
         backoff_max_s: float = 0.25,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.discovery = parse_addresses(discovery)
         self._service_key = service_key
@@ -111,6 +115,7 @@ class ClusterClient:
             connect_timeout_s=connect_timeout,
             request_timeout_s=request_timeout,
             retry_connect_after_s=0,  # the router retries with its own back-off
+            tls=tls,
         )
         self.router = OwnerRouter(
             self._locate, pool=self.pool, timeout_s=attempt_timeout, backoff_max_s=backoff_max_s
@@ -122,6 +127,7 @@ class ClusterClient:
             connect_timeout_s=min(connect_timeout, attempt_timeout),
             request_timeout_s=attempt_timeout,
             retry_connect_after_s=0,
+            tls=tls,
         )
         # spreads clients over the instances; not a secret
         self._preferred = random.randrange(len(self.discovery))  # nosec B311
@@ -135,7 +141,7 @@ class ClusterClient:
 
     @classmethod
     async def connect(
-        cls, discovery: str | Iterable[str], service_key: str, **options: Any
+        cls, discovery: str | Iterable[str], service_key: ServiceKey, **options: Any
     ) -> ClusterClient:
         """A client that has reached one discovery instance (Unavailable if none answers)."""
         client = cls(discovery, service_key, **options)
@@ -346,9 +352,13 @@ class ClusterRoute:
     """The MTA proxy's route in a cluster: DELIVER to the recipient's owner via discovery."""
 
     def __init__(
-        self, discovery: str | Sequence[str], service_key: str, timeout_s: float = 10.0
+        self,
+        discovery: str | Sequence[str],
+        service_key: ServiceKey,
+        timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
-        self._client = ClusterClient(discovery, service_key, request_timeout=timeout_s)
+        self._client = ClusterClient(discovery, service_key, request_timeout=timeout_s, tls=tls)
         self._timeout_s = timeout_s
 
     async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]:
@@ -365,5 +375,7 @@ async def connect_to_cluster(folder: str | Path, **options: Any) -> ClusterClien
     """A client of the cluster `pyserver cluster up` runs from `folder` (its discovery, its
     service key)."""
     state = read_state(Path(folder))
-    key = Path(state["service_key_file"]).read_text().strip()
-    return await ClusterClient.connect(state["discovery"], key, **options)
+    keys = ServiceKeys.from_file(Path(state["service_key_file"]))
+    if state.get("tls"):  # `cluster up --tls`: its CA, and a certificate it signed
+        options.setdefault("tls", TierTls(**state["tls"]).client_context())
+    return await ClusterClient.connect(state["discovery"], keys, **options)

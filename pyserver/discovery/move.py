@@ -230,7 +230,7 @@ async def _open_store(spec: str) -> Any:
 async def _move_command(args: argparse.Namespace) -> int:
     settings = cluster_settings(args)
     logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
-    zk = ZooKeeper(settings.zookeeper, chroot=settings.chroot, session_timeout_s=10.0)
+    zk = settings.session(session_timeout_s=10.0)
     await zk.start(10.0)
     opened: list[Any] = []
     try:
@@ -267,7 +267,7 @@ async def _move_command(args: argparse.Namespace) -> int:
 async def _cell_command(args: argparse.Namespace) -> int:
     settings = cluster_settings(args)
     logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
-    zk = ZooKeeper(settings.zookeeper, chroot=settings.chroot, session_timeout_s=10.0)
+    zk = settings.session(session_timeout_s=10.0)
     await zk.start(10.0)
     try:
         fields: dict[str, Any] = {}

@@ -9,5 +9,5 @@ mta`). Calls the blob store, the address book (the store's addresses table) and
 app servers through the client library; nothing calls it.
 
 May import: pyserver.errors, pyserver.wire, pyserver.client, pyserver.store,
-pyserver.blobs, pyserver.servicelink, pyserver.addresses.
+pyserver.blobs, pyserver.servicelink, pyserver.addresses, pyserver.servicekey.
 """

@@ -11,9 +11,11 @@ discovery for the owner instead.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from typing import Any, Protocol
 
 from pyserver.errors import Unavailable
+from pyserver.servicekey import ServiceKey
 from pyserver.servicelink import ServiceLink
 from pyserver.wire.ops import Op
 
@@ -38,7 +40,14 @@ class SingleServerRoute:
     connection included.
     """
 
-    def __init__(self, host: str, port: int, service_key: str, timeout_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        service_key: ServiceKey,
+        timeout_s: float = 10.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._timeout_s = timeout_s
         self._link = ServiceLink(
             host,
@@ -48,6 +57,7 @@ class SingleServerRoute:
             connect_timeout_s=min(timeout_s, 5.0),
             request_timeout_s=timeout_s,
             retry_connect_after_s=0,  # the sending MTA paces its own retries
+            tls=tls,
         )
 
     async def deliver(self, payload: dict[str, Any]) -> dict[str, Any]:

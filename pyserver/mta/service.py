@@ -29,9 +29,21 @@ class MtaService:
         self.config = config
         self.route = route
         self.intake = MailIntake(addresses, blobs, route, MtaSettings.from_config(config))
-        self.proxy = MtaProxy(self.intake, hostname=_hostname(), timeout_s=config.idle_timeout_s)
+        self.proxy = MtaProxy(
+            self.intake,
+            hostname=_hostname(),
+            timeout_s=config.idle_timeout_s,
+            tls=config.public_tls(),
+        )
+        # the implicit-TLS port bound (with `smtps_port`), for the caller to publish
+        self.implicit_address: tuple[str, int] | None = None
 
     async def start(self) -> tuple[str, int]:
+        """Listen on the SMTP port (and the implicit-TLS port when configured)."""
+        if self.config.smtps_port >= 0:
+            self.implicit_address = await self.proxy.start_implicit(
+                self.config.host, self.config.smtps_port
+            )
         return await self.proxy.start(self.config.host, self.config.smtp_port)
 
     async def stop(self) -> None:

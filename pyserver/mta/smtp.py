@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import re
+import ssl
 import weakref
 from typing import Any
 
@@ -164,17 +165,31 @@ class _Handler:
 
 
 class MtaProxy:
-    """The SMTP listener: `await start(host, port)` returns the bound (host, port)."""
+    """The SMTP listener: `await start(host, port)` returns the bound (host, port).
 
-    def __init__(self, intake: MailIntake, *, hostname: str = "pyserver", timeout_s: float = 300):
+    With `tls`, the plain port offers STARTTLS (opportunistic, as between MTAs: a sender
+    that does not ask is still served), and `start_implicit` listens for TLS from the
+    first byte (RFC 8314).
+    """
+
+    def __init__(
+        self,
+        intake: MailIntake,
+        *,
+        hostname: str = "pyserver",
+        timeout_s: float = 300,
+        tls: ssl.SSLContext | None = None,
+    ):
         self.intake = intake
         self._handler = _Handler(intake)
         self._hostname = hostname
         self._timeout_s = timeout_s
+        self.tls = tls
         self._server: asyncio.base_events.Server | None = None
+        self._implicit: asyncio.base_events.Server | None = None
         self._sessions: weakref.WeakSet[SmtpSession] = weakref.WeakSet()
 
-    def _session(self) -> SmtpSession:
+    def _session(self, starttls: bool = True) -> SmtpSession:
         session = SmtpSession(
             self._handler,
             data_size_limit=self.intake.settings.max_mail_bytes,
@@ -184,6 +199,7 @@ class MtaProxy:
             ident="pyserver MTA proxy",
             timeout=self._timeout_s,
             loop=asyncio.get_running_loop(),
+            tls_context=self.tls if starttls else None,
         )
         self._sessions.add(session)
         return session
@@ -194,9 +210,27 @@ class MtaProxy:
         sockname: Any = self._server.sockets[0].getsockname()
         return sockname[0], sockname[1]
 
+    async def start_implicit(self, host: str, port: int) -> tuple[str, int]:
+        """Listen for SMTP over TLS from the first byte (needs `tls`)."""
+        if self.tls is None:
+            raise ValueError("implicit TLS needs a TLS context")
+        loop = asyncio.get_running_loop()
+        self._implicit = await loop.create_server(
+            lambda: self._session(starttls=False),
+            host,
+            port,
+            ssl=self.tls,
+            ssl_handshake_timeout=min(self._timeout_s, 30.0),
+        )
+        sockname: Any = self._implicit.sockets[0].getsockname()
+        return sockname[0], sockname[1]
+
     async def stop(self, grace_s: float = 5.0) -> None:
         """Stop listening; give transactions under way `grace_s`, then close every connection."""
         server, self._server = self._server, None
+        implicit, self._implicit = self._implicit, None
+        if implicit is not None:
+            implicit.close()
         if server is None:
             return
         server.close()

@@ -26,6 +26,7 @@ from pyserver.app.dispatcher import Dispatcher, MailboxLike, RequestObserver
 from pyserver.app.limits import UserRateLimiter
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.outbox import Outbox, SendMail
+from pyserver.app.revocations import Revocations
 from pyserver.app.server import AppServer, ServerLimits
 from pyserver.blobs import blob_store_for
 from pyserver.cluster.zk import ZooKeeper
@@ -54,20 +55,23 @@ def service_server(
     health_check: Callable[[], Awaitable[bool]] | None = None,
     observer: RequestObserver | None = None,
     user_limiter: UserRateLimiter | None = None,
+    revocations: Revocations | None = None,
 ) -> AppServer:
-    """`handler` served on the wire shell with the configured frame size and limits, under
-    the process name `name`; `config` must carry its service key (`Config.with_service_key`)."""
+    """`handler` served on the wire shell with the configured frame size, limits and TLS,
+    under the process name `name`; `config` must carry its service key
+    (`Config.with_service_key`)."""
     dispatcher = Dispatcher(
         handler,
-        config.service_key,
+        config.service_keys(),
         name,
         max_frame_size=config.max_frame_size,
         observer=observer,
         health_check=health_check,
         stats_section=stats_section,
         user_limiter=user_limiter,
+        revocations=revocations,
     )
-    return AppServer(dispatcher, ServerLimits.from_config(config))
+    return AppServer(dispatcher, ServerLimits.from_config(config), tls=config.server_tls())
 
 
 def zookeeper_session(config: Config) -> ZooKeeper:
@@ -78,6 +82,8 @@ def zookeeper_session(config: Config) -> ZooKeeper:
         chroot=config.zookeeper_chroot,
         session_timeout_s=config.zookeeper_session_timeout_s,
         call_timeout_s=max(1.0, min(5.0, config.zookeeper_session_timeout_s)),
+        auth=config.zookeeper_auth,
+        read_ids=config.zookeeper_read_id_list,
     )
 
 
@@ -99,12 +105,15 @@ class AppServerParts:
         self.config = config
         self.metrics = Metrics()
         self.store = store
+        # the trusted tiers' keys (re-read as they rotate) and TLS to the other tiers
+        self.keys = keys = config.service_keys()
+        tls = config.client_tls()
         timed_store: Any = TimedStore(store, self.metrics)
         # attachments, long mail bodies and raw mail (GET_BLOB reads them; the MTA writes them)
         self.blobs = blob_store_for(config)
         # the user index: this process's own, or the user index service's
         self.user_index: LocalUserIndex | RemoteUserIndex = (
-            RemoteUserIndex.from_address(config.userindex_addr, config.service_key)
+            RemoteUserIndex.from_address(config.userindex_addr, keys, tls=tls)
             if config.userindex_addr
             else LocalUserIndex(timed_store)
         )
@@ -114,9 +123,7 @@ class AppServerParts:
         self.dirty_reporter: DirtyReporter | None = None
         if self.centres:
             if config.dirty_addr:
-                invalidate: Any = RemoteDirtyService.from_address(
-                    config.dirty_addr, config.service_key
-                )
+                invalidate: Any = RemoteDirtyService.from_address(config.dirty_addr, keys, tls=tls)
             else:
                 self.dirty_service = DirtyService(self.centres)
                 invalidate = self.dirty_service.invalidate
@@ -140,7 +147,7 @@ class AppServerParts:
         self.sms_gateway: RemoteSmsSender | None = None
         if config.sms_gateway_addr:
             host, port = parse_host_port(config.sms_gateway_addr)
-            self.sms_gateway = RemoteSmsSender(host, port, config.service_key)
+            self.sms_gateway = RemoteSmsSender(host, port, keys, tls=tls)
             self.sms_sender = self.sms_gateway.send
         if config.relay_addr:
             host, port = parse_host_port(config.relay_addr)
@@ -160,10 +167,15 @@ class AppServerParts:
                 give_up_after_s=config.outbound_give_up_s,
             )
             self.metrics.watch_outbox(self.outbox.stats)
+        # revoked user tokens, read from the store; sessions using one are signed out
+        self.revocations = Revocations(
+            store, refresh_s=config.revocation_refresh_s, on_change=self._revoke_sessions
+        )
         self.server = service_server(
             config,
             self.mailbox,
             config.node_id,
+            revocations=self.revocations,
             observer=self.metrics,
             health_check=store.healthy,
             user_limiter=(
@@ -180,11 +192,17 @@ class AppServerParts:
         self._listening = False
         self._recovery: asyncio.Task[None] | None = None
 
+    def _revoke_sessions(self) -> None:
+        self.dispatcher.revoke_sessions()
+
     async def open(self) -> None:
-        """Open the store and the blob store, start the dirty reports (nothing listens yet)."""
+        """Open the store and the blob store, read the revocations, start the dirty reports
+        (nothing listens yet)."""
         self.config.data_dir.mkdir(parents=True, exist_ok=True)
         await self.store.open()
         self._opened.append("store")
+        await self.revocations.start()
+        self._opened.append("revocations")
         await self.blobs.open()
         self._opened.append("blobs")
         if self.dirty_service is not None:
@@ -222,7 +240,9 @@ class AppServerParts:
         The outbox starts too, and queues again the mail a previous run left unsettled."""
         self._listening = True
         host, port = await self.server.start(self.config.host, self.config.port)
-        http_port = await self.http.start(self.config.host, self.config.http_port)
+        http_port = await self.http.start(
+            self.config.host, self.config.http_port, tls=self.config.public_tls()
+        )
         if self.outbox is not None:
             self.outbox.start()
             self._recovery = asyncio.get_running_loop().create_task(self._recover_outbound())
@@ -267,6 +287,8 @@ class AppServerParts:
             await self.dirty_service.close()
         if "blobs" in opened:
             await self.blobs.close()
+        if "revocations" in opened:
+            await self.revocations.close()
         if "store" in opened:
             await self.store.close()
         self._opened.clear()

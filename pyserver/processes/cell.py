@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -25,14 +24,14 @@ from typing import Any
 from aiohttp import web
 
 from pyserver import doctor, endpoints
-from pyserver.app.auth import check_service_key, make_user_token, verify_user_token
+from pyserver.app.auth import check_service_key, make_user_token, read_user_token
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import AppServer
 from pyserver.client import Client
 from pyserver.config import Config
 from pyserver.dirty import local_memcached
-from pyserver.errors import BadRequest, PyserverError, error_payload
+from pyserver.errors import BadRequest, PyserverError, Unauthenticated, error_payload
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
 from pyserver.mta.submission import SubmissionProxy
@@ -46,6 +45,7 @@ from pyserver.processes.runtime import (
 )
 from pyserver.processes.sms import SmsLink
 from pyserver.store.sqlite import SQLiteStore
+from pyserver.tls import TierTls
 from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
 from pyserver.userindex.service import UserIndexService
@@ -103,11 +103,18 @@ class SingleNodeCell:
             index_host, index_port = await self.userindex_server.start(self.config.host, 0)
             self.addresses["userindex"] = {"host": index_host, "port": index_port}
         route = SingleServerRoute(
-            host, port, self.config.service_key, self.config.mta_deliver_timeout_s
+            host,
+            port,
+            self.parts.keys,
+            self.config.mta_deliver_timeout_s,
+            tls=self.config.client_tls(),
         )
         self.mta = MtaService(self.config, self.parts.store, self.parts.blobs, route)
         smtp_host, smtp_port = await self.mta.start()
         self.addresses["smtp"] = {"host": smtp_host, "port": smtp_port}
+        if self.mta.implicit_address is not None:
+            smtps_host, smtps_port = self.mta.implicit_address
+            self.addresses["smtps"] = {"host": smtps_host, "port": smtps_port}
         if self.config.submission_port >= 0:
             self.submission = self._submission(route)
             sub_host, sub_port = await self.submission.start(
@@ -144,15 +151,19 @@ class SingleNodeCell:
 
     async def _start_web(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
-        self._web_client = await Client.connect(host, port, service_key=config.service_key)
+        self._web_client = await Client.connect(
+            host, port, service_key=self.parts.keys, tls=config.client_tls()
+        )
         assert self.counts is not None
         self.web = WebTier(
             self._web_client,
-            config.service_key,
+            self.parts.keys,
             counts=self.counts.read,
             blobs=self.parts.blobs,
             max_upload_bytes=config.web_max_upload_bytes,
             session_lifetime_s=config.web_session_s,
+            revoked=self.parts.revocations.refuses,
+            tls=config.public_tls(),
         )
         return config.host, await self.web.start(config.host, config.web_port)
 
@@ -168,22 +179,28 @@ class SingleNodeCell:
     def sign_in_link(self, user: int, valid_s: int = 86_400) -> str:
         """A link that signs a browser in to the web tier as `user` (for a day)."""
         web_addr = self.addresses["web"]
-        token = make_user_token(user, int(time.time()) + valid_s, self.config.service_key)
-        return f"http://{web_addr['host']}:{web_addr['port']}/login?token={token}"
+        token = make_user_token(user, int(time.time()) + valid_s, self.parts.keys)
+        scheme = "https" if self.config.tls else "http"
+        return f"{scheme}://{web_addr['host']}:{web_addr['port']}/login?token={token}"
 
     def _submission(self, route: SingleServerRoute) -> SubmissionProxy:
-        key = self.config.service_key
-        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        tls.load_cert_chain(self.config.tls_cert_file, self.config.tls_key_file)
+        tls = TierTls(self.config.tls_cert_file, self.config.tls_key_file)
         return SubmissionProxy(
             self.parts.store,
             route,
-            lambda token: verify_user_token(token, key, time.time()),
-            tls,
+            self._submission_user,
+            tls.server_context(require_client_cert=False),
             blobs=self.parts.blobs,
             mail_domain=self.config.mail_domain,
             max_mail_bytes=self.config.max_mail_bytes,
         )
+
+    def _submission_user(self, user_token: str) -> int:
+        """The user a mail client's AUTH token grants (Unauthenticated if none, or revoked)."""
+        token = read_user_token(user_token, self.parts.keys, time.time())
+        if self.parts.revocations.refuses(token):
+            raise Unauthenticated(f"user token {token.token_id} is revoked")
+        return token.user
 
     async def _counts_of(self, user_id: int) -> dict[str, Any]:
         return await self.parts.mailbox.execute(Op.COUNTS, {"user": user_id})
@@ -193,7 +210,7 @@ class SingleNodeCell:
         trusted tiers only (`Authorization: Bearer <service key>`): a person reads their
         counts through the web tier's session."""
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
-        if not check_service_key(given, self.config.service_key):
+        if not check_service_key(given, self.parts.keys):
             why = "GET /counts needs Authorization: Bearer <service key>"
             refused = {"code": "UNAUTHENTICATED", "message": why}
             return web.json_response(

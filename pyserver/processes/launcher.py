@@ -30,9 +30,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess  # nosec B404
@@ -44,9 +46,10 @@ from typing import Any
 
 from pyserver import endpoints
 from pyserver.cluster.state import STATE_FILE, NoCluster, read_state, write_state
-from pyserver.cluster.zk import ZooKeeper
+from pyserver.cluster.zk import NoNode, ZooKeeper, digest_id
 from pyserver.discovery.move import set_cell_record
 from pyserver.servicekey import load_or_create_service_key
+from pyserver.tls import TierTls, make_dev_certificates
 
 __all__ = ["add_parser", "cluster_down", "cluster_status", "cluster_up"]
 
@@ -140,8 +143,11 @@ async def _drop_tables(namespaces: list[str]) -> None:
             print(f"pyserver: dropping {namespace}'s tables: {error}", file=sys.stderr)
 
 
-async def _write_cells(zookeeper: str, chroot: str, stores: dict[str, str]) -> None:
-    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=10.0)
+async def _write_cells(
+    zookeeper: str, chroot: str, stores: dict[str, str], acl: dict[str, Any] | None
+) -> None:
+    """The cells' records (and the chroot, with the cluster's ACLs when it has them)."""
+    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=10.0, **_zookeeper_identity(acl))
     await zk.start(15.0)
     try:
         for cell, store in stores.items():
@@ -150,24 +156,42 @@ async def _write_cells(zookeeper: str, chroot: str, stores: dict[str, str]) -> N
         await zk.close()
 
 
-async def _remove_tree(zookeeper: str, chroot: str) -> None:
-    import aiozk
+def _zookeeper_identity(acl: dict[str, Any] | None) -> dict[str, Any]:
+    """The cluster's own ZooKeeper identity (`--tls`), as ZooKeeper() takes it."""
+    return {"auth": acl["auth"], "read_ids": acl["read_ids"]} if acl else {}
 
-    client = aiozk.ZKClient(zookeeper, session_timeout=5)
+
+async def _remove_tree(zookeeper: str, chroot: str, acl: dict[str, Any] | None) -> None:
+    zk = ZooKeeper(zookeeper, chroot="", session_timeout_s=10.0, **_zookeeper_identity(acl))
+    await zk.start(10.0)
+
+    async def remove(path: str) -> None:
+        for child in await zk.get_children(path):
+            await remove(f"{path}/{child}")
+        with contextlib.suppress(NoNode):
+            await zk.delete(path)
+
     try:
-        await asyncio.wait_for(client.start(), 10)
-        if await client.exists(chroot):
-            await client.deleteall(chroot)
+        if await zk.exists(chroot):
+            await remove(chroot)
     finally:
-        await client.close()
+        await zk.close()
 
 
 # ---- processes ----
 
 
 def _spawn(
-    folder: Path, name: str, role: str, args: list[str], env: dict[str, str], **fields: Any
+    folder: Path,
+    base_env: dict[str, str],
+    name: str,
+    role: str,
+    args: list[str],
+    env: dict[str, str],
+    **fields: Any,
 ) -> dict[str, Any]:
+    """Start one process of the cluster with `base_env` (every process's settings, TLS)
+    and its own `env`."""
     log_path = folder / "logs" / f"{name}.log"
     ready_path = folder / "ready" / f"{name}.json"
     ready_path.unlink(missing_ok=True)
@@ -178,7 +202,7 @@ def _spawn(
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=os.getcwd(),
-            env={**os.environ, **env, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, **base_env, **env, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # outlives `cluster up`; not hit by the terminal's ^C
         )
     return {
@@ -230,6 +254,7 @@ def cluster_up(
     timeout_s: float = 120.0,
     smsc: str = "",
     short_codes: str = "",
+    tls: bool = False,
     say: Any = print,
 ) -> dict[str, Any]:
     """Start the cluster (module docstring); its state, once every process serves."""
@@ -252,6 +277,20 @@ def cluster_up(
     cell_names = [f"cell-{i}" for i in range(1, cells + 1)]
     data = (folder / "data").resolve()
     data.mkdir(exist_ok=True)
+    # with --tls: a throwaway CA for the cluster, every process with a certificate from it,
+    # every listener TLS and every connection between the tiers mutual TLS
+    base_env: dict[str, str] = {}
+    tier_tls: TierTls | None = None
+    if tls:
+        tier_tls = make_dev_certificates((folder / "tls").resolve())
+        say(f"TLS: a CA for this cluster in {folder / 'tls'} (mutual TLS between the tiers)")
+        base_env = {
+            "PYSERVER_TLS": "1",
+            "PYSERVER_TLS_CERT_FILE": tier_tls.cert_file,
+            "PYSERVER_TLS_KEY_FILE": tier_tls.key_file,
+            "PYSERVER_TLS_CA_FILE": tier_tls.ca_file,
+            "PYSERVER_TLS_MUTUAL": "1",
+        }
     if engine == "hbase":
         directory_store = f"hbase:{THRIFT}/{prefix}"
         stores = {cell: f"hbase:{THRIFT}/{prefix}_{cell.replace('-', '_')}" for cell in cell_names}
@@ -265,7 +304,21 @@ def cluster_up(
         asyncio.run(
             _create_tables([spec.rsplit("/", 1)[1] for spec in [directory_store, *stores.values()]])
         )
-    asyncio.run(_write_cells(ZOOKEEPER, chroot, stores))
+    # with --tls, ACLs too: the cluster's processes sign in to ZooKeeper as its own
+    # identity (discovery as a read-only one), and nothing else may read or change its tree
+    acl: dict[str, Any] | None = None
+    if tls:
+        acl = previous.get("zookeeper_acl") if previous else None
+        if acl is None:
+            reader = f"reader:{secrets.token_hex(16)}"
+            acl = {
+                "auth": f"pyserver:{secrets.token_hex(16)}",
+                "reader_auth": reader,
+                "read_ids": [digest_id(reader)],
+            }
+        base_env["PYSERVER_ZOOKEEPER_AUTH"] = acl["auth"]
+        base_env["PYSERVER_ZOOKEEPER_READ_IDS"] = ",".join(acl["read_ids"])
+    asyncio.run(_write_cells(ZOOKEEPER, chroot, stores, acl))
 
     load_or_create_service_key(data)
     state: dict[str, Any] = {
@@ -277,28 +330,46 @@ def cluster_up(
         "cells": stores,
         "data": str(data),
         "service_key_file": str(data / "service.key"),
+        "tls": dataclasses.asdict(tier_tls) if tier_tls is not None else None,
+        "zookeeper_acl": acl,
         "discovery": [],
         "processes": [],
     }
     started: list[dict[str, Any]] = []
+    # discovery only reads the cells' tree: it signs in as the read-only identity
+    reader_env = {"PYSERVER_ZOOKEEPER_AUTH": acl["reader_auth"]} if acl else {}
     common = ["--data", str(data)]
     zk_args = ["--zookeeper", ZOOKEEPER, "--chroot", chroot]
     try:
         # discovery, the user index and the dirty service first: the app servers call them
         services = [
-            _spawn(folder, f"discovery-{i}", "discovery",
+            _spawn(folder, base_env, f"discovery-{i}", "discovery",
                    ["discovery", *common, "--port", "0", *zk_args, "--store", directory_store,
-                    "--instance", str(i)], {})
+                    "--instance", str(i)], reader_env)
             for i in (1, 2)
         ]  # fmt: skip
         services.append(
-            _spawn(folder, "userindex", "userindex", ["userindex", *common, "--port", "0"], {})
+            _spawn(
+                folder,
+                base_env,
+                "userindex",
+                "userindex",
+                ["userindex", *common, "--port", "0"],
+                {},
+            )
         )
         dcs = f"east={MEMCACHED[0]},west={MEMCACHED[1]}"
         if memcached:
             dirty_args = ["dirty", *common, "--port", "0", "--dc", dcs.split(",")[0]]
             services.append(
-                _spawn(folder, "dirty", "dirty", [*dirty_args, "--dc", dcs.split(",")[1]], {})
+                _spawn(
+                    folder,
+                    base_env,
+                    "dirty",
+                    "dirty",
+                    [*dirty_args, "--dc", dcs.split(",")[1]],
+                    {},
+                )
             )
         started += services
         _wait_ready(services, timeout_s)
@@ -317,7 +388,7 @@ def cluster_up(
             }
         if smsc:  # the SMS gateway: texts in through discovery, the nodes' texts out
             sms = _spawn(
-                folder, "sms", "sms",
+                folder, base_env, "sms", "sms",
                 ["sms", *common, "--port", "0", "--discovery", discovery, "--smsc", smsc,
                  "--short-codes", short_codes],
                 {"PYSERVER_STORE": directory_store},
@@ -334,22 +405,22 @@ def cluster_up(
                         "--discovery", discovery,
                         "--session-timeout", str(session_timeout_s)]  # fmt: skip
                 app_servers.append(
-                    _spawn(folder, node_id, "node", args, env, cell=cell, node=node_id)
+                    _spawn(folder, base_env, node_id, "node", args, env, cell=cell, node=node_id)
                 )
         started += app_servers
         _wait_ready(app_servers, timeout_s)
         mta = _spawn(
-            folder, "mta", "mta",
+            folder, base_env, "mta", "mta",
             ["mta", *common, "--smtp-port", "0", "--discovery", discovery],
             {"PYSERVER_STORE": directory_store},
         )  # fmt: skip
         started.append(mta)
         # the web tier: the inbox and web chat, every user's owner found through discovery
-        web_env = {"PYSERVER_BLOB_STORE": directory_store}
+        web_env = {"PYSERVER_BLOB_STORE": directory_store, "PYSERVER_STORE": directory_store}
         if memcached:
             web_env["PYSERVER_MEMCACHED_DCS"] = dcs
         web = _spawn(
-            folder, "web", "web",
+            folder, base_env, "web", "web",
             ["web", *common, "--port", "0", "--discovery", discovery], web_env,
         )  # fmt: skip
         started.append(web)
@@ -424,7 +495,7 @@ def cluster_down(folder: Path, *, purge: bool = False, grace_s: float = 30.0) ->
     state = read_state(folder)
     killed = _stop(state["processes"], grace_s)
     if purge:
-        asyncio.run(_remove_tree(state["zookeeper"], state["chroot"]))
+        asyncio.run(_remove_tree(state["zookeeper"], state["chroot"], state.get("zookeeper_acl")))
         if state["engine"] == "hbase":
             specs = [state["directory_store"], *state["cells"].values()]
             asyncio.run(_drop_tables([spec.rsplit("/", 1)[1] for spec in specs]))
@@ -451,7 +522,7 @@ def _up(args: argparse.Namespace) -> int:
         cluster_up(
             args.dir, args.cells, args.nodes, engine=args.engine,
             session_timeout_s=args.session_timeout, timeout_s=args.timeout,
-            smsc=args.smsc or "", short_codes=args.short_codes or "",
+            smsc=args.smsc or "", short_codes=args.short_codes or "", tls=args.tls,
         )  # fmt: skip
     except (LaunchError, NoCluster) as error:
         print(f"pyserver cluster: {error}", file=sys.stderr)
@@ -504,6 +575,9 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=120.0, help="seconds for all to start")
     up.add_argument("--smsc", help="SMSCs for an SMS gateway (pyserver sms), host:port,...")
     up.add_argument("--short-codes", help="the SMS short codes and their owners, CODE=USER,...")
+    up.add_argument(
+        "--tls", action="store_true", help="TLS on every listener, mutual TLS between the tiers"
+    )
     up.set_defaults(handler=_up)
     status = action("status", "each process: role, cell, node, address, pid, alive")
     status.add_argument("--json", action="store_true", help="print one JSON object")

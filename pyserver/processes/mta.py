@@ -35,15 +35,14 @@ async def _serve(config: Any, server: str | None, ready: Path | None) -> None:
     store = open_store(parse_store_spec(config.store, config.data_dir))
     blobs = blob_store_for(config)
     route: Any
+    keys, tls = config.service_keys(), config.client_tls()
     if config.discovery_addrs:  # a cluster: each recipient's owner, through discovery
         target = f"discovery {config.discovery_addrs}"
-        route = ClusterRoute(
-            config.discovery_addrs, config.service_key, config.mta_deliver_timeout_s
-        )
+        route = ClusterRoute(config.discovery_addrs, keys, config.mta_deliver_timeout_s, tls=tls)
     else:
         host, port = endpoints.server_address(config.data_dir, server)
         target = f"{host}:{port}"
-        route = SingleServerRoute(host, port, config.service_key, config.mta_deliver_timeout_s)
+        route = SingleServerRoute(host, port, keys, config.mta_deliver_timeout_s, tls=tls)
     await store.open()
     try:
         await blobs.open()
@@ -52,7 +51,12 @@ async def _serve(config: Any, server: str | None, ready: Path | None) -> None:
             smtp_host, smtp_port = await service.start()
             print(f"pyserver: MTA proxy listening on {smtp_host}:{smtp_port}", flush=True)
             print(f"  delivering to     {target}", flush=True)
-            announce_ready(ready, "mta", f"{smtp_host}:{smtp_port}", {"delivering_to": target})
+            extra: dict[str, Any] = {"delivering_to": target}
+            if service.implicit_address is not None:
+                smtps_host, smtps_port = service.implicit_address
+                print(f"  SMTP over TLS     {smtps_host}:{smtps_port}", flush=True)
+                extra["smtps"] = f"{smtps_host}:{smtps_port}"
+            announce_ready(ready, "mta", f"{smtp_host}:{smtp_port}", extra)
             try:
                 await stopped.wait()
             finally:

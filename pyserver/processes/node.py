@@ -72,12 +72,14 @@ class ClusterNode:
         self.ring = RingWatch(self.zk, config.cell, tokens_per_node=config.tokens_per_node)
         self.membership = Membership(self.zk, config.cell, config.node_id, config.tokens_per_node)
         self.fence = OwnershipFence(self.membership, self.ring)
+        keys, tls = config.service_keys(), config.client_tls()
         self.pool = ServiceLinks(
-            config.service_key,
+            keys,
             name="app server",
             connect_timeout_s=1.0,
             request_timeout_s=config.relay_timeout_s,
             retry_connect_after_s=0,  # the router retries a peer with its own back-off
+            tls=tls,
         )
         self.relay = OwnerRouter(
             self.fence.owner_of, pool=self.pool, timeout_s=config.relay_timeout_s
@@ -87,9 +89,10 @@ class ClusterNode:
         if config.discovery_addrs:
             self.cells = ClusterClient(
                 config.discovery,
-                config.service_key,
+                keys,
                 request_timeout=config.relay_timeout_s,
                 attempt_timeout=min(2.0, config.relay_timeout_s),
+                tls=tls,
             )
         self.parts = AppServerParts(
             config,

@@ -87,11 +87,12 @@ class SmsProcess:
         config = self.config
         await self.store.open()
         timeout = config.mta_deliver_timeout_s
+        keys, tls = config.service_keys(), config.client_tls()
         if config.discovery_addrs:
-            self.route = ClusterRoute(config.discovery_addrs, config.service_key, timeout)
+            self.route = ClusterRoute(config.discovery_addrs, keys, timeout, tls=tls)
         else:
             server_host, server_port = endpoints.server_address(config.data_dir, self._server)
-            self.route = SingleServerRoute(server_host, server_port, config.service_key, timeout)
+            self.route = SingleServerRoute(server_host, server_port, keys, timeout, tls=tls)
         self.sms = sms = SmsLink(config, self.route.request, self.store.resolve_address)
         # bound within a few seconds, or serving on while it rebinds
         await asyncio.wait(

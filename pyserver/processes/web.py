@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pyserver import endpoints
+from pyserver.app.revocations import Revocations
 from pyserver.blobs import blob_store_for
 from pyserver.client import Client
 from pyserver.cluster.state import read_state
@@ -24,6 +25,7 @@ from pyserver.config import Config, load_config
 from pyserver.dirty import local_memcached
 from pyserver.discovery.client import ClusterClient
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
+from pyserver.store.spec import open_store
 from pyserver.web.counts import CountReader
 from pyserver.web.server import WebTier
 from pyserver.wire.ops import Op
@@ -44,27 +46,34 @@ class WebProcess:
         self.counts: CountReader | None = None
         self.web: WebTier | None = None
         self._target = ""
+        # revoked user tokens, read from the store (a cluster's directory store, where
+        # `pyserver admin revoke --cluster` records them too): their sessions end
+        self.store = open_store(config.store_spec)
+        self.revocations = Revocations(self.store, refresh_s=config.revocation_refresh_s)
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
+        keys, tls = config.service_keys(), config.client_tls()
         if config.discovery_addrs:
             self._target = f"discovery {config.discovery_addrs}"
-            self.servers = await ClusterClient.connect(config.discovery, config.service_key)
+            self.servers = await ClusterClient.connect(config.discovery, keys, tls=tls)
         else:
             server_host, server_port = endpoints.server_address(config.data_dir, self._server)
             self._target = f"{server_host}:{server_port}"
-            self.servers = await Client.connect(
-                server_host, server_port, service_key=config.service_key
-            )
+            self.servers = await Client.connect(server_host, server_port, service_key=keys, tls=tls)
+        await self.store.open()
+        await self.revocations.start()
         await self.blobs.open()
         self.counts = CountReader(await local_memcached(config), self._counts_of)
         self.web = WebTier(
             self.servers,
-            config.service_key,
+            keys,
             counts=self.counts.read,
             blobs=self.blobs,
             max_upload_bytes=config.web_max_upload_bytes,
             session_lifetime_s=config.web_session_s,
+            revoked=self.revocations.refuses,
+            tls=config.public_tls(),
         )
         return host, await self.web.start(host, port)
 
@@ -76,6 +85,8 @@ class WebProcess:
         if self.counts is not None and self.counts.cache is not None:
             await self.counts.cache.close()
         await self.blobs.close()
+        await self.revocations.close()
+        await self.store.close()
 
     def banner(self) -> list[str]:
         return [f"app servers {self._target}", f"blob store  {self.config.blob_store or 'local'}"]
@@ -90,8 +101,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.cluster:  # a `pyserver cluster up` folder: its discovery and its service key
         state = read_state(Path(args.cluster))
         overrides["discovery_addrs"] = overrides["discovery_addrs"] or ",".join(state["discovery"])
-        overrides["service_key"] = Path(state["service_key_file"]).read_text().strip()
+        overrides["service_key_file"] = state["service_key_file"]
         overrides["blob_store"] = state["directory_store"]
+        overrides["store"] = state["directory_store"]
     config = load_config(args.config, overrides=overrides)
     configure_logging(config.log_level)
     port = args.port if args.port is not None else config.web_port

@@ -8,5 +8,5 @@ users' copies and settles them by receipts; `service` is the gateway's service f
 a cluster's app servers (SMS_SUBMIT), and their sender that calls it.
 
 May import: pyserver.errors, pyserver.addresses, pyserver.userid, pyserver.wire,
-pyserver.client, pyserver.store, pyserver.servicelink.
+pyserver.client, pyserver.store, pyserver.servicelink, pyserver.servicekey.
 """

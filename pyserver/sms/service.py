@@ -12,11 +12,13 @@ user's log as it does in a single cell. A gateway that cannot be reached answers
 
 from __future__ import annotations
 
+import ssl
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
 from pyserver.errors import BadRequest, PyserverError
+from pyserver.servicekey import ServiceKey
 from pyserver.servicelink import ServiceLink
 from pyserver.wire.ops import Op
 
@@ -58,9 +60,16 @@ class SmsService:
 class RemoteSmsSender:
     """An app server's sender for phones: SMS_SUBMIT to the cluster's SMS gateway."""
 
-    def __init__(self, host: str, port: int, service_key: str, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        service_key: ServiceKey,
+        timeout_s: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+    ) -> None:
         self._link = ServiceLink(
-            host, port, service_key, name="SMS gateway", request_timeout_s=timeout_s
+            host, port, service_key, name="SMS gateway", request_timeout_s=timeout_s, tls=tls
         )
 
     async def send(self, mail: dict[str, Any]) -> dict[str, tuple[str, str]]:

@@ -196,7 +196,33 @@ class AddressStore(Lifecycle):
         """Register (or re-point) an address."""
 
 
-class Store(LogStore, DirectoryStore, SocialStore, AddressStore):
+# The token id a revocation of every token a user was issued before it carries.
+ALL_TOKENS = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class Revocation:
+    """A user token revoked (`token_id`), or every token of `user_id` issued before
+    `revoked_at` (`token_id` ALL_TOKENS). Times are Unix seconds."""
+
+    user_id: int
+    token_id: str
+    revoked_at: float
+
+
+class RevocationStore(Lifecycle):
+    """Revoked user tokens (read by every app server of the cell, a few times a minute)."""
+
+    @abstractmethod
+    async def revoke(self, revocation: Revocation) -> None:
+        """Record a revocation (idempotent; a new time for the same token replaces the old)."""
+
+    @abstractmethod
+    async def revocations(self) -> list[Revocation]:
+        """Every revocation recorded."""
+
+
+class Store(LogStore, DirectoryStore, SocialStore, AddressStore, RevocationStore):
     """A pluggable store of every table family. Every method is a coroutine; a write is
     durable when it returns.
 
@@ -205,5 +231,5 @@ class Store(LogStore, DirectoryStore, SocialStore, AddressStore):
     and sequence numbers are unsigned 64-bit: anything outside that range is a
     BadRequest (a ValueError), raised before anything is written. A part that needs
     one family only takes that family (`LogStore`, `DirectoryStore`, `SocialStore`,
-    `AddressStore`), so an engine serving only some of them fits it.
+    `AddressStore`, `RevocationStore`), so an engine serving only some of them fits it.
     """

@@ -34,7 +34,7 @@ from Hbase_thrift import IOError as ThriftIOError
 from thriftpy2.transport import TTransportException
 
 from pyserver.errors import BadRequest, PyserverError
-from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
+from pyserver.store.base import LogAppend, Revocation, Store, StoreUnavailable, WriteConflict
 from pyserver.store.hbase_layout import (
     ADDRESS_USER,
     DIRECTORY_CELL,
@@ -43,6 +43,7 @@ from pyserver.store.hbase_layout import (
     FRIEND_YES,
     HEAD,
     INDEX_MARK,
+    REVOCATION_FAMILY,
     SNAPSHOT_SEQ,
     STAGE_TOKEN_BYTES,
     TABLES,
@@ -937,6 +938,32 @@ class HBaseStore(Store):
         value = u64(user_id).to_bytes(8, "big")
         async with self._session("add_address") as client:
             await self._write_row(client, self._tables["addresses"], key, [(ADDRESS_USER, value)])
+
+    # ---- revoked user tokens ----
+
+    async def revoke(self, revocation: Revocation) -> None:
+        row = user_row(u64(revocation.user_id))
+        column = REVOCATION_FAMILY + b":" + text(revocation.token_id, "token id").encode()
+        at = round(revocation.revoked_at * 1_000_000).to_bytes(8, "big")
+        async with self._session("revoke") as client:
+            await self._write_row(client, self._tables["revocations"], row, [(column, at)])
+
+    async def revocations(self) -> list[Revocation]:
+        table = self._tables["revocations"]
+        scan = TScan(columns=[REVOCATION_FAMILY], caching=ROWS_PER_SCAN_CALL)
+
+        async def query(client: Any) -> list[Revocation]:
+            return [
+                Revocation(
+                    user_of_row(row),
+                    column[len(REVOCATION_FAMILY) + 1 :].decode(),
+                    int.from_bytes(value, "big") / 1_000_000,
+                )
+                async for row, cells in self._scan(client, table, scan)
+                for column, value in cells.items()
+            ]
+
+        return await self._read("revocations", query)
 
     async def user_ids(self) -> list[int]:
         # Heads whose last seq (their first 8 bytes) is not 0, without their values.

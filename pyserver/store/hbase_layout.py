@@ -37,6 +37,7 @@ TABLES: dict[str, tuple[str, ...]] = {
     "directory": ("c",),  # c:cell = the user's cell name
     "social": ("f",),  # f:<friend, 8 bytes BE> = 1 (friends) or 0 (no longer)
     "addresses": ("u",),  # u:user = the user id, 8 bytes BE; row = the address, case-folded
+    "revocations": ("r",),  # r:<token id> = revoked at (Unix µs, 8 bytes BE); row = the user
 }
 # Names other parts of pyserver keep in the same namespace (the blob store).
 RESERVED_TABLES = ("blobs",)
@@ -57,6 +58,7 @@ STAGE_TOKEN_BYTES = 16
 
 DIRECTORY_CELL = b"c:cell"
 ADDRESS_USER = b"u:user"
+REVOCATION_FAMILY = b"r"
 FRIEND_FAMILY = b"f"
 FRIEND_YES = b"\x01"
 FRIEND_NO = b"\x00"

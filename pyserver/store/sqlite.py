@@ -22,17 +22,25 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pyserver.errors import BadRequest
-from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
+from pyserver.store.base import LogAppend, Revocation, Store, StoreUnavailable, WriteConflict
 from pyserver.store.sqlite_file import SYNCHRONOUS_MODES, Schema, SQLiteFile
 
 __all__ = ["SYNCHRONOUS_MODES", "SQLiteStore", "index_path"]
 
 log = logging.getLogger(__name__)
 
+_REVOCATIONS_TABLE = """CREATE TABLE IF NOT EXISTS revocations (
+    user       BLOB NOT NULL,
+    token      TEXT NOT NULL,
+    revoked_at REAL NOT NULL,
+    PRIMARY KEY (user, token)
+) WITHOUT ROWID;
+"""
+
 # One table per column family of `users` (l, s, m), then the other tables. The search
 # index (family x) is in the index file.
 _SCHEMA = Schema(
-    create="""
+    create=f"""
 BEGIN IMMEDIATE;
 CREATE TABLE IF NOT EXISTS log (
     user   BLOB NOT NULL,
@@ -64,10 +72,10 @@ CREATE TABLE IF NOT EXISTS addresses (
     address TEXT PRIMARY KEY,
     user    BLOB NOT NULL
 ) WITHOUT ROWID;
-PRAGMA user_version = 2;
+{_REVOCATIONS_TABLE}PRAGMA user_version = 3;
 COMMIT;
 """,
-    version=2,
+    version=3,
     migrations={
         # 2: the search index moved to its own file, derived again from the log there
         1: """
@@ -75,6 +83,12 @@ BEGIN IMMEDIATE;
 DROP TABLE IF EXISTS terms;
 DROP TABLE IF EXISTS indexed;
 PRAGMA user_version = 2;
+COMMIT;
+""",
+        # 3: revoked user tokens
+        2: f"""
+BEGIN IMMEDIATE;
+{_REVOCATIONS_TABLE}PRAGMA user_version = 3;
 COMMIT;
 """,
     },
@@ -358,6 +372,20 @@ class SQLiteStore(Store):
         row = (_address_key(address), _u64_key(user_id))
         await self._write(partial(_execute, _ADD_ADDRESS, [row]))
 
+    # ---- revoked user tokens ----
+
+    async def revoke(self, revocation: Revocation) -> None:
+        row = (
+            _u64_key(revocation.user_id),
+            _text(revocation.token_id, "token id"),
+            float(revocation.revoked_at),
+        )
+        await self._write(partial(_execute, _REVOKE, [row]))
+
+    async def revocations(self) -> list[Revocation]:
+        rows = await self._read(_fetch, "SELECT user, token, revoked_at FROM revocations", ())
+        return [Revocation(_u64(user), token, at) for user, token, at in rows]
+
     async def user_ids(self) -> list[int]:
         rows = await self._read(_fetch, "SELECT DISTINCT user FROM log ORDER BY user", ())
         return [_u64(user) for (user,) in rows]
@@ -379,6 +407,7 @@ _PLACE_CELL = "INSERT OR IGNORE INTO directory (user, cell) VALUES (?, ?)"
 _ADD_FRIEND = "INSERT OR IGNORE INTO social (user, friend) VALUES (?, ?)"
 _REMOVE_FRIEND = "DELETE FROM social WHERE user = ? AND friend = ?"
 _ADD_ADDRESS = "INSERT OR REPLACE INTO addresses (address, user) VALUES (?, ?)"
+_REVOKE = "INSERT OR REPLACE INTO revocations (user, token, revoked_at) VALUES (?, ?, ?)"
 
 
 def _last_seq(conn: sqlite3.Connection, user: bytes) -> int:

@@ -6,7 +6,7 @@ application server calls; `pyserver.userindex.local.LocalUserIndex` implements i
 the store's social table, and a separate user index service can implement it too.
 
 May import: pyserver.errors, pyserver.userid, pyserver.wire, pyserver.store,
-pyserver.client, pyserver.servicelink, pyserver.addresses.
+pyserver.client, pyserver.servicelink, pyserver.addresses, pyserver.servicekey.
 """
 
 from __future__ import annotations

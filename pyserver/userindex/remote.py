@@ -8,10 +8,12 @@ then files the message in its default folder).
 
 from __future__ import annotations
 
+import ssl
 from typing import Any
 
 from pyserver.addresses import parse_host_port
 from pyserver.errors import PyserverError
+from pyserver.servicekey import ServiceKey
 from pyserver.servicelink import ServiceLink
 from pyserver.userindex import RELATIONS, Relation
 from pyserver.wire.ops import Op
@@ -31,12 +33,13 @@ class RemoteUserIndex:
         self,
         host: str,
         port: int,
-        service_key: str,
+        service_key: ServiceKey,
         *,
         relation_timeout_s: float = 0.5,
         write_timeout_s: float = 5.0,
         connect_timeout_s: float = 0.5,
         retry_connect_after_s: float = 1.0,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self._relation_timeout_s = relation_timeout_s
         self._write_timeout_s = write_timeout_s
@@ -48,10 +51,11 @@ class RemoteUserIndex:
             connect_timeout_s=connect_timeout_s,
             request_timeout_s=write_timeout_s,
             retry_connect_after_s=retry_connect_after_s,
+            tls=tls,
         )
 
     @classmethod
-    def from_address(cls, address: str, service_key: str, **options: Any) -> RemoteUserIndex:
+    def from_address(cls, address: str, service_key: ServiceKey, **options: Any) -> RemoteUserIndex:
         """A client of the service at "host:port"."""
         host, port = parse_host_port(address)
         return cls(host, port, service_key, **options)

@@ -6,5 +6,5 @@ signed-in user; `live` fans each user's mailbox events out to their open pages;
 `counts` reads unread counts through memcached.
 
 May import: pyserver.errors, pyserver.addresses, pyserver.dirty, pyserver.app,
-pyserver.client, pyserver.blobs, pyserver.userid, pyserver.wire.
+pyserver.client, pyserver.blobs, pyserver.userid, pyserver.wire, pyserver.servicekey.
 """

@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import ssl
 import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -38,6 +39,7 @@ import jinja2
 import orjson
 from aiohttp import WSMsgType, web
 
+from pyserver.app.auth import UserToken
 from pyserver.blobs import BlobStore
 from pyserver.errors import (
     BadRequest,
@@ -48,6 +50,7 @@ from pyserver.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pyserver.servicekey import ServiceKey
 from pyserver.userid import is_user_id
 from pyserver.web.live import LiveHub
 from pyserver.web.sessions import LOGIN_COOKIE, SESSION_COOKIE, SessionKeeper, WebSession
@@ -95,16 +98,21 @@ class WebTier:
     def __init__(
         self,
         servers: AppServers,
-        service_key: str,
+        service_key: ServiceKey,
         *,
         counts: Callable[[int], Awaitable[dict[str, Any]]],
         blobs: BlobStore | None = None,
         max_upload_bytes: int = 25 << 20,
         session_lifetime_s: int = 7 * 86_400,
         secure_cookies: bool = False,
+        revoked: Callable[[UserToken], bool] | None = None,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.servers = servers
-        self.sessions = SessionKeeper(service_key, lifetime_s=session_lifetime_s)
+        self.sessions = SessionKeeper(service_key, lifetime_s=session_lifetime_s, revoked=revoked)
+        # HTTPS with this context (and cookies marked Secure); None: plain HTTP
+        self.tls = tls
+        secure_cookies = secure_cookies or tls is not None
         self._counts = counts
         self.blobs = blobs
         self.max_upload_bytes = max_upload_bytes
@@ -161,7 +169,7 @@ class WebTier:
         """Listen; returns the bound port (0 picks a free one)."""
         self._runner = web.AppRunner(self.application(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls)
         await site.start()
         return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
 
