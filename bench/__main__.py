@@ -66,10 +66,12 @@ def _print_table(results: dict[str, object]) -> None:
 SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms")
 
 
-def _suite(name: str) -> Callable[[bool], dict[str, object]]:
+def _suite(name: str, tls: bool = False) -> Callable[[bool], dict[str, object]]:
     if name == "micro":
         return _micro
     module = importlib.import_module(f"bench.{name}")
+    if tls:  # only the suites that can run over TLS take it
+        return lambda quick: module.run(quick=quick, tls=True)
     return lambda quick: module.run(quick=quick)
 
 
@@ -78,13 +80,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("suite", choices=("micro", *SUITE_MODULES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--quick", action="store_true", help="a short smoke run, not for figures")
+    parser.add_argument(
+        "--tls", action="store_true", help="server: the cost of TLS (plain and mutual TLS)"
+    )
     args = parser.parse_args(argv)
+    if args.tls and args.suite != "server":
+        parser.error("--tls goes with the server suite")
 
     _require_native()
     started = time.perf_counter()
-    results = _suite(args.suite)(args.quick)
+    results = _suite(args.suite, args.tls)(args.quick)
     results["meta"] = {
-        "suite": args.suite,
+        "suite": args.suite + (" --tls" if args.tls else ""),
         "python": platform.python_version(),
         "machine": platform.machine(),
         "seconds": round(time.perf_counter() - started, 1),

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import ssl
 import sys
 import time
 from collections import Counter, deque
@@ -244,11 +245,20 @@ async def generate(args: argparse.Namespace) -> dict[str, Any]:
     loop = asyncio.get_running_loop()
     connections: list[_Connection] = []
     hello = orjson.dumps({"service_key": args.key})
+    tls = None
+    if args.tls_ca:  # TLS (mutual with a certificate): what the tiers of a TLS cell speak
+        tls = ssl.create_default_context(cafile=args.tls_ca)
+        if args.tls_cert:
+            tls.load_cert_chain(args.tls_cert, args.tls_key)
     senders = [int(user) for user in args.senders.split(",")] if args.senders else []
     for index in range(args.conns):
         sender = senders[index % len(senders)] if senders else args.first_sender + 2 * index
         _, conn = await loop.create_connection(
-            lambda sender=sender: _Connection(run, sender), args.host, args.port
+            lambda sender=sender: _Connection(run, sender),
+            args.host,
+            args.port,
+            ssl=tls,
+            server_hostname=args.host if tls else None,
         )
         conn.sent_at[_HELLO_ID] = 0
         conn.transport.write(encode_frame(KIND_REQUEST, Op.HELLO, _HELLO_ID, hello))
@@ -279,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline", type=int, default=1)
     parser.add_argument("--seconds", type=float, default=3.0)
     parser.add_argument("--warmup", type=float, default=0.5)
+    parser.add_argument("--tls-ca", help="speak TLS, trusting this CA (PEM)")
+    parser.add_argument("--tls-cert", help="with --tls-ca: the client certificate (PEM)")
+    parser.add_argument("--tls-key", help="with --tls-cert: its key (PEM)")
     args = parser.parse_args(argv)
     loop = new_event_loop()
     try:

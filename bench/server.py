@@ -31,17 +31,27 @@ from typing import Any
 
 from bench.listeners import free_port
 from bench.memory import cached_user_memory
+from pyserver.tls import TierTls
 
 OPS = ("counts", "get_thread", "send")
 SETTINGS = ((1, 1), (1, 16), (64, 1), (64, 16))  # (connections, pipeline depth)
 
 
 @contextlib.contextmanager
-def _cell(pure: bool) -> Iterator[tuple[int, str]]:
-    """A `pyserver run` process on a fresh data folder: yields (port, service key)."""
+def _cell(pure: bool, tls: TierTls | None = None) -> Iterator[tuple[int, str]]:
+    """A `pyserver run` process on a fresh data folder (with mutual TLS when given the
+    certificates): yields (port, service key)."""
     env = {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
     if pure:
         env["PYSERVER_PURE"] = "1"
+    if tls is not None:
+        env |= {
+            "PYSERVER_TLS": "1",
+            "PYSERVER_TLS_CERT_FILE": tls.cert_file,
+            "PYSERVER_TLS_KEY_FILE": tls.key_file,
+            "PYSERVER_TLS_CA_FILE": tls.ca_file,
+            "PYSERVER_TLS_MUTUAL": "1",
+        }
     with tempfile.TemporaryDirectory(prefix="bench-cell-") as data:
         port = free_port()
         proc = subprocess.Popen(
@@ -64,14 +74,15 @@ def _cell(pure: bool) -> Iterator[tuple[int, str]]:
                 proc.kill()
 
 
-async def _prefill(port: int, key: str) -> tuple[str, int]:
+async def _prefill(port: int, key: str, tls: TierTls | None = None) -> tuple[str, int]:
     """User 1 writes 30 messages to user 2 (friends), user 2 cached: (thread id, the size
     of a COUNTS reply frame, which the Redis value matches)."""
     import orjson
 
     from pyserver.client import Client
 
-    async with await Client.connect("127.0.0.1", port, service_key=key) as client:
+    context = tls.client_context() if tls is not None else None
+    async with await Client.connect("127.0.0.1", port, service_key=key, tls=context) as client:
         await client.friend_add(1, 2)
         reply = {}
         for n in range(30):
@@ -82,26 +93,33 @@ async def _prefill(port: int, key: str) -> tuple[str, int]:
 
 
 def _loadgen(port: int, key: str, op: str, conns: int, pipeline: int, thread: str,
-             seconds: float) -> dict[str, Any]:  # fmt: skip
+             seconds: float, tls: TierTls | None = None) -> dict[str, Any]:  # fmt: skip
+    tls_args = (
+        ["--tls-ca", tls.ca_file, "--tls-cert", tls.cert_file, "--tls-key", tls.key_file]
+        if tls is not None
+        else []
+    )
     out = subprocess.run(
         [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--key", key, "--op", op,
          "--conns", str(conns), "--pipeline", str(pipeline), "--thread", thread,
-         "--seconds", str(seconds), "--user", "2"],
+         "--seconds", str(seconds), "--user", "2", *tls_args],
         env={k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"},
         capture_output=True, text=True, check=True, timeout=120,
     )  # fmt: skip
     return json.loads(out.stdout)
 
 
-def _run_mode(pure: bool, seconds: float) -> tuple[list[dict[str, Any]], int]:
+def _run_mode(
+    pure: bool, seconds: float, tls: TierTls | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """Every scenario against one cell; and the size of its COUNTS reply."""
     results = []
-    with _cell(pure) as (port, key):
-        thread, counts_bytes = asyncio.run(_prefill(port, key))
+    with _cell(pure, tls) as (port, key):
+        thread, counts_bytes = asyncio.run(_prefill(port, key, tls))
         for op in OPS:
             for conns, pipeline in SETTINGS:
-                result = _loadgen(port, key, op, conns, pipeline, thread, seconds)
-                result["mode"] = "pure" if pure else "native"
+                result = _loadgen(port, key, op, conns, pipeline, thread, seconds, tls)
+                result["mode"] = ("pure" if pure else "native") + ("+tls" if tls else "")
                 results.append(result)
                 print(f"  {result}", file=sys.stderr)
     return results, counts_bytes
@@ -177,7 +195,44 @@ def _find(results: list[dict[str, Any]], op: str, conns: int, pipeline: int) -> 
     )
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run_tls(quick: bool = False) -> dict[str, Any]:
+    """`bench server --tls`: the native server in plain text and under mutual TLS, in the
+    same run; every scenario's ops/s under TLS over plain."""
+    from pyserver.tls import make_dev_certificates
+
+    seconds = 0.5 if quick else 2.0
+    with tempfile.TemporaryDirectory(prefix="bench-tls-") as folder:
+        tls = make_dev_certificates(Path(folder))
+        print("bench server --tls: native + uvloop, plain text", file=sys.stderr)
+        plain, _ = _run_mode(False, seconds)
+        print("bench server --tls: native + uvloop, mutual TLS", file=sys.stderr)
+        secured, _ = _run_mode(False, seconds, tls)
+    by_scenario = {
+        f"{r['op']} {r['conns']}x{r['pipeline']}": round(
+            r["ops_per_s"] / max(_find(plain, r["op"], r["conns"], r["pipeline"])["ops_per_s"], 1),
+            3,
+        )
+        for r in secured
+    }
+
+    def geomean(op: str) -> float:
+        ratios = [v for k, v in by_scenario.items() if k.startswith(op + " ")]
+        return round(math.exp(sum(map(math.log, ratios)) / len(ratios)), 3)
+
+    return {
+        "scenarios": plain + secured,
+        "tls_vs_plain_by_scenario": by_scenario,
+        # geometric means over the settings: COUNTS of a cached user (the hot read), SEND
+        "tls_counts_vs_plain": geomean("counts"),
+        "tls_get_thread_vs_plain": geomean("get_thread"),
+        "tls_send_vs_plain": geomean("send"),
+        "tls_send_durable_ops_per_s": _find(secured, "send", 64, 1)["ops_per_s"],
+    }
+
+
+def run(quick: bool = False, tls: bool = False) -> dict[str, Any]:
+    if tls:
+        return run_tls(quick)
     seconds = 0.5 if quick else 2.0
     _redis_programs()  # before anything runs: no figure without its ceiling
     print("bench server: native + uvloop", file=sys.stderr)

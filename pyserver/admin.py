@@ -26,6 +26,7 @@ from typing import Any
 from pyserver.app.auth import make_user_token, read_user_token, token_id
 from pyserver.cluster import tools as cluster_tools
 from pyserver.cluster.state import read_state
+from pyserver.cluster.zk import digest_id
 from pyserver.discovery import move as discovery_move
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import Unauthenticated
@@ -124,6 +125,15 @@ def _keys(args: argparse.Namespace) -> int:
         write_service_keys(path, keys)
     for number, key in enumerate(keys):
         print(f"{key_id(key)}  {'current' if number == 0 else 'accepted'}")
+    return 0
+
+
+def _zk_digest(args: argparse.Namespace) -> int:
+    try:
+        print(digest_id(args.credentials))
+    except ValueError as error:
+        print(f"pyserver: {error}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -244,6 +254,11 @@ def add_parser(
     keys.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
     keys.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
     keys.set_defaults(handler=_keys)
+    digest = actions.add_parser(
+        "zk-digest", help="the ZooKeeper ACL id of user:password (for zookeeper_read_ids)"
+    )
+    digest.add_argument("credentials", help="user:password")
+    digest.set_defaults(handler=_zk_digest)
     action("rebuild", "regenerate a user's image from the log; report drift", _rebuild)
     export = action("export", "write a user's log as JSON lines", _export)
     export.add_argument("--out", help="file (default: standard output)")

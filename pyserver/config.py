@@ -60,6 +60,12 @@ class Config:
     # allowed above it (TOO_MANY beyond); 0: unlimited. Service connections are not limited.
     user_requests_per_s: float = 1000.0
     user_request_burst: int = 2000
+    # requests one user-token user may have running at once, over all connections (0: any)
+    user_max_in_flight: int = 1024
+    # requests a second from one peer address on connections that are not service
+    # connections (user tokens, and HELLOs: token guessing), and the burst; 0: unlimited
+    peer_requests_per_s: float = 5000.0
+    peer_request_burst: int = 10000
     # a frame must arrive whole within this long of its first byte (slow senders)
     frame_timeout_s: float = 30.0
     # connections from one peer address at once (TOO_MANY and closed beyond)
@@ -335,6 +341,10 @@ def _check(config: Config) -> None:
     _check_sms(config)
     if config.user_requests_per_s < 0 or config.user_request_burst < 1:
         raise ConfigError("config user_requests_per_s / user_request_burst: >= 0 and >= 1")
+    if config.peer_requests_per_s < 0 or config.peer_request_burst < 1:
+        raise ConfigError("config peer_requests_per_s / peer_request_burst: >= 0 and >= 1")
+    if config.user_max_in_flight < 0:
+        raise ConfigError("config user_max_in_flight: >= 0")
     for name in ("web_max_upload_bytes", "web_session_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")

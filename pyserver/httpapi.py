@@ -1,6 +1,6 @@
 """The HTTP side of a process: Prometheus `/metrics` and `/health`, on aiohttp.
 
-May import: pyserver.metrics.
+May import: pyserver.metrics, pyserver.slowclients.
 """
 
 from __future__ import annotations
@@ -13,14 +13,23 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from pyserver.metrics import Metrics
+from pyserver.slowclients import GuardedSite, SlowClientGuard
 
 
 class HttpEndpoint:
     """Serves /metrics and /health until `stop()`."""
 
-    def __init__(self, metrics: Metrics, health: Callable[[], Awaitable[dict[str, Any]]]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        health: Callable[[], Awaitable[dict[str, Any]]],
+        *,
+        head_timeout_s: float = 30.0,
+    ) -> None:
         self._metrics = metrics
         self._health = health
+        # a request's head must arrive within this long (slow clients are dropped)
+        self.guard = SlowClientGuard(head_timeout_s)
         self._runner: web.AppRunner | None = None
         # (path, handler) of GET routes other parts add before start()
         self._routes: list[tuple[str, Callable[[web.Request], Awaitable[web.StreamResponse]]]] = []
@@ -33,16 +42,16 @@ class HttpEndpoint:
 
     async def start(self, host: str, port: int, tls: ssl.SSLContext | None = None) -> int:
         """Listen (HTTPS with `tls`); returns the bound port (port 0 picks a free one)."""
-        app = web.Application()
+        app = web.Application(middlewares=[self.guard.middleware])
         app.router.add_get("/metrics", self._serve_metrics)
         app.router.add_get("/health", self._serve_health)
         for path, handler in self._routes:
             app.router.add_get(path, handler)
         self._runner = web.AppRunner(app, access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=tls)
+        site = GuardedSite(self._runner, host, port, self.guard, ssl_context=tls)
         await site.start()
-        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return site.port
 
     async def stop(self) -> None:
         if self._runner is not None:

@@ -11,6 +11,7 @@ import asyncio
 import http.cookiejar
 import os
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -189,7 +190,8 @@ class _NoRedirects(urllib.request.HTTPRedirectHandler):
 @pytest.fixture
 def plain_cell(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """A cell of its own (the tests change its keys and revoke its tokens)."""
-    proc, ready = _serve(tmp_path, {"PYSERVER_REVOCATION_REFRESH_S": "0.2"})
+    settings = {"PYSERVER_REVOCATION_REFRESH_S": "0.2", "PYSERVER_FRAME_TIMEOUT_S": "1.5"}
+    proc, ready = _serve(tmp_path, settings)
     try:
         yield {"ready": ready, "data": tmp_path}
     finally:
@@ -315,6 +317,36 @@ def test_a_revoked_token_is_refused_everywhere_within_seconds(plain_cell: dict[s
         await second.close()
 
     run(scenario, timeout=60)
+
+
+def test_slow_clients_are_dropped_on_every_listener_and_others_served(
+    plain_cell: dict[str, Any],
+) -> None:
+    ready = plain_cell["ready"]
+    trickles = {
+        "binary": (_address(ready, "server"), b"\x00\x00\x00"),  # a frame's length, cut short
+        "http": (_address(ready, "http"), b"GET /health HTTP/1.1\r\nHost: x\r\n"),
+        "web": (_address(ready, "web"), b"GET /login HTTP/1.1\r\nHost: x\r\nX-Slow: "),
+    }
+    opened = {}
+    for name, ((host, port), start) in trickles.items():
+        sock = socket.create_connection((host, port), timeout=10)
+        sock.sendall(start)
+        opened[name] = sock
+    # others are served meanwhile
+    http_host, http_port = _address(ready, "http")
+    with urllib.request.urlopen(f"http://{http_host}:{http_port}/health", timeout=10) as ok:
+        assert ok.status == 200
+    started = time.monotonic()
+    for name, sock in opened.items():
+        with sock:
+            try:
+                while sock.recv(65536):  # the binary listener says TOO_MANY first
+                    pass
+            except ConnectionResetError:
+                pass
+            waited = time.monotonic() - started
+            assert waited < 8, f"{name}: a slow client held its connection {waited:.1f} s"
 
 
 def test_without_the_cells_credentials_nobody_joins_the_ring_or_freezes_a_user(

@@ -33,7 +33,7 @@ from pyserver.app.auth import (
     token_id,
     verify_user_token,
 )
-from pyserver.app.limits import UserRateLimiter
+from pyserver.app.limits import InFlightLimit, UserRateLimiter
 from pyserver.app.loop import loop_implementation, new_event_loop
 from pyserver.app.mailbox import Mailbox
 from pyserver.app.server import ServerLimits
@@ -547,6 +547,46 @@ def test_a_user_over_its_rate_is_told_too_many_and_others_are_served(
             # another user has a bucket of its own
             other = await cell.client(user_token=token_for(1))
             assert await other.counts(1)
+
+    impl.run(scenario)
+
+
+def test_token_guessing_from_one_peer_is_slowed_and_a_users_running_requests_capped(
+    tmp_path: Path, impl: Impl
+) -> None:
+    async def scenario() -> None:
+        peers = UserRateLimiter(rate=20, burst=20)
+        async with Cell(
+            tmp_path, impl, peer_limiter=peers, user_in_flight=InFlightLimit(3)
+        ) as cell:
+            service = await cell.client()
+            guesses: list[BaseException] = []
+            for attempt in range(40):  # a peer trying tokens, one connection after another
+                guesser = await cell.anonymous(reconnect=False)
+                try:
+                    await guesser.request(Op.HELLO, {"user_token": f"2.1.9999999999.0.{attempt}"})
+                except PyserverError as refused:
+                    guesses.append(refused)
+                await guesser.close()
+            assert len(guesses) == 40
+            # (the service connection's HELLO came from the same peer, before it was one)
+            assert all(isinstance(g, Unauthenticated) for g in guesses[:15]), guesses
+            assert sum(isinstance(g, TooMany) for g in guesses) >= 10, guesses
+            assert "peer 127.0.0.1 is over 20 requests a second" in str(guesses[-1])
+            assert (await service.counts(2))["folders"]  # the trusted tiers are not limited
+            # one user's requests running at once, over all their connections
+            await asyncio.sleep(1.0)  # the peer's bucket refills
+            first = await cell.client(user_token=token_for(2))
+            second = await cell.client(user_token=token_for(2))
+            slow = [asyncio.create_task(c.search(2, "slowpoke")) for c in (first, first, second)]
+            await cell.gated.entered.wait()
+            await asyncio.sleep(0.05)
+            with pytest.raises(TooMany, match="3 requests running"):
+                await second.search(2, "anything")
+            assert (await service.search(2, "anything")) is not None  # others still served
+            cell.gated.gate.set()
+            assert len(await asyncio.gather(*slow)) == 3
+            assert await second.search(2, "anything") is not None  # and the user again
 
     impl.run(scenario)
 

@@ -20,7 +20,7 @@ from typing import Any, Protocol
 import orjson
 
 from pyserver.app.auth import UserToken, check_service_key, read_user_token
-from pyserver.app.limits import UserRateLimiter
+from pyserver.app.limits import InFlightLimit, UserRateLimiter
 from pyserver.app.revocations import Revocations
 from pyserver.errors import (
     BadRequest,
@@ -157,6 +157,8 @@ class Dispatcher:
         max_subscriptions: int = 64,
         max_service_subscriptions: int = 100_000,
         user_limiter: UserRateLimiter | None = None,
+        peer_limiter: UserRateLimiter | None = None,
+        user_in_flight: InFlightLimit | None = None,
         observer: RequestObserver | None = None,
         health_check: Callable[[], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -181,6 +183,11 @@ class Dispatcher:
         self._max_service_subscriptions = max_service_subscriptions
         # requests per second of each user-token user (None: unlimited)
         self.user_limiter = user_limiter
+        # requests per second from one peer address over its connections that are not
+        # service connections, HELLO included (token guessing); None: unlimited
+        self.peer_limiter = peer_limiter
+        # requests of one user-token user running at once, over all their connections
+        self.user_in_flight = user_in_flight
         self.observer: RequestObserver = observer if observer is not None else NullObserver()
         self._health_check = health_check
         self._clock = clock
@@ -303,20 +310,30 @@ class Dispatcher:
         self._mailbox.remember_reply(op, payload, frame.payload, body)  # type: ignore[attr-defined]
         return kind, body
 
+    def _rate_limits(self, session: Session) -> list[tuple[UserRateLimiter, Any, str]]:
+        """The buckets a request of `session` draws on: (limiter, key, who) each."""
+        if session.is_service:
+            return []
+        limits = []
+        if self.user_limiter is not None and session.user is not None:
+            limits.append((self.user_limiter, session.user, f"user {session.user}"))
+        if self.peer_limiter is not None:
+            host = session.peer.rpartition(":")[0] or session.peer
+            limits.append((self.peer_limiter, host, f"peer {host}"))
+        return limits
+
     def admit(self, session: Session, frame: Frame) -> tuple[int, bytes] | None:
-        """The TOO_MANY answer to a request of a user over their rate, or None to go on."""
-        limiter = self.user_limiter
-        if limiter is None or session.user is None:
-            return None
-        if limiter.take(session.user, time.monotonic()):
-            return None
-        op = _OPS.get(frame.op)
-        error = TooMany(
-            f"user {session.user} is over {limiter.rate:g} requests a second: wait, then retry"
-        )
-        return self._finish(
-            session, frame, op.name if op else "unknown", time.perf_counter(), error
-        )
+        """The TOO_MANY answer to a request of a user or peer over its rate, or None."""
+        now = time.monotonic()
+        for limiter, key, who in self._rate_limits(session):
+            if limiter.take(key, now):
+                continue
+            op = _OPS.get(frame.op)
+            error = TooMany(f"{who} is over {limiter.rate:g} requests a second: wait, then retry")
+            return self._finish(
+                session, frame, op.name if op else "unknown", time.perf_counter(), error
+            )
+        return None
 
     def answer_buffered(self, session: Session, decoder: Any) -> bytes | None:
         """Reply frames, from the mailbox's reply table, to the leading buffered requests.
@@ -329,17 +346,20 @@ class Dispatcher:
         if not session.authenticated or self._reply_table is None:
             return None
         user = session.user
-        limiter = self.user_limiter if user is not None else None
-        # a limited user's run of table answers is charged afterwards, frame by frame;
-        # near the end of the bucket every request goes the charged way, one by one
-        if limiter is not None and limiter.available(user or 0, time.monotonic()) < _TABLE_RUN:
+        limits = self._rate_limits(session)
+        # a limited run of table answers is charged afterwards, frame by frame; near the
+        # end of a bucket every request goes the charged way, one by one
+        now = time.monotonic()
+        if any(limiter.available(key, now) < _TABLE_RUN for limiter, key, _ in limits):
             return None
         table = self._reply_table()
         if table is None:
             return None
         replies = table.answer(decoder, user or 0)
-        if replies and limiter is not None:
-            limiter.take(user or 0, time.monotonic(), _count_frames(replies))
+        if replies and limits:
+            count = _count_frames(replies)
+            for limiter, key, _ in limits:
+                limiter.take(key, time.monotonic(), count)
         return replies
 
     def _table_requests(self) -> dict[str, int]:
@@ -354,10 +374,18 @@ class Dispatcher:
         started = time.perf_counter()
         op = _OPS.get(frame.op)
         op_name = op.name if op is not None else UNKNOWN_OP
+        user = session.user  # (a revoked token's session loses it meanwhile)
+        running = self.user_in_flight if user is not None else None
+        if running is not None and not running.enter(user):
+            busy = TooMany(f"user {user} has {running.limit} requests running: wait for replies")
+            return self._finish(session, frame, op_name, started, busy)
         try:
             result = await self._answer(session, frame, op)
         except Exception as exc:
             return self._finish(session, frame, op_name, started, exc)
+        finally:
+            if running is not None:
+                running.leave(user)
         return self._finish(session, frame, op_name, started, result)
 
     def _finish(

@@ -23,7 +23,7 @@ from typing import Any
 
 from pyserver.addresses import parse_host_port
 from pyserver.app.dispatcher import Dispatcher, MailboxLike, RequestObserver
-from pyserver.app.limits import UserRateLimiter
+from pyserver.app.limits import InFlightLimit, UserRateLimiter
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.app.outbox import Outbox, SendMail
 from pyserver.app.revocations import Revocations
@@ -55,6 +55,8 @@ def service_server(
     health_check: Callable[[], Awaitable[bool]] | None = None,
     observer: RequestObserver | None = None,
     user_limiter: UserRateLimiter | None = None,
+    peer_limiter: UserRateLimiter | None = None,
+    user_in_flight: InFlightLimit | None = None,
     revocations: Revocations | None = None,
 ) -> AppServer:
     """`handler` served on the wire shell with the configured frame size, limits and TLS,
@@ -69,6 +71,8 @@ def service_server(
         health_check=health_check,
         stats_section=stats_section,
         user_limiter=user_limiter,
+        peer_limiter=peer_limiter,
+        user_in_flight=user_in_flight,
         revocations=revocations,
     )
     return AppServer(dispatcher, ServerLimits.from_config(config), tls=config.server_tls())
@@ -183,9 +187,17 @@ class AppServerParts:
                 if config.user_requests_per_s > 0
                 else None
             ),
+            peer_limiter=(
+                UserRateLimiter(config.peer_requests_per_s, config.peer_request_burst)
+                if config.peer_requests_per_s > 0
+                else None
+            ),
+            user_in_flight=(
+                InFlightLimit(config.user_max_in_flight) if config.user_max_in_flight else None
+            ),
         )
         self.dispatcher = self.server.dispatcher
-        self.http = HttpEndpoint(self.metrics, health)
+        self.http = HttpEndpoint(self.metrics, health, head_timeout_s=config.frame_timeout_s)
         self.metrics.watch_cache(self.mailbox.stats)
         self.metrics.connections.set_function(lambda: self.dispatcher.connections)
         self._opened: list[str] = []

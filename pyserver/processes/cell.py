@@ -164,6 +164,7 @@ class SingleNodeCell:
             session_lifetime_s=config.web_session_s,
             revoked=self.parts.revocations.refuses,
             tls=config.public_tls(),
+            head_timeout_s=config.frame_timeout_s,
         )
         return config.host, await self.web.start(config.host, config.web_port)
 

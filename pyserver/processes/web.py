@@ -74,6 +74,7 @@ class WebProcess:
             session_lifetime_s=config.web_session_s,
             revoked=self.revocations.refuses,
             tls=config.public_tls(),
+            head_timeout_s=config.frame_timeout_s,
         )
         return host, await self.web.start(host, port)
 

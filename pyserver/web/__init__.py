@@ -6,5 +6,6 @@ signed-in user; `live` fans each user's mailbox events out to their open pages;
 `counts` reads unread counts through memcached.
 
 May import: pyserver.errors, pyserver.addresses, pyserver.dirty, pyserver.app,
-pyserver.client, pyserver.blobs, pyserver.userid, pyserver.wire, pyserver.servicekey.
+pyserver.client, pyserver.blobs, pyserver.userid, pyserver.wire, pyserver.servicekey,
+pyserver.slowclients.
 """

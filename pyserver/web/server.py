@@ -51,6 +51,7 @@ from pyserver.errors import (
     Unavailable,
 )
 from pyserver.servicekey import ServiceKey
+from pyserver.slowclients import GuardedSite, SlowClientGuard
 from pyserver.userid import is_user_id
 from pyserver.web.live import LiveHub
 from pyserver.web.sessions import LOGIN_COOKIE, SESSION_COOKIE, SessionKeeper, WebSession
@@ -107,11 +108,14 @@ class WebTier:
         secure_cookies: bool = False,
         revoked: Callable[[UserToken], bool] | None = None,
         tls: ssl.SSLContext | None = None,
+        head_timeout_s: float = 30.0,
     ) -> None:
         self.servers = servers
         self.sessions = SessionKeeper(service_key, lifetime_s=session_lifetime_s, revoked=revoked)
         # HTTPS with this context (and cookies marked Secure); None: plain HTTP
         self.tls = tls
+        # a request's head must arrive within head_timeout_s (slow clients are dropped)
+        self.guard = SlowClientGuard(head_timeout_s)
         secure_cookies = secure_cookies or tls is not None
         self._counts = counts
         self.blobs = blobs
@@ -135,7 +139,7 @@ class WebTier:
     def application(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_upload_bytes + (64 << 10),
-            middlewares=[self._errors],
+            middlewares=[self.guard.middleware, self._errors],
         )
         app.on_response_prepare.append(_security_headers)
         get, post = app.router.add_get, app.router.add_post
@@ -169,9 +173,9 @@ class WebTier:
         """Listen; returns the bound port (0 picks a free one)."""
         self._runner = web.AppRunner(self.application(), access_log=None)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port, ssl_context=self.tls)
+        site = GuardedSite(self._runner, host, port, self.guard, ssl_context=self.tls)
         await site.start()
-        return site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return site.port
 
     async def stop(self) -> None:
         """Close every live page (their scripts reconnect to wherever the tier comes back)."""
