@@ -144,7 +144,7 @@ async def _drop_tables(namespaces: list[str]) -> None:
 
 
 async def _write_cells(
-    zookeeper: str, chroot: str, stores: dict[str, str], acl: dict[str, Any] | None
+    zookeeper: str, chroot: str, stores: dict[str, str], acl: dict[str, Any] | None = None
 ) -> None:
     """The cells' records (and the chroot, with the cluster's ACLs when it has them)."""
     zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=10.0, **_zookeeper_identity(acl))
@@ -161,7 +161,7 @@ def _zookeeper_identity(acl: dict[str, Any] | None) -> dict[str, Any]:
     return {"auth": acl["auth"], "read_ids": acl["read_ids"]} if acl else {}
 
 
-async def _remove_tree(zookeeper: str, chroot: str, acl: dict[str, Any] | None) -> None:
+async def _remove_tree(zookeeper: str, chroot: str, acl: dict[str, Any] | None = None) -> None:
     zk = ZooKeeper(zookeeper, chroot="", session_timeout_s=10.0, **_zookeeper_identity(acl))
     await zk.start(10.0)
 
