@@ -68,7 +68,7 @@ def _cell(*extra_args: str) -> Iterator[tuple[Path, int, int, str]]:
         asyncio.run(addresses())
         proc, ready = start_pyserver(
             ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1", *extra_args],
+             "--web-port", "-1", "--imap-port", "-1", *extra_args],
             data / "ready.json",
         )  # fmt: skip
         try:

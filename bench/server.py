@@ -56,7 +56,7 @@ def _cell(pure: bool, tls: TierTls | None = None) -> Iterator[tuple[int, str]]:
         port = free_port()
         proc = subprocess.Popen(
             [sys.executable, "-m", "pyserver.cli", "run", "--data", data, "--port", str(port),
-             "--http-port", "0", "--smtp-port", "0", "--web-port", "-1"],
+             "--http-port", "0", "--smtp-port", "0", "--web-port", "-1", "--imap-port", "-1"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:

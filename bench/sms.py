@@ -173,7 +173,8 @@ async def _measure(quick: bool) -> dict[str, Any]:
         proc, ready = await asyncio.to_thread(
             start_pyserver,
             ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1", "--smsc", f"127.0.0.1:{port}", "--short-codes", _short_codes()],
+             "--web-port", "-1", "--imap-port", "-1", "--smsc", f"127.0.0.1:{port}",
+             "--short-codes", _short_codes()],
             data / "ready.json",
         )  # fmt: skip
         server_port = ready["server"]["port"]

@@ -58,7 +58,7 @@ def _cell_and_web() -> Iterator[tuple[int, int, str, dict[str, int]]]:
         data = Path(folder)
         cell, addresses = start_pyserver(
             ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1"],
+             "--web-port", "-1", "--imap-port", "-1"],
             data / "cell.ready",
         )  # fmt: skip
         try:

@@ -28,6 +28,7 @@ from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
 from pyserver.processes import dirty as dirty_process
 from pyserver.processes import discovery as discovery_process
+from pyserver.processes import imap as imap_process
 from pyserver.processes import launcher
 from pyserver.processes import mta as mta_process
 from pyserver.processes import node as node_process
@@ -169,6 +170,7 @@ def _run(args: argparse.Namespace) -> int:
             "tls_key_file": args.tls_key,
             "mail_domain": args.mail_domain,
             "web_port": args.web_port,
+            "imap_port": args.imap_port,
             "smsc": args.smsc,
             "sms_short_codes": args.short_codes,
         },
@@ -219,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tls-cert", help="PEM certificate of the submission port's STARTTLS")
     run.add_argument("--tls-key", help="PEM key of that certificate")
     run.add_argument("--web-port", type=int, help="the web inbox's port (default 7488; -1: none)")
+    run.add_argument(
+        "--imap-port", type=int, help="the IMAP gateway's port (default 1143; -1: none)"
+    )
     run.add_argument("--smsc", help="SMSCs to bind to for SMS, host:port[,host:port...]")
     run.add_argument("--short-codes", help="the SMS short codes and their owners, CODE=USER,...")
     run.add_argument(
@@ -341,6 +346,7 @@ def build_parser() -> argparse.ArgumentParser:
     dirty_process.add_parser(commands, DEFAULT_DATA)
     discovery_process.add_parser(commands, DEFAULT_DATA)
     web_process.add_parser(commands, DEFAULT_DATA)
+    imap_process.add_parser(commands, DEFAULT_DATA)
     sms_process.add_parser(commands, DEFAULT_DATA)
     launcher.add_parser(commands)
     return parser

@@ -658,6 +658,13 @@ class Client:
     async def get_message(self, user: int, message_id: str) -> dict[str, Any]:
         return await self.request(Op.GET_MESSAGE, {"user": user, "message_id": message_id})
 
+    async def folder_messages(
+        self, user: int, folder: str, after_uid: int = 0, limit: int = 1000
+    ) -> dict[str, Any]:
+        """A folder's messages by UID, after `after_uid` (IMAP's view; docs/protocol.md)."""
+        payload = {"user": user, "folder": folder, "after_uid": after_uid, "limit": limit}
+        return await self.request(Op.FOLDER_MESSAGES, payload)
+
     async def get_blob_range(
         self,
         user: int,

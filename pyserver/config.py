@@ -163,6 +163,11 @@ class Config:
     web_max_upload_bytes: int = 25 << 20
     # how long a browser stays signed in (never past its sign-in token's expiry)
     web_session_s: int = 7 * 86_400
+    # ---- the IMAP gateway: conversations in mail clients (docs/imap.md) ----
+    # its IMAP port (STARTTLS with `tls`), `pyserver run` and `pyserver imap`; -1: none
+    imap_port: int = 1143
+    # IMAP over TLS from the first byte (RFC 8314); needs `tls`; -1: none
+    imaps_port: int = -1
     # ---- the SMS gateway: SMPP 3.4 to SMSCs (docs/sms.md) ----
     # the SMSCs to bind to as a transceiver, "host:port[,host:port...]"; empty: no SMS
     smsc: str = ""
@@ -335,7 +340,7 @@ def _check(config: Config) -> None:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_services(config)
     _check_cluster(config)
-    for name in ("submission_port", "web_port"):
+    for name in ("submission_port", "web_port", "imap_port", "imaps_port"):
         if not -1 <= getattr(config, name) <= 65535:
             raise ConfigError(f"config {name}: {getattr(config, name)} is not a port or -1")
     _check_sms(config)
@@ -363,8 +368,9 @@ def _check(config: Config) -> None:
 def _check_tls(config: Config) -> None:
     if not -1 <= config.smtps_port <= 65535:
         raise ConfigError(f"config smtps_port: {config.smtps_port} is not a port or -1")
-    if config.smtps_port >= 0 and not config.tls:
-        raise ConfigError("config smtps_port: implicit TLS needs tls = true")
+    for name in ("smtps_port", "imaps_port"):
+        if getattr(config, name) >= 0 and not config.tls:
+            raise ConfigError(f"config {name}: implicit TLS needs tls = true")
     needs = [
         ("tls_cert_file", config.submission_port >= 0 or config.tls, "a readable PEM file"),
         ("tls_key_file", config.submission_port >= 0 or config.tls, "a readable PEM file"),

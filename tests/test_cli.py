@@ -36,7 +36,7 @@ def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     data = tmp_path_factory.mktemp("cli") / "cell"
     proc, _ = start_serving(
         ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1"],
+         "--web-port", "-1", "--imap-port", "-1"],
         data.parent / "ready.json", stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert (data / "endpoints.json").exists()

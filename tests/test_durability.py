@@ -31,7 +31,7 @@ RECIPIENT_OFFSET = 100  # sender s writes to user s + 100
 def _start_cell(data: Path) -> subprocess.Popen[bytes]:
     proc, _ = start_serving(
         ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1"],
+         "--web-port", "-1", "--imap-port", "-1"],
         data.parent / f"{data.name}.ready.json", stdout=subprocess.DEVNULL,
     )  # fmt: skip
     return proc

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pyserver import implementation
-from pyserver.app.image import FOLDERS, UserImage, scoped_key, thread_id_for
+from pyserver.app.image import FOLDERS, SnapshotOutdated, UserImage, scoped_key, thread_id_for
 from pyserver.errors import LogCorrupt
 
 T1 = thread_id_for([1, 2])
@@ -393,3 +393,44 @@ def test_entries_through_the_codec_give_the_same_image(
 ) -> None:
     decoded = [codec.decode(codec.encode(item)) for item in log]
     assert replay(decoded) == replay(log)
+
+
+# ---- UIDs of messages in their folders (IMAP) ----
+
+
+def _uids(image: UserImage, folder: str) -> list[tuple[int, str]]:
+    return [(m.uid, m.message_id) for m in image.folder_messages(folder)]
+
+
+def test_messages_get_increasing_uids_in_their_folder_and_new_ones_when_their_thread_moves() -> (
+    None
+):
+    entries = [
+        added(1, "m1"),
+        added(2, "m2"),
+        added(3, "n1", T2, participants=[1, 3]),
+        entry(4, "moved", thread_id=T1, folder="archived"),
+        added(5, "n2", T2, participants=[1, 3]),
+        entry(6, "message_deleted", thread_id=T2, message_id="n1"),
+        # a new message brings the archived thread back: all of it, with new UIDs
+        added(7, "m3", folder="inbox"),
+        entry(8, "moved", thread_id=T1, folder="inbox"),  # already there: nothing changes
+    ]
+    image = replay(entries[:4])
+    assert _uids(image, "inbox") == [(3, "n1")]
+    assert _uids(image, "archived") == [(1, "m1"), (2, "m2")]
+    image = replay(entries[4:], image)
+    assert _uids(image, "archived") == []
+    assert _uids(image, "inbox") == [(4, "n2"), (5, "m1"), (6, "m2"), (7, "m3")]
+    assert image.uid_next == {**dict.fromkeys(FOLDERS, 1), "inbox": 8, "archived": 3}
+    # the same on every replay, and through a snapshot
+    assert replay(entries) == image
+    restored = UserImage.from_snapshot(image.to_snapshot())
+    assert restored == image and _uids(restored, "inbox") == _uids(image, "inbox")
+    assert restored.uid_next == image.uid_next
+
+
+def test_an_older_snapshot_is_replayed_from_the_log_not_called_corrupt() -> None:
+    old = b'{"version": 1, "seq": 1, "blocked": [], "keys": {}, "threads": []}'
+    with pytest.raises(SnapshotOutdated):
+        UserImage.from_snapshot(old)

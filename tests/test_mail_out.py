@@ -381,7 +381,8 @@ def _cli(*args: str, data: Path) -> str:
 def _run_cell(data: Path, relay_port: int, *more: str) -> subprocess.Popen[Any]:
     proc, ready = support.start_serving(
         ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1", "--relay", f"127.0.0.1:{relay_port}", "--mail-domain", DOMAIN, *more],
+         "--web-port", "-1", "--imap-port", "-1", "--relay", f"127.0.0.1:{relay_port}",
+         "--mail-domain", DOMAIN, *more],
         data.parent / "cell.ready.json", stdout=subprocess.DEVNULL,
     )  # fmt: skip
     proc.ready = ready  # type: ignore[attr-defined]

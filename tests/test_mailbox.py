@@ -509,6 +509,35 @@ async def test_move_and_delete(tmp_path: Path) -> None:
 
 
 @run_async
+async def test_folder_messages_lists_a_folder_by_uid_in_pages(tmp_path: Path) -> None:
+    async with opened(tmp_path) as (m, _):
+        sent = [await send(m, 1, [2], f"a{n}") for n in range(3)]
+        other = await send(m, 3, [2], "from three")
+        await m.execute(
+            Op.MOVE, {"user": 2, "thread_id": sent[0]["thread_id"], "folder": "archived"}
+        )
+
+        async def listing(folder: str, **more: Any) -> dict[str, Any]:
+            return await m.execute(Op.FOLDER_MESSAGES, {"user": 2, "folder": folder, **more})
+
+        archived = await listing("archived")
+        assert [x["uid"] for x in archived["messages"]] == [1, 2, 3]
+        assert [x["message_id"] for x in archived["messages"]] == [s["message_id"] for s in sent]
+        assert archived["uid_validity"] == 1 and archived["uid_next"] == 4
+        assert archived["more"] is False and archived["messages"][0]["unread"] is True
+        # "other" keeps the fourth message's UID; the three moved away leave a gap
+        assert [(x["uid"], x["message_id"]) for x in (await listing("other"))["messages"]] == [
+            (4, other["message_id"])
+        ]
+        page = await listing("archived", after_uid=1, limit=1)
+        assert [x["uid"] for x in page["messages"]] == [2] and page["more"] is True
+        assert (await listing("archived", after_uid=3))["messages"] == []
+        for bad in ({"after_uid": -1}, {"after_uid": "1"}, {"limit": 0}, {"folder": "trash"}):
+            with pytest.raises(BadRequest):
+                await listing(bad.pop("folder", "inbox"), **bad)
+
+
+@run_async
 async def test_mark_seen_zeroes_unseen_only(tmp_path: Path) -> None:
     async with opened(tmp_path) as (m, _):
         await send(m, 1, [2], "a")

@@ -648,7 +648,7 @@ def running_cell(tmp_path: Path) -> Iterator[tuple[Path, int]]:
     data = tmp_path / "cell"
     proc, ready = start_serving(
         ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1"],
+         "--web-port", "-1", "--imap-port", "-1"],
         tmp_path / "cell.ready.json", stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     smtp = ready["smtp"]

@@ -22,7 +22,7 @@ def _start_cell(tmp_path: Path, data: str, *extra: str) -> tuple[Any, dict[str, 
     """`pyserver run` on `data` (no web tier), once it serves."""
     return start_serving(
         ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1", *extra],
+         "--web-port", "-1", "--imap-port", "-1", *extra],
         tmp_path / "cell.json",
         stdout=subprocess.DEVNULL,
     )  # fmt: skip

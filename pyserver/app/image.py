@@ -1,7 +1,8 @@
 """The user image: one user's whole recent mailbox, as the log makes it.
 
 Owns the in-memory model of a mailbox (threads, messages, per-folder counts,
-blocked senders, idempotency keys) and its snapshot format. `UserImage.apply`
+blocked senders, idempotency keys, each message's UID in its folder) and its
+snapshot format. `UserImage.apply`
 is the only way an image changes: it takes one decoded log entry
 (docs/log-format.md, plus `folder_seen`) and, for `message_added`, the
 message's body from the store's `m` family. Replaying a log from empty or from
@@ -26,13 +27,23 @@ __all__ = [
     "FOLDERS",
     "SNAPSHOT_VERSION",
     "Message",
+    "SnapshotOutdated",
     "Thread",
     "UserImage",
     "scoped_key",
     "thread_id_for",
 ]
 
-SNAPSHOT_VERSION = 1
+# 2: messages carry their UID in their folder, the image each folder's next UID
+SNAPSHOT_VERSION = 2
+# snapshots of these versions are sound but lack what this version derives: the image is
+# made again from the log (once per user; the next snapshot is of this version)
+_OLDER_VERSIONS = (1,)
+
+
+class SnapshotOutdated(LogCorrupt):
+    """A snapshot of an older format: replay the log instead (not a corruption)."""
+
 
 # Rough CPython costs (object headers, slots, dict slots), so the cache's byte
 # bound means something; the exact figure does not matter, its scale does.
@@ -81,6 +92,7 @@ class Message:
         "text",
         "thread_id",
         "ts",
+        "uid",
         "unread",
     )
 
@@ -113,6 +125,9 @@ class Message:
         self.extra = extra
         # the log position that added it: orders messages and pages threads
         self.seq = seq
+        # its UID in its thread's folder (IMAP): given as the log files it there, from
+        # the folder's counter, so stable and increasing, and the same on every replay
+        self.uid = 0
 
     def to_dict(self, with_extra: bool = False) -> dict[str, Any]:
         """The message as docs/protocol.md shows it (GET_MESSAGE adds `extra`)."""
@@ -155,13 +170,15 @@ class Message:
 
     @classmethod
     def _from_row(cls, thread_id: str, row: list[Any]) -> Message:
-        mid, sender, address, channel, ts, subject, snippet, text, unread, extra, seq = row
+        mid, sender, address, channel, ts, subject, snippet, text, unread, extra, seq, uid = row
         if channel not in CHANNELS or not isinstance(extra, dict):
             raise ValueError(f"message {mid!r} has a bad channel or extra")
-        return cls(
+        message = cls(
             str(mid), thread_id, int(sender), address, channel, int(ts), str(subject),
             str(text if snippet is None else snippet), str(text), bool(unread), extra, int(seq),
         )  # fmt: skip
+        message.uid = int(uid)
+        return message
 
     def _row(self) -> list[Any]:
         return [
@@ -176,6 +193,7 @@ class Message:
             self.unread,
             self.extra,
             self.seq,
+            self.uid,
         ]
 
 
@@ -289,6 +307,7 @@ class UserImage:
         "sms",
         "snapshot_seq",
         "threads",
+        "uid_next",
     )
 
     def __init__(self) -> None:
@@ -308,6 +327,8 @@ class UserImage:
         self._unseen = dict.fromkeys(FOLDERS, 0)
         # per folder: its threads, least recently active first (by last_seq, which is unique)
         self._by_folder: dict[str, list[Thread]] = {folder: [] for folder in FOLDERS}
+        # per folder: the UID the next message filed there gets (IMAP's UIDNEXT)
+        self.uid_next = dict.fromkeys(FOLDERS, 1)
         self._weight = _IMAGE_OVERHEAD
 
     # ---- reading ----
@@ -366,6 +387,21 @@ class UserImage:
         handler(self, entry, body)
         self.seq = seq
 
+    def folder_messages(self, folder: str) -> list[Message]:
+        """Every message of the folder's threads, by UID (IMAP's view of the folder)."""
+        found = [m for thread in self._by_folder[folder] for m in thread.messages.values()]
+        found.sort(key=_uid)
+        return found
+
+    def _file(self, messages: Iterable[Message], folder: str) -> None:
+        """Give messages filed in `folder` (new, or moved there with their thread) the
+        folder's next UIDs, in log order."""
+        uid = self.uid_next[folder]
+        for message in messages:
+            message.uid = uid
+            uid += 1
+        self.uid_next[folder] = uid
+
     def _count(self, thread: Thread, sign: int) -> None:
         self._unread[thread.folder] += sign * (thread.unread > 0)
         self._unseen[thread.folder] += sign * thread.unseen
@@ -392,7 +428,9 @@ class UserImage:
         else:
             self._count(thread, -1)
             self._unlist(thread)
-            thread.folder = entry["folder"]
+            if thread.folder != entry["folder"]:  # the thread comes back: all of it
+                thread.folder = entry["folder"]
+                self._file(thread.messages.values(), thread.folder)
         body = body or {}
         extra = body.get("extra") or {}
         if extra.get("outbound"):
@@ -416,6 +454,7 @@ class UserImage:
             seq=entry["seq"],
         )
         thread.add(message)
+        self._file((message,), thread.folder)
         if message.unread:
             thread.unseen = True
         # the newest entry of the log: the thread is now its folder's most recent
@@ -457,7 +496,9 @@ class UserImage:
             return
         self._count(thread, -1)
         self._unlist(thread)
-        thread.folder = entry["folder"]
+        if thread.folder != entry["folder"]:
+            thread.folder = entry["folder"]
+            self._file(thread.messages.values(), thread.folder)
         insort(self._by_folder[thread.folder], thread, key=_activity)
         self._count(thread, +1)
 
@@ -557,6 +598,7 @@ class UserImage:
             "sms": self.sms,
             "keys": self.keys,
             "threads": {tid: thread._state() for tid, thread in self.threads.items()},
+            "uid_next": self.uid_next,
             # derived, compared too
             "counts": self.counts(),
             "order": {f: [t.thread_id for t in self._by_folder[f]] for f in FOLDERS},
@@ -585,6 +627,7 @@ class UserImage:
                 "blocked": sorted(self.blocked),
                 "sms": self.sms,
                 "keys": self.keys,
+                "uid_next": self.uid_next,
                 "threads": [
                     {
                         "id": thread.thread_id,
@@ -607,6 +650,8 @@ class UserImage:
             raise LogCorrupt(f"snapshot is not JSON: {exc}") from None
         if not isinstance(raw, dict) or raw.get("version") != SNAPSHOT_VERSION:
             version = raw.get("version") if isinstance(raw, dict) else None
+            if version in _OLDER_VERSIONS:
+                raise SnapshotOutdated(f"snapshot version {version} predates {SNAPSHOT_VERSION}")
             raise LogCorrupt(f"snapshot version {version!r} is not {SNAPSHOT_VERSION}")
         try:
             return cls._from_state(raw)
@@ -621,6 +666,7 @@ class UserImage:
         sms = raw.get("sms")  # snapshots made before texts existed have none
         image.sms = {"phone": str(sms["phone"]), "mode": str(sms["mode"])} if sms else None
         image.keys = {str(key): list(result) for key, result in raw["keys"].items()}
+        image.uid_next = {folder: int(raw["uid_next"][folder]) for folder in FOLDERS}
         image._weight += _BLOCKED_OVERHEAD * len(image.blocked)
         image._weight += sum(_KEY_OVERHEAD + len(key) for key in image.keys)
         for item in raw["threads"]:
@@ -641,6 +687,10 @@ class UserImage:
         for ordered in image._by_folder.values():
             ordered.sort(key=_activity)
         return image
+
+
+def _uid(message: Message) -> int:
+    return message.uid
 
 
 def _activity(thread: Thread) -> int:

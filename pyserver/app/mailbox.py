@@ -13,6 +13,7 @@ the store's search, the blob store and the user index; nothing above it.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import dataclasses
 import hashlib
 import itertools
@@ -45,6 +46,10 @@ log = logging.getLogger(__name__)
 _THREADS_PAGE = (20, 200)
 _MESSAGES_PAGE = (50, 200)
 _SEARCH_PAGE = (20, 200)
+_FOLDER_PAGE = (1000, 5000)
+# IMAP's UIDVALIDITY of every folder: UIDs come from the log by one rule (pyserver.app.image)
+# and are the same on every replay; this changes only if that rule ever does
+UID_VALIDITY = 1
 _MAX_QUERY_WORDS = 16
 _SNIPPET_CHARS = 100
 # Log actions that never change a folder's counts (no counts_changed report).
@@ -255,6 +260,7 @@ class Mailbox:
             Op.LIST_THREADS: self._list_threads,
             Op.GET_THREAD: self._get_thread,
             Op.GET_MESSAGE: self._get_message,
+            Op.FOLDER_MESSAGES: self._folder_messages,
             Op.GET_BLOB: self._get_blob,
             Op.COUNTS: self._counts,
             Op.SEARCH: self._search,
@@ -650,6 +656,9 @@ class Mailbox:
     async def _get_message(self, p: dict[str, Any]) -> dict[str, Any]:
         return await self._read(p, self._get_message_of)
 
+    async def _folder_messages(self, p: dict[str, Any]) -> dict[str, Any]:
+        return await self._read(p, self._folder_messages_of)
+
     async def _counts(self, p: dict[str, Any]) -> dict[str, Any]:
         return await self._read(p, self._counts_of)
 
@@ -679,6 +688,35 @@ class Mailbox:
             "folder": thread.folder,
             "messages": [message.to_dict() for message in page],
             "next": str(page[0].seq) if len(newest) > limit else None,
+        }
+
+    def _folder_messages_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
+        """A folder's messages by UID, from `after_uid` on (IMAP's view of the folder)."""
+        folder = _choice(p, "folder", FOLDERS, default="inbox")
+        limit = _limit(p, *_FOLDER_PAGE)
+        after = _field(p, "after_uid", 0)
+        if type(after) is not int or after < 0:
+            raise BadRequest(f"after_uid: must be a UID (an integer >= 0), not {after!r}")
+        messages = image.folder_messages(folder)
+        start = bisect.bisect_right(messages, after, key=_message_uid)
+        page = messages[start : start + limit]
+        return {
+            "folder": folder,
+            "uid_validity": UID_VALIDITY,
+            "uid_next": image.uid_next[folder],
+            "seq": image.seq,
+            "messages": [
+                {
+                    "uid": m.uid,
+                    "message_id": m.message_id,
+                    "thread_id": m.thread_id,
+                    "unread": m.unread,
+                    "ts": m.ts,
+                    "channel": m.channel,
+                }
+                for m in page
+            ],
+            "more": start + limit < len(messages),
         }
 
     def _get_message_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
@@ -1063,6 +1101,10 @@ def _choice(p: dict[str, Any], name: str, allowed: tuple[str, ...], default: Any
     if value not in allowed:
         raise BadRequest(f"{name}: must be one of {', '.join(allowed)}, not {value!r}")
     return value
+
+
+def _message_uid(message: Message) -> int:
+    return message.uid
 
 
 def _limit(p: dict[str, Any], default: int, most: int) -> int:

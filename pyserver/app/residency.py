@@ -22,7 +22,7 @@ from typing import Any
 import orjson
 
 from pyserver import logcodec
-from pyserver.app.image import UserImage
+from pyserver.app.image import SnapshotOutdated, UserImage
 from pyserver.app.imagecache import AnswerAgain, ImageCache
 from pyserver.app.indexer import SearchIndexer, search_terms
 from pyserver.errors import BadRequest, LogCorrupt, NotOwner, Unavailable
@@ -391,6 +391,9 @@ class Residency:
                 if image.seq != seq:
                     raise LogCorrupt(f"snapshot stored at seq {seq} holds seq {image.seq}")
                 image.snapshot_seq = seq
+            except SnapshotOutdated as exc:
+                log.info("older snapshot user=%d, replaying the whole log: %s", user_id, exc)
+                image = UserImage()
             except LogCorrupt as exc:
                 # The log is the truth: do without the snapshot.
                 log.error("unreadable snapshot user=%d, replaying the whole log: %s", user_id, exc)

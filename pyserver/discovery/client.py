@@ -291,6 +291,7 @@ class ClusterClient:
     list_threads = Client.list_threads
     get_thread = Client.get_thread
     get_message = Client.get_message
+    folder_messages = Client.folder_messages
     get_blob_range = Client.get_blob_range
     get_blob = Client.get_blob
     counts = Client.counts

@@ -32,6 +32,7 @@ from pyserver.client import Client
 from pyserver.config import Config
 from pyserver.dirty import local_memcached
 from pyserver.errors import BadRequest, PyserverError, Unauthenticated, error_payload
+from pyserver.imap.gateway import ImapGateway
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
 from pyserver.mta.submission import SubmissionProxy
@@ -84,8 +85,10 @@ class SingleNodeCell:
         # SMTP submission for mail clients (STARTTLS, AUTH), when a port is configured
         self.submission: SubmissionProxy | None = None
         self.counts: CountReader | None = None
-        # the web tier, and its connection to the app server (when web_port is not -1)
+        # the web tier and the IMAP gateway (when their ports are not -1), and their
+        # connection to the app server
         self.web: WebTier | None = None
+        self.imap: ImapGateway | None = None
         self._web_client: Client | None = None
         # the SMS gateway: texts in from the SMSCs, and out to users' phones (with `smsc`)
         self.sms: SmsLink | None = None
@@ -121,9 +124,15 @@ class SingleNodeCell:
                 self.config.host, self.config.submission_port
             )
             self.addresses["submission"] = {"host": sub_host, "port": sub_port}
+        if self.config.web_port >= 0 or self.config.imap_port >= 0:
+            self._web_client = await Client.connect(
+                host, port, service_key=self.parts.keys, tls=self.config.client_tls()
+            )
         if self.config.web_port >= 0:
-            web_host, web_port = await self._start_web(host, port)
+            web_host, web_port = await self._start_web()
             self.addresses["web"] = {"host": web_host, "port": web_port}
+        if self.config.imap_port >= 0:
+            self.addresses.update(await self._start_imap())
         if self.config.smsc:
             self.addresses["smsc"] = self._start_sms()
         endpoints.publish(self.config.data_dir, self.addresses)
@@ -138,6 +147,8 @@ class SingleNodeCell:
             await self.submission.stop()
         if self.web is not None:  # its pages close first; their scripts reconnect later
             await self.web.stop()
+        if self.imap is not None:
+            await self.imap.stop()
         if self.sms is not None:
             await self.sms.close()
         if self._web_client is not None:
@@ -149,12 +160,28 @@ class SingleNodeCell:
             await self.counts.cache.close()
         await self.parts.close()
 
-    async def _start_web(self, host: str, port: int) -> tuple[str, int]:
+    async def _start_imap(self) -> dict[str, Any]:
+        """The IMAP gateway in front of this cell; its addresses (imap, imaps)."""
         config = self.config
-        self._web_client = await Client.connect(
-            host, port, service_key=self.parts.keys, tls=config.client_tls()
+        assert self._web_client is not None
+        self.imap = ImapGateway(
+            self._web_client,
+            self.parts.keys,
+            resolve=self.parts.store.resolve_address,
+            mail_domain=config.mail_domain,
+            revoked=self.parts.revocations.refuses,
+            tls=config.public_tls(),
         )
-        assert self.counts is not None
+        host, port = await self.imap.start(config.host, config.imap_port)
+        found = {"imap": {"host": host, "port": port}}
+        if config.imaps_port >= 0:
+            host, port = await self.imap.start_implicit(config.host, config.imaps_port)
+            found["imaps"] = {"host": host, "port": port}
+        return found
+
+    async def _start_web(self) -> tuple[str, int]:
+        config = self.config
+        assert self.counts is not None and self._web_client is not None
         self.web = WebTier(
             self._web_client,
             self.parts.keys,
@@ -253,6 +280,16 @@ async def _serve_until_stopped(
         print(f"  web (inbox, chat) http://{web_addr['host']}:{web_addr['port']}/", flush=True)
         for user in sign_in_links:
             print(f"    sign in as user {user}: {cell.sign_in_link(user)}", flush=True)
+    if "imap" in addresses:
+        imap = addresses["imap"]
+        print(f"  imap (mail clients) {imap['host']}:{imap['port']}", end="", flush=True)
+        print(f"  imaps {addresses['imaps']['port']}" if "imaps" in addresses else "", flush=True)
+        for user in sign_in_links:
+            print(
+                f"    user u{user}@{cell.config.mail_domain}, password: a token"
+                f" (pyserver admin token --user {user})",
+                flush=True,
+            )
     if "smsc" in addresses:
         print(f"  sms (SMPP ESME)  {', '.join(addresses['smsc'])}", flush=True)
     if "userindex" in addresses:

@@ -17,6 +17,8 @@ class Op(IntEnum):
     GET_MESSAGE = 22
     COUNTS = 23
     SEARCH = 24
+    # a folder's messages by UID (the IMAP gateway)
+    FOLDER_MESSAGES = 25
     MARK_READ = 30
     MARK_UNREAD = 31
     MOVE = 32

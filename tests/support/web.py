@@ -74,6 +74,7 @@ class WebCell:
                 "--http-port", "0",
                 "--smtp-port", str(self.ports["smtp"]),
                 "--web-port", str(self.ports["web"]),
+                "--imap-port", "-1",
             ],
             self.folder.parent / f"{self.folder.name}.ready.json",
             stdout=subprocess.DEVNULL,

@@ -1,0 +1,130 @@
+"""The IMAP gateway's listeners: pymap's IMAP server on this package's backend.
+
+`ImapGateway.start(host, port)` listens for IMAP (STARTTLS offered when given a
+TLS context; sign-in needs it except from loopback); `start_implicit` listens
+for IMAP over TLS from the first byte (RFC 8314). Each connection is pymap's;
+the user's folders come from the app servers (`folders`), sign-in from user
+tokens (`login`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+from argparse import Namespace
+from collections.abc import Callable
+from typing import Any
+
+from proxyprotocol.reader import ProxyProtocolReader
+from pymap.config import BackendCapability, IMAPConfig
+from pymap.imap import IMAPServer
+
+from pyserver.app.auth import UserToken
+from pyserver.imap import corrections
+from pyserver.imap.folders import AppServers
+from pyserver.imap.login import ImapLogin, Resolve, SignInGuard
+from pyserver.servicekey import ServiceKey
+
+__all__ = ["ImapGateway"]
+
+log = logging.getLogger(__name__)
+
+# pymap logs every command and response at DEBUG and each connection at INFO
+logging.getLogger("pymap").setLevel(logging.WARNING)
+corrections.apply()
+
+
+class _Config(IMAPConfig):
+    """pymap's settings for the gateway: its capabilities, no password hashing (tokens
+    are checked by `login`), a fixed greeting (no DNS lookup per connection)."""
+
+    def __init__(self, *, tls: ssl.SSLContext | None, max_append_len: int) -> None:
+        args = Namespace(passlib_cfg=None, proxy_protocol=None, debug=False)
+        super().__init__(
+            args,
+            host=None,
+            port=0,
+            ssl_context=tls or ssl.create_default_context(ssl.Purpose.CLIENT_AUTH),
+            tls_enabled=tls is not None,
+            invalid_user_sleep=0.0,  # `login.SignInGuard` delays refusals itself
+            reject_dnsbl=False,
+            max_append_len=max_append_len,
+            bad_command_limit=5,
+        )
+
+    @property
+    def backend_capability(self) -> BackendCapability:
+        return BackendCapability(
+            idle=True, object_id=True, multi_append=False, custom=[b"SPECIAL-USE"]
+        )
+
+    @property
+    def greeting(self) -> bytes:
+        return b"pyserver IMAP gateway ready"
+
+
+class ImapGateway:
+    """IMAP in front of one app server or a cluster (`servers`)."""
+
+    def __init__(
+        self,
+        servers: AppServers,
+        keys: ServiceKey,
+        *,
+        resolve: Resolve,
+        mail_domain: str,
+        revoked: Callable[[UserToken], bool] | None = None,
+        tls: ssl.SSLContext | None = None,
+        max_message_bytes: int = 25 << 20,
+        guard: SignInGuard | None = None,
+    ) -> None:
+        self.tls = tls
+        self._max_message_bytes = max_message_bytes
+        common: dict[str, Any] = {
+            "resolve": resolve,
+            "mail_domain": mail_domain,
+            "revoked": revoked,
+            "guard": guard or SignInGuard(),
+        }
+        self._config = _Config(tls=tls, max_append_len=max_message_bytes)
+        self.login = ImapLogin(self._config, servers, keys, **common)
+        self._servers: list[asyncio.Server] = []
+
+    async def start(self, host: str, port: int) -> tuple[str, int]:
+        """Listen for IMAP (STARTTLS when a TLS context was given); the bound address."""
+        return await self._listen(self.login, self._config, host, port, None)
+
+    async def start_implicit(self, host: str, port: int) -> tuple[str, int]:
+        """Listen for IMAP over TLS from the first byte; the bound address."""
+        if self.tls is None:
+            raise ValueError("implicit TLS needs a TLS context")
+        # already TLS: no STARTTLS offered, sign-in allowed at once
+        config = _Config(tls=None, max_append_len=self._max_message_bytes)
+        return await self._listen(self.login.for_config(config), config, host, port, self.tls)
+
+    async def _listen(
+        self,
+        login: ImapLogin,
+        config: IMAPConfig,
+        host: str,
+        port: int,
+        tls: ssl.SSLContext | None,
+    ) -> tuple[str, int]:
+        handler = ProxyProtocolReader(config.proxy_protocol).get_callback(IMAPServer(login, config))
+        server = await asyncio.start_server(handler, host, port, ssl=tls)
+        self._servers.append(server)
+        address: Any = server.sockets[0].getsockname()
+        log.info("imap listening addr=%s:%d tls=%s", address[0], address[1], tls is not None)
+        return address[0], address[1]
+
+    async def stop(self) -> None:
+        for server in self._servers:
+            server.close()
+        for server in self._servers:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(5):
+                    await server.wait_closed()
+        self._servers.clear()
+        await self.login.watch.close()

@@ -1,0 +1,334 @@
+"""The IMAP gateway through real sockets: Python's imaplib and imapclient, and isync's mbsync.
+
+A real `pyserver run` (binary protocol, MTA proxy, IMAP gateway) holds a small
+corpus: chat between users 1 and 2, a text delivered over SMS, mail from
+outside over SMTP with an attachment. Each test reads and changes it as a mail
+client would and checks what the mailbox says through the binary protocol.
+"""
+
+from __future__ import annotations
+
+import email
+import imaplib
+import os
+import shutil
+import smtplib
+import ssl
+import subprocess
+import time
+from collections.abc import Iterator
+from email.message import EmailMessage
+from pathlib import Path
+from typing import Any
+
+import imapclient
+import pytest
+import trustme
+
+from pyserver.client import Client
+from pyserver.errors import NotFound
+from pyserver.servicekey import read_service_key
+from tests.support import cli, run, start_serving
+
+DOMAIN = "pyserver.localhost"
+
+
+def _mail_with_attachment() -> bytes:
+    mail = EmailMessage()
+    mail["From"] = "Carol Outside <carol@example.org>"
+    mail["To"] = f"u2@{DOMAIN}"
+    mail["Subject"] = "the quarterly figures"
+    mail["Message-ID"] = "<figures-1@example.org>"
+    mail.set_content("Figures attached.\nCarol\n")
+    mail.add_attachment(bytes(range(256)) * 8, maintype="application", subtype="octet-stream",
+                        filename="figures.bin")  # fmt: skip
+    return mail.as_bytes().replace(b"\n", b"\r\n")
+
+
+MAIL = _mail_with_attachment()
+
+
+@pytest.fixture
+def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A cell of its own with its IMAP gateway, and the corpus of the module docstring."""
+    data = tmp_path_factory.mktemp("imap-cell")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVER_")}
+    proc, ready = start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
+         "--web-port", "-1", "--imap-port", "0"],
+        data / "ready.json", env=env,
+    )  # fmt: skip
+    try:
+        key = read_service_key(data)
+        server = (ready["server"]["host"], ready["server"]["port"])
+
+        async def seed() -> None:
+            async with await Client.connect(*server, service_key=key) as client:
+                for text in ("lunch on friday?", "or saturday", "friday works"):
+                    sender, to = (1, 2) if text != "or saturday" else (2, 1)
+                    await client.send(sender, [to], text)
+                await client.deliver(2, 0, "running late, 10 min", channel="sms",
+                                     key="sms-1", from_="+15550001111")  # fmt: skip
+
+        run(seed)
+        smtp = ready["smtp"]
+        with smtplib.SMTP(smtp["host"], smtp["port"], timeout=10) as relay:
+            relay.sendmail("carol@example.org", [f"u2@{DOMAIN}"], MAIL)
+        yield {"data": data, "ready": ready, "key": key, "server": server}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _token(cell: dict[str, Any], user: int = 2) -> str:
+    return cli("admin", "token", "--data", str(cell["data"]), "--user", str(user)).strip()
+
+
+def _imap(cell: dict[str, Any], user: int = 2) -> imaplib.IMAP4:
+    address = cell["ready"]["imap"]
+    connection = imaplib.IMAP4(address["host"], address["port"], timeout=10)
+    connection.login(f"u{user}@{DOMAIN}", _token(cell, user))
+    return connection
+
+
+def _message(cell: dict[str, Any], user: int, message_id: str) -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        async with await Client.connect(*cell["server"], service_key=cell["key"]) as client:
+            return await client.get_message(user, message_id)
+
+    return run(read)
+
+
+def test_every_channel_reads_as_mail_in_one_conversation(cell: dict[str, Any]) -> None:
+    imap = _imap(cell)
+    try:
+        typ, listing = imap.list()
+        assert typ == "OK"
+        names = {line.decode().rsplit(" ", 1)[1]: line.decode() for line in listing}
+        assert set(names) == {"INBOX", "Other", "Archive", "Sent", "Spam"}
+        assert "\\Sent" in names["Sent"] and "\\Archive" in names["Archive"]
+        assert "\\Junk" in names["Spam"]
+        typ, count = imap.select("Other")
+        assert typ == "OK" and int(count[0]) == 5  # the chat (both ways), the text, the mail
+        typ, data = imap.uid("FETCH", "1:*", "(UID FLAGS RFC822.SIZE ENVELOPE BODY.PEEK[])")
+        messages = [part for part in data if isinstance(part, tuple)]
+        assert len(messages) == 5
+        parsed = [email.message_from_bytes(body) for _, body in messages]
+        # the chat and the text: rendered, threaded by their conversation
+        chat = [m for m in parsed if m["X-Pyserver-Channel"] == "chat"]
+        assert [m.get_payload(decode=True).decode().strip() for m in chat] == [
+            "lunch on friday?", "or saturday", "friday works",
+        ]  # fmt: skip
+        assert chat[0]["From"] == f"u1@{DOMAIN}" and chat[0]["To"] == f"u2@{DOMAIN}"
+        assert chat[1]["From"] == f"u2@{DOMAIN}" and chat[1]["To"] == f"u1@{DOMAIN}"
+        assert chat[0]["References"] == chat[2]["References"] == chat[1]["In-Reply-To"]
+        text = next(m for m in parsed if m["X-Pyserver-Channel"] == "sms")
+        assert "+15550001111" in text["From"] and "running late" in text.get_payload()
+        # the mail: byte for byte as it came in over SMTP
+        raw = next(body for _, body in messages if b"figures-1@example.org" in body)
+        assert raw == MAIL
+        size = next(meta for meta, body in messages if body == raw).decode()
+        assert f"RFC822.SIZE {len(MAIL)}" in size and '"the quarterly figures"' in size
+        # its structure and a part of it, as a client fetches them
+        uid = imap.uid("SEARCH", "SUBJECT", "quarterly")[1][0].decode()
+        assert uid and " " not in uid
+        typ, structure = imap.uid("FETCH", uid, "(BODYSTRUCTURE)")
+        assert b'("attachment" ("filename" "figures.bin"))' in structure[0]
+        assert b'"MIXED"' in structure[0].upper()
+        typ, partial = imap.uid("FETCH", uid, "(BODY.PEEK[]<0.20>)")
+        assert partial[0][1] == MAIL[:20]
+        assert imap.uid("SEARCH", "FROM", "carol@example.org")[1][0].decode() == uid
+        # unread: what others sent (the user's own message is read)
+        assert len(imap.uid("SEARCH", "UNSEEN")[1][0].split()) == 4
+    finally:
+        imap.logout()
+
+
+def test_flags_moves_and_expunge_change_the_mailbox_and_uids_hold(cell: dict[str, Any]) -> None:
+    address = cell["ready"]["imap"]
+    with imapclient.IMAPClient(address["host"], address["port"], ssl=False, timeout=10) as imap:
+        imap.login(f"u2@{DOMAIN}", _token(cell))
+        selected = imap.select_folder("Other")
+        validity = selected[b"UIDVALIDITY"]
+        fetched = imap.fetch(imap.search("ALL"), ["ENVELOPE", "FLAGS", "EMAILID"])
+        by_subject = {data[b"ENVELOPE"].subject.decode(): uid for uid, data in fetched.items()}
+        chat_uid = by_subject["lunch on friday?"]
+        chat_id = fetched[chat_uid][b"EMAILID"][0].decode()
+        # \Seen is the message's read state
+        imap.add_flags([chat_uid], [imapclient.SEEN])
+        assert _message(cell, 2, chat_id)["unread"] is False
+        imap.remove_flags([chat_uid], [imapclient.SEEN])
+        assert _message(cell, 2, chat_id)["unread"] is True
+        # a new connection sees the same UIDs and UIDVALIDITY
+        with imapclient.IMAPClient(address["host"], address["port"], ssl=False) as other:
+            other.login(f"u2@{DOMAIN}", _token(cell))
+            assert other.select_folder("Other", readonly=True)[b"UIDVALIDITY"] == validity
+            assert sorted(other.search("ALL")) == sorted(fetched)
+        # \Deleted, then EXPUNGE, deletes the message
+        text_uid = by_subject["running late, 10 min"]
+        text_id = fetched[text_uid][b"EMAILID"][0].decode()
+        imap.add_flags([text_uid], [imapclient.DELETED])
+        imap.expunge()
+        with pytest.raises(NotFound):
+            _message(cell, 2, text_id)
+        assert text_uid not in imap.search("ALL")
+        # MOVE takes the conversation to the archive, with new UIDs there
+        imap.move([chat_uid], "Archive")
+        remaining = imap.search("ALL")
+        assert remaining == [by_subject["the quarterly figures"]]
+        imap.select_folder("Archive")
+        archived = imap.fetch(imap.search("ALL"), ["ENVELOPE"])
+        subjects = sorted(d[b"ENVELOPE"].subject.decode() for d in archived.values())
+        assert subjects == ["friday works", "lunch on friday?", "or saturday"]
+        assert all(uid >= 1 for uid in archived)
+        # and back (COPY files the conversation too: a message is in one folder)
+        imap.copy(list(archived), "Other")
+        assert imap.search("ALL") == []
+        imap.select_folder("Other")
+        assert len(imap.search("ALL")) == 4
+
+
+def test_changes_made_elsewhere_reach_a_client_in_idle(cell: dict[str, Any]) -> None:
+    address = cell["ready"]["imap"]
+    with imapclient.IMAPClient(address["host"], address["port"], ssl=False, timeout=10) as imap:
+        imap.login(f"u1@{DOMAIN}", _token(cell, 1))
+        imap.select_folder("INBOX")
+        before = len(imap.search("ALL"))
+        imap.idle()
+        started = time.monotonic()
+
+        async def send() -> None:
+            async with await Client.connect(*cell["server"], service_key=cell["key"]) as client:
+                await client.send(2, [1], "sent while you idled")
+
+        run(send)
+        responses = imap.idle_check(timeout=10)
+        imap.idle_done()
+        assert any(r[1:] == (b"EXISTS",) and r[0] == before + 1 for r in responses), responses
+        assert time.monotonic() - started < 10
+
+
+def test_sign_in_needs_the_users_own_valid_token(cell: dict[str, Any]) -> None:
+    address = cell["ready"]["imap"]
+    attempts = {
+        "another user's token": (f"u2@{DOMAIN}", _token(cell, 1)),
+        "not a token": (f"u2@{DOMAIN}", "hunter2"),
+        "nobody's address": ("nobody@example.org", _token(cell, 2)),
+    }
+    for why, (user, password) in attempts.items():
+        imap = imaplib.IMAP4(address["host"], address["port"], timeout=10)
+        started = time.monotonic()
+        with pytest.raises(imaplib.IMAP4.error):
+            imap.login(user, password)
+        assert time.monotonic() - started >= 0.9, f"{why}: refused without the delay"
+        imap.logout()
+    # the bare id works as the user name, and AUTHENTICATE PLAIN as LOGIN does
+    imap = imaplib.IMAP4(address["host"], address["port"], timeout=10)
+    token = _token(cell, 2)
+    typ, _ = imap.authenticate("PLAIN", lambda _: f"\0002\000{token}".encode())
+    assert typ == "OK"
+    imap.logout()
+
+
+@pytest.fixture(scope="module")
+def tls_cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    data = tmp_path_factory.mktemp("imap-tls")
+    ca = trustme.CA()
+    issued = ca.issue_cert("127.0.0.1", "localhost")
+    cert, key, ca_file = data / "cert.pem", data / "key.pem", data / "ca.pem"
+    issued.cert_chain_pems[0].write_to_path(str(cert))
+    issued.private_key_pem.write_to_path(str(key))
+    ca.cert_pem.write_to_path(str(ca_file))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVER_")}
+    env |= {"PYSERVER_TLS": "1", "PYSERVER_TLS_CERT_FILE": str(cert),
+            "PYSERVER_TLS_KEY_FILE": str(key), "PYSERVER_TLS_CA_FILE": str(ca_file),
+            "PYSERVER_IMAPS_PORT": "0"}  # fmt: skip
+    proc, ready = start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
+         "--web-port", "-1", "--imap-port", "0"],
+        data / "ready.json", env=env,
+    )  # fmt: skip
+    try:
+        yield {"data": data, "ready": ready, "ca": str(ca_file)}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_starttls_and_implicit_tls(tls_cell: dict[str, Any]) -> None:
+    context = ssl.create_default_context(cafile=tls_cell["ca"])
+    token = _token(tls_cell, 2)
+    plain, implicit = tls_cell["ready"]["imap"], tls_cell["ready"]["imaps"]
+    imap = imaplib.IMAP4(plain["host"], plain["port"], timeout=10)
+    assert "STARTTLS" in imap.capabilities
+    imap.starttls(ssl_context=context)
+    assert imap.login(f"u2@{DOMAIN}", token)[0] == "OK"
+    imap.logout()
+    secured = imaplib.IMAP4_SSL(implicit["host"], implicit["port"], ssl_context=context)
+    assert secured.login(f"u2@{DOMAIN}", token)[0] == "OK"
+    assert secured.select("INBOX")[0] == "OK"
+    secured.logout()
+
+
+def _as_stored(message: bytes) -> bytes:
+    """A message as mbsync keeps it in a Maildir: LF line ends, without the X-TUID header
+    it adds to find its own copies."""
+    lines = message.replace(b"\r\n", b"\n").split(b"\n")
+    return b"\n".join(line for line in lines if not line.startswith(b"X-TUID: "))
+
+
+def test_mbsync_syncs_the_mailbox_to_a_maildir_and_changes_both_ways(
+    cell: dict[str, Any], tmp_path: Path
+) -> None:
+    mbsync = shutil.which("mbsync")
+    assert mbsync, "isync is installed by scripts/debian-packages"
+    address = cell["ready"]["imap"]
+    maildir = tmp_path / "mail"
+    maildir.mkdir()
+    token = _token(cell, 1)
+    config = tmp_path / "mbsyncrc"
+    config.write_text(
+        f"IMAPAccount pyserver\nHost {address['host']}\nPort {address['port']}\n"
+        f"User u1@{DOMAIN}\nPass {token}\nSSLType None\nAuthMechs LOGIN\n\n"
+        "IMAPStore remote\nAccount pyserver\n\n"
+        f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\nSubFolders Verbatim\n\n"
+        "Channel everything\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\n"
+        "Sync All\nExpunge Both\nSyncState *\n"
+    )
+
+    def sync() -> None:
+        done = subprocess.run([mbsync, "-c", str(config), "-a"], capture_output=True,
+                              text=True, timeout=60)  # fmt: skip
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def files(folder: str) -> list[Path]:
+        return sorted((maildir / folder / "cur").iterdir()) + sorted(
+            (maildir / folder / "new").iterdir()
+        )
+
+    sync()
+    imap = _imap(cell, 1)
+    try:
+        for folder in ("INBOX", "Other", "Sent"):
+            _, count = imap.select(folder, readonly=True)
+            on_server = int(count[0])
+            local = files(folder)
+            assert len(local) == on_server, folder
+            if on_server:
+                _, data = imap.fetch("1:*", "(BODY.PEEK[])")
+                bodies = sorted(_as_stored(part[1]) for part in data if isinstance(part, tuple))
+                assert sorted(_as_stored(path.read_bytes()) for path in local) == bodies, folder
+        # a flag set here reaches the server; a deletion there reaches the Maildir
+        imap.select("INBOX")
+        seen_before = len(imap.search(None, "SEEN")[1][0].split())
+        inbox = files("INBOX")
+        unread = next(path for path in inbox if "S" not in path.name.rpartition(":2,")[2])
+        unread.rename(unread.parent.parent / "cur" / (unread.name.split(":2,")[0] + ":2,S"))
+        sync()
+        assert len(imap.search(None, "SEEN")[1][0].split()) == seen_before + 1
+        imap.store("1", "+FLAGS", "\\Deleted")
+        imap.expunge()
+        sync()
+        assert len(files("INBOX")) == len(inbox) - 1
+    finally:
+        imap.logout()
