@@ -42,6 +42,7 @@ from pymap.selected import SelectedMailbox, SelectedSet
 
 from pyserver.errors import NotFound, PyserverError
 from pyserver.imap.render import raw_ref, render_message
+from pyserver.imap.structure import LoadedMessage
 from pyserver.wire.ops import Op
 
 __all__ = ["FOLDERS", "SPECIAL_USE", "AppServers", "ImapMessage", "UserFolders", "UserWatch"]
@@ -156,14 +157,14 @@ class ImapMessage(BaseMessage):
         )  # fmt: skip
 
     async def load_content(self, requirement: FetchRequirement) -> BaseLoadedMessage:
-        content = None
+        content = data = None
         if requirement & FetchRequirement.CONTENT:
             try:
                 data = await self._source.content(self.message_id)
             except NotFound:  # deleted meanwhile: an empty message, not a failed FETCH
                 data = b""
             content = MessageContent.parse(data)
-        return BaseLoadedMessage(self, requirement, content)
+        return LoadedMessage(self, requirement, content, data)
 
 
 class FolderView(MailboxDataInterface[ImapMessage]):
