@@ -63,7 +63,7 @@ def _print_table(results: dict[str, object]) -> None:
 
 
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
-SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms")
+SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms", "imap")
 
 
 def _suite(name: str, tls: bool = False) -> Callable[[bool], dict[str, object]]:

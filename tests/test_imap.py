@@ -8,11 +8,13 @@ client would and checks what the mailbox says through the binary protocol.
 
 from __future__ import annotations
 
+import contextlib
 import email
 import imaplib
 import os
 import shutil
 import smtplib
+import socket
 import ssl
 import subprocess
 import time
@@ -24,6 +26,8 @@ from typing import Any
 import imapclient
 import pytest
 import trustme
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyserver.client import Client
 from pyserver.errors import NotFound
@@ -332,3 +336,88 @@ def test_mbsync_syncs_the_mailbox_to_a_maildir_and_changes_both_ways(
         assert len(files("INBOX")) == len(inbox) - 1
     finally:
         imap.logout()
+
+
+def _raw(cell: dict[str, Any], login: bool = True) -> socket.socket:
+    address = cell["ready"]["imap"]
+    sock = socket.create_connection((address["host"], address["port"]), timeout=10)
+    sock.recv(1000)  # the greeting
+    if login:
+        sock.sendall(f'a LOGIN "u2@{DOMAIN}" "{_token(cell)}"\r\nb SELECT INBOX\r\n'.encode())
+        _until(sock, b"b OK")
+    return sock
+
+
+def _until(sock: socket.socket, marker: bytes) -> bytes:
+    data = b""
+    while marker not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    return data
+
+
+def _closed_or(sock: socket.socket, *answers: bytes) -> bytes:
+    """What the gateway said until it closed the connection or gave one of `answers`."""
+    sock.settimeout(10)
+    data = b""
+    try:
+        while not any(answer in data for answer in answers):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except ConnectionResetError:
+        pass
+    return data
+
+
+def test_hostile_input_gets_bad_or_a_closed_connection_and_others_are_served(
+    cell: dict[str, Any],
+) -> None:
+    hostile = {
+        "a literal that lies about its size": b"x LOGIN {999999999+}\r\nabc",
+        "a literal asked for, never sent": b"x LOGIN {999999999}\r\n",
+        "an endless line": b"x NOOP " + b"a" * 200_000,
+        "deep parentheses": b"x FETCH 1 " + b"(" * 5_000 + b"FLAGS" + b")" * 5_000 + b"\r\n",
+        "a bad modified UTF-7 name": b'x SELECT "&Jjo-!&-&"\r\n',
+        "millions of sequence numbers": b"x FETCH 1:4294967295 (FLAGS)\r\n",
+        "a long sequence set": b"x FETCH " + b",".join(b"%d" % n for n in range(1, 60_000))
+        + b" (FLAGS)\r\n",
+        "garbage": b"\x00\xff\x01 \r\n" * 10,
+    }  # fmt: skip
+    for why, data in hostile.items():
+        sock = _raw(cell)
+        started = time.monotonic()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(data)  # may be closed while still sending: refused
+        answer = _closed_or(sock, b"x BAD", b"x NO", b"x OK")
+        sock.close()
+        assert time.monotonic() - started < 10, why
+        assert b"x OK" not in answer or why.startswith(("millions", "a long")), (why, answer[-200:])
+        # and the gateway serves the next client as before
+        imap = _imap(cell)
+        assert imap.select("INBOX")[0] == "OK", why
+        imap.logout()
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(line=st.binary(max_size=300))
+def test_any_bytes_after_sign_in_never_take_the_gateway_down(
+    cell: dict[str, Any], line: bytes
+) -> None:
+    sock = _raw(cell)
+    try:
+        sock.sendall(b"z " + line.replace(b"\n", b" ") + b"\r\nq NOOP\r\n")
+        _closed_or(sock, b"q OK", b"q BAD", b"q NO")
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    finally:
+        sock.close()
+    probe = _raw(cell, login=False)
+    probe.sendall(b"p NOOP\r\n")
+    assert b"p OK" in _closed_or(probe, b"p OK")
+    probe.close()

@@ -33,8 +33,8 @@ from typing import Any
 import imapclient
 import pytest
 
+from bench.dovecot import Dovecot
 from tests.support import cli, start_serving
-from tests.support.dovecot import Dovecot
 
 DOMAIN = "pyserver.localhost"
 CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"

@@ -65,6 +65,46 @@ class _Config(IMAPConfig):
         return b"pyserver IMAP gateway ready"
 
 
+class _BoundedReader:
+    """The reader pymap reads a connection with, held to limits: a command line of at
+    most the reader's limit (64 KiB), a literal of at most `max_literal` bytes arriving
+    within `literal_timeout_s`, and a line within `line_timeout_s` (clients idle, so
+    this one is long). Past a limit the connection closes: pymap ends a session quietly
+    on ConnectionError, and never sees an oversized literal it would buffer whole."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        *,
+        max_literal: int,
+        literal_timeout_s: float,
+        line_timeout_s: float,
+    ) -> None:
+        self._reader = reader
+        self._max_literal = max_literal
+        self._literal_timeout_s = literal_timeout_s
+        self._line_timeout_s = line_timeout_s
+
+    async def readline(self) -> bytes:
+        try:
+            async with asyncio.timeout(self._line_timeout_s):
+                return await self._reader.readline()
+        except (TimeoutError, ValueError) as exc:  # ValueError: a line over the limit
+            raise ConnectionError(f"imap: command line refused: {exc!r}") from None
+
+    async def readexactly(self, size: int) -> bytes:
+        if size > self._max_literal:
+            raise ConnectionError(f"imap: a literal of {size} bytes is over the limit")
+        try:
+            async with asyncio.timeout(self._literal_timeout_s):
+                return await self._reader.readexactly(size)
+        except TimeoutError:
+            raise ConnectionError("imap: a literal did not arrive in time") from None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._reader, name)
+
+
 class ImapGateway:
     """IMAP in front of one app server or a cluster (`servers`)."""
 
@@ -79,9 +119,19 @@ class ImapGateway:
         tls: ssl.SSLContext | None = None,
         max_message_bytes: int = 25 << 20,
         guard: SignInGuard | None = None,
+        literal_timeout_s: float = 30.0,
+        idle_timeout_s: float = 1800.0,
+        max_connections_per_peer: int = 64,
     ) -> None:
         self.tls = tls
         self._max_message_bytes = max_message_bytes
+        self._limits = {
+            "max_literal": max_message_bytes + (64 << 10),
+            "literal_timeout_s": literal_timeout_s,
+            "line_timeout_s": idle_timeout_s,
+        }
+        self._max_per_peer = max_connections_per_peer
+        self._per_peer: dict[str, int] = {}
         common: dict[str, Any] = {
             "resolve": resolve,
             "mail_domain": mail_domain,
@@ -112,7 +162,26 @@ class ImapGateway:
         port: int,
         tls: ssl.SSLContext | None,
     ) -> tuple[str, int]:
-        handler = ProxyProtocolReader(config.proxy_protocol).get_callback(IMAPServer(login, config))
+        imap = IMAPServer(login, config)
+
+        async def bounded(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, info: Any
+        ) -> None:
+            peer = str((writer.get_extra_info("peername") or ("?",))[0])
+            if self._per_peer.get(peer, 0) >= self._max_per_peer:
+                writer.write(b"* BYE too many connections from your address\r\n")
+                writer.close()
+                return
+            self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
+            try:
+                guarded = _BoundedReader(reader, **self._limits)
+                await imap(guarded, writer, info)  # type: ignore[arg-type]
+            finally:
+                self._per_peer[peer] -= 1
+                if not self._per_peer[peer]:
+                    del self._per_peer[peer]
+
+        handler = ProxyProtocolReader(config.proxy_protocol).get_callback(bounded)
         server = await asyncio.start_server(handler, host, port, ssl=tls)
         self._servers.append(server)
         address: Any = server.sockets[0].getsockname()

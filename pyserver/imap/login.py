@@ -20,9 +20,10 @@ from typing import Any
 
 from pymap.backend.session import BaseSession
 from pymap.config import IMAPConfig
-from pymap.context import socket_info
+from pymap.context import current_command, socket_info
 from pymap.exceptions import AuthorizationFailure, InvalidAuth, NotAllowedError
 from pymap.interfaces.login import IdentityInterface, LoginInterface
+from pymap.parsing.specials import FetchRequirement
 from pymap.token import AllTokens
 from pymap.user import UserMetadata
 from pysasl.creds.server import ServerCredentials
@@ -232,6 +233,16 @@ class Session(BaseSession[ImapMessage]):
     @property
     def mailbox_set(self) -> UserFolders:
         return self._folders
+
+    async def fetch_messages(self, selected: Any, sequence_set: Any, set_seen: bool) -> Any:
+        """pymap loads each message's bytes as it writes its answer, one after another;
+        when the FETCH needs them, they are loaded first, many at once."""
+        messages, updated = await super().fetch_messages(selected, sequence_set, set_seen)
+        attributes = getattr(current_command.get(None), "attributes", ())
+        needs = FetchRequirement.reduce(attribute.requirement for attribute in attributes)
+        if needs & FetchRequirement.CONTENT:
+            await self._folders.source.prefetch(m.message_id for _, m in messages)
+        return messages, updated
 
     async def list_mailboxes(self, *args: Any, **kwargs: Any) -> Any:
         entries, selected = await super().list_mailboxes(*args, **kwargs)

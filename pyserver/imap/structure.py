@@ -78,10 +78,12 @@ def _lines(data: bytes) -> int:
     return data.count(b"\n")
 
 
-def _envelope(raw: bytes) -> EnvelopeStructure:
-    """ENVELOPE of a message (RFC 3501 7.4.2), addresses and date from the headers' text."""
-    parsed = MessageContent.parse(raw).header.parsed
-    fields = BytesHeaderParser(policy=compat32).parsebytes(raw)
+def _envelope(raw: bytes, content: MessageContent | None = None) -> EnvelopeStructure:
+    """ENVELOPE of a message (RFC 3501 7.4.2), addresses and date from the headers' text
+    (`content`: the message parsed already)."""
+    parsed = (content or MessageContent.parse(raw)).header.parsed
+    head = raw[: raw.find(b"\r\n\r\n") + 4] if b"\r\n\r\n" in raw else raw
+    fields = BytesHeaderParser(policy=compat32).parsebytes(head)
 
     def addresses(name: str) -> list[str] | None:
         found = fields.get_all(name)
@@ -172,7 +174,8 @@ def _structure(part: _Part) -> BodyStructure:
         inner = part.children[0]
         return MessageBodyStructure(
             params, disposition, language, location, content_id, description, encoding,
-            None, len(body), _lines(body), _envelope(inner.raw), _structure(inner),
+            None, len(body), _lines(body), _envelope(inner.raw, inner.content),
+            _structure(inner),
         )  # fmt: skip
     if part.maintype == "text":
         return TextBodyStructure(
@@ -204,7 +207,7 @@ class LoadedMessage(BaseLoadedMessage):
     def get_envelope_structure(self) -> EnvelopeStructure:
         if self._raw is None:
             return super().get_envelope_structure()
-        return _envelope(self._raw)
+        return _envelope(self._raw, self._content)
 
     def get_body_structure(self) -> BodyStructure:
         tree = self.tree
@@ -236,6 +239,8 @@ class LoadedMessage(BaseLoadedMessage):
         return Writeable.wrap(part.body)
 
     def get_size(self, section: Sequence[int] | None = None) -> int:
+        if self._raw is not None and not section:
+            return len(self._raw)
         if self.tree is None:
             return super().get_size(section)
         return len(bytes(self.get_body(section)))

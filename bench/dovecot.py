@@ -1,4 +1,5 @@
-"""A private Dovecot IMAP server, the IMAP gateway's reference (Debian `dovecot-imapd`).
+"""A private Dovecot IMAP server, the IMAP gateway's reference (Debian `dovecot-imapd`):
+the ceiling of `python -m bench imap` and the reference of tests/test_imap_dovecot.py.
 
 Dovecot's `imap` binary runs one preauthenticated session over stdin/stdout
 with a configuration of our own (a Maildir under `folder`, no daemon, no
@@ -19,8 +20,6 @@ import tempfile
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
-import pytest
-
 __all__ = ["Dovecot"]
 
 IMAP_BINARY = Path("/usr/lib/dovecot/imap")
@@ -32,7 +31,7 @@ class Dovecot:
 
     def __init__(self, user: str = "alice") -> None:
         if not IMAP_BINARY.exists() or shutil.which("setpriv") is None:
-            pytest.fail("dovecot-imapd is installed by scripts/debian-packages")
+            raise RuntimeError("dovecot-imapd is missing (scripts/debian-packages installs it)")
         folder = Path(tempfile.mkdtemp(prefix="pyserver-dovecot-"))
         self.folder = folder
         self.user = user
