@@ -62,6 +62,9 @@ class Config:
     user_request_burst: int = 2000
     # requests one user-token user may have running at once, over all connections (0: any)
     user_max_in_flight: int = 1024
+    # requests running at once from one peer address on connections that are not
+    # service connections (0: any)
+    peer_max_in_flight: int = 4096
     # requests a second from one peer address on connections that are not service
     # connections (user tokens, and HELLOs: token guessing), and the burst; 0: unlimited
     peer_requests_per_s: float = 5000.0
@@ -348,8 +351,8 @@ def _check(config: Config) -> None:
         raise ConfigError("config user_requests_per_s / user_request_burst: >= 0 and >= 1")
     if config.peer_requests_per_s < 0 or config.peer_request_burst < 1:
         raise ConfigError("config peer_requests_per_s / peer_request_burst: >= 0 and >= 1")
-    if config.user_max_in_flight < 0:
-        raise ConfigError("config user_max_in_flight: >= 0")
+    if config.user_max_in_flight < 0 or config.peer_max_in_flight < 0:
+        raise ConfigError("config user_max_in_flight / peer_max_in_flight: >= 0")
     for name in ("web_max_upload_bytes", "web_session_s"):
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")

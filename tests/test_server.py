@@ -562,7 +562,11 @@ def test_token_guessing_from_one_peer_is_slowed_and_a_users_running_requests_cap
     async def scenario() -> None:
         peers = UserRateLimiter(rate=20, burst=20)
         async with Cell(
-            tmp_path, impl, peer_limiter=peers, user_in_flight=InFlightLimit(3)
+            tmp_path,
+            impl,
+            peer_limiter=peers,
+            user_in_flight=InFlightLimit(3),
+            peer_in_flight=InFlightLimit(4),
         ) as cell:
             service = await cell.client()
             guesses: list[BaseException] = []
@@ -586,11 +590,17 @@ def test_token_guessing_from_one_peer_is_slowed_and_a_users_running_requests_cap
             slow = [asyncio.create_task(c.search(2, "slowpoke")) for c in (first, first, second)]
             await cell.gated.entered.wait()
             await asyncio.sleep(0.05)
-            with pytest.raises(TooMany, match="3 requests running"):
+            with pytest.raises(TooMany, match="user 2 has 3 requests running"):
                 await second.search(2, "anything")
+            # and one peer's, over its users: a fourth runs, a fifth waits its turn
+            other = await cell.client(user_token=token_for(1))
+            slow.append(asyncio.create_task(other.search(1, "slowpoke")))
+            await asyncio.sleep(0.05)
+            with pytest.raises(TooMany, match=r"peer 127\.0\.0\.1 has 4 requests running"):
+                await other.search(1, "anything")
             assert (await service.search(2, "anything")) is not None  # others still served
             cell.gated.gate.set()
-            assert len(await asyncio.gather(*slow)) == 3
+            assert len(await asyncio.gather(*slow)) == 4
             assert await second.search(2, "anything") is not None  # and the user again
 
     impl.run(scenario)

@@ -159,6 +159,7 @@ class Dispatcher:
         user_limiter: UserRateLimiter | None = None,
         peer_limiter: UserRateLimiter | None = None,
         user_in_flight: InFlightLimit | None = None,
+        peer_in_flight: InFlightLimit | None = None,
         observer: RequestObserver | None = None,
         health_check: Callable[[], Awaitable[bool]] | None = None,
         clock: Callable[[], float] = time.time,
@@ -186,8 +187,10 @@ class Dispatcher:
         # requests per second from one peer address over its connections that are not
         # service connections, HELLO included (token guessing); None: unlimited
         self.peer_limiter = peer_limiter
-        # requests of one user-token user running at once, over all their connections
+        # requests running at once of one user-token user, and from one peer address on
+        # connections that are not service connections, over all their connections
         self.user_in_flight = user_in_flight
+        self.peer_in_flight = peer_in_flight
         self.observer: RequestObserver = observer if observer is not None else NullObserver()
         self._health_check = health_check
         self._clock = clock
@@ -324,8 +327,11 @@ class Dispatcher:
 
     def admit(self, session: Session, frame: Frame) -> tuple[int, bytes] | None:
         """The TOO_MANY answer to a request of a user or peer over its rate, or None."""
+        limits = self._rate_limits(session)
+        if not limits:  # a service connection, or no limits set: the common case
+            return None
         now = time.monotonic()
-        for limiter, key, who in self._rate_limits(session):
+        for limiter, key, who in limits:
             if limiter.take(key, now):
                 continue
             op = _OPS.get(frame.op)
@@ -374,19 +380,34 @@ class Dispatcher:
         started = time.perf_counter()
         op = _OPS.get(frame.op)
         op_name = op.name if op is not None else UNKNOWN_OP
-        user = session.user  # (a revoked token's session loses it meanwhile)
-        running = self.user_in_flight if user is not None else None
-        if running is not None and not running.enter(user):
-            busy = TooMany(f"user {user} has {running.limit} requests running: wait for replies")
-            return self._finish(session, frame, op_name, started, busy)
+        # requests running at once, per user-token user and per peer (not for the trusted
+        # tiers); the keys are taken now: a revoked token's session loses its user meanwhile
+        held = self._in_flight_keys(session)
+        for taken, (limit, key, who) in enumerate(held):
+            if not limit.enter(key):
+                for earlier, earlier_key, _ in held[:taken]:
+                    earlier.leave(earlier_key)
+                busy = TooMany(f"{who} has {limit.limit} requests running: wait for replies")
+                return self._finish(session, frame, op_name, started, busy)
         try:
             result = await self._answer(session, frame, op)
         except Exception as exc:
             return self._finish(session, frame, op_name, started, exc)
         finally:
-            if running is not None:
-                running.leave(user)
+            for limit, key, _ in held:
+                limit.leave(key)
         return self._finish(session, frame, op_name, started, result)
+
+    def _in_flight_keys(self, session: Session) -> list[tuple[InFlightLimit, Any, str]]:
+        if session.is_service:
+            return []
+        held = []
+        if self.user_in_flight is not None and session.user is not None:
+            held.append((self.user_in_flight, session.user, f"user {session.user}"))
+        if self.peer_in_flight is not None:
+            host = session.peer.rpartition(":")[0] or session.peer
+            held.append((self.peer_in_flight, host, f"peer {host}"))
+        return held
 
     def _finish(
         self,

@@ -57,6 +57,7 @@ def service_server(
     user_limiter: UserRateLimiter | None = None,
     peer_limiter: UserRateLimiter | None = None,
     user_in_flight: InFlightLimit | None = None,
+    peer_in_flight: InFlightLimit | None = None,
     revocations: Revocations | None = None,
 ) -> AppServer:
     """`handler` served on the wire shell with the configured frame size, limits and TLS,
@@ -73,6 +74,7 @@ def service_server(
         user_limiter=user_limiter,
         peer_limiter=peer_limiter,
         user_in_flight=user_in_flight,
+        peer_in_flight=peer_in_flight,
         revocations=revocations,
     )
     return AppServer(dispatcher, ServerLimits.from_config(config), tls=config.server_tls())
@@ -194,6 +196,9 @@ class AppServerParts:
             ),
             user_in_flight=(
                 InFlightLimit(config.user_max_in_flight) if config.user_max_in_flight else None
+            ),
+            peer_in_flight=(
+                InFlightLimit(config.peer_max_in_flight) if config.peer_max_in_flight else None
             ),
         )
         self.dispatcher = self.server.dispatcher

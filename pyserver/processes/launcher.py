@@ -11,8 +11,9 @@
   the cluster's own;
 * two discovery instances, the user index service, the dirty service (with
   memcached), C x N app servers (`pyserver node`, knowing discovery, the user
-  index and the dirty service), the MTA proxy and the web tier (both routing
-  through discovery), and with `--smsc` the SMS gateway the nodes text through;
+  index and the dirty service), the MTA proxy, the web tier and the IMAP gateway
+  (all routing through discovery), and with `--smsc` the SMS gateway the nodes
+  text through;
 
 prints where each listens and returns once all serve (each writes its
 addresses to `ready/<name>.json` when it does). The folder (default
@@ -63,7 +64,7 @@ MEMCACHED = tuple(
     for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
 )
 # down: app servers first (they drain), the services they call last
-_STOP_ORDER = ("web", "mta", "node", "sms", "discovery", "dirty", "userindex")
+_STOP_ORDER = ("web", "imap", "mta", "node", "sms", "discovery", "dirty", "userindex")
 
 
 class LaunchError(Exception):
@@ -424,7 +425,14 @@ def cluster_up(
             ["web", *common, "--port", "0", "--discovery", discovery], web_env,
         )  # fmt: skip
         started.append(web)
-        _wait_ready([mta, web], timeout_s)
+        # the IMAP gateway: mail clients, every user's owner found through discovery
+        imap = _spawn(
+            folder, base_env, "imap", "imap",
+            ["imap", *common, "--port", "0", "--discovery", discovery],
+            {"PYSERVER_STORE": directory_store},
+        )  # fmt: skip
+        started.append(imap)
+        _wait_ready([mta, web, imap], timeout_s)
     except BaseException:
         state["processes"] = [_public(entry) for entry in started]
         write_state(folder, state)
