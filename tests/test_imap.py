@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import email
 import imaplib
-import os
 import shutil
 import smtplib
 import socket
@@ -32,7 +31,7 @@ from hypothesis import strategies as st
 from pyserver.client import Client
 from pyserver.errors import NotFound
 from pyserver.servicekey import read_service_key
-from tests.support import cli, run, start_serving
+from tests.support import cli, run, serve_cell
 
 DOMAIN = "pyserver.localhost"
 
@@ -56,12 +55,7 @@ MAIL = _mail_with_attachment()
 def cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A cell of its own with its IMAP gateway, and the corpus of the module docstring."""
     data = tmp_path_factory.mktemp("imap-cell")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVER_")}
-    proc, ready = start_serving(
-        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1", "--imap-port", "0"],
-        data / "ready.json", env=env,
-    )  # fmt: skip
+    proc, ready = serve_cell(data)
     try:
         key = read_service_key(data)
         server = (ready["server"]["host"], ready["server"]["port"])
@@ -243,15 +237,10 @@ def tls_cell(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     issued.cert_chain_pems[0].write_to_path(str(cert))
     issued.private_key_pem.write_to_path(str(key))
     ca.cert_pem.write_to_path(str(ca_file))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVER_")}
-    env |= {"PYSERVER_TLS": "1", "PYSERVER_TLS_CERT_FILE": str(cert),
-            "PYSERVER_TLS_KEY_FILE": str(key), "PYSERVER_TLS_CA_FILE": str(ca_file),
-            "PYSERVER_IMAPS_PORT": "0"}  # fmt: skip
-    proc, ready = start_serving(
-        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1", "--imap-port", "0"],
-        data / "ready.json", env=env,
-    )  # fmt: skip
+    settings = {"PYSERVER_TLS": "1", "PYSERVER_TLS_CERT_FILE": str(cert),
+                "PYSERVER_TLS_KEY_FILE": str(key), "PYSERVER_TLS_CA_FILE": str(ca_file),
+                "PYSERVER_IMAPS_PORT": "0"}  # fmt: skip
+    proc, ready = serve_cell(data, settings)
     try:
         yield {"data": data, "ready": ready, "ca": str(ca_file)}
     finally:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import os
 import re
 import smtplib
 import sysconfig
@@ -34,7 +33,7 @@ import imapclient
 import pytest
 
 from bench.dovecot import Dovecot
-from tests.support import cli, start_serving
+from tests.support import cli, serve_cell
 
 DOMAIN = "pyserver.localhost"
 CORPUS = Path(sysconfig.get_paths()["stdlib"]) / "test" / "test_email" / "data"
@@ -97,13 +96,8 @@ class _Loop:
 def both(tmp_path: Path) -> Iterator[dict[str, Any]]:
     """The corpus in a cell (user 2's Other folder) and in Dovecot (INBOX)."""
     corpus = _corpus()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVER_")}
     data = tmp_path / "cell"
-    proc, ready = start_serving(
-        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1", "--imap-port", "0"],
-        data / "ready.json", env=env,
-    )  # fmt: skip
+    proc, ready = serve_cell(data)
     loop = _Loop()
     try:
         taken = []

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import http.cookiejar
-import os
 import smtplib
 import socket
 import ssl
@@ -34,7 +33,7 @@ from pyserver.cluster.zk import ZooKeeper, ZooKeeperForbidden, digest_id
 from pyserver.errors import PyserverError, Unauthenticated, Unavailable
 from pyserver.servicekey import ServiceKeys, key_id, read_service_key
 from pyserver.tls import TierTls
-from tests.support import cli, run, start_serving
+from tests.support import cli, run, serve_cell
 
 MAIL = b"From: a@example.org\r\nTo: u2@pyserver.localhost\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -62,15 +61,8 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, TierTls]:
 
 
 def _serve(data: Path, env: dict[str, str] | None = None) -> tuple[subprocess.Popen[Any], dict]:
-    args = ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0"]
-    return start_serving(
-        [*args, "--web-port", "0"], data / "ready.json", env={**_environ(), **(env or {})}
-    )
-
-
-def _environ() -> dict[str, str]:
-    """This environment without PYSERVER_* settings (the cell's come from the test)."""
-    return {name: value for name, value in os.environ.items() if not name.startswith("PYSERVER_")}
+    """A cell with its web tier too (its sessions are checked here)."""
+    return serve_cell(data, env, "--web-port", "0")
 
 
 def _stop(proc: subprocess.Popen[Any]) -> None:

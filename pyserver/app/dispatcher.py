@@ -313,17 +313,23 @@ class Dispatcher:
         self._mailbox.remember_reply(op, payload, frame.payload, body)  # type: ignore[attr-defined]
         return kind, body
 
-    def _rate_limits(self, session: Session) -> list[tuple[UserRateLimiter, Any, str]]:
-        """The buckets a request of `session` draws on: (limiter, key, who) each."""
+    @staticmethod
+    def _counted(session: Session, for_user: Any, for_peer: Any) -> list[tuple[Any, Any, str]]:
+        """What a request of `session` counts against, (limit, key, who) each: its user's
+        limit and its peer address's, for a connection that is not a service connection
+        (the trusted tiers carry many users and are not limited)."""
         if session.is_service:
             return []
-        limits = []
-        if self.user_limiter is not None and session.user is not None:
-            limits.append((self.user_limiter, session.user, f"user {session.user}"))
-        if self.peer_limiter is not None:
+        counted = []
+        if for_user is not None and session.user is not None:
+            counted.append((for_user, session.user, f"user {session.user}"))
+        if for_peer is not None:
             host = session.peer.rpartition(":")[0] or session.peer
-            limits.append((self.peer_limiter, host, f"peer {host}"))
-        return limits
+            counted.append((for_peer, host, f"peer {host}"))
+        return counted
+
+    def _rate_limits(self, session: Session) -> list[tuple[UserRateLimiter, Any, str]]:
+        return self._counted(session, self.user_limiter, self.peer_limiter)
 
     def admit(self, session: Session, frame: Frame) -> tuple[int, bytes] | None:
         """The TOO_MANY answer to a request of a user or peer over its rate, or None."""
@@ -399,15 +405,7 @@ class Dispatcher:
         return self._finish(session, frame, op_name, started, result)
 
     def _in_flight_keys(self, session: Session) -> list[tuple[InFlightLimit, Any, str]]:
-        if session.is_service:
-            return []
-        held = []
-        if self.user_in_flight is not None and session.user is not None:
-            held.append((self.user_in_flight, session.user, f"user {session.user}"))
-        if self.peer_in_flight is not None:
-            host = session.peer.rpartition(":")[0] or session.peer
-            held.append((self.peer_in_flight, host, f"peer {host}"))
-        return held
+        return self._counted(session, self.user_in_flight, self.peer_in_flight)
 
     def _finish(
         self,

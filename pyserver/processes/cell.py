@@ -13,6 +13,7 @@ it gracefully (in-flight requests finish, cached images are snapshotted).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 import time
@@ -268,7 +269,12 @@ async def _serve_until_stopped(
     cell: SingleNodeCell, ready: Path | None, sign_in_links: tuple[int, ...]
 ) -> None:
     stopped = stop_signal()
-    addresses = await cell.start()
+    try:
+        addresses = await cell.start()
+    except BaseException:  # a port taken, the store unreadable: close what did open
+        with contextlib.suppress(Exception):
+            await cell.stop()
+        raise
     server, http = addresses["server"], addresses["http"]
     print(f"pyserver: cell {cell.config.cell} node {cell.config.node_id} running", flush=True)
     print(f"  binary protocol  {server['host']}:{server['port']}", flush=True)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 import socket
 import subprocess
 import sys
@@ -22,7 +23,7 @@ from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
 from pyserver.implementation import PURE_FORCED
 
-__all__ = ["cli", "free_port", "native", "run", "run_cli", "start_serving"]
+__all__ = ["cli", "free_port", "native", "run", "run_cli", "serve_cell", "start_serving"]
 
 T = TypeVar("T")
 
@@ -77,6 +78,20 @@ def start_serving(
             raise AssertionError(f"pyserver {args[0]} did not serve in {timeout_s:g} s: {errors}")
         time.sleep(0.05)
     return proc, ready
+
+
+def serve_cell(
+    data: Path, settings: dict[str, str] | None = None, *flags: str
+) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+    """`pyserver run` on `data`, every port a free one, the web tier off and the IMAP
+    gateway on, with these PYSERVER_* `settings` instead of the environment's own: the
+    process and the addresses its ready file holds."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYSERVER_")}
+    return start_serving(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
+         "--web-port", "-1", "--imap-port", "0", *flags],
+        data / "ready.json", env={**env, **(settings or {})},
+    )  # fmt: skip
 
 
 def run_cli(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
