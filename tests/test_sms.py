@@ -19,7 +19,8 @@ from pyserver.sms import concat, gsm
 from pyserver.sms.esme import Esme, SubmitRefused
 from pyserver.sms.gateway import SmsGateway, normalise_phone
 from pyserver.sms.outbound import Receipts, SmsSender
-from pyserver.sms.pdu import Status, Tag
+from pyserver.sms.pdu import Command, Pdu, Status, Tag
+from pyserver.sms.state import SmsState
 from pyserver.wire.ops import Op
 from tests.support import free_port, run
 from tests.support.cells import InProcessCell
@@ -60,7 +61,7 @@ async def rig(
         link = await CuttableLink(smsc.port).start()
         here = Rig(cell, client, smsc, link)
         request = cell.mailbox.execute
-        receipts = Receipts(request)
+        receipts = Receipts(request, state=SmsState(tmp_path / "sms-state.sqlite3"))
         gateway = SmsGateway(
             request,
             cell.store.resolve_address,
@@ -85,6 +86,8 @@ async def rig(
             await here.outbox.close()
             await esme.close()
             await gateway.close()
+            assert receipts.state is not None
+            await receipts.state.close()
             await link.stop()
             await smsc.stop()
 
@@ -332,3 +335,77 @@ def _tlv(tag: int, value: bytes) -> Any:
     import smpp34
 
     return smpp34.Tlv(tag, value)
+
+
+def test_receipts_and_replies_still_find_their_conversation_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """What the gateway must remember (which SMSC ids make a copy, which conversation a
+    phone was texted) is in its state file: a new gateway, after a restart, settles the
+    copy on its receipts and files the phone's reply where it belongs."""
+    settled: list[dict[str, Any]] = []
+
+    async def request(op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        assert op is Op.OUTBOUND_SETTLE
+        settled.append(payload)
+        return {}
+
+    def receipt(smsc_id: str) -> Pdu:
+        text = f"id:{smsc_id} sub:001 dlvrd:001 stat:DELIVRD err:000 text:x".encode()
+        return Pdu(Command.DELIVER_SM, 1, fields={"short_message": text, "esm_class": 0x04})
+
+    async def go() -> None:
+        path = tmp_path / "sms-state.sqlite3"
+        before = Receipts(request, state=SmsState(path))
+        await before.expect(["s-1", "s-2"], ALICE, "m-1", ALICE_PHONE)
+        await before.texted(ALICE_PHONE, ALICE, "t-1")
+        assert before.state is not None
+        await before.state.close()
+        # the restart: nothing in memory, the same file
+        after = Receipts(request, state=SmsState(path))
+        assert after.last_texted == {}
+        (user, thread_id, _at) = await after.last_texted_to(ALICE_PHONE) or (0, "", 0)
+        assert (user, thread_id) == (ALICE, "t-1")
+        await after.receipt(receipt("s-2"))
+        assert settled == []  # one part of two delivered: not settled yet
+        await after.receipt(receipt("s-1"))
+        assert [(s["user"], s["message_id"], s["outcome"]) for s in settled] == [
+            (ALICE, "m-1", "delivered")
+        ]
+        await after.receipt(receipt("s-1"))  # a receipt sent again changes nothing
+        assert len(settled) == 1 and after.counters["receipts_unmatched"] == 1
+        assert after.state is not None
+        assert await after.state.copy_of("s-2") is None  # settled copies are forgotten
+        await after.state.close()
+
+    run(go)
+
+
+def test_a_text_sent_again_across_a_restart_keeps_its_key(tmp_path: Path) -> None:
+    """An SMSC that never got the answer to a deliver_sm (the gateway crashed after the
+    text was stored) sends it again to the restarted gateway: the same key reaches the
+    mailbox, which stores the text once."""
+    keys: list[str] = []
+
+    async def request(op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        keys.append(payload["key"])
+        return {}
+
+    async def nobody(phone: str) -> int | None:
+        return None
+
+    text = Pdu(Command.DELIVER_SM, 7, fields={
+        "source_addr": "15550009999", "source_addr_ton": 1, "destination_addr": SHORT_CODE,
+        "short_message": b"are you open today?", "data_coding": 0, "esm_class": 0,
+    })  # fmt: skip
+
+    async def go() -> None:
+        for _ in range(2):  # a gateway, then the same after a restart
+            state = SmsState(tmp_path / "sms-state.sqlite3")
+            gateway = SmsGateway(request, nobody, {SHORT_CODE: OWNER}, state=state)
+            assert await gateway.on_deliver(text) == Status.OK
+            await gateway.close()
+            await state.close()
+        assert len(keys) == 2 and keys[0] == keys[1]
+
+    run(go)

@@ -28,11 +28,14 @@ from pyserver.sms.esme import Esme
 from pyserver.sms.gateway import Request, ResolvePhone, SmsGateway
 from pyserver.sms.outbound import Receipts, SmsSender
 from pyserver.sms.service import SmsService
+from pyserver.sms.state import SmsState
 from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = ["DEFAULT_PORT", "SmsLink", "SmsProcess", "add_parser"]
 
 DEFAULT_PORT = 7460
+# the gateway's own state in its data folder (pyserver.sms.state)
+STATE_FILE = "sms-state.sqlite3"
 
 
 class SmsLink:
@@ -43,8 +46,13 @@ class SmsLink:
 
     def __init__(self, config: Config, request: Request, resolve_phone: ResolvePhone) -> None:
         codes = short_codes(config)
-        self.receipts = Receipts(request)
-        self.gateway = SmsGateway(request, resolve_phone, codes, receipts=self.receipts)
+        # which texts await receipts, which phones were texted what, which texts came in
+        # lately: kept across restarts in the data folder
+        self.state = SmsState(config.data_dir / STATE_FILE)
+        self.receipts = Receipts(request, state=self.state)
+        self.gateway = SmsGateway(
+            request, resolve_phone, codes, receipts=self.receipts, state=self.state
+        )
         self.gateway.start()
         self.sessions: list[Esme] = []
         for address in parse_addresses(config.smsc):
@@ -60,6 +68,7 @@ class SmsLink:
         for esme in self.sessions:
             await esme.close()
         await self.gateway.close()
+        await self.state.close()
 
     def stats(self) -> dict[str, Any]:
         return {

@@ -44,6 +44,7 @@ from pyserver.errors import NotFound, PyserverError
 from pyserver.sms import concat, gsm
 from pyserver.sms.outbound import Receipts
 from pyserver.sms.pdu import Pdu, Status, Tag
+from pyserver.sms.state import SmsState
 from pyserver.wire.ops import Op
 
 __all__ = ["SmsGateway", "normalise_phone"]
@@ -81,10 +82,13 @@ class SmsGateway:
         reassembly_timeout_s: float = 120.0,
         duplicate_window_s: float = 600.0,
         reply_window_s: float = 86_400.0,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.time,
+        state: SmsState | None = None,
     ) -> None:
         self._request = request
         self.receipts = receipts
+        # texts' first sightings, kept across restarts (None: in memory only)
+        self.state = state
         self._reply_window_s = reply_window_s
         self._resolve_phone = resolve_phone
         self.short_codes = dict(short_codes)
@@ -159,9 +163,14 @@ class SmsGateway:
         fingerprint = hashlib.sha256(f"{phone}\0{destination}\0{text}".encode()).hexdigest()
         now = self._clock()
         first_seen = self._recent.get(fingerprint)
+        if first_seen is None and self.state is not None:
+            first_seen = await self.state.first_seen(fingerprint)
         if first_seen is None or now - first_seen > self._duplicate_window_s:
             first_seen = now
         key = f"sms:{fingerprint[:32]}:{int(first_seen * 1000)}"
+        if self.state is not None:  # before it is stored: a resend after a crash finds it
+            forget = now - self._duplicate_window_s
+            await self.state.seen(fingerprint, first_seen, forget_before=forget)
         extra: dict[str, Any] = {"phone": phone, "short_code": destination}
         if not text_parts.complete:
             extra["incomplete"] = True
@@ -199,7 +208,7 @@ class SmsGateway:
         """The others of the conversation last texted to this phone of `user`, if lately."""
         if self.receipts is None:
             return None
-        last = self.receipts.last_texted.get(phone)
+        last = await self.receipts.last_texted_to(phone)
         if last is None or last[0] != user or time.time() - last[2] > self._reply_window_s:
             return None
         try:

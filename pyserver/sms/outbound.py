@@ -17,11 +17,11 @@ the user's phone as an address to send to, and the outbox hands it to
 4. `Receipts` remembers which SMSC ids make up which copy; a receipt (`stat:` in
    the text, or the `message_state` and `receipted_message_id` TLVs) settles the
    copy `delivered` once every part is delivered, `failed` as soon as one is not.
-   The ids are remembered in memory (a receipt for a text sent before a restart
-   is counted and dropped; the copy stays `sent`).
 
 It also remembers, per phone, the conversation last texted to it, so a reply
-from that phone goes back into that conversation (`SmsGateway`).
+from that phone goes back into that conversation (`SmsGateway`). Both are kept
+in memory and, with an `SmsState`, in the gateway's data folder before a copy is
+reported sent: a receipt, or a reply, that comes after a restart still finds them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from pyserver.errors import PyserverError, Unavailable
 from pyserver.sms import concat, gsm
 from pyserver.sms.esme import Esme, SubmitRefused
 from pyserver.sms.pdu import Pdu, Tag
+from pyserver.sms.state import SmsState
 from pyserver.wire.ops import Op
 
 __all__ = ["Receipts", "SmsSender", "notification_text"]
@@ -68,32 +69,59 @@ class _Copy:
     message_id: str
     phone: str
     parts: set[str] = field(default_factory=set)
-    sent_at: float = field(default_factory=time.monotonic)
+    sent_at: float | None = field(default_factory=time.monotonic)
 
 
 class Receipts:
     """Which SMSC ids make up which texted copy, until their receipts settle it."""
 
-    def __init__(self, request: Request, max_copies: int = 200_000) -> None:
+    def __init__(
+        self, request: Request, max_copies: int = 200_000, state: SmsState | None = None
+    ) -> None:
         self._request = request
         self._by_id: OrderedDict[str, _Copy] = OrderedDict()
         self._max = max_copies
+        # what survives a restart (None: memory only)
+        self.state = state
         self.counters: Counter[str] = Counter()
         # phone -> (user, thread id, when): the conversation last texted to the phone
         self.last_texted: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
 
-    def expect(self, ids: list[str], user: int, message_id: str, phone: str) -> None:
+    async def expect(self, ids: list[str], user: int, message_id: str, phone: str) -> None:
         copy = _Copy(user, message_id, phone, set(ids))
         for smsc_id in ids:
             self._by_id[smsc_id] = copy
         while len(self._by_id) > self._max:
             self._by_id.popitem(last=False)
+        if self.state is not None:
+            await self.state.expect(ids, user, message_id, phone)
 
-    def texted(self, phone: str, user: int, thread_id: str) -> None:
-        self.last_texted[phone] = (user, thread_id, time.time())
+    async def texted(self, phone: str, user: int, thread_id: str) -> None:
+        at = time.time()
+        self.last_texted[phone] = (user, thread_id, at)
         self.last_texted.move_to_end(phone)
         while len(self.last_texted) > self._max:
             self.last_texted.popitem(last=False)
+        if self.state is not None:
+            await self.state.texted(phone, user, thread_id, at)
+
+    async def last_texted_to(self, phone: str) -> tuple[int, str, float] | None:
+        """(user, thread id, when) of the conversation last texted to the phone, if any."""
+        found = self.last_texted.get(phone)
+        if found is None and self.state is not None:
+            found = await self.state.last_texted(phone)
+        return found
+
+    async def _copy(self, smsc_id: str) -> _Copy | None:
+        copy = self._by_id.pop(smsc_id, None)
+        if copy is None and self.state is not None:  # sent before a restart
+            stored = await self.state.copy_of(smsc_id)
+            if stored is not None:
+                user, message_id, phone, parts = stored
+                copy = _Copy(user, message_id, phone, parts, sent_at=None)
+                for other in parts - {smsc_id}:
+                    self._by_id[other] = copy
+        return copy
 
     async def receipt(self, pdu: Pdu) -> None:
         """Settle what a delivery receipt says (errors are logged: the receipt is answered
@@ -107,18 +135,23 @@ class Receipts:
         stat = _STATES.get(state_tlv[0]) if state_tlv else None
         if stat is None and (match := _STAT.search(body)):
             stat = match.group(1).decode("ascii")
-        copy = self._by_id.pop(smsc_id, None) if smsc_id else None
-        if copy is None or stat is None:
+        copy = await self._copy(smsc_id) if smsc_id else None
+        if copy is None or stat is None or smsc_id is None:
             self.counters["receipts_unmatched"] += 1
             return
         self.counters[f"receipt_{stat.lower()}"] += 1
         self.counters["count"] += 1
-        self.counters["seconds"] += time.monotonic() - copy.sent_at  # type: ignore[assignment]
-        copy.parts.discard(smsc_id)  # type: ignore[arg-type]
+        if copy.sent_at is not None:  # (unknown for a copy sent before a restart)
+            self.counters["seconds"] += time.monotonic() - copy.sent_at  # type: ignore[assignment]
+        copy.parts.discard(smsc_id)
         if stat == "DELIVRD" and copy.parts:
+            if self.state is not None:
+                await self.state.settled([smsc_id])
             return  # more parts to come
         for other in copy.parts:  # settled now: the others' receipts change nothing
             self._by_id.pop(other, None)
+        if self.state is not None:
+            await self.state.settled([smsc_id, *copy.parts])
         outcome = "delivered" if stat == "DELIVRD" else "failed"
         payload = {"user": copy.user, "message_id": copy.message_id, "address": copy.phone,
                    "outcome": outcome, "detail": f"SMSC receipt: {stat}"}  # fmt: skip
@@ -171,8 +204,8 @@ class SmsSender:
                 outcomes[phone] = ("retry", str(error))
                 self.counters["retried"] += 1
                 continue
-            self.receipts.expect(ids, mail["user"], mail["message_id"], phone)
-            self.receipts.texted(phone, mail["user"], mail["thread_id"])
+            await self.receipts.expect(ids, mail["user"], mail["message_id"], phone)
+            await self.receipts.texted(phone, mail["user"], mail["thread_id"])
             outcomes[phone] = ("sent", f"SMSC ids {','.join(ids)}")
             self.counters["texts"] += 1
             self.counters["parts"] += len(ids)

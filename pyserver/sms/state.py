@@ -1,0 +1,152 @@
+"""What the SMS gateway remembers across a restart, in one SQLite file of its data folder.
+
+Three things the SMSC's later messages refer to and nothing else holds: which
+SMSC message ids make up which texted copy (a delivery receipt names only the id,
+and may come hours after the submit); which conversation each phone was last
+texted (a reply from the phone goes back into it); and when each text from a
+phone was first seen (its key: an SMSC that sends a text again, its answer lost
+in a crash, must find the same key so the mailbox stores it once). Each is
+written before the gateway acts on it, so a receipt, a reply or a resend after a
+restart still finds it; rows of a settled copy are deleted, phones' rows
+replaced, texts' rows kept past their duplicate window only until the next.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from functools import partial
+from pathlib import Path
+
+from pyserver.store.sqlite_file import Schema, SQLiteFile
+
+__all__ = ["Copy", "SmsState"]
+
+_SCHEMA = Schema(
+    create="""
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS parts (
+    smsc_id    TEXT PRIMARY KEY,
+    user       INTEGER NOT NULL,
+    message_id TEXT NOT NULL,
+    phone      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS parts_of_copy ON parts (message_id, phone);
+CREATE TABLE IF NOT EXISTS texted (
+    phone     TEXT PRIMARY KEY,
+    user      INTEGER NOT NULL,
+    thread_id TEXT NOT NULL,
+    at        REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS seen (
+    fingerprint TEXT PRIMARY KEY,
+    first_seen  REAL NOT NULL
+);
+PRAGMA user_version = 1;
+COMMIT;
+""",
+    version=1,
+)
+
+# (user, message id, phone, the SMSC ids of its parts not settled yet)
+Copy = tuple[int, str, str, set[str]]
+
+
+class SmsState:
+    """The gateway's file (module docstring); opened on first use."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._file = SQLiteFile(path, "SMS gateway state", _SCHEMA, synchronous="FULL")
+        self._opening = asyncio.Lock()
+        self._open = False
+
+    async def _ready(self) -> SQLiteFile:
+        async with self._opening:
+            if not self._open:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                await self._file.open()
+                self._open = True
+        return self._file
+
+    async def close(self) -> None:
+        if self._open:
+            await self._file.close()
+            self._open = False
+
+    async def expect(self, ids: list[str], user: int, message_id: str, phone: str) -> None:
+        rows = [(smsc_id, user, message_id, phone) for smsc_id in ids]
+        await (await self._ready()).write(partial(_insert_parts, rows))
+
+    async def copy_of(self, smsc_id: str) -> Copy | None:
+        """The copy an SMSC id is a part of, with its parts not settled yet."""
+        return await (await self._ready()).read(_copy_of, smsc_id)
+
+    async def settled(self, ids: list[str]) -> None:
+        """These parts need no receipt any more (their copy is settled, or they are)."""
+        await (await self._ready()).write(partial(_delete_parts, ids))
+
+    async def texted(self, phone: str, user: int, thread_id: str, at: float) -> None:
+        row = (phone, user, thread_id, at)
+        await (await self._ready()).write(partial(_upsert_texted, row))
+
+    async def last_texted(self, phone: str) -> tuple[int, str, float] | None:
+        return await (await self._ready()).read(_last_texted, phone)
+
+    async def first_seen(self, fingerprint: str) -> float | None:
+        return await (await self._ready()).read(_first_seen, fingerprint)
+
+    async def seen(self, fingerprint: str, first_seen: float, forget_before: float) -> None:
+        """A text's first sighting (texts first seen before `forget_before` are dropped)."""
+        await (await self._ready()).write(
+            partial(_upsert_seen, (fingerprint, first_seen), forget_before)
+        )
+
+
+def _insert_parts(rows: list[tuple[str, int, str, str]], conn: sqlite3.Connection) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO parts (smsc_id, user, message_id, phone) VALUES (?, ?, ?, ?)",
+        rows,
+    )
+
+
+def _delete_parts(ids: list[str], conn: sqlite3.Connection) -> None:
+    conn.executemany("DELETE FROM parts WHERE smsc_id = ?", [(i,) for i in ids])
+
+
+def _upsert_texted(row: tuple[str, int, str, float], conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT OR REPLACE INTO texted (phone, user, thread_id, at) VALUES (?, ?, ?, ?)", row
+    )
+
+
+def _upsert_seen(row: tuple[str, float], forget_before: float, conn: sqlite3.Connection) -> None:
+    conn.execute("DELETE FROM seen WHERE first_seen < ?", (forget_before,))
+    conn.execute("INSERT OR REPLACE INTO seen (fingerprint, first_seen) VALUES (?, ?)", row)
+
+
+def _first_seen(conn: sqlite3.Connection, fingerprint: str) -> float | None:
+    found = conn.execute(
+        "SELECT first_seen FROM seen WHERE fingerprint = ?", (fingerprint,)
+    ).fetchone()
+    return float(found[0]) if found else None
+
+
+def _copy_of(conn: sqlite3.Connection, smsc_id: str) -> Copy | None:
+    found = conn.execute(
+        "SELECT user, message_id, phone FROM parts WHERE smsc_id = ?", (smsc_id,)
+    ).fetchone()
+    if found is None:
+        return None
+    user, message_id, phone = found
+    parts = conn.execute(
+        "SELECT smsc_id FROM parts WHERE message_id = ? AND phone = ?", (message_id, phone)
+    ).fetchall()
+    return int(user), str(message_id), str(phone), {str(part) for (part,) in parts}
+
+
+def _last_texted(conn: sqlite3.Connection, phone: str) -> tuple[int, str, float] | None:
+    found = conn.execute(
+        "SELECT user, thread_id, at FROM texted WHERE phone = ?", (phone,)
+    ).fetchone()
+    return (int(found[0]), str(found[1]), float(found[2])) if found else None
