@@ -357,8 +357,7 @@ def test_receipts_and_replies_still_find_their_conversation_after_a_restart(
     async def go() -> None:
         path = tmp_path / "sms-state.sqlite3"
         before = Receipts(request, state=SmsState(path))
-        await before.expect(["s-1", "s-2"], ALICE, "m-1", ALICE_PHONE)
-        await before.texted(ALICE_PHONE, ALICE, "t-1")
+        await before.sent(["s-1", "s-2"], ALICE, "m-1", ALICE_PHONE, "t-1")
         assert before.state is not None
         await before.state.close()
         # the restart: nothing in memory, the same file

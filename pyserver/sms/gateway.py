@@ -87,8 +87,10 @@ class SmsGateway:
     ) -> None:
         self._request = request
         self.receipts = receipts
-        # texts' first sightings, kept across restarts (None: in memory only)
+        # texts' first sightings, kept across restarts (None: in memory only); read back
+        # once, at the first text after a start
         self.state = state
+        self._warm = False
         self._reply_window_s = reply_window_s
         self._resolve_phone = resolve_phone
         self.short_codes = dict(short_codes)
@@ -162,9 +164,12 @@ class SmsGateway:
         owner = self.short_codes[destination]
         fingerprint = hashlib.sha256(f"{phone}\0{destination}\0{text}".encode()).hexdigest()
         now = self._clock()
+        if self.state is not None and not self._warm:  # the sightings before a restart
+            self._warm = True
+            since = now - self._duplicate_window_s
+            for known, at in sorted((await self.state.sightings(since)).items(), key=_second):
+                self._recent.setdefault(known, at)
         first_seen = self._recent.get(fingerprint)
-        if first_seen is None and self.state is not None:
-            first_seen = await self.state.first_seen(fingerprint)
         if first_seen is None or now - first_seen > self._duplicate_window_s:
             first_seen = now
         key = f"sms:{fingerprint[:32]}:{int(first_seen * 1000)}"
@@ -242,3 +247,7 @@ def _sar(tlvs: dict[int, bytes]) -> tuple[int, int, int] | None:
         )
     except (KeyError, IndexError):
         return None
+
+
+def _second(pair: tuple[str, float]) -> float:
+    return pair[1]

@@ -87,23 +87,23 @@ class Receipts:
         # phone -> (user, thread id, when): the conversation last texted to the phone
         self.last_texted: OrderedDict[str, tuple[int, str, float]] = OrderedDict()
 
-    async def expect(self, ids: list[str], user: int, message_id: str, phone: str) -> None:
+    async def sent(
+        self, ids: list[str], user: int, message_id: str, phone: str, thread_id: str
+    ) -> None:
+        """A copy texted to `phone` in parts `ids`: its receipts are awaited, and a reply
+        from the phone answers its conversation."""
         copy = _Copy(user, message_id, phone, set(ids))
         for smsc_id in ids:
             self._by_id[smsc_id] = copy
         while len(self._by_id) > self._max:
             self._by_id.popitem(last=False)
-        if self.state is not None:
-            await self.state.expect(ids, user, message_id, phone)
-
-    async def texted(self, phone: str, user: int, thread_id: str) -> None:
         at = time.time()
         self.last_texted[phone] = (user, thread_id, at)
         self.last_texted.move_to_end(phone)
         while len(self.last_texted) > self._max:
             self.last_texted.popitem(last=False)
         if self.state is not None:
-            await self.state.texted(phone, user, thread_id, at)
+            await self.state.texted_copy(ids, user, message_id, phone, thread_id, at)
 
     async def last_texted_to(self, phone: str) -> tuple[int, str, float] | None:
         """(user, thread id, when) of the conversation last texted to the phone, if any."""
@@ -204,8 +204,9 @@ class SmsSender:
                 outcomes[phone] = ("retry", str(error))
                 self.counters["retried"] += 1
                 continue
-            await self.receipts.expect(ids, mail["user"], mail["message_id"], phone)
-            await self.receipts.texted(phone, mail["user"], mail["thread_id"])
+            await self.receipts.sent(
+                ids, mail["user"], mail["message_id"], phone, mail["thread_id"]
+            )
             outcomes[phone] = ("sent", f"SMSC ids {','.join(ids)}")
             self.counters["texts"] += 1
             self.counters["parts"] += len(ids)

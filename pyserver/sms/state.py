@@ -42,11 +42,15 @@ CREATE TABLE IF NOT EXISTS seen (
     fingerprint TEXT PRIMARY KEY,
     first_seen  REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS seen_by_time ON seen (first_seen);
 PRAGMA user_version = 1;
 COMMIT;
 """,
     version=1,
 )
+
+# texts' sightings past their window are dropped once every this many new ones
+_PRUNE_EVERY = 512
 
 # (user, message id, phone, the SMSC ids of its parts not settled yet)
 Copy = tuple[int, str, str, set[str]]
@@ -57,9 +61,12 @@ class SmsState:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._file = SQLiteFile(path, "SMS gateway state", _SCHEMA, synchronous="FULL")
+        # WAL without an fsync per commit: a write survives the process (a crash, a
+        # restart: what this file is for), not a power loss of the machine
+        self._file = SQLiteFile(path, "SMS gateway state", _SCHEMA, synchronous="NORMAL")
         self._opening = asyncio.Lock()
         self._open = False
+        self._sightings = 0
 
     async def _ready(self) -> SQLiteFile:
         async with self._opening:
@@ -74,10 +81,6 @@ class SmsState:
             await self._file.close()
             self._open = False
 
-    async def expect(self, ids: list[str], user: int, message_id: str, phone: str) -> None:
-        rows = [(smsc_id, user, message_id, phone) for smsc_id in ids]
-        await (await self._ready()).write(partial(_insert_parts, rows))
-
     async def copy_of(self, smsc_id: str) -> Copy | None:
         """The copy an SMSC id is a part of, with its parts not settled yet."""
         return await (await self._ready()).read(_copy_of, smsc_id)
@@ -86,21 +89,26 @@ class SmsState:
         """These parts need no receipt any more (their copy is settled, or they are)."""
         await (await self._ready()).write(partial(_delete_parts, ids))
 
-    async def texted(self, phone: str, user: int, thread_id: str, at: float) -> None:
-        row = (phone, user, thread_id, at)
-        await (await self._ready()).write(partial(_upsert_texted, row))
-
     async def last_texted(self, phone: str) -> tuple[int, str, float] | None:
         return await (await self._ready()).read(_last_texted, phone)
 
-    async def first_seen(self, fingerprint: str) -> float | None:
-        return await (await self._ready()).read(_first_seen, fingerprint)
+    async def sightings(self, since: float) -> dict[str, float]:
+        """Every text first seen since `since`: fingerprint -> when (read once at start)."""
+        return await (await self._ready()).read(_sightings, since)
+
+    async def texted_copy(
+        self, ids: list[str], user: int, message_id: str, phone: str, thread_id: str, at: float
+    ) -> None:
+        """A copy texted: its parts' SMSC ids and the phone's conversation, in one write."""
+        rows = [(smsc_id, user, message_id, phone) for smsc_id in ids]
+        await (await self._ready()).write(partial(_texted_copy, rows, (phone, user, thread_id, at)))
 
     async def seen(self, fingerprint: str, first_seen: float, forget_before: float) -> None:
-        """A text's first sighting (texts first seen before `forget_before` are dropped)."""
-        await (await self._ready()).write(
-            partial(_upsert_seen, (fingerprint, first_seen), forget_before)
-        )
+        """A text's first sighting (now and then, texts first seen before `forget_before`
+        are dropped)."""
+        self._sightings += 1
+        prune = forget_before if self._sightings % _PRUNE_EVERY == 0 else None
+        await (await self._ready()).write(partial(_upsert_seen, (fingerprint, first_seen), prune))
 
 
 def _insert_parts(rows: list[tuple[str, int, str, str]], conn: sqlite3.Connection) -> None:
@@ -120,16 +128,26 @@ def _upsert_texted(row: tuple[str, int, str, float], conn: sqlite3.Connection) -
     )
 
 
-def _upsert_seen(row: tuple[str, float], forget_before: float, conn: sqlite3.Connection) -> None:
-    conn.execute("DELETE FROM seen WHERE first_seen < ?", (forget_before,))
+def _upsert_seen(
+    row: tuple[str, float], forget_before: float | None, conn: sqlite3.Connection
+) -> None:
+    if forget_before is not None:
+        conn.execute("DELETE FROM seen WHERE first_seen < ?", (forget_before,))
     conn.execute("INSERT OR REPLACE INTO seen (fingerprint, first_seen) VALUES (?, ?)", row)
 
 
-def _first_seen(conn: sqlite3.Connection, fingerprint: str) -> float | None:
-    found = conn.execute(
-        "SELECT first_seen FROM seen WHERE fingerprint = ?", (fingerprint,)
-    ).fetchone()
-    return float(found[0]) if found else None
+def _sightings(conn: sqlite3.Connection, since: float) -> dict[str, float]:
+    rows = conn.execute("SELECT fingerprint, first_seen FROM seen WHERE first_seen >= ?", (since,))
+    return {str(fingerprint): float(at) for fingerprint, at in rows}
+
+
+def _texted_copy(
+    rows: list[tuple[str, int, str, str]],
+    texted: tuple[str, int, str, float],
+    conn: sqlite3.Connection,
+) -> None:
+    _insert_parts(rows, conn)
+    _upsert_texted(texted, conn)
 
 
 def _copy_of(conn: sqlite3.Connection, smsc_id: str) -> Copy | None:
