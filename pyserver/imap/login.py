@@ -37,6 +37,8 @@ from pyserver.userid import is_user_id
 __all__ = ["ImapLogin", "SignInGuard"]
 
 Resolve = Callable[[str], Awaitable[int | None]]
+# peer addresses with recent failures kept before the quiet ones are forgotten
+_MAX_PEERS = 100_000
 
 
 class SignInGuard:
@@ -62,6 +64,9 @@ class SignInGuard:
 
     def failed(self, peer: str, now: float) -> None:
         self._failures.setdefault(peer, deque()).append(now)
+        if len(self._failures) > _MAX_PEERS:  # many addresses: forget those gone quiet
+            for quiet in [p for p, f in self._failures.items() if now - f[-1] > self.window_s]:
+                del self._failures[quiet]
 
 
 class _TokenCheck:
@@ -129,7 +134,6 @@ class ImapLogin(LoginInterface):
             await asyncio.sleep(self.guard.delay_s)
             raise InvalidAuth("too many failed sign-ins from here: wait a minute")
         user = await self._user_named(credentials.authcid)
-        granted: list[int] = []
 
         def check(secret: str) -> bool:
             try:
@@ -138,7 +142,6 @@ class ImapLogin(LoginInterface):
                 return False
             if self._revoked is not None and self._revoked(token):
                 return False
-            granted.append(token.user)
             return token.user == user
 
         if user is None or not credentials.verify(_TokenCheck(credentials.authcid, check)):
