@@ -35,6 +35,8 @@ READ_CONNECTIONS = 4
 MAX_BATCH = 1024
 # How long a connection waits for another process's lock before giving up.
 BUSY_TIMEOUT_S = 5.0
+# Opening a file another process is opening too is tried this many times.
+_OPEN_ATTEMPTS = 10
 
 T = TypeVar("T")
 # A write as the writer thread runs it: plain sqlite3 work on the writer connection.
@@ -49,6 +51,12 @@ class Schema:
     create: str
     version: int
     migrations: dict[int, str] = field(default_factory=dict)
+
+
+def _locked(error: StoreUnavailable) -> bool:
+    cause = error.__cause__
+    text = str(cause).lower()
+    return isinstance(cause, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
 def unavailable(action: str, cause: BaseException) -> StoreUnavailable:
@@ -132,7 +140,16 @@ class SQLiteFile:
         async with self._lifecycle:
             if self._open:
                 return
-            await asyncio.to_thread(self._connect_all)
+            for attempt in range(1, _OPEN_ATTEMPTS + 1):
+                try:
+                    await asyncio.to_thread(self._connect_all)
+                    break
+                except StoreUnavailable as exc:
+                    # Processes opening a new file at once race to make it WAL and create
+                    # its schema; SQLite may answer "locked" without waiting its timeout.
+                    if attempt == _OPEN_ATTEMPTS or not _locked(exc):
+                        raise
+                    await asyncio.sleep(0.05 * attempt)
             self._write_queue = queue.SimpleQueue()
             self._read_pool = ThreadPoolExecutor(
                 max_workers=READ_CONNECTIONS, thread_name_prefix=f"sqlite-{self._role}-read"
