@@ -10,22 +10,11 @@ import json
 import subprocess
 import urllib.request
 from pathlib import Path
-from typing import Any
 
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.sms import concat, gsm
-from tests.support import cli, free_port, run, start_serving
+from tests.support import cli, free_port, run, serve_cell, start_serving
 from tests.support.smsc import SimulatedSmsc
-
-
-def _start_cell(tmp_path: Path, data: str, *extra: str) -> tuple[Any, dict[str, Any]]:
-    """`pyserver run` on `data` (no web tier), once it serves."""
-    return start_serving(
-        ["run", "--data", data, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-         "--web-port", "-1", "--imap-port", "-1", *extra],
-        tmp_path / "cell.json",
-        stdout=subprocess.DEVNULL,
-    )  # fmt: skip
 
 
 def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> None:
@@ -34,7 +23,7 @@ def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> 
     async def scenario() -> None:
         smsc = await SimulatedSmsc(free_port()).start()
         proc, ready = await asyncio.to_thread(
-            _start_cell, tmp_path, data, "--smsc", f"127.0.0.1:{smsc.port}",
+            serve_cell, Path(data), None, "--smsc", f"127.0.0.1:{smsc.port}",
             "--short-codes", "12345=7",
         )  # fmt: skip
         try:
@@ -49,11 +38,7 @@ def test_a_cell_texts_a_chat_to_a_phone_and_files_its_answer(tmp_path: Path) -> 
                 "dinner at 8? ☃",
             )  # fmt: skip
             thread_id = json.loads(sent)["thread_id"]
-            for _ in range(200):
-                if smsc.submits:
-                    break
-                await asyncio.sleep(0.05)
-            [submit] = smsc.submits
+            [submit] = await smsc.submitted()
             part = concat.read_part(bytes(submit.short_message), submit.esm_class)
             assert gsm.decode_body(part.body, submit.data_coding) == "user 2: dinner at 8? ☃"
             assert submit.data_coding == gsm.DATA_CODING_UCS2  # ☃ has no GSM code
@@ -90,7 +75,7 @@ def test_pyserver_sms_files_texts_for_a_cell_it_runs_beside(tmp_path: Path) -> N
 
     async def scenario() -> None:
         smsc = await SimulatedSmsc(free_port()).start()
-        cell, _ = await asyncio.to_thread(_start_cell, tmp_path, data)
+        cell, _ = await asyncio.to_thread(serve_cell, Path(data))
         gateway, _ = await asyncio.to_thread(
             start_serving,
             ["sms", "--data", data, "--port", "0", "--smsc", f"127.0.0.1:{smsc.port}",
@@ -141,11 +126,7 @@ def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper
             cluster = await connect_to_cluster(folder)
             try:
                 sent = await cluster.send(2, [1], "on my way")
-                for _ in range(200):
-                    if smsc.submits:
-                        break
-                    await asyncio.sleep(0.05)
-                [submit] = smsc.submits
+                [submit] = await smsc.submitted()
                 assert bytes(submit.short_message) == gsm.encode_gsm("user 2: on my way")
                 receipt = b"id:sim-1 sub:001 dlvrd:001 stat:DELIVRD err:000 text:on my"
                 assert await smsc.text("+15550001111", "12345", receipt, esm_class=4) == 0

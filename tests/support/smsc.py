@@ -78,6 +78,14 @@ class SimulatedSmsc:
             self.submits.append(event)
             event.accept(message_id=f"sim-{next(self._ids)}")
 
+    async def submitted(self, timeout_s: float = 10.0) -> list[Any]:
+        """The submits accepted so far, once there is at least one (or none after `timeout_s`)."""
+        for _ in range(int(timeout_s / 0.05)):
+            if self.submits:
+                break
+            await asyncio.sleep(0.05)
+        return self.submits
+
     async def text(self, source: str, short_code: str, body: bytes, **fields: Any) -> int:
         """A text from a phone, pushed to the bound gateway; the status it answered."""
         await asyncio.wait_for(self.bound.wait(), 10)
