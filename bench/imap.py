@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.dovecot import Dovecot
-from bench.listeners import start_pyserver, stop_process
+from bench.listeners import start_cell, stop_process
 
 MESSAGES = 5_000
 BODIES = 500
@@ -137,11 +137,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         asyncio.run(dovecot.load(mails))
         with tempfile.TemporaryDirectory(prefix="bench-imap-") as folder:
             data = Path(folder)
-            proc, ready = start_pyserver(
-                ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-                 "--web-port", "-1", "--imap-port", "0"],
-                data / "ready.json",
-            )  # fmt: skip
+            proc, ready = start_cell(data, imap=True)
             try:
                 print(f"bench imap: {count} mails into the cell over SMTP", file=sys.stderr)
                 started = time.perf_counter()

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "listening_process", "start_pyserver", "stop_process"]
+__all__ = ["free_port", "listening_process", "start_cell", "start_pyserver", "stop_process"]
 
 
 def free_port() -> int:
@@ -66,6 +66,19 @@ def start_pyserver(args: list[str], ready: Path) -> tuple[subprocess.Popen[Any],
             raise RuntimeError(f"bench: pyserver {args[0]} did not start: {errors!r}")
         time.sleep(0.05)
     return proc, addresses
+
+
+def start_cell(
+    data: Path, *flags: str, imap: bool = False
+) -> tuple[subprocess.Popen[Any], dict[str, Any]]:
+    """`pyserver run` on `data` with these `flags`, every port a free one, no web tier and
+    the IMAP gateway only with `imap`, as `start_pyserver` starts it (ready file
+    `data`/ready.json)."""
+    return start_pyserver(
+        ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
+         "--web-port", "-1", "--imap-port", "0" if imap else "-1", *flags],
+        data / "ready.json",
+    )  # fmt: skip
 
 
 def stop_process(proc: subprocess.Popen[Any], timeout_s: float = 60) -> None:

@@ -42,7 +42,7 @@ from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
 
-from bench.listeners import listening_process, start_pyserver, stop_process
+from bench.listeners import listening_process, start_cell, stop_process
 
 USERS = 64
 MARK_ID = b"<MESSAGE-ID-PLACEHOLDER>"
@@ -66,11 +66,7 @@ def _cell(*extra_args: str) -> Iterator[tuple[Path, int, int, str]]:
             await store.close()
 
         asyncio.run(addresses())
-        proc, ready = start_pyserver(
-            ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1", "--imap-port", "-1", *extra_args],
-            data / "ready.json",
-        )  # fmt: skip
+        proc, ready = start_cell(data, *extra_args)
         try:
             key = (data / "service.key").read_text().strip()
             yield data, ready["server"]["port"], ready["smtp"]["port"], key

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.listeners import free_port, start_pyserver, stop_process
+from bench.listeners import free_port, start_cell, stop_process
 
 USERS = 500
 TEXTS = 6_000
@@ -171,12 +171,8 @@ async def _measure(quick: bool) -> dict[str, Any]:
         data = Path(folder)
         await _prepare(data, users)
         proc, ready = await asyncio.to_thread(
-            start_pyserver,
-            ["run", "--data", str(data), "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1", "--imap-port", "-1", "--smsc", f"127.0.0.1:{port}",
-             "--short-codes", _short_codes()],
-            data / "ready.json",
-        )  # fmt: skip
+            start_cell, data, "--smsc", f"127.0.0.1:{port}", "--short-codes", _short_codes()
+        )
         server_port = ready["server"]["port"]
         key = (data / "service.key").read_text().strip()
         try:

@@ -40,7 +40,7 @@ from typing import Any
 import aiohttp
 import orjson
 
-from bench.listeners import free_port, start_pyserver, stop_process
+from bench.listeners import free_port, start_cell, start_pyserver, stop_process
 
 USERS = 1_000
 LATENCY_SAMPLES = 400
@@ -56,11 +56,7 @@ def _cell_and_web() -> Iterator[tuple[int, int, str, dict[str, int]]]:
     server's port, the web tier's port, the service key and both processes' pids."""
     with tempfile.TemporaryDirectory(prefix="bench-web-") as folder:
         data = Path(folder)
-        cell, addresses = start_pyserver(
-            ["run", "--data", folder, "--port", "0", "--http-port", "0", "--smtp-port", "0",
-             "--web-port", "-1", "--imap-port", "-1"],
-            data / "cell.ready",
-        )  # fmt: skip
+        cell, addresses = start_cell(data)
         try:
             web_port = free_port()
             web, _ = start_pyserver(
