@@ -387,9 +387,15 @@ class UserImage:
         handler(self, entry, body)
         self.seq = seq
 
-    def folder_messages(self, folder: str) -> list[Message]:
-        """Every message of the folder's threads, by UID (IMAP's view of the folder)."""
-        found = [m for thread in self._by_folder[folder] for m in thread.messages.values()]
+    def folder_messages(self, folder: str, after_uid: int = 0) -> list[Message]:
+        """The messages of the folder's threads with a UID above `after_uid`, by UID
+        (IMAP's view of the folder)."""
+        found = [
+            m
+            for thread in self._by_folder[folder]
+            for m in thread.messages.values()
+            if m.uid > after_uid
+        ]
         found.sort(key=_uid)
         return found
 

@@ -13,7 +13,6 @@ the store's search, the blob store and the user index; nothing above it.
 from __future__ import annotations
 
 import asyncio
-import bisect
 import dataclasses
 import hashlib
 import itertools
@@ -697,9 +696,8 @@ class Mailbox:
         after = _field(p, "after_uid", 0)
         if type(after) is not int or after < 0:
             raise BadRequest(f"after_uid: must be a UID (an integer >= 0), not {after!r}")
-        messages = image.folder_messages(folder)
-        start = bisect.bisect_right(messages, after, key=_message_uid)
-        page = messages[start : start + limit]
+        messages = image.folder_messages(folder, after)
+        page = messages[:limit]
         return {
             "folder": folder,
             "uid_validity": UID_VALIDITY,
@@ -716,7 +714,7 @@ class Mailbox:
                 }
                 for m in page
             ],
-            "more": start + limit < len(messages),
+            "more": len(messages) > limit,
         }
 
     def _get_message_of(self, image: UserImage, p: dict[str, Any]) -> dict[str, Any]:
@@ -1101,10 +1099,6 @@ def _choice(p: dict[str, Any], name: str, allowed: tuple[str, ...], default: Any
     if value not in allowed:
         raise BadRequest(f"{name}: must be one of {', '.join(allowed)}, not {value!r}")
     return value
-
-
-def _message_uid(message: Message) -> int:
-    return message.uid
 
 
 def _limit(p: dict[str, Any], default: int, most: int) -> int:
