@@ -669,7 +669,7 @@ class UserImage:
         image = cls()
         image.seq = int(raw["seq"])
         image.blocked = {int(sender) for sender in raw["blocked"]}
-        sms = raw.get("sms")  # snapshots made before texts existed have none
+        sms = raw["sms"]
         image.sms = {"phone": str(sms["phone"]), "mode": str(sms["mode"])} if sms else None
         image.keys = {str(key): list(result) for key, result in raw["keys"].items()}
         image.uid_next = {folder: int(raw["uid_next"][folder]) for folder in FOLDERS}
