@@ -337,13 +337,15 @@ def _check(config: Config) -> None:
         "frame_timeout_s",
         "max_connections_per_peer",
         "revocation_refresh_s",
+        "web_max_upload_bytes",
+        "web_session_s",
     )
     for name in positive:
         if getattr(config, name) <= 0:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_services(config)
     _check_cluster(config)
-    for name in ("submission_port", "web_port", "imap_port", "imaps_port"):
+    for name in ("submission_port", "smtps_port", "web_port", "imap_port", "imaps_port"):
         if not -1 <= getattr(config, name) <= 65535:
             raise ConfigError(f"config {name}: {getattr(config, name)} is not a port or -1")
     _check_sms(config)
@@ -353,9 +355,6 @@ def _check(config: Config) -> None:
         raise ConfigError("config peer_requests_per_s / peer_request_burst: >= 0 and >= 1")
     if config.user_max_in_flight < 0 or config.peer_max_in_flight < 0:
         raise ConfigError("config user_max_in_flight / peer_max_in_flight: >= 0")
-    for name in ("web_max_upload_bytes", "web_session_s"):
-        if getattr(config, name) <= 0:
-            raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     _check_tls(config)
     if config.dkim_key_file and not os.access(config.dkim_key_file, os.R_OK):
         raise ConfigError(f"config dkim_key_file: cannot read {config.dkim_key_file!r}")
@@ -369,8 +368,6 @@ def _check(config: Config) -> None:
 
 
 def _check_tls(config: Config) -> None:
-    if not -1 <= config.smtps_port <= 65535:
-        raise ConfigError(f"config smtps_port: {config.smtps_port} is not a port or -1")
     for name in ("smtps_port", "imaps_port"):
         if getattr(config, name) >= 0 and not config.tls:
             raise ConfigError(f"config {name}: implicit TLS needs tls = true")
