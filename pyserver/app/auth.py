@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyserver.errors import Unauthenticated
@@ -95,12 +96,18 @@ def make_user_token(
     return f"{signed}.{_signature(signed, signing_key)}"
 
 
-def read_user_token(token: str, key: ServiceKey, now: float) -> UserToken:
+def read_user_token(
+    token: str,
+    key: ServiceKey,
+    now: float,
+    revoked: Callable[[UserToken], bool] | None = None,
+) -> UserToken:
     """What a token grants, or Unauthenticated saying why it grants nothing.
 
     Only the canonical form is accepted: decimal fields without sign or leading zeros,
     a known key id and a lowercase hex signature. The signature is checked (in constant
     time) before the expiry, so a forged token is reported as forged whatever its expiry.
+    A valid token that `revoked` names (`Revocations.refuses`) grants nothing either.
     """
     keys = as_service_keys(key) if key else None
     if keys is None:
@@ -134,7 +141,10 @@ def read_user_token(token: str, key: ServiceKey, now: float) -> UserToken:
     expiry = int(expiry_text)
     if now >= expiry:
         raise Unauthenticated(f"user token expired at {expiry}")
-    return UserToken(user_id, int(issued_text), expiry, kid, token_id(token))
+    found = UserToken(user_id, int(issued_text), expiry, kid, token_id(token))
+    if revoked is not None and revoked(found):
+        raise Unauthenticated(f"user token {found.token_id} is revoked")
+    return found
 
 
 def verify_user_token(token: str, key: ServiceKey, now: float) -> int:

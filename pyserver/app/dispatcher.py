@@ -508,9 +508,8 @@ class Dispatcher:
             if not isinstance(user_token, str):
                 raise Unauthenticated("malformed user token: not a string")
             try:
-                token = read_user_token(user_token, self._service_key, self._clock())
-                if self.revocations is not None and self.revocations.refuses(token):
-                    raise Unauthenticated(f"user token {token.token_id} is revoked")
+                revoked = self.revocations.refuses if self.revocations is not None else None
+                token = read_user_token(user_token, self._service_key, self._clock(), revoked)
             except Unauthenticated as exc:
                 log.info("hello refused peer=%s reason=%r", session.peer, str(exc))
                 raise

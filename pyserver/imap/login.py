@@ -137,10 +137,8 @@ class ImapLogin(LoginInterface):
 
         def check(secret: str) -> bool:
             try:
-                token = read_user_token(secret.strip(), self._keys, time.time())
+                token = read_user_token(secret.strip(), self._keys, time.time(), self._revoked)
             except Unauthenticated:
-                return False
-            if self._revoked is not None and self._revoked(token):
                 return False
             return token.user == user
 

@@ -32,7 +32,7 @@ from pyserver.app.server import AppServer
 from pyserver.client import Client
 from pyserver.config import Config
 from pyserver.dirty import local_memcached
-from pyserver.errors import BadRequest, PyserverError, Unauthenticated, error_payload
+from pyserver.errors import BadRequest, PyserverError, error_payload
 from pyserver.imap.gateway import ImapGateway
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
@@ -226,10 +226,8 @@ class SingleNodeCell:
 
     def _submission_user(self, user_token: str) -> int:
         """The user a mail client's AUTH token grants (Unauthenticated if none, or revoked)."""
-        token = read_user_token(user_token, self.parts.keys, time.time())
-        if self.parts.revocations.refuses(token):
-            raise Unauthenticated(f"user token {token.token_id} is revoked")
-        return token.user
+        revoked = self.parts.revocations.refuses
+        return read_user_token(user_token, self.parts.keys, time.time(), revoked).user
 
     async def _counts_of(self, user_id: int) -> dict[str, Any]:
         return await self.parts.mailbox.execute(Op.COUNTS, {"user": user_id})

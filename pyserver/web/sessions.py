@@ -34,7 +34,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from pyserver.app.auth import UserToken, read_user_token
-from pyserver.errors import Unauthenticated
 from pyserver.servicekey import ServiceKey, as_service_keys
 
 __all__ = ["LOGIN_COOKIE", "SESSION_COOKIE", "SessionKeeper", "WebSession"]
@@ -83,9 +82,7 @@ class SessionKeeper:
         """A new session of the token's user and its cookie value (Unauthenticated if the
         token is not a valid, current one)."""
         now = self._clock()
-        token = read_user_token(user_token.strip(), self._keys, now)
-        if self._revoked is not None and self._revoked(token):
-            raise Unauthenticated(f"user token {token.token_id} is revoked")
+        token = read_user_token(user_token.strip(), self._keys, now, self._revoked)
         expires_at = min(int(now) + self.lifetime_s, token.expires_at)
         nonce = secrets.token_urlsafe(16)
         signed = f"{_VERSION}.{token.user}.{expires_at}.{token.issued_at}.{token.token_id}.{nonce}"
