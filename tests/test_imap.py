@@ -206,6 +206,27 @@ def test_changes_made_elsewhere_reach_a_client_in_idle(cell: dict[str, Any]) -> 
         assert time.monotonic() - started < 10
 
 
+def test_a_change_between_select_and_idle_is_reported_at_once(cell: dict[str, Any]) -> None:
+    """A change the gateway heard of while the client was not idling (nothing asked for
+    the folder since) is reported as IDLE starts, not at the next change."""
+    address = cell["ready"]["imap"]
+    with imapclient.IMAPClient(address["host"], address["port"], ssl=False, timeout=10) as imap:
+        imap.login(f"u1@{DOMAIN}", _token(cell, 1))
+        imap.select_folder("INBOX")
+        before = len(imap.search("ALL"))
+
+        async def send() -> None:
+            async with await Client.connect(*cell["server"], service_key=cell["key"]) as client:
+                await client.send(2, [1], "sent before you idled")
+
+        run(send)
+        time.sleep(1)  # the gateway hears of it now, with no command to report it to
+        imap.idle()
+        responses = imap.idle_check(timeout=5)
+        imap.idle_done()
+        assert any(r[1:] == (b"EXISTS",) and r[0] == before + 1 for r in responses), responses
+
+
 def test_sign_in_needs_the_users_own_valid_token(cell: dict[str, Any]) -> None:
     address = cell["ready"]["imap"]
     attempts = {

@@ -284,7 +284,9 @@ class FolderView(MailboxDataInterface[ImapMessage]):
     async def update_selected(
         self, selected: SelectedMailbox, *, wait_on: Event | None = None
     ) -> SelectedMailbox:
-        if wait_on is not None:
+        # a change already heard of (while nobody waited, or during the last refresh) set
+        # `_updated` before this wait's event listened to it: report it without waiting
+        if wait_on is not None and not self._stale:
             await wait_on.or_event(self._updated).wait()
         await self.refresh()
         selected.set_messages(sorted(self._messages.values(), key=_by_uid))
