@@ -38,6 +38,7 @@ from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
 from pyserver.mta.submission import SubmissionProxy
 from pyserver.processes.assembly import AppServerParts, service_server
+from pyserver.processes.imap import imap_gateway
 from pyserver.processes.runtime import (
     announce_ready,
     configure_logging,
@@ -46,6 +47,7 @@ from pyserver.processes.runtime import (
     withdraw_ready,
 )
 from pyserver.processes.sms import SmsLink
+from pyserver.processes.web import web_tier
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.tls import TierTls
 from pyserver.userid import is_user_id
@@ -165,13 +167,12 @@ class SingleNodeCell:
         """The IMAP gateway in front of this cell; its addresses (imap, imaps)."""
         config = self.config
         assert self._web_client is not None
-        self.imap = ImapGateway(
+        self.imap = imap_gateway(
+            config,
             self._web_client,
             self.parts.keys,
             resolve=self.parts.store.resolve_address,
-            mail_domain=config.mail_domain,
-            revoked=self.parts.revocations.refuses,
-            tls=config.public_tls(),
+            revocations=self.parts.revocations,
         )
         host, port = await self.imap.start(config.host, config.imap_port)
         found = {"imap": {"host": host, "port": port}}
@@ -183,16 +184,13 @@ class SingleNodeCell:
     async def _start_web(self) -> tuple[str, int]:
         config = self.config
         assert self.counts is not None and self._web_client is not None
-        self.web = WebTier(
+        self.web = web_tier(
+            config,
             self._web_client,
             self.parts.keys,
             counts=self.counts.read,
             blobs=self.parts.blobs,
-            max_upload_bytes=config.web_max_upload_bytes,
-            session_lifetime_s=config.web_session_s,
-            revoked=self.parts.revocations.refuses,
-            tls=config.public_tls(),
-            head_timeout_s=config.frame_timeout_s,
+            revocations=self.parts.revocations,
         )
         return config.host, await self.web.start(config.host, config.web_port)
 

@@ -12,14 +12,38 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from pyserver.app.revocations import Revocations
 from pyserver.config import Config, load_config
+from pyserver.imap.folders import AppServers
 from pyserver.imap.gateway import ImapGateway
+from pyserver.imap.login import Resolve
 from pyserver.processes.frontend import FrontEnd, add_frontend_arguments, frontend_overrides
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
+from pyserver.servicekey import ServiceKey
 
-__all__ = ["ImapProcess", "add_parser"]
+__all__ = ["ImapProcess", "add_parser", "imap_gateway"]
 
 DEFAULT_PORT = 1143
+
+
+def imap_gateway(
+    config: Config,
+    servers: AppServers,
+    keys: ServiceKey,
+    *,
+    resolve: Resolve,
+    revocations: Revocations,
+) -> ImapGateway:
+    """The IMAP gateway `config` sets up, in front of `servers` (`pyserver imap`,
+    `pyserver run`)."""
+    return ImapGateway(
+        servers,
+        keys,
+        resolve=resolve,
+        mail_domain=config.mail_domain,
+        revoked=revocations.refuses,
+        tls=config.public_tls(),
+    )
 
 
 class ImapProcess:
@@ -34,13 +58,12 @@ class ImapProcess:
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
         servers = await self.frontend.open()
-        self.gateway = ImapGateway(
+        self.gateway = imap_gateway(
+            config,
             servers,
             self.frontend.keys,
             resolve=self.frontend.store.resolve_address,
-            mail_domain=config.mail_domain,
-            revoked=self.frontend.revocations.refuses,
-            tls=config.public_tls(),
+            revocations=self.frontend.revocations,
         )
         if config.imaps_port >= 0:
             implicit_host, implicit_port = await self.gateway.start_implicit(

@@ -13,21 +13,48 @@ so any of them reads a cookie another issued.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pyserver.blobs import blob_store_for
+from pyserver.app.revocations import Revocations
+from pyserver.blobs import BlobStore, blob_store_for
 from pyserver.config import Config, load_config
 from pyserver.dirty import local_memcached
 from pyserver.processes.frontend import FrontEnd, add_frontend_arguments, frontend_overrides
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
+from pyserver.servicekey import ServiceKey
 from pyserver.web.counts import CountReader
 from pyserver.web.server import WebTier
+from pyserver.web.viewer import AppServers
 from pyserver.wire.ops import Op
 
-__all__ = ["WebProcess", "add_parser"]
+__all__ = ["WebProcess", "add_parser", "web_tier"]
 
 DEFAULT_PORT = 7488
+
+
+def web_tier(
+    config: Config,
+    servers: AppServers,
+    keys: ServiceKey,
+    *,
+    counts: Callable[[int], Awaitable[dict[str, Any]]],
+    blobs: BlobStore,
+    revocations: Revocations,
+) -> WebTier:
+    """The web tier `config` sets up, in front of `servers` (`pyserver web`, `pyserver run`)."""
+    return WebTier(
+        servers,
+        keys,
+        counts=counts,
+        blobs=blobs,
+        max_upload_bytes=config.web_max_upload_bytes,
+        session_lifetime_s=config.web_session_s,
+        revoked=revocations.refuses,
+        tls=config.public_tls(),
+        head_timeout_s=config.frame_timeout_s,
+    )
 
 
 class WebProcess:
@@ -45,16 +72,13 @@ class WebProcess:
         servers = await self.frontend.open()
         await self.blobs.open()
         self.counts = CountReader(await local_memcached(config), self._counts_of)
-        self.web = WebTier(
+        self.web = web_tier(
+            config,
             servers,
             self.frontend.keys,
             counts=self.counts.read,
             blobs=self.blobs,
-            max_upload_bytes=config.web_max_upload_bytes,
-            session_lifetime_s=config.web_session_s,
-            revoked=self.frontend.revocations.refuses,
-            tls=config.public_tls(),
-            head_timeout_s=config.frame_timeout_s,
+            revocations=self.frontend.revocations,
         )
         return host, await self.web.start(host, port)
 
