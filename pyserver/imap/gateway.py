@@ -65,6 +65,41 @@ class _Config(IMAPConfig):
         return b"pyserver IMAP gateway ready"
 
 
+class _ResponseWriter:
+    """The writer pymap answers a connection with, sending each response whole: pymap
+    writes a response piece by piece as it formats it (`* 4 FETCH (`, then each item),
+    which would go out as that many small segments, and a client reading a response
+    line as it arrives (imapclient in IDLE) could see half a line. The pieces are kept
+    until pymap drains the writer, which it does after every response."""
+
+    def __init__(self, writer: asyncio.StreamWriter) -> None:
+        self._writer = writer
+        self._pending: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        self._pending.append(data)
+
+    def _send(self) -> None:
+        if self._pending:
+            self._writer.write(b"".join(self._pending))
+            self._pending.clear()
+
+    async def drain(self) -> None:
+        self._send()
+        await self._writer.drain()
+
+    async def start_tls(self, context: ssl.SSLContext) -> None:
+        self._send()
+        await self._writer.start_tls(context)
+
+    def close(self) -> None:
+        self._send()
+        self._writer.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+
 class _BoundedReader:
     """The reader pymap reads a connection with, held to limits: a command line of at
     most the reader's limit (64 KiB), a literal of at most `max_literal` bytes arriving
@@ -175,7 +210,7 @@ class ImapGateway:
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             try:
                 guarded = _BoundedReader(reader, **self._limits)
-                await imap(guarded, writer, info)  # type: ignore[arg-type]
+                await imap(guarded, _ResponseWriter(writer), info)  # type: ignore[arg-type]
             finally:
                 self._per_peer[peer] -= 1
                 if not self._per_peer[peer]:
