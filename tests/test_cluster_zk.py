@@ -25,6 +25,7 @@ from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.zk import ZooKeeper, ZooKeeperUnavailable
 from pyserver.ring import HashRing
 from tests import support
+from tests.support.zkcut import ZooKeeperCut
 
 SESSION_S = 4.0
 
@@ -289,3 +290,87 @@ def test_a_draining_node_owns_nobody_and_names_the_next_owner(zookeeper: str, ch
             await ring.close()
 
     run(scenario)
+
+
+# ---- reconnections interrupted (recovery must not depend on luck) ----
+
+
+def test_a_connection_lost_in_the_middle_of_a_reconnection_is_made_again(
+    zookeeper: str, chroot: str
+) -> None:
+    """aiozk restored the watches through a call that waits for a connected session; the
+    connection dying right then left the session suspended, and the node fenced, for good."""
+
+    async def scenario() -> None:
+        async with ZooKeeperCut(zookeeper) as cut:
+            zk = ZooKeeper(cut.address, chroot=chroot, session_timeout_s=SESSION_S)
+            try:
+                await zk.start(10.0)
+                member = Membership(zk, "c1", "n1", 16)
+                await member.join("127.0.0.1:7001", 5.0)
+                ring = RingWatch(zk, "c1")
+                await ring.start(5.0)
+                fence = OwnershipFence(member, ring)
+                assert fence.serving
+                session = zk.session_id
+                seen: list[str] = []
+                zk.add_listener(lambda state, _session: seen.append(state))
+                cut.cut_after_connect()
+                cut.drop_all()
+                await eventually(lambda: cut.cuts == 1, 10.0, "the reconnection was cut")
+                # suspended (the drop), connected (the cut connection), suspended (the cut),
+                # then connected again and serving
+                took = await eventually(
+                    lambda: seen.count("suspended") >= 2 and seen[-1] == "connected",
+                    10.0,
+                    "connected again after the cut",
+                )
+                await eventually(lambda: fence.serving, 5.0, "serving again")
+                print(f"\nconnected again {took:.2f} s after the reconnection was cut: {seen}")
+                assert zk.session_id == session, "the session survived: nothing expired"
+                await ring.close()
+            finally:
+                await zk.close()
+                await remove_tree(zookeeper, chroot)
+
+    run(scenario)
+
+
+def test_a_session_given_up_by_the_client_does_not_keep_its_node_fenced(
+    zookeeper: str, chroot: str
+) -> None:
+    """A reconnection closed unanswered makes aiozk open a new session while ZooKeeper
+    keeps the old one (and its ephemeral node) for its whole timeout: the node takes its
+    own leftover back at once instead of staying fenced until the old session expires."""
+    session_s = 12.0
+
+    async def scenario() -> None:
+        async with ZooKeeperCut(zookeeper) as cut:
+            zk = ZooKeeper(cut.address, chroot=chroot, session_timeout_s=session_s)
+            try:
+                await zk.start(10.0)
+                member = Membership(zk, "c1", "n1", 16)
+                await member.join("127.0.0.1:7001", 5.0)
+                ring = RingWatch(zk, "c1")
+                await ring.start(5.0)
+                fence = OwnershipFence(member, ring)
+                old_session = zk.session_id
+                cut.refuse_next_connect()
+                cut.drop_all()
+                took = await eventually(
+                    lambda: member.registrations == 2 and fence.serving,
+                    2 * session_s,
+                    "registered again and serving",
+                )
+                print(f"\nregistered again in a new session {took:.2f} s after the refusal")
+                assert cut.cuts == 1, "the reconnection was not refused: the test proved nothing"
+                assert zk.session_id != old_session
+                assert took < session_s / 2, "the node waited for its old session to expire"
+                _, stat = await zk.get(layout.node_path("c1", "n1"))
+                assert stat.ephemeral_owner == zk.session_id
+                await ring.close()
+            finally:
+                await zk.close()
+                await remove_tree(zookeeper, chroot)
+
+    run(scenario, timeout=60.0)

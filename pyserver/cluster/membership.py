@@ -5,7 +5,9 @@
 `/cells/<cell>/nodes/<node-id>` holding its `NodeRecord` (address, token
 count, state). A node id still held by another session (the same server
 killed and restarted before ZooKeeper expired its old session) is waited for,
-up to the join's deadline; an id held longer is refused.
+up to the join's deadline; an id held longer is refused. A node held by an
+earlier session of this same process (aiozk gave it up without its expiring)
+is removed at once.
 
 When the session expires, ZooKeeper deletes the ephemeral node and aiozk opens
 a new session without it: `Membership` notices the new session and registers
@@ -29,6 +31,7 @@ import orjson
 from pyserver.cluster import layout
 from pyserver.cluster.layout import NodeRecord
 from pyserver.cluster.zk import (
+    BadVersion,
     NodeExists,
     NoNode,
     ZooKeeper,
@@ -70,6 +73,8 @@ class Membership:
         # the address is known once the server listens: join() fills it in
         self.record = NodeRecord(node_id, "", tokens, "active", data=details)
         self._registered_session: int | None = None
+        # every session this node was registered in (their nodes are this process's own)
+        self._own_sessions: set[int] = set()
         self._reregistering: asyncio.Task[None] | None = None
         self._leaving = False
         self.registrations = 0
@@ -130,6 +135,9 @@ class Membership:
                 await self._create_or_adopt()
                 return
             except _HeldBy as held:
+                if held.session in self._own_sessions:
+                    await self._remove_left_behind(held)
+                    continue
                 if held.session != waited_for:
                     waited_for = held.session
                     log.warning(
@@ -152,6 +160,25 @@ class Membership:
                     raise
             await asyncio.sleep(_POLL_S)
 
+    async def _remove_left_behind(self, held: _HeldBy) -> None:
+        """Delete the node an earlier session of this process still holds.
+
+        aiozk gives a session up, and opens a new one, when ZooKeeper closes a reconnection
+        before answering it (a server still starting, say), though ZooKeeper may keep the
+        old session alive for its whole timeout. That session is this process's own and
+        nobody can use it any more: waiting for it to expire would only keep this node
+        fenced that long.
+        """
+        log.warning(
+            "node id %s of cell %s is still held by this process's earlier session %#x; "
+            "removing it",
+            self.node_id,
+            self.cell,
+            held.session,
+        )
+        with contextlib.suppress(NoNode, BadVersion):
+            await self.zk.delete(self.path, held.version)
+
     async def _create_or_adopt(self) -> None:
         data = self.record.to_bytes()
         with contextlib.suppress(NodeExists):
@@ -159,11 +186,12 @@ class Membership:
         # Whose is it? Ours if an earlier attempt's reply was lost, or just made.
         stored, stat = await self.zk.get(self.path)
         if stat.ephemeral_owner != self.zk.session_id:
-            raise _HeldBy(stat.ephemeral_owner)
+            raise _HeldBy(stat.ephemeral_owner, stat.version)
         if stored != data:
             await self.zk.set_data(self.path, data, stat.version)
         first = self.registrations == 0
         self._registered_session = stat.ephemeral_owner
+        self._own_sessions.add(stat.ephemeral_owner)
         self.registrations += 1
         log.info(
             "%s node %s in cell %s addr=%s state=%s session=%#x",
@@ -245,6 +273,7 @@ class Membership:
 
 
 class _HeldBy(Exception):
-    def __init__(self, session: int) -> None:
+    def __init__(self, session: int, version: int) -> None:
         super().__init__(f"held by session {session:#x}")
         self.session = session
+        self.version = version

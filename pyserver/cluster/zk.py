@@ -12,10 +12,13 @@ Wraps aiozk's `ZKClient` with what a cell needs and aiozk does not give:
   the session the moment it ends, which also starts aiozk's reconnection.
 * Reconnection attempts are at most `_RECONNECT_MAX_S` apart (aiozk's own
   back-off grows to 60 s, far longer than a session lives).
-* Listeners hear every change of state ("connected", "suspended", "lost") and
-  of session id: a new id after "connected" means the old session expired,
-  and with it every ephemeral node it held (aiozk restores watches, not
-  ephemerals).
+* Listeners hear every change of state ("connected", "suspended", "lost"), of
+  session id, and every new connection ("connected" again): a new id after
+  "connected" means the old session expired, and with it every ephemeral node
+  it held (aiozk restores watches, not ephemerals).
+* After each new connection the watches are restored on that connection,
+  bounded in time; aiozk's own restore waited for a connected session, so a
+  connection lost right then hung its reconnection for good.
 * Paths are relative to a chroot whose nodes are created persistent:
   aiozk's `ensure_path` (and its own chroot support) creates container nodes,
   which ZooKeeper deletes once their last child is gone.
@@ -164,8 +167,7 @@ class ZooKeeper:
             read_timeout=max(1.0, self.session_timeout_s / 3),
             default_acl=self.acl,
         )
-        if self._auth:
-            self._sign_in_on_every_connection(client.session)
+        self._prepare_every_connection(client.session)
         self._client = client
         try:
             async with asyncio.timeout(timeout_s):
@@ -192,22 +194,60 @@ class ZooKeeper:
             self.chroot or "/",
         )
 
-    def _sign_in_on_every_connection(self, session: Any) -> None:
-        """Say the digest identity on each new connection, before anything else is sent.
+    def _prepare_every_connection(self, session: Any) -> None:
+        """Replace aiozk's restore of the watches after each new connection with one that
+        signs in first (with `auth`) and can neither hang nor fail the reconnection.
 
         aiozk's repair loop calls `set_existing_watches` right after a connection is made
-        (the first one included), before any waiting request runs: the identity goes
-        first there, and ZooKeeper handles a connection's requests in order.
+        (the first one included), before any waiting request runs, and only then goes
+        back to waiting for a lost connection. Its own version sends SetWatches through
+        `session.send`, which waits for the session to be connected: when the connection
+        dies right then (ZooKeeper restarting, a flapping network), the reply never comes,
+        the repair loop waits forever, and the session stays suspended for good (the node
+        fenced until it is restarted). Here both requests go on this connection, bounded by
+        the call timeout; a failure drops the connection and suspends the session, and the
+        repair loop connects again.
         """
-        restore_watches = session.set_existing_watches
-        credentials = self._auth.encode("utf-8")
 
-        async def sign_in_then_restore_watches() -> None:
-            request = protocol.AuthRequest(type=0, scheme="digest", auth=credentials)
-            await session.conn.send(request)
-            await restore_watches()
+        async def prepare_connection() -> None:
+            conn = session.conn
+            try:
+                if self._auth:
+                    credentials = self._auth.encode("utf-8")
+                    request = protocol.AuthRequest(type=0, scheme="digest", auth=credentials)
+                    await self._on_connection(conn, request)
+                watches = _set_watches_request(session)
+                if watches is not None:
+                    await self._on_connection(conn, watches, xid=_next_xid(session))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                log.warning("zookeeper connection failed while being prepared: %r", error)
+                if conn is not None and not conn.closing:
+                    conn.abort(exc.ConnectError)
+                    if conn.writer is not None:
+                        conn.writer.close()
+                if session.conn is conn and session.state.current_state in (
+                    States.CONNECTED,
+                    States.READ_ONLY,
+                ):
+                    session.state.transition_to(States.SUSPENDED)
 
-        session.set_existing_watches = sign_in_then_restore_watches
+        session.set_existing_watches = prepare_connection
+
+    async def _on_connection(self, conn: Any, request: Any, xid: int | None = None) -> None:
+        """Send one request on `conn` and wait for its reply, for at most the call timeout;
+        ConnectionError if the connection's reads end first."""
+        reply = conn.send(request, xid=xid)
+        reads = conn.read_loop_task
+        waits = {reply} if reads is None else {reply, reads}
+        done, _ = await asyncio.wait(
+            waits, timeout=self.call_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        if reply not in done:
+            reply.cancel()
+            raise ConnectionError(f"no reply to {type(request).__name__} on this connection")
+        reply.result()
 
     async def close(self) -> None:
         """End the session (its ephemeral nodes go at once when ZooKeeper can be told)."""
@@ -320,16 +360,20 @@ class ZooKeeper:
         """Tell the listeners of each change; suspend at once when a connection's reads end."""
         session = self.client.session
         machine = session.state
-        last: tuple[Any, Any] = (None, None)
+        last: tuple[Any, Any, Any] = (None, None, None)
         while True:
-            current = (machine.current_state, session.session_id)
+            state = machine.current_state
+            # a new connection counts as a change even when the state looks the same: the
+            # session may have been suspended and connected again before this task ran
+            conn = session.conn if state == States.CONNECTED else None
+            current = (state, session.session_id, conn)
             if current != last:
-                if current[0] == States.CONNECTED:
+                if state == States.CONNECTED:
                     self._watch_connection()
-                if current[0] != last[0]:
-                    log.info("zookeeper session %s session=%#x", current[0], current[1] or 0)
+                if state != last[0]:
+                    log.info("zookeeper session %s session=%#x", state, current[1] or 0)
                 last = current
-                self._notify(str(current[0]), current[1])
+                self._notify(str(state), current[1])
             others = [state for state in _ALL_STATES if state != machine.current_state]
             change = machine.wait_for(*others)
             try:
@@ -450,6 +494,30 @@ class ZooKeeper:
         for event in events:
             if callback in callbacks.get((event, absolute), ()):
                 self.client.session.remove_watch_callback(event, absolute, callback)
+
+
+def _next_xid(session: Any) -> int:
+    """The next request id of the session, as aiozk's `Session.send` counts them."""
+    session.xid = session.xid + 1 if session.xid < 0x7FFFFFFF else 1
+    return int(session.xid)
+
+
+def _set_watches_request(session: Any) -> protocol.SetWatchesRequest | None:
+    """The SetWatches request that re-arms every watch callback registered (as aiozk's own
+    `set_existing_watches` builds it), or None when there is none."""
+    if not session.watch_callbacks:
+        return None
+    request = protocol.SetWatchesRequest(
+        relative_zxid=session.last_zxid or 0, data_watches=[], exist_watches=[], child_watches=[]
+    )
+    for event_type, path in session.watch_callbacks:
+        if event_type == protocol.WatchEvent.CREATED:
+            request.exist_watches.append(path)
+        elif event_type == protocol.WatchEvent.DATA_CHANGED:
+            request.data_watches.append(path)
+        elif event_type == protocol.WatchEvent.CHILDREN_CHANGED:
+            request.child_watches.append(path)
+    return request
 
 
 async def retry_until(
