@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import os
 import struct
@@ -236,6 +237,12 @@ class DiskBlobStore(BlobStore):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                # The half-written blob was removed; puts work again once space is freed.
+                raise Unavailable(
+                    f"blob store {self.root}: the disk is full (no space left); "
+                    "writes are refused until space is freed"
+                ) from exc
             raise Unavailable(f"blob store {self.root}: {exc}") from exc
 
     # ---- paths (called from the pool's threads too) ----

@@ -59,8 +59,16 @@ def _locked(error: StoreUnavailable) -> bool:
     return isinstance(cause, sqlite3.OperationalError) and ("locked" in text or "busy" in text)
 
 
+# SQLite's primary result code for "database or disk is full".
+_SQLITE_FULL = 13
+
+
 def unavailable(action: str, cause: BaseException) -> StoreUnavailable:
-    error = StoreUnavailable(f"{action}: {type(cause).__name__}: {cause}")
+    reason = f"{type(cause).__name__}: {cause}"
+    if getattr(cause, "sqlite_errorcode", 0) & 0xFF == _SQLITE_FULL:
+        # Nothing of the write is kept; SQLite takes writes again once space is freed.
+        reason = "the disk is full; writes are refused until space is freed"
+    error = StoreUnavailable(f"{action}: {reason}")
     error.__cause__ = cause
     return error
 
