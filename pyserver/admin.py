@@ -25,7 +25,7 @@ from typing import Any
 
 from pyserver.app.auth import make_user_token, read_user_token, token_id
 from pyserver.cluster import tools as cluster_tools
-from pyserver.cluster.state import read_state
+from pyserver.cluster.state import add_cluster_folder_argument, read_state
 from pyserver.cluster.zk import digest_id
 from pyserver.discovery import move as discovery_move
 from pyserver.discovery.client import connect_to_cluster
@@ -247,12 +247,12 @@ def add_parser(
     token.add_argument("--ttl", type=int, default=86_400, help="seconds it stays valid")
     revoke = action("revoke", "revoke a user token, or every token of the user", _revoke)
     revoke.add_argument("--token", help="the token (default: every token issued until now)")
-    revoke.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    add_cluster_folder_argument(revoke)
     keys = actions.add_parser("keys", help="list and rotate the service keys")
     keys.add_argument("step", choices=("list", "add", "promote", "retire"))
     keys.add_argument("id", nargs="?", help="the key id (promote, retire)")
     keys.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
-    keys.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    add_cluster_folder_argument(keys)
     keys.set_defaults(handler=_keys)
     digest = actions.add_parser(
         "zk-digest", help="the ZooKeeper ACL id of user:password (for zookeeper_read_ids)"
@@ -272,13 +272,13 @@ def add_parser(
     tables.set_defaults(handler=lambda args: asyncio.run(_create_tables(args)))
     address = action("add-address", "route an email address to a user", _add_address)
     address.add_argument("address")
-    address.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    add_cluster_folder_argument(address)
     phone = action("add-phone", "register a user's phone (E.164) for SMS", _add_phone)
     phone.add_argument("phone", help="+ and 8-15 digits, e.g. +15550001234")
     phone.add_argument(
         "--sms", choices=("off", "all", "inbox"), help="which of the user's messages are texted"
     )
-    phone.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    add_cluster_folder_argument(phone)
 
     cluster_tools.add_admin_actions(actions)
 

@@ -23,6 +23,7 @@ from pyserver import admin, doctor, endpoints, implementation
 from pyserver.blobs import command as blob_command
 from pyserver.blobs.command import attachment_lines, with_extras
 from pyserver.client import Client
+from pyserver.cluster.state import add_cluster_folder_argument
 from pyserver.config import load_config
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
@@ -242,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text)
         sub.add_argument("--data", type=Path, default=DEFAULT_DATA, help="the cell's data folder")
         sub.add_argument("--server", help="HOST:PORT (default: from the data folder)")
-        sub.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+        add_cluster_folder_argument(sub)
         sub.add_argument("--json", action="store_true", help="print the raw reply")
         if user:
             sub.add_argument("--user", type=_user_id, required=True, help="the user id")

@@ -5,6 +5,11 @@ Sources, later ones winning: the defaults below (a single-node cell on
 environment variables `PYSERVER_<FIELD>` (upper case), then command-line flags.
 docs/configuration.md lists every field.
 
+A running cluster's state (a `pyserver cluster up` folder, the cells' records in
+ZooKeeper) is not configuration: `pyserver.cluster.state` reads it and sits above
+this module, which imports neither the cluster, discovery nor the processes
+(tests/test_layers.py checks it, and that no import circle comes back).
+
 May import: pyserver.errors, pyserver.addresses, pyserver.servicekey, pyserver.store,
 pyserver.tls.
 """

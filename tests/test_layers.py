@@ -6,6 +6,12 @@ naming the parts it may import (`pyserver.errors, pyserver.store`), or "nothing
 of pyserver", or "any of pyserver" (optionally "but pyserver.x, ..."). Every
 import counts, those inside functions too. The declared rules must leave no
 cycle between parts, so neither can the imports.
+
+Below the parts, no two modules may import each other either, directly or round
+a circle: the configuration once imported the discovery client, which imported
+the launcher to read its state file. A cluster's state now has one module,
+`pyserver.cluster.state`, the only one that names the state file, and the
+configuration imports neither the cluster, discovery nor the processes.
 """
 
 from __future__ import annotations
@@ -144,3 +150,93 @@ def test_imports_inside_functions_count() -> None:
     ]
     assert lazy, "the example lazy import is gone: pick another"
     assert f"pyserver/admin.py:{lazy[0]}" in _imports("admin")["store"]
+
+
+def _module_imports() -> dict[str, set[str]]:
+    """Each module of pyserver and the modules of pyserver it imports (a `from package
+    import name` counts as importing the package and, if it is one, the module `name`)."""
+    modules: dict[str, Path] = {}
+    for file in PACKAGE.rglob("*.py"):
+        name = ".".join(file.relative_to(PACKAGE.parent).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = file
+    graph: dict[str, set[str]] = {}
+    for name, file in modules.items():
+        package = name if file.name == "__init__.py" else name.rsplit(".", 1)[0]
+        targets: set[str] = set()
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.Import):
+                targets.update(alias.name for alias in node.names)
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([base] if base else []))
+                targets.add(base)
+                targets.update(f"{base}.{alias.name}" for alias in node.names)
+        graph[name] = {target for target in targets if target in modules and target != name}
+    return graph
+
+
+def test_no_import_circle_between_modules() -> None:
+    """Tarjan's strongly connected components over every module's imports: none may hold
+    two modules (config -> discovery.client -> launcher -> ... -> config was one)."""
+    graph = _module_imports()
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    circles: list[list[str]] = []
+
+    def connect(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(graph[module]):
+            if target not in index:
+                connect(target)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            component = []
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                component.append(member)
+                if member == module:
+                    break
+            if len(component) > 1:
+                circles.append(sorted(component))
+
+    for module in sorted(graph):
+        if module not in index:
+            connect(module)
+    assert not circles, f"modules importing each other round a circle: {circles}"
+
+
+def test_the_configuration_knows_nothing_of_a_clusters_state() -> None:
+    """The lowest module imports none of the cluster, discovery or the processes (the
+    state of a running cluster is read above it, in pyserver.cluster.state)."""
+    graph = _module_imports()
+    reached = {target.split(".")[1] for target in graph["pyserver.config"]}
+    assert not reached & {"cluster", "discovery", "processes"}, graph["pyserver.config"]
+    assert "pyserver.processes.launcher" not in {
+        target
+        for module, targets in graph.items()
+        if module.startswith("pyserver.discovery")
+        for target in targets
+    }
+
+
+def test_only_the_state_module_names_the_state_file() -> None:
+    """Everyone reads and writes `cluster.json` through pyserver.cluster.state."""
+    from pyserver.cluster.state import STATE_FILE
+
+    naming = [
+        f"{file.relative_to(PACKAGE.parent)}:{node.lineno}"
+        for file in PACKAGE.rglob("*.py")
+        if file != PACKAGE / "cluster" / "state.py"
+        for node in ast.walk(ast.parse(file.read_text()))
+        if isinstance(node, ast.Constant) and node.value == STATE_FILE
+    ]
+    assert not naming, f"modules naming the cluster's state file themselves: {naming}"

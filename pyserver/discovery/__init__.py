@@ -7,7 +7,10 @@
 * `client`: `ClusterClient`, the client library that routes through discovery.
 * `move`: `pyserver admin move-user`.
 
-docs/cluster.md ("Discovery and several cells") describes the whole.
+docs/cluster.md ("Discovery and several cells") describes the whole. A launched
+cluster's state (its folder's `cluster.json`, the cells' records in ZooKeeper) is
+read and changed through `pyserver.cluster.state`, never through the launcher in
+`pyserver.processes`, which sits above discovery.
 
 May import: pyserver.errors, pyserver.userid, pyserver.addresses, pyserver.ring,
 pyserver.logcodec, pyserver.snapcache, pyserver.wire, pyserver.client, pyserver.store,

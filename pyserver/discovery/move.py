@@ -20,7 +20,9 @@ the key lives in the copied log. A failure before the flip unfreezes the user
 in the old cell; running the command again resumes the copy where it stopped.
 
 Each cell's store is named in its ZooKeeper record (`/cells/<cell>`, field
-"store", as `pyserver cluster up` writes it) unless given explicitly.
+"store", as `pyserver cluster up` writes it) unless given explicitly; the
+records are read and written through `pyserver.cluster.state` (`cell_record`,
+`set_cell_record` and `active_nodes` are re-exported here for older callers).
 """
 
 from __future__ import annotations
@@ -35,15 +37,18 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from pyserver import logcodec
 from pyserver.cluster import freeze, layout
-from pyserver.cluster.layout import NodeRecord
-from pyserver.cluster.state import add_cluster_arguments, cluster_settings
-from pyserver.cluster.zk import BadVersion, NoNode, ZooKeeper
+from pyserver.cluster.state import (
+    active_nodes,
+    add_cluster_arguments,
+    cell_record,
+    cluster_settings,
+    set_cell_record,
+)
+from pyserver.cluster.zk import ZooKeeper
 from pyserver.discovery.directory import Directory
-from pyserver.errors import BadRequest, NotFound, Unavailable
+from pyserver.errors import BadRequest, Unavailable
 from pyserver.store.base import LogAppend, LogStore, Store
 from pyserver.store.spec import open_store, parse_store_spec
 
@@ -70,58 +75,6 @@ class MoveReport:
     last_seq: int
     frozen_s: float  # how long the user's requests were refused
     seconds: float
-
-
-# ---- cells' records in ZooKeeper ----
-
-
-async def cell_record(zk: ZooKeeper, cell: str) -> dict[str, Any]:
-    """The cell's ZooKeeper record (state, store, ...); NotFound if there is no such cell."""
-    try:
-        data, _ = await zk.get(layout.cell_path(cell))
-    except NoNode:
-        raise NotFound(f"no cell {cell!r} in ZooKeeper") from None
-    try:
-        record = orjson.loads(data) if data else {}
-    except orjson.JSONDecodeError:
-        record = {}
-    return record if isinstance(record, dict) else {}
-
-
-async def set_cell_record(zk: ZooKeeper, cell: str, **fields: Any) -> dict[str, Any]:
-    """Create the cell (enabled) if missing and merge `fields` into its record."""
-    await zk.ensure_persistent(layout.cell_path(cell), orjson.dumps({"state": "enabled"}))
-    await zk.ensure_persistent(layout.nodes_path(cell))
-    while True:
-        data, stat = await zk.get(layout.cell_path(cell))
-        try:
-            record = orjson.loads(data) if data else {}
-        except orjson.JSONDecodeError:
-            record = {}
-        record = {**(record if isinstance(record, dict) else {}), **fields}
-        record.setdefault("state", "enabled")
-        try:
-            await zk.set_data(layout.cell_path(cell), orjson.dumps(record), stat.version)
-        except BadVersion:
-            continue  # changed meanwhile: merge again
-        return record
-
-
-async def active_nodes(zk: ZooKeeper, cell: str) -> set[str]:
-    """The ids of the cell's registered, active app servers."""
-    try:
-        children = await zk.get_children(layout.nodes_path(cell))
-    except NoNode:
-        return set()
-    active = set()
-    for node_id in children:
-        try:
-            data, _ = await zk.get(layout.node_path(cell, node_id))
-            if NodeRecord.from_bytes(node_id, data).active:
-                active.add(node_id)
-        except (NoNode, ValueError):
-            continue
-    return active
 
 
 # ---- the move ----

@@ -17,7 +17,7 @@ from typing import Any
 from pyserver import endpoints
 from pyserver.app.revocations import Revocations
 from pyserver.client import Client
-from pyserver.cluster.state import read_state
+from pyserver.cluster.state import add_cluster_folder_argument, read_state
 from pyserver.config import Config
 from pyserver.discovery.client import ClusterClient
 from pyserver.servicekey import ServiceKey
@@ -63,7 +63,7 @@ class FrontEnd:
 def add_frontend_arguments(sub: argparse.ArgumentParser) -> None:
     """The flags naming what a front-end tier stands in front of."""
     sub.add_argument("--discovery", help="discovery instances, host:port[,host:port...]")
-    sub.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+    add_cluster_folder_argument(sub)
     sub.add_argument("--server", help="one app server, HOST:PORT (default: the data folder's)")
 
 

@@ -46,16 +46,23 @@ from pathlib import Path
 from typing import Any
 
 from pyserver import endpoints
-from pyserver.cluster.state import STATE_FILE, NoCluster, read_state, write_state
+from pyserver.cluster.state import (
+    DEFAULT_FOLDER,
+    STATE_FILE,
+    NoCluster,
+    add_cluster_folder_argument,
+    read_state,
+    set_cell_record,
+    write_state,
+)
 from pyserver.cluster.zk import NoNode, ZooKeeper, digest_id
-from pyserver.discovery.move import set_cell_record
 from pyserver.servicekey import load_or_create_service_key
 from pyserver.tls import TierTls, make_dev_certificates
 
 __all__ = ["add_parser", "cluster_down", "cluster_status", "cluster_up"]
 
 REPO = Path(__file__).resolve().parent.parent.parent
-DEFAULT_DIR = Path("pyserver-cluster")
+DEFAULT_DIR = DEFAULT_FOLDER
 # the engines `scripts/engines up` starts (the same variables choose their ports)
 ZOOKEEPER = f"127.0.0.1:{os.environ.get('PYSERVER_ZOOKEEPER_PORT', '2181')}"
 THRIFT = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT_PORT', '9090')}"
@@ -271,7 +278,7 @@ def cluster_up(
         if running:
             raise LaunchError(f"the cluster in {folder} is up ({len(running)} processes alive)")
         if previous["engine"] != engine or len(previous["cells"]) != cells:
-            raise LaunchError(f"{folder} holds another cluster's data: use another --dir")
+            raise LaunchError(f"{folder} holds another cluster's data: use another --cluster DIR")
     tag = previous["tag"] if previous else uuid.uuid4().hex[:8]
     prefix = f"pc{tag}"
     chroot = f"/pyserver-cluster-{tag}"
@@ -572,7 +579,7 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
 
     def action(name: str, help_text: str) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text)
-        sub.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="the cluster's folder")
+        add_cluster_folder_argument(sub, dest="dir", default=DEFAULT_DIR)
         return sub
 
     up = action("up", "start engines, discovery, services and C x N app servers")
