@@ -23,6 +23,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+from pyserver import admin_history
 from pyserver.app.auth import make_user_token, read_user_token, token_id
 from pyserver.cluster import tools as cluster_tools
 from pyserver.cluster.state import add_cluster_folder_argument, read_state
@@ -281,6 +282,7 @@ def add_parser(
     add_cluster_folder_argument(phone)
 
     cluster_tools.add_admin_actions(actions)
+    admin_history.add_admin_actions(actions, default_data, user_id)
 
     discovery_move.add_admin_actions(actions)
     return admin

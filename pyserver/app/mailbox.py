@@ -25,6 +25,7 @@ from typing import Any
 
 import orjson
 
+from pyserver.app import history
 from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
 from pyserver.app.indexer import search_terms
 from pyserver.app.residency import Change, Residency
@@ -274,6 +275,9 @@ class Mailbox:
             Op.FRIEND_ADD: self._friend_add,
             Op.FRIEND_REMOVE: self._friend_remove,
             Op.FRIENDS: self._friends,
+            Op.HISTORY: self._history,
+            Op.SHOW_AT: self._show_at,
+            Op.RESTORE: self._restore,
         }
         # The reads `answer_cached` can answer at once from a cached image.
         self._cached_reads: dict[Op, Callable[[UserImage, dict[str, Any]], dict[str, Any]]] = {
@@ -865,6 +869,40 @@ class Mailbox:
     ) -> dict[str, Any]:
         change, image = await self._resident.update(user_id, decide)
         return {"seq": change.entries[-1]["seq"] if change.entries else image.seq}
+
+    # ---- the user's past, from the log (pyserver.app.history) ----
+
+    async def _history(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        after = _field(p, "after", 0)
+        if type(after) is not int or not 0 <= after < 1 << 64:
+            raise BadRequest(f"after: must be a log sequence number, not {after!r}")
+        limit = _limit(p, *history.HISTORY_PAGE)
+        self._resident.check_owner(user)
+        return await history.read_history(self._store, user, after, limit)
+
+    async def _show_at(self, p: dict[str, Any]) -> dict[str, Any]:
+        user = _user(p, "user")
+        at = history.parse_time(_field(p, "at", _MISSING))
+        limit = _limit(p, *history.SHOW_THREADS)
+        self._resident.check_owner(user)
+        return history.show(await history.image_at(self._store, user, at), limit)
+
+    async def _restore(self, p: dict[str, Any]) -> dict[str, Any]:
+        """RESTORE: compensating entries that bring the user's mailbox back to its state
+        at `at` (pyserver.app.history), appended like any write of the user."""
+        user = _user(p, "user")
+        at = history.parse_time(_field(p, "at", _MISSING))
+        by = _text(p, "by", self._settings.max_field_bytes, default="")
+
+        async def decide(image: UserImage) -> Change:
+            entries, bodies, report = await history.restore_change(
+                self._store, self._blobs, user, at, image, by, _now_us()
+            )
+            return Change(entries=entries, bodies=bodies, result=report)
+
+        change, image = await self._resident.update(user, decide)
+        return {**change.result, "seq": image.seq}
 
     # ---- the social graph (through the user index) ----
 

@@ -34,6 +34,10 @@ class Op(IntEnum):
     UNBLOCK = 53
     STATS = 60
     HEALTH = 61
+    # a user's past, from the log (pyserver.app.history, docs/history.md)
+    HISTORY = 65
+    SHOW_AT = 66
+    RESTORE = 67
     # Ranges kept for the other services of a cell, each adding its own codes:
     # 70-79 discovery, 80-89 blobs, 90-99 user index, 100-109 dirty service,
     # 110-119 between app servers, 120-129 the SMS gateway.
@@ -64,5 +68,7 @@ SERVICE_ONLY |= {Op.DELIVER_COPY, Op.OUTBOUND_SETTLE, Op.SMS_SUBMIT}
 SERVICE_ONLY |= {Op.RELATION, Op.FRIENDS, Op.INDEX_FRIEND_ADD, Op.INDEX_FRIEND_REMOVE, Op.DIRTY}
 # Discovery answers trusted tiers only (the web tier, the MTA proxy, gateways, app servers).
 SERVICE_ONLY |= {Op.LOOKUP, Op.CELL_RING, Op.CELLS}
+# A user's past and its restore are operators' tools.
+SERVICE_ONLY |= {Op.HISTORY, Op.SHOW_AT, Op.RESTORE}
 # Operations answered without a HELLO.
 NO_HELLO: frozenset[Op] = frozenset({Op.PING, Op.HELLO})

@@ -1,0 +1,365 @@
+"""A user's past from the log (pyserver.app.history): the audit trail, the mailbox at a
+time, and the restore, on the real SQLite store through the real mailbox; then the
+restore through a served cell, as `pyserver admin restore` does it, read back through the
+running server; and the operations' access rule (service connections only)."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pyserver import logcodec
+from pyserver.app import history
+from pyserver.app.image import UserImage
+from pyserver.app.mailbox import Mailbox, MailboxSettings
+from pyserver.client import Client
+from pyserver.errors import BadRequest, Forbidden
+from pyserver.servicekey import read_service_key
+from pyserver.store.sqlite import SQLiteStore
+from pyserver.wire.ops import Op
+from tests.support import cli, run, run_cli, serve_cell
+
+# The clock the mailbox stamps entries with: one second per entry, from this moment.
+T0 = 1_764_000_000 * 1_000_000
+SECOND = 1_000_000
+
+
+class Clock:
+    """The time the mailbox stamps entries with; the tests move it on one second before
+    each operation, so user 2's entry k is stamped T0 + k seconds."""
+
+    def __init__(self) -> None:
+        self.now = T0
+
+    def __call__(self) -> int:
+        return self.now
+
+    def tick(self) -> None:
+        self.now += SECOND
+
+
+@asynccontextmanager
+async def opened(path: Path, **knobs: Any) -> AsyncIterator[tuple[Mailbox, SQLiteStore, Clock]]:
+    store = SQLiteStore(path / "cell.sqlite", synchronous="OFF")
+    await store.open()
+    clock = Clock()
+    mailbox = Mailbox(store, settings=MailboxSettings(**knobs), clock=clock)
+    original = mailbox.execute
+
+    async def execute(op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        clock.tick()
+        return await original(op, payload)
+
+    mailbox.execute = execute  # type: ignore[method-assign]
+    try:
+        yield mailbox, store, clock
+    finally:
+        await mailbox.close()
+        await store.close()
+
+
+async def send(m: Mailbox, sender: int, recipients: list[int], text: str) -> dict[str, Any]:
+    payload = {"sender": sender, "recipients": recipients, "text": text, "channel": "chat"}
+    return await m.execute(Op.SEND, payload)
+
+
+async def replayed(store: SQLiteStore, user: int, until: int) -> UserImage:
+    """The image of the log's first `until` entries, replayed from empty (the reference)."""
+    image = UserImage()
+    for seq, record in await store.read_log(user, 0, until):
+        entry = logcodec.decode(record)
+        bodies = await store.get_messages(user, [entry.get("body_ref", "")])
+        body = json.loads(bodies[entry["body_ref"]]) if entry.get("body_ref") in bodies else None
+        image.apply(entry, body)
+        assert entry["seq"] == seq
+    return image
+
+
+async def scenario(m: Mailbox) -> dict[str, Any]:
+    """User 2's mailbox through a day: three threads, then marks, a move, deletions."""
+    a = await send(m, 1, [2], "lunch on friday?")  # seq 1
+    await send(m, 1, [2], "or saturday")  # seq 2
+    b = await send(m, 3, [2], "the report is late")  # seq 3
+    c = await send(m, 4, [2], "photos from the trip")  # seq 4
+    await m.execute(Op.MARK_READ, {"user": 2, "thread_id": a["thread_id"]})  # seq 5
+    return {"a": a, "b": b, "c": c}
+
+
+# ---- times ----
+
+
+def test_times_are_read_as_iso_8601_or_unix_seconds_exactly() -> None:
+    assert history.parse_time("2025-11-24T16:00:00Z") == 1_764_000_000 * SECOND
+    assert history.parse_time("2025-11-24T16:00:00") == 1_764_000_000 * SECOND
+    assert history.parse_time("2025-11-24T17:00:00+01:00") == 1_764_000_000 * SECOND
+    assert history.parse_time("2025-11-24T16:00:00.000001Z") == 1_764_000_000 * SECOND + 1
+    assert history.parse_time("1764000000.000001") == 1_764_000_000 * SECOND + 1
+    assert history.parse_time(1_764_000_000) == 1_764_000_000 * SECOND
+    assert history.format_time(1_764_000_000 * SECOND) == "2025-11-24T16:00:00Z"
+    for bad in ("yesterday", "", True, None, [1], "-5", float("nan")):
+        with pytest.raises(BadRequest):
+            history.parse_time(bad)
+
+
+# ---- the audit trail ----
+
+
+def test_the_history_lists_every_entry_in_words_with_its_time_and_channel(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, store, _):
+            sent = await scenario(m)
+            await m.execute(Op.DELETE, {"user": 2, "thread_id": sent["b"]["thread_id"]})
+            page = await history.read_history(store, 2)
+            items = page["entries"]
+            assert [i["seq"] for i in items] == [1, 2, 3, 4, 5, 6]
+            assert [i["action"] for i in items] == ["message_added"] * 4 + [
+                "marked_read",
+                "thread_deleted",
+            ]
+            assert [i["channel"] for i in items] == ["chat"] * 4 + [None, None]
+            assert items[0]["ts"] == T0 + SECOND
+            assert items[0]["time"] == history.format_time(T0 + SECOND)
+            assert "from user 1 by chat, unread, filed in" in items[0]["what"]
+            assert (
+                items[4]["what"] == f"every message of thread {sent['a']['thread_id']} marked read"
+            )
+            assert items[5]["what"] == f"thread {sent['b']['thread_id']} deleted"
+            assert all(i["restore"] is None for i in items)
+            assert page["next"] is None and page["last_seq"] == 6
+            # paged
+            first = await history.read_history(store, 2, after=0, limit=4)
+            assert [i["seq"] for i in first["entries"]] == [1, 2, 3, 4] and first["next"] == 4
+            rest = await history.read_history(store, 2, after=first["next"], limit=4)
+            assert [i["seq"] for i in rest["entries"]] == [5, 6] and rest["next"] is None
+            # through the operation, as a service connection asks
+            reply = await m.execute(Op.HISTORY, {"user": 2, "after": 4, "limit": 1})
+            assert [i["seq"] for i in reply["entries"]] == [5] and reply["next"] == 5
+            with pytest.raises(BadRequest):
+                await m.execute(Op.HISTORY, {"user": 2, "after": -1})
+
+    run(go)
+
+
+# ---- the mailbox at a time ----
+
+
+def test_show_at_a_time_is_the_log_replayed_up_to_it_even_past_a_newer_snapshot(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        async with opened(tmp_path, snapshot_every=1000) as (m, store, clock):
+            sent = await scenario(m)
+            await m.execute(Op.MOVE, {"user": 2, "thread_id": sent["c"]["thread_id"],
+                                      "folder": "archived"})  # fmt: skip
+            await m.execute(Op.DELETE, {"user": 2, "thread_id": sent["b"]["thread_id"]})
+            # a snapshot newer than every TIME below but the last
+            await store.write_snapshot(2, 7, (await replayed(store, 2, 7)).to_snapshot())
+            for seq in range(0, 8):
+                at = T0 + seq * SECOND  # entry `seq` was stamped T0 + seq seconds
+                past = await history.image_at(store, 2, at)
+                assert past.seq == seq
+                assert past.image == await replayed(store, 2, seq), seq
+                assert past.start == (7 if seq == 7 else 0)
+            # half a second after entry 4: the prefix up to 4
+            shown = history.show(await history.image_at(store, 2, T0 + 4 * SECOND + SECOND // 2))
+            assert shown["seq"] == 4 and shown["threads"] == 3 and shown["messages"] == 4
+            inbox = shown["folders"]["inbox"]
+            assert inbox["total"] + shown["folders"]["other"]["total"] == 3
+            # a snapshot older than TIME, inside the prefix, is where the replay starts
+            await m.execute(Op.MARK_UNREAD, {"user": 2, "thread_id": sent["a"]["thread_id"]})
+            newer = await history.image_at(store, 2, clock.now)
+            assert (newer.start, newer.seq) == (7, 8)
+            assert newer.image == await replayed(store, 2, 8)
+            # through the operation, with an ISO time
+            reply = await m.execute(
+                Op.SHOW_AT, {"user": 2, "at": history.format_time(T0 + 3 * SECOND)}
+            )
+            assert reply["seq"] == 3 and reply["messages"] == 3
+
+    run(go)
+
+
+def test_show_refuses_a_time_before_what_a_compacted_log_keeps(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, store, _):
+            await scenario(m)
+        # the mailbox's close left a snapshot at seq 5; entries 1..2 are compacted away
+        with sqlite3.connect(tmp_path / "cell.sqlite") as db:
+            removed = db.execute(
+                "DELETE FROM log WHERE user = ? AND seq < ?",
+                ((2).to_bytes(8, "big"), (3).to_bytes(8, "big")),
+            ).rowcount
+        assert removed == 2
+        store = SQLiteStore(tmp_path / "cell.sqlite")
+        await store.open()
+        try:
+            assert (await store.read_snapshot(2) or (0,))[0] == 5
+            assert (await history.image_at(store, 2, T0 + 6 * SECOND)).start == 5
+            # before the snapshot, the replay would need entries 1..2: refused
+            with pytest.raises(history.PastUnavailable) as refused:
+                await history.image_at(store, 2, T0 + 4 * SECOND)
+            assert refused.value.earliest_us == T0 + 5 * SECOND
+            assert "before seq 3 was compacted away" in str(refused.value)
+            assert history.format_time(T0 + 5 * SECOND) in str(refused.value)
+        finally:
+            await store.close()
+
+    run(go)
+
+
+# ---- the restore ----
+
+
+def test_a_restore_appends_what_brings_the_mailbox_back_to_a_replay_of_that_time(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, store, _):
+            sent = await scenario(m)
+            at = T0 + 5 * SECOND  # after the mark, before what follows
+            a, b, c = (sent[k]["thread_id"] for k in "abc")
+            await m.execute(Op.DELETE, {"user": 2, "thread_id": b})  # a whole thread
+            await m.execute(Op.DELETE, {"user": 2, "thread_id": a,
+                                        "message_id": sent["a"]["message_id"]})  # fmt: skip
+            await m.execute(Op.MOVE, {"user": 2, "thread_id": c, "folder": "spam"})
+            await m.execute(Op.MARK_UNREAD, {"user": 2, "thread_id": a})
+            await m.execute(Op.MARK_READ, {"user": 2, "thread_id": c})
+            late = await send(m, 5, [2], "arrived after the time")  # kept by the restore
+            before = await store.last_seq(2)
+
+            report = await m.execute(Op.RESTORE, {"user": 2, "at": at / SECOND, "by": "test"})
+            assert report["at_seq"] == 5 and report["first_seq"] == before + 1
+            assert sorted(report["messages_restored"]) == sorted(
+                [sent["a"]["message_id"], sent["b"]["message_id"]]
+            )
+            assert report["threads_moved"] == [c]
+            assert report["missing_bodies"] == [] and report["missing_blobs"] == []
+
+            past = await history.image_at(store, 2, at)
+            assert past.image == await replayed(store, 2, 5)
+            now = await m._resident.read(2)  # the served image, as reads see it
+            view = history.restorable_view(now)
+            assert view.pop(late["thread_id"])["messages"].keys() == {late["message_id"]}
+            assert view == history.restorable_view(past.image)
+            # the restored messages keep their own date and text
+            restored = now.messages[sent["b"]["message_id"]]
+            assert restored.ts == T0 + 3 * SECOND and restored.text == "the report is late"
+            # the log says the same from scratch, and the snapshot path agrees
+            assert (await m.rebuild(2))["differences"] == []
+            assert await replayed(store, 2, await store.last_seq(2)) == now
+
+            # the restore is in the history, marked
+            trail = (await history.read_history(store, 2, after=before))["entries"]
+            assert trail and all(i["restore"] is not None for i in trail)
+            assert trail[0]["restore"]["by"] == "test"
+            assert trail[0]["restore"]["at"] == history.format_time(at)
+            earlier = (await history.read_history(store, 2, limit=before))["entries"]
+            assert all(i["restore"] is None for i in earlier)
+
+            # nothing left to do: a second restore writes nothing
+            again = await m.execute(Op.RESTORE, {"user": 2, "at": str(at / SECOND)})
+            assert again["entries"] == 0 and await store.last_seq(2) == report["last_seq"]
+
+    run(go)
+
+
+def test_a_restored_mail_to_outside_addresses_is_not_sent_again(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, _store, _):
+            sent = await m.execute(
+                Op.SEND,
+                {"sender": 7, "recipients": ["bob@example.org"], "text": "hello bob",
+                 "channel": "email"},
+            )  # fmt: skip
+            image = await m._resident.read(7)
+            assert image.pending_outbound() == [(sent["message_id"], ["bob@example.org"])]
+            at = T0 + SECOND
+            await m.execute(Op.DELETE, {"user": 7, "thread_id": sent["thread_id"]})
+            report = await m.execute(Op.RESTORE, {"user": 7, "at": at / SECOND})
+            assert report["messages_restored"] == [sent["message_id"]]
+            image = await m._resident.read(7)
+            assert image.pending_outbound() == [], "a restore sends nothing"
+            delivery = image.messages[sent["message_id"]].extra["delivery"]
+            assert delivery["bob@example.org"]["state"] == "failed"
+
+    run(go)
+
+
+# ---- through a served cell: the CLI, the operations, their access rule ----
+
+
+def test_admin_restore_on_a_running_cell_is_served_at_once(tmp_path: Path) -> None:
+    data = tmp_path / "cell"
+    proc, ready = serve_cell(data)
+    try:
+
+        async def before() -> dict[str, Any]:
+            key = read_service_key(data)
+            client = await Client.connect("127.0.0.1", ready["server"]["port"], service_key=key)
+            try:
+                await client.request(Op.FRIEND_ADD, {"user": 21, "friend": 22})
+                first = await client.send(21, [22], "keep this one")
+                second = await client.send(23, [22], "and this thread")
+                threads = await client.list_threads(22, "inbox")  # cached by the server now
+                assert len(threads["threads"]) == 1
+                time.sleep(0.05)
+                at = time.time()
+                time.sleep(0.05)
+                await client.delete(22, first["thread_id"])
+                await client.move(22, second["thread_id"], "archived")
+                assert (await client.list_threads(22, "inbox"))["threads"] == []
+                return {"at": at, "first": first, "second": second}
+            finally:
+                await client.close()
+
+        state = run(before)
+        at_iso = history.format_time(int(state["at"] * SECOND))
+        shown = json.loads(cli("admin", "show", "--user", "22", "--at", at_iso, "--json",
+                               "--data", str(data)))  # fmt: skip
+        assert shown["threads"] == 2 and shown["messages"] == 2
+        done = json.loads(cli("admin", "restore", "--user", "22", "--at", str(state["at"]),
+                              "--json", "--data", str(data)))  # fmt: skip
+        assert done["messages_restored"] == [state["first"]["message_id"]]
+        assert done["threads_moved"] == [state["second"]["thread_id"]]
+        trail = cli("admin", "history", "--user", "22", "--data", str(data))
+        assert trail.count("[restore to ") == done["last_seq"] - done["first_seq"] + 1
+        assert "thread " + state["first"]["thread_id"] + " deleted" in trail
+
+        async def after() -> None:
+            key = read_service_key(data)
+            client = await Client.connect("127.0.0.1", ready["server"]["port"], service_key=key)
+            try:
+                inbox = await client.list_threads(22, "inbox")
+                assert [t["thread_id"] for t in inbox["threads"]] == [state["first"]["thread_id"]]
+                assert inbox["threads"][0]["snippet"] == "keep this one"
+                other = await client.list_threads(22, "other")
+                assert [t["thread_id"] for t in other["threads"]] == [state["second"]["thread_id"]]
+                trail = await client.request(Op.HISTORY, {"user": 22})
+                assert trail["entries"][-1]["restore"] is not None
+                # a user token may not read or restore the past, even its own
+                token = cli("admin", "token", "--user", "22", "--data", str(data)).strip()
+                user = await Client.connect("127.0.0.1", ready["server"]["port"], user_token=token)
+                try:
+                    for op in (Op.HISTORY, Op.SHOW_AT, Op.RESTORE):
+                        with pytest.raises(Forbidden):
+                            await user.request(op, {"user": 22, "at": state["at"]})
+                finally:
+                    await user.close()
+            finally:
+                await client.close()
+
+        run(after)
+        bad = run_cli("admin", "show", "--user", "22", "--at", "last week", "--data", str(data))
+        assert bad.returncode == 2 and "neither unix seconds nor an ISO 8601 time" in bad.stderr
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
