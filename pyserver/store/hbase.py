@@ -1,4 +1,4 @@
-"""The HBase store: every `Store` method on HBase, through its Thrift1 gateway (aiohappybase).
+"""The HBase store: every `Store` method on HBase, through its Thrift1 gateway.
 
 Owns the store's tables in one namespace (a table-name prefix: `<ns>_users`,
 `<ns>_directory`, `<ns>_social`, `<ns>_addresses`; `<ns>_blobs` is the blob

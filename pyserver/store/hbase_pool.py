@@ -1,7 +1,7 @@
 """Connections to HBase's Thrift1 gateway: a pool where a connection serves one task at a time.
 
-Built on aiohappybase's `ConnectionPool` (its `Connection` objects, its queue),
-with the lending rules the store needs:
+Each connection is a `pyserver.store.hbase_thrift.ThriftClient` (thriftpy2's
+compiled binary protocol over the gateway's buffered transport), lent by these rules:
 
 * a connection is lent to one task until that task gives it back;
 * a call that failed, timed out or was cancelled may have left a request half
@@ -14,6 +14,8 @@ with the lending rules the store needs:
 
 Deadlines belong to the caller (`asyncio.timeout` around the borrow); the
 socket timeout given here is only a backstop.
+
+May import: pyserver.store.hbase_thrift, thriftpy2.
 """
 
 from __future__ import annotations
@@ -21,56 +23,55 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
 
-import aiohappybase
 from thriftpy2.transport import TTransportException
 
-__all__ = ["ThriftPool"]
+from pyserver.store.hbase_thrift import ThriftClient, connect
+
+__all__ = ["PooledConnection", "ThriftPool"]
 
 
-def _socket_of(connection: aiohappybase.Connection) -> Any:
-    """The thriftpy2 async socket under a connection's client (None when closed)."""
-    client = connection.client
-    if client is None:
-        return None
-    transport = client._iprot.trans  # TAsyncBufferedTransport
-    return getattr(transport, "_trans", None)
+class PooledConnection:
+    """One slot of the pool: its client while open (`client`), None while closed."""
+
+    def __init__(self, host: str, port: int, socket_timeout_s: float) -> None:
+        self._host, self._port = host, port
+        self._timeout_s = socket_timeout_s
+        self.client: ThriftClient | None = None
+
+    async def open(self) -> None:
+        if self.client is None:
+            self.client = await connect(self._host, self._port, self._timeout_s)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
 
 
-def _peer_closed(connection: aiohappybase.Connection) -> bool:
-    """True when the gateway closed this idle connection (its reader saw EOF)."""
-    sock = _socket_of(connection)
-    reader = getattr(sock, "reader", None)
-    return reader is not None and reader.at_eof()
-
-
-class ThriftPool(aiohappybase.ConnectionPool):
-    """`size` connections to one Thrift1 gateway (buffered transport, binary protocol)."""
+class ThriftPool:
+    """`size` connections to one Thrift1 gateway, opened when first lent."""
 
     def __init__(self, host: str, port: int, size: int, socket_timeout_s: float) -> None:
-        super().__init__(
-            size,
-            host=host,
-            port=port,
-            timeout=max(1, int(socket_timeout_s * 1000)),
-            transport="buffered",
-            protocol="binary",
-        )
+        if not isinstance(size, int) or size <= 0:
+            raise ValueError("the pool size must be a positive int")
+        self._queue: asyncio.LifoQueue[PooledConnection] = asyncio.LifoQueue(maxsize=size)
+        for _ in range(size):
+            self._queue.put_nowait(PooledConnection(host, port, socket_timeout_s))
         self._generation = 0
         self._opened_in: dict[int, int] = {}  # id(connection) -> generation it was opened in
         self.connects = 0
 
     @contextlib.asynccontextmanager
-    async def borrow(self) -> AsyncIterator[aiohappybase.Connection]:
+    async def borrow(self) -> AsyncIterator[PooledConnection]:
         """A connection for the calling task alone, open, returned to the pool afterwards."""
         # Queue.get is cancellation-safe: a cancelled waiter never takes an item.
         connection = await self._queue.get()
         try:
             try:
-                if connection.client is not None and (
-                    self._opened_in.get(id(connection)) != self._generation
-                    or _peer_closed(connection)
+                client = connection.client
+                if client is not None and (
+                    self._opened_in.get(id(connection)) != self._generation or client.closed
                 ):
                     connection.close()
                 if connection.client is None:
@@ -94,6 +95,3 @@ class ThriftPool(aiohappybase.ConnectionPool):
             except asyncio.QueueEmpty:
                 break
         self._opened_in.clear()
-
-    def __del__(self) -> None:  # aiohappybase's warns when its queue is not deleted
-        pass
