@@ -3,7 +3,7 @@
 Owns every byte at rest: per-user logs, snapshots, message bodies, search terms,
 the user directory, the social graph and the address book. Calls nothing above it.
 
-May import: pyserver.errors, pyserver.userid.
+May import: pyserver.errors, pyserver.userid, pyserver.implementation (PYSERVER_PURE).
 """
 
 from pyserver.store.base import LogAppend, Store, StoreUnavailable, WriteConflict
