@@ -25,6 +25,7 @@ from pyserver.blobs.command import attachment_lines, with_extras
 from pyserver.client import Client
 from pyserver.cluster.state import add_cluster_folder_argument
 from pyserver.config import load_config
+from pyserver.discovery import cellcommand
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
 from pyserver.processes import dirty as dirty_process
@@ -350,6 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     imap_process.add_parser(commands, DEFAULT_DATA)
     sms_process.add_parser(commands, DEFAULT_DATA)
     launcher.add_parser(commands)
+    cellcommand.add_parser(commands)
     return parser
 
 

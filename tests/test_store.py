@@ -393,6 +393,9 @@ async def test_the_directory_places_users_in_cells(engine: Engine) -> None:
         await store.set_cell(1, "cell-b")
         assert await store.get_cell(1) == "cell-b"
         assert await store.count_users_by_cell() == {"cell-a": 1, "cell-b": 3}
+        assert await store.users_in_cell("cell-b") == [1, 3, U64_MAX]
+        assert await store.users_in_cell("cell-a") == [2]
+        assert await store.users_in_cell("cell-none") == []
 
 
 @asyncio_test

@@ -6,6 +6,8 @@
   ring clients (`pyserver.processes.discovery` runs it: `pyserver discovery`).
 * `client`: `ClusterClient`, the client library that routes through discovery.
 * `move`: `pyserver admin move-user`.
+* `evacuate`: every user of a cell moved to other cells, in parallel and throttled.
+* `cellcommand`: `pyserver cell enable|disable|show|evacuate`.
 
 docs/cluster.md ("Discovery and several cells") describes the whole. A launched
 cluster's state (its folder's `cluster.json`, the cells' records in ZooKeeper) is

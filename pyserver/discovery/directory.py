@@ -37,6 +37,12 @@ class Directory:
         """Point the user at `cell`, whatever it was (the flip of a move)."""
         await self.store.set_cell(check_user_id(user_id, minimum=0), cell)
 
+    async def users_in(self, cell: str) -> list[int]:
+        """The users placed in `cell`, in increasing order (a scan: call it rarely)."""
+        if not isinstance(cell, str) or not cell:
+            raise BadRequest(f"cell: {cell!r} is not a cell name")
+        return await self.store.users_in_cell(cell)
+
     async def counts(self) -> dict[str, int]:
         """How many users each cell has (a scan: call it rarely)."""
         return await self.store.count_users_by_cell()

@@ -158,6 +158,10 @@ class DirectoryStore(Lifecycle):
     async def count_users_by_cell(self) -> dict[str, int]:
         """How many users the directory places in each cell."""
 
+    @abstractmethod
+    async def users_in_cell(self, cell: str) -> list[int]:
+        """The users the directory places in `cell`, in increasing order (a scan)."""
+
     async def healthy(self) -> bool:
         try:
             await self.get_cell(0)

@@ -883,6 +883,22 @@ class HBaseStore(Store):
 
         return await self._read("count_users_by_cell", query)
 
+    async def users_in_cell(self, cell: str) -> list[int]:
+        table = self._tables["directory"]
+        wanted = text(cell, "cell").encode()
+
+        async def query(client: Any) -> list[int]:
+            scan = TScan(columns=[DIRECTORY_CELL], caching=ROWS_PER_SCAN_CALL)
+            return sorted(
+                [
+                    user_of_row(row)
+                    async for row, cells in self._scan(client, table, scan)
+                    if cells.get(DIRECTORY_CELL) == wanted
+                ]
+            )
+
+        return await self._read("users_in_cell", query)
+
     # ---- social graph: mutual friendships ----
 
     async def friends(self, user_id: int) -> set[int]:

@@ -337,6 +337,11 @@ class SQLiteStore(Store):
         rows = await self._read(_fetch, "SELECT cell, COUNT(*) FROM directory GROUP BY cell", ())
         return dict(rows)
 
+    async def users_in_cell(self, cell: str) -> list[int]:
+        query = "SELECT user FROM directory WHERE cell = ? ORDER BY user"
+        rows = await self._read(_fetch, query, (_text(cell, "cell"),))
+        return [_u64(row[0]) for row in rows]
+
     # ---- social graph: mutual friendships ----
 
     async def friends(self, user_id: int) -> set[int]:
