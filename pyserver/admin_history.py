@@ -24,6 +24,7 @@ from typing import Any
 from pyserver import endpoints
 from pyserver.app import history
 from pyserver.client import Client
+from pyserver.cluster.state import add_cluster_folder_argument
 from pyserver.config import load_config
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
@@ -201,7 +202,7 @@ def add_admin_actions(actions: Any, default_data: Path, user_id: Callable[[str],
     def action(name: str, help_text: str, run: Callable[..., Any]) -> argparse.ArgumentParser:
         sub = actions.add_parser(name, help=help_text)
         sub.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
-        sub.add_argument("--cluster", type=Path, help="a `pyserver cluster up` folder")
+        add_cluster_folder_argument(sub)
         sub.add_argument("--user", type=user_id, required=True, help="the user id")
         sub.add_argument("--json", action="store_true", help="print one JSON object")
         sub.set_defaults(handler=_run(run))

@@ -5,6 +5,7 @@ running server; and the operations' access rule (service connections only)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import time
@@ -20,6 +21,7 @@ from pyserver.app import history
 from pyserver.app.image import UserImage
 from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.client import Client
+from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import BadRequest, Forbidden
 from pyserver.servicekey import read_service_key
 from pyserver.store.sqlite import SQLiteStore
@@ -363,3 +365,51 @@ def test_admin_restore_on_a_running_cell_is_served_at_once(tmp_path: Path) -> No
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_history_show_and_restore_reach_a_users_owner_in_a_cluster(
+    tmp_path: Path, zookeeper: str
+) -> None:
+    """`--cluster DIR`: the commands go to the user's owner through discovery (two app
+    servers, so the owner is found, not assumed), and the restore is served at once."""
+    folder = str(tmp_path / "cluster")
+
+    async def scenario() -> None:
+        await asyncio.to_thread(
+            cli, "cluster", "up", "--cluster", folder, "--engine", "sqlite", "--cells", "1",
+            "--nodes", "2", "--session-timeout", "3",
+        )  # fmt: skip
+        try:
+            cluster = await connect_to_cluster(folder)
+            try:
+                await cluster.request(Op.FRIEND_ADD, {"user": 31, "friend": 32})
+                sent = await cluster.send(31, [32], "still here?")
+                assert len((await cluster.list_threads(32, "inbox"))["threads"]) == 1
+                await asyncio.sleep(0.05)
+                at = time.time()
+                await asyncio.sleep(0.05)
+                await cluster.delete(32, sent["thread_id"])
+                assert (await cluster.list_threads(32, "inbox"))["threads"] == []
+
+                def admin(*args: str) -> dict[str, Any]:
+                    out = cli("admin", *args, "--user", "32", "--cluster", folder, "--json")
+                    return json.loads(out)
+
+                shown = await asyncio.to_thread(admin, "show", "--at", str(at))
+                assert shown["messages"] == 1 and shown["folders"]["inbox"]["total"] == 1
+                done = await asyncio.to_thread(admin, "restore", "--at", str(at))
+                assert done["messages_restored"] == [sent["message_id"]]
+                trail = await asyncio.to_thread(admin, "history")
+                assert [e["action"] for e in trail["entries"]] == [
+                    "message_added", "thread_deleted", "message_added"
+                ]  # fmt: skip
+                assert trail["entries"][-1]["restore"]["at_seq"] == 1
+                inbox = await cluster.list_threads(32, "inbox")
+                assert [t["snippet"] for t in inbox["threads"]] == ["still here?"]
+            finally:
+                await cluster.close()
+        finally:
+            await asyncio.to_thread(cli, "cluster", "down", "--cluster", folder, "--grace", "10")
+
+    run(scenario, timeout=240)
