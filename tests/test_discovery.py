@@ -312,6 +312,69 @@ def test_the_cluster_client_routes_by_discovery_and_follows_not_owner(
         cluster.close()
 
 
+def test_the_cluster_client_follows_a_restarted_discovery_instance(
+    tmp_path: Path, zookeeper: str
+) -> None:
+    """A ring's version is counted by the discovery instance that answers, from 1 at its
+    start: the client kept the highest it had seen, so after discovery restarted it held a
+    killed node's address for good (found by the chaos soak)."""
+    cluster = Cluster(tmp_path, zookeeper)
+    try:
+        cluster.start("n1", "n2")
+
+        async def scenario() -> None:
+            process = await _discovery(cluster, tmp_path, cluster.store)
+            address = _address(process)
+            zk = await _session(zookeeper, cluster.chroot)
+            client = await ClusterClient.connect([address], cluster.key, request_timeout=20.0)
+            try:
+                for state in ("disabled", "enabled") * 4:  # the instance counts versions up
+                    await set_cell_record(zk, "c1", state=state)
+                    await _eventually(
+                        lambda s=state: process.service.cells.cells["c1"].view.cell_state == s,
+                        5,
+                        state,
+                    )
+                ring = await client.ring_of("c1", refresh=True)
+                assert ring.version >= 9
+                users = [u for u in range(1, 200) if ring.owner_address(u) == ring.addrs["n2"]]
+                await process.stop()
+                process = await _discovery_at(cluster, address)  # counts from 1 again
+                old = cluster.nodes["n2"].addr
+                cluster.nodes["n2"].kill()
+                (n2,) = await asyncio.to_thread(cluster.start, "n2")
+                assert n2.addr != old
+                for user in users[:5]:
+                    reply = await client.send(user, [users[-1]], "after", key=f"k{user}")
+                    assert not reply["duplicate"]
+                assert (await client.ring_of("c1")).addrs["n2"] == n2.addr
+            finally:
+                await client.close()
+                await process.stop()
+                await zk.close()
+
+        run(scenario, timeout=90.0)
+    finally:
+        cluster.close()
+
+
+async def _discovery_at(cluster: Cluster, address: str) -> DiscoveryProcess:
+    config = load_config(
+        env={},
+        overrides={
+            "data_dir": cluster.data,
+            "zookeeper": cluster.zookeeper,
+            "zookeeper_chroot": cluster.chroot,
+            "store": cluster.store,
+            "zookeeper_session_timeout_s": 5.0,
+        },
+    )
+    process = DiscoveryProcess(config)
+    host, _, port = address.rpartition(":")
+    await process.start(host, int(port))
+    return process
+
+
 def test_a_cluster_client_with_no_discovery_answering_raises_unavailable() -> None:
     async def scenario() -> None:
         client = ClusterClient(["127.0.0.1:1", "127.0.0.1:2"], "key", request_timeout=0.5)

@@ -230,11 +230,13 @@ class ClusterClient:
     async def _fetch_ring(self, cell: str) -> CellRing:
         self.figures["ring_fetches"] += 1
         reply = await self.discovery_request(Op.CELL_RING, {"cell": cell})
+        # The latest answer wins: a ring's version is counted by the discovery instance
+        # that answered (from 1 at its start), so it orders neither the rings of two
+        # instances nor those of one restarted; keeping the highest kept a dead node's
+        # address for good. Fetches of a cell are one at a time (`ring_of`), in order.
         ring = CellRing.from_reply(reply, asyncio.get_running_loop().time())
-        known = self._rings.get(cell)
-        if known is None or ring.version >= known.version:
-            self._rings[cell] = ring
-        return self._rings[cell]
+        self._rings[cell] = ring
+        return ring
 
     def _locate(self, user: int) -> str | None:
         cell = self._cells.get(user)
