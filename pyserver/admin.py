@@ -31,6 +31,7 @@ from pyserver.cluster.zk import digest_id
 from pyserver.discovery import move as discovery_move
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import Unauthenticated
+from pyserver.processes import blob_gc
 from pyserver.processes.cell import open_mailbox, open_store
 from pyserver.servicekey import (
     SERVICE_KEY_FILE,
@@ -285,4 +286,5 @@ def add_parser(
     admin_history.add_admin_actions(actions, default_data, user_id)
 
     discovery_move.add_admin_actions(actions)
+    blob_gc.add_admin_action(actions, default_data)
     return admin

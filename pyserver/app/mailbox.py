@@ -1012,6 +1012,16 @@ class Mailbox:
         """Regenerate the user's image from the log alone; report how the snapshot differs."""
         return await self._resident.rebuild(user_id)
 
+    async def blob_refs(self, user_id: int) -> set[str]:
+        """Every blob ref the user's messages reference (blob garbage collection keeps them)."""
+        image = await self._resident.read(user_id)
+        return {
+            ref
+            for message in image.messages.values()
+            if message.extra
+            for ref in blob_access.blob_refs(message.extra)
+        }
+
     async def export_log(self, user_id: int) -> list[dict[str, Any]]:
         """The user's whole log as JSON-able dicts, bodies included."""
         return await self._resident.export_log(user_id)

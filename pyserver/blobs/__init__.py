@@ -3,7 +3,8 @@
 Owns blob bytes at rest: `base` is the interface (content addressing, chunk
 checksums, streaming), `disk` the embedded engine under the cell's data folder,
 `hbase` the HBase engine (`blobs` table, chunked rows), `access` the rule of
-who may read a blob (a user with a message that references it). Calls nothing
+who may read a blob (a user with a message that references it), `gc` the garbage
+collection of blobs no message references. Calls nothing
 above it.
 
 May import: pyserver.errors, pyserver.store, pyserver.client, pyserver.endpoints,

@@ -10,6 +10,10 @@ chunk checksums and a trailer:
     trailer (24 bytes): magic b"PYBLOB\\x00\\x01" | size (u64 BE) | chunk size (u32 BE)
                         | CRC32C of (checksums + magic + size + chunk size) (u32 BE)
 
+A put of bytes already stored writes nothing but refreshes the file's time, which
+garbage collection (`pyserver.blobs.gc`) reads as "in use": `remove_if_stale` renames
+a blob into `<root>/gc` and checks its time again before removing it.
+
 File work runs on the store's own thread pool (hashing and I/O release the
 GIL), so the event loop never waits on the disk, and concurrent puts share the
 file system's journal commits.
@@ -20,12 +24,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import hashlib
 import os
+import secrets
 import struct
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,6 +47,7 @@ from pyserver.blobs.base import (
     BlobStore,
     check_range,
     check_ref,
+    is_ref,
     pieces_of,
 )
 from pyserver.errors import Unavailable
@@ -160,7 +167,7 @@ class _Writer:
         ref = self._digest.hexdigest()
         info = BlobInfo(ref, self.size)
         final = self._store.path_of(ref)
-        if self._store.holds(final, self.size):
+        if self._store.holds(final, self.size) and self._store.refresh(final):
             self.abort()
             return info
         table = struct.pack(f">{len(self._crcs)}I", *self._crcs)
@@ -268,6 +275,110 @@ class DiskBlobStore(BlobStore):
         blob.close()
         return blob.size == size
 
+    def refresh(self, path: Path) -> bool:
+        """Mark a stored blob as just written (its file's time is now), so a garbage
+        collection running now keeps it; False if it is gone (then it is written anew)."""
+        try:
+            os.utime(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    # ---- garbage collection (pyserver.blobs.gc runs it) ----
+
+    @property
+    def gc_dir(self) -> Path:
+        """Where a blob being removed waits for its last check."""
+        return self.root / "gc"
+
+    @contextlib.contextmanager
+    def gc_lock(self) -> Iterator[None]:
+        """Held by one garbage collection of this folder at a time (any process)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / "gc.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Unavailable(
+                    f"another blob garbage collection of {self.root} is running"
+                ) from None
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    async def blob_times(self) -> list[tuple[BlobInfo, float]]:
+        """Every stored blob (its ref and file size) with its file's time (seconds)."""
+        return await self._run(self._blob_times)
+
+    def _blob_times(self) -> list[tuple[BlobInfo, float]]:
+        found = []
+        for folder in self.root.iterdir():
+            if len(folder.name) != 2 or not folder.is_dir():
+                continue  # tmp, gc, gc.lock
+            for path in folder.iterdir():
+                if not is_ref(path.name) or path.name[:2] != folder.name:
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    status = path.stat()
+                    found.append((BlobInfo(path.name, status.st_size), status.st_mtime))
+        return found
+
+    async def remove_if_stale(self, ref: str, before: float) -> bool:
+        """Remove the blob if its time is still before `before` (seconds); whether it was.
+
+        A put of the same bytes refreshes the time (`refresh`). The blob is first renamed
+        aside, then its time checked again: a refresh that came before the rename shows
+        and the blob is put back; one after it finds no file and writes the blob anew.
+        So a blob refreshed at any moment is never lost.
+        """
+        check_ref(ref)
+        return await self._run(self._remove_if_stale, ref, before)
+
+    def _remove_if_stale(self, ref: str, before: float) -> bool:
+        path = self.path_of(ref)
+        try:
+            if path.stat().st_mtime >= before:
+                return False
+        except FileNotFoundError:
+            return False
+        self.gc_dir.mkdir(exist_ok=True)
+        aside = self.gc_dir / f"{ref}.{os.getpid()}.{secrets.token_hex(4)}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime >= before:  # refreshed just before the rename
+            self._put_back(aside, path)
+            return False
+        aside.unlink()
+        if self.durable:
+            _fsync_dir(path.parent)
+        return True
+
+    def _put_back(self, aside: Path, path: Path) -> None:
+        with contextlib.suppress(FileExistsError):  # written anew meanwhile: same bytes
+            os.link(aside, path)
+        aside.unlink()
+        if self.durable:
+            _fsync_dir(path.parent)
+
+    async def put_back_aside(self) -> int:
+        """Put back blobs a collection that died left renamed aside; how many."""
+        return await self._run(self._put_back_aside)
+
+    def _put_back_aside(self) -> int:
+        if not self.gc_dir.is_dir():
+            return 0
+        count = 0
+        for aside in self.gc_dir.iterdir():
+            ref = aside.name.split(".", 1)[0]
+            if is_ref(ref):
+                self.ensure_dir(self.path_of(ref).parent)
+                self._put_back(aside, self.path_of(ref))
+                count += 1
+        return count
+
     # ---- writing ----
 
     async def put(self, source: BlobSource) -> BlobInfo:
@@ -293,7 +404,8 @@ class DiskBlobStore(BlobStore):
     def _put_bytes(self, data: bytes) -> BlobInfo:
         # Whole bytes: hash first, and skip the write when the blob is stored already.
         ref = hashlib.sha256(data).hexdigest()
-        if self.holds(self.path_of(ref), len(data)):
+        path = self.path_of(ref)
+        if self.holds(path, len(data)) and self.refresh(path):
             return BlobInfo(ref, len(data))
         writer = _Writer(self)
         try:
