@@ -28,6 +28,7 @@ from pyserver.config import load_config
 from pyserver.discovery import cellcommand
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
+from pyserver.importer import command as import_command
 from pyserver.processes import dirty as dirty_process
 from pyserver.processes import discovery as discovery_process
 from pyserver.processes import imap as imap_process
@@ -341,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     tail.set_defaults(handler=_tail_handler)
 
     admin.add_parser(commands, DEFAULT_DATA, _user_id)
+    import_command.add_parser(commands, DEFAULT_DATA, _user_id)
     mta_process.add_parser(commands, DEFAULT_DATA)
     blob_command.add_parser(commands, DEFAULT_DATA, _user_id)
     node_process.add_parser(commands)

@@ -34,7 +34,7 @@ from pyserver.mta.senders import DnsLookup, check_dkim
 from pyserver.store.base import AddressStore
 from pyserver.wire.ops import Op
 
-__all__ = ["MailIntake", "MtaSettings"]
+__all__ = ["MailIntake", "MtaSettings", "store_mail"]
 
 log = logging.getLogger(__name__)
 
@@ -157,37 +157,7 @@ class MailIntake:
         return "451 4.4.1 A recipient's mailbox server could not be reached, try again later"
 
     async def _prepare(self, raw: bytes, mail_from: str | None) -> EmailObject:
-        """Raw message, attachments and a long body into the blob store; the email object.
-
-        The raw message is written while the message is parsed.
-        """
-        raw_put = asyncio.ensure_future(self._blobs.put(raw))
-        try:
-            if len(raw) >= self.settings.parse_in_thread_bytes:
-                # A big mail is parsed and its attachments decoded on a worker thread.
-                mail, decoded = await asyncio.to_thread(_parse_and_decode, raw)
-                blobs = await asyncio.gather(*(self._blobs.put(data) for data in decoded))
-            else:
-                mail = parse_mail(raw)
-                blobs = await asyncio.gather(
-                    *(self._blobs.put(a.pieces()) for a in mail.attachments)
-                )
-            text, body = await self._inline_text(mail)
-            raw_info = await raw_put
-        finally:
-            if not raw_put.done():
-                raw_put.cancel()
-            elif not raw_put.cancelled():
-                raw_put.exception()  # retrieved: a failure here is reported by the await
-        attachments = [StoredAttachment(a, b) for a, b in zip(mail.attachments, blobs, strict=True)]
-        return build_email(
-            mail,
-            raw=raw_info,
-            mail_from=mail_from,
-            text=text,
-            body=body,
-            attachments=attachments,
-        )
+        return await store_mail(raw, mail_from, self._blobs, self.settings)
 
     async def _settle_bounces(self, raw: bytes, mails: Iterable[tuple[int, str]]) -> str:
         """Record each failure a bounce reports on the mail it is about (OUTBOUND_SETTLE at
@@ -243,17 +213,6 @@ class MailIntake:
         log.info("unverified sender address=%r: %s", email.sender, proof.detail)
         return email.unverified(proof.detail)
 
-    async def _inline_text(self, mail: ParsedMail) -> tuple[str, BlobInfo | None]:
-        """The body as delivered inline, and the blob holding all of it when it is cut."""
-        limit = self.settings.mail_inline_text_bytes
-        if len(mail.text) * 4 <= limit:
-            return mail.text, None
-        encoded = mail.text.encode("utf-8")
-        if len(encoded) <= limit:
-            return mail.text, None
-        body = await self._blobs.put(encoded)
-        return encoded[:limit].decode("utf-8", "ignore"), body
-
     async def _participants(self, email: EmailObject, recipients: Mapping[str, int]) -> set[int]:
         """Users of the conversation: the envelope's recipients are each one's own; every
         copy lists the users the To and Cc headers name (so all copies share one thread)."""
@@ -277,6 +236,49 @@ class MailIntake:
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)
+
+
+async def store_mail(
+    raw: bytes, mail_from: str | None, blobs: BlobStore, settings: MtaSettings
+) -> EmailObject:
+    """Raw message, attachments and a long body into the blob store; the email object (what
+    the proxy does with every message it accepts, and `pyserver import` with every mail).
+
+    The raw message is written while the message is parsed.
+    """
+    raw_put = asyncio.ensure_future(blobs.put(raw))
+    try:
+        if len(raw) >= settings.parse_in_thread_bytes:
+            # A big mail is parsed and its attachments decoded on a worker thread.
+            mail, decoded = await asyncio.to_thread(_parse_and_decode, raw)
+            stored = await asyncio.gather(*(blobs.put(data) for data in decoded))
+        else:
+            mail = parse_mail(raw)
+            stored = await asyncio.gather(*(blobs.put(a.pieces()) for a in mail.attachments))
+        text, body = await _inline_text(mail, blobs, settings.mail_inline_text_bytes)
+        raw_info = await raw_put
+    finally:
+        if not raw_put.done():
+            raw_put.cancel()
+        elif not raw_put.cancelled():
+            raw_put.exception()  # retrieved: a failure here is reported by the await
+    attachments = [StoredAttachment(a, b) for a, b in zip(mail.attachments, stored, strict=True)]
+    return build_email(
+        mail, raw=raw_info, mail_from=mail_from, text=text, body=body, attachments=attachments
+    )
+
+
+async def _inline_text(
+    mail: ParsedMail, blobs: BlobStore, limit: int
+) -> tuple[str, BlobInfo | None]:
+    """The body as delivered inline, and the blob holding all of it when it is cut."""
+    if len(mail.text) * 4 <= limit:
+        return mail.text, None
+    encoded = mail.text.encode("utf-8")
+    if len(encoded) <= limit:
+        return mail.text, None
+    body = await blobs.put(encoded)
+    return encoded[:limit].decode("utf-8", "ignore"), body
 
 
 def _parse_and_decode(raw: bytes) -> tuple[ParsedMail, list[bytes]]:

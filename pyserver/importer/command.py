@@ -1,0 +1,114 @@
+"""`pyserver import mbox|maildir|jsonl|tree ...`: the command line of the import.
+
+Each sub-command plans its units (pyserver.importer.run), opens the cell's
+embedded store and blob store on `--data` (the folder `pyserver run` serves;
+it may be running: appends are compare-and-set) and runs the import with a
+checkpoint under `--data`/imports, so the same command run again after a crash
+or Ctrl-C resumes where it stopped. Progress goes to standard error; the
+report to standard output, as one JSON object on the last line with `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pyserver.blobs import BLOB_FOLDER, DiskBlobStore
+from pyserver.importer.checkpoint import Checkpoint, default_path
+from pyserver.importer.progress import progress_bar
+from pyserver.importer.run import ImportPlan, plan_jsonl, plan_mailbox, plan_tree, run_import
+from pyserver.processes.cell import open_store
+
+__all__ = ["add_parser"]
+
+
+def add_parser(commands: Any, default_data: Path, user_id: Callable[[str], int]) -> None:
+    """Add `import` and its sub-commands to the `pyserver` command line."""
+    parser = commands.add_parser(
+        "import", help="import existing history (mbox, Maildir, JSON lines)"
+    )
+    kinds = parser.add_subparsers(dest="kind", required=True, metavar="FORMAT")
+
+    def kind(name: str, help_text: str, source: str) -> argparse.ArgumentParser:
+        sub = kinds.add_parser(name, help=help_text)
+        sub.add_argument("source", type=Path, metavar=source)
+        sub.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
+        sub.add_argument("--json", action="store_true", help="the report as JSON, last line")
+        sub.add_argument("--jobs", type=int, default=8, help="users imported at once")
+        sub.add_argument("--checkpoint", type=Path, help="where to keep progress for resuming")
+        sub.add_argument("--quiet", action="store_true", help="no progress bar")
+        sub.set_defaults(handler=_run)
+        return sub
+
+    for name, text in (("mbox", "one user's mbox file"), ("maildir", "one user's Maildir")):
+        sub = kind(name, f"import {text}", "FILE" if name == "mbox" else "DIR")
+        sub.add_argument("--user", type=user_id, required=True, help="whose mailbox it is")
+        sub.add_argument(
+            "--address", action="append", default=[], help="an address of the user (repeatable)"
+        )
+    kind("jsonl", "import JSON lines of messages of any channel", "FILE")
+    tree = kind("tree", "import a folder of mbox files and Maildirs named by address", "DIR")
+    tree.add_argument("--map", type=Path, required=True, help="CSV of address,user rows")
+
+
+def _plan(args: argparse.Namespace) -> tuple[ImportPlan, list[str]]:
+    """The plan, and what names this import (for its checkpoint)."""
+    source = args.source
+    if args.kind in ("mbox", "maildir"):
+        plan = plan_mailbox(args.kind, source, args.user, args.address)
+        return plan, [args.kind, str(source.resolve()), str(args.user)]
+    if args.kind == "jsonl":
+        return plan_jsonl(source), ["jsonl", str(source.resolve())]
+    plan = plan_tree(source, args.map)
+    return plan, ["tree", str(source.resolve()), str(args.map.resolve())]
+
+
+def _run(args: argparse.Namespace) -> int:
+    if not args.source.exists():
+        print(f"pyserver: {args.source}: no such file or folder", file=sys.stderr)
+        return 2
+    try:
+        plan, what = _plan(args)
+    except (OSError, UnicodeDecodeError) as exc:
+        print(f"pyserver: cannot read the import's input: {exc}", file=sys.stderr)
+        return 2
+    args.data.mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint(args.checkpoint or default_path(args.data, what))
+    resumed = bool(checkpoint.done)
+    if resumed:
+        print(f"resuming: {len(checkpoint.done)} users done already", file=sys.stderr)
+    checkpoint.open()
+    completed = False
+    try:
+        with progress_bar(plan.total, quiet=args.quiet or not sys.stderr.isatty()) as advance:
+            report = asyncio.run(_import(args, plan, checkpoint, advance))
+        completed = True
+    except KeyboardInterrupt:
+        print("pyserver: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+    finally:
+        checkpoint.close(completed)
+    for item in report.rejected:
+        print(f"rejected {item.where}: {item.reason}", file=sys.stderr)
+    print(report.summary(), file=sys.stderr)
+    if args.json:
+        print(json.dumps(report.to_json(), ensure_ascii=False))
+    return 0
+
+
+async def _import(args: argparse.Namespace, plan: ImportPlan, checkpoint: Checkpoint, advance: Any):
+    blobs = DiskBlobStore(args.data / BLOB_FOLDER)
+    await blobs.open()
+    try:
+        async with open_store(args.data) as store:
+            return await run_import(
+                plan, store=store, blobs=blobs, checkpoint=checkpoint, jobs=args.jobs,
+                progress=advance,
+            )  # fmt: skip
+    finally:
+        await blobs.close()
