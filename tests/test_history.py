@@ -9,7 +9,7 @@ import asyncio
 import json
 import sqlite3
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,10 @@ from pyserver.client import Client
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import BadRequest, Forbidden
 from pyserver.servicekey import read_service_key
+from pyserver.store.hbase import HBaseStore
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
+from tests.hbase_namespaces import drop_made, fresh_namespace, wait_for_drops
 from tests.support import cli, run, run_cli, serve_cell
 
 # The clock the mailbox stamps entries with: one second per entry, from this moment.
@@ -48,8 +50,11 @@ class Clock:
 
 
 @asynccontextmanager
-async def opened(path: Path, **knobs: Any) -> AsyncIterator[tuple[Mailbox, SQLiteStore, Clock]]:
-    store = SQLiteStore(path / "cell.sqlite", synchronous="OFF")
+async def opened(
+    path: Path, store: Any = None, **knobs: Any
+) -> AsyncIterator[tuple[Mailbox, Any, Clock]]:
+    """A mailbox on `store` (default: SQLite under `path`) whose clock the test moves."""
+    store = store or SQLiteStore(path / "cell.sqlite", synchronous="OFF")
     await store.open()
     clock = Clock()
     mailbox = Mailbox(store, settings=MailboxSettings(**knobs), clock=clock)
@@ -67,12 +72,29 @@ async def opened(path: Path, **knobs: Any) -> AsyncIterator[tuple[Mailbox, SQLit
         await store.close()
 
 
+@pytest.fixture(scope="module")
+def _drop_hbase_tables() -> Iterator[None]:
+    yield
+    drop_made()
+    wait_for_drops()
+
+
+@pytest.fixture(params=["sqlite", "hbase"])
+def engine(request: pytest.FixtureRequest) -> Any:
+    """No store (the SQLite default), or one on HBase in a namespace of its own."""
+    if request.param == "sqlite":
+        return None
+    request.getfixturevalue("_drop_hbase_tables")
+    host, port = request.getfixturevalue("hbase_thrift")
+    return HBaseStore(host, port, namespace=fresh_namespace(host, port, "history"))
+
+
 async def send(m: Mailbox, sender: int, recipients: list[int], text: str) -> dict[str, Any]:
     payload = {"sender": sender, "recipients": recipients, "text": text, "channel": "chat"}
     return await m.execute(Op.SEND, payload)
 
 
-async def replayed(store: SQLiteStore, user: int, until: int) -> UserImage:
+async def replayed(store: Any, user: int, until: int) -> UserImage:
     """The image of the log's first `until` entries, replayed from empty (the reference)."""
     image = UserImage()
     for seq, record in await store.read_log(user, 0, until):
@@ -222,10 +244,10 @@ def test_show_refuses_a_time_before_what_a_compacted_log_keeps(tmp_path: Path) -
 
 
 def test_a_restore_appends_what_brings_the_mailbox_back_to_a_replay_of_that_time(
-    tmp_path: Path,
+    tmp_path: Path, engine: Any
 ) -> None:
     async def go() -> None:
-        async with opened(tmp_path) as (m, store, _):
+        async with opened(tmp_path, engine) as (m, store, _):
             sent = await scenario(m)
             at = T0 + 5 * SECOND  # after the mark, before what follows
             a, b, c = (sent[k]["thread_id"] for k in "abc")
@@ -255,6 +277,8 @@ def test_a_restore_appends_what_brings_the_mailbox_back_to_a_replay_of_that_time
             # the restored messages keep their own date and text
             restored = now.messages[sent["b"]["message_id"]]
             assert restored.ts == T0 + 3 * SECOND and restored.text == "the report is late"
+            found = await m.execute(Op.SEARCH, {"user": 2, "query": "report late"})
+            assert [f["message_id"] for f in found["messages"]] == [sent["b"]["message_id"]]
             # the log says the same from scratch, and the snapshot path agrees
             assert (await m.rebuild(2))["differences"] == []
             assert await replayed(store, 2, await store.last_seq(2)) == now
@@ -270,6 +294,33 @@ def test_a_restore_appends_what_brings_the_mailbox_back_to_a_replay_of_that_time
             # nothing left to do: a second restore writes nothing
             again = await m.execute(Op.RESTORE, {"user": 2, "at": str(at / SECOND)})
             assert again["entries"] == 0 and await store.last_seq(2) == report["last_seq"]
+
+    run(go, timeout=120)
+
+
+def test_a_thread_deleted_then_written_to_again_gets_its_old_messages_back(
+    tmp_path: Path,
+) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, store, clock):
+            await m.execute(Op.FRIEND_ADD, {"user": 1, "friend": 2})
+            first = await send(m, 1, [2], "one")
+            second = await send(m, 1, [2], "two")
+            at = clock.now
+            thread = first["thread_id"]
+            await m.execute(Op.DELETE, {"user": 2, "thread_id": thread})
+            third = await send(m, 1, [2], "three")  # the same thread, made anew
+            assert third["thread_id"] == thread
+            await m.execute(Op.MOVE, {"user": 2, "thread_id": thread, "folder": "archived"})
+            report = await m.execute(Op.RESTORE, {"user": 2, "at": at / SECOND})
+            assert report["threads_moved"] == [thread]
+            assert report["messages_restored"] == [first["message_id"], second["message_id"]]
+            now = await m._resident.read(2)
+            past = await history.image_at(store, 2, at)
+            view = history.restorable_view(now)
+            assert view[thread]["messages"].pop(third["message_id"])["text"] == "three"
+            assert view == history.restorable_view(past.image)
+            assert view[thread]["folder"] == "inbox"
 
     run(go)
 

@@ -41,6 +41,7 @@ import orjson
 
 from pyserver import logcodec
 from pyserver.app.image import FOLDERS, LogCorrupt, Message, UserImage
+from pyserver.app.indexer import search_terms
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest
 from pyserver.store.base import LogStore
@@ -499,8 +500,8 @@ async def restore_change(
     current: UserImage,
     by: str,
     now_us: int,
-) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], dict[str, Any]]:
-    """(entries, bodies, report) of a restore of `current` to the mailbox at `at_us`.
+) -> tuple[list[dict[str, Any]], dict[str, dict[str, Any]], list[tuple[str, str]], dict[str, Any]]:
+    """(entries, bodies, terms, report) of a restore of `current` to the mailbox at `at_us`.
 
     `bodies` are what the append writes to the `m` family: the restored messages'
     stored bodies (written again as they are) and the `RESTORES_KEY` row with this
@@ -525,13 +526,17 @@ async def restore_change(
         "entries": len(entries),
     }
     if not entries:
-        return [], {}, report
+        return [], {}, [], report
     added = [e for e in entries if e["action"] == "message_added"]
     stored = await _bodies(store, user_id, (e["body_ref"] for e in added))
     bodies: dict[str, dict[str, Any]] = {}
+    terms: list[tuple[str, str]] = []
     outbound: set[str] = set()
     for entry in added:
         body = stored.get(entry["body_ref"])
+        text = body.get("text") if body is not None else None
+        words = search_terms(entry["subject"], text if isinstance(text, str) else entry["snippet"])
+        terms.extend((word, entry["message_id"]) for word in words)
         if body is None:
             report["missing_bodies"].append(entry["message_id"])
             continue
@@ -576,4 +581,4 @@ async def restore_change(
     report["last_seq"] = record["last_seq"]
     known = await restores(store, user_id)
     bodies[RESTORES_KEY] = {"restores": [*known, record]}
-    return entries, bodies, report
+    return entries, bodies, terms, report

@@ -896,10 +896,10 @@ class Mailbox:
         by = _text(p, "by", self._settings.max_field_bytes, default="")
 
         async def decide(image: UserImage) -> Change:
-            entries, bodies, report = await history.restore_change(
+            entries, bodies, terms, report = await history.restore_change(
                 self._store, self._blobs, user, at, image, by, _now_us()
             )
-            return Change(entries=entries, bodies=bodies, result=report)
+            return Change(entries=entries, bodies=bodies, terms=terms, result=report)
 
         change, image = await self._resident.update(user, decide)
         return {**change.result, "seq": image.seq}
