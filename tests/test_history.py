@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -20,6 +21,7 @@ from pyserver import logcodec
 from pyserver.app import history
 from pyserver.app.image import UserImage
 from pyserver.app.mailbox import Mailbox, MailboxSettings
+from pyserver.blobs.disk import DiskBlobStore
 from pyserver.client import Client
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import BadRequest, Forbidden
@@ -321,6 +323,54 @@ def test_a_thread_deleted_then_written_to_again_gets_its_old_messages_back(
             assert view[thread]["messages"].pop(third["message_id"])["text"] == "three"
             assert view == history.restorable_view(past.image)
             assert view[thread]["folder"] == "inbox"
+
+    run(go)
+
+
+def test_a_restore_keeps_the_blobs_still_there_and_names_those_gone(tmp_path: Path) -> None:
+    """A deleted message's blobs may be collected (`admin blob-gc`); a restore stores the
+    ones still there again (their time refreshed, as any writer does) and names the rest."""
+
+    async def go() -> None:
+        blobs = DiskBlobStore(tmp_path / "blobs", durable=False)
+        await blobs.open()
+        store = SQLiteStore(tmp_path / "cell.sqlite", synchronous="OFF")
+        await store.open()
+        mailbox = Mailbox(store, blobs=blobs)
+        try:
+            kept = await blobs.put(b"the slides" * 100)
+            lost = await blobs.put(b"the budget" * 100)
+            sent = {}
+            for sender, name, info in ((8, "kept", kept), (10, "lost", lost)):
+                sent[name] = await mailbox.execute(Op.SEND, {
+                    "sender": sender, "recipients": [9], "text": f"{name} file",
+                    "channel": "email",
+                    "attachments": [{"ref": info.ref, "name": name, "size": info.size}],
+                })  # fmt: skip
+            await asyncio.sleep(0.01)
+            at = time.time()
+            await asyncio.sleep(0.01)
+            for name in sent:
+                await mailbox.execute(Op.DELETE, {"user": 9, "thread_id": sent[name]["thread_id"]})
+            week_ago = time.time() - 7 * 86_400
+            os.utime(blobs.path_of(kept.ref), (week_ago, week_ago))
+            assert await blobs.remove_if_stale(lost.ref, time.time())  # collected
+            report = await mailbox.execute(Op.RESTORE, {"user": 9, "at": at})
+            assert report["messages_restored"] == [sent[n]["message_id"] for n in ("kept", "lost")]
+            assert report["missing_blobs"] == [
+                {"message_id": sent["lost"]["message_id"], "ref": lost.ref}
+            ]
+            assert os.stat(blobs.path_of(kept.ref)).st_mtime > time.time() - 60, "refreshed"
+            # the restored message's attachment reads again
+            message_id = sent["kept"]["message_id"]
+            reply = await mailbox.execute(
+                Op.GET_BLOB, {"user": 9, "ref": kept.ref, "message_id": message_id}
+            )
+            assert reply["size"] == kept.size
+        finally:
+            await mailbox.close()
+            await store.close()
+            await blobs.close()
 
     run(go)
 

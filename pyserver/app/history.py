@@ -24,7 +24,7 @@ holds every state the mailbox has been in. This module owns three readings of it
    message keeps its own date); which entries a restore wrote is recorded in the
    same atomic append, in the user's `m` row `RESTORES_KEY`.
 
-Calls the store's log, snapshot and `m` reads, the blob store's `stat`, the image
+Calls the store's log, snapshot and `m` reads, the blob store (stat, read, put), the image
 and the log codec; nothing above it (the mailbox calls it).
 """
 
@@ -42,8 +42,9 @@ import orjson
 from pyserver import logcodec
 from pyserver.app.image import FOLDERS, LogCorrupt, Message, UserImage
 from pyserver.app.indexer import search_terms
+from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
-from pyserver.errors import BadRequest
+from pyserver.errors import BadRequest, PyserverError
 from pyserver.store.base import LogStore
 
 __all__ = [
@@ -492,6 +493,20 @@ async def _settlements(
     return found
 
 
+async def _keep_blob(blobs: BlobStore | None, ref: str) -> bool:
+    """Whether a restored message's blob is still there; if so it is stored again (its
+    bytes, read back), which refreshes its time as any writer of a message does before
+    committing it, so a blob collection under way cannot take it (docs/operations.md)."""
+    if blobs is None:
+        return False
+    try:
+        if await blobs.stat(ref) is None:
+            return False
+        return (await blobs.put(blobs.read(ref))).ref == ref
+    except PyserverError:  # gone meanwhile, or corrupt
+        return False
+
+
 async def restore_change(
     store: LogStore,
     blobs: BlobStore | None,
@@ -506,8 +521,9 @@ async def restore_change(
     `bodies` are what the append writes to the `m` family: the restored messages'
     stored bodies (written again as they are) and the `RESTORES_KEY` row with this
     restore added (when there are entries). A message whose body the store lost
-    comes back with its snippet as its text; attachments whose blob is gone are
-    named in the report. A restored mail to outside addresses is never sent
+    comes back with its snippet as its text; blobs (attachments, a long body, the raw
+    mail) that are gone are named in the report, and those still there are stored
+    again first. A restored mail to outside addresses is never sent
     again: each address gets its latest settlement from the log, and one never
     settled is settled `failed` (the mail was deleted before it went out).
     """
@@ -545,9 +561,8 @@ async def restore_change(
         extra = body.get("extra") if isinstance(body.get("extra"), dict) else {}
         if extra.get("outbound"):
             outbound.add(entry["message_id"])
-        for file in extra.get("attachments") or ():
-            ref = file.get("ref") if isinstance(file, dict) else None
-            if isinstance(ref, str) and (blobs is None or await blobs.stat(ref) is None):
+        for ref in blob_access.blob_refs(extra):
+            if ref and not await _keep_blob(blobs, ref):
                 report["missing_blobs"].append({"message_id": entry["message_id"], "ref": ref})
     settled = await _settlements(store, user_id, 0, outbound)
     for message_id in sorted(outbound, key=plan.messages.index):
