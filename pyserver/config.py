@@ -89,7 +89,8 @@ class Config:
     # folder for new threads when the user index cannot answer
     default_folder: str = "inbox"
     log_level: str = "INFO"
-    # the user index service, "host:port"; empty: the cell's own index, in-process
+    # the user index service, "host:port" (or its instances, "host:port,host:port", tried
+    # in turn); empty: the cell's own index, in-process
     userindex_addr: str = ""
     # memcached of each data centre, for the unread-count caches:
     # "east=HOST:PORT,west=HOST:PORT[+HOST:PORT]"; empty: no count caches, no dirty reports
@@ -416,7 +417,9 @@ def _check_services(config: Config) -> None:
     for name in ("userindex_addr", "dirty_addr", "relay_addr", "sms_gateway_addr"):
         address = getattr(config, name)
         try:
-            if address:
+            if address and name == "userindex_addr":
+                parse_addresses(address)
+            elif address:
                 parse_host_port(address)
         except ValueError as exc:
             raise ConfigError(f"config {name}: {exc}") from None

@@ -1,11 +1,14 @@
 """`LocalUserIndex`: the user index on the store's own social table (the embedded default).
 
 Owns a small LRU of hot users' friend sets, dropped for both users whenever a
-friendship changes through it. Calls only the store.
+friendship changes through it, and, with `cache_ttl_s`, after that many seconds: when
+several instances share one store (the user index service on HBase), a change made
+through one reaches the others' answers within that time. Calls only the store.
 """
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 
 from pyserver.errors import BadRequest
@@ -18,17 +21,23 @@ __all__ = ["LocalUserIndex"]
 class LocalUserIndex:
     """`pyserver.userindex.UserIndex` on the store's friends, add_friend and remove_friend.
 
-    A friendship changed by another process reaches this cache only when the
-    entry ages out; the cell's own index is the one that changes friendships.
+    A friendship changed by another process reaches this cache only when the entry
+    ages out: after `cache_ttl_s` seconds if given, else once pushed out of the LRU (the
+    cell's own index, the only one that changes friendships).
     """
 
-    def __init__(self, store: SocialStore, cache_users: int = 10_000) -> None:
+    def __init__(
+        self, store: SocialStore, cache_users: int = 10_000, cache_ttl_s: float | None = None
+    ) -> None:
         if cache_users < 1:
             raise ValueError("cache_users must be at least 1")
+        if cache_ttl_s is not None and cache_ttl_s < 0:
+            raise ValueError("cache_ttl_s must be >= 0")
         self._store = store
         self._cache_users = cache_users
-        # user id -> that user's friends, least recently used first
-        self._friends: OrderedDict[int, frozenset[int]] = OrderedDict()
+        self._cache_ttl_s = cache_ttl_s
+        # user id -> (that user's friends, when they were read), least recently used first
+        self._friends: OrderedDict[int, tuple[frozenset[int], float]] = OrderedDict()
         self.hits = 0
         self.misses = 0
 
@@ -45,13 +54,17 @@ class LocalUserIndex:
     async def friends(self, user_id: int) -> frozenset[int]:
         """The user's friends (from the cache when hot)."""
         cached = self._friends.get(user_id)
-        if cached is not None:
+        now = time.monotonic()
+        if cached is not None and (
+            self._cache_ttl_s is None or now - cached[1] < self._cache_ttl_s
+        ):
             self._friends.move_to_end(user_id)
             self.hits += 1
-            return cached
+            return cached[0]
         self.misses += 1
         friends = frozenset(await self._store.friends(user_id))
-        self._friends[user_id] = friends
+        self._friends[user_id] = (friends, now)
+        self._friends.move_to_end(user_id)
         if len(self._friends) > self._cache_users:
             self._friends.popitem(last=False)
         return friends
