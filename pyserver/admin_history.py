@@ -196,6 +196,22 @@ def _run(work: Callable[[argparse.Namespace], Awaitable[int]]) -> Callable[..., 
     return handler
 
 
+def _count(text: str) -> int:
+    """A positive whole number (argparse type)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seq(text: str) -> int:
+    """A log sequence number, 0 or more (argparse type)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
+    return value
+
+
 def add_admin_actions(actions: Any, default_data: Path, user_id: Callable[[str], int]) -> None:
     """Add `history`, `show` and `restore` to `pyserver admin`."""
 
@@ -209,13 +225,13 @@ def add_admin_actions(actions: Any, default_data: Path, user_id: Callable[[str],
         return sub
 
     trail = action("history", "a user's log as an audit trail", _history)
-    trail.add_argument("--after", type=int, default=0, help="only entries after this seq")
-    trail.add_argument("--limit", type=int, help="at most this many entries")
+    trail.add_argument("--after", type=_seq, default=0, help="only entries after this seq")
+    trail.add_argument("--limit", type=_count, help="at most this many entries")
     at_help = "ISO 8601 (UTC unless a zone is given) or unix seconds"
     shown = action("show", "a user's threads and counts as they were at a time", _show)
     shown.add_argument("--at", required=True, help=at_help)
     shown.add_argument(
-        "--limit", type=int, default=history.SHOW_THREADS[0], help="threads shown per folder"
+        "--limit", type=_count, default=history.SHOW_THREADS[0], help="threads shown per folder"
     )
     restore = action("restore", "bring a user's mailbox back to its state at a time", _restore)
     restore.add_argument("--at", required=True, help=at_help)

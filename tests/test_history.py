@@ -15,6 +15,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from pyserver import logcodec
@@ -171,6 +172,31 @@ def test_the_history_lists_every_entry_in_words_with_its_time_and_channel(
             assert [i["seq"] for i in reply["entries"]] == [5] and reply["next"] == 5
             with pytest.raises(BadRequest):
                 await m.execute(Op.HISTORY, {"user": 2, "after": -1})
+
+    run(go)
+
+
+def test_a_history_page_and_a_show_stay_well_inside_a_frame(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, _store, clock):
+            for n in range(150):
+                subject = f"{n} " + "s" * 4000
+                payload = {"sender": 100 + n, "recipients": [2], "text": "x", "subject": subject}
+                await m.execute(Op.SEND, {**payload, "channel": "email"})
+            seen: list[int] = []
+            after, pages = 0, 0
+            while after is not None:
+                page = await m.execute(Op.HISTORY, {"user": 2, "after": after, "limit": 1000})
+                assert len(orjson.dumps(page)) <= history.REPLY_BUDGET + 16_384
+                seen += [item["seq"] for item in page["entries"]]
+                after, pages = page["next"], pages + 1
+            assert seen == list(range(1, 151)) and pages > 1
+            shown = await m.execute(Op.SHOW_AT, {"user": 2, "at": clock.now / SECOND,
+                                                 "limit": 500})  # fmt: skip
+            assert len(orjson.dumps(shown)) <= history.REPLY_BUDGET + 16_384
+            listed = sum(len(f["threads"]) for f in shown["folders"].values())
+            assert 0 < listed < 150 and shown["threads"] == 150
+            assert any(f["more"] for f in shown["folders"].values())
 
     run(go)
 

@@ -69,6 +69,9 @@ RESTORES_KEY = "~restores"
 _PAGE = 1_000
 HISTORY_PAGE = (200, 1_000)
 SHOW_THREADS = (50, 500)
+# The bytes of entries or threads one reply carries at most (a frame holds 1 MiB by
+# default); a page that reaches it ends early, and `next` or `more` says so.
+REPLY_BUDGET = 512 << 10
 _UNIX = re.compile(r"^\d+(\.\d+)?$")
 # The largest time a u64 microsecond count holds.
 _MAX_US = (1 << 64) - 1
@@ -236,31 +239,33 @@ async def read_history(
     for the next page (None at the end).
     """
     known = await restores(store, user_id)
-    items = []
+    items: list[dict[str, Any]] = []
+    size = 0
     pages = await _entries(store, user_id, after, after + limit)
-    for entries in pages:
-        for entry in entries:
-            fields = {k: v for k, v in entry.items() if k not in ("seq", "ts", "action")}
-            restore = _restore_of(entry["seq"], known)
-            items.append(
-                {
-                    "seq": entry["seq"],
-                    "ts": entry["ts"],
-                    "time": format_time(entry["ts"]),
-                    "action": entry["action"],
-                    "channel": entry.get("channel"),
-                    "what": describe(entry),
-                    "fields": fields,
-                    "restore": None
-                    if restore is None
-                    else {
-                        "at": format_time(restore["at"]),
-                        "at_seq": restore["at_seq"],
-                        "time": format_time(restore["ts"]),
-                        "by": restore.get("by", ""),
-                    },
-                }
-            )
+    for entry in (entry for page in pages for entry in page):
+        fields = {k: v for k, v in entry.items() if k not in ("seq", "ts", "action")}
+        restore = _restore_of(entry["seq"], known)
+        item = {
+            "seq": entry["seq"],
+            "ts": entry["ts"],
+            "time": format_time(entry["ts"]),
+            "action": entry["action"],
+            "channel": entry.get("channel"),
+            "what": describe(entry),
+            "fields": fields,
+            "restore": None
+            if restore is None
+            else {
+                "at": format_time(restore["at"]),
+                "at_seq": restore["at_seq"],
+                "time": format_time(restore["ts"]),
+                "by": restore.get("by", ""),
+            },
+        }
+        size += len(orjson.dumps(item))
+        if items and size > REPLY_BUDGET:
+            break  # the rest on the next page: a reply stays well inside a frame
+        items.append(item)
     last_seq = await store.last_seq(user_id)
     end = items[-1]["seq"] if items else after
     return {
@@ -345,10 +350,19 @@ def show(past: Past, limit: int = SHOW_THREADS[0]) -> dict[str, Any]:
     """What `admin show` prints: counts and each folder's newest threads at that time."""
     image = past.image
     folders = {}
+    size = 0
     for folder in FOLDERS:
         threads, more = image.newest_threads(folder, limit)
+        summaries = []
+        for thread in threads:
+            summary = thread.to_summary()
+            size += len(orjson.dumps(summary))
+            if size > REPLY_BUDGET:
+                more = True  # the reply stays well inside a frame
+                break
+            summaries.append(summary)
         folders[folder] = {
-            "threads": [thread.to_summary() for thread in threads],
+            "threads": summaries,
             "total": sum(1 for t in image.threads.values() if t.folder == folder),
             "more": more,
         }
