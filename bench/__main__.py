@@ -6,6 +6,8 @@
 `cluster`: a 3-node HBase cell against one SQLite node; failover and join times.
 `web`: live chat through the web tier with 1,000 pages connected, against direct SENDs.
 `sms`: texts in and out through the SMS gateway against a simulated SMSC.
+`import`: history imported into a single node, alone and beside live load; `corpus`
+writes the mailboxes it imports (`python -m bench corpus --help`).
 Each prints one JSON object with --json. Every figure of a run is measured in that run.
 The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
@@ -63,19 +65,26 @@ def _print_table(results: dict[str, object]) -> None:
 
 
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
-SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms", "imap")
+SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms", "imap", "import")
+# Suites whose module is named otherwise (`import` is a Python keyword).
+MODULE_OF = {"import": "importer"}
 
 
 def _suite(name: str, tls: bool = False) -> Callable[[bool], dict[str, object]]:
     if name == "micro":
         return _micro
-    module = importlib.import_module(f"bench.{name}")
+    module = importlib.import_module(f"bench.{MODULE_OF.get(name, name)}")
     if tls:  # only the suites that can run over TLS take it
         return lambda quick: module.run(quick=quick, tls=True)
     return lambda quick: module.run(quick=quick)
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["corpus"]:  # a generator, not a measurement
+        from bench import corpus
+
+        return corpus.main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("suite", choices=("micro", *SUITE_MODULES))
     parser.add_argument("--json", action="store_true", help="print one JSON object")

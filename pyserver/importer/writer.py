@@ -112,7 +112,9 @@ class UserWriter:
                         if attempt + 1 == _ATTEMPTS:
                             raise
                         continue
-                    if image.seq - image.snapshot_seq >= self._snapshot_every:
+                    if plan.last_seq - image.snapshot_seq >= self._snapshot_every:
+                        for entry, body in zip(plan.entries, plan.body_dicts, strict=True):
+                            image.apply(entry, body)
                         await self._store.write_snapshot(user, image.seq, image.to_snapshot())
                 written.added += len(plan.entries)
                 written.skipped += len(batch) - len(plan.entries)
@@ -126,11 +128,14 @@ class _Plan:
     entries: list[dict[str, Any]]
     records: list[bytes]
     bodies: dict[str, bytes]
+    body_dicts: list[dict[str, Any]]
     bytes: int
+    last_seq: int
 
 
 def _plan(user: int, image: UserImage, batch: Sequence[ImportRecord]) -> _Plan:
-    """The entries of the batch's new records, applied to `image` as they are made."""
+    """The entries of the batch's new records, to follow the image's last entry (the image
+    is left as it is: it gets them only if a snapshot is written)."""
     answered = _answered(image)
     fresh: list[tuple[ImportRecord, str, str]] = []  # (record, message id, thread id)
     seen: set[str] = set()
@@ -152,10 +157,10 @@ def _plan(user: int, image: UserImage, batch: Sequence[ImportRecord]) -> _Plan:
             answered.setdefault(header, thread_id)
         fresh.append((record, message_id, thread_id))
     folders = _folders(user, image, fresh)
-    plan = _Plan([], [], {}, 0)
+    plan = _Plan([], [], {}, [], 0, image.seq)
     for record, message_id, thread_id in fresh:
         entry = {
-            "seq": image.seq + 1,
+            "seq": plan.last_seq + 1,
             "ts": max(record.ts, 1),
             "action": "message_added",
             "message_id": message_id,
@@ -173,8 +178,9 @@ def _plan(user: int, image: UserImage, batch: Sequence[ImportRecord]) -> _Plan:
         body = {"text": record.text, "from": record.sender_address, "extra": record.extra}
         plan.records.append(logcodec.encode(entry))
         plan.bodies[message_id] = orjson.dumps(body)
-        image.apply(entry, body)
+        plan.body_dicts.append(body)
         plan.entries.append(entry)
+        plan.last_seq += 1
         plan.bytes += record.size
     return plan
 

@@ -1,0 +1,160 @@
+"""`python -m bench import [--json] [--quick]`: importing history into a single node, beside
+live traffic.
+
+In one run, on the embedded store, with a corpus from `bench.corpus` (seeded):
+
+* **import alone**: `pyserver import jsonl` of 10,000 users x about 100 messages
+  (about 1,000,000 mailbox messages; `--quick`: 200 x 20) into a fresh data
+  folder, timed from the command's start to its end (process start-up and the
+  file's scan included): `import_msgs_per_s`; then `pyserver import tree` of a
+  smaller corpus of mbox files (mail parsed by the MTA's code, bodies and
+  attachments to the blob store): `import_mail_msgs_per_s`.
+* **beside live load**: a cell (`pyserver run`) serves a live user whose
+  COUNTS a load generator (`bench.loadgen`, 4 connections, one request in
+  flight each) reads for a few seconds alone, then again while `pyserver import
+  jsonl` writes a fifth of the corpus into the same cell's store:
+  `live_p99_ratio` is the p99 during the import over the p99 without it (the
+  load's p99 alone, measured in the same run, is its ceiling).
+
+Targets (issue 14): `import_msgs_per_s` at least 20,000; `live_p99_ratio` at most 2.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.corpus import generate
+from bench.listeners import start_cell, stop_process
+
+LIVE_USER = 1_000_000_001
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
+
+
+def _import(args: list[str], data: Path) -> tuple[dict[str, Any], float]:
+    """`pyserver import ARGS --data DATA --json`: its report and its wall time."""
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-m", "pyserver.cli", "import", *args, "--data", str(data), "--json",
+         "--quiet"],
+        env=_env(), capture_output=True, text=True, timeout=3600,
+    )  # fmt: skip
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"bench: pyserver import failed: {done.stderr[-2000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1]), seconds
+
+
+def _loadgen(port: int, key: str, seconds: float) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.loadgen", "--port", str(port), "--key", key, "--op",
+         "counts", "--user", str(LIVE_USER), "--conns", "4", "--pipeline", "1",
+         "--seconds", str(seconds), "--warmup", "0.3"],
+        env=_env(), capture_output=True, text=True, check=True, timeout=120,
+    )  # fmt: skip
+    return json.loads(out.stdout)
+
+
+async def _seed_live_user(host: str, port: int, key: str) -> None:
+    from pyserver.client import Client
+
+    async with await Client.connect(host, port, service_key=key) as client:
+        for n in range(20):
+            await client.send(LIVE_USER + 1, [LIVE_USER], f"live message {n}")
+        await client.counts(LIVE_USER)
+
+
+def _alone(root: Path, users: int, per_user: int) -> dict[str, Any]:
+    corpus = generate(root / "corpus", users, per_user, seed=14, formats=("jsonl",))
+    report, seconds = _import(["jsonl", corpus.paths["jsonl"]], root / "alone")
+    if report["messages"] != corpus.copies or report["rejected_count"]:
+        raise RuntimeError(f"bench: the import lost messages: {report} vs {corpus.copies}")
+    return {
+        "users": users,
+        "messages": report["messages"],
+        "bytes": report["bytes"],
+        "seconds": round(seconds, 2),
+        "import_msgs_per_s": round(report["messages"] / seconds),
+    }
+
+
+def _mail(root: Path, users: int, per_user: int) -> dict[str, Any]:
+    corpus = generate(root / "mail", users, per_user, seed=15, formats=("mbox",))
+    report, seconds = _import(
+        ["tree", corpus.paths["mbox"], "--map", corpus.paths["map"]], root / "mail-data"
+    )
+    return {
+        "users": report["users"],
+        "messages": report["messages"],
+        "bytes": report["bytes"],
+        "seconds": round(seconds, 2),
+        "import_mail_msgs_per_s": round(report["messages"] / seconds),
+    }
+
+
+def _beside_live(root: Path, users: int, per_user: int, window_s: float) -> dict[str, Any]:
+    from pyserver.servicekey import read_service_key
+
+    corpus = generate(root / "live-corpus", users, per_user, seed=16, formats=("jsonl",))
+    data = root / "live"
+    data.mkdir()
+    proc, ready = start_cell(data)
+    try:
+        server = ready["server"]
+        key = read_service_key(data)
+        asyncio.run(_seed_live_user(server["host"], server["port"], key))
+        alone = _loadgen(server["port"], key, window_s)
+        importer = subprocess.Popen(
+            [sys.executable, "-m", "pyserver.cli", "import", "jsonl", corpus.paths["jsonl"],
+             "--data", str(data), "--json", "--quiet"],
+            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        started = time.perf_counter()
+        time.sleep(1.0)  # past the scan of the file: the import is writing
+        during = _loadgen(server["port"], key, window_s)
+        outlasted = importer.poll() is None
+        out, errors = importer.communicate(timeout=3600)
+        seconds = time.perf_counter() - started
+        if importer.returncode != 0:
+            raise RuntimeError(f"bench: the import beside the load failed: {errors[-2000:]}")
+        report = json.loads(out.strip().splitlines()[-1])
+    finally:
+        stop_process(proc)
+    return {
+        "messages": report["messages"],
+        "seconds": round(seconds, 2),
+        "import_beside_live_msgs_per_s": round(report["messages"] / seconds),
+        "counts_alone": {k: alone[k] for k in ("ops_per_s", "p50_ms", "p99_ms", "errors")},
+        "counts_during_import": {k: during[k] for k in ("ops_per_s", "p50_ms", "p99_ms", "errors")},
+        "import_outlasted_the_load": outlasted,
+        "live_p99_ratio": round(during["p99_ms"] / alone["p99_ms"], 2) if alone["p99_ms"] else None,
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    users, per_user = (200, 20) if quick else (10_000, 100)
+    mail_users = 40 if quick else 400
+    with tempfile.TemporaryDirectory(prefix="bench-import-") as tmp:
+        root = Path(tmp)
+        alone = _alone(root, users, per_user)
+        mail = _mail(root, mail_users, 20)
+        live = _beside_live(root, max(50, users // 5), per_user, 2.0 if quick else 5.0)
+    return {
+        "import_msgs_per_s": alone["import_msgs_per_s"],
+        "import_mail_msgs_per_s": mail["import_mail_msgs_per_s"],
+        "live_p99_ratio": live["live_p99_ratio"],
+        "jsonl_alone": alone,
+        "mbox_tree_alone": mail,
+        "beside_live": live,
+        "targets": {"import_msgs_per_s": 20_000, "live_p99_ratio": 2.0},
+    }
