@@ -731,10 +731,16 @@ def test_the_mail_benchmark_prints_its_figures() -> None:
         capture_output=True, text=True, check=True, timeout=300,
     ).stdout  # fmt: skip
     results = json.loads(out)
-    for key in ("smtp_small_per_s", "deliver_small_per_s", "smtp_1mb_per_s", "deliver_1mb_per_s"):
+    for key in ("smtplib_small_per_s", "deliver_small_per_s", "smtplib_1mb_per_s",
+                "deliver_1mb_per_s", "smtp_small_per_s", "aiosmtpd_sink_small_per_s",
+                "smtp_sink_small_per_s", "smtp_1mb_per_s", "aiosmtpd_sink_1mb_per_s",
+                "smtp_sink_1mb_per_s"):  # fmt: skip
         assert results[key] > 0, key
     assert results["mb_cost_ratio"] == pytest.approx(
-        results["smtp_small_per_s"] / results["smtp_1mb_per_s"], rel=0.05
+        results["smtplib_small_per_s"] / results["smtplib_1mb_per_s"], rel=0.05
+    )
+    assert results["smtp_small_vs_aiosmtpd_sink"] == pytest.approx(
+        results["smtp_small_per_s"] / results["aiosmtpd_sink_small_per_s"], rel=0.05
     )
 
 
