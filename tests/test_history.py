@@ -25,6 +25,7 @@ from pyserver.app.mailbox import Mailbox, MailboxSettings
 from pyserver.blobs.disk import DiskBlobStore
 from pyserver.client import Client
 from pyserver.discovery.client import connect_to_cluster
+from pyserver.discovery.move import copy_log
 from pyserver.errors import BadRequest, Forbidden
 from pyserver.servicekey import read_service_key
 from pyserver.store.hbase import HBaseStore
@@ -324,6 +325,30 @@ def test_a_restore_appends_what_brings_the_mailbox_back_to_a_replay_of_that_time
             assert again["entries"] == 0 and await store.last_seq(2) == report["last_seq"]
 
     run(go, timeout=120)
+
+
+def test_the_restore_marks_travel_with_the_log_when_a_user_moves_cells(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with opened(tmp_path) as (m, store, clock):
+            sent = await send(m, 1, [2], "hello")
+            at = clock.now
+            await m.execute(Op.DELETE, {"user": 2, "thread_id": sent["thread_id"]})
+            await m.execute(Op.RESTORE, {"user": 2, "at": at / SECOND, "by": "ops"})
+            await send(m, 3, [2], "after the restore")  # the log goes on past it
+            target = SQLiteStore(tmp_path / "other-cell.sqlite", synchronous="OFF")
+            await target.open()
+            try:
+                await copy_log(store, target, 2)  # what `admin move-user` copies
+                here = await history.read_history(store, 2)
+                there = await history.read_history(target, 2)
+                assert there == here
+                assert [i["restore"] is not None for i in there["entries"]] == [
+                    False, False, True, False
+                ]  # fmt: skip
+            finally:
+                await target.close()
+
+    run(go)
 
 
 def test_a_thread_deleted_then_written_to_again_gets_its_old_messages_back(

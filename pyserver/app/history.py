@@ -45,7 +45,7 @@ from pyserver.app.indexer import search_terms
 from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, PyserverError
-from pyserver.store.base import LogStore
+from pyserver.store.base import RESTORES_RECORD, LogStore
 
 __all__ = [
     "RESTORES_KEY",
@@ -62,9 +62,9 @@ __all__ = [
     "show",
 ]
 
-# The `m` row (beside the message bodies, never a message id: those start with "m")
-# that lists the user's restores: {"restores": [{first_seq, last_seq, at, at_seq, ts, by}]}.
-RESTORES_KEY = "~restores"
+# The `m` row (beside the message bodies; pyserver.store.base.USER_RECORDS) that lists
+# the user's restores: {"restores": [{first_seq, last_seq, at, at_seq, ts, by}]}.
+RESTORES_KEY = RESTORES_RECORD
 # Log records read per store call.
 _PAGE = 1_000
 HISTORY_PAGE = (200, 1_000)

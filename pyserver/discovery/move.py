@@ -49,7 +49,7 @@ from pyserver.cluster.state import (
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.discovery.directory import Directory
 from pyserver.errors import BadRequest, Unavailable
-from pyserver.store.base import LogAppend, LogStore, Store
+from pyserver.store.base import USER_RECORDS, LogAppend, LogStore, Store
 from pyserver.store.spec import open_store, parse_store_spec
 
 __all__ = [
@@ -115,6 +115,8 @@ async def copy_log(source: LogStore, target: LogStore, user: int) -> tuple[int, 
             break
         entries = [logcodec.decode(record) for _, record in page]
         refs = [entry["body_ref"] for entry in entries if "body_ref" in entry]
+        if page[-1][0] >= source_last:  # the records about the log go with its end
+            refs += USER_RECORDS
         bodies = await source.get_messages(user, refs) if refs else {}
         # No search terms: the target's index is derived from the log it now holds.
         await target.append(

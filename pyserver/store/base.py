@@ -33,6 +33,13 @@ class StoreUnavailable(Unavailable):
     """The store cannot be reached or failed; nothing was acknowledged, retry later."""
 
 
+# Rows of a user's `m` family that are not message bodies: records about the user's log,
+# written in the same atomic append as the entries they describe (never a message id:
+# those start with "m"). Whoever copies a user's log to another store copies them too.
+RESTORES_RECORD = "~restores"  # the restores that wrote entries (pyserver.app.history)
+USER_RECORDS: tuple[str, ...] = (RESTORES_RECORD,)
+
+
 @dataclass(frozen=True, slots=True)
 class LogAppend:
     """One atomic write to one user's data: log records plus what they refer to.
