@@ -10,7 +10,13 @@ own processes):
   SENDs also relay a copy between nodes);
 * `failover_s`: kill -9 of one of the three nodes, until a SEND of a user it
   owned is acknowledged by another (ZooKeeper session timeout `SESSION_S`);
-* `join_s`: a fourth node started, until it serves a user the new ring gives it.
+* `join_s`: a fourth node started, until it serves a user the new ring gives it;
+* the engine's ceilings right after (`bench.hbase_ceiling`): plain 300-byte puts
+  through the same Thrift gateway from one Python process on as many gateway
+  connections as the cell's nodes hold (`hbase_raw_put_ops_per_s`; and as
+  compare-and-sets of one cell, `hbase_raw_cas_ops_per_s`), and straight
+  into HBase from its own Java client (`hbase_pe_ops_per_s`), with the ratios
+  `hbase_send_vs_raw_put` and `hbase_raw_put_vs_pe`.
 
 ZooKeeper and HBase must be up (`scripts/engines up`; started here if they are
 not). Everything shares the machine's cores: HBase's JVMs, the Thrift gateway,
@@ -41,6 +47,8 @@ SESSION_S = 3.0
 TOKENS = 64
 NODES = ("n1", "n2", "n3")
 CONNS, PIPELINE = 48, 4  # in all: split among the nodes' load generators
+# Gateway connections of the cell: each node's store pool (HBaseStore's default size).
+GATEWAY_CONNECTIONS = len(NODES) * 16
 
 
 def _env() -> dict[str, str]:
@@ -257,6 +265,17 @@ def run(quick: bool = False) -> dict[str, Any]:
         key = load_or_create_service_key(Path(folder))
         hbase = _hbase_cell(seconds, key, Path(folder))
     print(f"  {hbase}", file=sys.stderr)
+    print(
+        "bench cluster: plain puts through the gateway and from HBase's Java client",
+        file=sys.stderr,
+    )
+    from bench.hbase_ceiling import measure
+    from pyserver.processes.launcher import THRIFT
+
+    ceiling = measure(THRIFT, GATEWAY_CONNECTIONS, max(seconds, 1.0))
+    print(f"  {ceiling}", file=sys.stderr)
+    raw_puts = ceiling["thrift"]["ops_per_s"]
+    java_puts = ceiling["java"].get("ops_per_s")
     return {
         "sqlite_send_ops_per_s": sqlite_send["ops_per_s"],
         "sqlite_send_p99_ms": sqlite_send["p99_ms"],
@@ -269,10 +288,19 @@ def run(quick: bool = False) -> dict[str, Any]:
         "errors": sqlite_send["errors"]
         + sqlite_get["errors"]
         + hbase["send"]["errors"]
-        + hbase["get_thread"]["errors"],
+        + hbase["get_thread"]["errors"]
+        + ceiling["thrift"]["errors"]
+        + ceiling["thrift_swap"]["errors"],
+        "hbase_raw_put_ops_per_s": raw_puts,
+        "hbase_raw_cas_ops_per_s": ceiling["thrift_swap"]["ops_per_s"],
+        "hbase_pe_ops_per_s": java_puts,
+        "hbase_pe_skipped": ceiling["java"].get("skipped"),
+        "hbase_send_vs_raw_put": round(hbase["send"]["ops_per_s"] / raw_puts, 3),
+        "hbase_raw_put_vs_pe": round(raw_puts / java_puts, 3) if java_puts else None,
         "failover_s": hbase["failover_s"],
         "session_timeout_s": SESSION_S,
         "join_s": hbase["join_s"],
         "join_share": hbase["join_share"],
-        "load": f"{CONNS} connections x {PIPELINE} in flight, {seconds:g} s per figure",
+        "load": f"{CONNS} connections x {PIPELINE} in flight, {seconds:g} s per figure; puts:"
+        f" {GATEWAY_CONNECTIONS} writers",
     }

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+from bench.hbase_ceiling import _hbase_jars, _java
 from pyserver.implementation import PURE_FORCED
 from tests.cluster_harness import REPO
 
@@ -28,6 +29,16 @@ def test_cluster_bench_reports_failover_join_and_send_rates(
     for key in ("hbase_send_ops_per_s", "sqlite_send_ops_per_s", "hbase_get_thread_ops_per_s"):
         assert results[key] > 0, key
     assert results["errors"] == 0
+    # the engine's ceilings beside the cell, measured in the same run
+    assert results["hbase_raw_put_ops_per_s"] > 0
+    assert results["hbase_raw_cas_ops_per_s"] > 0
+    assert results["hbase_send_vs_raw_put"] == round(
+        results["hbase_send_ops_per_s"] / results["hbase_raw_put_ops_per_s"], 3
+    )
+    if _java() is not None and _hbase_jars() is not None:
+        assert results["hbase_pe_ops_per_s"] > 0, results["hbase_pe_skipped"]
+    else:
+        assert results["hbase_pe_ops_per_s"] is None and results["hbase_pe_skipped"]
     # failover: within the ZooKeeper session timeout plus one second (and a margin for CI)
     assert 0 < results["failover_s"] <= results["session_timeout_s"] + 2.0
     assert 0 < results["join_s"] < 30

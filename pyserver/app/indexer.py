@@ -1,10 +1,13 @@
 """The search index, derived from the log off the durable path of a write.
 
 A write is acknowledged once its log records and bodies are durable; its search terms
-wait here and are written a moment later (`delay_s`), many users' at once, with the
-user's index mark (`Store.index_terms`): the log up to that mark is indexed. Nothing is
-lost when the process dies before that: the log is the truth, and `caught_up` indexes
-whatever the log holds past the stored mark before a search reads the index. So an
+wait here and are written a moment later (`delay_s`, half a second: a user's terms of
+that long go in one store call, which on HBase is one Thrift call per user instead of
+one per commit), many users' at once but only `_WRITERS` at a time (the durable
+appends keep the rest of the store's connections), with the user's index mark
+(`Store.index_terms`): the log up to that mark is indexed. Nothing is lost when the
+process dies before that: the log is the truth, and `caught_up` indexes whatever the
+log holds past the stored mark before a search reads the index. So an
 acknowledged message is always found by a search, after a crash as before it.
 
 The mark only advances over a contiguous prefix of the log: before writing a user's
@@ -35,6 +38,8 @@ _WORD = re.compile(r"\w+")
 _MAX_TERM_CHARS = 64
 # Marks remembered per user; past this many the memory is dropped (they are re-read).
 _MAX_KNOWN_MARKS = 1_000_000
+# Users' index writes of one flush under way at once.
+_WRITERS = 4
 
 
 def search_terms(*texts: str) -> list[str]:
@@ -55,7 +60,7 @@ class _Pending:
 class SearchIndexer:
     """Writes the search terms of committed entries in the background, batched."""
 
-    def __init__(self, store: LogStore, terms_of_log: TermsOfLog, delay_s: float = 0.05) -> None:
+    def __init__(self, store: LogStore, terms_of_log: TermsOfLog, delay_s: float = 0.5) -> None:
         self._store = store
         self._terms_of_log = terms_of_log
         self._delay_s = delay_s
@@ -103,9 +108,14 @@ class SearchIndexer:
             pending, self._pending = self._pending, {}
             if not pending:
                 return
+            writers = asyncio.Semaphore(_WRITERS)
+
+            async def write(user: int, entry: _Pending) -> None:
+                async with writers:
+                    await self._write(user, entry)
+
             outcomes = await asyncio.gather(
-                *(self._write(user, entry) for user, entry in pending.items()),
-                return_exceptions=True,
+                *(write(user, entry) for user, entry in pending.items()), return_exceptions=True
             )
             self.flushes += 1
             for (user, entry), outcome in zip(pending.items(), outcomes, strict=True):
