@@ -6,7 +6,7 @@
 through the app server that owns the user whenever one runs, which appends the
 compensating entries under the user's lock and serves them at once: the owner
 in a cluster, else the cell running on `--data` (its endpoints file), else a
-mailbox opened on the stopped cell's store. The logic is `pyserver.app.history`.
+mailbox opened on the stopped cell's store and blob folder. The logic is `pyserver.app.history`.
 
 May import: any of pyserver but pyserver.cli, pyserver.admin.
 """
@@ -23,13 +23,17 @@ from typing import Any
 
 from pyserver import endpoints
 from pyserver.app import history
+from pyserver.app.mailbox import Mailbox
+from pyserver.blobs import BLOB_FOLDER
+from pyserver.blobs.disk import DiskBlobStore
 from pyserver.client import Client
 from pyserver.cluster.state import add_cluster_folder_argument
 from pyserver.config import load_config
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
-from pyserver.processes.cell import open_mailbox, open_store
+from pyserver.processes.cell import open_store
 from pyserver.servicekey import read_service_key
+from pyserver.userindex.local import LocalUserIndex
 from pyserver.wire.ops import Op
 
 __all__ = ["add_admin_actions"]
@@ -155,8 +159,25 @@ async def _restore_report(args: argparse.Namespace) -> dict[str, Any]:
             return await client.request(Op.RESTORE, payload)
         finally:
             await client.close()
-    async with open_mailbox(args.data) as mailbox:
-        return await mailbox.execute(Op.RESTORE, payload)
+    return await _restore_stopped_cell(args.data, payload)
+
+
+async def _restore_stopped_cell(data: Path, payload: dict[str, Any]) -> dict[str, Any]:
+    """The restore on a mailbox opened on a stopped cell's store and blob folder."""
+    folder = data / BLOB_FOLDER
+    blobs = DiskBlobStore(folder) if folder.is_dir() else None
+    if blobs is not None:
+        await blobs.open()
+    try:
+        async with open_store(data) as store:
+            mailbox = Mailbox(store, LocalUserIndex(store), blobs=blobs)
+            try:
+                return await mailbox.execute(Op.RESTORE, payload)
+            finally:
+                await mailbox.close()
+    finally:
+        if blobs is not None:
+            await blobs.close()
 
 
 async def _restore(args: argparse.Namespace) -> int:

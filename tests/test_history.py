@@ -27,6 +27,7 @@ from pyserver.client import Client
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.discovery.move import copy_log
 from pyserver.errors import BadRequest, Forbidden
+from pyserver.processes.cell import open_mailbox
 from pyserver.servicekey import read_service_key
 from pyserver.store.hbase import HBaseStore
 from pyserver.store.sqlite import SQLiteStore
@@ -446,6 +447,66 @@ def test_a_restored_mail_to_outside_addresses_is_not_sent_again(tmp_path: Path) 
             assert delivery["bob@example.org"]["state"] == "failed"
 
     run(go)
+
+
+# ---- the command line on a stopped cell, over an imported mailbox ----
+
+
+def test_admin_restore_on_a_stopped_cell_brings_back_imported_mail_and_its_file(
+    tmp_path: Path,
+) -> None:
+    """`pyserver import jsonl` fills a mailbox (dated messages, a file in the blob
+    store); with no cell running, `admin restore --data` opens the store and the blob
+    folder itself."""
+    data = tmp_path / "cell"
+    (tmp_path / "files").mkdir()
+    (tmp_path / "files" / "plan.txt").write_text("the plan, in full\n" * 50)
+    lines = [
+        {"id": "a1", "from": 61, "to": [62], "ts": "2024-01-02T08:00:00Z", "text": "the plan",
+         "channel": "email", "subject": "plan",
+         "attachments": [{"path": "files/plan.txt", "name": "plan.txt", "type": "text/plain"}]},
+        {"id": "a2", "from": 62, "to": [61], "ts": "2024-01-02T09:00:00Z", "text": "thanks",
+         "channel": "email", "in_reply_to": "a1"},
+    ]  # fmt: skip
+    source = tmp_path / "history.jsonl"
+    source.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cli("import", "jsonl", str(source), "--data", str(data), "--quiet")
+    at = time.time()
+
+    async def delete() -> dict[str, Any]:
+        async with open_mailbox(data) as mailbox:
+            listed = await mailbox.execute(Op.LIST_THREADS, {"user": 62, "folder": "inbox"})
+            [thread] = listed["threads"]
+            await mailbox.execute(Op.DELETE, {"user": 62, "thread_id": thread["thread_id"]})
+            return thread
+
+    thread = run(delete)
+    assert thread["messages"] == 2
+    done = json.loads(cli("admin", "restore", "--user", "62", "--at", str(at), "--json",
+                          "--data", str(data)))  # fmt: skip
+    assert len(done["messages_restored"]) == 2 and done["missing_blobs"] == []
+
+    async def check() -> None:
+        async with open_mailbox(data) as mailbox:
+            listed = await mailbox.execute(Op.LIST_THREADS, {"user": 62, "folder": "inbox"})
+            assert [t["thread_id"] for t in listed["threads"]] == [thread["thread_id"]]
+            got = await mailbox.execute(
+                Op.GET_THREAD, {"user": 62, "thread_id": thread["thread_id"]}
+            )
+            texts = sorted(m["text"].strip() for m in got["messages"])
+            assert texts == ["thanks", "the plan"]
+            [plan] = [m for m in got["messages"] if m["text"].strip() == "the plan"]
+            assert plan["ts"] == history.parse_time("2024-01-02T08:00:00Z")
+            [file] = plan["attachments"]
+            # the file is back and its blob readable by the user's message
+            reply = await mailbox.execute(
+                Op.GET_MESSAGE, {"user": 62, "message_id": plan["message_id"]}
+            )
+            assert reply["extra"]["attachments"][0]["ref"] == file["ref"]
+
+    run(check)
+    trail = cli("admin", "history", "--user", "62", "--data", str(data))
+    assert trail.count("[restore to") == 2
 
 
 # ---- through a served cell: the CLI, the operations, their access rule ----
