@@ -246,14 +246,38 @@ def _chat_lines(path: Path, users: int, per_user: int) -> int:
     return count
 
 
-def test_an_import_killed_mid_way_resumes_with_nothing_missing_or_doubled(tmp_path: Path) -> None:
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is `pid` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state in ("Z", "X")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_an_import_killed_mid_way_resumes_with_nothing_missing_or_doubled(
+    tmp_path: Path, workers: int
+) -> None:
     data = tmp_path / "data"
     source = tmp_path / "chat.jsonl"
     users, per_user = 300, 10
     expected = _chat_lines(source, users, per_user)
     checkpoint = default_path(data, ["jsonl", str(source.resolve())])
     command = [sys.executable, "-m", "pyserver.cli", "import", "jsonl", str(source),
-               "--data", str(data), "--json", "--jobs", "2"]  # fmt: skip
+               "--data", str(data), "--json", "--jobs", "2", "--workers", str(workers)]  # fmt: skip
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     # killed once some users are done and before all are
@@ -261,8 +285,17 @@ def test_an_import_killed_mid_way_resumes_with_nothing_missing_or_doubled(tmp_pa
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the import made no progress"
         time.sleep(0.01)
+    children = _children(proc.pid)
+    assert workers == 1 or len(children) >= workers
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait(timeout=10)
+    # worker processes die with the import: nothing goes on writing behind the resumed run
+    deadline = time.monotonic() + 30
+    while not all(_gone(child) for child in children):
+        assert time.monotonic() < deadline, "a worker outlived the killed import: " + repr([
+            Path(f"/proc/{child}/cmdline").read_bytes() for child in children if not _gone(child)
+        ])
+        time.sleep(0.05)
     done_before = checkpoint.read_text().count("\n")
     assert done_before < users, "the import finished before it was killed"
 

@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from pyserver.blobs import BLOB_FOLDER, DiskBlobStore
 from pyserver.importer.checkpoint import Checkpoint, default_path
 from pyserver.importer.progress import progress_bar
 from pyserver.importer.run import ImportPlan, plan_jsonl, plan_mailbox, plan_tree, run_import
+from pyserver.importer.workers import run_in_processes
 from pyserver.processes.cell import open_store
 
 __all__ = ["add_parser"]
@@ -39,7 +41,10 @@ def add_parser(commands: Any, default_data: Path, user_id: Callable[[str], int])
         sub.add_argument("source", type=Path, metavar=source)
         sub.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
         sub.add_argument("--json", action="store_true", help="the report as JSON, last line")
-        sub.add_argument("--jobs", type=int, default=16, help="users imported at once")
+        sub.add_argument("--jobs", type=int, default=16, help="users at once per process")
+        sub.add_argument(
+            "--workers", type=int, default=1, help="processes sharing the users (one per core)"
+        )
         sub.add_argument("--checkpoint", type=Path, help="where to keep progress for resuming")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
         sub.set_defaults(handler=_run)
@@ -69,6 +74,7 @@ def _plan(args: argparse.Namespace) -> tuple[ImportPlan, list[str]]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    started = time.monotonic()
     if not args.source.exists():
         print(f"pyserver: {args.source}: no such file or folder", file=sys.stderr)
         return 2
@@ -86,8 +92,16 @@ def _run(args: argparse.Namespace) -> int:
     completed = False
     try:
         with progress_bar(plan.total, quiet=args.quiet or not sys.stderr.isatty()) as advance:
-            report = asyncio.run(_import(args, plan, checkpoint, advance))
+            if args.workers > 1:
+                asyncio.run(_register(args, plan))
+                report = run_in_processes(
+                    plan, data_dir=args.data, checkpoint=checkpoint, workers=args.workers,
+                    jobs=args.jobs, progress=advance,
+                )  # fmt: skip
+            else:
+                report = asyncio.run(_import(args, plan, checkpoint, advance))
         completed = True
+        report.started = started  # the run's time includes reading the plan
     except KeyboardInterrupt:
         print("pyserver: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -99,6 +113,13 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_json(), ensure_ascii=False))
     return 0
+
+
+async def _register(args: argparse.Namespace, plan: ImportPlan) -> None:
+    """Put the plan's addresses in the cell's address book (before workers read mail)."""
+    async with open_store(args.data) as store:
+        for address, user in plan.addresses.items():
+            await store.add_address(address, user)
 
 
 async def _import(args: argparse.Namespace, plan: ImportPlan, checkpoint: Checkpoint, advance: Any):

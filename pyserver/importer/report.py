@@ -29,6 +29,7 @@ class ImportReport:
     rejected: list[Rejected] = field(default_factory=list)
     rejected_count: int = 0
     started: float = field(default_factory=time.monotonic)
+    user_ids: set[int] = field(default_factory=set)
     _rejected_where: set[str] = field(default_factory=set)
 
     def reject(self, item: Rejected) -> None:
@@ -39,6 +40,17 @@ class ImportReport:
         self.rejected_count += 1
         if len(self.rejected) < MAX_LISTED:
             self.rejected.append(item)
+
+    def add(self, other: ImportReport) -> None:
+        """Count in what another part of the same import did (a worker process's share)."""
+        self.user_ids |= other.user_ids
+        self.users = len(self.user_ids)
+        self.messages += other.messages
+        self.skipped_existing += other.skipped_existing
+        self.bytes += other.bytes
+        for item in other.rejected:
+            self.reject(item)
+        self.rejected_count += other.rejected_count - len(other.rejected)
 
     def to_json(self) -> dict[str, Any]:
         seconds = time.monotonic() - self.started

@@ -179,13 +179,16 @@ async def run_import(
     jobs: int = 8,
     mta: MtaSettings | None = None,
     progress: Progress | None = None,
+    register: bool = True,
 ) -> ImportReport:
-    """Import the plan's units not yet done; the report of this run."""
+    """Import the plan's units not yet done; the report of this run. `register`: put the
+    plan's addresses in the address book first (done once, by whoever runs the plan)."""
     report = ImportReport()
     for item in plan.rejected:
         report.reject(item)
-    for address, user in plan.addresses.items():
-        await store.add_address(address, user)
+    if register:
+        for address, user in plan.addresses.items():
+            await store.add_address(address, user)
     mta = mta or MtaSettings()
     reader = _Reader(store, blobs, AddressBook(store, mta.mail_domain, plan.addresses), mta)
     writer = UserWriter(store)
@@ -193,7 +196,7 @@ async def run_import(
     report.units_resumed = len(plan.units) - sum(
         1 for u in plan.units if u.key not in checkpoint.done
     )
-    users: set[int] = set()
+    users = report.user_ids
 
     async def work() -> None:
         for unit in todo:
