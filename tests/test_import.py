@@ -292,9 +292,9 @@ def test_an_import_killed_mid_way_resumes_with_nothing_missing_or_doubled(
     # worker processes die with the import: nothing goes on writing behind the resumed run
     deadline = time.monotonic() + 30
     while not all(_gone(child) for child in children):
-        assert time.monotonic() < deadline, "a worker outlived the killed import: " + repr([
-            Path(f"/proc/{child}/cmdline").read_bytes() for child in children if not _gone(child)
-        ])
+        assert time.monotonic() < deadline, "a worker outlived the killed import: " + repr(
+            [Path(f"/proc/{child}/cmdline").read_bytes() for child in children if not _gone(child)]
+        )
         time.sleep(0.05)
     done_before = checkpoint.read_text().count("\n")
     assert done_before < users, "the import finished before it was killed"
