@@ -29,6 +29,7 @@ from pyserver.discovery import cellcommand
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
 from pyserver.importer import command as import_command
+from pyserver.ops import terminal as ops_terminal
 from pyserver.processes import dirty as dirty_process
 from pyserver.processes import discovery as discovery_process
 from pyserver.processes import imap as imap_process
@@ -354,6 +355,7 @@ def build_parser() -> argparse.ArgumentParser:
     sms_process.add_parser(commands, DEFAULT_DATA)
     launcher.add_parser(commands)
     cellcommand.add_parser(commands)
+    ops_terminal.add_parser(commands)
     return parser
 
 

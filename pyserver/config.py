@@ -172,6 +172,10 @@ class Config:
     web_max_upload_bytes: int = 25 << 20
     # how long a browser stays signed in (never past its sign-in token's expiry)
     web_session_s: int = 7 * 86_400
+    # the operators' page /ops (docs/operations.md): the `pyserver cluster up` folder it
+    # surveys (empty: no page), and a token accepted there besides the service key
+    ops_cluster: str = ""
+    ops_token: str = ""
     # ---- the IMAP gateway: conversations in mail clients (docs/imap.md) ----
     # its IMAP port (STARTTLS with `tls`), `pyserver run` and `pyserver imap`; -1: none
     imap_port: int = 1143

@@ -171,6 +171,46 @@ class _SmsCollector(Collector):
         )
 
 
+class _NodeCollector(Collector):
+    """An app server of a cell: its share of the ring, whether it serves, its ZooKeeper
+    session (read at scrape time)."""
+
+    def __init__(self, stats: Callable[[], dict[str, Any]]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        stats = self._stats()
+        yield GaugeMetricFamily(
+            "pyserver_ring_share",
+            "Share of the cell's ring this node owns (0 to 1)",
+            value=stats.get("ring_share", 0.0),
+        )
+        yield GaugeMetricFamily(
+            "pyserver_node_serving",
+            "1 while the node serves the users its ring share gives it",
+            value=1.0 if stats.get("serving") else 0.0,
+        )
+        session = GaugeMetricFamily(
+            "pyserver_zookeeper_session", "The ZooKeeper session's state (1)", labels=["state"]
+        )
+        session.add_metric([str(stats.get("zookeeper", "unknown"))], 1.0)
+        yield session
+
+
+class _InfoCollector(Collector):
+    """`pyserver_info{role, version, ...} 1`: what the process is."""
+
+    def __init__(self, labels: dict[str, str]) -> None:
+        self.labels = labels
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        info = GaugeMetricFamily(
+            "pyserver_info", "What this process is (always 1)", labels=sorted(self.labels)
+        )
+        info.add_metric([self.labels[name] for name in sorted(self.labels)], 1.0)
+        yield info
+
+
 class Metrics:
     """The process's metrics. `observe` is the dispatcher's RequestObserver."""
 
@@ -185,6 +225,7 @@ class Metrics:
         self.connections = Gauge(
             "pyserver_connections", "Open client connections", registry=self.registry
         )
+        self._info: _InfoCollector | None = None
 
     def observe(self, op_name: str, seconds: float, error_code: str | None) -> None:
         self._requests.observe(op_name, seconds, error_code or "OK")
@@ -197,6 +238,19 @@ class Metrics:
 
     def watch_sms(self, stats: Callable[[], dict[str, Any]]) -> None:
         self.registry.register(_SmsCollector(stats))
+
+    def watch_node(self, stats: Callable[[], dict[str, Any]]) -> None:
+        """An app server's ring share, serving and ZooKeeper state ("ring_share", "serving",
+        "zookeeper" of `stats()`)."""
+        self.registry.register(_NodeCollector(stats))
+
+    def describe(self, **labels: str) -> None:
+        """Say what the process is (`role`, `version`, `cell`, `node`...) as `pyserver_info`;
+        a second call adds to or replaces the labels."""
+        if self._info is None:
+            self._info = _InfoCollector({})
+            self.registry.register(self._info)
+        self._info.labels = {**self._info.labels, **{k: str(v) for k, v in labels.items()}}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -17,6 +17,7 @@ from typing import Any
 from pyserver.addresses import DataCentre, parse_data_centres
 from pyserver.config import Config, load_config
 from pyserver.dirty.service import DirtyService
+from pyserver.metrics import Metrics
 from pyserver.processes.assembly import service_server
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 
@@ -31,8 +32,13 @@ class DirtyProcess:
     def __init__(self, config: Config, centres: Sequence[DataCentre]) -> None:
         self.config = config.with_service_key()
         self.service = DirtyService(centres)
+        self.metrics = Metrics()  # served on --http-port (processes.runtime)
         self.server = service_server(
-            self.config, self.service, f"dirty-{self.config.node_id}", stats_section="dirty"
+            self.config,
+            self.service,
+            f"dirty-{self.config.node_id}",
+            stats_section="dirty",
+            observer=self.metrics,
         )
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -60,7 +66,11 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     process = DirtyProcess(config, centres)
     host = args.host or config.host
-    run(serve_service(process, "dirty", "dirty service", host, args.port, args.ready_file))
+    run(
+        serve_service(
+            process, "dirty", "dirty service", host, args.port, args.ready_file, args.http_port
+        )
+    )
     return 0
 
 

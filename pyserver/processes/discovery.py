@@ -20,6 +20,7 @@ from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
 from pyserver.errors import Unavailable
+from pyserver.metrics import Metrics
 from pyserver.processes.assembly import service_server, zookeeper_session
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.store.spec import open_store
@@ -46,6 +47,7 @@ class DiscoveryProcess:
         self.service: DiscoveryService | None = None
         self._cache_users = cache_users
         self.server: AppServer | None = None
+        self.metrics = Metrics()  # served on --http-port (processes.runtime)
 
     async def start(self, host: str, port: int, timeout_s: float = 30.0) -> tuple[str, int]:
         await self.store.open()
@@ -60,6 +62,7 @@ class DiscoveryProcess:
                 f"discovery-{self.config.node_id}",
                 health_check=self._healthy,
                 stats_section="discovery",
+                observer=self.metrics,
             )
             return await self.server.start(host, port)
         except BaseException:
@@ -81,6 +84,10 @@ class DiscoveryProcess:
             f"zookeeper  {self.config.zookeeper} chroot {self.zk.chroot or '/'}",
             f"cells      {', '.join(sorted(cells)) or '(none yet)'}",
         ]
+
+    async def healthy(self) -> bool:
+        """ZooKeeper's session is live and the directory's store answers."""
+        return await self._healthy()
 
     async def _healthy(self) -> bool:
         if not self.zk.live:
@@ -104,7 +111,11 @@ def _run(args: argparse.Namespace) -> int:
     try:
         process = DiscoveryProcess(config, args.cache_users)
         host = args.host or config.host
-        run(serve_service(process, "discovery", "discovery", host, args.port, args.ready_file))
+        run(
+            serve_service(
+                process, "discovery", "discovery", host, args.port, args.ready_file, args.http_port
+            )
+        )
     except (Unavailable, ConfigError) as error:
         print(f"pyserver discovery: could not start: {error}", file=sys.stderr)
         return 1

@@ -93,7 +93,13 @@ def _run(args: argparse.Namespace) -> int:
     process = ImapProcess(config, args.server)
     run(
         serve_service(
-            process, "imap", "IMAP gateway", args.host or config.host, port, args.ready_file
+            process,
+            "imap",
+            "IMAP gateway",
+            args.host or config.host,
+            port,
+            args.ready_file,
+            args.http_port,
         )
     )
     return 0

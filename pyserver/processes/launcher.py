@@ -236,6 +236,8 @@ def _wait_ready(entries: list[dict[str, Any]], timeout_s: float) -> None:
             ready = endpoints.read_file(entry["_ready"])
             if ready is not None:
                 entry["address"] = ready["addr"]
+                if isinstance(ready.get("http"), dict):  # its /metrics and /health
+                    entry["metrics"] = f"{ready['http']['host']}:{ready['http']['port']}"
                 waiting.remove(entry)
             elif entry["_process"].poll() is not None:
                 lines = Path(entry["log"]).read_text(errors="replace").splitlines()
@@ -347,13 +349,14 @@ def cluster_up(
     # discovery only reads the cells' tree: it signs in as the read-only identity
     reader_env = {"PYSERVER_ZOOKEEPER_AUTH": acl["reader_auth"]} if acl else {}
     common = ["--data", str(data)]
+    metrics = ["--http-port", "0"]  # every service's /metrics (the app servers pass their own)
     zk_args = ["--zookeeper", ZOOKEEPER, "--chroot", chroot]
     try:
         # discovery, the user index and the dirty service first: the app servers call them
         services = [
             _spawn(folder, base_env, f"discovery-{i}", "discovery",
-                   ["discovery", *common, "--port", "0", *zk_args, "--store", directory_store,
-                    "--instance", str(i)], reader_env)
+                   ["discovery", *common, *metrics, "--port", "0", *zk_args,
+                    "--store", directory_store, "--instance", str(i)], reader_env)
             for i in (1, 2)
         ]  # fmt: skip
         services.append(
@@ -362,13 +365,13 @@ def cluster_up(
                 base_env,
                 "userindex",
                 "userindex",
-                ["userindex", *common, "--port", "0"],
+                ["userindex", *common, *metrics, "--port", "0"],
                 {},
             )
         )
         dcs = f"east={MEMCACHED[0]},west={MEMCACHED[1]}"
         if memcached:
-            dirty_args = ["dirty", *common, "--port", "0", "--dc", dcs.split(",")[0]]
+            dirty_args = ["dirty", *common, *metrics, "--port", "0", "--dc", dcs.split(",")[0]]
             services.append(
                 _spawn(
                     folder,
@@ -397,7 +400,7 @@ def cluster_up(
         if smsc:  # the SMS gateway: texts in through discovery, the nodes' texts out
             sms = _spawn(
                 folder, base_env, "sms", "sms",
-                ["sms", *common, "--port", "0", "--discovery", discovery, "--smsc", smsc,
+                ["sms", *common, *metrics, "--port", "0", "--discovery", discovery, "--smsc", smsc,
                  "--short-codes", short_codes],
                 {"PYSERVER_STORE": directory_store},
             )  # fmt: skip
@@ -419,23 +422,25 @@ def cluster_up(
         _wait_ready(app_servers, timeout_s)
         mta = _spawn(
             folder, base_env, "mta", "mta",
-            ["mta", *common, "--smtp-port", "0", "--discovery", discovery],
+            ["mta", *common, *metrics, "--smtp-port", "0", "--discovery", discovery],
             {"PYSERVER_STORE": directory_store},
         )  # fmt: skip
         started.append(mta)
         # the web tier: the inbox and web chat, every user's owner found through discovery
         web_env = {"PYSERVER_BLOB_STORE": directory_store, "PYSERVER_STORE": directory_store}
+        # its operators' page (/ops) surveys this cluster (docs/operations.md)
+        web_env["PYSERVER_OPS_CLUSTER"] = str(folder.resolve())
         if memcached:
             web_env["PYSERVER_MEMCACHED_DCS"] = dcs
         web = _spawn(
             folder, base_env, "web", "web",
-            ["web", *common, "--port", "0", "--discovery", discovery], web_env,
+            ["web", *common, *metrics, "--port", "0", "--discovery", discovery], web_env,
         )  # fmt: skip
         started.append(web)
         # the IMAP gateway: mail clients, every user's owner found through discovery
         imap = _spawn(
             folder, base_env, "imap", "imap",
-            ["imap", *common, "--port", "0", "--discovery", discovery],
+            ["imap", *common, *metrics, "--port", "0", "--discovery", discovery],
             {"PYSERVER_STORE": directory_store},
         )  # fmt: skip
         started.append(imap)
@@ -460,6 +465,7 @@ def cluster_status(folder: Path) -> dict[str, Any]:
             "cell": p["cell"],
             "node": p["node"],
             "address": p["address"],
+            "metrics": p.get("metrics"),
             "pid": p["pid"],
             "alive": alive(p["pid"]),
         }

@@ -18,10 +18,12 @@ from pyserver.discovery.client import ClusterRoute
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
 from pyserver.processes.runtime import (
+    add_http_port_argument,
     add_ready_file_argument,
     announce_ready,
     configure_logging,
     run,
+    start_metrics_endpoint,
     stop_signal,
     withdraw_ready,
 )
@@ -30,7 +32,16 @@ from pyserver.store.spec import open_store, parse_store_spec
 __all__ = ["add_parser"]
 
 
-async def _serve(config: Any, server: str | None, ready: Path | None) -> None:
+class _Described:
+    """What `start_metrics_endpoint` needs of the MTA proxy: its configuration (TLS)."""
+
+    def __init__(self, config: Any) -> None:
+        self.config = config
+
+
+async def _serve(
+    config: Any, server: str | None, ready: Path | None, http_port: int | None = None
+) -> None:
     stopped = stop_signal()
     store = open_store(parse_store_spec(config.store, config.data_dir))
     blobs = blob_store_for(config)
@@ -49,6 +60,13 @@ async def _serve(config: Any, server: str | None, ready: Path | None) -> None:
         try:
             service = MtaService(config, store, blobs, route)
             smtp_host, smtp_port = await service.start()
+            try:
+                http, http_address = await start_metrics_endpoint(
+                    _Described(config), "mta", config.host, http_port
+                )
+            except BaseException:
+                await service.stop()
+                raise
             print(f"pyserver: MTA proxy listening on {smtp_host}:{smtp_port}", flush=True)
             print(f"  delivering to     {target}", flush=True)
             extra: dict[str, Any] = {"delivering_to": target}
@@ -56,11 +74,13 @@ async def _serve(config: Any, server: str | None, ready: Path | None) -> None:
                 smtps_host, smtps_port = service.implicit_address
                 print(f"  SMTP over TLS     {smtps_host}:{smtps_port}", flush=True)
                 extra["smtps"] = f"{smtps_host}:{smtps_port}"
-            announce_ready(ready, "mta", f"{smtp_host}:{smtp_port}", extra)
+            announce_ready(ready, "mta", f"{smtp_host}:{smtp_port}", {**extra, **http_address})
             try:
                 await stopped.wait()
             finally:
                 withdraw_ready(ready)
+                if http is not None:
+                    await http.stop()
                 await service.stop()
         finally:
             await blobs.close()
@@ -79,7 +99,7 @@ def _run(args: argparse.Namespace) -> int:
         },
     ).with_service_key()
     configure_logging(config.log_level)
-    run(_serve(config, args.server, args.ready_file))
+    run(_serve(config, args.server, args.ready_file, args.http_port))
     return 0
 
 
@@ -92,6 +112,7 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
     mta.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     mta.add_argument("--smtp-port", type=int, help="SMTP port (default 2525; 0: any)")
     mta.add_argument("--discovery", help="a cluster's discovery, host:port[,...] (not --server)")
+    add_http_port_argument(mta)
     add_ready_file_argument(mta)
     mta.set_defaults(handler=_run)
     return mta

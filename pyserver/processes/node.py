@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import signal
 import sys
 from pathlib import Path
 from typing import Any
 
+import pyserver
 from pyserver import doctor
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Delivery
@@ -108,6 +110,11 @@ class ClusterNode:
             },
         )
         self.mailbox = self.parts.mailbox
+        # what `pyserver cells` and Prometheus read of this node (pyserver_info, ring share...)
+        self.parts.metrics.describe(
+            role="node", version=pyserver.__version__, cell=config.cell, node=config.node_id
+        )
+        self.parts.metrics.watch_node(self._node_stats)
         # users frozen in this cell for a move to another, or moved away: refused here
         self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
         # from the moment a user is listed, its reads go through the ownership checks
@@ -135,6 +142,12 @@ class ClusterNode:
             addresses = await self.parts.listen()
             host, port = addresses["server"]["host"], addresses["server"]["port"]
             self.addr = f"{config.advertise_host or host}:{port}"
+            # the registration names the node's /metrics too, for the operators' tools
+            http = f"{config.advertise_host or host}:{addresses['http']['port']}"
+            self.membership.record = dataclasses.replace(
+                self.membership.record,
+                data={**self.membership.record.data, "http": http, "version": pyserver.__version__},
+            )
             await self.zk.start(self.join_timeout_s)
             self._started.append("zookeeper")
             await self.ring.start(self.join_timeout_s)
@@ -254,6 +267,13 @@ class ClusterNode:
         stale = set(self.pool.addresses()) - {member.addr for member in view.members.values()}
         for addr in stale:  # servers that left the cell
             asyncio.get_running_loop().create_task(self.pool.discard(addr))
+
+    def _node_stats(self) -> dict[str, Any]:
+        return {
+            "ring_share": self.ring.view.ring.shares().get(self.config.node_id, 0.0),
+            "serving": self.fence.serving,
+            "zookeeper": self.zk.state,
+        }
 
     async def _health(self) -> dict[str, Any]:
         store_ok = await self.parts.store.healthy()

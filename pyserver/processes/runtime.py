@@ -1,5 +1,6 @@
 """One pyserver process (`pyserver run`, `node`, `mta`, `discovery`, ...): its logging,
-its event loop, its readiness file, and serving until SIGINT or SIGTERM."""
+its event loop, its readiness file, a service's /metrics, and serving until SIGINT or
+SIGTERM."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+import pyserver
 from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
+from pyserver.httpapi import HttpEndpoint
+from pyserver.metrics import Metrics
 
 T = TypeVar("T")
 
@@ -82,7 +86,41 @@ def add_service_arguments(
     parser.add_argument("--data", type=Path, default=default_data, help=data_help)
     parser.add_argument("--host", help="address to listen on (default: the config's host)")
     parser.add_argument("--port", type=int, default=default_port, help="port (0: any free port)")
+    add_http_port_argument(parser)
     add_ready_file_argument(parser)
+
+
+def add_http_port_argument(parser: argparse.ArgumentParser) -> None:
+    """`--http-port N`: serve /metrics and /health there (0: any free port; default none)."""
+    parser.add_argument(
+        "--http-port", type=int, help="/metrics and /health port (0: any free port; default none)"
+    )
+
+
+async def start_metrics_endpoint(
+    process: Any, role: str, host: str, port: int | None
+) -> tuple[HttpEndpoint | None, dict[str, Any]]:
+    """A service's /metrics and /health on `port` (None: none); the endpoint and its address
+    for the ready file (`{"http": {"host", "port"}}`). The figures are `process.metrics`
+    when it has them (its requests, through its dispatcher's observer), else only what the
+    process is (`pyserver_info`); /health asks `process.healthy()` when it has one."""
+    if port is None:
+        return None, {}
+    metrics = getattr(process, "metrics", None)
+    if not isinstance(metrics, Metrics):
+        metrics = Metrics()
+    metrics.describe(role=role, version=pyserver.__version__)
+    healthy = getattr(process, "healthy", None)
+
+    async def health() -> dict[str, Any]:
+        ok = bool(await healthy()) if healthy is not None else True
+        return {"status": "ok" if ok else "unavailable", "role": role}
+
+    config = getattr(process, "config", None)
+    tls = config.public_tls() if config is not None else None
+    endpoint = HttpEndpoint(metrics, health)
+    bound = await endpoint.start(host, port, tls=tls)
+    return endpoint, {"http": {"host": host, "port": bound}}
 
 
 class ServiceProcess(Protocol):
@@ -98,18 +136,34 @@ class ServiceProcess(Protocol):
 
 
 async def serve_service(
-    process: ServiceProcess, role: str, title: str, host: str, port: int, ready: Path | None
+    process: ServiceProcess,
+    role: str,
+    title: str,
+    host: str,
+    port: int,
+    ready: Path | None,
+    http_port: int | None = None,
 ) -> None:
-    """Start the service, say where it listens (and write the ready file), serve until
-    SIGINT or SIGTERM, then stop it."""
+    """Start the service (and with `http_port` its /metrics, `start_metrics_endpoint`), say
+    where it listens (and write the ready file), serve until SIGINT or SIGTERM, then stop
+    it."""
     stopped = stop_signal()
     bound_host, bound_port = await process.start(host, port)
+    try:
+        http, addresses = await start_metrics_endpoint(process, role, host, http_port)
+    except BaseException:
+        await process.stop()
+        raise
     print(f"pyserver: {title} listening on {bound_host}:{bound_port}", flush=True)
+    if addresses:
+        print(f"  http       http://{host}:{addresses['http']['port']}/metrics", flush=True)
     for line in process.banner():
         print(f"  {line}", flush=True)
-    announce_ready(ready, role, f"{bound_host}:{bound_port}")
+    announce_ready(ready, role, f"{bound_host}:{bound_port}", addresses)
     try:
         await stopped.wait()
     finally:
         withdraw_ready(ready)
+        if http is not None:
+            await http.stop()
         await process.stop()

@@ -140,7 +140,11 @@ def _run(args: argparse.Namespace) -> int:
     configure_logging(config.log_level)
     process = SmsProcess(config, args.server)
     host = args.host or config.host
-    run(serve_service(process, "sms", "SMS gateway", host, args.port, args.ready_file))
+    run(
+        serve_service(
+            process, "sms", "SMS gateway", host, args.port, args.ready_file, args.http_port
+        )
+    )
     return 0
 
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.config import Config, ConfigError, load_config
+from pyserver.metrics import Metrics
 from pyserver.processes.assembly import service_server
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.store.base import SocialStore
@@ -45,12 +46,14 @@ class UserIndexProcess:
         self.config = config.with_service_key()
         self.store = store
         self.service = UserIndexService(LocalUserIndex(store, cache_users, cache_ttl_s))
+        self.metrics = Metrics()  # served on --http-port (processes.runtime)
         self.server = service_server(
             self.config,
             self.service,
             f"userindex-{self.config.node_id}",
             health_check=store.healthy,
             stats_section="userindex",
+            observer=self.metrics,
         )
 
     @classmethod
@@ -86,7 +89,17 @@ def _run(args: argparse.Namespace) -> int:
     ttl = args.cache_ttl_s if args.cache_ttl_s > 0 else None
     process = UserIndexProcess.from_config(config, args.cache_users, ttl)
     host = args.host or config.host
-    run(serve_service(process, "userindex", "user index service", host, args.port, args.ready_file))
+    run(
+        serve_service(
+            process,
+            "userindex",
+            "user index service",
+            host,
+            args.port,
+            args.ready_file,
+            args.http_port,
+        )
+    )
     return 0
 
 

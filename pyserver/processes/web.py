@@ -13,18 +13,23 @@ so any of them reads a cookie another issued.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import hmac
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from pyserver.app.revocations import Revocations
 from pyserver.blobs import BlobStore, blob_store_for
+from pyserver.cluster.state import cluster_settings
 from pyserver.config import Config, load_config
 from pyserver.dirty import local_memcached
+from pyserver.ops.survey import Surveyor
 from pyserver.processes.frontend import FrontEnd, add_frontend_arguments, frontend_overrides
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
-from pyserver.servicekey import ServiceKey
+from pyserver.servicekey import ServiceKey, as_service_keys
 from pyserver.web.counts import CountReader
+from pyserver.web.ops import OpsPage
 from pyserver.web.server import WebTier
 from pyserver.web.viewer import AppServers
 from pyserver.wire.ops import Op
@@ -42,6 +47,7 @@ def web_tier(
     counts: Callable[[int], Awaitable[dict[str, Any]]],
     blobs: BlobStore,
     revocations: Revocations,
+    ops: OpsPage | None = None,
 ) -> WebTier:
     """The web tier `config` sets up, in front of `servers` (`pyserver web`, `pyserver run`)."""
     return WebTier(
@@ -54,7 +60,43 @@ def web_tier(
         revoked=revocations.refuses,
         tls=config.public_tls(),
         head_timeout_s=config.frame_timeout_s,
+        ops=ops,
     )
+
+
+class ClusterSurvey:
+    """The survey behind `/ops`: a `Surveyor` of the `ops_cluster` folder, started on the
+    first request and kept (its readings give the page its rates), one survey at a time."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self.surveyor: Surveyor | None = None
+        self._lock = asyncio.Lock()
+
+    async def __call__(self) -> dict[str, Any]:
+        async with self._lock:
+            if self.surveyor is None:
+                settings = cluster_settings(argparse.Namespace(cluster=self.folder))
+                surveyor = Surveyor(settings, self.folder)
+                await surveyor.start()
+                self.surveyor = surveyor
+            return await self.surveyor.survey()
+
+    async def close(self) -> None:
+        if self.surveyor is not None:
+            await self.surveyor.close()
+
+
+def ops_page(config: Config, keys: ServiceKey, survey: ClusterSurvey) -> OpsPage:
+    """`/ops` over `survey`, for the service key or the configured operator token."""
+    accepted = as_service_keys(keys)
+
+    def allowed(secret: str) -> bool:
+        if config.ops_token and hmac.compare_digest(secret.encode(), config.ops_token.encode()):
+            return True
+        return accepted.accepts(secret)
+
+    return OpsPage(survey, allowed)
 
 
 class WebProcess:
@@ -66,6 +108,8 @@ class WebProcess:
         self.blobs = blob_store_for(config)
         self.counts: CountReader | None = None
         self.web: WebTier | None = None
+        # the operators' page, when the configuration names a cluster folder to survey
+        self.survey = ClusterSurvey(Path(config.ops_cluster)) if config.ops_cluster else None
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
@@ -79,12 +123,19 @@ class WebProcess:
             counts=self.counts.read,
             blobs=self.blobs,
             revocations=self.frontend.revocations,
+            ops=(
+                ops_page(config, self.frontend.keys, self.survey)
+                if self.survey is not None
+                else None
+            ),
         )
         return host, await self.web.start(host, port)
 
     async def stop(self) -> None:
         if self.web is not None:
             await self.web.stop()
+        if self.survey is not None:
+            await self.survey.close()
         if self.counts is not None and self.counts.cache is not None:
             await self.counts.cache.close()
         await self.blobs.close()
@@ -105,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.web_port
     host = args.host or config.host
     process = WebProcess(config, args.server)
-    run(serve_service(process, "web", "web tier", host, port, args.ready_file))
+    run(serve_service(process, "web", "web tier", host, port, args.ready_file, args.http_port))
     return 0
 
 

@@ -54,6 +54,7 @@ from pyserver.servicekey import ServiceKey
 from pyserver.slowclients import GuardedSite, SlowClientGuard
 from pyserver.userid import is_user_id
 from pyserver.web.live import LiveHub
+from pyserver.web.ops import OpsPage
 from pyserver.web.sessions import LOGIN_COOKIE, SESSION_COOKIE, SessionKeeper, WebSession
 from pyserver.web.viewer import FOLDERS, AppServers, Viewer
 
@@ -109,8 +110,11 @@ class WebTier:
         revoked: Callable[[UserToken], bool] | None = None,
         tls: ssl.SSLContext | None = None,
         head_timeout_s: float = 30.0,
+        ops: OpsPage | None = None,
     ) -> None:
         self.servers = servers
+        # the operators' page (/ops, /ops.json); None: not served
+        self.ops = ops
         self.sessions = SessionKeeper(service_key, lifetime_s=session_lifetime_s, revoked=revoked)
         # HTTPS with this context (and cookies marked Secure); None: plain HTTP
         self.tls = tls
@@ -166,6 +170,8 @@ class WebTier:
         get("/api/thread/{thread_id}", self._signed_in(self._api_thread))
         post("/api/thread/{thread_id}/read", self._signed_in(self._api_read, csrf=True))
         get("/live", self._signed_in(self._live))
+        if self.ops is not None:
+            self.ops.add_routes(app)
         app.router.add_static("/static", _HERE / "static", name="static", append_version=True)
         return app
 
