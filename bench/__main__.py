@@ -8,6 +8,7 @@
 `sms`: texts in and out through the SMS gateway against a simulated SMSC.
 `import`: history imported into a single node, alone and beside live load; `corpus`
 writes the mailboxes it imports (`python -m bench corpus --help`).
+`history`: a user's past rebuilt from the log (show, history, restore) against reading it.
 Each prints one JSON object with --json. Every figure of a run is measured in that run.
 The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
@@ -66,6 +67,7 @@ def _print_table(results: dict[str, object]) -> None:
 
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
 SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms", "imap", "import")
+SUITE_MODULES += ("history",)
 # Suites whose module is named otherwise (`import` is a Python keyword).
 MODULE_OF = {"import": "importer"}
 

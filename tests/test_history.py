@@ -9,6 +9,8 @@ import asyncio
 import json
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -34,6 +36,15 @@ from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests.hbase_namespaces import drop_made, fresh_namespace, wait_for_drops
 from tests.support import cli, run, run_cli, serve_cell
+
+
+def run_cli_module(*args: str) -> str:
+    """`python -m ARGS`'s standard output; AssertionError (with its errors) if it fails."""
+    done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    return done.stdout
+
 
 # The clock the mailbox stamps entries with: one second per entry, from this moment.
 T0 = 1_764_000_000 * 1_000_000
@@ -626,3 +637,11 @@ def test_history_show_and_restore_reach_a_users_owner_in_a_cluster(
             await asyncio.to_thread(cli, "cluster", "down", "--cluster", folder, "--grace", "10")
 
     run(scenario, timeout=240)
+
+
+def test_bench_history_measures_show_history_and_restore_against_reading_the_log() -> None:
+    done = run_cli_module("bench", "history", "--quick", "--json")
+    figures = json.loads(done)["history"]
+    assert figures["log_entries"] == 2_100 and figures["restored_messages"] == 400
+    assert figures["show_ratio"] > 0 and figures["history_ratio"] > 0
+    assert figures["ceiling_read_decode_entries_per_s"] > 0 and figures["restore_s"] > 0
