@@ -5,10 +5,11 @@ In one run, on the embedded store, with a corpus from `bench.corpus` (seeded):
 
 * **import alone**: `pyserver import jsonl` of 10,000 users x about 100 messages
   (about 1,000,000 mailbox messages; `--quick`: 200 x 20) into a fresh data
-  folder, timed from the command's start to its end (process start-up and the
-  file's scan included): `import_msgs_per_s`; then `pyserver import tree` of a
-  smaller corpus of mbox files (mail parsed by the MTA's code, bodies and
-  attachments to the blob store): `import_mail_msgs_per_s`.
+  folder, with a worker process per core, timed from the command's start to
+  its end (process start-up and the file's scan included): `import_msgs_per_s`;
+  then `pyserver import tree` of a smaller corpus of mbox files (mail parsed by
+  the MTA's code, bodies and attachments to the blob store):
+  `import_mail_msgs_per_s`.
 * **beside live load**: a cell (`pyserver run`) serves a live user whose
   COUNTS a load generator (`bench.loadgen`, 4 connections, one request in
   flight each) reads for a few seconds alone, then again while `pyserver import
@@ -76,11 +77,15 @@ async def _seed_live_user(host: str, port: int, key: str) -> None:
 
 def _alone(root: Path, users: int, per_user: int) -> dict[str, Any]:
     corpus = generate(root / "corpus", users, per_user, seed=14, formats=("jsonl",))
-    report, seconds = _import(["jsonl", corpus.paths["jsonl"]], root / "alone")
+    workers = str(os.cpu_count() or 1)
+    report, seconds = _import(
+        ["jsonl", corpus.paths["jsonl"], "--workers", workers], root / "alone"
+    )
     if report["messages"] != corpus.copies or report["rejected_count"]:
         raise RuntimeError(f"bench: the import lost messages: {report} vs {corpus.copies}")
     return {
         "users": users,
+        "workers": int(workers),
         "messages": report["messages"],
         "bytes": report["bytes"],
         "seconds": round(seconds, 2),

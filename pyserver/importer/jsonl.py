@@ -15,6 +15,8 @@ makes the records (every check a line can fail is a rejection with a reason).
 from __future__ import annotations
 
 import mimetypes
+import mmap
+import os
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -87,16 +89,25 @@ class JsonLinesSource:
 
     def __init__(self, path: str, blobs: BlobStore, book: AddressBook) -> None:
         self.path = path
-        self.folder = Path(path).resolve().parent
+        self.folder = os.path.dirname(os.path.abspath(path))
         self.blobs = blobs
         self.book = book
+        self._map: mmap.mmap | None = None
 
     def lines(self, places: list[tuple[int, int]]) -> Iterator[tuple[str, bytes]]:
         """(where, line bytes) of these (line number, offset) places."""
-        with open(self.path, "rb") as source:
-            for number, offset in places:
-                source.seek(offset)
-                yield _where(self.path, number), source.readline()
+        if self._map is None:  # the file mapped once: a user's lines are anywhere in it
+            with open(self.path, "rb") as source:
+                self._map = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_READ)
+        data = self._map
+        for number, offset in places:
+            end = data.find(b"\n", offset)
+            yield _where(self.path, number), data[offset : len(data) if end < 0 else end]
+
+    def close(self) -> None:
+        if self._map is not None:
+            self._map.close()
+            self._map = None
 
     async def record(self, user: int, where: str, line: bytes) -> ImportRecord | Rejected:
         """The record of one line for `user`'s mailbox, or why there is none."""
@@ -138,6 +149,9 @@ class JsonLinesSource:
         elif sender_address:
             outside[sender_address.casefold()] = sender_address
         for person in to:
+            if type(person) is int and person > 0 and is_user_id(person):  # the common case
+                participants.add(person)
+                continue
             someone, address = await self._person(person, "to")
             if someone:
                 participants.add(someone)
@@ -154,9 +168,10 @@ class JsonLinesSource:
         if reply is not None and not isinstance(reply, str):
             raise _Refused("in_reply_to: must be the id of another line")
         extra: dict[str, Any] = {}
-        attachments = await self._attachments(item.get("attachments", []))
-        if attachments:
-            extra["attachments"] = attachments
+        if "attachments" in item:
+            attachments = await self._attachments(item["attachments"])
+            if attachments:
+                extra["attachments"] = attachments
         if outside and own:
             extra["to_addresses"] = sorted(outside.values(), key=str.casefold)
         return ImportRecord(
@@ -196,8 +211,8 @@ class JsonLinesSource:
         for item in value:
             if not isinstance(item, dict) or not isinstance(item.get("path"), str):
                 raise _Refused("attachments: each must be an object with a path")
-            file = (self.folder / item["path"]).resolve()
-            if not file.is_relative_to(self.folder):
+            file = Path(os.path.normpath(os.path.join(self.folder, item["path"])))
+            if not str(file).startswith(self.folder + os.sep):
                 raise _Refused(f"attachments: {item['path']!r} is outside the file's folder")
             try:
                 data = file.read_bytes()

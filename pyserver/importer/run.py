@@ -165,6 +165,10 @@ class _Reader:
                 )  # fmt: skip
         return records, rejected
 
+    def close(self) -> None:
+        for source in self._jsonl.values():
+            source.close()
+
 
 def _mail_items(kind: str, path: str) -> Iterator[MailItem | Rejected]:
     return mbox_items(path) if kind == "mbox" else maildir_items(path)
@@ -219,4 +223,6 @@ async def run_import(
                 group.create_task(work())
     except BaseExceptionGroup as failed:  # the first failure, as a plain exception
         raise failed.exceptions[0] from None
+    finally:
+        reader.close()
     return report

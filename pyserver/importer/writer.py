@@ -137,6 +137,7 @@ def _plan(user: int, image: UserImage, batch: Sequence[ImportRecord]) -> _Plan:
     """The entries of the batch's new records, to follow the image's last entry (the image
     is left as it is: it gets them only if a snapshot is written)."""
     answered = _answered(image)
+    conversations: dict[tuple[tuple[int, ...], tuple[str, ...]], str] = {}
     fresh: list[tuple[ImportRecord, str, str]] = []  # (record, message id, thread id)
     seen: set[str] = set()
     for record in batch:
@@ -150,7 +151,10 @@ def _plan(user: int, image: UserImage, batch: Sequence[ImportRecord]) -> _Plan:
         seen.add(message_id)
         thread_id = next((answered[r] for r in record.reply_to if r in answered), None)
         if thread_id is None:
-            thread_id = thread_id_for(record.participants, record.addresses)
+            people = (record.participants, record.addresses)
+            thread_id = conversations.get(people)
+            if thread_id is None:
+                thread_id = conversations[people] = thread_id_for(*people)
         answered.setdefault(record.key, thread_id)
         header = record.extra.get("message_id_header")
         if header:
