@@ -1,4 +1,6 @@
-"""The SMTP server of the MTA proxy: aiosmtpd on the running event loop, feeding `MailIntake`.
+"""The SMTP listeners of the MTA proxy, feeding `MailIntake`: `MtaProxy` serves the MTA port
+with `pyserver.mta.smtpd`'s protocol; `SmtpSession` is aiosmtpd, which the submission
+port (`pyserver.mta.submission`, AUTH) still speaks through.
 
 aiosmtpd speaks the protocol (greeting, EHLO with SIZE, 8BITMIME and
 SMTPUTF8, MAIL, RCPT, RSET, QUIT, timeouts); this module answers RCPT and
@@ -22,6 +24,7 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from pyserver.mta.intake import MailIntake
+from pyserver.mta.smtpd import SmtpProtocol
 
 __all__ = ["MtaProxy", "SmtpSession", "read_data"]
 
@@ -187,19 +190,15 @@ class MtaProxy:
         self.tls = tls
         self._server: asyncio.base_events.Server | None = None
         self._implicit: asyncio.base_events.Server | None = None
-        self._sessions: weakref.WeakSet[SmtpSession] = weakref.WeakSet()
+        self._sessions: weakref.WeakSet[SmtpSession | SmtpProtocol] = weakref.WeakSet()
 
-    def _session(self, starttls: bool = True) -> SmtpSession:
-        session = SmtpSession(
-            self._handler,
-            data_size_limit=self.intake.settings.max_mail_bytes,
-            enable_SMTPUTF8=True,
-            decode_data=False,
+    def _session(self, starttls: bool = True) -> SmtpSession | SmtpProtocol:
+        session = SmtpProtocol(
+            self.intake,
             hostname=self._hostname,
             ident="pyserver MTA proxy",
-            timeout=self._timeout_s,
-            loop=asyncio.get_running_loop(),
-            tls_context=self.tls if starttls else None,
+            timeout_s=self._timeout_s,
+            tls=self.tls if starttls else None,
         )
         self._sessions.add(session)
         return session
@@ -247,7 +246,9 @@ class MtaProxy:
                 await server.wait_closed()
 
 
-def _busy(session: SmtpSession) -> bool:
+def _busy(session: SmtpSession | SmtpProtocol) -> bool:
     """Whether a connection is inside a transaction (after RCPT, before its reply)."""
+    if isinstance(session, SmtpProtocol):
+        return session.in_transaction
     envelope = session.envelope
     return session.transport is not None and envelope is not None and bool(envelope.rcpt_tos)
