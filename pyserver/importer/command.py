@@ -23,6 +23,7 @@ from pyserver.blobs import BLOB_FOLDER, DiskBlobStore
 from pyserver.importer.checkpoint import Checkpoint, default_path
 from pyserver.importer.progress import progress_bar
 from pyserver.importer.run import ImportPlan, plan_jsonl, plan_mailbox, plan_tree, run_import
+from pyserver.importer.throttle import Pace
 from pyserver.importer.workers import run_in_processes
 from pyserver.processes.cell import open_store
 
@@ -44,6 +45,12 @@ def add_parser(commands: Any, default_data: Path, user_id: Callable[[str], int])
         sub.add_argument("--jobs", type=int, default=16, help="users at once per process")
         sub.add_argument(
             "--workers", type=int, default=1, help="processes sharing the users (one per core)"
+        )
+        sub.add_argument(
+            "--rate",
+            type=float,
+            help="messages per second at most (and less while a cell"
+            " serving --data answers slower than at rest)",
         )
         sub.add_argument("--checkpoint", type=Path, help="where to keep progress for resuming")
         sub.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -96,7 +103,7 @@ def _run(args: argparse.Namespace) -> int:
                 asyncio.run(_register(args, plan))
                 report = run_in_processes(
                     plan, data_dir=args.data, checkpoint=checkpoint, workers=args.workers,
-                    jobs=args.jobs, progress=advance,
+                    jobs=args.jobs, progress=advance, rate=args.rate,
                 )  # fmt: skip
             else:
                 report = asyncio.run(_import(args, plan, checkpoint, advance))
@@ -129,7 +136,7 @@ async def _import(args: argparse.Namespace, plan: ImportPlan, checkpoint: Checkp
         async with open_store(args.data) as store:
             return await run_import(
                 plan, store=store, blobs=blobs, checkpoint=checkpoint, jobs=args.jobs,
-                progress=advance,
+                progress=advance, pace=Pace(args.rate), probe=args.data,
             )  # fmt: skip
     finally:
         await blobs.close()

@@ -30,6 +30,8 @@ class ImportReport:
     rejected_count: int = 0
     started: float = field(default_factory=time.monotonic)
     user_ids: set[int] = field(default_factory=set)
+    # the pace kept (pyserver.importer.throttle), when one was
+    pace: dict[str, Any] | None = None
     _rejected_where: set[str] = field(default_factory=set)
 
     def reject(self, item: Rejected) -> None:
@@ -51,6 +53,13 @@ class ImportReport:
         for item in other.rejected:
             self.reject(item)
         self.rejected_count += other.rejected_count - len(other.rejected)
+        if other.pace is not None:
+            if self.pace is None:
+                self.pace = dict(other.pace)
+            else:  # the workers' limits and back-offs add up
+                for name in ("rate_limit", "rate_now", "backoffs"):
+                    if self.pace.get(name) is not None and other.pace.get(name) is not None:
+                        self.pace[name] += other.pace[name]
 
     def to_json(self) -> dict[str, Any]:
         seconds = time.monotonic() - self.started
@@ -64,6 +73,7 @@ class ImportReport:
             "units_resumed": self.units_resumed,
             "seconds": round(seconds, 3),
             "messages_per_s": round(self.messages / seconds, 1) if seconds > 0 else 0.0,
+            **({"pace": self.pace} if self.pace is not None else {}),
         }
 
     def summary(self) -> str:

@@ -27,6 +27,7 @@ from pyserver.importer.maildir import maildir_items
 from pyserver.importer.mbox import MailItem, mbox_items
 from pyserver.importer.records import ImportRecord, Rejected
 from pyserver.importer.report import ImportReport
+from pyserver.importer.throttle import CellProbe, Pace
 from pyserver.importer.writer import UserWriter
 from pyserver.mta.intake import MtaSettings
 from pyserver.store.base import Store
@@ -184,9 +185,13 @@ async def run_import(
     mta: MtaSettings | None = None,
     progress: Progress | None = None,
     register: bool = True,
+    pace: Pace | None = None,
+    probe: Path | None = None,
 ) -> ImportReport:
     """Import the plan's units not yet done; the report of this run. `register`: put the
-    plan's addresses in the address book first (done once, by whoever runs the plan)."""
+    plan's addresses in the address book first (done once, by whoever runs the plan).
+    `pace`: the rate to keep, lowered while the cell serving `probe` (a data folder)
+    answers slower than at rest (pyserver.importer.throttle)."""
     report = ImportReport()
     for item in plan.rejected:
         report.reject(item)
@@ -207,6 +212,8 @@ async def run_import(
             records, rejected = await reader.read(unit)
             for item in rejected:
                 report.reject(item)
+            if pace is not None and (wait := pace.delay(len(records))) > 0:
+                await asyncio.sleep(wait)
             written = await writer.write(unit.user, records)
             checkpoint.mark(unit.key)
             users.add(unit.user)
@@ -217,6 +224,9 @@ async def run_import(
             if progress is not None:
                 progress(len(records) + len(rejected))
 
+    cell = CellProbe(probe, pace) if pace is not None and probe is not None else None
+    if cell is not None and not cell.start():
+        cell = None
     try:
         async with asyncio.TaskGroup() as group:
             for _ in range(max(1, jobs)):
@@ -225,4 +235,8 @@ async def run_import(
         raise failed.exceptions[0] from None
     finally:
         reader.close()
+        if cell is not None:
+            await cell.stop()
+    if pace is not None:
+        report.pace = pace.to_json()
     return report

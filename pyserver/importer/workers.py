@@ -28,6 +28,7 @@ from typing import Any
 from pyserver.importer.checkpoint import Checkpoint
 from pyserver.importer.report import ImportReport
 from pyserver.importer.run import ImportPlan, Progress, Unit, run_import
+from pyserver.importer.throttle import Pace
 
 __all__ = ["run_in_processes"]
 
@@ -46,7 +47,9 @@ def _start_worker(queue: Any, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops them: Ctrl-C is its
 
 
-def _share(units: list[Unit], data_dir: str, checkpoint_path: str, jobs: int) -> ImportReport:
+def _share(
+    units: list[Unit], data_dir: str, checkpoint_path: str, jobs: int, rate: float | None
+) -> ImportReport:
     """One worker's units, run to their end: its report."""
     from pyserver.blobs import BLOB_FOLDER, DiskBlobStore
     from pyserver.processes.cell import open_store
@@ -62,6 +65,7 @@ def _share(units: list[Unit], data_dir: str, checkpoint_path: str, jobs: int) ->
                 return await run_import(
                     ImportPlan(units), store=store, blobs=blobs, checkpoint=checkpoint,
                     jobs=jobs, progress=_progress_queue.put, register=False,
+                    pace=Pace(rate), probe=Path(data_dir),
                 )  # fmt: skip
         finally:
             await blobs.close()
@@ -80,10 +84,12 @@ def run_in_processes(
     workers: int,
     jobs: int,
     progress: Progress | None = None,
+    rate: float | None = None,
 ) -> ImportReport:
     """Run the plan's units not yet done in `workers` processes; the report of the whole.
 
-    The plan's addresses must already be registered (`run_import` with no units does it).
+    The plan's addresses must already be registered. Each worker keeps `rate / workers`
+    (`rate`: messages per second, None for no limit) and backs off on its own.
     """
     report = ImportReport()
     for item in plan.rejected:
@@ -111,7 +117,14 @@ def run_in_processes(
         ) as pool:
             shares = [todo[start::workers] for start in range(workers)]
             futures = [
-                pool.submit(_share, share, str(data_dir), str(checkpoint.path), jobs)
+                pool.submit(
+                    _share,
+                    share,
+                    str(data_dir),
+                    str(checkpoint.path),
+                    jobs,
+                    rate / workers if rate else None,
+                )
                 for share in shares
                 if share
             ]
