@@ -277,6 +277,18 @@ def test_show_refuses_a_time_before_what_a_compacted_log_keeps(tmp_path: Path) -
             assert history.format_time(T0 + 5 * SECOND) in str(refused.value)
         finally:
             await store.close()
+        # without the snapshot, no time can be shown at all
+        with sqlite3.connect(tmp_path / "cell.sqlite") as db:
+            assert db.execute("DELETE FROM snapshots").rowcount >= 1
+        store = SQLiteStore(tmp_path / "cell.sqlite")
+        await store.open()
+        try:
+            with pytest.raises(history.PastUnavailable) as refused:
+                await history.image_at(store, 2, T0 + 60 * SECOND)
+            assert refused.value.earliest_us is None
+            assert "no snapshot covers it: no time can be shown" in str(refused.value)
+        finally:
+            await store.close()
 
     run(go)
 

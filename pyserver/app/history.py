@@ -31,7 +31,7 @@ and the log codec; nothing above it (the mailbox calls it).
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -81,12 +81,15 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 class PastUnavailable(BadRequest):
     """The log no longer reaches back to that time (its beginning was compacted away)."""
 
-    def __init__(self, user_id: int, first_seq: int, earliest_us: int) -> None:
-        super().__init__(
-            f"at: the log of user {user_id} before seq {first_seq} was compacted away; "
-            f"the earliest time that can be shown is {format_time(earliest_us)} "
-            f"(unix {earliest_us / 1e6:.6f})"
-        )
+    def __init__(self, user_id: int, first_seq: int, earliest_us: int | None) -> None:
+        gone = f"at: the log of user {user_id} before seq {first_seq} was compacted away"
+        if earliest_us is None:
+            super().__init__(f"{gone} and no snapshot covers it: no time can be shown")
+        else:
+            super().__init__(
+                f"{gone}; the earliest time that can be shown is {format_time(earliest_us)} "
+                f"(unix {earliest_us / 1e6:.6f})"
+            )
         self.earliest_us = earliest_us
 
 
@@ -138,27 +141,25 @@ def format_time(us: int) -> str:
 # ---- reading the log ----
 
 
-async def _entries(
+async def _pages(
     store: LogStore, user_id: int, after: int = 0, until: int | None = None
-) -> list[list[dict[str, Any]]]:
+) -> AsyncIterator[list[dict[str, Any]]]:
     """The log's entries after seq `after` (up to `until`), decoded, a page at a time."""
-    pages = []
     while until is None or after < until:
         limit = _PAGE if until is None else min(_PAGE, until - after)
         page = await store.read_log(user_id, after, limit)
         if not page:
-            break
+            return
         entries = []
         for seq, record in page:
             entry = logcodec.decode(record)
             if entry["seq"] != seq:
                 raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
             entries.append(entry)
-        pages.append(entries)
+        yield entries
         after = page[-1][0]
         if len(page) < limit:
-            break
-    return pages
+            return
 
 
 async def _bodies(store: LogStore, user_id: int, refs: Iterable[str]) -> dict[str, dict[str, Any]]:
@@ -241,8 +242,9 @@ async def read_history(
     known = await restores(store, user_id)
     items: list[dict[str, Any]] = []
     size = 0
-    pages = await _entries(store, user_id, after, after + limit)
-    for entry in (entry for page in pages for entry in page):
+    entries = [entry async for page in _pages(store, user_id, after, after + limit)
+               for entry in page]  # fmt: skip
+    for entry in entries:
         fields = {k: v for k, v in entry.items() if k not in ("seq", "ts", "action")}
         restore = _restore_of(entry["seq"], known)
         item = {
@@ -297,37 +299,46 @@ class Past:
 
 
 async def image_at(store: LogStore, user_id: int, at_us: int, use_snapshot: bool = True) -> Past:
-    """The user's image as the log made it at `at_us` (see the module docstring)."""
-    pages = await _entries(store, user_id)
-    entries = [entry for page in pages for entry in page]
-    last_seq = entries[-1]["seq"] if entries else 0
-    first_seq = entries[0]["seq"] if entries else 1
-    cutoff = first_seq - 1
-    for entry in entries:
-        if entry["ts"] > at_us:
+    """The user's image as the log made it at `at_us` (see the module docstring).
+
+    Two passes over the log, a page at a time (memory: a page and the image): the
+    first finds where the log starts and where the prefix ends, the second replays
+    the prefix from the snapshot (when `use_snapshot` and it lies inside the prefix,
+    or when the log's beginning is gone) or from the log's first entry.
+    """
+    stored = await store.read_snapshot(user_id)
+    snapshot_seq = stored[0] if stored is not None else -1
+    first_seq: int | None = None
+    cutoff = 0
+    closed = False
+    snapshot_ts = 0  # the latest time among the stored entries up to the snapshot
+    async for page in _pages(store, user_id):
+        for entry in page:
+            if first_seq is None:
+                first_seq, cutoff = entry["seq"], entry["seq"] - 1
+            if not closed:
+                if entry["ts"] <= at_us:
+                    cutoff = entry["seq"]
+                else:
+                    closed = True
+            if entry["seq"] <= snapshot_seq:
+                snapshot_ts = max(snapshot_ts, entry["ts"])
+        if closed and page[-1]["seq"] >= snapshot_seq:
             break
-        cutoff = entry["seq"]
-    start_image: UserImage | None = None
-    start = 0
-    stored = await store.read_snapshot(user_id) if (use_snapshot or first_seq > 1) else None
-    if stored is not None and first_seq - 1 <= stored[0] <= cutoff:
-        try:
-            start_image = UserImage.from_snapshot(stored[1])
-        except LogCorrupt:
-            start_image = None
-        if start_image is not None and start_image.seq == stored[0]:
-            start = stored[0]
-        else:
-            start_image = None
-    if start_image is None and first_seq > 1:
-        raise PastUnavailable(user_id, first_seq, _earliest(entries, stored, first_seq))
+    first_seq = first_seq or 1
+    trimmed = first_seq > 1
+    snapshot = _snapshot_image(stored) if stored is not None else None
+    covers = snapshot is not None and snapshot_seq >= first_seq - 1
+    start_image = None
+    if covers and (use_snapshot or trimmed) and snapshot_seq <= cutoff:
+        start_image = snapshot
+    if start_image is None and trimmed:
+        raise PastUnavailable(user_id, first_seq, snapshot_ts if covers else None)
     image = start_image or UserImage()
-    todo = [entry for entry in entries if start < entry["seq"] <= cutoff]
-    past = Past(image, at_us, cutoff, start, last_seq)
-    for begin in range(0, len(todo), _PAGE):
-        chunk = todo[begin : begin + _PAGE]
-        bodies = await _bodies(store, user_id, (e["body_ref"] for e in chunk if "body_ref" in e))
-        for entry in chunk:
+    past = Past(image, at_us, cutoff, image.seq, await store.last_seq(user_id))
+    async for page in _pages(store, user_id, image.seq, cutoff):
+        bodies = await _bodies(store, user_id, (e["body_ref"] for e in page if "body_ref" in e))
+        for entry in page:
             body = bodies.get(entry["body_ref"]) if "body_ref" in entry else None
             image.apply(entry, body)
             if entry["action"] == "message_added":
@@ -335,15 +346,13 @@ async def image_at(store: LogStore, user_id: int, at_us: int, use_snapshot: bool
     return past
 
 
-def _earliest(
-    entries: list[dict[str, Any]], stored: tuple[int, bytes] | None, first_seq: int
-) -> int:
-    """The earliest time a trimmed log can show: the latest time among the stored entries
-    up to a usable snapshot's position (the end of the log if there is none)."""
-    if stored is not None and stored[0] >= first_seq - 1:
-        covered = [e["ts"] for e in entries if e["seq"] <= stored[0]]
-        return max(covered, default=entries[0]["ts"] if entries else 0)
-    return max((e["ts"] for e in entries), default=0) + 1
+def _snapshot_image(stored: tuple[int, bytes]) -> UserImage | None:
+    """The image a stored snapshot holds, or None if it is unreadable or not at its seq."""
+    try:
+        image = UserImage.from_snapshot(stored[1])
+    except LogCorrupt:
+        return None
+    return image if image.seq == stored[0] else None
 
 
 def show(past: Past, limit: int = SHOW_THREADS[0]) -> dict[str, Any]:
@@ -500,7 +509,7 @@ async def _settlements(
     found: dict[tuple[str, str], dict[str, Any]] = {}
     if not message_ids:
         return found
-    for page in await _entries(store, user_id, after):
+    async for page in _pages(store, user_id, after):
         for entry in page:
             if entry["action"] == "outbound_settled" and entry["message_id"] in message_ids:
                 found[(entry["message_id"], entry["address"])] = entry
