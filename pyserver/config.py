@@ -128,6 +128,10 @@ class Config:
     # discovery instances, "host:port[,host:port...]": app servers reach other cells' users
     # through them, the MTA proxy and the CLI route by them; empty: a cell on its own
     discovery_addrs: str = ""
+    # a discovery instance removes a "moved" marker this long after the move, once every
+    # live instance has seen it (0: never), and looks for such markers this often
+    moved_marker_grace_s: float = 3600.0
+    moved_marker_sweep_s: float = 30.0
     # ---- the MTA proxy (SMTP in; docs/mail.md) ----
     # its SMTP port (`pyserver run` and `pyserver mta`; 0: any free port)
     smtp_port: int = 2525
@@ -442,6 +446,8 @@ def _check_cluster(config: Config) -> None:
             raise ConfigError(f"config {name}: must be positive, not {getattr(config, name)}")
     if config.drain_settle_s < 0:
         raise ConfigError(f"config drain_settle_s: must be >= 0, not {config.drain_settle_s}")
+    if config.moved_marker_grace_s < 0 or config.moved_marker_sweep_s <= 0:
+        raise ConfigError("config moved_marker_grace_s / moved_marker_sweep_s: >= 0 and > 0")
     if config.discovery_addrs:
         try:
             parse_addresses(config.discovery_addrs)

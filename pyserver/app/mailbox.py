@@ -215,6 +215,7 @@ class Mailbox:
         in_other_cell: Callable[[int], Awaitable[bool]] | None = None,
         serving: Callable[[], bool] | None = None,
         outbound_queued: Callable[[int, str], None] | None = None,
+        check_load: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
         # told (after the commit) of each SEND to outside addresses: (sender, message id),
@@ -247,6 +248,7 @@ class Mailbox:
             owns=owns,
             owner_of=owner_of,
             answer_again=self._answer_again,
+            check_load=check_load,
         )
         self._subscribers: dict[int, dict[int, EventCallback]] = {}
         self._subscription_users: dict[int, int] = {}

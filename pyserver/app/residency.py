@@ -93,8 +93,12 @@ class Residency:
         owns: Callable[[int], bool] | None = None,
         owner_of: Callable[[int], str | None] | None = None,
         answer_again: AnswerAgain | None = None,
+        check_load: Callable[[int], Awaitable[None]] | None = None,
     ) -> None:
         self._store = store
+        # asked before a user's image is loaded; raises when this server may not serve
+        # that user (moved to another cell: pyserver.discovery.moved)
+        self._check_load = check_load
         self._snapshot_every = snapshot_every
         self._conflict_retries = conflict_retries
         self._clock = clock
@@ -381,6 +385,8 @@ class Residency:
 
     async def _load(self, user_id: int) -> UserImage:
         """Snapshot + replay of the log after it; cached. The caller holds the user's lock."""
+        if self._check_load is not None:
+            await self._check_load(user_id)
         self._counters["loads"] += 1
         image = UserImage()
         stored = await self._store.read_snapshot(user_id)

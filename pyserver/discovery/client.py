@@ -203,6 +203,11 @@ class ClusterClient:
         """The user's cell as last learnt (None: not known here)."""
         return self._cells.get(user)
 
+    def forget_cells(self, users: Iterable[int]) -> None:
+        """Drop what was learnt of these users' cells (they are moving, or moved)."""
+        for user in users:
+            self._cells.pop(user, None)
+
     async def cell_of(self, user: int, *, fresh: bool = False) -> str:
         """The user's cell: cached, else asked of discovery (which places a new user)."""
         if not fresh:

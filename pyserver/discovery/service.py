@@ -18,7 +18,8 @@ conditional insert, so two instances placing the same new user at once both
 answer the first writer's cell. A cached answer is used unless the user is
 listed under its cached cell (moving or moved): then the directory is read
 again. The service holds no state but that cache, so any number of instances
-can run side by side.
+can run side by side; each records the moves it has seen, and the "moved"
+markers every instance has seen are removed (`pyserver.discovery.moved`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from pyserver.cluster.zk import (
     ZooKeeperUnavailable,
 )
 from pyserver.discovery.directory import Directory
+from pyserver.discovery.moved import MovedMarkers
 from pyserver.errors import BadRequest, NotFound, Unavailable
 from pyserver.snapcache import SnapshotCache
 from pyserver.userid import check_user_id
@@ -214,6 +216,8 @@ class DiscoveryService:
         *,
         cache_users: int = 1_000_000,
         counts_refresh_s: float = 30.0,
+        moved_grace_s: float | None = None,
+        moved_sweep_s: float = 30.0,
     ) -> None:
         self.zk = zk
         self.directory = directory
@@ -221,6 +225,15 @@ class DiscoveryService:
         self.cells.on_frozen(self._forget_frozen)
         # user -> cell name, most recently used kept (the native LRU; weight 1 per entry).
         self._cache = SnapshotCache(max(1, cache_users), max(1, cache_users))
+        # what this instance has seen of moves, and the removal of markers all have seen
+        self.moved = MovedMarkers(
+            zk,
+            lambda: list(self.cells.cells),
+            self._cache.clear,
+            grace_s=moved_grace_s,
+            sweep_s=moved_sweep_s,
+        )
+        self.cells.on_frozen(self.moved.on_frozen)
         self._counts: Counter[str] = Counter()
         self._counts_refresh_s = counts_refresh_s
         self._counts_task: asyncio.Task[None] | None = None
@@ -236,6 +249,11 @@ class DiscoveryService:
 
     async def start(self, timeout_s: float = 10.0) -> None:
         await self.cells.start(timeout_s)
+        try:
+            await self.moved.start()
+        except BaseException:
+            await self.cells.close()
+            raise
         await self._refresh_counts()
         self._counts_task = asyncio.get_running_loop().create_task(self._count_periodically())
 
@@ -244,6 +262,7 @@ class DiscoveryService:
             self._counts_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._counts_task
+        await self.moved.close()
         await self.cells.close()
 
     # ---- what the dispatcher asks of every service ----
@@ -267,6 +286,7 @@ class DiscoveryService:
             "requests": dict(self._requests),
             "cache_users": len(self._cache),
             **dict(self._figures),
+            "moved_markers_removed": self.moved.removed,
             "cells": {
                 name: {"state": cell.view.cell_state, "active": cell.view.active}
                 for name, cell in sorted(self.cells.cells.items())

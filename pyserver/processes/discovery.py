@@ -54,7 +54,14 @@ class DiscoveryProcess:
         try:
             self.directory = Directory(self.store)
             await self.zk.start(timeout_s)
-            self.service = DiscoveryService(self.zk, self.directory, cache_users=self._cache_users)
+            grace = self.config.moved_marker_grace_s
+            self.service = DiscoveryService(
+                self.zk,
+                self.directory,
+                cache_users=self._cache_users,
+                moved_grace_s=grace if grace > 0 else None,
+                moved_sweep_s=self.config.moved_marker_sweep_s,
+            )
             await self.service.start(timeout_s)
             self.server = service_server(
                 self.config,

@@ -105,6 +105,7 @@ class ClusterNode:
                 "owner_of": self._owner_of,
                 "relay": self._relay_copy,
                 "in_other_cell": self._in_other_cell if self.cells is not None else None,
+                "check_load": self._check_cell if self.cells is not None else None,
                 # fenced, draining or not synced: no reply is given from the table
                 "serving": lambda: self.fence.serving,
             },
@@ -119,6 +120,9 @@ class ClusterNode:
         self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
         # from the moment a user is listed, its reads go through the ownership checks
         self.freeze.subscribe(self.mailbox.forget_replies)
+        if self.cells is not None:
+            # a listed user's cell as learnt before may be stale once its marker is gone
+            self.freeze.subscribe(self.cells.forget_cells)
         self.addr = ""
         self.addresses: dict[str, Any] = {}
         self.stopped = asyncio.Event()
@@ -228,6 +232,18 @@ class ClusterNode:
             self.config.cell,
         )
         return await self.cells.cell_of(user_id, fresh=fresh) != self.config.cell
+
+    async def _check_cell(self, user_id: int) -> None:
+        """Before a user's image is loaded: refuse a user the directory places in another
+        cell. Its "moved" marker, which refuses it here, is removed in the end
+        (pyserver.discovery.moved); a client with a stale route is refused here still."""
+        assert self.cells is not None
+        reply = await self.cells.discovery_request(
+            Op.LOOKUP, {"user": user_id, "fresh": True, "place": False}
+        )
+        cell = reply.get("cell")
+        if cell is not None and cell != self.config.cell:
+            raise Unavailable(f"user {user_id} lives in cell {cell} now, not in {self.config.cell}")
 
     async def _relay_copy(self, recipient: int, delivery: Delivery) -> dict[str, Any]:
         """A SEND's copy for a recipient this node does not serve, on that recipient's owner."""
