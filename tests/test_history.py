@@ -19,6 +19,8 @@ from typing import Any
 
 import orjson
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pyserver import logcodec
 from pyserver.app import history
@@ -448,6 +450,82 @@ def test_a_restore_keeps_the_blobs_still_there_and_names_those_gone(tmp_path: Pa
             await blobs.close()
 
     run(go)
+
+
+# One step of a random day of user 2's mailbox: (what, a correspondent or a pick, a folder).
+STEPS = st.lists(
+    st.tuples(
+        st.sampled_from(["receive", "send", "delete", "delete_thread", "move", "read",
+                         "unread", "read_one", "seen", "now"]),
+        st.integers(0, 50),
+        st.sampled_from(["inbox", "other", "archived", "spam"]),
+    ),
+    min_size=1,
+    max_size=40,
+)  # fmt: skip
+
+
+async def _random_day(folder: Path, steps: list[tuple[str, int, str]]) -> None:
+    async with opened(folder) as (m, store, clock):
+        await m.execute(Op.FRIEND_ADD, {"user": 2, "friend": 1})
+        at = clock.now  # the moment restored to: the last "now" step (else the start)
+        for what, pick, where in steps:
+            image = await m._resident.read(2)
+            threads = list(image.threads.values())
+            messages = list(image.messages.values())
+            thread = threads[pick % len(threads)] if threads else None
+            message = messages[pick % len(messages)] if messages else None
+            if what == "now":
+                at = clock.now
+                clock.tick()
+            elif what == "receive":
+                await send(m, (1, 3, 4, 5)[pick % 4], [2], f"to 2, {pick}")
+            elif what == "send":
+                await send(m, 2, [(1, 3, 4, 5)[pick % 4]], f"from 2, {pick}")
+            elif thread is None or message is None:
+                continue
+            elif what == "delete":
+                await m.execute(Op.DELETE, {"user": 2, "thread_id": message.thread_id,
+                                            "message_id": message.message_id})  # fmt: skip
+            elif what == "delete_thread":
+                await m.execute(Op.DELETE, {"user": 2, "thread_id": thread.thread_id})
+            elif what == "move":
+                await m.execute(Op.MOVE, {"user": 2, "thread_id": thread.thread_id,
+                                          "folder": where})  # fmt: skip
+            elif what in ("read", "unread"):
+                op = Op.MARK_READ if what == "read" else Op.MARK_UNREAD
+                await m.execute(op, {"user": 2, "thread_id": thread.thread_id})
+            elif what == "read_one":
+                await m.execute(Op.MARK_READ, {"user": 2, "thread_id": message.thread_id,
+                                               "message_id": message.message_id})  # fmt: skip
+            elif what == "seen":
+                await m.execute(Op.MARK_SEEN, {"user": 2, "folder": where})
+        before = history.restorable_view(await m._resident.read(2))
+        await m.execute(Op.RESTORE, {"user": 2, "at": str(at / SECOND)})
+        now = history.restorable_view(await m._resident.read(2))
+        past = history.restorable_view((await history.image_at(store, 2, at)).image)
+        for thread_id, then in past.items():
+            here = now[thread_id]
+            assert here["folder"] == then["folder"], thread_id
+            assert here["participants"] == then["participants"]
+            for message_id, state in then["messages"].items():
+                assert here["messages"][message_id] == state, message_id
+        # nothing the mailbox held before the restore went away
+        for thread_id, held in before.items():
+            assert held["messages"].keys() <= now[thread_id]["messages"].keys()
+        assert (await m.rebuild(2))["differences"] == []
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(steps=STEPS)
+def test_a_restore_after_any_day_gives_back_that_moments_mailbox(
+    tmp_path_factory: pytest.TempPathFactory, steps: list[tuple[str, int, str]]
+) -> None:
+    run(lambda: _random_day(tmp_path_factory.mktemp("day"), steps))
 
 
 def test_a_restored_mail_to_outside_addresses_is_not_sent_again(tmp_path: Path) -> None:
