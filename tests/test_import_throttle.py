@@ -44,7 +44,8 @@ def _window(pace: Pace, clock: Clock, latency_s: float) -> None:
 def test_the_rate_halves_while_the_cells_p99_is_up_and_climbs_back() -> None:
     clock = Clock()
     pace = Pace(1000, clock=clock, floor=100)
-    _window(pace, clock, 0.001)
+    for _ in range(4):
+        _window(pace, clock, 0.001)
     assert pace.baseline == pytest.approx(0.001) and pace.rate == 1000
     _window(pace, clock, 0.0015)  # within twice the baseline: no change
     assert pace.rate == 1000 and pace.backoffs == 0
@@ -54,6 +55,7 @@ def test_the_rate_halves_while_the_cells_p99_is_up_and_climbs_back() -> None:
     _window(pace, clock, 0.005)
     _window(pace, clock, 0.005)
     assert pace.rate == 100  # never under the floor
+    assert pace.baseline == pytest.approx(0.001)  # the spell of high p99 does not set it
     _window(pace, clock, 0.001)
     assert pace.rate == pytest.approx(125)
     for _ in range(20):
@@ -62,13 +64,24 @@ def test_the_rate_halves_while_the_cells_p99_is_up_and_climbs_back() -> None:
     assert pace.to_json()["backoffs"] == 4
 
 
+def test_one_quiet_window_does_not_set_the_baseline() -> None:
+    clock = Clock()
+    pace = Pace(1000, clock=clock)
+    _window(pace, clock, 0.0001)  # a lucky moment
+    for _ in range(6):
+        _window(pace, clock, 0.001)
+    assert pace.rate == 1000 and pace.baseline == pytest.approx(0.001)
+    assert Pace(1000)._floor == 50 and Pace(100_000)._floor == 5000
+
+
 def test_without_a_limit_the_first_backoff_halves_the_pace_so_far() -> None:
     clock = Clock()
     pace = Pace(None, clock=clock)
-    _window(pace, clock, 0.001)
-    pace.delay(4400)  # 4,400 messages in the 1.1 s since the start
+    for _ in range(4):
+        _window(pace, clock, 0.001)
+    pace.delay(17600)  # 17,600 messages in the 4.4 s since the start
     _window(pace, clock, 0.01)
-    assert pace.rate == pytest.approx(4400 / 2.2 / 2)
+    assert pace.rate == pytest.approx(17600 / 5.5 / 2)
 
 
 def test_an_import_keeps_its_rate(tmp_path: Path) -> None:

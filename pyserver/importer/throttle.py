@@ -4,11 +4,15 @@
 writing a batch of that many messages so that the import stays under its rate
 (a token bucket holding one second of it), and `observe(latency)` takes the
 round-trip times of a probe of the live cell. Every `window_s` the p99 of the
-window's samples is compared with the baseline (the lowest window p99 seen, the
-cell's latency at rest): above `backoff_factor` times it, the rate is halved
-(down to `floor`); otherwise it climbs back by a quarter a window, up to the
-rate asked for (`--rate`). With no rate asked for, the import runs unlimited
-until the first back-off, which halves the pace measured so far.
+window's samples is compared with the baseline, the cell's latency as it
+usually is: the lower quartile of the window p99s seen so far (one lucky quiet
+window does not set it, nor does a spike; nothing changes before four
+windows). Above `backoff_factor` times it, the rate is halved, never under the
+floor (5% of the rate asked for, or of the pace at the first back-off, and at
+least 50 a second: an import is slowed, not starved); otherwise it climbs back
+by a quarter a window, up to the rate asked for (`--rate`). With no rate asked
+for, the import runs unlimited until the first back-off, which halves the pace
+measured so far.
 
 `CellProbe` is the I/O: while a cell serves `--data` (its endpoints file), it
 PINGs it over the binary protocol every `interval_s` and reports each round
@@ -21,6 +25,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import insort
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,6 +37,9 @@ __all__ = ["CellProbe", "Pace"]
 
 log = logging.getLogger(__name__)
 
+# Windows measured before the first back-off may come.
+_WARM_UP_WINDOWS = 4
+
 
 class Pace:
     """A rate limit with back-off on the cell's p99 (see the module docstring)."""
@@ -42,7 +50,7 @@ class Pace:
         *,
         window_s: float = 1.0,
         backoff_factor: float = 2.0,
-        floor: float = 50.0,
+        floor: float | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         if rate is not None and rate <= 0:
@@ -51,7 +59,8 @@ class Pace:
         self.rate = rate
         self._window_s = window_s
         self._factor = backoff_factor
-        self._floor = floor
+        self._floor = floor if floor is not None else (max(50.0, 0.05 * rate) if rate else None)
+        self._window_p99s: list[float] = []
         self._clock = clock
         self._started = clock()
         self._tokens = rate or 0.0
@@ -83,13 +92,14 @@ class Pace:
         p99 = samples[min(len(samples) - 1, int(0.99 * len(samples)))]
         self._samples.clear()
         self._window_start = now
-        if self.baseline is None or p99 < self.baseline:
-            self.baseline = p99
-            if self.rate != self.ceiling and self.rate is not None:
-                self.rate = min(self.ceiling or float("inf"), self.rate * 1.25)
+        insort(self._window_p99s, p99)
+        self.baseline = self._window_p99s[len(self._window_p99s) // 4]
+        if len(self._window_p99s) < _WARM_UP_WINDOWS:  # the baseline is not known yet
             return
         if p99 > self._factor * self.baseline:
             pace = self.rate or self._written / max(now - self._started, 1e-3)
+            if self._floor is None:
+                self._floor = max(50.0, 0.05 * pace)
             self.rate = max(self._floor, pace / 2)
             self.backoffs += 1
         elif self.rate is not None:
