@@ -31,7 +31,7 @@ from pyserver.client import Client
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.discovery.move import copy_log
 from pyserver.errors import BadRequest, Forbidden
-from pyserver.processes.cell import open_mailbox
+from pyserver.processes.cell import open_mailbox, open_store
 from pyserver.servicekey import read_service_key
 from pyserver.store.hbase import HBaseStore
 from pyserver.store.sqlite import SQLiteStore
@@ -625,11 +625,15 @@ def test_admin_restore_on_a_running_cell_is_served_at_once(tmp_path: Path) -> No
                 await client.request(Op.FRIEND_ADD, {"user": 21, "friend": 22})
                 first = await client.send(21, [22], "keep this one")
                 second = await client.send(23, [22], "and this thread")
+                again = await client.send(21, [22], "and this reply")
+                await client.mark_read(22, first["thread_id"], first["message_id"])
                 threads = await client.list_threads(22, "inbox")  # cached by the server now
                 assert len(threads["threads"]) == 1
                 time.sleep(0.05)
                 at = time.time()
                 time.sleep(0.05)
+                await client.mark_unread(22, first["thread_id"])
+                await client.delete(22, first["thread_id"], again["message_id"])
                 await client.delete(22, first["thread_id"])
                 await client.move(22, second["thread_id"], "archived")
                 assert (await client.list_threads(22, "inbox"))["threads"] == []
@@ -641,10 +645,10 @@ def test_admin_restore_on_a_running_cell_is_served_at_once(tmp_path: Path) -> No
         at_iso = history.format_time(int(state["at"] * SECOND))
         shown = json.loads(cli("admin", "show", "--user", "22", "--at", at_iso, "--json",
                                "--data", str(data)))  # fmt: skip
-        assert shown["threads"] == 2 and shown["messages"] == 2
+        assert shown["threads"] == 2 and shown["messages"] == 3
         done = json.loads(cli("admin", "restore", "--user", "22", "--at", str(state["at"]),
                               "--json", "--data", str(data)))  # fmt: skip
-        assert done["messages_restored"] == [state["first"]["message_id"]]
+        assert len(done["messages_restored"]) == 2
         assert done["threads_moved"] == [state["second"]["thread_id"]]
         trail = cli("admin", "history", "--user", "22", "--data", str(data))
         assert trail.count("[restore to ") == done["last_seq"] - done["first_seq"] + 1
@@ -654,9 +658,27 @@ def test_admin_restore_on_a_running_cell_is_served_at_once(tmp_path: Path) -> No
             key = read_service_key(data)
             client = await Client.connect("127.0.0.1", ready["server"]["port"], service_key=key)
             try:
+                # what the running server serves now equals the log replayed up to TIME
+                served: dict[str, Any] = {}
+                for folder in ("inbox", "other", "archived", "sent", "spam"):
+                    for summary in (await client.list_threads(22, folder))["threads"]:
+                        thread = await client.get_thread(22, summary["thread_id"])
+                        served[summary["thread_id"]] = {
+                            "folder": folder,
+                            "participants": summary["participants"],
+                            "messages": {
+                                m["message_id"]: {key: m[key] for key in
+                                                  ("unread", "sender", "channel", "ts",
+                                                   "subject", "text")}
+                                for m in thread["messages"]
+                            },
+                        }  # fmt: skip
+                async with open_store(data) as store:
+                    past = await history.image_at(store, 22, int(state["at"] * SECOND))
+                assert served == history.restorable_view(past.image)
                 inbox = await client.list_threads(22, "inbox")
                 assert [t["thread_id"] for t in inbox["threads"]] == [state["first"]["thread_id"]]
-                assert inbox["threads"][0]["snippet"] == "keep this one"
+                assert inbox["threads"][0]["messages"] == 2
                 other = await client.list_threads(22, "other")
                 assert [t["thread_id"] for t in other["threads"]] == [state["second"]["thread_id"]]
                 trail = await client.request(Op.HISTORY, {"user": 22})
