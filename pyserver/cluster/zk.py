@@ -9,16 +9,22 @@ Wraps aiozk's `ZKClient` with what a cell needs and aiozk does not give:
 * `live` says whether the session is connected *now*. aiozk notices a dead
   connection only when a heartbeat goes unanswered, up to the whole session
   timeout later; this module watches the connection's read loop and suspends
-  the session the moment it ends, which also starts aiozk's reconnection.
+  the session the moment it ends, which also starts aiozk's reconnection. And
+  a session not heard from for two thirds of its timeout (`lease_s`) is not
+  live, whatever aiozk believes: a process stopped (SIGSTOP, a stall) longer
+  than its session wakes up fenced, before it has read ZooKeeper's goodbye.
 * Reconnection attempts are at most `_RECONNECT_MAX_S` apart (aiozk's own
   back-off grows to 60 s, far longer than a session lives).
 * Listeners hear every change of state ("connected", "suspended", "lost"), of
   session id, and every new connection ("connected" again): a new id after
   "connected" means the old session expired, and with it every ephemeral node
   it held (aiozk restores watches, not ephemerals).
-* After each new connection the watches are restored on that connection,
-  bounded in time; aiozk's own restore waited for a connected session, so a
-  connection lost right then hung its reconnection for good.
+* Making a connection is bounded by the call timeout, and after each new
+  connection the watches are restored on that connection, bounded too: aiozk
+  waited on a connect or its `srvr` probe as long as TCP held them (a minute
+  against a ZooKeeper starting), and its restore of the watches waited for a
+  connected session, so a connection lost right then hung its reconnection
+  for good.
 * Paths are relative to a chroot whose nodes are created persistent:
   aiozk's `ensure_path` (and its own chroot support) creates container nodes,
   which ZooKeeper deletes once their last child is gone.
@@ -36,12 +42,14 @@ import base64
 import contextlib
 import hashlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
 import aiozk
 import aiozk.session
 from aiozk import exc, protocol
+from aiozk.connection import Connection
 from aiozk.states import States
 
 from pyserver.errors import Forbidden, Unavailable
@@ -152,6 +160,9 @@ class ZooKeeper:
         self._listeners: list[StateListener] = []
         self._monitor: asyncio.Task[None] | None = None
         self._closed = False
+        # when ZooKeeper was last heard from (time.monotonic(), which runs on while the
+        # process is stopped)
+        self._last_heard = float("-inf")
 
     # ---- life ----
 
@@ -211,6 +222,7 @@ class ZooKeeper:
 
         async def prepare_connection() -> None:
             conn = session.conn
+            self._hear_on(conn)
             try:
                 if self._auth:
                     credentials = self._auth.encode("utf-8")
@@ -234,6 +246,41 @@ class ZooKeeper:
                     session.state.transition_to(States.SUSPENDED)
 
         session.set_existing_watches = prepare_connection
+
+        async def make_connection(host: str, port: int) -> Any:
+            """aiozk's own, bounded: it opens a connection for the `srvr` probe, reads the
+            answer to its end, then opens the session's connection, waiting as long as each
+            takes. A ZooKeeper starting (listening, not yet accepting) or shutting down
+            holds a connect or that read for a minute (TCP's SYN retries): the reconnection
+            waited that long, the session expired meanwhile, and the node stayed fenced."""
+            conn = Connection(
+                host, port, watch_handler=session.event_dispatch, read_timeout=session.read_timeout
+            )
+            try:
+                async with asyncio.timeout(min(self.call_timeout_s, 2 * session.read_timeout)):
+                    await conn.connect()
+            except asyncio.CancelledError:
+                _close_quietly(conn)
+                raise
+            except Exception as error:
+                log.info("no connection to zookeeper %s:%s: %r", host, port, error)
+                _close_quietly(conn)
+                return None
+            return conn
+
+        session.make_connection = make_connection
+
+    def _hear_on(self, conn: Any) -> None:
+        """Note the time of every reply and event read on `conn` (for `live`)."""
+        self._last_heard = time.monotonic()
+        read_response = conn.read_response
+
+        async def read_and_note(*args: Any, **kwargs: Any) -> Any:
+            response = await read_response(*args, **kwargs)
+            self._last_heard = time.monotonic()
+            return response
+
+        conn.read_response = read_and_note
 
     async def _on_connection(self, conn: Any, request: Any, xid: int | None = None) -> None:
         """Send one request on `conn` and wait for its reply, for at most the call timeout;
@@ -328,7 +375,17 @@ class ZooKeeper:
             return False
         conn = session.conn
         task = conn.read_loop_task if conn is not None else None
-        return task is not None and not task.done()
+        if task is None or task.done():
+            return False
+        return time.monotonic() - self._last_heard < self.lease_s
+
+    @property
+    def lease_s(self) -> float:
+        """How long after ZooKeeper's last word the session still counts as live: two thirds
+        of the session timeout. aiozk pings every third of it; a process that has heard
+        nothing for longer (stopped, starved) may have lost its session without knowing,
+        and another node may serve its users already."""
+        return self.negotiated_timeout_s * 2 / 3
 
     def add_listener(self, listener: StateListener) -> None:
         """Call `listener(state, session_id)` on every change of state or session (on the loop)."""
@@ -494,6 +551,12 @@ class ZooKeeper:
         for event in events:
             if callback in callbacks.get((event, absolute), ()):
                 self.client.session.remove_watch_callback(event, absolute, callback)
+
+
+def _close_quietly(conn: Any) -> None:
+    if conn.writer is not None:
+        with contextlib.suppress(Exception):
+            conn.writer.close()
 
 
 def _next_xid(session: Any) -> int:

@@ -11,7 +11,10 @@ to `target` ("host:port"). Besides plain relaying it can be told, once each:
 * `refuse_next_connect()`: the next session connection is closed as soon as its
   ConnectRequest arrives, unanswered (a server still starting does that), which
   makes aiozk give the session up and open a new one;
-* `drop_all()`: close every relayed connection now.
+* `drop_all()`: close every relayed connection now;
+* `hold = True`: connections made from now on are accepted and never answered
+  (a ZooKeeper listening but not yet serving, or going away), until `hold` is
+  False again (those held stay unanswered).
 
 Four-letter-word probes (`srvr`, which aiozk sends on a connection of its own
 before each session connection) are always relayed untouched.
@@ -39,6 +42,8 @@ class ZooKeeperCut:
         self._tasks: set[asyncio.Task[None]] = set()
         self._cut_after_connect = False
         self._refuse_connect = False
+        self.hold = False
+        self.held = 0
         self.cuts = 0
         self.address = ""
 
@@ -75,6 +80,15 @@ class ZooKeeperCut:
         assert task is not None
         self._tasks.add(task)
         server_out: asyncio.StreamWriter | None = None
+        if self.hold:
+            self.held += 1
+            self._writers.add(client_out)
+            with contextlib.suppress(OSError):
+                while await client_in.read(65_536):
+                    pass  # read and never answer
+            client_out.transport.abort()
+            self._tasks.discard(task)
+            return
         try:
             server_in, server_out = await asyncio.open_connection(*self._target)
             self._writers.update((client_out, server_out))
