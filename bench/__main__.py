@@ -9,6 +9,7 @@
 `import`: history imported into a single node, alone and beside live load; `corpus`
 writes the mailboxes it imports (`python -m bench corpus --help`).
 `history`: a user's past rebuilt from the log (show, history, restore) against reading it.
+`chaos`: faults under load for --minutes (seed --seed), then a Jepsen-style checker.
 Each prints one JSON object with --json. Every figure of a run is measured in that run.
 The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
@@ -68,16 +69,19 @@ def _print_table(results: dict[str, object]) -> None:
 # Each suite but `micro` is a module of bench/ with `run(quick) -> dict`.
 SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms", "imap", "import")
 SUITE_MODULES += ("history",)
+SUITE_MODULES += ("chaos",)
 # Suites whose module is named otherwise (`import` is a Python keyword).
 MODULE_OF = {"import": "importer"}
 
 
-def _suite(name: str, tls: bool = False) -> Callable[[bool], dict[str, object]]:
+def _suite(name: str, tls: bool = False, **chaos: object) -> Callable[[bool], dict[str, object]]:
     if name == "micro":
         return _micro
     module = importlib.import_module(f"bench.{MODULE_OF.get(name, name)}")
     if tls:  # only the suites that can run over TLS take it
         return lambda quick: module.run(quick=quick, tls=True)
+    if name == "chaos":
+        return lambda quick: module.run(quick=quick, **chaos)
     return lambda quick: module.run(quick=quick)
 
 
@@ -94,13 +98,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tls", action="store_true", help="server: the cost of TLS (plain and mutual TLS)"
     )
+    parser.add_argument("--minutes", type=float, help="chaos: how long the faults run")
+    parser.add_argument("--seed", type=int, help="chaos: the seed of the faults and the load")
     args = parser.parse_args(argv)
     if args.tls and args.suite != "server":
         parser.error("--tls goes with the server suite")
+    if (args.minutes is not None or args.seed is not None) and args.suite != "chaos":
+        parser.error("--minutes and --seed go with the chaos suite")
 
     _require_native()
     started = time.perf_counter()
-    results = _suite(args.suite, args.tls)(args.quick)
+    chaos = {"minutes": args.minutes, "seed": args.seed} if args.suite == "chaos" else {}
+    results = _suite(args.suite, args.tls, **chaos)(args.quick)
     results["meta"] = {
         "suite": args.suite + (" --tls" if args.tls else ""),
         "python": platform.python_version(),

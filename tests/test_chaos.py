@@ -1,0 +1,49 @@
+"""`python -m bench chaos`: a short soak (2 cells x 3 nodes on HBase, every kind of fault
+under a mixed load) after which the checker finds nothing lost, doubled, forked, gone back
+in time, written by a stale owner or miscounted, and every user served again within the
+ZooKeeper session timeout plus 5 s of the end of each fault. The checker's own logic is
+tested in test_chaos_check.py; the 20-minute soak's report is in docs/reliability.md."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pyserver.implementation import PURE_FORCED
+from tests.cluster_harness import REPO
+
+# Seconds of faults: with the cluster's start and the quiescing, about 2.5 minutes here.
+MINUTES = "1.5"
+
+
+@pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
+def test_a_short_chaos_soak_finds_nothing_wrong(
+    zookeeper: str, hbase_thrift: tuple[str, int]
+) -> None:
+    seed = os.environ.get("PYSERVER_CHAOS_SEED", str(int.from_bytes(os.urandom(3), "big")))
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "chaos", "--minutes", MINUTES, "--seed", seed, "--json"],
+        capture_output=True, text=True, timeout=600, cwd=REPO,
+        env={k: v for k, v in os.environ.items() if k != "PYSERVER_CHAOS_FAULTS"},
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout)
+    report = result["chaos"]
+    summary = {k: v for k, v in report.items() if k != "episode_log"}
+    print(f"\nchaos seed {seed}: {json.dumps(summary)}")
+    for figure in ("lost_writes", "doubled_writes", "gaps", "forks", "monotonic_violations",
+                   "stale_owner_writes", "count_mismatches"):  # fmt: skip
+        assert report[figure] == 0, (figure, seed, report["examples"], result["settings"])
+    assert report["unavailable_within_target"], (seed, report["max_unavailable_s"])
+    # the soak did what it says: faults of every kind, under load, checked
+    assert set(report["faults"]) == {
+        "kill_node", "pause_owner", "zookeeper", "discovery", "memcached", "mta_mid_data",
+    }, report["faults"]  # fmt: skip
+    assert report["stale_owner_tries"] > 0
+    assert report["acknowledged_writes"] > 100 and report["reads"] > 100
+    assert report["load"]["mails"] > 0 and report["load"]["user_moves"] > 0
+    assert report["counts_checked"] == result["settings"]["users"]
