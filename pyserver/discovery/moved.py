@@ -24,6 +24,10 @@ instance either has seen a marker or holds no cached cell from before it. A new
 instance starts with an empty cache. The grace period covers a LOOKUP that read the
 directory before the move's flip and is still under way (it would cache the old cell).
 
+An instance whose ZooKeeper identity is read-only (ACLs: `pyserver cluster up --tls`)
+records nothing and removes nothing; the markers are then kept, as before. (All of a
+cluster's discovery instances sign in alike.)
+
 The old cell's app servers no longer refuse the user once the marker is gone: they
 check the user's cell with discovery when they load its image (`pyserver.processes.node`),
 so a client with a stale route is still refused there.
@@ -41,7 +45,14 @@ from collections.abc import Callable
 import orjson
 
 from pyserver.cluster import freeze
-from pyserver.cluster.zk import BadVersion, NodeExists, NoNode, ZooKeeper, ZooKeeperUnavailable
+from pyserver.cluster.zk import (
+    BadVersion,
+    NodeExists,
+    NoNode,
+    ZooKeeper,
+    ZooKeeperForbidden,
+    ZooKeeperUnavailable,
+)
 
 __all__ = ["INSTANCES", "SEEN_PREFIX", "MovedMarkers", "seen_by"]
 
@@ -88,10 +99,18 @@ class MovedMarkers:
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.removed = 0
+        self.disabled = False  # a read-only ZooKeeper identity: markers are kept
 
     async def start(self) -> None:
         self._session = self.zk.session_id
-        await self._register()
+        try:
+            await self._register()
+        except ZooKeeperForbidden as refused:
+            # Discovery signed in read-only (ZooKeeper ACLs, `pyserver cluster up --tls`):
+            # it can record nothing, so no instance may remove what it has not seen.
+            log.warning("moved markers are kept: this instance may not write: %s", refused)
+            self.disabled = True
+            return
         self.zk.add_listener(self._on_session)
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._record_changes()))
@@ -99,6 +118,8 @@ class MovedMarkers:
             self._tasks.append(loop.create_task(self._sweep_periodically()))
 
     async def close(self) -> None:
+        if self.disabled:
+            return
         self.zk.remove_listener(self._on_session)
         for task in self._tasks:
             task.cancel()
@@ -131,6 +152,8 @@ class MovedMarkers:
 
     def on_frozen(self, cell: str, users: frozenset[int]) -> None:
         """A cell's listed users changed (called after the cache dropped them)."""
+        if self.disabled:
+            return
         self._pending[cell] = users
         self._wake.set()
 
@@ -144,6 +167,10 @@ class MovedMarkers:
                     await self._register()
                 for cell, users in pending.items():
                     await self._record(cell, users)
+            except ZooKeeperForbidden as refused:
+                log.warning("moved markers: this instance may not record them: %s", refused)
+                self.disabled = True
+                return
             except ZooKeeperUnavailable as error:
                 log.info("moved markers: not recorded now: %s", error)
                 self._pending = {**pending, **self._pending}
