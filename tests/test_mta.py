@@ -23,6 +23,7 @@ from email import policy
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import dkim
 import pytest
@@ -587,6 +588,56 @@ def test_big_attachments_decode_exactly_as_the_email_package_does(size, line, cr
     assert parsed.text == "see attached"
     if size >= MIN_RUN:
         assert len(skeleton_of(raw).data) < len(raw) // 4, "the big body was set aside"
+
+
+def _parsed_fields(raw: bytes) -> dict[str, Any]:
+    parsed = parse_mail(raw)
+    fields = {name: getattr(parsed, name) for name in parsed.__slots__ if name != "attachments"}
+    fields["attachments"] = [
+        (a.name, a.content_type, b"".join(a.pieces())) for a in parsed.attachments
+    ]
+    return fields
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    chunk=st.lists(
+        st.sampled_from([b"=", b"=\n", b"=41", b"=\r\n", b"\xe9", b"--x", b"a", b" ", b"\n",
+                         b".", b":", b"\r", b"\x00", b"==", b"=C3=A9", b"From: b"]),
+        max_size=80,
+    ).map(b"".join),
+    content_type=st.sampled_from(
+        ["", "text/plain", "text/plain; charset=utf-8", "TEXT/HTML; charset=latin-1",
+         "text/plain;\n charset=\"cp1252\"", "application/pdf", "multipart/mixed; boundary=x"]
+    ),
+    encoding=st.sampled_from(["", "7bit", "8bit", "quoted-printable", "base64", "binary"]),
+    disposition=st.sampled_from(["", "attachment; filename=a.txt"]),
+    crlf=st.booleans(),
+    odd_header=st.booleans(),
+)  # fmt: skip
+def test_a_big_one_part_body_parses_exactly_as_the_email_package_does(
+    chunk, content_type, encoding, disposition, crlf, odd_header
+):
+    headers = ["From: a@example.org", "Subject: big"]
+    if content_type:
+        headers.append(f"Content-Type: {content_type}")
+    if encoding:
+        headers.append(f"Content-Transfer-Encoding: {encoding}")
+    if disposition:
+        headers.append(f"Content-Disposition: {disposition}")
+    if odd_header:
+        headers.append("this line is no header")
+    body = chunk * (MIN_RUN // max(1, len(chunk)) + 1) if chunk else b"x" * MIN_RUN
+    end = b"\r\n" if crlf else b"\n"
+    raw = end.join(h.encode() for h in headers) + end + end + body
+    if crlf:
+        raw = raw.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+    fast = _parsed_fields(raw)
+    with mock.patch("pyserver.mta.skeleton._plain_body", return_value=None):
+        assert fast == _parsed_fields(raw)  # the email package's reading, body and all
+    plain = not content_type or content_type.lower().startswith("text/")
+    if plain and encoding != "base64":
+        assert len(skeleton_of(raw).data) < 1000, "the body was set aside"
 
 
 @settings(max_examples=60, deadline=None)

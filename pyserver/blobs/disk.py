@@ -133,19 +133,22 @@ class _BlobFile:
 class _Writer:
     """A blob being written to a temporary file (used from one thread at a time)."""
 
-    def __init__(self, store: DiskBlobStore) -> None:
+    def __init__(self, store: DiskBlobStore, digest: Any = None) -> None:
+        """`digest`: the sha256 of everything that will be written, when known already."""
         self._store = store
         fd, name = _mkstemp(store.tmp_dir)
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb")
-        self._digest = hashlib.sha256()
+        self._known = digest is not None
+        self._digest = digest if digest is not None else hashlib.sha256()
         self._crcs: list[int] = []
         self._chunk_crc = 0
         self._chunk_fill = 0
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        self._digest.update(data)
+        if not self._known:
+            self._digest.update(data)
         self._file.write(data)
         self.size += len(data)
         chunk_size = CHUNK_SIZE
@@ -403,11 +406,12 @@ class DiskBlobStore(BlobStore):
 
     def _put_bytes(self, data: bytes) -> BlobInfo:
         # Whole bytes: hash first, and skip the write when the blob is stored already.
-        ref = hashlib.sha256(data).hexdigest()
+        digest = hashlib.sha256(data)
+        ref = digest.hexdigest()
         path = self.path_of(ref)
         if self.holds(path, len(data)) and self.refresh(path):
             return BlobInfo(ref, len(data))
-        writer = _Writer(self)
+        writer = _Writer(self, digest)  # hashed once
         try:
             writer.write(data)
             return writer.finish()

@@ -39,6 +39,12 @@ _MESSAGE_ID = re.compile(r"<[^<>\s]*>")
 # Attached whole messages (kept as .eml files).
 _MAIL_TYPES = ("message/rfc822", "message/global")
 _NAME_JUNK = re.compile(r"[\x00-\x1f\x7f/\\]+")
+# Charsets in which a CR or LF byte is always that character (line ends are made "\n"
+# before decoding).
+_ASCII_LINE_ENDS = frozenset(
+    ["us-ascii", "ascii", "utf-8", "utf8", "iso-8859-1", "latin-1", "latin1", "iso-8859-15",
+     "windows-1252", "cp1252", "unknown-8bit", "x-unknown"]
+)  # fmt: skip
 # Defects that mean the structure itself could not be read as MIME.
 _STRUCTURAL = (
     email_errors.MissingHeaderBodySeparatorDefect,
@@ -234,8 +240,8 @@ class _Reader:
             elif maintype == "multipart":
                 # a multipart whose parts could not be found: its text is the body
                 mail.malformed = True
-                self._settle(part)
-                texts.append(_lines(clean(str(part.get_payload()))))
+                payload = self.skeleton.restore(str(part.get_payload()))
+                texts.append(_lines(clean(payload)))
             else:
                 mail.attachments.append(self._attachment(part, len(mail.attachments) + 1))
         mail.text = "\n\n".join(text.strip("\n") for text in texts if text.strip())
@@ -270,12 +276,15 @@ class _Reader:
         return found
 
     def _settle(self, part: Message) -> str | None:
-        """The token of a set-aside base64 body; otherwise puts any token in the part back."""
+        """The token of a set-aside base64 or whole plain body; otherwise puts any token in
+        the part back."""
         payload = part.get_payload()
         if not isinstance(payload, str):
             return None
         token = self.skeleton.token_of(payload)
-        if token is not None and _transfer_encoding(part) == "base64":
+        if token is not None and (
+            token in self.skeleton.plain or _transfer_encoding(part) == "base64"
+        ):
             return token
         restored = self.skeleton.restore(payload)
         if restored is not payload:
@@ -295,8 +304,10 @@ class _Reader:
     def _text_of(self, part: Message) -> str:
         """A text part's content as Unicode, HTML turned into text."""
         charset = part.get_content_charset() or "us-ascii"
-        text = _decode_text(self._decoded(part), charset, self.mail.defects)
-        text = _lines(text)
+        data = self._decoded(part)
+        if charset.lower() in _ASCII_LINE_ENDS and b"\r" in data:
+            data = _byte_lines(data)  # cheaper on bytes than on the decoded text
+        text = _lines(_decode_text(data, charset, self.mail.defects))
         if part.get_content_subtype() == "html":
             text = html_to_text(text)
         return clean(text)
@@ -370,7 +381,17 @@ def _safe_name(name: str) -> str:
 
 def _lines(text: str) -> str:
     """Text with its line ends made "\\n"."""
+    if "\r" not in text:
+        return text
     return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _byte_lines(data: bytes) -> bytes:
+    """`_lines` on the bytes of an ASCII-compatible charset (CR and LF are single bytes that
+    are never part of another character)."""
+    if data.count(b"\r") == data.count(b"\r\n"):
+        return data.translate(None, b"\r")  # every CR ends a CRLF: deleting them is enough
+    return data.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
 
 
 def _transfer_encoding(part: Message) -> str:

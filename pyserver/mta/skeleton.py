@@ -9,6 +9,14 @@ small skeleton; a part whose body is a token is decoded straight from the
 original bytes (`decode`), in pieces, and any other text the token landed in
 is put back exactly as it was (`restore`).
 
+A message that is one big text part (no MIME structure below its headers: a
+text/* type or none, in 7bit, 8bit, binary or quoted-printable) has its whole
+body set aside the same way: the parser reads the headers alone, and `decode`
+gives the body's bytes as the `email` package would (quoted-printable through
+the same `binascii.a2b_qp`). Should the parser read the headers differently
+(a line that is no header ends them early), the token is inside other text
+and is put back, so the result is the parser's own.
+
 Only runs of nothing but the alphabet and line ends, with `=` only at the end,
 are set aside; `decode` (pybase64, SIMD) refuses a run whose length is not a
 whole number of base64 quads, and the caller then puts the run back and lets
@@ -18,6 +26,8 @@ the `email` package decode it, so the bytes are always exactly those the
 
 from __future__ import annotations
 
+import binascii
+import re
 import secrets
 from dataclasses import dataclass, field
 
@@ -31,6 +41,12 @@ MIN_RUN = 32 << 10
 _SCAN_STEP = 1 << 20
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _LINE_ENDS = b"\r\n"
+# A one-part message's headers that say how to read its body (folded lines included).
+_BODY_HEADER = re.compile(
+    rb"^(content-type|content-transfer-encoding)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M
+)
+# Transfer encodings of a body set aside whole (base64 bodies are base64 runs).
+_PLAIN_ENCODINGS = (b"", b"7bit", b"8bit", b"binary", b"quoted-printable")
 
 
 @dataclass(slots=True)
@@ -41,6 +57,8 @@ class Skeleton:
     data: bytes
     nonce: str = ""
     runs: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # the token of a one-part message's whole body, and its transfer encoding
+    plain: dict[str, bytes] = field(default_factory=dict)
 
     def token_of(self, payload: str) -> str | None:
         """The token a body consists of (bar surrounding line ends), if it is one."""
@@ -55,19 +73,30 @@ class Skeleton:
             return text
         for token, (start, end) in self.runs.items():
             if token in text:
-                text = text.replace(token, self.raw[start:end].decode("ascii"))
+                # as the parser reads bytes: ASCII, other bytes as surrogates
+                run = self.raw[start:end].decode("ascii", "surrogateescape")
+                text = text.replace(token, run)
         return text
 
     def decode(self, token: str) -> bytes:
-        """The decoded bytes of a set-aside base64 body; ValueError if it is not whole quads."""
+        """The decoded bytes of a set-aside body; ValueError if a base64 one is not whole
+        quads."""
         start, end = self.runs[token]
-        return pybase64.b64decode(memoryview(self.raw)[start:end])
+        encoding = self.plain.get(token)
+        if encoding is None:
+            return pybase64.b64decode(memoryview(self.raw)[start:end])
+        if encoding == b"quoted-printable":
+            return binascii.a2b_qp(memoryview(self.raw)[start:end])
+        return self.raw[start:end]
 
 
 def skeleton_of(raw: bytes) -> Skeleton:
     """The message with its large, well-formed base64 bodies replaced by tokens."""
     if len(raw) < MIN_RUN:
         return Skeleton(raw, raw)
+    plain = _plain_body(raw)
+    if plain is not None:
+        return _set_aside(raw, [plain[:2]], plain[2])
     runs: list[tuple[int, int]] = []
     # Each body follows a boundary line (a line starting with "--") or the message start;
     # "--" never occurs in base64, so looking for it skips over the big bodies quickly.
@@ -83,6 +112,11 @@ def skeleton_of(raw: bytes) -> Skeleton:
             run = _base64_run(raw, start, end)
             if run is not None:
                 runs.append(run)
+    return _set_aside(raw, runs)
+
+
+def _set_aside(raw: bytes, runs: list[tuple[int, int]], encoding: bytes | None = None) -> Skeleton:
+    """The skeleton with these runs set aside (`encoding`: one plain body's)."""
     if not runs:
         return Skeleton(raw, raw)
     nonce = secrets.token_hex(8)
@@ -94,11 +128,39 @@ def skeleton_of(raw: bytes) -> Skeleton:
     for n, (start, end) in enumerate(runs):
         token = f"PYSRV{nonce}N{n}"
         skeleton.runs[token] = (start, end)
+        if encoding is not None:
+            skeleton.plain[token] = encoding
         pieces += [raw[done:start], token.encode()]
         done = end
     pieces.append(raw[done:])
     skeleton.data = b"".join(pieces)
     return skeleton
+
+
+def _plain_body(raw: bytes) -> tuple[int, int, bytes] | None:
+    """(start, end, transfer encoding) of the body of a message that is one big text part."""
+    first_line_end = raw.find(b"\n")
+    if first_line_end <= 0:
+        return None
+    crlf = raw[first_line_end - 1] == 0x0D
+    blank = raw.find(b"\r\n\r\n" if crlf else b"\n\n")
+    if blank == -1:
+        return None
+    body = blank + (4 if crlf else 2)
+    if len(raw) - body < MIN_RUN:
+        return None
+    found: dict[bytes, bytes] = {}
+    for header in _BODY_HEADER.finditer(raw, 0, blank + 1):
+        name = header.group(1).lower()
+        if name in found:
+            return None  # said twice: left to the parser
+        found[name] = b" ".join(header.group(2).split()).lower()
+    if not found.get(b"content-type", b"text/plain").startswith(b"text/"):
+        return None
+    encoding = found.get(b"content-transfer-encoding", b"")
+    if encoding not in _PLAIN_ENCODINGS:
+        return None
+    return body, len(raw), encoding
 
 
 def _base64_run(raw: bytes, start: int, end: int) -> tuple[int, int] | None:

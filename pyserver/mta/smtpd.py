@@ -31,6 +31,7 @@ __all__ = ["DataReader", "SmtpProtocol"]
 log = logging.getLogger(__name__)
 
 _END = b"\r\n.\r\n"
+_DOT_LINE = b"\r\n."
 # the longest command line taken (RFC 5321's 512 plus room for extension parameters)
 _COMMAND_LIMIT = 2048
 # input kept while a RCPT or DATA is being answered, before reading pauses
@@ -46,41 +47,48 @@ class DataReader:
     message with its dot-stuffing undone, or None when it was over `limit` bytes (read to
     its end all the same, so the connection stays in step)."""
 
-    __slots__ = ("_data", "_limit", "_over", "_scanned", "ended")
+    __slots__ = ("_data", "_limit", "_over", "_scanned", "_stuffed", "ended")
 
     def __init__(self, limit: int) -> None:
         # the DATA line's CRLF starts the buffer, so an empty message's "." line is found too
         self._data = bytearray(b"\r\n")
         self._limit = limit
         self._over = False
-        self._scanned = 0
+        self._scanned = 0  # where the next look for a line starting with "." begins
+        self._stuffed = False  # a line of the message starts with "."
         self.ended = False
 
     def feed(self, block: bytes | bytearray) -> bytes | None:
         data = self._data
         data += block
-        end = data.find(_END, self._scanned)
-        if end < 0:
-            self._scanned = max(0, len(data) - (len(_END) - 1))
-            if len(data) - 2 > self._limit + len(_END):
-                # over the limit: keep only the tail the terminator could start in
-                self._over = True
-                del data[: self._scanned]
-                self._scanned = 0
-            return None
-        self.ended = True
-        rest = bytes(data[end + len(_END) :])
-        del data[end + 2 :]  # the message keeps its last line's CRLF
-        if len(data) - 2 > self._limit:
+        # one pass finds both the lines that start with "." and the terminating one
+        at = data.find(_DOT_LINE, self._scanned)
+        while at >= 0:
+            if len(data) < at + len(_END):  # maybe the end: decided by the next block
+                break
+            if data[at + 3 : at + 5] == b"\r\n":
+                self.ended = True
+                rest = bytes(data[at + len(_END) :])
+                del data[at + 2 :]  # the message keeps its last line's CRLF
+                if len(data) - 2 > self._limit:
+                    self._over = True
+                return rest
+            self._stuffed = True
+            at = data.find(_DOT_LINE, at + 3)
+        self._scanned = max(0, len(data) - (len(_END) - 1)) if at < 0 else at
+        if len(data) - 2 > self._limit + len(_END):
+            # over the limit: keep only the tail the terminator could start in
             self._over = True
-        return rest
+            del data[: self._scanned]
+            self._scanned = 0
+        return None
 
     def content(self) -> bytes | None:
         if self._over:
             return None
         data = self._data
         # RFC 5321 4.5.2: a line's leading "." was added by the sender; take it away
-        if b"\r\n." in data:
+        if self._stuffed:
             data = data.replace(b"\r\n.", b"\r\n")
         with memoryview(data) as view:
             return bytes(view[2:])
