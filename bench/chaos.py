@@ -69,6 +69,8 @@ class Soak:
         self.episodes: list[dict[str, Any]] = []
         # the faults drawn from (PYSERVER_CHAOS_FAULTS=a,b to try a few; default: all)
         self.allowed = [n for n in os.environ.get("PYSERVER_CHAOS_FAULTS", "").split(",") if n]
+        if not self.allowed and cluster.store_kind != "hbase":
+            self.allowed = [n for n in FAULTS if n != "thrift_gateway"]
         unknown = set(self.allowed) - set(FAULTS)
         if unknown:
             raise ValueError(f"PYSERVER_CHAOS_FAULTS: no fault named {sorted(unknown)}")

@@ -5,7 +5,9 @@
 * a ZooKeeper and two memcached of its own (`scripts/engines` with a private
   folder and free ports: the shared engines are never stopped);
 * the store: a namespace of its own in the shared HBase (`store="hbase"`; the
-  tables are dropped at the end) or SQLite files (`store="sqlite"`);
+  tables are dropped at the end), reached through a relay in front of the
+  shared Thrift gateway (`bench.chaos_relay`) whose outage `gateway_down`
+  plays, or SQLite files (`store="sqlite"`);
 * two discovery instances, the user index, the dirty service, `cells` x `nodes`
   app servers (`pyserver node`) and the MTA proxy, each a `Proc` that can be
   killed (-9), started again with the same arguments (discovery and the MTA on
@@ -163,11 +165,15 @@ class SoakCluster:
         self.chroot = f"/pyserver-chaos-{self.tag}"
         self.cell_names = [f"cell-{i}" for i in range(1, cells + 1)]
         self.node_count = nodes
+        self.relay: subprocess.Popen[str] | None = None
+        self.relay_port = free_port()
         if store == "hbase":
+            # every process reaches HBase through the soak's relay (`gateway_down`)
             prefix = f"ch{self.tag}"
-            self.directory_store = f"hbase:{THRIFT}/{prefix}"
+            gateway = f"127.0.0.1:{self.relay_port}"
+            self.directory_store = f"hbase:{gateway}/{prefix}"
             self.stores = {
-                cell: f"hbase:{THRIFT}/{prefix}_{cell.replace('-', '_')}"
+                cell: f"hbase:{gateway}/{prefix}_{cell.replace('-', '_')}"
                 for cell in self.cell_names
             }
         else:
@@ -209,6 +215,7 @@ class SoakCluster:
         self.engines("up", "zookeeper", "memcached")
         if self.store_kind == "hbase":
             asyncio.run(self._create_tables())
+            self._start_relay()
         asyncio.run(self._write_cells())
         common = ["--data", str(self.data)]
         zk_args = ["--zookeeper", self.zookeeper, "--chroot", self.chroot]
@@ -276,9 +283,33 @@ class SoakCluster:
                 proc.terminate(grace_s=5.0)
         with contextlib.suppress(Exception):
             self.engines("down")
+        if self.relay is not None:
+            self.relay.terminate()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.relay.wait(timeout=10)
+            if self.relay.poll() is None:
+                self.relay.kill()
         if self.store_kind == "hbase":
             with contextlib.suppress(Exception):
                 asyncio.run(self._drop_tables())
+
+    # ---- the Thrift gateway's relay ----
+
+    def _start_relay(self) -> None:
+        self.relay = subprocess.Popen(
+            [sys.executable, "-m", "bench.chaos_relay", "--port", str(self.relay_port),
+             "--target", THRIFT],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=REPO, env=_env(),
+        )  # fmt: skip
+        assert self.relay.stdout is not None
+        if self.relay.stdout.readline().strip() != "ready":
+            raise RuntimeError("the Thrift gateway's relay did not start")
+
+    def gateway_down(self, down: bool) -> None:
+        """Play the HBase Thrift gateway's outage (connections reset, then refused), or
+        end it."""
+        if self.relay is not None:
+            self.relay.send_signal(signal.SIGUSR1 if down else signal.SIGUSR2)
 
     # ---- stores and ZooKeeper records ----
 

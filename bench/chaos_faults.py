@@ -13,7 +13,10 @@ A fault is an async function `(soak, rng)` that returns once the fault is over
   (same port) 2-6 s later;
 * `memcached`: one of the two memcached stopped for 2-6 s;
 * `mta_mid_data`: kill -9 of the MTA proxy while a client is in the middle of
-  DATA, started again (same port) 1-3 s later.
+  DATA, started again (same port) 1-3 s later;
+* `thrift_gateway`: HBase's Thrift gateway gone for 2-8 s, as every process of
+  the soak sees it (its relay resets every connection and refuses new ones;
+  the shared gateway itself stays up for everyone else).
 
 `Schedule(rng).next()` draws the next episode: one fault, or two at once.
 """
@@ -160,6 +163,12 @@ async def mta_mid_data(soak: Soak, rng: random.Random) -> None:
     await asyncio.to_thread(mta.wait_ready)
 
 
+async def thrift_gateway(soak: Soak, rng: random.Random) -> None:
+    soak.cluster.gateway_down(True)
+    await asyncio.sleep(rng.uniform(2.0, 8.0))
+    soak.cluster.gateway_down(False)
+
+
 FAULTS: dict[str, Fault] = {
     "kill_node": kill_node,
     "pause_owner": pause_owner,
@@ -167,6 +176,7 @@ FAULTS: dict[str, Fault] = {
     "discovery": discovery,
     "memcached": memcached,
     "mta_mid_data": mta_mid_data,
+    "thrift_gateway": thrift_gateway,
 }
 
 # Faults that act on the same kind of process are not drawn together.
