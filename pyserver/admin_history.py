@@ -51,10 +51,17 @@ async def _on_cluster(folder: Path, work: Callable[[Any], Awaitable[Any]]) -> An
 
 
 async def _history_pages(args: argparse.Namespace) -> dict[str, Any]:
-    """Every entry after `--after` (at most `--limit`), page by page."""
+    """Every entry after `--after` that passes the filters (at most `--limit`), page by
+    page."""
     wanted = args.limit
     entries: list[dict[str, Any]] = []
     after = args.after
+    since_us = history.parse_time(args.since, "since") if args.since is not None else None
+    filters: dict[str, Any] = {}
+    if args.thread is not None:
+        filters["thread_id"] = args.thread
+    if args.since is not None:
+        filters["since"] = args.since
 
     async def pages(read: Callable[[int, int], Awaitable[dict[str, Any]]]) -> dict[str, Any]:
         nonlocal after
@@ -75,18 +82,22 @@ async def _history_pages(args: argparse.Namespace) -> dict[str, Any]:
         async def work(cluster: Any) -> dict[str, Any]:
             return await pages(
                 lambda after, size: cluster.request(
-                    Op.HISTORY, {"user": args.user, "after": after, "limit": size}
+                    Op.HISTORY, {**filters, "user": args.user, "after": after, "limit": size}
                 )
             )
 
         return await _on_cluster(args.cluster, work)
     async with open_store(args.data) as store:
-        return await pages(lambda after, size: history.read_history(store, args.user, after, size))
+        return await pages(
+            lambda after, size: history.read_history(
+                store, args.user, after, size, args.thread, since_us
+            )
+        )
 
 
 def _print_history(report: dict[str, Any]) -> None:
     if not report["entries"]:
-        print(f"user {report['user']}: the log is empty")
+        print(f"user {report['user']}: no log entry")
         return
     for item in report["entries"]:
         channel = item["channel"] or "-"
@@ -248,6 +259,8 @@ def add_admin_actions(actions: Any, default_data: Path, user_id: Callable[[str],
     trail = action("history", "a user's log as an audit trail", _history)
     trail.add_argument("--after", type=_seq, default=0, help="only entries after this seq")
     trail.add_argument("--limit", type=_count, help="at most this many entries")
+    trail.add_argument("--thread", help="only the entries naming this thread")
+    trail.add_argument("--since", help="only the entries of this time or later")
     at_help = "ISO 8601 (UTC unless a zone is given) or unix seconds"
     shown = action("show", "a user's threads and counts as they were at a time", _show)
     shown.add_argument("--at", required=True, help=at_help)

@@ -187,6 +187,21 @@ def test_the_history_lists_every_entry_in_words_with_its_time_and_channel(
             assert [i["seq"] for i in reply["entries"]] == [5] and reply["next"] == 5
             with pytest.raises(BadRequest):
                 await m.execute(Op.HISTORY, {"user": 2, "after": -1})
+            # filtered: one thread, or from a time on (a page may come back empty)
+            a = sent["a"]["thread_id"]
+            only = await history.read_history(store, 2, thread_id=a)
+            assert [i["seq"] for i in only["entries"]] == [1, 2, 5] and only["next"] is None
+            reply = await m.execute(Op.HISTORY, {"user": 2, "thread_id": a, "limit": 3})
+            assert [i["seq"] for i in reply["entries"]] == [1, 2] and reply["next"] == 3
+            reply = await m.execute(Op.HISTORY, {"user": 2, "thread_id": a, "after": 5})
+            assert reply["entries"] == [] and reply["next"] is None
+            since = history.format_time(T0 + 4 * SECOND)
+            reply = await m.execute(Op.HISTORY, {"user": 2, "since": since, "limit": 2})
+            assert reply["entries"] == [] and reply["next"] == 2
+            reply = await m.execute(Op.HISTORY, {"user": 2, "since": since, "after": 2})
+            assert [i["seq"] for i in reply["entries"]] == [4, 5, 6]
+            with pytest.raises(BadRequest, match="since: "):
+                await m.execute(Op.HISTORY, {"user": 2, "since": "soon"})
 
     run(go)
 
@@ -652,6 +667,15 @@ def test_admin_restore_on_a_running_cell_is_served_at_once(tmp_path: Path) -> No
         assert done["threads_moved"] == [state["second"]["thread_id"]]
         trail = cli("admin", "history", "--user", "22", "--data", str(data))
         assert trail.count("[restore to ") == done["last_seq"] - done["first_seq"] + 1
+        second = state["second"]["thread_id"]
+        only = cli("admin", "history", "--user", "22", "--thread", second, "--data", str(data))
+        assert [line.split()[0] for line in only.splitlines()] == [
+            str(e["seq"])
+            for e in json.loads(
+                cli("admin", "history", "--user", "22", "--json", "--data", str(data))
+            )["entries"]
+            if e["fields"].get("thread_id") == second
+        ] and len(only.splitlines()) == 3  # added, moved away, moved back
         assert "thread " + state["first"]["thread_id"] + " deleted" in trail
 
         async def after() -> None:

@@ -96,17 +96,17 @@ class PastUnavailable(BadRequest):
 # ---- times ----
 
 
-def parse_time(value: Any) -> int:
+def parse_time(value: Any, name: str = "at") -> int:
     """A moment as microseconds since the epoch: unix seconds (an int, a float or their
     decimal digits) or an ISO 8601 string (a time without a zone is UTC). Exact to the
     microsecond for digits and ISO strings. BadRequest otherwise."""
     if isinstance(value, bool):
-        raise BadRequest("at: must be unix seconds or an ISO 8601 time, not a bool")
+        raise BadRequest(f"{name}: must be unix seconds or an ISO 8601 time, not a bool")
     if isinstance(value, int):
         us = value * 1_000_000
     elif isinstance(value, float):
         if value != value or value in (float("inf"), float("-inf")):
-            raise BadRequest(f"at: {value!r} is not a time")
+            raise BadRequest(f"{name}: {value!r} is not a time")
         us = round(value * 1_000_000)
     elif isinstance(value, str) and _UNIX.match(value.strip()):
         us = int((Decimal(value.strip()) * 1_000_000).to_integral_value())
@@ -118,16 +118,16 @@ def parse_time(value: Any) -> int:
             moment = datetime.fromisoformat(text)
         except ValueError:
             raise BadRequest(
-                f"at: {value!r} is neither unix seconds nor an ISO 8601 time"
+                f"{name}: {value!r} is neither unix seconds nor an ISO 8601 time"
             ) from None
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=UTC)
         us = (moment - _EPOCH) // timedelta(microseconds=1)
     else:
         kind = type(value).__name__
-        raise BadRequest(f"at: must be unix seconds or an ISO 8601 time, not {kind}")
+        raise BadRequest(f"{name}: must be unix seconds or an ISO 8601 time, not {kind}")
     if not 0 <= us <= _MAX_US:
-        raise BadRequest(f"at: {value!r} is out of range")
+        raise BadRequest(f"{name}: {value!r} is out of range")
     return us
 
 
@@ -230,21 +230,35 @@ def _restore_of(seq: int, known: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 async def read_history(
-    store: LogStore, user_id: int, after: int = 0, limit: int = HISTORY_PAGE[0]
+    store: LogStore,
+    user_id: int,
+    after: int = 0,
+    limit: int = HISTORY_PAGE[0],
+    thread_id: str | None = None,
+    since_us: int | None = None,
 ) -> dict[str, Any]:
-    """A page of the audit trail: up to `limit` entries after seq `after`, oldest first.
+    """A page of the audit trail: the entries among the `limit` after seq `after` that
+    name thread `thread_id` and carry a time at or after `since_us` (when given), oldest
+    first.
 
     Each item: seq, ts (microseconds) and time (ISO 8601), action, channel (None
     but for message_added), what (in words), fields (the entry's own), and
     restore (the restore that wrote it, or None). `next` is the seq to ask after
-    for the next page (None at the end).
+    for the next page (None at the end); a page may hold fewer items than it looked
+    at, none even, when filtered.
     """
     known = await restores(store, user_id)
     items: list[dict[str, Any]] = []
     size = 0
     entries = [entry async for page in _pages(store, user_id, after, after + limit)
                for entry in page]  # fmt: skip
+    scanned = after
     for entry in entries:
+        if (thread_id is not None and entry.get("thread_id") != thread_id) or (
+            since_us is not None and entry["ts"] < since_us
+        ):
+            scanned = entry["seq"]
+            continue
         fields = {k: v for k, v in entry.items() if k not in ("seq", "ts", "action")}
         restore = _restore_of(entry["seq"], known)
         item = {
@@ -268,13 +282,13 @@ async def read_history(
         if items and size > REPLY_BUDGET:
             break  # the rest on the next page: a reply stays well inside a frame
         items.append(item)
+        scanned = entry["seq"]
     last_seq = await store.last_seq(user_id)
-    end = items[-1]["seq"] if items else after
     return {
         "user": user_id,
         "last_seq": last_seq,
         "entries": items,
-        "next": end if end < last_seq and items else None,
+        "next": scanned if after < scanned < last_seq else None,
     }
 
 

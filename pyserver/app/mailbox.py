@@ -880,8 +880,11 @@ class Mailbox:
         if type(after) is not int or not 0 <= after < 1 << 64:
             raise BadRequest(f"after: must be a log sequence number, not {after!r}")
         limit = _limit(p, *history.HISTORY_PAGE)
+        thread_id = _text(p, "thread_id", self._settings.max_field_bytes, default=None)
+        since = p.get("since")
+        since_us = history.parse_time(since, "since") if since is not None else None
         self._resident.check_owner(user)
-        return await history.read_history(self._store, user, after, limit)
+        return await history.read_history(self._store, user, after, limit, thread_id, since_us)
 
     async def _show_at(self, p: dict[str, Any]) -> dict[str, Any]:
         user = _user(p, "user")
