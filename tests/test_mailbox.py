@@ -766,6 +766,22 @@ async def test_concurrent_writes_of_one_user_are_appended_together_and_each_answ
 
 
 @run_async
+async def test_writes_of_one_user_that_arrive_together_go_in_one_append(tmp_path: Path) -> None:
+    """Writes that came in the same turn of the event loop (a pipelined connection's
+    frames, a relay link's copies) join the first one's group: one compare-and-set."""
+    async with opened(tmp_path) as (m, store):
+        await deliver(m, 2, 7, "warm up", key="w")
+        before = store.calls["append"]
+        replies = await asyncio.gather(
+            *(deliver(m, 2, 7, f"together {n}", key=f"t{n}") for n in range(6))
+        )
+        assert store.calls["append"] - before == 1
+        assert all(not r["duplicate"] for r in replies)
+        report = await m.rebuild(2)
+        assert report["ok"] and report["messages"] == 7
+
+
+@run_async
 async def test_a_group_that_loses_its_race_is_decided_again_and_one_that_fails_is_not_kept(
     tmp_path: Path,
 ) -> None:
@@ -808,17 +824,23 @@ async def test_nobody_reads_a_group_before_it_is_durable(tmp_path: Path) -> None
         real_append = spy.inner.append
         release = asyncio.Event()
         group_waiting = asyncio.Event()
+        first_appending = asyncio.Event()
 
         async def slow_then_fail(write: LogAppend) -> None:
             if write.user_id == 2 and len(write.records) > 1:
                 group_waiting.set()
                 await release.wait()
                 raise StoreUnavailable("the disk went away")
+            if write.user_id == 2:
+                first_appending.set()
             await real_append(write)
 
         spy.inner.append = slow_then_fail  # type: ignore[method-assign]
-        writes = [
-            asyncio.ensure_future(deliver(m, 2, 7, f"pending {n}", key=f"p{n}")) for n in range(5)
+        writes = [asyncio.ensure_future(deliver(m, 2, 7, "pending 0", key="p0"))]
+        await asyncio.wait_for(first_appending.wait(), 5)  # it leads a group of itself
+        writes += [
+            asyncio.ensure_future(deliver(m, 2, 7, f"pending {n}", key=f"p{n}"))
+            for n in range(1, 5)
         ]
         await asyncio.wait_for(group_waiting.wait(), 5)
         # The first went alone and is durable; the other four wait in one append.

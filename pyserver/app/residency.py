@@ -170,8 +170,10 @@ class Residency:
     ) -> tuple[Change, UserImage]:
         """Decide a write against the current image and commit it; (change, image).
 
-        Writes of one user run one group at a time, in arrival order: those that
-        arrive while a group commits form the next one, decided one after another
+        Writes of one user run one group at a time, in arrival order: a write that
+        finds nothing under way lets the event loop turn once, and leads a group of
+        itself and the writes that arrived meanwhile; those that arrive while a
+        group commits form the next one, decided one after another
         against the image (each sees the ones before it) and appended together in
         one compare-and-set (group commit per user). A lost compare-and-set (another
         writer appended first) drops the image, re-checks ownership, reloads and
@@ -184,11 +186,26 @@ class Residency:
             future: asyncio.Future[tuple[Change, UserImage]] = loop.create_future()
             self._waiting.setdefault(user_id, []).append(_Waiting(decide, future))
             return await future
-        # Nothing under way: this call writes at once, as a group of one, and hands
-        # whatever queued meanwhile to a task that goes on group after group.
+        # Nothing under way: this call leads the next group itself, and hands whatever
+        # queues while it commits to a task that goes on group after group.
         self._leaders[user_id] = None
         try:
-            outcome = (await self._write_group(user_id, [_Waiting(decide, None)]))[0]
+            # One turn of the event loop first: writes of this user that came in the
+            # same reads (a pipelined connection's frames, a relay link's copies) join.
+            await asyncio.sleep(0)
+            queued = self._waiting.pop(user_id, [])
+            joined = [entry for entry in queued if entry.future and not entry.future.done()]
+            if len(joined) >= _MAX_GROUP:  # the rest go in the groups after this one
+                self._waiting[user_id] = joined[_MAX_GROUP - 1 :]
+                joined = joined[: _MAX_GROUP - 1]
+            group = [_Waiting(decide, None), *joined]
+            try:
+                outcomes = await self._write_group(user_id, group)
+            except BaseException as exc:
+                _settle(joined, [exc] * len(joined))
+                raise
+            _settle(joined, outcomes[1:])
+            outcome = outcomes[0]
         finally:
             if self._waiting.get(user_id):
                 self._leaders[user_id] = loop.create_task(self._lead(user_id))
