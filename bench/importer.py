@@ -13,7 +13,7 @@ In one run, on the embedded store, with a corpus from `bench.corpus` (seeded):
 * **beside live load**: a cell (`pyserver run`) serves a live user whose
   COUNTS a load generator (`bench.loadgen`, 4 connections, one request in
   flight each) reads for a few seconds alone, then again while `pyserver import
-  jsonl` writes a fifth of the corpus into the same cell's store:
+  jsonl` writes a tenth of the corpus into the same cell's store:
   `live_p99_ratio` is the p99 during the import over the p99 without it (the
   load's p99 alone, measured in the same run, is its ceiling).
 
@@ -153,7 +153,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         root = Path(tmp)
         alone = _alone(root, users, per_user)
         mail = _mail(root, mail_users, 20)
-        live = _beside_live(root, max(50, users // 5), per_user, 2.0 if quick else 5.0)
+        live = _beside_live(root, max(50, users // 10), per_user, 2.0 if quick else 5.0)
     return {
         "import_msgs_per_s": alone["import_msgs_per_s"],
         "import_mail_msgs_per_s": mail["import_mail_msgs_per_s"],
