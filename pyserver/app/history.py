@@ -24,8 +24,8 @@ holds every state the mailbox has been in. This module owns three readings of it
    message keeps its own date); which entries a restore wrote is recorded in the
    same atomic append, in the user's `m` row `RESTORES_KEY`.
 
-Calls the store's log, snapshot and `m` reads, the blob store (stat, read, put), the image
-and the log codec; nothing above it (the mailbox calls it).
+Calls the store's log, snapshot and `m` reads, the blob store (stat, read, put), the
+image and the log codec; nothing above it (the mailbox calls it).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ from typing import Any
 import orjson
 
 from pyserver import logcodec
-from pyserver.app.image import FOLDERS, LogCorrupt, Message, UserImage
+from pyserver.app.image import FOLDERS, Message, UserImage
 from pyserver.app.indexer import search_terms
 from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
-from pyserver.errors import BadRequest, PyserverError
+from pyserver.errors import BadRequest, LogCorrupt, PyserverError
 from pyserver.store.base import RESTORES_RECORD, LogStore
 
 __all__ = [
@@ -59,6 +59,8 @@ __all__ = [
     "plan_restore",
     "read_history",
     "restorable_view",
+    "restore_change",
+    "restores",
     "show",
 ]
 
