@@ -10,6 +10,7 @@
 writes the mailboxes it imports (`python -m bench corpus --help`).
 `history`: a user's past rebuilt from the log (show, history, restore) against reading it.
 `chaos`: faults under load for --minutes (seed --seed), then a Jepsen-style checker.
+`blobgc`: blob garbage collection of a cell against the listing and reading it cannot skip.
 Each prints one JSON object with --json. Every figure of a run is measured in that run.
 The benchmarks refuse to run on the pure fallback: a missing native module is an error.
 """
@@ -70,6 +71,7 @@ def _print_table(results: dict[str, object]) -> None:
 SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms", "imap", "import")
 SUITE_MODULES += ("history",)
 SUITE_MODULES += ("chaos",)
+SUITE_MODULES += ("blobgc",)
 # Suites whose module is named otherwise (`import` is a Python keyword).
 MODULE_OF = {"import": "importer"}
 

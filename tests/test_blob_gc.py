@@ -25,6 +25,7 @@ from pyserver.blobs.disk import DiskBlobStore
 from pyserver.blobs.gc import collect_garbage
 from pyserver.client import Client
 from pyserver.errors import Unavailable
+from pyserver.implementation import PURE_FORCED
 from tests.support import cli, run, serve_cell
 
 HOUR = 3600.0
@@ -288,3 +289,15 @@ def test_blob_gc_on_a_served_cell_while_mail_reuses_a_blob(tmp_path: Path) -> No
     finally:
         proc.terminate()
         proc.wait(30)
+
+
+@pytest.mark.skipif(PURE_FORCED, reason="the benchmarks refuse to run on the pure twins")
+def test_blobgc_bench_smoke() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench", "blobgc", "--json", "--quick"],
+        capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    results = json.loads(out.stdout)
+    assert results["removed"] == results["blobs"] // 2 > 0
+    assert results["gc_s"] > 0 and results["gc_vs_ceiling"] > 0

@@ -354,17 +354,16 @@ class DiskBlobStore(BlobStore):
         if aside.stat().st_mtime >= before:  # refreshed just before the rename
             self._put_back(aside, path)
             return False
+        # No fsync: a removal a crash undoes leaves garbage for the next collection.
         aside.unlink()
-        if self.durable:
-            _fsync_dir(path.parent)
         return True
 
     def _put_back(self, aside: Path, path: Path) -> None:
         with contextlib.suppress(FileExistsError):  # written anew meanwhile: same bytes
             os.link(aside, path)
-        aside.unlink()
-        if self.durable:
+        if self.durable:  # the blob is back for good before its other name goes
             _fsync_dir(path.parent)
+        aside.unlink()
 
     async def put_back_aside(self) -> int:
         """Put back blobs a collection that died left renamed aside; how many."""
