@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import quopri
 import random
 import signal
 import smtplib
@@ -367,6 +368,36 @@ def test_a_long_body_is_cut_inline_and_kept_whole(tmp_path: Path) -> None:
             assert text.startswith(message["text"])
             body = message["extra"]["body"]
             assert (await cell.blob(2, body["ref"])).decode() == text.rstrip("\n")
+
+    run(scenario)
+
+
+def test_a_one_megabyte_text_body_arrives_whole_and_byte_identical(tmp_path: Path) -> None:
+    # one big text part (parsed from its headers alone, its body read from the raw bytes),
+    # in 8bit and in quoted-printable: the raw blob is the mail as sent, the body blob the text
+    line = ".ligne numéro {} d'une très longue lettre\n"
+    text = "".join(line.format(n) for n in range(20_000))
+    heads = "From: a@example.org\nTo: bob@example.com\nSubject: big {0}\nMessage-ID: <big{0}@x>\n"
+    plain = (heads.format(1) + "Content-Type: text/plain; charset=utf-8\n"
+             "Content-Transfer-Encoding: 8bit\n\n" + text).encode()  # fmt: skip
+    printable = (heads.format(2) + "Content-Type: text/plain; charset=utf-8\n"
+                 "Content-Transfer-Encoding: quoted-printable\n\n").encode() + quopri.encodestring(
+        text.encode()
+    )  # fmt: skip
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            for raw in (plain, printable):
+                wire_bytes = raw.replace(b"\n", b"\r\n")
+                await cell.send(wire_bytes, ["bob@example.com"])
+            messages = await cell.messages(2)
+            assert [m["subject"] for m in messages] == ["big 1", "big 2"]
+            for message, raw in zip(messages, (plain, printable), strict=True):
+                assert text.startswith(message["text"]) and len(message["text"]) > 1000
+                body = await cell.blob(2, message["extra"]["body"]["ref"])
+                assert body.decode() == text.rstrip("\n")
+                kept = await cell.blob(2, message["extra"]["raw"]["ref"])
+                assert kept == raw.replace(b"\n", b"\r\n")
 
     run(scenario)
 

@@ -20,7 +20,7 @@ import orjson
 from pyserver.blobs.base import BlobInfo
 from pyserver.mta.parse import Attachment, ParsedMail
 
-__all__ = ["EmailObject", "StoredAttachment", "build_email"]
+__all__ = ["EmailObject", "StoredAttachment", "build_email", "sender_of"]
 
 # DELIVER's limits (docs/protocol.md): subject, from and key at most 4 KiB, extra 64 KiB.
 MAX_FIELD_BYTES = 4 << 10
@@ -100,6 +100,11 @@ class EmailObject:
         return dataclasses.replace(self, extra=extra)
 
 
+def sender_of(mail: ParsedMail, mail_from: str | None) -> str:
+    """Who a mail is from: its From address, else the envelope sender, else MAILER-DAEMON."""
+    return mail.from_address or (mail_from or "").strip("<> ") or NULL_SENDER
+
+
 def build_email(
     mail: ParsedMail,
     *,
@@ -115,7 +120,7 @@ def build_email(
     `body` holds the whole of it).
     """
     envelope_sender = (mail_from or "").strip("<> ") or None
-    sender = mail.from_address or envelope_sender or NULL_SENDER
+    sender = sender_of(mail, mail_from)
     extra: dict[str, Any] = {
         "message_id_header": mail.message_id,
         "in_reply_to": mail.in_reply_to,

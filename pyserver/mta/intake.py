@@ -26,7 +26,7 @@ from typing import Any
 from pyserver.blobs.base import BlobInfo, BlobStore
 from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.dsn import failed_recipients
-from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email
+from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email, sender_of
 from pyserver.mta.outbound import bounced_mail, resolve_user, thread_of_message_id
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
@@ -121,13 +121,26 @@ class MailIntake:
         users = sorted(set(recipients.values()))
         if not users:
             return "554 5.5.1 No valid recipients"
+        # A small mail is parsed here, so its From address's user is looked up while its
+        # blobs are written (a big one is parsed on a worker thread, then looked up).
+        parsed = parse_mail(raw) if len(raw) < self.settings.parse_in_thread_bytes else None
+        sender = None
+        if parsed is not None:
+            sender = asyncio.ensure_future(self._sender_user(sender_of(parsed, mail_from)))
         try:
-            email = await self._prepare(raw, mail_from)
+            email = await store_mail(raw, mail_from, self._blobs, self.settings, parsed=parsed)
         except PyserverError as exc:
+            if sender is not None:
+                sender.cancel()
             self.counters["deferred"] += 1
             log.warning("could not store a message of %d bytes: %r", len(raw), exc)
             return "451 4.3.0 Could not store the message, try again later"
-        email = await self._attribute(raw, email)
+        except BaseException:
+            if sender is not None:
+                sender.cancel()
+            raise
+        user = await sender if sender is not None else await self._sender_user(email.sender)
+        email = await self._attribute(raw, email, user)
         email = self._answering(email)
         participants = await self._participants(email, recipients)
         outcomes = await asyncio.gather(
@@ -155,9 +168,6 @@ class MailIntake:
             log.error("unexpected delivery error", exc_info=unexpected[0])
         self.counters["deferred"] += 1
         return "451 4.4.1 A recipient's mailbox server could not be reached, try again later"
-
-    async def _prepare(self, raw: bytes, mail_from: str | None) -> EmailObject:
-        return await store_mail(raw, mail_from, self._blobs, self.settings)
 
     async def _settle_bounces(self, raw: bytes, mails: Iterable[tuple[int, str]]) -> str:
         """Record each failure a bounce reports on the mail it is about (OUTBOUND_SETTLE at
@@ -192,17 +202,21 @@ class MailIntake:
                 return dataclasses.replace(email, thread_hint=thread)
         return email
 
-    async def _attribute(self, raw: bytes, email: EmailObject) -> EmailObject:
-        """The mail as its From address's user's message when that address is registered and
-        the mail proves it (`pyserver.mta.senders`); else as it is, marked unverified when it
-        claims a registered address."""
-        if "@" not in email.sender:  # a bounce (MAILER-DAEMON) speaks for nobody
-            return email
+    async def _sender_user(self, address: str) -> int | None:
+        """The registered user of a From address, if any (None also when the address book
+        cannot answer: the mail is then delivered as from outside, nothing is lost)."""
+        if "@" not in address:  # a bounce (MAILER-DAEMON) speaks for nobody
+            return None
         try:
-            user = await self._addresses.resolve_address(email.sender)
+            return await self._addresses.resolve_address(address)
         except PyserverError as exc:
-            log.warning("sender lookup failed address=%r error=%r", email.sender, exc)
-            return email  # delivered as from outside: nothing is lost
+            log.warning("sender lookup failed address=%r error=%r", address, exc)
+            return None
+
+    async def _attribute(self, raw: bytes, email: EmailObject, user: int | None) -> EmailObject:
+        """The mail as its From address's user's message when that address is registered
+        (`user`) and the mail proves it (`pyserver.mta.senders`); else as it is, marked
+        unverified when it claims a registered address."""
         if user is None:
             return email
         proof = await check_dkim(raw, email.sender, self.settings.dkim_dns)
@@ -239,16 +253,25 @@ class MailIntake:
 
 
 async def store_mail(
-    raw: bytes, mail_from: str | None, blobs: BlobStore, settings: MtaSettings
+    raw: bytes,
+    mail_from: str | None,
+    blobs: BlobStore,
+    settings: MtaSettings,
+    *,
+    parsed: ParsedMail | None = None,
 ) -> EmailObject:
     """Raw message, attachments and a long body into the blob store; the email object (what
     the proxy does with every message it accepts, and `pyserver import` with every mail).
 
-    The raw message is written while the message is parsed.
+    The raw message is written while the message is parsed (unless the caller parsed it
+    already: `parsed`, `parse_mail(raw)`'s result).
     """
     raw_put = asyncio.ensure_future(blobs.put(raw))
     try:
-        if len(raw) >= settings.parse_in_thread_bytes:
+        if parsed is not None:
+            mail = parsed
+            stored = await asyncio.gather(*(blobs.put(a.pieces()) for a in mail.attachments))
+        elif len(raw) >= settings.parse_in_thread_bytes:
             # A big mail is parsed and its attachments decoded on a worker thread.
             mail, decoded = await asyncio.to_thread(_parse_and_decode, raw)
             stored = await asyncio.gather(*(blobs.put(data) for data in decoded))
