@@ -5,6 +5,7 @@ import killed mid-way (SIGKILL) resumes with nothing missing or doubled."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import mailbox
 import os
@@ -19,9 +20,13 @@ from typing import Any
 import pytest
 
 from pyserver.client import Client
+from pyserver.cluster.state import read_state
+from pyserver.discovery.client import connect_to_cluster
 from pyserver.importer.checkpoint import default_path
 from pyserver.servicekey import read_service_key
-from tests.support import run, run_cli, serve_cell
+from pyserver.store.spec import open_store as open_store_spec
+from pyserver.store.spec import parse_store_spec
+from tests.support import cli, run, run_cli, serve_cell
 
 ATTACHMENT = bytes(range(256)) * 16
 
@@ -335,3 +340,60 @@ def test_a_missing_or_wrong_source_is_a_clear_error(tmp_path: Path, kind: str) -
     wrong = tmp_path / ("plain" if kind == "mbox" else "")
     report = _import(kind, str(wrong), "--user", "2", data=tmp_path / "data")
     assert report["messages"] == 0 and len(report["rejected"]) == 1
+
+
+@pytest.mark.slow
+def test_an_import_into_a_cluster_writes_each_user_in_the_cell_discovery_names(
+    tmp_path: Path, zookeeper: str
+) -> None:
+    """`--cluster DIR`: two cells; every user's batch goes to the store of the cell discovery
+    places the user in, and the cluster serves the image (through discovery)."""
+    folder = tmp_path / "cluster"
+    source = tmp_path / "chat.jsonl"
+    expected = _chat_lines(source, 12, 3)
+
+    async def scenario() -> None:
+        await asyncio.to_thread(
+            cli, "cluster", "up", "--cluster", str(folder), "--engine", "sqlite", "--cells", "2",
+            "--nodes", "1", "--session-timeout", "3",
+        )  # fmt: skip
+        try:
+            done = await asyncio.to_thread(
+                run_cli, "import", "jsonl", str(source), "--cluster", str(folder), "--json"
+            )
+            assert done.returncode == 0, done.stderr
+            report = json.loads(done.stdout.strip().splitlines()[-1])
+            assert report["messages"] == expected and report["users"] == 12
+            again = await asyncio.to_thread(
+                run_cli, "import", "jsonl", str(source), "--cluster", str(folder), "--json"
+            )
+            assert json.loads(again.stdout.strip().splitlines()[-1])["skipped_existing"] == expected
+            cluster = await connect_to_cluster(folder)
+            try:
+                # each user's log is in the store of the cell discovery names, only there
+                state = read_state(folder)
+                stores = {name: open_store_spec(parse_store_spec(spec, folder))
+                          for name, spec in state["cells"].items()}  # fmt: skip
+                for store in stores.values():
+                    await store.open()
+                try:
+                    for user in range(1, 13):
+                        cell = await cluster.cell_of(user)
+                        for name, store in stores.items():
+                            held = await store.last_seq(user)
+                            assert (held == 6) if name == cell else (held == 0), (user, name)
+                finally:
+                    for store in stores.values():
+                        await store.close()
+                for user in (1, 6, 12):
+                    inbox = (await cluster.list_threads(user, "inbox"))["threads"]
+                    sent = (await cluster.list_threads(user, "sent"))["threads"]
+                    assert [t["messages"] for t in inbox + sent] == [3, 3]
+            finally:
+                await cluster.close()
+        finally:
+            await asyncio.to_thread(
+                cli, "cluster", "down", "--cluster", str(folder), "--grace", "10"
+            )
+
+    run(scenario, timeout=240)

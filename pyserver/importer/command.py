@@ -2,8 +2,10 @@
 
 Each sub-command plans its units (pyserver.importer.run), opens the cell's
 embedded store and blob store on `--data` (the folder `pyserver run` serves;
-it may be running: appends are compare-and-set) and runs the import with a
-checkpoint under `--data`/imports, so the same command run again after a crash
+it may be running: appends are compare-and-set), or with `--cluster DIR` the
+stores of a cluster's cells, its directory store and blob store (each user's
+cell named by discovery), and runs the import with a checkpoint under that
+folder's imports/, so the same command run again after a crash
 or Ctrl-C resumes where it stopped. Progress goes to standard error; the
 report to standard output, as one JSON object on the last line with `--json`.
 """
@@ -17,15 +19,21 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
-from pyserver.blobs import BLOB_FOLDER, DiskBlobStore
+from pyserver.blobs import BLOB_FOLDER, DiskBlobStore, blob_store_for
+from pyserver.cluster.state import add_cluster_folder_argument, read_state
+from pyserver.discovery.client import connect_to_cluster
 from pyserver.importer.checkpoint import Checkpoint, default_path
 from pyserver.importer.progress import progress_bar
+from pyserver.importer.report import ImportReport
 from pyserver.importer.run import ImportPlan, plan_jsonl, plan_mailbox, plan_tree, run_import
 from pyserver.importer.throttle import Pace
 from pyserver.importer.workers import run_in_processes
 from pyserver.processes.cell import open_store
+from pyserver.store.spec import open_store as open_store_spec
+from pyserver.store.spec import parse_store_spec
 
 __all__ = ["add_parser"]
 
@@ -41,6 +49,7 @@ def add_parser(commands: Any, default_data: Path, user_id: Callable[[str], int])
         sub = kinds.add_parser(name, help=help_text)
         sub.add_argument("source", type=Path, metavar=source)
         sub.add_argument("--data", type=Path, default=default_data, help="the cell's data folder")
+        add_cluster_folder_argument(sub)
         sub.add_argument("--json", action="store_true", help="the report as JSON, last line")
         sub.add_argument("--jobs", type=int, default=16, help="users at once per process")
         sub.add_argument(
@@ -90,8 +99,12 @@ def _run(args: argparse.Namespace) -> int:
     except (OSError, UnicodeDecodeError) as exc:
         print(f"pyserver: cannot read the import's input: {exc}", file=sys.stderr)
         return 2
-    args.data.mkdir(parents=True, exist_ok=True)
-    checkpoint = Checkpoint(args.checkpoint or default_path(args.data, what))
+    if args.cluster is not None and args.workers > 1:
+        print("pyserver: --workers goes with --data (a cell), not --cluster", file=sys.stderr)
+        return 2
+    home = args.cluster if args.cluster is not None else args.data
+    home.mkdir(parents=True, exist_ok=True)
+    checkpoint = Checkpoint(args.checkpoint or default_path(home, what))
     resumed = bool(checkpoint.done)
     if resumed:
         print(f"resuming: {len(checkpoint.done)} users done already", file=sys.stderr)
@@ -105,6 +118,8 @@ def _run(args: argparse.Namespace) -> int:
                     plan, data_dir=args.data, checkpoint=checkpoint, workers=args.workers,
                     jobs=args.jobs, progress=advance, rate=args.rate,
                 )  # fmt: skip
+            elif args.cluster is not None:
+                report = asyncio.run(_import_cluster(args, plan, checkpoint, advance))
             else:
                 report = asyncio.run(_import(args, plan, checkpoint, advance))
         completed = True
@@ -140,3 +155,36 @@ async def _import(args: argparse.Namespace, plan: ImportPlan, checkpoint: Checkp
             )  # fmt: skip
     finally:
         await blobs.close()
+
+
+async def _import_cluster(
+    args: argparse.Namespace, plan: ImportPlan, checkpoint: Checkpoint, advance: Any
+) -> ImportReport:
+    """Into a cluster: each user's log in the store of the cell discovery names (placing a
+    new user as for any request), addresses in the directory store, blobs in the cluster's
+    blob store (the directory store's, where its MTA proxy writes them)."""
+    state = read_state(args.cluster)
+    directory = open_store_spec(parse_store_spec(state["directory_store"], args.cluster))
+    cells = {
+        name: open_store_spec(parse_store_spec(spec, args.cluster))
+        for name, spec in state["cells"].items()
+    }
+    where = SimpleNamespace(blob_store=state["directory_store"], data_dir=args.cluster / "data")
+    blobs = blob_store_for(where)
+    opened: list[Any] = []
+    try:
+        for part in (directory, *cells.values(), blobs):
+            await part.open()
+            opened.append(part)
+        async with await connect_to_cluster(args.cluster) as discovery:
+
+            async def store_of(user: int) -> Any:
+                return cells[await discovery.cell_of(user)]
+
+            return await run_import(
+                plan, store=directory, blobs=blobs, checkpoint=checkpoint, jobs=args.jobs,
+                progress=advance, pace=Pace(args.rate), store_of=store_of,
+            )  # fmt: skip
+    finally:
+        for part in reversed(opened):
+            await part.close()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,7 +30,7 @@ from pyserver.importer.report import ImportReport
 from pyserver.importer.throttle import CellProbe, Pace
 from pyserver.importer.writer import UserWriter
 from pyserver.mta.intake import MtaSettings
-from pyserver.store.base import Store
+from pyserver.store.base import LogStore, Store
 from pyserver.userid import is_user_id
 
 __all__ = ["ImportPlan", "Unit", "plan_jsonl", "plan_mailbox", "plan_tree", "run_import"]
@@ -187,11 +187,14 @@ async def run_import(
     register: bool = True,
     pace: Pace | None = None,
     probe: Path | None = None,
+    store_of: Callable[[int], Awaitable[LogStore]] | None = None,
 ) -> ImportReport:
     """Import the plan's units not yet done; the report of this run. `register`: put the
     plan's addresses in the address book first (done once, by whoever runs the plan).
     `pace`: the rate to keep, lowered while the cell serving `probe` (a data folder)
-    answers slower than at rest (pyserver.importer.throttle)."""
+    answers slower than at rest (pyserver.importer.throttle). `store_of(user)`: the log
+    store of the user's cell (a cluster, through discovery); else `store` holds every log.
+    `store` is the address book either way."""
     report = ImportReport()
     for item in plan.rejected:
         report.reject(item)
@@ -200,7 +203,15 @@ async def run_import(
             await store.add_address(address, user)
     mta = mta or MtaSettings()
     reader = _Reader(store, blobs, AddressBook(store, mta.mail_domain, plan.addresses), mta)
-    writer = UserWriter(store)
+    writers: dict[int, UserWriter] = {}
+
+    async def writer_of(user: int) -> UserWriter:
+        target: LogStore = store if store_of is None else await store_of(user)
+        writer = writers.get(id(target))
+        if writer is None:
+            writer = writers[id(target)] = UserWriter(target)
+        return writer
+
     todo = iter([unit for unit in plan.units if unit.key not in checkpoint.done])
     report.units_resumed = len(plan.units) - sum(
         1 for u in plan.units if u.key not in checkpoint.done
@@ -214,7 +225,7 @@ async def run_import(
                 report.reject(item)
             if pace is not None and (wait := pace.delay(len(records))) > 0:
                 await asyncio.sleep(wait)
-            written = await writer.write(unit.user, records)
+            written = await (await writer_of(unit.user)).write(unit.user, records)
             checkpoint.mark(unit.key)
             users.add(unit.user)
             report.users = len(users)
