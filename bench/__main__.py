@@ -6,6 +6,7 @@
 `cluster`: a 3-node HBase cell against one SQLite node; failover and join times.
 `web`: live chat through the web tier with 1,000 pages connected, against direct SENDs.
 `sms`: texts in and out through the SMS gateway against a simulated SMSC.
+`ops`: a cell of 10,000 users evacuated (issue 13).
 `import`: history imported into a single node, alone and beside live load; `corpus`
 writes the mailboxes it imports (`python -m bench corpus --help`).
 `history`: a user's past rebuilt from the log (show, history, restore) against reading it.
@@ -72,6 +73,7 @@ SUITE_MODULES = ("server", "writes", "mail", "userindex", "cluster", "web", "sms
 SUITE_MODULES += ("history",)
 SUITE_MODULES += ("chaos",)
 SUITE_MODULES += ("blobgc",)
+SUITE_MODULES += ("ops",)
 # Suites whose module is named otherwise (`import` is a Python keyword).
 MODULE_OF = {"import": "importer"}
 

@@ -143,3 +143,11 @@ def test_bench_sms_measures_texts_both_ways_beside_their_ceilings() -> None:
         sms["sms_in_per_s"] / sms["deliver_ceiling_per_s"], abs=0.01
     )
     assert sms["window"] == 32
+
+
+@pytest.mark.slow
+def test_bench_ops_evacuates_a_cell_beside_its_copy_ceiling() -> None:
+    ops = _bench_json("bench", "ops", "--json", "--quick")
+    assert ops["evacuate_users"] == 600 and ops["evacuate_passes"] == 1
+    assert ops["evacuate_users_per_s"] > 0 and ops["evacuate_copy_ceiling_users_per_s"] > 0
+    assert 0 < ops["evacuate_vs_copy"] <= 1.5

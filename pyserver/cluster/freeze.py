@@ -48,7 +48,10 @@ __all__ = [
     "FreezeWatch",
     "acknowledgements",
     "freeze_user",
+    "freeze_users",
     "frozen_path",
+    "listed_users",
+    "mark_all_moved",
     "mark_moved",
     "read_frozen",
     "thaw_user",
@@ -59,6 +62,8 @@ log = logging.getLogger(__name__)
 
 _EVENTS = (CHILDREN_CHANGED, DELETED, CREATED)
 _RETRY_S = 0.5
+# users a node quiesces and acknowledges at once
+_ACK_AT_ONCE = 64
 
 OnFrozen = Callable[[int], Awaitable[None]]
 
@@ -76,12 +81,42 @@ def user_path(cell: str, user_id: int) -> str:
 
 async def freeze_user(zk: ZooKeeper, cell: str, user_id: int, to: str) -> None:
     """List the user as frozen in `cell` (moving to `to`); idempotent."""
-    await zk.ensure_persistent(frozen_path(cell))
     data = orjson.dumps({"state": "frozen", "to": to, "since": time.time()})
     try:
         await zk.create(user_path(cell, user_id), data)
+    except NoNode:  # the cell's first freeze: make its list, then list the user
+        await zk.ensure_persistent(frozen_path(cell))
+        try:
+            await zk.create(user_path(cell, user_id), data)
+        except NodeExists:
+            await zk.set_data(user_path(cell, user_id), data)
     except NodeExists:
         await zk.set_data(user_path(cell, user_id), data)
+
+
+async def freeze_users(zk: ZooKeeper, cell: str, moves: dict[int, str]) -> None:
+    """List many users as frozen in `cell` (each moving to its cell in `moves`): one
+    ZooKeeper transaction when none is listed yet, else one by one (`freeze_user`)."""
+    now = time.time()
+    creates = [
+        (user_path(cell, user), orjson.dumps({"state": "frozen", "to": to, "since": now}))
+        for user, to in moves.items()
+    ]
+    if creates and not await zk.commit(creates):
+        for user, to in moves.items():
+            await freeze_user(zk, cell, user, to)
+
+
+async def mark_all_moved(zk: ZooKeeper, cell: str, moves: dict[int, str]) -> None:
+    """`mark_moved` for many users: one transaction, else one by one."""
+    now = time.time()
+    sets = [
+        (user_path(cell, user), orjson.dumps({"state": "moved", "to": to, "since": now}))
+        for user, to in moves.items()
+    ]
+    if sets and not await zk.commit(sets=sets):
+        for user, to in moves.items():
+            await mark_moved(zk, cell, user, to)
 
 
 async def mark_moved(zk: ZooKeeper, cell: str, user_id: int, to: str) -> None:
@@ -113,6 +148,15 @@ async def acknowledgements(zk: ZooKeeper, cell: str, user_id: int) -> set[str]:
         return set(await zk.get_children(user_path(cell, user_id)))
     except NoNode:
         return set()
+
+
+async def listed_users(zk: ZooKeeper, cell: str) -> set[int]:
+    """The users listed under the cell (frozen or moved away), without their records."""
+    try:
+        children = await zk.get_children(frozen_path(cell))
+    except NoNode:
+        return set()
+    return {int(child) for child in children if child.isdigit()}
 
 
 async def read_frozen(zk: ZooKeeper, cell: str) -> dict[int, dict[str, object]]:
@@ -247,13 +291,31 @@ class FreezeWatch:
                 log.exception("frozen-users listener failed cell=%s", self.cell)
         if self.node_id is None:
             return
-        for user_id in sorted(users - self._acked):
-            if user_id in added and self._on_frozen is not None:
-                await self._on_frozen(user_id)  # writes under way finish, the image goes
-            try:
-                await self.zk.create(f"{path}/{user_id}/{self.node_id}", ephemeral=True)
-            except NodeExists:
-                pass
-            except NoNode:
-                continue  # thawed meanwhile
-            self._acked.add(user_id)
+        # Each user quiesced on its own (its writes, its image), many at once, then all of
+        # them acknowledged in one transaction: a cell being evacuated freezes users by the
+        # dozen, and one at a time the snapshots and ZooKeeper round trips would add up.
+        slots = asyncio.Semaphore(_ACK_AT_ONCE)
+
+        async def quiesce(user_id: int) -> None:
+            async with slots:
+                if user_id in added and self._on_frozen is not None:
+                    await self._on_frozen(user_id)  # writes under way finish, the image goes
+
+        pending = sorted(users - self._acked)
+        outcomes = await asyncio.gather(*map(quiesce, pending), return_exceptions=True)
+        ready = [user for user, outcome in zip(pending, outcomes, strict=True) if outcome is None]
+        acks = [(f"{path}/{user_id}/{self.node_id}", b"") for user_id in ready]
+        if acks and await self.zk.commit(acks, ephemeral=True):
+            self._acked.update(ready)
+        else:  # one of them acknowledged already, or thawed meanwhile: one by one
+            for user_id in ready:
+                try:
+                    await self.zk.create(f"{path}/{user_id}/{self.node_id}", ephemeral=True)
+                except NodeExists:
+                    pass
+                except NoNode:
+                    continue  # thawed meanwhile
+                self._acked.add(user_id)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome  # read again (the acknowledged ones are remembered)

@@ -503,6 +503,27 @@ class ZooKeeper:
         """Create one node (persistent unless ephemeral); NodeExists, NoNode (no parent)."""
         await self._call(self.client.create(self.path(path), data, ephemeral=ephemeral))
 
+    async def commit(
+        self,
+        creates: Sequence[tuple[str, bytes]] = (),
+        sets: Sequence[tuple[str, bytes]] = (),
+        *,
+        ephemeral: bool = False,
+    ) -> bool:
+        """Create these nodes and replace these nodes' data in one transaction (ZooKeeper's
+        multi): True once all of it is done, False if ZooKeeper refused it (a node there
+        already, or missing), in which case none of it is."""
+        transaction = self.client.begin_transaction()
+        for path, data in creates:
+            transaction.create(self.path(path), data, ephemeral=ephemeral)
+        for path, data in sets:
+            transaction.set_data(self.path(path), data)
+        try:
+            result = await self._call(transaction.commit())
+        except _ANSWERS:
+            return False
+        return bool(result)
+
     async def set_data(self, path: str, data: bytes, version: int = -1) -> None:
         """Replace a node's data (only at that version, unless -1); NoNode, BadVersion."""
         await self._call(self.client.set(self.path(path), data, version))

@@ -6,9 +6,11 @@
    (`pyserver.cluster.state.set_cell_state`), so discovery places no new user
    there from now on;
 2. lists the users the directory places in the cell and **moves** each one with
-   the ordinary move (`pyserver.discovery.move.move_user`: freeze, copy, flip,
-   tombstone), `parallel` at a time and at most `rate` a second, each to the
-   enabled target cell with the fewest users so far (targets are the cell's
+   the ordinary move (`pyserver.discovery.move`: freeze, copy, flip, tombstone),
+   `parallel` at a time and at most `rate` a second, in batches (`move_users`:
+   one ZooKeeper transaction freezes a batch, one wait covers it, one writes its
+   tombstones; each user is copied and flipped on its own), each to the enabled
+   target cell with the fewest users so far (targets are the cell's
    enabled peers with an active app server, or the ones named);
 3. retries a move that fails (UNAVAILABLE while a node restarts, a store
    hiccup) a few times with a pause, and then lists the cell again: a user a
@@ -29,11 +31,12 @@ import logging
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pyserver.cluster.state import active_nodes, cell_names, cell_record, set_cell_state
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.discovery.directory import Directory
-from pyserver.discovery.move import move_user
+from pyserver.discovery.move import MoveReport, move_user, move_users
 from pyserver.errors import BadRequest, NotFound, PyserverError, Unavailable
 from pyserver.store.base import Store
 
@@ -42,6 +45,8 @@ __all__ = ["EvacuationProgress", "EvacuationReport", "evacuate_cell", "evacuatio
 log = logging.getLogger(__name__)
 
 _MAX_PASSES = 5
+# users moved together: one freeze, one wait for the acknowledgements, one tombstone write
+_BATCH = 32
 
 
 @dataclass
@@ -131,6 +136,7 @@ async def evacuate_cell(
     progress = EvacuationProgress(cell, total=0)
     errors: dict[int, str] = {}  # each user's last failure
     slot = _RateLimit(rate)
+    batch_size = min(_BATCH, parallel)
     passes = 0
     while passes < _MAX_PASSES:
         users = await directory.users_in(cell)
@@ -140,30 +146,48 @@ async def evacuate_cell(
         progress.total = progress.moved + len(users)
         moved_before = progress.moved
         progress.failed = 0
-        queue: asyncio.Queue[int] = asyncio.Queue()
-        for user in users:
-            queue.put_nowait(user)
+        queue = list(reversed(users))
 
-        async def worker(queue: asyncio.Queue[int]) -> None:
-            while not queue.empty():
-                user = queue.get_nowait()
-                target = min(load, key=lambda name: (load[name], name))
-                load[target] += 1
-                error = await _move_with_retries(
-                    zk, directory, stores, user, target, slot, retries, ack_timeout_s
-                )
-                if error is None:
-                    moved_to[target] += 1
-                    progress.moved += 1
-                    errors.pop(user, None)
-                else:
-                    load[target] -= 1
-                    errors[user] = error
-                    progress.failed += 1
-                if on_progress is not None:
-                    on_progress(progress)
+        def record(user: int, target: str, error: str | None) -> None:
+            if error is None:
+                moved_to[target] += 1
+                progress.moved += 1
+                errors.pop(user, None)
+            else:
+                load[target] -= 1
+                errors[user] = error
+                progress.failed += 1
+            if on_progress is not None:
+                on_progress(progress)
 
-        await asyncio.gather(*(worker(queue) for _ in range(min(parallel, len(users)))))
+        async def worker(queue: list[int]) -> None:
+            while queue:
+                batch = [queue.pop() for _ in range(min(batch_size, len(queue)))]
+                moves = {}
+                for user in batch:
+                    target = min(load, key=lambda name: (load[name], name))
+                    load[target] += 1
+                    moves[user] = target
+                await slot.wait(len(batch))
+                try:
+                    outcomes: dict[int, Any] = await move_users(
+                        zk, directory, stores, moves, ack_timeout_s=ack_timeout_s
+                    )
+                except PyserverError as failure:
+                    outcomes = dict.fromkeys(moves, failure)
+                for user, target in moves.items():
+                    if isinstance(outcomes.get(user), MoveReport):
+                        record(user, target, None)
+                        continue
+                    # this user's move failed in the batch: again, on its own
+                    log.info("moving user %d: %s; retrying alone", user, outcomes.get(user))
+                    error = await _move_with_retries(
+                        zk, directory, stores, user, target, slot, retries, ack_timeout_s
+                    )
+                    record(user, target, error)
+
+        workers = min(-(-parallel // batch_size), -(-len(users) // batch_size))
+        await asyncio.gather(*(worker(queue) for _ in range(workers)))
         if progress.moved == moved_before:
             break  # a whole pass moved nothing: report what is left
     remaining = await directory.users_in(cell)
@@ -215,12 +239,13 @@ class _RateLimit:
         self.interval = 1.0 / rate if rate > 0 else 0.0
         self.next = 0.0
 
-    async def wait(self) -> None:
+    async def wait(self, starts: int = 1) -> None:
+        """Until `starts` more moves may begin."""
         if not self.interval:
             return
         loop = asyncio.get_running_loop()
         now = loop.time()
         start = max(now, self.next)
-        self.next = start + self.interval
+        self.next = start + self.interval * starts
         if start > now:
             await asyncio.sleep(start - now)

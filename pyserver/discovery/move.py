@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import logging
 import sys
@@ -48,7 +49,7 @@ from pyserver.cluster.state import (
 )
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.discovery.directory import Directory
-from pyserver.errors import BadRequest, Unavailable
+from pyserver.errors import BadRequest, NotFound, Unavailable
 from pyserver.store.base import USER_RECORDS, LogAppend, LogStore, Store
 from pyserver.store.spec import open_store, parse_store_spec
 
@@ -58,6 +59,7 @@ __all__ = [
     "add_admin_actions",
     "cell_record",
     "move_user",
+    "move_users",
     "set_cell_record",
 ]
 
@@ -81,18 +83,28 @@ class MoveReport:
 
 
 async def _wait_acknowledged(zk: ZooKeeper, cell: str, user: int, timeout_s: float) -> None:
+    """Until every active app server of the cell refuses the user. The acknowledgements are
+    polled, quickly at first; the cell's members are read at the start, every half second
+    and once more when all of them have acknowledged (one that joined meanwhile counts)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
+    active = await active_nodes(zk, cell)
+    members_read = loop.time()
+    pause = 0.002
     while True:
-        missing = await active_nodes(zk, cell) - await freeze.acknowledgements(zk, cell, user)
-        if not missing:
-            return
+        acknowledged = await freeze.acknowledgements(zk, cell, user)
+        if active <= acknowledged or loop.time() - members_read > 0.5:
+            active = await active_nodes(zk, cell)
+            members_read = loop.time()
+            if active <= acknowledged:
+                return
         if loop.time() >= deadline:
             raise Unavailable(
-                f"app servers {', '.join(sorted(missing))} of cell {cell} did not confirm "
-                f"the freeze of user {user} within {timeout_s:g} s"
+                f"app servers {', '.join(sorted(active - acknowledged))} of cell {cell} did not "
+                f"confirm the freeze of user {user} within {timeout_s:g} s"
             )
-        await asyncio.sleep(0.02)
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
 
 
 async def copy_log(source: LogStore, target: LogStore, user: int) -> tuple[int, int]:
@@ -171,6 +183,131 @@ async def move_user(
     await freeze.mark_moved(zk, source, user, target)
     frozen_s = time.monotonic() - frozen_at
     return MoveReport(user, source, target, copied, last, frozen_s, time.monotonic() - started)
+
+
+async def _wait_all_acknowledged(
+    zk: ZooKeeper, cell: str, users: list[int], timeout_s: float
+) -> set[int]:
+    """`_wait_acknowledged` for many users of one cell at once; the users every active app
+    server acknowledged within `timeout_s` (the others are not)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    active = await active_nodes(zk, cell)
+    members_read = loop.time()
+    waiting, done = set(users), set()
+    pause = 0.002
+    while waiting:
+        # An app server acknowledges a batch in one transaction: one user's acknowledgements
+        # stand for the others' until they are all there, then every user is checked.
+        probe = min(waiting)
+        if active <= await freeze.acknowledgements(zk, cell, probe):
+            ordered = sorted(waiting)
+            acks = await asyncio.gather(*(freeze.acknowledgements(zk, cell, u) for u in ordered))
+            active = await active_nodes(zk, cell)  # one that joined meanwhile counts too
+            members_read = loop.time()
+            for user, acked in zip(ordered, acks, strict=True):
+                if active <= acked:
+                    waiting.discard(user)
+                    done.add(user)
+            if not waiting:
+                break
+        elif loop.time() - members_read > 0.5:
+            active = await active_nodes(zk, cell)
+            members_read = loop.time()
+        if loop.time() >= deadline:
+            break
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.01)
+    return done
+
+
+async def move_users(
+    zk: ZooKeeper,
+    directory: Directory,
+    stores: dict[str, Store],
+    moves: dict[int, str],
+    *,
+    ack_timeout_s: float = 15.0,
+) -> dict[int, MoveReport | Exception]:
+    """Move many users at once, each to its cell in `moves`: the same steps as `move_user`,
+    each user on its own, but the freezes, the waits for the acknowledgements and the
+    tombstones of the users leaving one cell batched (one ZooKeeper transaction each, one
+    wait). Each user's report, or the error that left it where it was (unfrozen)."""
+    results: dict[int, MoveReport | Exception] = {}
+    for target in set(moves.values()):
+        await cell_record(zk, target)  # NotFound for a cell that does not exist
+    users = sorted(moves)
+    sources = dict(zip(users, await asyncio.gather(*map(directory.cell_of, users)), strict=True))
+    by_source: dict[str, list[int]] = {}
+    for user in users:
+        source = sources[user]
+        if source is None or source == moves[user]:  # nothing to copy: as move_user does
+            try:
+                results[user] = await move_user(zk, directory, stores, user, moves[user])
+            except Exception as error:  # reported per user
+                results[user] = error
+        elif source not in stores or moves[user] not in stores:
+            results[user] = NotFound(f"user {user}: no store opened for cell {source}")
+        else:
+            by_source.setdefault(source, []).append(user)
+    for source, leaving in by_source.items():
+        results |= await _move_from(
+            zk, directory, stores, source, {user: moves[user] for user in leaving}, ack_timeout_s
+        )
+    return results
+
+
+async def _move_from(
+    zk: ZooKeeper,
+    directory: Directory,
+    stores: dict[str, Store],
+    source: str,
+    moves: dict[int, str],
+    ack_timeout_s: float,
+) -> dict[int, MoveReport | Exception]:
+    """`move_users` of users all leaving `source`."""
+    started = time.monotonic()
+    results: dict[int, MoveReport | Exception] = {}
+    # the users whose directory entry points at their new cell (recorded at once: never
+    # unfrozen in the old cell again, whatever happens after)
+    flipped: dict[int, str] = {}
+    try:
+        await freeze.freeze_users(zk, source, moves)
+        frozen_at = time.monotonic()
+        acknowledged = await _wait_all_acknowledged(zk, source, list(moves), ack_timeout_s)
+        # the users listed in each target cell (read once, not once per user)
+        listed = {target: await freeze.listed_users(zk, target) for target in set(moves.values())}
+
+        async def copy_and_flip(user: int) -> MoveReport:
+            if user not in acknowledged:
+                raise Unavailable(
+                    f"the app servers of cell {source} did not all confirm the freeze of "
+                    f"user {user} within {ack_timeout_s:g} s"
+                )
+            target = moves[user]
+            copied, last = await copy_log(stores[source], stores[target], user)
+            if user in listed[target]:  # a tombstone of an earlier move out of the target
+                await freeze.thaw_user(zk, target, user)
+            await directory.assign(user, target)
+            flipped[user] = target
+            frozen_s = time.monotonic() - frozen_at
+            return MoveReport(
+                user, source, target, copied, last, frozen_s, time.monotonic() - started
+            )
+
+        outcomes = await asyncio.gather(*map(copy_and_flip, moves), return_exceptions=True)
+        for user, outcome in zip(moves, outcomes, strict=True):
+            if isinstance(outcome, MoveReport | Exception):
+                results[user] = outcome
+            else:
+                raise outcome  # cancelled
+    finally:
+        for user in moves:
+            if user not in flipped:  # not flipped: served in the old cell again
+                with contextlib.suppress(Exception):
+                    await freeze.thaw_user(zk, source, user)
+        await freeze.mark_all_moved(zk, source, flipped)
+    return results
 
 
 # ---- the command line ----
