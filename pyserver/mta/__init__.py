@@ -1,6 +1,7 @@
 """The MTA proxy: SMTP in, lightweight email objects out to each recipient's owner.
 
-`smtp` is the SMTP server (aiosmtpd), `intake` what happens to a recipient and a
+`smtpd` is the MTA port's SMTP protocol and `smtp` its listeners (aiosmtpd for the
+submission port), `intake` what happens to a recipient and a
 message, `parse` reads MIME with the standard library's `email` package (with
 `skeleton` setting big base64 bodies aside and `htmltext` for HTML-only mail),
 `emailobject` builds what DELIVER carries, `route` reaches a user's owner,
