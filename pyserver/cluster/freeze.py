@@ -193,6 +193,7 @@ class FreezeWatch:
         self.node_id = node_id
         self._on_frozen = on_frozen
         self._users: frozenset[int] = frozenset()
+        self._names: frozenset[str] = frozenset()  # the list's children, as read
         self._acked: set[int] = set()
         self._session: int | None = None
         self._dirty = asyncio.Event()
@@ -277,8 +278,15 @@ class FreezeWatch:
             children = []
             if await self.zk.exists(path, watch=True):
                 self._dirty.set()  # created meanwhile: read again
-        users = frozenset(int(child) for child in children if child.isdigit())
-        added, changed = users - self._users, users != self._users
+        # The list holds every tombstone too (thousands after an evacuation): compare the
+        # names, and turn only the ones that changed into user ids.
+        names = frozenset(children)
+        appeared, gone = names - self._names, self._names - names
+        self._names = names
+        added = frozenset(int(name) for name in appeared if name.isdigit())
+        removed = {int(name) for name in gone if name.isdigit()}
+        users = (self._users - removed) | added if appeared or gone else self._users
+        changed = bool(added or removed)
         # Refused from this moment on: the ownership hooks read `holds` on every request.
         self._users = users
         self._acked &= users
