@@ -33,7 +33,7 @@ from pyserver.ops import terminal as ops_terminal
 from pyserver.processes import dirty as dirty_process
 from pyserver.processes import discovery as discovery_process
 from pyserver.processes import imap as imap_process
-from pyserver.processes import launcher
+from pyserver.processes import launcher, rollout
 from pyserver.processes import mta as mta_process
 from pyserver.processes import node as node_process
 from pyserver.processes import sms as sms_process
@@ -353,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     web_process.add_parser(commands, DEFAULT_DATA)
     imap_process.add_parser(commands, DEFAULT_DATA)
     sms_process.add_parser(commands, DEFAULT_DATA)
-    launcher.add_parser(commands)
+    launcher.add_parser(commands, rollout.add_actions)
     cellcommand.add_parser(commands)
     ops_terminal.add_parser(commands)
     return parser

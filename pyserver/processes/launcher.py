@@ -196,10 +196,11 @@ def _spawn(
     role: str,
     args: list[str],
     env: dict[str, str],
+    cwd: Path | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Start one process of the cluster with `base_env` (every process's settings, TLS)
-    and its own `env`."""
+    and its own `env`, in `cwd` (default this one's: `python -m` imports from there)."""
     log_path = folder / "logs" / f"{name}.log"
     ready_path = folder / "ready" / f"{name}.json"
     ready_path.unlink(missing_ok=True)
@@ -209,7 +210,7 @@ def _spawn(
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
-            cwd=os.getcwd(),
+            cwd=cwd or os.getcwd(),
             env={**os.environ, **base_env, **env, "PYTHONUNBUFFERED": "1"},
             start_new_session=True,  # outlives `cluster up`; not hit by the terminal's ^C
         )
@@ -221,6 +222,9 @@ def _spawn(
         "address": None,
         "pid": process.pid,
         "log": str(log_path),
+        # how to start it again (`cluster rollout`, `node add`): its command and settings
+        "args": args,
+        "env": {**base_env, **env},
         "_ready": ready_path,
         "_process": process,
     }
@@ -578,8 +582,9 @@ def _down(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: Any) -> argparse.ArgumentParser:
-    """Add `cluster up|status|down` to the `pyserver` command line."""
+def add_parser(commands: Any, *more: Any) -> argparse.ArgumentParser:
+    """Add `cluster up|status|down` to the `pyserver` command line, and the actions each
+    of `more` adds (`more(action)`, `action(name, help)` making a sub-command)."""
     cluster = commands.add_parser("cluster", help="run cells of app servers on this machine")
     actions = cluster.add_subparsers(dest="cluster_action", required=True, metavar="ACTION")
 
@@ -607,4 +612,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     down.add_argument("--purge", action="store_true", help="also delete the cluster's data")
     down.add_argument("--grace", type=float, default=30.0, help="seconds before SIGKILL")
     down.set_defaults(handler=_down)
+    for add_actions in more:  # `rollout` (pyserver.processes.rollout), which uses this module
+        add_actions(action)
     return cluster

@@ -28,6 +28,7 @@ import argparse
 import asyncio
 import dataclasses
 import logging
+import os
 import signal
 import sys
 from pathlib import Path
@@ -58,6 +59,9 @@ from pyserver.store.spec import open_store
 from pyserver.wire.ops import Op
 
 __all__ = ["ClusterNode", "add_parser", "serve"]
+
+# the release label a rollout gives the node (`pyserver cluster rollout --version`)
+RELEASE = os.environ.get("PYSERVER_RELEASE", "")
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +119,8 @@ class ClusterNode:
         self.parts.metrics.describe(
             role="node", version=pyserver.__version__, cell=config.cell, node=config.node_id
         )
+        if RELEASE:  # the label `pyserver cluster rollout --version` started it with
+            self.parts.metrics.describe(release=RELEASE)
         self.parts.metrics.watch_node(self._node_stats)
         # users frozen in this cell for a move to another, or moved away: refused here
         self.freeze = FreezeWatch(self.zk, config.cell, config.node_id, self.mailbox.quiesce)
@@ -304,6 +310,8 @@ class ClusterNode:
             "zookeeper": self.zk.state,
             "ring": self.ring.view.active,
             "store": "ok" if store_ok else "unavailable",
+            "version": pyserver.__version__,
+            "release": RELEASE,
         }
 
 
