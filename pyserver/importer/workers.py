@@ -128,8 +128,13 @@ def run_in_processes(
                 for share in shares
                 if share
             ]
-            for future in futures:
-                report.add(future.result())
+            try:
+                for future in futures:
+                    report.add(future.result())
+            except BaseException:  # Ctrl-C or a failed share: stop the others now
+                for child in multiprocessing.active_children():
+                    child.terminate()
+                raise
     finally:
         draining = False
         drainer.join(timeout=5)
