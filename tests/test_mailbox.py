@@ -782,6 +782,35 @@ async def test_writes_of_one_user_that_arrive_together_go_in_one_append(tmp_path
 
 
 @run_async
+async def test_a_cancelled_first_write_does_not_fail_the_writes_that_joined_it(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path) as (m, spy):
+        await deliver(m, 2, 7, "warm up", key="w")
+        real_append = spy.inner.append
+        release, appending = asyncio.Event(), asyncio.Event()
+
+        async def held(write: LogAppend) -> None:
+            appending.set()
+            await release.wait()
+            await real_append(write)
+
+        spy.inner.append = held  # type: ignore[method-assign]
+        writes = [
+            asyncio.ensure_future(deliver(m, 2, 7, f"joined {n}", key=f"j{n}")) for n in range(3)
+        ]
+        await asyncio.wait_for(appending.wait(), 5)
+        writes[0].cancel()  # the caller of the first gives up while the group commits
+        release.set()
+        outcomes = await asyncio.gather(*writes, return_exceptions=True)
+        assert isinstance(outcomes[0], asyncio.CancelledError)
+        assert all(isinstance(o, dict) and not o["duplicate"] for o in outcomes[1:]), outcomes
+        spy.inner.append = real_append  # type: ignore[method-assign]
+        report = await m.rebuild(2)
+        assert report["ok"] and report["messages"] == 4  # the group was written whole
+
+
+@run_async
 async def test_a_group_that_loses_its_race_is_decided_again_and_one_that_fails_is_not_kept(
     tmp_path: Path,
 ) -> None:

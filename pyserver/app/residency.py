@@ -186,34 +186,38 @@ class Residency:
             future: asyncio.Future[tuple[Change, UserImage]] = loop.create_future()
             self._waiting.setdefault(user_id, []).append(_Waiting(decide, future))
             return await future
-        # Nothing under way: this call leads the next group itself, and hands whatever
-        # queues while it commits to a task that goes on group after group.
+        # Nothing under way: this call leads the next group. It lets the event loop
+        # turn once first, so writes of this user that came in the same reads (a
+        # pipelined connection's frames, a relay link's copies) join it.
         self._leaders[user_id] = None
         try:
-            # One turn of the event loop first: writes of this user that came in the
-            # same reads (a pipelined connection's frames, a relay link's copies) join.
             await asyncio.sleep(0)
-            queued = self._waiting.pop(user_id, [])
-            joined = [entry for entry in queued if entry.future and not entry.future.done()]
-            if len(joined) >= _MAX_GROUP:  # the rest go in the groups after this one
-                self._waiting[user_id] = joined[_MAX_GROUP - 1 :]
-                joined = joined[: _MAX_GROUP - 1]
-            group = [_Waiting(decide, None), *joined]
-            try:
-                outcomes = await self._write_group(user_id, group)
-            except BaseException as exc:
-                _settle(joined, [exc] * len(joined))
-                raise
-            _settle(joined, outcomes[1:])
-            outcome = outcomes[0]
+        except BaseException:
+            self._hand_over(user_id)
+            raise
+        if self._waiting.get(user_id):
+            # Others came: one task commits them all, this write first, so no
+            # caller's cancellation reaches the writes of the others.
+            future = loop.create_future()
+            self._waiting[user_id].insert(0, _Waiting(decide, future))
+            self._leaders[user_id] = loop.create_task(self._lead(user_id))
+            return await future
+        # Alone: written at once, as a group of one; whatever queues meanwhile goes
+        # to a task that goes on group after group.
+        try:
+            outcome = (await self._write_group(user_id, [_Waiting(decide, None)]))[0]
         finally:
-            if self._waiting.get(user_id):
-                self._leaders[user_id] = loop.create_task(self._lead(user_id))
-            else:
-                del self._leaders[user_id]
+            self._hand_over(user_id)
         if isinstance(outcome, BaseException):
             raise outcome
         return outcome
+
+    def _hand_over(self, user_id: int) -> None:
+        """The leader is done: a task commits what queued meanwhile, if anything did."""
+        if self._waiting.get(user_id):
+            self._leaders[user_id] = asyncio.get_running_loop().create_task(self._lead(user_id))
+        else:
+            del self._leaders[user_id]
 
     async def _lead(self, user_id: int) -> None:
         """Commit the user's waiting writes, group after group, until none is left."""
