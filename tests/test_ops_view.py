@@ -179,6 +179,18 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
         )
         assert lookups >= 20, "discovery's own metrics count the client's lookups"
 
+        # ---- from ZooKeeper alone (no folder): the cells and their nodes, no services
+        alone = _pyserver(
+            "cells", "--zookeeper", state["zookeeper"], "--chroot", state["chroot"],
+            "--json", "--interval", "0",
+        )  # fmt: skip
+        assert alone.returncode == 0, alone.stderr
+        found = json.loads(alone.stdout)
+        assert found["services"] == [] and found["cluster"] is None
+        assert sorted(n["name"] for c in found["cells"] for n in c["nodes"] if n["up"]) == [
+            "cell-1-n1", "cell-1-n2", "cell-2-n1", "cell-2-n2",
+        ]  # fmt: skip
+
         # ---- pyserver cells --once: the tables
         once = _pyserver("cells", "--cluster", str(folder), "--once", "--interval", "0")
         assert once.returncode == 0, once.stderr
