@@ -272,9 +272,20 @@ def _gone(pid: int) -> bool:
     return state in ("Z", "X")
 
 
-@pytest.mark.parametrize("workers", [1, 2])
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a background shell may have ignored it
+
+
+@pytest.mark.parametrize(
+    ("workers", "stop"),
+    [
+        pytest.param(1, signal.SIGKILL, id="crash"),
+        pytest.param(2, signal.SIGKILL, id="crash-with-workers", marks=pytest.mark.slow),
+        pytest.param(2, signal.SIGINT, id="ctrl-c-with-workers"),
+    ],
+)
 def test_an_import_killed_mid_way_resumes_with_nothing_missing_or_doubled(
-    tmp_path: Path, workers: int
+    tmp_path: Path, workers: int, stop: signal.Signals
 ) -> None:
     data = tmp_path / "data"
     source = tmp_path / "chat.jsonl"
@@ -283,17 +294,21 @@ def test_an_import_killed_mid_way_resumes_with_nothing_missing_or_doubled(
     checkpoint = default_path(data, ["jsonl", str(source.resolve())])
     command = [sys.executable, "-m", "pyserver.cli", "import", "jsonl", str(source),
                "--data", str(data), "--json", "--jobs", "2", "--workers", str(workers)]  # fmt: skip
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_default_sigint
+    )
     deadline = time.monotonic() + 60
-    # killed once some users are done and before all are
+    # stopped once some users are done and before all are
     while not (checkpoint.exists() and checkpoint.read_text().count("\n") >= 20):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "the import made no progress"
         time.sleep(0.01)
     children = _children(proc.pid)
     assert workers == 1 or len(children) >= workers
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=10)
+    os.kill(proc.pid, stop)
+    _, errors = proc.communicate(timeout=30)
+    if stop == signal.SIGINT:  # Ctrl-C: the import stops itself, its workers with it
+        assert proc.returncode == 130 and b"run the same command again" in errors
     # worker processes die with the import: nothing goes on writing behind the resumed run
     deadline = time.monotonic() + 30
     while not all(_gone(child) for child in children):
