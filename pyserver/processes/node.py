@@ -46,6 +46,7 @@ from pyserver.cluster.routing import OwnerRouter
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.client import ClusterClient
 from pyserver.errors import NotOwner, Unavailable
+from pyserver.processes import nodeops
 from pyserver.processes.assembly import AppServerParts, zookeeper_session
 from pyserver.processes.runtime import (
     add_ready_file_argument,
@@ -374,6 +375,8 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
 
 
 def _node_command(args: argparse.Namespace) -> int:
+    if args.action is not None:  # `pyserver node add|remove`: a running cluster's nodes
+        return nodeops.node_action(args)
     overrides = {
         "data_dir": args.data,
         "cell": args.cell,
@@ -414,5 +417,6 @@ def add_parser(commands: Any) -> argparse.ArgumentParser:
     node.add_argument("--drain-settle", type=float, help="seconds of NOT_OWNER before stopping")
     node.add_argument("--discovery", help="discovery, host:port[,...]: reach other cells' users")
     add_ready_file_argument(node)
+    nodeops.add_node_actions(node)
     node.set_defaults(handler=_node_command)
     return node
