@@ -29,6 +29,7 @@ from pyserver.discovery import cellcommand
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.errors import PyserverError
 from pyserver.importer import command as import_command
+from pyserver.ops import profiler
 from pyserver.ops import terminal as ops_terminal
 from pyserver.processes import dirty as dirty_process
 from pyserver.processes import discovery as discovery_process
@@ -356,6 +357,7 @@ def build_parser() -> argparse.ArgumentParser:
     launcher.add_parser(commands, rollout.add_actions)
     cellcommand.add_parser(commands)
     ops_terminal.add_parser(commands)
+    profiler.add_parser(commands)
     return parser
 
 
