@@ -23,6 +23,7 @@ from pyserver import admin, doctor, endpoints, implementation
 from pyserver.blobs import command as blob_command
 from pyserver.blobs.command import attachment_lines, with_extras
 from pyserver.client import Client
+from pyserver.cluster import darklaunch
 from pyserver.cluster.state import add_cluster_folder_argument
 from pyserver.config import load_config
 from pyserver.discovery import cellcommand
@@ -358,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     cellcommand.add_parser(commands)
     ops_terminal.add_parser(commands)
     profiler.add_parser(commands)
+    darklaunch.add_parser(commands)
     return parser
 
 

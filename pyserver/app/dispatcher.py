@@ -82,6 +82,15 @@ class RequestObserver(Protocol):
     def observe(self, op_name: str, seconds: float, error_code: str | None) -> None: ...
 
 
+class RequestMirror(Protocol):
+    """A hook that copies some mailbox requests elsewhere (a dark launch); `offer` must
+    not block: the live reply is sent right after it."""
+
+    def wants(self, op: Op, payload: dict[str, Any]) -> bool: ...
+
+    def offer(self, op: Op, payload: dict[str, Any], reply: dict[str, Any]) -> None: ...
+
+
 class NullObserver:
     """The default observer: records nothing."""
 
@@ -192,6 +201,8 @@ class Dispatcher:
         self.user_in_flight = user_in_flight
         self.peer_in_flight = peer_in_flight
         self.observer: RequestObserver = observer if observer is not None else NullObserver()
+        # a dark launch's mirror (pyserver.cluster.darklaunch): told of the requests it wants
+        self.mirror: RequestMirror | None = None
         self._health_check = health_check
         self._clock = clock
         self._sessions: set[Session] = set()
@@ -309,6 +320,10 @@ class Dispatcher:
         except Exception as exc:
             return self._finish(session, frame, op.name, started, exc)
         kind, body = self._finish(session, frame, op.name, started, result)
+        mirror = self.mirror
+        if mirror is not None and mirror.wants(op, payload):  # a dark launch: queued only
+            mirror.offer(op, dict(payload), result)
+            return kind, body  # not in the reply table: the next such read is mirrored too
         # The next identical read is answered from the reply table (`answer_buffered`).
         self._mailbox.remember_reply(op, payload, frame.payload, body)  # type: ignore[attr-defined]
         return kind, body
@@ -467,6 +482,12 @@ class Dispatcher:
         payload = self._payload(session, frame, op)
         handler = self._handlers.get(op)
         if handler is None:
+            mirror = self.mirror
+            if mirror is not None and mirror.wants(op, payload):  # a dark launch
+                sent = dict(payload)
+                result = await self._mailbox.execute(op, payload)
+                mirror.offer(op, sent, result)  # queued; the reply does not wait for it
+                return result
             return await self._mailbox.execute(op, payload)
         return await handler(session, frame, payload)
 

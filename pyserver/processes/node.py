@@ -38,6 +38,7 @@ import pyserver
 from pyserver import doctor
 from pyserver.app.loop import loop_implementation
 from pyserver.app.mailbox import Delivery
+from pyserver.cluster.darklaunch import DarkLaunch
 from pyserver.cluster.fence import OwnershipFence
 from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.membership import Membership
@@ -116,6 +117,11 @@ class ClusterNode:
             },
         )
         self.mailbox = self.parts.mailbox
+        # a dark launch: some users' requests mirrored to a shadow cell, set in ZooKeeper
+        self.darklaunch = DarkLaunch(
+            self.zk, config.cell, keys, self.parts.metrics.registry, tls=tls
+        )
+        self.parts.dispatcher.mirror = self.darklaunch
         # what `pyserver cells` and Prometheus read of this node (pyserver_info, ring share...)
         self.parts.metrics.describe(
             role="node", version=pyserver.__version__, cell=config.cell, node=config.node_id
@@ -170,6 +176,7 @@ class ClusterNode:
             await self.ring.wait_until(
                 lambda view: config.node_id in view.members, self.join_timeout_s
             )
+            self.darklaunch.start()
         except BaseException:
             await self._close_parts(grace_s=0.0)
             raise
@@ -210,6 +217,7 @@ class ClusterNode:
         await self.parts.stop_serving(grace_s)
         if "membership" in started:
             await self.membership.leave()
+        await self.darklaunch.close()
         await self.freeze.close()
         await self.ring.close()
         if "zookeeper" in started:
@@ -313,6 +321,7 @@ class ClusterNode:
             "store": "ok" if store_ok else "unavailable",
             "version": pyserver.__version__,
             "release": RELEASE,
+            "darklaunch": self.darklaunch.figures(),
         }
 
 
