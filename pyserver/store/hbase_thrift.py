@@ -218,7 +218,8 @@ class ThriftClient:
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
         _method(name)  # AttributeError for what the gateway does not have
-        return functools.partial(self.call, name)
+        bound = self.__dict__[name] = functools.partial(self.call, name)  # found directly next time
+        return bound
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call one gateway method; its result, or the exception it answered with."""
