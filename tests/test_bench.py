@@ -151,3 +151,6 @@ def test_bench_ops_evacuates_a_cell_beside_its_copy_ceiling() -> None:
     assert ops["evacuate_users"] == 600 and ops["evacuate_passes"] == 1
     assert ops["evacuate_users_per_s"] > 0 and ops["evacuate_copy_ceiling_users_per_s"] > 0
     assert 0 < ops["evacuate_vs_copy"] <= 1.5
+    # the rollout of a 3-node cell under load (bench/ops_rollout.py)
+    assert ops["rollout_failed_requests"] == 0 and ops["rollout_lost_writes"] == 0
+    assert ops["rollout_doubled_writes"] == 0 and ops["rollout_p99_ms"] > 0
