@@ -39,9 +39,9 @@ from typing import Any
 
 import orjson
 
-from pyserver import logcodec
 from pyserver.app.image import FOLDERS, Message, UserImage
 from pyserver.app.indexer import search_terms
+from pyserver.app.residency import decode_stored_page
 from pyserver.blobs import access as blob_access
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import BadRequest, LogCorrupt, PyserverError
@@ -152,13 +152,7 @@ async def _pages(
         page = await store.read_log(user_id, after, limit)
         if not page:
             return
-        entries = []
-        for seq, record in page:
-            entry = logcodec.decode(record)
-            if entry["seq"] != seq:
-                raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
-            entries.append(entry)
-        yield entries
+        yield decode_stored_page(page)
         after = page[-1][0]
         if len(page) < limit:
             return

@@ -436,7 +436,7 @@ class Residency:
             page = await self._store.read_log(user_id, image.seq, limit)
             if not page:
                 return
-            entries = _decode_page(page)
+            entries = decode_stored_page(page)
             bodies = await self.bodies(user_id, entries)
             for entry in entries:
                 image.apply(entry, bodies.get(entry["body_ref"]) if "body_ref" in entry else None)
@@ -451,7 +451,7 @@ class Residency:
             page = await self._store.read_log(user_id, after, min(_REPLAY_PAGE, until - after))
             if not page:
                 break
-            entries = _decode_page(page)
+            entries = decode_stored_page(page)
             bodies = await self.bodies(user_id, entries)
             for entry in entries:
                 body = bodies.get(entry["body_ref"]) if "body_ref" in entry else None
@@ -594,7 +594,7 @@ class Residency:
         out: list[dict[str, Any]] = []
         after = 0
         while page := await self._store.read_log(user_id, after, _REPLAY_PAGE):
-            entries = _decode_page(page)
+            entries = decode_stored_page(page)
             bodies = await self.bodies(user_id, entries)
             for entry in entries:
                 if "body_ref" in entry:
@@ -657,16 +657,6 @@ class Residency:
         }
 
 
-def _decode_page(page: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
-    entries = []
-    for seq, record in page:
-        entry = logcodec.decode(record)
-        if entry["seq"] != seq:
-            raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
-        entries.append(entry)
-    return entries
-
-
 def _imported(item: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     """An exported entry split into the log entry and its body (encode checks the entry)."""
     if not isinstance(item, dict):
@@ -678,3 +668,15 @@ def _imported(item: Any) -> tuple[dict[str, Any], dict[str, Any] | None]:
     if type(entry.get("seq")) is not int:
         raise BadRequest("entries: each needs an integer seq")
     return entry, body
+
+
+def decode_stored_page(page: list[tuple[int, bytes]]) -> list[dict[str, Any]]:
+    """Decode a page of the store's (seq, record) pairs, refusing a record whose own
+    seq is not the one it is stored under (a corrupt or misplaced row)."""
+    entries = []
+    for seq, record in page:
+        entry = logcodec.decode(record)
+        if entry["seq"] != seq:
+            raise LogCorrupt(f"the record stored at seq {seq} says seq {entry['seq']}")
+        entries.append(entry)
+    return entries
