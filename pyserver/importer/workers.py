@@ -23,6 +23,7 @@ import signal
 import threading
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from queue import Empty
 from typing import Any
 
 from pyserver.importer.checkpoint import Checkpoint
@@ -104,8 +105,10 @@ def run_in_processes(
         while draining or not queue.empty():
             try:
                 count = queue.get(timeout=0.2)
-            except Exception:  # queue.Empty, or the queue closed under us
+            except Empty:
                 continue
+            except (OSError, ValueError):  # the queue closed under us: nothing more to count
+                return
             if progress is not None:
                 progress(count)
 
