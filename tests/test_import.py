@@ -210,6 +210,36 @@ def test_mbox_maildir_and_jsonl_make_the_image_a_cell_serves(tmp_path: Path) -> 
     assert seen[11]["counts"]["folders"]["inbox"]["unread"] == 1
 
 
+def test_a_running_cell_shows_an_import_at_once(tmp_path: Path) -> None:
+    """The import tells the running server to drop its cached images of imported users:
+    without that, a cached user showed the import only after its next write."""
+    data = tmp_path / "data"
+    _write_jsonl(tmp_path / "chat.jsonl")
+    proc, ready = serve_cell(data)
+    try:
+        key = read_service_key(data)
+        server = ready["server"]
+
+        async def scenario() -> tuple[int, int, dict[str, Any]]:
+            async with await Client.connect(server["host"], server["port"], service_key=key) as c:
+                await c.send(11, [12], "before the import")  # 11 and 12 cached, one thread
+                before = len((await c.list_threads(11, "inbox"))["threads"])
+                report = await asyncio.to_thread(
+                    _import, "jsonl", str(tmp_path / "chat.jsonl"), data=data
+                )
+                after = len((await c.list_threads(11, "inbox"))["threads"])
+                return before, after, report
+
+        before, after, report = run(scenario, timeout=120)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert report["messages"] == 5 and "refresh_failures" not in report
+    # 11's own message was in Sent only; the import brings the chat (joining that thread,
+    # now with a reply from 12) and the SMS into the inbox of the image the server holds
+    assert (before, after) == (0, 2)
+
+
 def test_a_tree_with_a_map_imports_each_users_mailboxes(tmp_path: Path) -> None:
     data = tmp_path / "data"
     tree = tmp_path / "tree"
@@ -379,6 +409,7 @@ def test_an_import_into_a_cluster_writes_each_user_in_the_cell_discovery_names(
             assert done.returncode == 0, done.stderr
             report = json.loads(done.stdout.strip().splitlines()[-1])
             assert report["messages"] == expected and report["users"] == 12
+            assert "refresh_failures" not in report  # every owner was told
             again = await asyncio.to_thread(
                 run_cli, "import", "jsonl", str(source), "--cluster", str(folder), "--json"
             )

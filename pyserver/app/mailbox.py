@@ -280,6 +280,7 @@ class Mailbox:
             Op.HISTORY: self._history,
             Op.SHOW_AT: self._show_at,
             Op.RESTORE: self._restore,
+            Op.REFRESH: self._refresh,
         }
         # The reads `answer_cached` can answer at once from a cached image.
         self._cached_reads: dict[Op, Callable[[UserImage, dict[str, Any]], dict[str, Any]]] = {
@@ -908,6 +909,11 @@ class Mailbox:
 
         change, image = await self._resident.update(user, decide)
         return {**change.result, "seq": image.seq}
+
+    async def _refresh(self, p: dict[str, Any]) -> dict[str, Any]:
+        """REFRESH: drop the cached image, outdated by entries appended around this server."""
+        user = _user(p, "user")
+        return {"user": user, "dropped": await self._resident.drop_cached(user)}
 
     # ---- the social graph (through the user index) ----
 

@@ -385,6 +385,17 @@ class Residency:
         if self._cache.peek(user_id) is image:
             self._cache.pop(user_id)
 
+    async def drop_cached(self, user_id: int) -> bool:
+        """Drop the user's cached image (after the log was extended around this server):
+        the next request loads it from the store. Whether one was cached."""
+        self.check_owner(user_id)
+        async with self._lock(user_id):
+            image = self._cache.peek(user_id)
+            if image is None:
+                return False
+            self._forget(user_id, image)
+            return True
+
     def release(self, keep: Callable[[int], bool] | None = None) -> int:
         """Drop the cached images of users this server no longer serves; how many went.
 

@@ -26,6 +26,7 @@ from pyserver.blobs import BLOB_FOLDER, DiskBlobStore, blob_store_for
 from pyserver.cluster.state import add_cluster_folder_argument, read_state
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.importer.checkpoint import Checkpoint, default_path
+from pyserver.importer.live import refresh_cell, refresh_users
 from pyserver.importer.progress import progress_bar
 from pyserver.importer.report import ImportReport
 from pyserver.importer.run import ImportPlan, plan_jsonl, plan_mailbox, plan_tree, run_import
@@ -122,6 +123,8 @@ def _run(args: argparse.Namespace) -> int:
                 report = asyncio.run(_import_cluster(args, plan, checkpoint, advance))
             else:
                 report = asyncio.run(_import(args, plan, checkpoint, advance))
+            if args.cluster is None:  # (into a cluster, _import_cluster refreshed them)
+                report.refresh_failures = asyncio.run(refresh_cell(args.data, _users(plan)))
         completed = True
         report.started = started  # the run's time includes reading the plan
     except KeyboardInterrupt:
@@ -131,6 +134,9 @@ def _run(args: argparse.Namespace) -> int:
         checkpoint.close(completed)
     for item in report.rejected:
         print(f"rejected {item.where}: {item.reason}", file=sys.stderr)
+    for failure in report.refresh_failures:
+        print(f"pyserver: a server may show the old state of {failure} until its next write",
+              file=sys.stderr)  # fmt: skip
     print(report.summary(), file=sys.stderr)
     if args.json:
         print(json.dumps(report.to_json(), ensure_ascii=False))
@@ -181,10 +187,17 @@ async def _import_cluster(
             async def store_of(user: int) -> Any:
                 return cells[await discovery.cell_of(user)]
 
-            return await run_import(
+            report = await run_import(
                 plan, store=directory, blobs=blobs, checkpoint=checkpoint, jobs=args.jobs,
                 progress=advance, pace=Pace(args.rate), store_of=store_of,
             )  # fmt: skip
+            report.refresh_failures = await refresh_users(discovery.request, _users(plan))
+            return report
     finally:
         for part in reversed(opened):
             await part.close()
+
+
+def _users(plan: ImportPlan) -> set[int]:
+    """Every user of the plan (those done by an earlier, interrupted run too)."""
+    return {unit.user for unit in plan.units}

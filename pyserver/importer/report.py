@@ -32,6 +32,8 @@ class ImportReport:
     user_ids: set[int] = field(default_factory=set)
     # the pace kept (pyserver.importer.throttle), when one was
     pace: dict[str, Any] | None = None
+    # the users whose server could not be told to drop its cached image (importer.live)
+    refresh_failures: list[str] = field(default_factory=list)
     _rejected_where: set[str] = field(default_factory=set)
 
     def reject(self, item: Rejected) -> None:
@@ -74,6 +76,7 @@ class ImportReport:
             "seconds": round(seconds, 3),
             "messages_per_s": round(self.messages / seconds, 1) if seconds > 0 else 0.0,
             **({"pace": self.pace} if self.pace is not None else {}),
+            **({"refresh_failures": self.refresh_failures} if self.refresh_failures else {}),
         }
 
     def summary(self) -> str:

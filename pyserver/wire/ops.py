@@ -38,6 +38,8 @@ class Op(IntEnum):
     HISTORY = 65
     SHOW_AT = 66
     RESTORE = 67
+    # a cached image outdated by a write around the server (pyserver import)
+    REFRESH = 68
     # Ranges kept for the other services of a cell, each adding its own codes:
     # 70-79 discovery, 80-89 blobs, 90-99 user index, 100-109 dirty service,
     # 110-119 between app servers, 120-129 the SMS gateway.
@@ -70,5 +72,7 @@ SERVICE_ONLY |= {Op.RELATION, Op.FRIENDS, Op.INDEX_FRIEND_ADD, Op.INDEX_FRIEND_R
 SERVICE_ONLY |= {Op.LOOKUP, Op.CELL_RING, Op.CELLS}
 # A user's past and its restore are operators' tools.
 SERVICE_ONLY |= {Op.HISTORY, Op.SHOW_AT, Op.RESTORE}
+# Only the tools that write a cell's store around its servers drop cached images.
+SERVICE_ONLY |= {Op.REFRESH}
 # Operations answered without a HELLO.
 NO_HELLO: frozenset[Op] = frozenset({Op.PING, Op.HELLO})
