@@ -53,7 +53,8 @@ def test_profile_of_a_node_under_load_names_its_write_path(cluster: Cluster) -> 
           f"own: {[r['function'] for r in report['own'][:5]]}")  # fmt: skip
     assert report["pid"] == node.proc.pid and report["samples"] > 10
     assert report["busy_threads"] > 0
-    assert sum(row["share"] for row in report["own"]) <= 1.0001
+    # each busy sample is one function's own time (the shares are rounded: count samples)
+    assert sum(row["samples"] for row in report["own"]) <= report["samples"]
     under = " ".join(row["function"] for row in report["total"])
     assert "mailbox.py" in under or "residency.py" in under, under
 
