@@ -68,8 +68,9 @@ class ServiceLink:
     def address(self) -> str:
         return f"{self.host}:{self.port}"
 
-    async def client(self) -> Client:
-        """The connected client; Unavailable if the service cannot be reached now."""
+    async def client(self, retry_now: bool = False) -> Client:
+        """The connected client; Unavailable if the service cannot be reached now.
+        `retry_now`: try to connect even within the pause after a failed connect."""
         client = self._client
         if client is not None and client.connected:
             return client
@@ -83,7 +84,10 @@ class ServiceLink:
                 self._client = None
                 await client.close()
             failed_at = self._connect_failed_at
-            if failed_at is not None and time.monotonic() - failed_at < self._retry_connect_after_s:
+            paused = (
+                failed_at is not None and time.monotonic() - failed_at < self._retry_connect_after_s
+            )
+            if paused and not retry_now:
                 raise Unavailable(f"the {self.name} at {self.address} is down")
             try:
                 client = await Client.connect(
@@ -106,10 +110,14 @@ class ServiceLink:
             return client
 
     async def request(
-        self, op: int, payload: dict[str, Any], timeout: float | None = None
+        self,
+        op: int,
+        payload: dict[str, Any],
+        timeout: float | None = None,
+        retry_now: bool = False,
     ) -> dict[str, Any]:
         """One request on the link (the client's typed errors as they are)."""
-        client = await self.client()
+        client = await self.client(retry_now)
         return await client.request(op, payload, timeout or self._request_timeout_s)
 
     async def close(self) -> None:

@@ -102,10 +102,15 @@ class RemoteUserIndex:
     async def _request(self, op: Op, payload: dict[str, Any], timeout: float) -> dict[str, Any]:
         count = len(self._links)
         failures: list[str] = []
-        for attempt in range(count):
+        # A link refuses at once for a moment after a failed connect, so that an instance
+        # that is down costs nothing while another answers; when none has answered, the
+        # second round connects anyway (an instance back within that moment is used).
+        for attempt in range(2 * count if count > 1 else 1):
             index = (self._preferred + attempt) % count
             try:
-                reply = await self._links[index].request(op, payload, timeout)
+                reply = await self._links[index].request(
+                    op, payload, timeout, retry_now=attempt >= count
+                )
             except Unavailable as error:  # down, unreachable or silent: the next instance
                 failures.append(str(error))
                 continue
