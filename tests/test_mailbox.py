@@ -273,6 +273,53 @@ async def test_an_existing_thread_keeps_its_folder_but_leaves_the_archive(tmp_pa
         assert [t["thread_id"] for t in await threads(m, 1)] == [tid]
 
 
+@run_async
+async def test_a_send_filed_from_a_mail_client_keeps_its_extra_and_relays_nothing(
+    tmp_path: Path,
+) -> None:
+    queued: list[tuple[int, str]] = []
+    async with opened(tmp_path) as (m, _):
+        m._outbound_queued = lambda user, message: queued.append((user, message))
+        raw = {"raw": {"ref": "a" * 64, "size": 10}, "message_id_header": "<s@x>"}
+        reply = await send(m, 1, [2, "carol@example.org"], "sent already", channel="email",
+                           key="<s@x>", extra=raw, relay=False)  # fmt: skip
+        assert reply["thread_id"] == thread_id_for([1, 2], ["carol@example.org"])
+        mine = await m.execute(Op.GET_MESSAGE, {"user": 1, "message_id": reply["message_id"]})
+        assert mine["extra"]["raw"] == raw["raw"]
+        assert "outbound" not in mine["extra"]  # nothing queued to go out
+        assert mine["extra"]["to_addresses"] == ["carol@example.org"]
+        theirs = await m.execute(Op.GET_MESSAGE, {"user": 2, "message_id": reply["message_id"]})
+        assert theirs["text"] == "sent already" and "raw" not in theirs["extra"]
+        assert await m.pending_outbound(1) == [] and queued == []
+        # the same mail filed again is the same message
+        again = await send(m, 1, [2], "sent already", channel="email", key="<s@x>", relay=False)
+        assert again["duplicate"] is True and again["message_id"] == reply["message_id"]
+        # an ordinary SEND to an outside address still queues it
+        out = await send(m, 1, ["carol@example.org"], "goes out", channel="email")
+        assert queued == [(1, out["message_id"])]
+        with pytest.raises(BadRequest, match="relay"):
+            await send(m, 1, [2], "x", relay="no")
+
+
+@run_async
+async def test_a_deliver_with_a_folder_files_a_new_thread_there_and_keeps_an_old_ones(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path) as (m, _):
+        first = await deliver(m, 2, 0, "old mail", folder="archived",
+                              **{"from": "alice@example.org"})  # fmt: skip
+        assert first["folder"] == "archived"
+        assert [t["thread_id"] for t in await threads(m, 2, "archived")] == [first["thread_id"]]
+        # the conversation exists: it stays where it is (not back to the inbox)
+        again = await deliver(m, 2, 0, "more", folder="spam", **{"from": "alice@example.org"})
+        assert again["folder"] == "archived" and again["thread_id"] == first["thread_id"]
+        chat = await send(m, 1, [2], "hello")
+        assert (await deliver(m, 2, 1, "mail", folder="spam"))["folder"] == "other"
+        assert chat["thread_id"] in [t["thread_id"] for t in await threads(m, 2, "other")]
+        with pytest.raises(BadRequest, match="folder"):
+            await deliver(m, 2, 0, "x", folder="drafts", **{"from": "a@example.org"})
+
+
 @pytest.mark.parametrize("hang", [False, True], ids=["raises", "times-out"])
 @run_async
 async def test_an_index_that_cannot_answer_gives_the_default_folder(

@@ -505,6 +505,9 @@ class Dispatcher:
             # a blob ref attached is readable by every recipient: only a trusted tier,
             # which stored the bytes itself, may name one
             raise Forbidden("attachments: a SEND with attachments needs a service connection")
+        if op is Op.SEND and ("extra" in payload or "relay" in payload):
+            # the IMAP gateway's filing of a mail sent already (blob refs, nothing relayed)
+            raise Forbidden("extra, relay: a SEND with them needs a service connection")
 
     # ---- operations answered here ----
 

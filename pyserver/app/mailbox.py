@@ -355,6 +355,10 @@ class Mailbox:
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
         attachments = _attachments(p, "attachments", self._settings.max_extra_bytes)
+        # a mail a client sent already, filed by the IMAP gateway (APPEND to Sent): its
+        # email object kept with the sender's copy only, and nothing relayed out again
+        own_extra = _extra(p, "extra", self._settings.max_extra_bytes)
+        relay = _flag(p, "relay", True)
         self._resident.check_owner(sender)
         if self._relay is None:
             # No other server to hand copies to: refuse before writing anything.
@@ -394,13 +398,15 @@ class Mailbox:
             if first is not None:
                 return Change(result=_send_reply(first, duplicate=True))
             # recipients who take part in this conversation by email get a mail too
-            mirrored[:] = _mail_readers(image, delivery.thread_id, recipients)
+            if relay:
+                mirrored[:] = _mail_readers(image, delivery.thread_id, recipients)
             thread = image.threads.get(delivery.thread_id)
             if thread is None:
                 folder = "sent"
             else:
                 folder = "inbox" if thread.folder == "archived" else thread.folder
-            return _adding(delivery, folder, unread=False, outbound=True, mail_to=mirrored)
+            own = dataclasses.replace(delivery, extra={**delivery.extra, **own_extra})
+            return _adding(own, folder, unread=False, outbound=relay, mail_to=mirrored)
 
         # Every copy at once: one round of group commits instead of two. All of them
         # settle before the reply, so nothing is still being written after an error.
@@ -411,7 +417,7 @@ class Mailbox:
         change, _ = outcomes[0]
         if change.result:
             return change.result
-        if (addresses or mirrored) and self._outbound_queued is not None:
+        if relay and (addresses or mirrored) and self._outbound_queued is not None:
             self._outbound_queued(sender, delivery.message_id)
         return {
             "message_id": delivery.message_id,
@@ -434,6 +440,8 @@ class Mailbox:
         key = _text(p, "key", self._settings.max_field_bytes, default="")
         extra = _extra(p, "extra", self._settings.max_extra_bytes)
         hint = _text(p, "thread", self._settings.max_field_bytes, default=None)
+        # a new thread's folder when the mail is filed by its own user (IMAP APPEND)
+        folder = _choice(p, "folder", FOLDERS) if p.get("folder") is not None else None
         delivery = Delivery(
             message_id=message_id_for(sender, key),
             thread_id=thread_id_for(participants, None if sender else address),
@@ -446,7 +454,7 @@ class Mailbox:
             key=key,
             extra=extra,
         )
-        return await self._write_copy(user, delivery, hint)
+        return await self._write_copy(user, delivery, hint, folder)
 
     async def _deliver_copy_request(self, p: dict[str, Any]) -> dict[str, Any]:
         """DELIVER_COPY: one recipient's copy of a SEND, from the sender's owner."""
@@ -492,14 +500,20 @@ class Mailbox:
         return await self._write_copy(recipient, delivery)
 
     async def _write_copy(
-        self, recipient: int, delivery: Delivery, thread_hint: str | None = None
+        self,
+        recipient: int,
+        delivery: Delivery,
+        thread_hint: str | None = None,
+        filed_in: str | None = None,
     ) -> dict[str, Any]:
         """Write one recipient's copy to that recipient's own log; DELIVER's reply.
 
         A copy already there (the same key from the same sender, or the same
         message id: a retried relay) is not written again. `thread_hint`: the
         conversation a mail answers (from its In-Reply-To), used when the recipient
-        has it; it only ever chooses among the recipient's own threads.
+        has it; it only ever chooses among the recipient's own threads. `filed_in`: the
+        folder of a new thread (else the user index chooses); an existing thread then
+        keeps its folder, whatever it is.
         """
 
         async def decide(image: UserImage) -> Change:
@@ -524,7 +538,9 @@ class Mailbox:
                 return Change(result=reply)
             thread = image.threads.get(delivery.thread_id)
             if thread is None:
-                folder = await self._route(recipient, delivery.sender)
+                folder = filed_in or await self._route(recipient, delivery.sender)
+            elif filed_in:
+                folder = thread.folder
             elif thread.folder in ("archived", "sent"):
                 folder = "inbox"
             else:
@@ -1198,6 +1214,13 @@ def _attachments(p: dict[str, Any], name: str, max_bytes: int) -> list[dict[str,
     if len(orjson.dumps(found)) > max_bytes:
         raise TooLarge(f"{name}: the list is over {max_bytes} bytes")
     return found
+
+
+def _flag(p: dict[str, Any], name: str, default: bool) -> bool:
+    value = _field(p, name, default)
+    if not isinstance(value, bool):
+        raise BadRequest(f"{name}: must be true or false")
+    return value
 
 
 def _extra(p: dict[str, Any], name: str, max_bytes: int) -> dict[str, Any]:

@@ -12,7 +12,7 @@ What each IMAP change does to the mailbox (docs/imap.md): \\Seen is the message'
 read state (MARK_READ / MARK_UNREAD); \\Deleted is kept by the gateway until
 EXPUNGE deletes the message (DELETE); MOVE, and COPY, move the message's whole
 conversation (a message is in one folder: its thread's). Other flags are
-accepted for the session and not kept.
+accepted for the session and not kept. APPEND files the mail (pyserver.imap.append).
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ from pymap.parsing.specials.flag import Deleted, Flag, Seen
 from pymap.selected import SelectedMailbox, SelectedSet
 
 from pyserver.errors import NotFound, PyserverError
+from pyserver.imap.append import NOT_HERE, MailFiling
 from pyserver.imap.render import raw_ref, render_message
 from pyserver.imap.structure import LoadedMessage
 from pyserver.wire.ops import Op
@@ -293,7 +294,22 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         return selected
 
     async def append(self, append_msg: AppendMessage, *, recent: bool = False) -> ImapMessage:
-        raise MailboxReadOnly(self.name)  # unfinished: APPEND (docs/imap.md)
+        filing = self._owner.filing
+        if filing is None:
+            raise MailboxReadOnly(self.name)
+        seen = Seen in append_msg.flag_set
+        user = self._owner.user
+        filed = await filing.file(user, self.name, self.folder, append_msg.literal, seen)
+        self._owner.changed()
+        await self.refresh()
+        uid = self.uid_of(filed.message_id)
+        if uid is not None and Deleted in append_msg.flag_set:
+            self._deleted.add(uid)
+            self._messages[uid].permanent_flags |= {Deleted}
+        return ImapMessage(
+            uid or NOT_HERE, append_msg.when or datetime.now(UTC), {Seen} if seen else (),
+            message_id=filed.message_id, thread_id=filed.thread_id, source=self._owner.source,
+        )  # fmt: skip
 
     async def copy(self, uid: int, destination: FolderView, *, recent: bool = False) -> int | None:
         # A message is in one folder, its thread's: copying files the conversation there.
@@ -388,9 +404,12 @@ def _by_uid(message: ImapMessage) -> int:
 class UserFolders(MailboxSetInterface[FolderView]):
     """The fixed folders of one signed-in user."""
 
-    def __init__(self, servers: AppServers, user: int, domain: str) -> None:
+    def __init__(
+        self, servers: AppServers, user: int, domain: str, filing: MailFiling | None = None
+    ) -> None:
         self._servers = servers
         self.user = user
+        self.filing = filing  # APPEND (None: refused)
         self.source = MessageSource(servers, user, domain)
         self._views = {name: FolderView(self, name) for name in FOLDERS}
         self._subscribed = set(FOLDERS)

@@ -22,9 +22,12 @@ from pymap.config import BackendCapability, IMAPConfig
 from pymap.imap import IMAPServer
 
 from pyserver.app.auth import UserToken
-from pyserver.imap import corrections
+from pyserver.blobs.base import BlobStore
+from pyserver.imap import append, corrections
+from pyserver.imap.append import MailFiling
 from pyserver.imap.folders import AppServers
 from pyserver.imap.login import ImapLogin, Resolve, SignInGuard
+from pyserver.mta.intake import MtaSettings
 from pyserver.servicekey import ServiceKey
 
 __all__ = ["ImapGateway"]
@@ -34,6 +37,7 @@ log = logging.getLogger(__name__)
 # pymap logs every command and response at DEBUG and each connection at INFO
 logging.getLogger("pymap").setLevel(logging.WARNING)
 corrections.apply()
+append.apply()
 
 
 class _Config(IMAPConfig):
@@ -157,6 +161,7 @@ class ImapGateway:
         literal_timeout_s: float = 30.0,
         idle_timeout_s: float = 1800.0,
         max_connections_per_peer: int = 64,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.tls = tls
         self._max_message_bytes = max_message_bytes
@@ -174,6 +179,9 @@ class ImapGateway:
             "guard": guard or SignInGuard(),
         }
         self._config = _Config(tls=tls, max_append_len=max_message_bytes)
+        if blobs is not None:  # APPEND keeps the mail's bytes there (else it is refused)
+            settings = MtaSettings(max_mail_bytes=max_message_bytes, mail_domain=mail_domain)
+            common["filing"] = MailFiling(servers, blobs, resolve, settings)
         self.login = ImapLogin(self._config, servers, keys, **common)
         self._servers: list[asyncio.Server] = []
 

@@ -30,6 +30,7 @@ from pysasl.creds.server import ServerCredentials
 
 from pyserver.app.auth import UserToken, read_user_token
 from pyserver.errors import PyserverError, Unauthenticated
+from pyserver.imap.append import MailFiling
 from pyserver.imap.folders import SPECIAL_USE, AppServers, ImapMessage, UserFolders, UserWatch
 from pyserver.servicekey import ServiceKey
 from pyserver.userid import is_user_id
@@ -104,8 +105,10 @@ class ImapLogin(LoginInterface):
         revoked: Callable[[UserToken], bool] | None = None,
         guard: SignInGuard | None = None,
         watch: UserWatch | None = None,
+        filing: MailFiling | None = None,
     ) -> None:
         self.config = config
+        self.filing = filing
         self.servers = servers
         self._keys = keys
         self._resolve = resolve
@@ -120,7 +123,7 @@ class ImapLogin(LoginInterface):
         return ImapLogin(
             config, self.servers, self._keys, resolve=self._resolve,
             mail_domain=self.mail_domain, revoked=self._revoked, guard=self.guard,
-            watch=self.watch,
+            watch=self.watch, filing=self.filing,
         )  # fmt: skip
 
     @property
@@ -199,7 +202,8 @@ class Identity(IdentityInterface):
 
     @asynccontextmanager
     async def new_session(self) -> AsyncIterator[Session]:
-        folders = UserFolders(self.login.servers, self.user, self.login.mail_domain)
+        login = self.login
+        folders = UserFolders(login.servers, self.user, login.mail_domain, login.filing)
         self.login.watch.watch(folders)
         try:
             yield Session(self.name, self.login.config, folders)

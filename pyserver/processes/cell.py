@@ -173,6 +173,7 @@ class SingleNodeCell:
             self.parts.keys,
             resolve=self.parts.store.resolve_address,
             revocations=self.parts.revocations,
+            blobs=self.parts.blobs,
         )
         host, port = await self.imap.start(config.host, config.imap_port)
         found = {"imap": {"host": host, "port": port}}

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pyserver.app.revocations import Revocations
+from pyserver.blobs import BlobStore, blob_store_for
 from pyserver.config import Config, load_config
 from pyserver.imap.folders import AppServers
 from pyserver.imap.gateway import ImapGateway
@@ -33,6 +34,7 @@ def imap_gateway(
     *,
     resolve: Resolve,
     revocations: Revocations,
+    blobs: BlobStore | None = None,
 ) -> ImapGateway:
     """The IMAP gateway `config` sets up, in front of `servers` (`pyserver imap`,
     `pyserver run`)."""
@@ -43,6 +45,8 @@ def imap_gateway(
         mail_domain=config.mail_domain,
         revoked=revocations.refuses,
         tls=config.public_tls(),
+        max_message_bytes=config.max_mail_bytes,
+        blobs=blobs,
     )
 
 
@@ -53,17 +57,20 @@ class ImapProcess:
         self.config = config = config.with_service_key()
         self.frontend = FrontEnd(config, server)
         self.gateway: ImapGateway | None = None
+        self.blobs = blob_store_for(config)  # where APPENDed mail is kept
         self._implicit = ""
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
         servers = await self.frontend.open()
+        await self.blobs.open()
         self.gateway = imap_gateway(
             config,
             servers,
             self.frontend.keys,
             resolve=self.frontend.store.resolve_address,
             revocations=self.frontend.revocations,
+            blobs=self.blobs,
         )
         if config.imaps_port >= 0:
             implicit_host, implicit_port = await self.gateway.start_implicit(
@@ -75,6 +82,7 @@ class ImapProcess:
     async def stop(self) -> None:
         if self.gateway is not None:
             await self.gateway.stop()
+        await self.blobs.close()
         await self.frontend.close()
 
     def banner(self) -> list[str]:
