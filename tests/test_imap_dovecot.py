@@ -139,21 +139,12 @@ def _clients(both: dict[str, Any]) -> tuple[imapclient.IMAPClient, imapclient.IM
 def _normal(response: dict[int, dict[bytes, Any]]) -> dict[int, dict[bytes, Any]]:
     out = {}
     for number, values in response.items():
-        values = {_echo(key): _case(value) for key, value in values.items()}
+        values = {key: _case(value) for key, value in values.items()}
         values.pop(b"SEQ", None)
         if b"FLAGS" in values:
             values[b"FLAGS"] = tuple(sorted(f for f in values[b"FLAGS"] if f != b"\\Recent"))
         out[number] = values
     return out
-
-
-def _echo(key: bytes) -> bytes:
-    """A FETCH item's name as echoed, the field names of HEADER.FIELDS in a set order
-    (the gateway echoes them sorted, Dovecot as asked: docs/imap.md)."""
-    match = re.match(rb"(.*HEADER\.FIELDS(?:\.NOT)? \()([^)]*)(\).*)", key)
-    if match is None:
-        return key
-    return match[1] + b" ".join(sorted(match[2].upper().split())) + match[3]
 
 
 def _case(value: Any) -> Any:
@@ -188,6 +179,8 @@ FETCHES = [
     ["BODY.PEEK[HEADER]"],
     ["BODY.PEEK[TEXT]"],
     ["BODY.PEEK[HEADER.FIELDS (SUBJECT FROM TO)]"],
+    # echoed as asked: in order, upper-cased, quoted names quoted, duplicates kept
+    ['BODY.PEEK[HEADER.FIELDS (to Subject "From" subject)]'],
     ["BODY.PEEK[1]"],
 ]
 

@@ -23,7 +23,7 @@ from pymap.imap import IMAPServer
 
 from pyserver.app.auth import UserToken
 from pyserver.blobs.base import BlobStore
-from pyserver.imap import append, corrections
+from pyserver.imap import append, corrections, headerfields
 from pyserver.imap.append import MailFiling
 from pyserver.imap.folders import AppServers
 from pyserver.imap.login import ImapLogin, Resolve, SignInGuard
@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 logging.getLogger("pymap").setLevel(logging.WARNING)
 corrections.apply()
 append.apply()
+headerfields.apply()
 
 
 class _Config(IMAPConfig):
