@@ -430,7 +430,31 @@ def test_messages_get_increasing_uids_in_their_folder_and_new_ones_when_their_th
     assert restored.uid_next == image.uid_next
 
 
+def test_a_messages_modseq_is_the_log_position_that_last_changed_it_for_imap() -> None:
+    entries = [
+        added(1, "m1"),
+        added(2, "m2"),
+        entry(3, "marked_read", thread_id=T1, message_id="m1"),
+        entry(4, "marked_read", thread_id=T1, message_id="m1"),  # read already: no change
+        entry(5, "folder_seen", folder="inbox"),  # not a flag
+        added(6, "n1", T2, participants=[1, 3]),
+        entry(7, "moved", thread_id=T2, folder="archived"),
+        entry(8, "marked_unread", thread_id=T1, message_id=""),  # the whole thread
+    ]
+    image = replay(entries[:5])
+    assert {m: image.messages[m].modseq for m in ("m1", "m2")} == {"m1": 3, "m2": 2}
+    image = replay(entries[5:], image)
+    assert {m: message.modseq for m, message in image.messages.items()} == {
+        "m1": 8, "m2": 2, "n1": 7,
+    }  # fmt: skip
+    assert replay(entries) == image
+    restored = UserImage.from_snapshot(image.to_snapshot())
+    assert restored == image and restored.messages["n1"].modseq == 7
+
+
 def test_an_older_snapshot_is_replayed_from_the_log_not_called_corrupt() -> None:
     old = b'{"version": 1, "seq": 1, "blocked": [], "keys": {}, "threads": []}'
     with pytest.raises(SnapshotOutdated):
         UserImage.from_snapshot(old)
+    with pytest.raises(SnapshotOutdated):  # no MODSEQs
+        UserImage.from_snapshot(old.replace(b'"version": 1', b'"version": 2'))

@@ -572,6 +572,12 @@ async def test_folder_messages_lists_a_folder_by_uid_in_pages(tmp_path: Path) ->
         assert [x["message_id"] for x in archived["messages"]] == [s["message_id"] for s in sent]
         assert archived["uid_validity"] == 1 and archived["uid_next"] == 4
         assert archived["more"] is False and archived["messages"][0]["unread"] is True
+        # MODSEQ: the move (entry 5) filed all three; reading one changes its own
+        assert [x["modseq"] for x in archived["messages"]] == [5, 5, 5] and archived["seq"] == 5
+        one = {"user": 2, "thread_id": sent[0]["thread_id"], "message_id": sent[1]["message_id"]}
+        await m.execute(Op.MARK_READ, one)
+        archived = await listing("archived")
+        assert [x["modseq"] for x in archived["messages"]] == [5, 6, 5] and archived["seq"] == 6
         # "other" keeps the fourth message's UID; the three moved away leave a gap
         assert [(x["uid"], x["message_id"]) for x in (await listing("other"))["messages"]] == [
             (4, other["message_id"])

@@ -35,10 +35,11 @@ __all__ = [
 ]
 
 # 2: messages carry their UID in their folder, the image each folder's next UID
-SNAPSHOT_VERSION = 2
+# 3: messages carry their MODSEQ (the log position that last changed them as IMAP sees it)
+SNAPSHOT_VERSION = 3
 # snapshots of these versions are sound but lack what this version derives: the image is
 # made again from the log (once per user; the next snapshot is of this version)
-_OLDER_VERSIONS = (1,)
+_OLDER_VERSIONS = (1, 2)
 
 
 class SnapshotOutdated(LogCorrupt):
@@ -84,6 +85,7 @@ class Message:
         "channel",
         "extra",
         "message_id",
+        "modseq",
         "sender",
         "sender_address",
         "seq",
@@ -125,6 +127,9 @@ class Message:
         self.extra = extra
         # the log position that added it: orders messages and pages threads
         self.seq = seq
+        # the log position that last changed it as IMAP sees it (added, read or unread,
+        # filed in a folder): its MODSEQ (RFC 7162)
+        self.modseq = seq
         # its UID in its thread's folder (IMAP): given as the log files it there, from
         # the folder's counter, so stable and increasing, and the same on every replay
         self.uid = 0
@@ -170,7 +175,21 @@ class Message:
 
     @classmethod
     def _from_row(cls, thread_id: str, row: list[Any]) -> Message:
-        mid, sender, address, channel, ts, subject, snippet, text, unread, extra, seq, uid = row
+        (
+            mid,
+            sender,
+            address,
+            channel,
+            ts,
+            subject,
+            snippet,
+            text,
+            unread,
+            extra,
+            seq,
+            uid,
+            modseq,
+        ) = row
         if channel not in CHANNELS or not isinstance(extra, dict):
             raise ValueError(f"message {mid!r} has a bad channel or extra")
         message = cls(
@@ -178,6 +197,7 @@ class Message:
             str(text if snippet is None else snippet), str(text), bool(unread), extra, int(seq),
         )  # fmt: skip
         message.uid = int(uid)
+        message.modseq = int(modseq)
         return message
 
     def _row(self) -> list[Any]:
@@ -194,6 +214,7 @@ class Message:
             self.extra,
             self.seq,
             self.uid,
+            self.modseq,
         ]
 
 
@@ -399,12 +420,13 @@ class UserImage:
         found.sort(key=_uid)
         return found
 
-    def _file(self, messages: Iterable[Message], folder: str) -> None:
+    def _file(self, messages: Iterable[Message], folder: str, seq: int) -> None:
         """Give messages filed in `folder` (new, or moved there with their thread) the
-        folder's next UIDs, in log order."""
+        folder's next UIDs, in log order, and the MODSEQ of entry `seq`."""
         uid = self.uid_next[folder]
         for message in messages:
             message.uid = uid
+            message.modseq = seq
             uid += 1
         self.uid_next[folder] = uid
 
@@ -436,7 +458,7 @@ class UserImage:
             self._unlist(thread)
             if thread.folder != entry["folder"]:  # the thread comes back: all of it
                 thread.folder = entry["folder"]
-                self._file(thread.messages.values(), thread.folder)
+                self._file(thread.messages.values(), thread.folder, entry["seq"])
         body = body or {}
         extra = body.get("extra") or {}
         if extra.get("outbound"):
@@ -460,7 +482,7 @@ class UserImage:
             seq=entry["seq"],
         )
         thread.add(message)
-        self._file((message,), thread.folder)
+        self._file((message,), thread.folder, entry["seq"])
         if message.unread:
             thread.unseen = True
         # the newest entry of the log: the thread is now its folder's most recent
@@ -487,6 +509,7 @@ class UserImage:
         for message in targets:
             if message.unread != unread:
                 message.unread = unread
+                message.modseq = entry["seq"]
                 thread.unread += 1 if unread else -1
         self._count(thread, +1)
 
@@ -504,7 +527,7 @@ class UserImage:
         self._unlist(thread)
         if thread.folder != entry["folder"]:
             thread.folder = entry["folder"]
-            self._file(thread.messages.values(), thread.folder)
+            self._file(thread.messages.values(), thread.folder, entry["seq"])
         insort(self._by_folder[thread.folder], thread, key=_activity)
         self._count(thread, +1)
 

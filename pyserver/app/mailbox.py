@@ -734,6 +734,7 @@ class Mailbox:
                     "unread": m.unread,
                     "ts": m.ts,
                     "channel": m.channel,
+                    "modseq": m.modseq,
                 }
                 for m in page
             ],
