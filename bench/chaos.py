@@ -1,8 +1,8 @@
 """`python -m bench chaos [--minutes N] [--seed S] [--json]`: faults under load, then a checker.
 
-A cluster of 2 cells x 3 app servers (`bench.chaos_cluster`: private ZooKeeper
-and memcached, the store in the shared HBase in tables of its own, two
-discovery instances, the user index, the dirty service, the MTA proxy) runs a
+A cluster of 2 cells x 3 app servers (`bench.chaos_cluster`: private ZooKeeper,
+memcached and HBase with its Thrift gateway, two discovery instances, the user
+index, the dirty service, the MTA proxy) runs a
 mixed load (`bench.chaos_load`: SENDs across cells, reads, threads moved,
 mail through the MTA, users moved between cells) while a schedule of faults
 drawn from the seed (`bench.chaos_faults`) runs one or two at a time for N
@@ -31,7 +31,7 @@ from typing import Any
 
 from bench.chaos_check import History, Recovery, check
 from bench.chaos_cluster import Proc, SoakCluster
-from bench.chaos_faults import FAULTS, Schedule
+from bench.chaos_faults import FAULTS, HBASE_FAULTS, Schedule
 from bench.chaos_load import Load, address_of
 from pyserver import logcodec
 from pyserver.cluster import layout
@@ -70,7 +70,7 @@ class Soak:
         # the faults drawn from (PYSERVER_CHAOS_FAULTS=a,b to try a few; default: all)
         self.allowed = [n for n in os.environ.get("PYSERVER_CHAOS_FAULTS", "").split(",") if n]
         if not self.allowed and cluster.store_kind != "hbase":
-            self.allowed = [n for n in FAULTS if n != "thrift_gateway"]
+            self.allowed = [n for n in FAULTS if n not in HBASE_FAULTS]
         unknown = set(self.allowed) - set(FAULTS)
         if unknown:
             raise ValueError(f"PYSERVER_CHAOS_FAULTS: no fault named {sorted(unknown)}")
@@ -150,8 +150,10 @@ class Soak:
         return dict(zip(range(1, self.users + 1), waits, strict=True))
 
     async def episodes_until(self, deadline: float, rng: random.Random) -> None:
+        """Episodes until `deadline`, and past it until every kind of fault ran once."""
         schedule = Schedule(rng, self.allowed)
-        while time.monotonic() < deadline:
+        kinds = set(self.allowed or FAULTS)
+        while time.monotonic() < deadline or not kinds <= set(self.faults):
             names = schedule.next()
             started = time.monotonic()
             outcomes = await asyncio.gather(
@@ -281,7 +283,7 @@ def run(
         ) and report["unavailable_within_target"]  # fmt: skip
     finally:
         cluster.close()
-        if clean:
+        if clean and not os.environ.get("PYSERVER_CHAOS_KEEP"):
             shutil.rmtree(folder, ignore_errors=True)
     return {
         "chaos": report,
@@ -293,6 +295,6 @@ def run(
             "store": store,
             "users": USERS,
             "session_timeout_s": SESSION_S,
-            "logs": None if clean else str(folder),
+            "logs": str(folder) if folder.exists() else None,
         },
     }

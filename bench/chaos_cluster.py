@@ -2,12 +2,10 @@
 
 `SoakCluster(folder, cells, nodes, store)` starts, on loopback:
 
-* a ZooKeeper and two memcached of its own (`scripts/engines` with a private
-  folder and free ports: the shared engines are never stopped);
-* the store: a namespace of its own in the shared HBase (`store="hbase"`; the
-  tables are dropped at the end), reached through a relay in front of the
-  shared Thrift gateway (`bench.chaos_relay`) whose outage `gateway_down`
-  plays, or SQLite files (`store="sqlite"`);
+* a ZooKeeper, two memcached and (`store="hbase"`) an HBase with its Thrift
+  gateway, all of its own (`scripts/engines` with a private folder and free
+  ports: the shared engines are never stopped), so the faults can stop and
+  start them; or (`store="sqlite"`) SQLite files;
 * two discovery instances, the user index, the dirty service, `cells` x `nodes`
   app servers (`pyserver node`) and the MTA proxy, each a `Proc` that can be
   killed (-9), started again with the same arguments (discovery and the MTA on
@@ -21,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import logging
 import os
 import signal
 import socket
@@ -38,8 +38,11 @@ from pyserver.servicekey import load_or_create_service_key
 
 __all__ = ["Proc", "SoakCluster"]
 
+log = logging.getLogger(__name__)
+
 REPO = Path(__file__).resolve().parent.parent
-THRIFT = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT_PORT', '9090')}"
+# the private HBase JVM's heap (the shared one has 2g; a soak's tables are small)
+HBASE_HEAP = os.environ.get("PYSERVER_CHAOS_HBASE_HEAP", "768m")
 
 
 def free_port() -> int:
@@ -124,18 +127,6 @@ class Proc:
         self.process.send_signal(signal.SIGCONT)
         self.stopped = False
 
-    def terminate(self, grace_s: float = 10.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        if self.stopped:
-            self.process.send_signal(signal.SIGCONT)
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=grace_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait(timeout=10)
-
 
 class SoakCluster:
     """The soak's engines and processes (see the module docstring)."""
@@ -165,12 +156,14 @@ class SoakCluster:
         self.chroot = f"/pyserver-chaos-{self.tag}"
         self.cell_names = [f"cell-{i}" for i in range(1, cells + 1)]
         self.node_count = nodes
-        self.relay: subprocess.Popen[str] | None = None
-        self.relay_port = free_port()
+        # the private HBase: its embedded ZooKeeper, master, region server, Thrift
+        self.hbase_ports = {
+            name: free_port() for name in ("ZOOKEEPER", "MASTER", "REGIONSERVER", "THRIFT")
+        }
+        self.thrift = f"127.0.0.1:{self.hbase_ports['THRIFT']}"
         if store == "hbase":
-            # every process reaches HBase through the soak's relay (`gateway_down`)
             prefix = f"ch{self.tag}"
-            gateway = f"127.0.0.1:{self.relay_port}"
+            gateway = self.thrift
             self.directory_store = f"hbase:{gateway}/{prefix}"
             self.stores = {
                 cell: f"hbase:{gateway}/{prefix}_{cell.replace('-', '_')}"
@@ -197,6 +190,11 @@ class SoakCluster:
             "PYSERVER_ENGINES_DIR": str(self.folder / "engines"),
             "PYSERVER_ZOOKEEPER_PORT": str(self.zk_port),
             "PYSERVER_MEMCACHED_PORTS": ",".join(map(str, self.memcached_ports)),
+            "PYSERVER_HBASE_ZOOKEEPER_PORT": str(self.hbase_ports["ZOOKEEPER"]),
+            "PYSERVER_HBASE_MASTER_PORT": str(self.hbase_ports["MASTER"]),
+            "PYSERVER_HBASE_REGIONSERVER_PORT": str(self.hbase_ports["REGIONSERVER"]),
+            "PYSERVER_THRIFT_PORT": str(self.hbase_ports["THRIFT"]),
+            "PYSERVER_HBASE_HEAP": HBASE_HEAP,
         }
         done = subprocess.run(
             [sys.executable, str(REPO / "scripts" / "engines"), action, *names],
@@ -209,13 +207,33 @@ class SoakCluster:
     def memcached_names(self) -> list[str]:
         return [f"memcached-{port}" for port in self.memcached_ports]
 
+    def kill_engine(self, name: str) -> None:
+        """kill -9 of one of this soak's engines (`hbase-master`, `zookeeper`,
+        `memcached-PORT`...), by the pid file `scripts/engines` wrote in the soak's own
+        folder; `engines("up", ...)` starts it again."""
+        pid_file = self.folder / "engines" / name.split("-")[0] / f"{name}.pid"
+        try:
+            pid = int(json.loads(pid_file.read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)  # its own session: the group is its pid
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and Path(f"/proc/{pid}").exists():
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(pid, os.WNOHANG)
+            time.sleep(0.05)
+
     # ---- life ----
 
     def start(self) -> None:
-        self.engines("up", "zookeeper", "memcached")
-        if self.store_kind == "hbase":
+        # all at once: HBase's start (~15 s) is the longest
+        began = time.monotonic()
+        self.engines("up", "zookeeper", "memcached", *(["hbase"] if self.hbase else []))
+        log.info("chaos: engines up in %.1f s", time.monotonic() - began)
+        if self.hbase:
             asyncio.run(self._create_tables())
-            self._start_relay()
+            log.info("chaos: tables created at %.1f s", time.monotonic() - began)
         asyncio.run(self._write_cells())
         common = ["--data", str(self.data)]
         zk_args = ["--zookeeper", self.zookeeper, "--chroot", self.chroot]
@@ -226,23 +244,22 @@ class SoakCluster:
                       "--store", self.directory_store, "--instance", str(i)], {})
             )  # fmt: skip
         east, west = (f"127.0.0.1:{port}" for port in self.memcached_ports)
+        # ports chosen here, so that every process starts at once (they find each other
+        # when they serve)
+        userindex, dirty = free_port(), free_port()
         self.services["userindex"] = Proc(
-            self.folder, "userindex", ["userindex", *common, "--port", "0"], {}
+            self.folder, "userindex", ["userindex", *common, "--port", str(userindex)], {}
         )
         self.services["dirty"] = Proc(
             self.folder, "dirty",
-            ["dirty", *common, "--port", "0", "--dc", f"east={east}", "--dc", f"west={west}"], {},
+            ["dirty", *common, "--port", str(dirty), "--dc", f"east={east}", "--dc",
+             f"west={west}"], {},
         )  # fmt: skip
-        first = [*self.discovery, *self.services.values()]
-        for proc in first:
-            proc.start()
-        for proc in first:
-            proc.wait_ready()
         discovery = self.discovery_addresses
         env = {
-            "PYSERVER_USERINDEX_ADDR": self.services["userindex"].addr,
+            "PYSERVER_USERINDEX_ADDR": f"127.0.0.1:{userindex}",
             "PYSERVER_BLOB_STORE": self.directory_store,
-            "PYSERVER_DIRTY_ADDR": self.services["dirty"].addr,
+            "PYSERVER_DIRTY_ADDR": f"127.0.0.1:{dirty}",
             "PYSERVER_MEMCACHED_DCS": f"east={east},west={west}",
         }
         for cell in self.cell_names:
@@ -253,17 +270,16 @@ class SoakCluster:
                         "--discovery", discovery,
                         "--session-timeout", str(self.session_timeout_s)]  # fmt: skip
                 self.nodes.append(Proc(self.folder, node_id, args, env, cell=cell))
-        for proc in self.nodes:
-            proc.start()
-        for proc in self.nodes:
-            proc.wait_ready()
         self.mta = Proc(
             self.folder, "mta",
             ["mta", *common, "--smtp-port", str(self.smtp_port), "--discovery", discovery],
             {"PYSERVER_STORE": self.directory_store},
         )  # fmt: skip
-        self.mta.start()
-        self.mta.wait_ready()
+        for proc in self.processes():
+            proc.start()
+        for proc in self.processes():
+            proc.wait_ready()
+        log.info("chaos: every process serves at %.1f s", time.monotonic() - began)
 
     @property
     def discovery_addresses(self) -> str:
@@ -277,39 +293,20 @@ class SoakCluster:
             *([self.mta] if self.mta else []),
         ]
 
+    @property
+    def hbase(self) -> bool:
+        return self.store_kind == "hbase"
+
     def close(self) -> None:
-        for proc in reversed(self.processes()):
+        """Everything stopped at once (the soak's data are thrown away or kept for a
+        post-mortem, never reused: no polite HBase shutdown)."""
+        for proc in self.processes():
             with contextlib.suppress(Exception):
-                proc.terminate(grace_s=5.0)
-        with contextlib.suppress(Exception):
-            self.engines("down")
-        if self.relay is not None:
-            self.relay.terminate()
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self.relay.wait(timeout=10)
-            if self.relay.poll() is None:
-                self.relay.kill()
-        if self.store_kind == "hbase":
+                proc.kill()
+        hbase = ["hbase-thrift", "hbase-master"] if self.hbase else []
+        for name in [*hbase, "zookeeper", *self.memcached_names]:
             with contextlib.suppress(Exception):
-                asyncio.run(self._drop_tables())
-
-    # ---- the Thrift gateway's relay ----
-
-    def _start_relay(self) -> None:
-        self.relay = subprocess.Popen(
-            [sys.executable, "-m", "bench.chaos_relay", "--port", str(self.relay_port),
-             "--target", THRIFT],
-            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True, cwd=REPO, env=_env(),
-        )  # fmt: skip
-        assert self.relay.stdout is not None
-        if self.relay.stdout.readline().strip() != "ready":
-            raise RuntimeError("the Thrift gateway's relay did not start")
-
-    def gateway_down(self, down: bool) -> None:
-        """Play the HBase Thrift gateway's outage (connections reset, then refused), or
-        end it."""
-        if self.relay is not None:
-            self.relay.send_signal(signal.SIGUSR1 if down else signal.SIGUSR2)
+                self.kill_engine(name)
 
     # ---- stores and ZooKeeper records ----
 
@@ -319,17 +316,10 @@ class SoakCluster:
     async def _create_tables(self) -> None:
         from pyserver.store.hbase import HBaseStore, parse_thrift_address
 
-        host, port = parse_thrift_address(THRIFT)
-        for namespace in self.namespaces():
-            await HBaseStore(host, port, namespace=namespace).create_tables()
-
-    async def _drop_tables(self) -> None:
-        from pyserver.store.hbase import HBaseStore, parse_thrift_address
-
-        host, port = parse_thrift_address(THRIFT)
-        for namespace in self.namespaces():
-            with contextlib.suppress(Exception):
-                await HBaseStore(host, port, namespace=namespace).drop_tables()
+        host, port = parse_thrift_address(self.thrift)
+        await asyncio.gather(
+            *(HBaseStore(host, port, namespace=ns).create_tables() for ns in self.namespaces())
+        )
 
     async def _write_cells(self) -> None:
         zk = ZooKeeper(self.zookeeper, chroot=self.chroot, session_timeout_s=10.0)

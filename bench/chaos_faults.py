@@ -14,9 +14,13 @@ A fault is an async function `(soak, rng)` that returns once the fault is over
 * `memcached`: one of the two memcached stopped for 2-6 s;
 * `mta_mid_data`: kill -9 of the MTA proxy while a client is in the middle of
   DATA, started again (same port) 1-3 s later;
-* `thrift_gateway`: HBase's Thrift gateway gone for 2-8 s, as every process of
-  the soak sees it (its relay resets every connection and refuses new ones;
-  the shared gateway itself stays up for everyone else).
+* `thrift_gateway`: kill -9 of the soak's own HBase Thrift gateway, started
+  again 2-8 s later (a new JVM: about 10 s more before it serves);
+* `hbase`: kill -9 of the soak's own HBase master (standalone: the master, its
+  region server and its embedded ZooKeeper are one JVM) and of its Thrift
+  gateway, both started again 2-8 s later; the fault ends when the gateway
+  answers again (meta online: 15-30 s of restart on a loaded machine). The
+  shared HBase is never touched.
 
 `Schedule(rng).next()` draws the next episode: one fault, or two at once.
 """
@@ -38,20 +42,26 @@ from pyserver.wire.ops import Op
 
 if TYPE_CHECKING:
     from bench.chaos import Soak
+    from bench.chaos_cluster import Proc
 
-__all__ = ["FAULTS", "Schedule"]
+__all__ = ["FAULTS", "HBASE_FAULTS", "Schedule"]
 
 log = logging.getLogger(__name__)
 
 Fault = Callable[["Soak", random.Random], Awaitable[None]]
 
 
+async def _kill_and_restart(proc: Proc, down_s: float) -> None:
+    """kill -9 of one of the soak's processes, `down_s` of nothing, then started again
+    (same arguments, same port for those that have one) and waited until it serves."""
+    proc.kill()
+    await asyncio.sleep(down_s)
+    proc.start()
+    await asyncio.to_thread(proc.wait_ready)
+
+
 async def kill_node(soak: Soak, rng: random.Random) -> None:
-    node = rng.choice(soak.cluster.nodes)
-    node.kill()
-    await asyncio.sleep(rng.uniform(2.0, 6.0))
-    node.start()
-    await asyncio.to_thread(node.wait_ready)
+    await _kill_and_restart(rng.choice(soak.cluster.nodes), rng.uniform(2.0, 6.0))
 
 
 async def pause_owner(soak: Soak, rng: random.Random) -> None:
@@ -121,11 +131,7 @@ async def zookeeper(soak: Soak, rng: random.Random) -> None:
 
 
 async def discovery(soak: Soak, rng: random.Random) -> None:
-    instance = rng.choice(soak.cluster.discovery)
-    instance.kill()
-    await asyncio.sleep(rng.uniform(2.0, 6.0))
-    instance.start()
-    await asyncio.to_thread(instance.wait_ready)
+    await _kill_and_restart(rng.choice(soak.cluster.discovery), rng.uniform(2.0, 6.0))
 
 
 async def memcached(soak: Soak, rng: random.Random) -> None:
@@ -164,9 +170,16 @@ async def mta_mid_data(soak: Soak, rng: random.Random) -> None:
 
 
 async def thrift_gateway(soak: Soak, rng: random.Random) -> None:
-    soak.cluster.gateway_down(True)
+    await asyncio.to_thread(soak.cluster.kill_engine, "hbase-thrift")
     await asyncio.sleep(rng.uniform(2.0, 8.0))
-    soak.cluster.gateway_down(False)
+    await asyncio.to_thread(soak.cluster.engines, "up", "thrift")
+
+
+async def hbase(soak: Soak, rng: random.Random) -> None:
+    for name in ("hbase-thrift", "hbase-master"):
+        await asyncio.to_thread(soak.cluster.kill_engine, name)
+    await asyncio.sleep(rng.uniform(2.0, 8.0))
+    await asyncio.to_thread(soak.cluster.engines, "up", "hbase")
 
 
 FAULTS: dict[str, Fault] = {
@@ -177,10 +190,18 @@ FAULTS: dict[str, Fault] = {
     "memcached": memcached,
     "mta_mid_data": mta_mid_data,
     "thrift_gateway": thrift_gateway,
+    "hbase": hbase,
 }
 
+# Faults of the soak's HBase: drawn only when the store is HBase.
+HBASE_FAULTS = ("thrift_gateway", "hbase")
+
 # Faults that act on the same kind of process are not drawn together.
-_CLASH = {frozenset({"kill_node", "pause_owner"}), frozenset({"pause_owner", "zookeeper"})}
+_CLASH = {
+    frozenset({"kill_node", "pause_owner"}),
+    frozenset({"pause_owner", "zookeeper"}),
+    frozenset({"thrift_gateway", "hbase"}),
+}
 
 
 class Schedule:

@@ -188,8 +188,9 @@ class Load:
                         mail, hostname="127.0.0.1", port=self.smtp_port, timeout=15.0
                     )
                     break
-                except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
                     self.figures["mail_retries"] += 1
+                    log.info("mail %d to %s: %r; again", count, recipients, error)
                     if self._giving_up():
                         self.figures["given_up"] += 1
                         return
