@@ -150,7 +150,7 @@ class MessageSource:
 class ImapMessage(BaseMessage):
     """A message of a folder: its UID, date and flags; its bytes loaded when asked."""
 
-    __slots__ = ["_source", "message_id", "pyserver_thread"]
+    __slots__ = ["_source", "message_id", "modseq", "pyserver_thread"]
 
     def __init__(
         self,
@@ -162,6 +162,7 @@ class ImapMessage(BaseMessage):
         thread_id: str,
         source: MessageSource,
         expunged: bool = False,
+        modseq: int = 0,
     ) -> None:
         super().__init__(
             uid, internal_date, permanent_flags, expunged=expunged,
@@ -170,11 +171,13 @@ class ImapMessage(BaseMessage):
         self.message_id = message_id
         self.pyserver_thread = thread_id
         self._source = source
+        self.modseq = modseq  # the log position that last changed it (CONDSTORE's MODSEQ)
 
     def copy(self, *, expunged: bool) -> ImapMessage:
         return ImapMessage(
             self.uid, self.internal_date, self.permanent_flags, message_id=self.message_id,
             thread_id=self.pyserver_thread, source=self._source, expunged=expunged,
+            modseq=self.modseq,
         )  # fmt: skip
 
     async def load_content(self, requirement: FetchRequirement) -> BaseLoadedMessage:
@@ -202,6 +205,7 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         self._deleted: set[int] = set()  # \Deleted, until EXPUNGE
         self._uid_validity = 1
         self._uid_next = 1
+        self.highest_modseq = 0  # the user's log position as last read (HIGHESTMODSEQ)
         self._stale = True
         self._refreshing = asyncio.Lock()
 
@@ -232,12 +236,13 @@ class FolderView(MailboxDataInterface[ImapMessage]):
                 known = self._messages.get(uid)
                 if known is not None and known.message_id == item["message_id"]:
                     known.permanent_flags = frozenset(flags)
+                    known.modseq = item.get("modseq", 0)
                     messages[uid] = known
                     continue
                 when = datetime.fromtimestamp(item["ts"] / 1_000_000, UTC)
                 messages[uid] = ImapMessage(
                     uid, when, flags, message_id=item["message_id"],
-                    thread_id=item["thread_id"], source=source,
+                    thread_id=item["thread_id"], source=source, modseq=item.get("modseq", 0),
                 )  # fmt: skip
             self._messages = messages
             self._deleted &= messages.keys()
@@ -252,6 +257,7 @@ class FolderView(MailboxDataInterface[ImapMessage]):
             )
             found += page["messages"]
             self._uid_validity, self._uid_next = page["uid_validity"], page["uid_next"]
+            self.highest_modseq = page.get("seq", 0)
             if not page["more"] or not page["messages"]:
                 return found
             after = page["messages"][-1]["uid"]
@@ -327,6 +333,10 @@ class FolderView(MailboxDataInterface[ImapMessage]):
             self._owner.changed()
         await destination.refresh()
         return destination.uid_of(message.message_id)
+
+    def current(self, uid: int) -> ImapMessage | None:
+        """The message of a UID as the folder was last read, if it is still there."""
+        return self._messages.get(uid)
 
     def uid_of(self, message_id: str) -> int | None:
         return next((u for u, m in self._messages.items() if m.message_id == message_id), None)

@@ -20,10 +20,11 @@ from typing import Any
 from proxyprotocol.reader import ProxyProtocolReader
 from pymap.config import BackendCapability, IMAPConfig
 from pymap.imap import IMAPServer
+from pymap.parsing.commands import Commands
 
 from pyserver.app.auth import UserToken
 from pyserver.blobs.base import BlobStore
-from pyserver.imap import append, corrections, headerfields
+from pyserver.imap import append, condstore, corrections, headerfields
 from pyserver.imap.append import MailFiling
 from pyserver.imap.folders import AppServers
 from pyserver.imap.login import ImapLogin, Resolve, SignInGuard
@@ -39,6 +40,7 @@ logging.getLogger("pymap").setLevel(logging.WARNING)
 corrections.apply()
 append.apply()
 headerfields.apply()
+condstore.apply()
 
 
 class _Config(IMAPConfig):
@@ -62,8 +64,15 @@ class _Config(IMAPConfig):
     @property
     def backend_capability(self) -> BackendCapability:
         return BackendCapability(
-            idle=True, object_id=True, multi_append=False, custom=[b"SPECIAL-USE"]
+            idle=True,
+            object_id=True,
+            multi_append=False,
+            custom=[b"SPECIAL-USE", *condstore.CAPABILITIES],
         )
+
+    @property
+    def commands(self) -> Commands:
+        return condstore.commands()  # pymap's, and ENABLE
 
     @property
     def greeting(self) -> bytes:
