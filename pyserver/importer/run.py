@@ -14,7 +14,9 @@ checkpoint names are skipped: that is how an interrupted import resumes.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import csv
+import gc
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +30,7 @@ from pyserver.importer.mbox import MailItem, mbox_items
 from pyserver.importer.records import ImportRecord, Rejected
 from pyserver.importer.report import ImportReport
 from pyserver.importer.throttle import CellProbe, Pace
-from pyserver.importer.writer import UserWriter
+from pyserver.importer.writer import UserWriter, Written
 from pyserver.mta.intake import MtaSettings
 from pyserver.store.base import LogStore, Store
 from pyserver.userid import is_user_id
@@ -37,6 +39,11 @@ __all__ = ["ImportPlan", "Unit", "plan_jsonl", "plan_mailbox", "plan_tree", "run
 
 # (messages read so far, messages in all) after each unit; for progress bars
 Progress = Callable[[int], None]
+
+# A group of users read and then written together closes at this many records (or at
+# `jobs` users); while one group is written, the next is read.
+GROUP_RECORDS = 8_000
+GROUPS_AT_ONCE = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -219,29 +226,58 @@ async def run_import(
     users = report.user_ids
 
     async def work() -> None:
-        for unit in todo:
-            records, rejected = await reader.read(unit)
-            for item in rejected:
-                report.reject(item)
-            if pace is not None and (wait := pace.delay(len(records))) > 0:
-                await asyncio.sleep(wait)
-            written = await (await writer_of(unit.user)).write(unit.user, records)
+        while True:
+            group: list[tuple[Unit, list[ImportRecord], int]] = []
+            count = 0
+            for unit in todo:
+                records, rejected = await reader.read(unit)
+                for item in rejected:
+                    report.reject(item)
+                if pace is not None and (wait := pace.delay(len(records))) > 0:
+                    await asyncio.sleep(wait)
+                group.append((unit, records, len(rejected)))
+                count += len(records)
+                if len(group) >= jobs or count >= GROUP_RECORDS:
+                    break
+            if not group:
+                return
+            await write(group)
+
+    async def write(group: list[tuple[Unit, list[ImportRecord], int]]) -> None:
+        """The group's users written together, then each marked done."""
+        by_writer: dict[int, tuple[UserWriter, list[int]]] = {}
+        for at, (unit, _, _) in enumerate(group):
+            writer = await writer_of(unit.user)
+            by_writer.setdefault(id(writer), (writer, []))[1].append(at)
+        written: list[Written | None] = [None] * len(group)
+        outcomes = await asyncio.gather(
+            *(
+                writer.write_many([(group[at][0].user, group[at][1]) for at in places])
+                for writer, places in by_writer.values()
+            )
+        )
+        for (_, places), results in zip(by_writer.values(), outcomes, strict=True):
+            for at, result in zip(places, results, strict=True):
+                written[at] = result
+        for (unit, records, rejected), result in zip(group, written, strict=True):
+            assert result is not None
             checkpoint.mark(unit.key)
             users.add(unit.user)
             report.users = len(users)
-            report.messages += written.added
-            report.skipped_existing += written.skipped
-            report.bytes += written.bytes
+            report.messages += result.added
+            report.skipped_existing += result.skipped
+            report.bytes += result.bytes
             if progress is not None:
-                progress(len(records) + len(rejected))
+                progress(len(records) + rejected)
 
     cell = CellProbe(probe, pace) if pace is not None and probe is not None else None
     if cell is not None and not cell.start():
         cell = None
     try:
-        async with asyncio.TaskGroup() as group:
-            for _ in range(max(1, jobs)):
-                group.create_task(work())
+        with _few_collections():
+            async with asyncio.TaskGroup() as group:
+                for _ in range(GROUPS_AT_ONCE):
+                    group.create_task(work())
     except BaseExceptionGroup as failed:  # the first failure, as a plain exception
         raise failed.exceptions[0] from None
     finally:
@@ -251,3 +287,18 @@ async def run_import(
     if pace is not None:
         report.pace = pace.to_json()
     return report
+
+
+@contextlib.contextmanager
+def _few_collections() -> Iterator[None]:
+    """The garbage collector kept from rescanning the plan: every record makes a few
+    short-lived objects, and a full collection would walk every unit of a big plan."""
+    gc.collect()
+    gc.freeze()  # what exists now (the plan) is never scanned again
+    threshold = gc.get_threshold()
+    gc.set_threshold(50_000, 20, 100)
+    try:
+        yield
+    finally:
+        gc.set_threshold(*threshold)
+        gc.unfreeze()

@@ -29,6 +29,7 @@ it (pyserver.app.indexer).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -121,6 +122,57 @@ class UserWriter:
                 written.bytes += plan.bytes
                 break
         return written
+
+    async def write_many(
+        self, items: Sequence[tuple[int, Sequence[ImportRecord]]]
+    ) -> list[Written]:
+        """`write` of several users at once, in order: every user's image is read, every
+        batch planned, then all the appends are handed to the store together (one group
+        commit on the embedded store, the appends in flight at once on a cluster's). A
+        user whose append loses its compare-and-set, or with more than one batch of
+        records, is written again alone by `write`."""
+        single: list[tuple[int, Sequence[ImportRecord]]] = []
+        seen: set[int] = set()
+        for user, records in items:
+            if len(records) <= MAX_BATCH and user not in seen:
+                seen.add(user)
+                single.append((user, records))
+        images = await asyncio.gather(*(self.image(user) for user, _ in single))
+        planned: dict[int, tuple[UserImage, _Plan, int]] = {}
+        for (user, records), image in zip(single, images, strict=True):
+            ordered = sorted(records, key=lambda record: record.ts)
+            planned[user] = (image, _plan(user, image, ordered), len(ordered))
+        outcomes = await asyncio.gather(
+            *(
+                self._store.append(LogAppend(user, image.seq, plan.records, messages=plan.bodies))
+                for user, (image, plan, _) in planned.items()
+                if plan.entries
+            ),
+            return_exceptions=True,
+        )
+        appended = [user for user, (_, plan, _) in planned.items() if plan.entries]
+        lost: set[int] = set()
+        for user, outcome in zip(appended, outcomes, strict=True):
+            if isinstance(outcome, WriteConflict):
+                lost.add(user)
+            elif isinstance(outcome, BaseException):
+                raise outcome
+        snapshots = []
+        for user in appended:
+            image, plan, _ = planned[user]
+            if user not in lost and plan.last_seq - image.snapshot_seq >= self._snapshot_every:
+                for entry, body in zip(plan.entries, plan.body_dicts, strict=True):
+                    image.apply(entry, body)
+                snapshots.append(self._store.write_snapshot(user, image.seq, image.to_snapshot()))
+        await asyncio.gather(*snapshots)
+        results: list[Written] = []
+        for user, records in items:
+            if user in planned and user not in lost:
+                _, plan, count = planned.pop(user)
+                results.append(Written(len(plan.entries), count - len(plan.entries), plan.bytes))
+            else:  # too many for one batch, or a live write came first: plan it again
+                results.append(await self.write(user, records))
+        return results
 
 
 @dataclass(slots=True)
