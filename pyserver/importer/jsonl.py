@@ -14,7 +14,6 @@ makes the records (every check a line can fail is a rejection with a reason).
 
 from __future__ import annotations
 
-import asyncio
 import mimetypes
 import mmap
 import os
@@ -25,7 +24,7 @@ from typing import Any
 
 import orjson
 
-from pyserver.blobs.base import BlobInfo, BlobStore
+from pyserver.importer.attachments import Attachments
 from pyserver.importer.mail import AddressBook
 from pyserver.importer.records import ImportRecord, Rejected, timestamp_us
 from pyserver.logcodec import CHANNELS, FOLDERS
@@ -37,8 +36,6 @@ _MAX_FIELD_CHARS = 4 << 10
 _MAX_TEXT_BYTES = 256 << 10
 _MAX_PEOPLE = 100
 _MAX_ATTACHMENTS = 100
-# attachment files remembered as stored, at the most (one line's copies share the file)
-_MAX_STORED_FILES = 100_000
 
 
 def _where(path: str, line: int) -> str:
@@ -90,14 +87,12 @@ def _owners(item: Any) -> list[int] | str:
 class JsonLinesSource:
     """Reads one user's lines of a JSON-lines file into records."""
 
-    def __init__(self, path: str, blobs: BlobStore, book: AddressBook) -> None:
+    def __init__(self, path: str, attachments: Attachments, book: AddressBook) -> None:
         self.path = path
         self.folder = os.path.dirname(os.path.abspath(path))
-        self.blobs = blobs
+        self.attachments = attachments
         self.book = book
         self._map: mmap.mmap | None = None
-        # attachment file -> its blob, stored once for every copy of its line
-        self._stored: dict[str, asyncio.Future[BlobInfo]] = {}
 
     def lines(self, places: list[tuple[int, int]]) -> Iterator[tuple[str, bytes]]:
         """(where, line bytes) of these (line number, offset) places."""
@@ -220,7 +215,7 @@ class JsonLinesSource:
             if not str(file).startswith(self.folder + os.sep):
                 raise _Refused(f"attachments: {item['path']!r} is outside the file's folder")
             try:
-                blob = await self._blob_of(file)
+                blob = await self.attachments.add_file(file)
             except OSError as exc:
                 raise _Refused(f"attachments: {item['path']!r}: {exc.strerror or exc}") from None
             name = item.get("name") if isinstance(item.get("name"), str) else file.name
@@ -231,24 +226,6 @@ class JsonLinesSource:
                 {"ref": blob.ref, "name": name[:255], "type": kind[:255], "size": blob.size}
             )
         return found
-
-    async def _blob_of(self, file: Path) -> BlobInfo:
-        """The file stored in the blob store: read and put once for all the copies of its
-        line (each user's copy asks for it). OSError if it cannot be read."""
-        key = str(file)
-        stored = self._stored.get(key)
-        if stored is None:
-            if len(self._stored) >= _MAX_STORED_FILES:
-                self._stored.clear()
-            stored = self._stored[key] = asyncio.ensure_future(self._put_file(file))
-        try:
-            return await asyncio.shield(stored)
-        except OSError:
-            self._stored.pop(key, None)  # not stored: the next copy tries again
-            raise
-
-    async def _put_file(self, file: Path) -> BlobInfo:
-        return await self.blobs.put(file.read_bytes())
 
 
 class _Refused(ValueError):

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pyserver.blobs.base import BlobStore
 from pyserver.importer import jsonl
+from pyserver.importer.attachments import Attachments
 from pyserver.importer.checkpoint import Checkpoint
 from pyserver.importer.mail import AddressBook, MailSource, mail_record
 from pyserver.importer.maildir import maildir_items
@@ -137,6 +138,7 @@ class _Reader:
     def __init__(self, store: Store, blobs: BlobStore, book: AddressBook, mta: MtaSettings) -> None:
         self.mail = MailSource(blobs, book, mta)
         self.blobs = blobs
+        self.attachments = Attachments(blobs)
         self.book = book
         self._jsonl: dict[str, jsonl.JsonLinesSource] = {}
 
@@ -151,7 +153,9 @@ class _Reader:
             if kind == "jsonl":
                 source = self._jsonl.get(path)
                 if source is None:
-                    source = self._jsonl[path] = jsonl.JsonLinesSource(path, self.blobs, self.book)
+                    source = self._jsonl[path] = jsonl.JsonLinesSource(
+                        path, self.attachments, self.book
+                    )
                 for where, line in source.lines(list(unit.places)):
                     keep(await source.record(unit.user, where, line))
                 continue
@@ -244,7 +248,9 @@ async def run_import(
             await write(group)
 
     async def write(group: list[tuple[Unit, list[ImportRecord], int]]) -> None:
-        """The group's users written together, then each marked done."""
+        """The group's users written together (their attachments stored first), then each
+        marked done."""
+        await reader.attachments.flush()
         by_writer: dict[int, tuple[UserWriter, list[int]]] = {}
         for at, (unit, _, _) in enumerate(group):
             writer = await writer_of(unit.user)
