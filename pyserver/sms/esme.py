@@ -68,8 +68,11 @@ class _Link(asyncio.Protocol):
         self.decoder = PduDecoder()
         self.transport: asyncio.Transport | None = None
         self.pending: dict[int, asyncio.Future[Pdu]] = {}
-        self.closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.loop = asyncio.get_running_loop()
+        self.closed: asyncio.Future[None] = self.loop.create_future()
         self.tasks: set[asyncio.Task[None]] = set()
+        # PDUs sent in this turn of the event loop, written together at its end
+        self._out: list[bytes] = []
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -118,23 +121,34 @@ class _Link(asyncio.Protocol):
         self.send(pdu.response(status))
 
     def send(self, pdu: Pdu) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(encode(pdu))
+        """Queue a PDU; the PDUs of one turn of the event loop go out in one write (a
+        window of submits is one system call, not 32)."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if not self._out:
+            self.loop.call_soon(self._flush)
+        self._out.append(encode(pdu))
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.transport is not None and not self.transport.is_closing():
+            self.transport.write(b"".join(out))
 
     async def request(self, pdu: Pdu, timeout_s: float) -> Pdu:
-        future: asyncio.Future[Pdu] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[Pdu] = self.loop.create_future()
         self.pending[pdu.sequence] = future
         self.send(pdu)
+        # a timer rather than asyncio.timeout: one per submit, so kept cheap
+        timer = self.loop.call_later(timeout_s, _expire, future, self.esme.name, timeout_s)
         try:
-            async with asyncio.timeout(timeout_s):
-                return await future
-        except TimeoutError:
-            raise Unavailable(f"SMSC {self.esme.name}: no response in {timeout_s:g} s") from None
+            return await future
         finally:
+            timer.cancel()
             self.pending.pop(pdu.sequence, None)
 
     def close(self) -> None:
         if self.transport is not None:
+            self._flush()  # (an unbind_resp goes out before the link closes)
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -144,6 +158,11 @@ class _Link(asyncio.Protocol):
         self.pending.clear()
         if not self.closed.done():
             self.closed.set_result(None)
+
+
+def _expire(future: asyncio.Future[Pdu], name: str, timeout_s: float) -> None:
+    if not future.done():
+        future.set_exception(Unavailable(f"SMSC {name}: no response in {timeout_s:g} s"))
 
 
 class Esme:
@@ -284,6 +303,8 @@ class Esme:
                 delay = min(delay * 2, most)
 
     async def _bound_link(self) -> _Link:
+        if self._link is not None and self.bound.is_set():
+            return self._link
         try:
             async with asyncio.timeout(self.response_timeout_s):
                 while True:

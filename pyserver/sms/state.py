@@ -9,12 +9,18 @@ in a crash, must find the same key so the mailbox stores it once). Each is
 written before the gateway acts on it, so a receipt, a reply or a resend after a
 restart still finds it; rows of a settled copy are deleted, phones' rows
 replaced, texts' rows kept past their duplicate window only until the next.
+
+Texted copies come a window at a time (the SMSC answers submits together): the
+copies reported in one turn of the event loop are written as one write (one
+statement per table, not per copy), and each caller returns once that write is
+committed; the file's writer thread commits the writes queued meanwhile together.
 """
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
@@ -56,6 +62,15 @@ _PRUNE_EVERY = 512
 Copy = tuple[int, str, str, set[str]]
 
 
+@dataclass(slots=True)
+class _Copies:
+    """The texted copies of one turn of the event loop, written together."""
+
+    done: asyncio.Future[None]
+    parts: list[tuple[str, int, str, str]] = field(default_factory=list)
+    texted: list[tuple[str, int, str, float]] = field(default_factory=list)
+
+
 class SmsState:
     """The gateway's file (module docstring); opened on first use."""
 
@@ -67,6 +82,8 @@ class SmsState:
         self._opening = asyncio.Lock()
         self._open = False
         self._sightings = 0
+        self._copies: _Copies | None = None  # the batch callers of this turn join
+        self._writing: set[asyncio.Task[None]] = set()
 
     async def _ready(self) -> SQLiteFile:
         async with self._opening:
@@ -99,9 +116,37 @@ class SmsState:
     async def texted_copy(
         self, ids: list[str], user: int, message_id: str, phone: str, thread_id: str, at: float
     ) -> None:
-        """A copy texted: its parts' SMSC ids and the phone's conversation, in one write."""
-        rows = [(smsc_id, user, message_id, phone) for smsc_id in ids]
-        await (await self._ready()).write(partial(_texted_copy, rows, (phone, user, thread_id, at)))
+        """A copy texted: its parts' SMSC ids and the phone's conversation; returns once
+        committed (with the other copies of this turn of the event loop)."""
+        file = await self._ready()
+        batch = self._copies
+        if batch is None:
+            loop = asyncio.get_running_loop()
+            batch = self._copies = _Copies(loop.create_future())
+            loop.call_soon(self._write_copies, file, batch)
+        batch.parts += [(smsc_id, user, message_id, phone) for smsc_id in ids]
+        batch.texted.append((phone, user, thread_id, at))
+        await asyncio.shield(batch.done)
+
+    def _write_copies(self, file: SQLiteFile, batch: _Copies) -> None:
+        self._copies = None
+        task = asyncio.get_running_loop().create_task(
+            file.write(partial(_texted_copies, batch.parts, batch.texted))
+        )
+
+        def report(task: asyncio.Task[None]) -> None:
+            if batch.done.done():
+                return
+            if task.cancelled():
+                batch.done.cancel()
+            elif (error := task.exception()) is not None:
+                batch.done.set_exception(error)
+            else:
+                batch.done.set_result(None)
+
+        self._writing.add(task)
+        task.add_done_callback(self._writing.discard)
+        task.add_done_callback(report)
 
     async def seen(self, fingerprint: str, first_seen: float, forget_before: float) -> None:
         """A text's first sighting (now and then, texts first seen before `forget_before`
@@ -122,9 +167,9 @@ def _delete_parts(ids: list[str], conn: sqlite3.Connection) -> None:
     conn.executemany("DELETE FROM parts WHERE smsc_id = ?", [(i,) for i in ids])
 
 
-def _upsert_texted(row: tuple[str, int, str, float], conn: sqlite3.Connection) -> None:
-    conn.execute(
-        "INSERT OR REPLACE INTO texted (phone, user, thread_id, at) VALUES (?, ?, ?, ?)", row
+def _upsert_texted(rows: list[tuple[str, int, str, float]], conn: sqlite3.Connection) -> None:
+    conn.executemany(
+        "INSERT OR REPLACE INTO texted (phone, user, thread_id, at) VALUES (?, ?, ?, ?)", rows
     )
 
 
@@ -141,13 +186,13 @@ def _sightings(conn: sqlite3.Connection, since: float) -> dict[str, float]:
     return {str(fingerprint): float(at) for fingerprint, at in rows}
 
 
-def _texted_copy(
-    rows: list[tuple[str, int, str, str]],
-    texted: tuple[str, int, str, float],
+def _texted_copies(
+    parts: list[tuple[str, int, str, str]],
+    texted: list[tuple[str, int, str, float]],
     conn: sqlite3.Connection,
 ) -> None:
-    _insert_parts(rows, conn)
-    _upsert_texted(texted, conn)
+    _insert_parts(parts, conn)
+    _upsert_texted(texted, conn)  # (in order: a phone texted twice keeps the later)
 
 
 def _copy_of(conn: sqlite3.Connection, smsc_id: str) -> Copy | None:
