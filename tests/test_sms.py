@@ -6,6 +6,7 @@ drop, keeps its submit window and rides out throttling."""
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -122,6 +123,27 @@ def test_gsm_extension_characters_and_ucs2_are_decoded_exactly(tmp_path: Path) -
         )
         texts = [m["text"] for m in (await here.thread_of(OWNER))["messages"]]
         assert texts == ["€ 10 [] @", "Grüße ☃ 😀"]
+
+    scenario(tmp_path, body)
+
+
+def test_other_data_codings_are_read_as_smpp_says_and_binary_is_kept(tmp_path: Path) -> None:
+    async def body(here: Rig) -> None:
+        hebrew, cyrillic = "שלום", "Привет"
+        for coding, data in ((7, hebrew.encode("iso8859_8")), (6, cyrillic.encode("iso8859_5"))):
+            assert await here.smsc.text(ALICE_PHONE, SHORT_CODE, data, data_coding=coding) == 0
+        texts = [m["text"] for m in (await here.thread_of(OWNER))["messages"]]
+        assert texts == [hebrew, cyrillic]
+        # binary from a phone nobody registered: kept whole with the owner's copy
+        ringtone = bytes([0x02, 0x4A, 0x3A, 0x00, 0xFF, 0x80])
+        status = await here.smsc.text("+15559990000", SHORT_CODE, ringtone, data_coding=4)
+        assert status == Status.OK
+        other = await here.thread_of(OWNER, folder="other")
+        (message,) = other["messages"]
+        assert message["text"] == "[binary (octets, unspecified): data_coding 0x04, 6 bytes, kept]"
+        stored = await here.client.get_message(OWNER, message["message_id"])
+        assert base64.b64decode(stored["extra"]["body_base64"]) == ringtone
+        assert stored["extra"]["data_coding"] == 4
 
     scenario(tmp_path, body)
 

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyserver.sms import concat, gsm
+from pyserver.sms import codings, concat, gsm
 from pyserver.sms.pdu import BadPdu, Command, FramingError, Pdu, PduDecoder, Status, encode
 
 smpp34 = pytest.importorskip("smpp34")
@@ -45,11 +45,42 @@ def test_gsm_decoding_is_total_as_the_standard_says_receivers_show_it() -> None:
     assert gsm.decode_gsm(b"\xc1") == "A"  # a high bit is not a septet
 
 
-@given(st.binary(max_size=400))
-def test_decoding_any_bytes_never_raises(data: bytes) -> None:
+@given(st.binary(max_size=400), st.integers(0, 255))
+def test_decoding_any_bytes_in_any_data_coding_never_raises_nor_loses_them(
+    data: bytes, coding: int
+) -> None:
     gsm.decode_gsm(data)
     gsm.decode_body(data, gsm.DATA_CODING_UCS2)
-    gsm.decode_body(data, 0x04)
+    body = codings.read_body(data, coding)
+    assert isinstance(body.text, str)
+    assert body.kept is None or body.kept == data
+
+
+def test_single_byte_character_sets_decode_as_smpp_34_names_them() -> None:
+    assert codings.read_body(b"plain {ascii} ~", 0x01).text == "plain {ascii} ~"
+    assert codings.read_body(b"caf\xe9 \xa3", 0x01).text == "caf\ufffd \ufffd"  # 7-bit only
+    assert codings.read_body("Grüße £ ÿ".encode("latin-1"), 0x03).text == "Grüße £ ÿ"
+    assert codings.read_body("Привет, мир".encode("iso8859_5"), 0x06).text == "Привет, мир"
+    hebrew = "שלום עולם 42"
+    assert codings.read_body(hebrew.encode("iso8859_8"), 0x07).text == hebrew
+    assert codings.read_body(b"\xa1", 0x07).text == "\ufffd"  # unassigned in ISO-8859-8
+    for coding in (0x01, 0x03, 0x06, 0x07):
+        assert codings.read_body(b"x", coding).kept is None
+    # GSM 03.38 data coding schemes: class 0 default alphabet, UCS-2 with message waiting
+    assert codings.read_body(b"\x1b\x65 5", 0xF0).text == "€ 5"
+    assert codings.read_body("☃".encode("utf-16-be"), 0xE0).text == "☃"
+    assert codings.read_body("ok".encode("utf-16-be"), 0x18).text == "ok"
+
+
+@pytest.mark.parametrize("coding", [0x02, 0x04, 0xF4, 0x15, 0x05, 0x09, 0x0E, 0x0B, 0x24, 0x90])
+def test_binary_and_undecoded_codings_keep_the_bytes_and_say_so(coding: int) -> None:
+    data = bytes(range(0, 256, 3))
+    body = codings.read_body(data, coding)
+    assert body.kept == data
+    assert f"data_coding 0x{coding:02X}, {len(data)} bytes, kept" in body.text
+    binary = coding in (0x02, 0x04, 0xF4, 0x15)
+    assert ("binary" in body.text) == binary
+    assert ("does not decode" in body.text) == (not binary)
 
 
 def test_ucs2_carries_what_gsm_cannot() -> None:

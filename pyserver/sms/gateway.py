@@ -9,7 +9,10 @@ Owns the mapping of SMS to the mailbox, inbound:
    that got no answer sends the part again and nothing is lost. Parts that do not
    all come within `reassembly_timeout_s` become what arrived, marked
    `incomplete`.
-3. The text is decoded (`gsm.decode_body`) and filed by who sent it and to which
+3. The text is decoded by its data coding (`codings.read_body`; bytes that are not
+   text, binary data or a character set not decoded, are kept whole in the
+   message's `extra` as `body_base64` with its `data_coding`, beside a text saying
+   what they are) and filed by who sent it and to which
    short code: the sender's phone (E.164, `+` and digits) is looked up among the
    registered addresses (`pyserver admin add-phone`), the short code among
    `short_codes` (short code -> the user that owns it).
@@ -33,6 +36,7 @@ lookup it is given.
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import logging
 import time
@@ -41,7 +45,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pyserver.errors import NotFound, PyserverError
-from pyserver.sms import concat, gsm
+from pyserver.sms import codings, concat
 from pyserver.sms.outbound import Receipts
 from pyserver.sms.pdu import Pdu, Status, Tag
 from pyserver.sms.state import SmsState
@@ -160,9 +164,12 @@ class SmsGateway:
     async def _file(
         self, phone: str, destination: str, coding: int, text_parts: concat.Reassembled
     ) -> int:
-        text = gsm.decode_body(b"".join(text_parts.bodies), coding)
+        body = codings.read_body(b"".join(text_parts.bodies), coding)
+        text = body.text
         owner = self.short_codes[destination]
-        fingerprint = hashlib.sha256(f"{phone}\0{destination}\0{text}".encode()).hexdigest()
+        kept = base64.b64encode(body.kept).decode("ascii") if body.kept is not None else None
+        seen = f"{phone}\0{destination}\0{text}" + (f"\0{kept}" if kept is not None else "")
+        fingerprint = hashlib.sha256(seen.encode()).hexdigest()
         now = self._clock()
         if self.state is not None and not self._warm:  # the sightings before a restart
             self._warm = True
@@ -177,6 +184,8 @@ class SmsGateway:
             forget = now - self._duplicate_window_s
             await self.state.seen(fingerprint, first_seen, forget_before=forget)
         extra: dict[str, Any] = {"phone": phone, "short_code": destination}
+        undecoded = {"data_coding": coding, "body_base64": kept} if kept is not None else {}
+        extra.update(undecoded)
         if not text_parts.complete:
             extra["incomplete"] = True
             extra["missing_parts"] = text_parts.missing
@@ -187,7 +196,8 @@ class SmsGateway:
                 await self._request(
                     Op.SEND,
                     {"sender": user, "recipients": recipients or [owner], "text": text,
-                     "channel": "sms", "key": key},
+                     "channel": "sms", "key": key,
+                     **({"extra": undecoded} if undecoded else {})},
                 )  # fmt: skip
                 self.counters["replies" if recipients else "texts_from_users"] += 1
             else:

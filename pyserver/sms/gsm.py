@@ -102,12 +102,13 @@ def decode_gsm(data: bytes) -> str:
 
 
 def decode_body(data: bytes, data_coding: int) -> str:
-    """A short message's body as text, by its `data_coding` (unknown ones as Latin-1)."""
-    if data_coding in (DATA_CODING_GSM, 0x01, 0xF0):  # default, IA5/ASCII, class 0 GSM
+    """A body of data coding 0 (GSM) or 8 (UCS-2) as text; never raises for those
+    (`pyserver.sms.codings` reads every other data coding)."""
+    if data_coding == DATA_CODING_GSM:
         return decode_gsm(data)
     if data_coding == DATA_CODING_UCS2:
         return data[: len(data) & ~1].decode("utf-16-be", errors="replace")
-    return data.decode("latin-1")
+    raise ValueError(f"data_coding {data_coding}: neither GSM (0) nor UCS-2 (8)")
 
 
 @dataclass(frozen=True, slots=True)
