@@ -261,7 +261,6 @@ def apply() -> None:
 
     ConnectionState.do_enable = do_enable  # type: ignore[attr-defined]
     ConnectionState.do_select = do_select  # type: ignore[method-assign]
-    ConnectionState.do_examine = do_select  # type: ignore[attr-defined]
     ConnectionState.do_status = do_status  # type: ignore[method-assign]
     ConnectionState.do_fetch = do_fetch  # type: ignore[method-assign]
     ConnectionState.do_store = do_store  # type: ignore[method-assign]
