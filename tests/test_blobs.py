@@ -488,3 +488,58 @@ def test_blob_files_live_under_the_data_folder(tmp_path: Path) -> None:
     assert isinstance(store, DiskBlobStore)
     assert store.root == tmp_path / "cell" / "blobs"
     assert os.fspath(store.tmp_dir).startswith(os.fspath(store.root))
+
+
+def test_durable_puts_at_the_same_moment_share_one_barrier(tmp_path: Path) -> None:
+    """Group commit: many puts waiting at once pass one barrier (not one each), none
+    returns before the barrier after its rename, and a put that finds its blob renamed
+    but not yet durable waits for a barrier too."""
+
+    async def scenario() -> None:
+        store = DiskBlobStore(tmp_path / "blobs", durable=True)
+        await store.open()
+        barriers: list[list[Path]] = []
+        real_sync = store._sync
+
+        def counting_sync(paths: list[Path]) -> None:
+            # every path of this barrier is still marked unsynced until it has passed
+            assert all(store.is_unsynced(path) for path in paths)
+            real_sync(paths)
+            barriers.append(paths)
+
+        store._sync = counting_sync  # type: ignore[method-assign]
+        try:
+            blobs = [data_of(900, seed) for seed in range(40)]
+            infos = await asyncio.gather(*(store.put(blob) for blob in blobs))
+            assert 1 <= len(barriers) < len(blobs)
+            synced = {path for paths in barriers for path in paths}
+            for info, blob in zip(infos, blobs, strict=True):
+                assert store.path_of(info.ref) in synced
+                assert not store.is_unsynced(store.path_of(info.ref))
+                assert await collect(store, info.ref) == blob
+            # a blob renamed into place without a barrier (a crash-window copy): the put
+            # of the same bytes finds it and still waits for a barrier before returning
+            barriers.clear()
+            again = data_of(700, 99)
+            writer_store_path = store.path_of(hashlib.sha256(again).hexdigest())
+            await store._run(partial(_write_unsynced, store, again))
+            assert store.is_unsynced(writer_store_path)
+            await store.put(again)
+            assert barriers == [[writer_store_path]]
+            assert not store.is_unsynced(writer_store_path)
+            # a stored, durable blob put again passes no barrier
+            await store.put(again)
+            await store.put(pieces(blobs[0], 100))
+            assert len(barriers) == 1
+        finally:
+            await store.close()
+
+    asyncio.run(scenario())
+
+
+def _write_unsynced(store: DiskBlobStore, data: bytes) -> None:
+    from pyserver.blobs.disk import _Writer
+
+    writer = _Writer(store, hashlib.sha256(data))
+    writer.write(data)
+    writer.finish(sync=False)

@@ -1,8 +1,14 @@
 """The embedded blob store: one file per blob on local disk, under the cell's data folder.
 
-Layout: `<root>/<ref[:2]>/<ref>`, written as a temporary file in `<root>/tmp`,
-fsynced, renamed into place and the folder fsynced, so a blob is either
-whole and durable or absent. A blob file is the blob's bytes followed by its
+Layout: `<root>/<ref[:2]>/<ref>`, written as a temporary file in `<root>/tmp` and
+renamed into place. Puts that finish writing at the same moment share one durability
+barrier (group commit: one syncfs of the store's file system where Linux has it, else
+an fsync of each file and its folder); a put returns only once the barrier after its
+rename has passed, so a blob a caller was told of is whole and durable. A crash before
+the barrier may leave a blob file torn under its name: its checksums show it damaged,
+no caller was told it was stored, and the next put of the same bytes replaces it. A
+put that finds its blob already there, renamed but not yet behind a barrier, waits for
+one too. A blob file is the blob's bytes followed by its
 chunk checksums and a trailer:
 
     data (size bytes) | CRC32C of each CHUNK_SIZE chunk (4 bytes big-endian each) | trailer
@@ -31,6 +37,7 @@ import os
 import secrets
 import struct
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -183,6 +190,8 @@ class _Writer:
             os.fsync(self._file.fileno())
         self._file.close()
         self._store.ensure_dir(final.parent)
+        if not sync:
+            self._store.mark_unsynced(final)  # before the name shows: see `is_unsynced`
         os.replace(self._path, final)
         if self._store.durable and sync:
             _fsync_dir(final.parent)
@@ -193,6 +202,16 @@ class _Writer:
             self._file.close()
         with contextlib.suppress(OSError):
             self._path.unlink()
+
+
+def _settle(waiters: list[tuple[Path, asyncio.Future[None]]], error: Exception | None) -> None:
+    """Wake the puts waiting for a barrier: with `error` if it failed."""
+    for _, future in waiters:
+        if not future.done():
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
 
 
 def _mkstemp(folder: Path) -> tuple[int, str]:
@@ -249,6 +268,12 @@ class DiskBlobStore(BlobStore):
         self._workers = workers
         self._pool: ThreadPoolExecutor | None = None
         self._dirs: set[Path] = set()
+        # Blob files renamed into place but not yet behind a durability barrier.
+        self._unsynced: set[Path] = set()
+        self._unsynced_lock = threading.Lock()
+        # The group commit: puts waiting for the next barrier, and whether one runs.
+        self._waiting: list[tuple[Path, asyncio.Future[None]]] = []
+        self._syncer: asyncio.Task[None] | None = None
 
     # ---- lifecycle ----
 
@@ -298,6 +323,54 @@ class DiskBlobStore(BlobStore):
             if self.durable:
                 _fsync_dir(folder.parent)
         self._dirs.add(folder)
+
+    def mark_unsynced(self, path: Path) -> None:
+        """`path` is about to be renamed into place without a barrier of its own."""
+        if self.durable:
+            with self._unsynced_lock:
+                self._unsynced.add(path)
+
+    def is_unsynced(self, path: Path) -> bool:
+        """Whether the blob file at `path` may not be durable yet. A writer marks a path
+        before renaming it into place and unmarks it after a barrier, so a put that found
+        the file there and then sees it unmarked knows it is durable."""
+        with self._unsynced_lock:
+            return path in self._unsynced
+
+    def _sync(self, paths: list[Path]) -> None:
+        """The durability barrier for `paths` (renamed into place): then they are unmarked."""
+        _sync_file_system(self.root, paths)
+        with self._unsynced_lock:
+            self._unsynced.difference_update(paths)
+
+    async def _made_durable(self, path: Path) -> None:
+        """Return once the blob file at `path` is durable: at once if it is already, else
+        after the next group barrier (puts arriving while one runs share the next)."""
+        if not self.is_unsynced(path):
+            return
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting.append((path, future))
+        if self._syncer is None:
+            self._syncer = asyncio.ensure_future(self._sync_waiting())
+        await future
+
+    async def _sync_waiting(self) -> None:
+        """Run barriers while puts wait for one; each barrier serves all that waited."""
+        batch: list[tuple[Path, asyncio.Future[None]]] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                paths = list(dict.fromkeys(path for path, _ in batch))
+                try:
+                    await self._run(self._sync, paths)
+                except Unavailable as exc:  # every waiter of this barrier is told
+                    _settle(batch, exc)
+                else:
+                    _settle(batch, None)
+        finally:
+            self._syncer = None
+            _settle(batch + self._waiting, Unavailable(f"blob store {self.root}: closed"))
+            self._waiting = []
 
     def holds(self, path: Path, size: int) -> bool:
         """Whether a sound-looking blob file of `size` bytes is at `path` (deduplication)."""
@@ -415,7 +488,9 @@ class DiskBlobStore(BlobStore):
 
     async def put(self, source: BlobSource) -> BlobInfo:
         if isinstance(source, bytes | bytearray | memoryview):
-            return await self._run(self._put_bytes, bytes(source))
+            info = await self._run(self._put_bytes, bytes(source))
+            await self._made_durable(self.path_of(info.ref))
+            return info
         writer = await self._run(_Writer, self)
         try:
             batch: list[bytes] = []
@@ -428,10 +503,12 @@ class DiskBlobStore(BlobStore):
                     batch, batched = [], 0
             if batch:
                 await self._run(_write_all, writer, batch)
-            return await self._run(writer.finish)
+            info = await self._run(writer.finish, False)
         except BaseException:
             writer.abort()
             raise
+        await self._made_durable(self.path_of(info.ref))
+        return info
 
     async def put_all(self, blobs: Sequence[bytes]) -> list[BlobInfo]:
         """Store many whole blobs behind one durability barrier (a bulk load: an import).
@@ -452,6 +529,8 @@ class DiskBlobStore(BlobStore):
             infos.append(BlobInfo(ref, len(data)))
             path = self.path_of(ref)
             if path in written or (self.holds(path, len(data)) and self.refresh(path)):
+                if self.is_unsynced(path):  # another put's, not yet behind a barrier
+                    written[path] = None
                 continue
             writer = _Writer(self, digest)
             try:
@@ -462,11 +541,12 @@ class DiskBlobStore(BlobStore):
                 raise
             written[path] = None
         if written and self.durable:
-            _sync_file_system(self.root, list(written))
+            self._sync(list(written))
         return infos
 
     def _put_bytes(self, data: bytes) -> BlobInfo:
         # Whole bytes: hash first, and skip the write when the blob is stored already.
+        # Renamed into place without a barrier: `put` waits for the group's.
         digest = hashlib.sha256(data)
         ref = digest.hexdigest()
         path = self.path_of(ref)
@@ -475,7 +555,7 @@ class DiskBlobStore(BlobStore):
         writer = _Writer(self, digest)  # hashed once
         try:
             writer.write(data)
-            return writer.finish()
+            return writer.finish(sync=False)
         except BaseException:
             writer.abort()
             raise
