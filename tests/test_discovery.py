@@ -240,6 +240,55 @@ def test_a_frozen_user_is_held_and_acknowledged_after_its_writes(
     run(scenario)
 
 
+def test_finished_moves_stay_held_out_of_the_list_of_moves_under_way(
+    zookeeper: str, chroot: str
+) -> None:
+    """A finished move's tombstone goes to the cell's `moved` list: the watched list of
+    moves under way stays short, yet every app server holds the user throughout (never
+    let go between its freeze and its tombstone), a watch started later holds it too, and
+    a tombstone removed (a move back) lets the user go."""
+
+    async def scenario() -> None:
+        zk = await _session(zookeeper, chroot)
+        node_zk = await _session(zookeeper, chroot)
+        seen: list[frozenset[int]] = []
+        watch = freeze.FreezeWatch(node_zk, "a", "n1")
+        watch.subscribe(lambda _changed: seen.append(watch.users))
+        later: freeze.FreezeWatch | None = None
+        users = list(range(100, 140))
+        try:
+            await watch.start()
+            await freeze.freeze_users(zk, "a", dict.fromkeys(users, "b"))
+            await _eventually(lambda: all(map(watch.holds, users)), 5, "the users held")
+            for user in users:
+                for _ in range(250):
+                    if await freeze.acknowledgements(zk, "a", user) == {"n1"}:
+                        break
+                    await asyncio.sleep(0.02)
+                assert await freeze.acknowledgements(zk, "a", user) == {"n1"}
+            await freeze.mark_all_moved(zk, "a", dict.fromkeys(users, "b"))
+            assert await zk.get_children(freeze.frozen_path("a")) == []
+            assert sorted(map(int, await zk.get_children(freeze.moved_path("a")))) == users
+            await _eventually(lambda: watch.moved == frozenset(users), 5, "moved away")
+            first = next(i for i, held in enumerate(seen) if set(users) <= held)
+            assert all(set(users) <= held for held in seen[first:]), "let go mid-move"
+            later = freeze.FreezeWatch(node_zk, "a", "n2")
+            assert await later.start() == frozenset(users)
+            # a move back to cell a removes its tombstone: the user is served here again
+            assert await freeze.thaw_user(zk, "a", users[0])
+            await _eventually(lambda: not watch.holds(users[0]), 5, "the tombstone let go")
+            await _eventually(lambda: not later.holds(users[0]), 5, "the tombstone let go")
+            assert all(map(watch.holds, users[1:]))
+        finally:
+            if later is not None:
+                await later.close()
+            await watch.close()
+            await node_zk.close()
+            await zk.close()
+
+    run(scenario)
+
+
 # ---- the routing client against app servers ----
 
 

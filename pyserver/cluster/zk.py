@@ -62,6 +62,7 @@ __all__ = [
     "BadVersion",
     "NoNode",
     "NodeExists",
+    "NotEmpty",
     "StateListener",
     "ZooKeeper",
     "ZooKeeperForbidden",
@@ -74,6 +75,7 @@ log = logging.getLogger(__name__)
 NoNode = exc.NoNode
 NodeExists = exc.NodeExists
 BadVersion = exc.BadVersion
+NotEmpty = exc.NotEmpty
 
 CREATED = aiozk.WatchEvent.CREATED
 DELETED = aiozk.WatchEvent.DELETED
@@ -509,15 +511,22 @@ class ZooKeeper:
         sets: Sequence[tuple[str, bytes]] = (),
         *,
         ephemeral: bool = False,
+        deletes: Sequence[str] = (),
+        checks: Sequence[str] = (),
     ) -> bool:
-        """Create these nodes and replace these nodes' data in one transaction (ZooKeeper's
-        multi): True once all of it is done, False if ZooKeeper refused it (a node there
-        already, or missing), in which case none of it is."""
+        """Check that these nodes exist, create these nodes, replace these nodes' data and
+        delete these nodes (in that order) in one transaction (ZooKeeper's multi): True once
+        all of it is done, False if ZooKeeper refused it (a node there already, or missing,
+        or not empty), in which case none of it is."""
         transaction = self.client.begin_transaction()
+        for path in checks:
+            transaction.check_version(self.path(path), -1)
         for path, data in creates:
             transaction.create(self.path(path), data, ephemeral=ephemeral)
         for path, data in sets:
             transaction.set_data(self.path(path), data)
+        for path in deletes:
+            transaction.delete(self.path(path))
         try:
             result = await self._call(transaction.commit())
         except _ANSWERS:

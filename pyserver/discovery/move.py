@@ -187,9 +187,10 @@ async def move_user(
 
 async def _wait_all_acknowledged(
     zk: ZooKeeper, cell: str, users: list[int], timeout_s: float
-) -> set[int]:
+) -> tuple[set[int], set[str] | None]:
     """`_wait_acknowledged` for many users of one cell at once; the users every active app
-    server acknowledged within `timeout_s` (the others are not)."""
+    server acknowledged within `timeout_s` (the others are not), and the app servers that
+    acknowledged them all if known (when every user was confirmed at once)."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     active = await active_nodes(zk, cell)
@@ -202,6 +203,14 @@ async def _wait_all_acknowledged(
         probe = min(waiting)
         if active <= await freeze.acknowledgements(zk, cell, probe):
             ordered = sorted(waiting)
+            # every one of them at once (one round trip); a node that joined since the
+            # members were read must have acknowledged too
+            if (
+                not done
+                and await freeze.all_acknowledged(zk, cell, ordered, active)
+                and await active_nodes(zk, cell) <= active
+            ):
+                return set(ordered), set(active)
             acks = await asyncio.gather(*(freeze.acknowledgements(zk, cell, u) for u in ordered))
             active = await active_nodes(zk, cell)  # one that joined meanwhile counts too
             members_read = loop.time()
@@ -218,7 +227,7 @@ async def _wait_all_acknowledged(
             break
         await asyncio.sleep(pause)
         pause = min(pause * 2, 0.01)
-    return done
+    return done, None
 
 
 async def move_users(
@@ -271,12 +280,18 @@ async def _move_from(
     # the users whose directory entry points at their new cell (recorded at once: never
     # unfrozen in the old cell again, whatever happens after)
     flipped: dict[int, str] = {}
+    acknowledged_by: set[str] | None = None
     try:
         await freeze.freeze_users(zk, source, moves)
         frozen_at = time.monotonic()
-        acknowledged = await _wait_all_acknowledged(zk, source, list(moves), ack_timeout_s)
-        # the users listed in each target cell (read once, not once per user)
-        listed = {target: await freeze.listed_users(zk, target) for target in set(moves.values())}
+        # the users listed in each target cell (read once, not once per user, while the app
+        # servers acknowledge)
+        targets = sorted(set(moves.values()))
+        (acknowledged, acknowledged_by), *lists = await asyncio.gather(
+            _wait_all_acknowledged(zk, source, list(moves), ack_timeout_s),
+            *(freeze.listed_users(zk, target) for target in targets),
+        )
+        listed = dict(zip(targets, lists, strict=True))
 
         async def copy_and_flip(user: int) -> MoveReport:
             if user not in acknowledged:
@@ -306,7 +321,7 @@ async def _move_from(
             if user not in flipped:  # not flipped: served in the old cell again
                 with contextlib.suppress(Exception):
                     await freeze.thaw_user(zk, source, user)
-        await freeze.mark_all_moved(zk, source, flipped)
+        await freeze.mark_all_moved(zk, source, flipped, acknowledged_by)
     return results
 
 

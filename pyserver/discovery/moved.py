@@ -6,15 +6,16 @@ cache drops it and reads the directory again. Without cleaning, those markers pi
 in ZooKeeper forever. Layout, beside the cells':
 
     /discovery/instances/<instance>                ephemeral: a discovery instance alive now
-    /cells/<cell>/frozen/<user>/seen.<instance>    ephemeral: that instance has seen the
-                                                   user listed and dropped its cached cell
+    /cells/<cell>/moved/<user>/seen.<instance>     ephemeral: that instance has seen the
+                                                   user's tombstone (it dropped its cached
+                                                   cell when the user was frozen)
 
 How it goes, in every discovery instance (`MovedMarkers`):
 
 1. It registers itself under `/discovery/instances` (again after a new session).
 2. Whenever a cell's listed users change, it has already dropped their cached cell
    (`DiscoveryService._forget_frozen`, synchronously, and it never caches a cell that
-   lists the user); it then records that it has seen each listed user.
+   lists the user); it then records that it has seen each moved user's tombstone.
 3. Every `sweep_s`, it removes each "moved" marker older than `grace_s` that every
    live instance has seen (a versioned delete: a marker changed meanwhile stays).
 
@@ -151,7 +152,8 @@ class MovedMarkers:
     # ---- what this instance has seen ----
 
     def on_frozen(self, cell: str, users: frozenset[int]) -> None:
-        """A cell's listed users changed (called after the cache dropped them)."""
+        """A cell's listed users changed (called after the cache dropped them): `users` are
+        the ones whose move is finished (their tombstones)."""
         if self.disabled:
             return
         self._pending[cell] = users
@@ -183,7 +185,7 @@ class MovedMarkers:
         for user in sorted(users):
             if (cell, user) in self._recorded:
                 continue
-            path = f"{freeze.user_path(cell, user)}/{SEEN_PREFIX}{self.instance_id}"
+            path = f"{freeze.moved_user_path(cell, user)}/{SEEN_PREFIX}{self.instance_id}"
             try:
                 await self.zk.create(path, ephemeral=True)
             except NodeExists:
@@ -223,7 +225,7 @@ class MovedMarkers:
         return removed
 
     async def _remove_if_seen(self, cell: str, user: int, live: set[str], cutoff: float) -> int:
-        path = freeze.user_path(cell, user)
+        path = freeze.moved_user_path(cell, user)
         try:
             data, stat = await self.zk.get(path)
             record = orjson.loads(data) if data else {}

@@ -94,7 +94,8 @@ class CellsWatch:
         self._on_frozen: list[Callable[[str, frozenset[int]], None]] = []
 
     def on_frozen(self, listener: Callable[[str, frozenset[int]], None]) -> None:
-        """Call `listener(cell, users)` whenever a cell's frozen users change."""
+        """Call `listener(cell, changed)` whenever a cell's listed users change (`changed`:
+        the users listed, let go, or moved away since the last call)."""
         self._on_frozen.append(listener)
 
     async def start(self, timeout_s: float = 10.0) -> None:
@@ -165,8 +166,15 @@ class CellsWatch:
         await cell.start(timeout_s)
         cell.frozen.subscribe(lambda users, name=name: self._frozen_changed(name, users))
         self.cells[name] = cell
+        if cell.frozen.users:  # what the first read found, which the subscription missed
+            self._frozen_changed(name, cell.frozen.users)
         view = cell.view
         log.info("following cell %s: %s, %d active", name, view.cell_state, len(view.active))
+
+    def moved(self, name: str) -> frozenset[int]:
+        """The users whose move away from cell `name` is finished (its tombstones)."""
+        cell = self.cells.get(name)
+        return cell.frozen.moved if cell is not None else frozenset()
 
     def _frozen_changed(self, name: str, users: frozenset[int]) -> None:
         for listener in list(self._on_frozen):
@@ -233,7 +241,10 @@ class DiscoveryService:
             grace_s=moved_grace_s,
             sweep_s=moved_sweep_s,
         )
-        self.cells.on_frozen(self.moved.on_frozen)
+        # a tombstone is recorded as seen under itself: the users whose move is finished
+        self.cells.on_frozen(
+            lambda name, _users: self.moved.on_frozen(name, self.cells.moved(name))
+        )
         self._counts: Counter[str] = Counter()
         self._counts_refresh_s = counts_refresh_s
         self._counts_task: asyncio.Task[None] | None = None
