@@ -26,6 +26,7 @@ discovery or the launcher (tests/test_layers.py keeps it so).
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fcntl
 import json
 from collections.abc import Callable, Iterator
@@ -173,14 +174,17 @@ async def node_records(zk: ZooKeeper, cell: str) -> list[NodeRecord]:
         children = await zk.get_children(layout.nodes_path(cell))
     except NoNode:
         return []
-    records = []
-    for node_id in sorted(children):
+
+    async def record(node_id: str) -> NodeRecord | None:
         try:
             data, _ = await zk.get(layout.node_path(cell, node_id))
-            records.append(NodeRecord.from_bytes(node_id, data))
+            return NodeRecord.from_bytes(node_id, data)
         except (NoNode, ValueError):
-            continue
-    return records
+            return None
+
+    # read at once (one round trip for them all): a mover reads them for every batch
+    records = await asyncio.gather(*map(record, sorted(children)))
+    return [found for found in records if found is not None]
 
 
 async def active_nodes(zk: ZooKeeper, cell: str) -> set[str]:
