@@ -357,6 +357,38 @@ def test_451_when_the_blob_store_cannot_keep_the_mail(tmp_path: Path) -> None:
     run(scenario)
 
 
+def test_451_when_the_blobs_barrier_fails_after_the_owner_stored_its_copy(tmp_path: Path):
+    """The owner stores its copy while the blobs pass their durability barrier: a failed
+    barrier answers 451 though the copy was made, and the retry rewrites the blob, finds
+    the copy made (Message-ID) and answers 250: one copy, its raw message readable."""
+    data = wire(mail(message_id="<barrier@example.org>"))
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            blobs = cell.blobs
+            blobs.durable = True  # the barrier runs (the test cell's store skips it)
+            real_sync, failures = blobs._sync, []
+
+            def failing_once(paths: list[Path]) -> None:
+                if not failures:
+                    failures.append(paths)
+                    raise OSError(5, "Input/output error")
+                real_sync(paths)
+
+            blobs._sync = failing_once
+            with pytest.raises(smtplib.SMTPDataError) as error:
+                await cell.send(data, ["bob@example.com"])
+            assert error.value.smtp_code == 451 and failures
+            assert len(await cell.messages(2)) == 1  # the copy was made meanwhile
+            assert blobs.is_unsynced(failures[0][0])  # not behind a barrier yet
+            assert await cell.send(data, ["bob@example.com"]) == {}
+            assert not blobs.is_unsynced(failures[0][0])
+            (message,) = await cell.messages(2)
+            assert await cell.blob(2, message["extra"]["raw"]["ref"]) == data
+
+    run(scenario)
+
+
 def test_a_long_body_is_cut_inline_and_kept_whole(tmp_path: Path) -> None:
     text = "".join(f"line {n} of a long letter, ünïcode included\n" for n in range(400))
 

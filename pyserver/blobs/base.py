@@ -11,6 +11,7 @@ so a big attachment never sits whole in memory.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from abc import ABC, abstractmethod
@@ -101,6 +102,16 @@ class BlobStore(ABC):
     @abstractmethod
     async def put(self, source: BlobSource) -> BlobInfo:
         """Store bytes (given whole or in pieces); the same bytes are stored once."""
+
+    async def put_unsynced(self, source: BlobSource) -> tuple[BlobInfo, asyncio.Future[None]]:
+        """Store bytes; the blob's info at once, and a future done once it is durable (it
+        fails with the store's error if it cannot be made so). For a caller with other
+        durable work to do meanwhile: it must wait for the future before telling anyone
+        the blob is stored. An engine without group commit is durable at once."""
+        info = await self.put(source)
+        durable: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        durable.set_result(None)
+        return info, durable
 
     @abstractmethod
     async def stat(self, ref: str) -> BlobInfo | None:

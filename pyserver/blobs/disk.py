@@ -487,10 +487,20 @@ class DiskBlobStore(BlobStore):
     # ---- writing ----
 
     async def put(self, source: BlobSource) -> BlobInfo:
+        info, durable = await self.put_unsynced(source)
+        await durable
+        return info
+
+    async def put_unsynced(self, source: BlobSource) -> tuple[BlobInfo, asyncio.Future[None]]:
+        """The blob renamed into place; its future is done after the next group barrier
+        (joined at once)."""
         if isinstance(source, bytes | bytearray | memoryview):
             info = await self._run(self._put_bytes, bytes(source))
-            await self._made_durable(self.path_of(info.ref))
-            return info
+        else:
+            info = await self._put_stream(source)
+        return info, asyncio.ensure_future(self._made_durable(self.path_of(info.ref)))
+
+    async def _put_stream(self, source: BlobSource) -> BlobInfo:
         writer = await self._run(_Writer, self)
         try:
             batch: list[bytes] = []
@@ -503,12 +513,10 @@ class DiskBlobStore(BlobStore):
                     batch, batched = [], 0
             if batch:
                 await self._run(_write_all, writer, batch)
-            info = await self._run(writer.finish, False)
+            return await self._run(writer.finish, False)
         except BaseException:
             writer.abort()
             raise
-        await self._made_durable(self.path_of(info.ref))
-        return info
 
     async def put_all(self, blobs: Sequence[bytes]) -> list[BlobInfo]:
         """Store many whole blobs behind one durability barrier (a bulk load: an import).

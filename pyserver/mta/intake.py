@@ -19,7 +19,7 @@ import asyncio
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +34,7 @@ from pyserver.mta.senders import DnsLookup, check_dkim
 from pyserver.store.base import AddressStore
 from pyserver.wire.ops import Op
 
-__all__ = ["MailIntake", "MtaSettings", "store_mail"]
+__all__ = ["MailIntake", "MtaSettings", "store_mail", "store_mail_unsynced"]
 
 log = logging.getLogger(__name__)
 
@@ -128,25 +128,35 @@ class MailIntake:
         if parsed is not None:
             sender = asyncio.ensure_future(self._sender_user(sender_of(parsed, mail_from)))
         try:
-            email = await store_mail(raw, mail_from, self._blobs, self.settings, parsed=parsed)
+            email, durable = await store_mail_unsynced(
+                raw, mail_from, self._blobs, self.settings, parsed=parsed
+            )
         except PyserverError as exc:
             if sender is not None:
                 sender.cancel()
-            self.counters["deferred"] += 1
-            log.warning("could not store a message of %d bytes: %r", len(raw), exc)
-            return "451 4.3.0 Could not store the message, try again later"
+            return self._not_stored(raw, exc)
         except BaseException:
             if sender is not None:
                 sender.cancel()
             raise
-        user = await sender if sender is not None else await self._sender_user(email.sender)
-        email = await self._attribute(raw, email, user)
-        email = self._answering(email)
-        participants = await self._participants(email, recipients)
-        outcomes = await asyncio.gather(
-            *(self._route.deliver(email.deliver_payload(user, participants)) for user in users),
-            return_exceptions=True,
-        )
+        try:
+            user = await sender if sender is not None else await self._sender_user(email.sender)
+            email = await self._attribute(raw, email, user)
+            email = self._answering(email)
+            participants = await self._participants(email, recipients)
+            # The owners store their copies while the blobs pass their barrier: a crash
+            # before both are durable answers nothing, and the sender's retry rewrites a
+            # torn blob while DELIVER (keyed by Message-ID) finds its copy made.
+            outcomes = await asyncio.gather(
+                *(self._route.deliver(email.deliver_payload(u, participants)) for u in users),
+                return_exceptions=True,
+            )
+            await durable
+        except PyserverError as exc:
+            return self._not_stored(raw, exc)
+        finally:
+            if not durable.done():
+                durable.add_done_callback(_drop_outcome)
         failures = [
             (user, outcome)
             for user, outcome in zip(users, outcomes, strict=True)
@@ -168,6 +178,11 @@ class MailIntake:
             log.error("unexpected delivery error", exc_info=unexpected[0])
         self.counters["deferred"] += 1
         return "451 4.4.1 A recipient's mailbox server could not be reached, try again later"
+
+    def _not_stored(self, raw: bytes, exc: PyserverError) -> str:
+        self.counters["deferred"] += 1
+        log.warning("could not store a message of %d bytes: %r", len(raw), exc)
+        return "451 4.3.0 Could not store the message, try again later"
 
     async def _settle_bounces(self, raw: bytes, mails: Iterable[tuple[int, str]]) -> str:
         """Record each failure a bounce reports on the mail it is about (OUTBOUND_SETTLE at
@@ -264,35 +279,67 @@ async def store_mail(
     the proxy does with every message it accepts, and `pyserver import` with every mail).
 
     The raw message is written while the message is parsed (unless the caller parsed it
-    already: `parsed`, `parse_mail(raw)`'s result).
+    already: `parsed`, `parse_mail(raw)`'s result). Every blob is durable on return.
     """
-    raw_put = asyncio.ensure_future(blobs.put(raw))
+    email, durable = await store_mail_unsynced(raw, mail_from, blobs, settings, parsed=parsed)
+    await durable
+    return email
+
+
+async def store_mail_unsynced(
+    raw: bytes,
+    mail_from: str | None,
+    blobs: BlobStore,
+    settings: MtaSettings,
+    *,
+    parsed: ParsedMail | None = None,
+) -> tuple[EmailObject, asyncio.Future[Any]]:
+    """`store_mail`, with the blobs' durability left to a future (`BlobStore.put_unsynced`):
+    the email object at once, and a future done once all its blobs are durable, so the
+    caller may deliver meanwhile (and must wait for it before answering 250)."""
+    durables: list[asyncio.Future[None]] = []
+
+    async def put(source: Any) -> BlobInfo:
+        info, durable = await blobs.put_unsynced(source)
+        durables.append(durable)
+        return info
+
+    raw_put = asyncio.ensure_future(put(raw))
     try:
         if parsed is not None:
             mail = parsed
-            stored = await asyncio.gather(*(blobs.put(a.pieces()) for a in mail.attachments))
+            stored = await asyncio.gather(*(put(a.pieces()) for a in mail.attachments))
         elif len(raw) >= settings.parse_in_thread_bytes:
             # A big mail is parsed and its attachments decoded on a worker thread.
             mail, decoded = await asyncio.to_thread(_parse_and_decode, raw)
-            stored = await asyncio.gather(*(blobs.put(data) for data in decoded))
+            stored = await asyncio.gather(*(put(data) for data in decoded))
         else:
             mail = parse_mail(raw)
-            stored = await asyncio.gather(*(blobs.put(a.pieces()) for a in mail.attachments))
-        text, body = await _inline_text(mail, blobs, settings.mail_inline_text_bytes)
+            stored = await asyncio.gather(*(put(a.pieces()) for a in mail.attachments))
+        text, body = await _inline_text(mail, put, settings.mail_inline_text_bytes)
         raw_info = await raw_put
-    finally:
+    except BaseException:
         if not raw_put.done():
             raw_put.cancel()
         elif not raw_put.cancelled():
-            raw_put.exception()  # retrieved: a failure here is reported by the await
+            raw_put.exception()  # retrieved: a failure here is reported by the raise
+        for durable in durables:  # nobody will wait for these: their outcome is dropped
+            durable.add_done_callback(_drop_outcome)
+        raise
     attachments = [StoredAttachment(a, b) for a, b in zip(mail.attachments, stored, strict=True)]
-    return build_email(
+    email = build_email(
         mail, raw=raw_info, mail_from=mail_from, text=text, body=body, attachments=attachments
     )
+    return email, asyncio.gather(*durables)
+
+
+def _drop_outcome(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 async def _inline_text(
-    mail: ParsedMail, blobs: BlobStore, limit: int
+    mail: ParsedMail, put: Callable[[bytes], Awaitable[BlobInfo]], limit: int
 ) -> tuple[str, BlobInfo | None]:
     """The body as delivered inline, and the blob holding all of it when it is cut."""
     if len(mail.text) * 4 <= limit:
@@ -300,7 +347,7 @@ async def _inline_text(
     encoded = mail.text.encode("utf-8")
     if len(encoded) <= limit:
         return mail.text, None
-    body = await blobs.put(encoded)
+    body = await put(encoded)
     return encoded[:limit].decode("utf-8", "ignore"), body
 
 
