@@ -32,6 +32,7 @@ from hypothesis import strategies as st
 from pyserver.errors import BadRequest
 from pyserver.store.base import (
     ALL_TOKENS,
+    Fenced,
     LogAppend,
     Revocation,
     Store,
@@ -212,6 +213,40 @@ async def test_an_append_of_messages_and_terms_only_moves_nothing_in_the_log(
         assert await store.user_ids() == []  # a user with a log has at least one entry
         with pytest.raises(WriteConflict):
             await store.append(LogAppend(1, 1, []))
+
+
+@asyncio_test
+async def test_a_claim_fences_the_appends_of_every_earlier_owner(engine: Engine) -> None:
+    async with engine.opened() as old_owner, engine.opened() as new_owner:
+        assert await old_owner.claim(5) == 1  # a user with no log can be claimed
+        assert await old_owner.user_ids() == []  # and has no log for it
+        await old_owner.append(appending(5, 0, owner_epoch=1))
+        await old_owner.append(appending(5, 1, 2, owner_epoch=1, messages={"m": b"x"}))
+        # another server claims the user and reads the log, but writes nothing yet
+        assert await new_owner.claim(5) == 2
+        assert await new_owner.last_seq(5) == 3
+        # the earlier owner's append at the right seq is refused: it is fenced
+        with pytest.raises(Fenced) as fenced:
+            await old_owner.append(appending(5, 3, owner_epoch=1, messages={"late": b"x"}))
+        assert isinstance(fenced.value, WriteConflict)  # a conflict: reload, re-check
+        assert (fenced.value.epoch, fenced.value.current_epoch) == (1, 2)
+        assert await new_owner.last_seq(5) == 3
+        assert await old_owner.get_messages(5, ["late"]) == {}
+        # a big batch (HBase stages it apart) is fenced as well, and leaves nothing
+        big = LogAppend(5, 3, [b"x" * (300 << 10)] * 4, owner_epoch=1)
+        with pytest.raises(Fenced):
+            await old_owner.append(big)
+        # the new owner writes on; appends without an epoch (imports, moves) check the
+        # seq alone; claims go on rising, per user
+        await new_owner.append(appending(5, 3, owner_epoch=2))
+        await old_owner.append(appending(5, 4))
+        with pytest.raises(WriteConflict):
+            await old_owner.append(appending(5, 4, owner_epoch=2))
+        assert await old_owner.claim(5) == 3
+        assert await new_owner.claim(6) == 1
+        assert [seq for seq, _ in await new_owner.read_log(5)] == [1, 2, 3, 4, 5]
+    async with engine.opened() as reopened:  # the epoch is durable
+        assert await reopened.claim(5) == 4
 
 
 @asyncio_test
@@ -862,10 +897,10 @@ async def test_a_version_1_file_is_brought_up_to_the_current_version(sqlite_engi
         await store.index_terms(7, 2, [("new", "m")])
         assert await store.search(7, ["new"]) == ["m"]
     with sqlite3.connect(sqlite_engine.location()) as conn:
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == 3
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == 4
         tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master")}
     conn.close()
-    assert "terms" not in tables and "log" in tables
+    assert "terms" not in tables and {"log", "revocations", "owners"} <= tables
     with sqlite3.connect(sqlite_engine.location()) as conn:
         conn.execute("PRAGMA user_version = 9")
     conn.close()

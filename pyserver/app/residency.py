@@ -119,6 +119,9 @@ class Residency:
         self._waiting: dict[int, list[_Waiting]] = {}
         self._leaders: dict[int, asyncio.Task[None] | None] = {}
         self._hidden: set[int] = set()
+        # the owner epoch this server claimed when it last loaded each user (its fencing
+        # token: the store refuses its appends once another server claimed the user)
+        self._epochs: dict[int, int] = {}
         self._counters = dict.fromkeys(("conflicts", "snapshots", "snapshot_failures", "loads"), 0)
 
     @property
@@ -249,7 +252,7 @@ class Residency:
             self.check_owner(user_id)
             async with self._lock(user_id):
                 image = self._cache.get(user_id)
-                if image is None:
+                if image is None or user_id not in self._epochs:  # no claim: load, claim
                     image = await self._load(user_id)
                 try:
                     if len(group) == 1:
@@ -312,7 +315,15 @@ class Residency:
                 outcomes.append(change)
             if records:
                 # On any failure the image (ahead of the log, maybe) is not put back.
-                await self._store.append(LogAppend(user_id, expected, records, messages=bodies))
+                await self._store.append(
+                    LogAppend(
+                        user_id,
+                        expected,
+                        records,
+                        messages=bodies,
+                        owner_epoch=self._epochs.get(user_id),
+                    )
+                )
         finally:
             self._hidden.discard(user_id)
         if records:
@@ -340,6 +351,7 @@ class Residency:
             expected_seq=image.seq,
             records=[logcodec.encode(entry) for entry in entries],
             messages={mid: orjson.dumps(body) for mid, body in change.bodies.items()},
+            owner_epoch=self._epochs.get(user_id),
         )
         try:
             await self._store.append(write)
@@ -374,6 +386,7 @@ class Residency:
         evicted = self._cache.put(user_id, image, image.weight, held)
         seen: set[int] = set()
         for evicted_id, evicted_image in evicted:
+            self._epochs.pop(evicted_id, None)
             if id(evicted_image) in seen:
                 continue
             seen.add(id(evicted_image))
@@ -410,6 +423,7 @@ class Residency:
             if keep is not None and keep(user_id):
                 continue
             self._cache.pop(user_id)
+            self._epochs.pop(user_id, None)
             dropped += 1
             if image.seq > image.snapshot_seq:
                 self._snapshot_soon(user_id, image, evicted=True)
@@ -420,6 +434,9 @@ class Residency:
         if self._check_load is not None:
             await self._check_load(user_id)
         self._counters["loads"] += 1
+        # Claimed before anything is read: an append of a server that claimed the user
+        # earlier is in what this load reads, or refused by the store (fenced).
+        self._epochs[user_id] = await self._store.claim(user_id)
         image = UserImage()
         stored = await self._store.read_snapshot(user_id)
         if stored is not None:

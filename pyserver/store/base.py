@@ -29,6 +29,20 @@ class WriteConflict(PyserverError):
         self.actual_seq = actual_seq
 
 
+class Fenced(WriteConflict):
+    """Another server claimed the user (`LogStore.claim`) after this writer did: the
+    writer is a stale owner; it may write again only after claiming the user itself."""
+
+    def __init__(self, user_id: int, seq: int, epoch: int, current: int) -> None:
+        super().__init__(user_id, seq, seq)
+        self.args = (
+            f"user {user_id} was claimed by a newer owner (epoch {current}); "
+            f"this writer holds epoch {epoch}",
+        )
+        self.epoch = epoch
+        self.current_epoch = current
+
+
 class StoreUnavailable(Unavailable):
     """The store cannot be reached or failed; nothing was acknowledged, retry later."""
 
@@ -46,7 +60,10 @@ class LogAppend:
 
     `records` are encoded log records (pyserver.logcodec) with sequence numbers
     `expected_seq + 1, expected_seq + 2, ...`; the append succeeds only if the
-    user's last stored sequence number is `expected_seq` (0: an empty log).
+    user's last stored sequence number is `expected_seq` (0: an empty log) and,
+    when `owner_epoch` is given, the user's owner epoch is still that one (the
+    fencing token its writer got from `LogStore.claim`; None: no owner, as for
+    the importer and moves, whose compare-and-set is on the seq alone).
     """
 
     user_id: int
@@ -57,6 +74,7 @@ class LogAppend:
     # (term, message id) pairs for the search index, the `x` family. The mailbox leaves
     # this empty on its hot path: the index is derived from the log (`index_terms`).
     terms: Sequence[tuple[str, str]] = ()
+    owner_epoch: int | None = None
 
     @property
     def last_seq(self) -> int:
@@ -86,6 +104,13 @@ class LogStore(Lifecycle):
     @abstractmethod
     async def append(self, write: LogAppend) -> None:
         """Append atomically (records, messages and terms together), or raise WriteConflict."""
+
+    @abstractmethod
+    async def claim(self, user_id: int) -> int:
+        """Make the caller the user's writer: raise the user's owner epoch by one,
+        atomically, and return the new epoch. From then on an append carrying an older
+        epoch fails with `Fenced`, so an owner that checked its ownership before another
+        server claimed the user (paused, then woken) appends nothing."""
 
     @abstractmethod
     async def last_seq(self, user_id: int) -> int:

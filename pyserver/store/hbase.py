@@ -26,6 +26,7 @@ import contextlib
 import os
 from collections import Counter, OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import aiohappybase  # noqa: F401  (loads the Hbase_thrift module below)
@@ -34,7 +35,14 @@ from Hbase_thrift import IOError as ThriftIOError
 from thriftpy2.transport import TTransportException
 
 from pyserver.errors import BadRequest, PyserverError
-from pyserver.store.base import LogAppend, Revocation, Store, StoreUnavailable, WriteConflict
+from pyserver.store.base import (
+    Fenced,
+    LogAppend,
+    Revocation,
+    Store,
+    StoreUnavailable,
+    WriteConflict,
+)
 from pyserver.store.hbase_layout import (
     ADDRESS_USER,
     DIRECTORY_CELL,
@@ -543,14 +551,24 @@ class HBaseStore(Store):
             await self._write_row(client, self._users, row, group)
         return staged
 
-    async def _commit(self, client: Any, user_id: int, expected: int, batch: Batch) -> int | None:
-        """Append `batch` after log position `expected`: None if committed, else the last seq."""
+    async def _commit(
+        self, client: Any, user_id: int, expected: int, batch: Batch, epoch: int | None = None
+    ) -> int | None:
+        """Append `batch` after log position `expected` (by the owner of `epoch`, if given):
+        None if committed, else the last seq; `Fenced` if another owner claimed the user."""
         row = user_row(user_id)
         encoded = batch.encode()
         staged = (
             await self._stage(client, row, encoded) if len(encoded) > INLINE_BATCH_BYTES else None
         )
-        actual = await self._swap_head(client, user_id, row, expected, batch, encoded, staged)
+        try:
+            actual = await self._swap_head(
+                client, user_id, row, expected, batch, encoded, staged, epoch
+            )
+        except Fenced:
+            if staged is not None:
+                await self._drop_staging(client, row, staged)
+            raise
         if actual is not None and staged is not None:
             # Not committed, so nothing refers to them. (After a failed call they stay
             # behind, unreferenced: that connection cannot be trusted with more.)
@@ -564,13 +582,14 @@ class HBaseStore(Store):
 
         And whether `head`'s tail leaves the head, so must be materialized first.
         """
+        version, epoch = head.version + 1, head.epoch
         if staged is not None:
-            return Head(last, head.version + 1, staged=staged), bool(head.tail)
+            return Head(last, version, staged=staged, epoch=epoch), bool(head.tail)
         added = (encoded,) if encoded != _EMPTY_BATCH else ()
         tail = head.tail + added
         if len(tail) > self._tail_commits or sum(map(len, tail)) > TAIL_BYTES:
-            return Head(last, head.version + 1, tail=added), bool(head.tail)
-        return Head(last, head.version + 1, tail=tail), False
+            return Head(last, version, tail=added, epoch=epoch), bool(head.tail)
+        return Head(last, version, tail=tail, epoch=epoch), False
 
     async def _swap_head(
         self,
@@ -581,8 +600,12 @@ class HBaseStore(Store):
         batch: Batch,
         encoded: bytes,
         staged: Staged | None,
+        epoch: int | None = None,
     ) -> int | None:
-        """The compare-and-set loop on the head; None once committed, else the actual last seq."""
+        """The compare-and-set loop on the head; None once committed, else the actual last seq.
+
+        With `epoch`, the head must also hold that owner epoch (else `Fenced`): the swap
+        compares the whole head, epoch included, so a claim in between fails it."""
         # The head as this store last saw it, or a guess (no head at all for a new log).
         known = self._heads.get(user_id)
         if known is None and expected == 0:
@@ -598,9 +621,11 @@ class HBaseStore(Store):
                     continue
                 trusted = True
             head = Head.decode(known)
-            if head.seq != expected:
+            if head.seq != expected or (epoch is not None and head.epoch != epoch):
                 if trusted:
                     self._heads.put(user_id, known)
+                    if head.seq == expected and epoch is not None:
+                        raise Fenced(user_id, expected, epoch, head.epoch)
                     return head.seq
                 known = None  # a stale cache entry or a wrong guess: read the head
                 continue
@@ -647,13 +672,42 @@ class HBaseStore(Store):
         batch = Batch(records, messages, terms)
         try:
             async with self._session("append") as client:
-                actual = await self._commit(client, user_id, expected, batch)
+                actual = await self._commit(client, user_id, expected, batch, write.owner_epoch)
         except BaseException:
             self._heads.forget(user_id)  # the outcome is unknown
             raise
         if actual is not None:
             self.conflicts += 1
             raise WriteConflict(user_id, expected, actual)
+
+    async def claim(self, user_id: int) -> int:
+        user_id = u64(user_id)
+        row = user_row(user_id)
+
+        async def swap(client: Any) -> int:
+            for _ in range(MAX_COMMIT_ATTEMPTS):
+                try:
+                    raw = await self._settle(client, row)
+                except _Moved:
+                    continue
+                if raw is None:
+                    continue
+                head = Head.decode(raw)
+                claimed = replace(head, epoch=head.epoch + 1).encode()
+                if await client.checkAndPut(
+                    self._users, row, HEAD, raw or None, Mutation(column=HEAD, value=claimed), {}
+                ):
+                    self._heads.put(user_id, claimed)
+                    return head.epoch + 1
+                self.lost_swaps += 1
+            raise StoreUnavailable(f"HBase: the head of user {user_id} kept changing; retry")
+
+        try:
+            async with self._session("claim") as client:
+                return await swap(client)
+        except BaseException:
+            self._heads.forget(user_id)
+            raise
 
     async def last_seq(self, user_id: int) -> int:
         row = user_row(u64(user_id))

@@ -70,7 +70,8 @@ PART_BYTES = 4 << 20
 _U32 = struct.Struct(">I")
 _HEAD = struct.Struct(">QQ")
 _STAGED = struct.Struct(">16sIQ")
-_TAIL, _STAGED_KIND = 1, 2
+_TAIL, _STAGED_KIND, _EPOCH = 1, 2, 3
+_EPOCH_VALUE = struct.Struct(">Q")
 
 
 def table_name(namespace: str, table: str) -> bytes:
@@ -279,13 +280,17 @@ class Head:
     refers to one big batch in staging cells. A *compact* head has neither:
     every commit is materialized. `version` counts commits (0: none yet); a
     head's batches are materialized stamped with its version, which no other
-    head of the user has, so a later head's copy always wins.
+    head of the user has, so a later head's copy always wins. `epoch` is the
+    owner epoch (the fencing token of `HBaseStore.claim`), kept in the head so
+    that the append's compare-and-set on the head checks it too; 0 (never
+    claimed) is not written, so heads from before epochs read as epoch 0.
     """
 
     seq: int = 0
     version: int = 0
     tail: tuple[bytes, ...] = ()
     staged: Staged | None = None
+    epoch: int = 0
 
     @property
     def compact(self) -> bool:
@@ -297,6 +302,8 @@ class Head:
 
     def encode(self) -> bytes:
         head = _HEAD.pack(self.seq, self.version)
+        if self.epoch:
+            head += bytes((_EPOCH,)) + _EPOCH_VALUE.pack(self.epoch)
         if self.staged is not None:
             staged = self.staged
             return (
@@ -319,18 +326,24 @@ class Head:
         if len(raw) < _HEAD.size:
             raise ValueError(f"a head cell of {len(raw)} bytes")
         seq, version = _HEAD.unpack_from(raw)
-        if len(raw) == _HEAD.size:
-            return cls(seq, version)
-        kind, rest = raw[_HEAD.size], memoryview(raw)[_HEAD.size + 1 :]
+        at, epoch = _HEAD.size, 0
+        if len(raw) > at and raw[at] == _EPOCH:
+            if len(raw) < at + 1 + _EPOCH_VALUE.size:
+                raise ValueError(f"a head cell of {len(raw)} bytes")
+            (epoch,) = _EPOCH_VALUE.unpack_from(raw, at + 1)
+            at += 1 + _EPOCH_VALUE.size
+        if len(raw) == at:
+            return cls(seq, version, epoch=epoch)
+        kind, rest = raw[at], memoryview(raw)[at + 1 :]
         if kind == _TAIL:
-            return cls(seq, version, tail=_split_tail(rest))
+            return cls(seq, version, tail=_split_tail(rest), epoch=epoch)
         if kind == _STAGED_KIND and len(rest) == _STAGED.size:
             token, parts, size = _STAGED.unpack(rest)
-            return cls(seq, version, staged=Staged(token, parts, size))
+            return cls(seq, version, staged=Staged(token, parts, size), epoch=epoch)
         raise ValueError(f"a head cell of kind {kind}")
 
     def compacted(self) -> Head:
-        return Head(self.seq, self.version)
+        return Head(self.seq, self.version, epoch=self.epoch)
 
 
 def _split_tail(view: memoryview) -> tuple[bytes, ...]:

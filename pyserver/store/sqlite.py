@@ -22,12 +22,26 @@ from functools import partial
 from typing import Any, TypeVar
 
 from pyserver.errors import BadRequest
-from pyserver.store.base import LogAppend, Revocation, Store, StoreUnavailable, WriteConflict
+from pyserver.store.base import (
+    Fenced,
+    LogAppend,
+    Revocation,
+    Store,
+    StoreUnavailable,
+    WriteConflict,
+)
 from pyserver.store.sqlite_file import SYNCHRONOUS_MODES, Schema, SQLiteFile
 
 __all__ = ["SYNCHRONOUS_MODES", "SQLiteStore", "index_path"]
 
 log = logging.getLogger(__name__)
+
+# Each user's owner epoch (`claim`): the fencing token every owner's append checks.
+_OWNERS_TABLE = """CREATE TABLE IF NOT EXISTS owners (
+    user  BLOB PRIMARY KEY,
+    epoch INTEGER NOT NULL
+) WITHOUT ROWID;
+"""
 
 _REVOCATIONS_TABLE = """CREATE TABLE IF NOT EXISTS revocations (
     user       BLOB NOT NULL,
@@ -72,10 +86,10 @@ CREATE TABLE IF NOT EXISTS addresses (
     address TEXT PRIMARY KEY,
     user    BLOB NOT NULL
 ) WITHOUT ROWID;
-{_REVOCATIONS_TABLE}PRAGMA user_version = 3;
+{_REVOCATIONS_TABLE}{_OWNERS_TABLE}PRAGMA user_version = 4;
 COMMIT;
 """,
-    version=3,
+    version=4,
     migrations={
         # 2: the search index moved to its own file, derived again from the log there
         1: """
@@ -89,6 +103,12 @@ COMMIT;
         2: f"""
 BEGIN IMMEDIATE;
 {_REVOCATIONS_TABLE}PRAGMA user_version = 3;
+COMMIT;
+""",
+        # 4: owner epochs (fencing tokens)
+        3: f"""
+BEGIN IMMEDIATE;
+{_OWNERS_TABLE}PRAGMA user_version = 4;
 COMMIT;
 """,
     },
@@ -242,9 +262,17 @@ class SQLiteStore(Store):
             (user, _text(term, "a search term"), _text(message_id, "a message id"))
             for term, message_id in write.terms
         ]
-        await self._write(partial(_apply_append, write.user_id, expected, log_rows, message_rows))
+        epoch = write.owner_epoch
+        await self._write(
+            partial(_apply_append, write.user_id, expected, epoch, log_rows, message_rows)
+        )
         if term_rows:  # derived: added once the records are committed
             await self._index.write(partial(_execute, _ADD_TERM, term_rows))
+
+    async def claim(self, user_id: int) -> int:
+        claimed: list[int] = []
+        await self._write(partial(_claim, _u64_key(user_id), claimed))
+        return claimed[0]
 
     async def last_seq(self, user_id: int) -> int:
         return await self._read(_last_seq, _u64_key(user_id))
@@ -422,16 +450,34 @@ def _last_seq(conn: sqlite3.Connection, user: bytes) -> int:
     return _u64(row[0]) if row else 0
 
 
+def _epoch(conn: sqlite3.Connection, user: bytes) -> int:
+    row = conn.execute("SELECT epoch FROM owners WHERE user = ?", (user,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _claim(user: bytes, claimed: list[int], conn: sqlite3.Connection) -> None:
+    conn.execute(
+        "INSERT INTO owners (user, epoch) VALUES (?, 1) "
+        "ON CONFLICT (user) DO UPDATE SET epoch = epoch + 1",
+        (user,),
+    )
+    claimed.append(_epoch(conn, user))
+
+
 def _apply_append(
     user_id: int,
     expected_seq: int,
+    owner_epoch: int | None,
     log_rows: list[tuple[bytes, bytes, bytes]],
     message_rows: list[tuple[bytes, str, bytes]],
     conn: sqlite3.Connection,
 ) -> None:
-    # The compare-and-set: inside the batch's transaction, so earlier appends
-    # of the same batch are already counted.
-    actual = _last_seq(conn, user_id.to_bytes(8, "big"))
+    # The compare-and-set (and the fencing token's check): inside the batch's
+    # transaction, so earlier appends and claims of the same batch are already counted.
+    user = user_id.to_bytes(8, "big")
+    if owner_epoch is not None and (current := _epoch(conn, user)) != owner_epoch:
+        raise Fenced(user_id, expected_seq, owner_epoch, current)
+    actual = _last_seq(conn, user)
     if actual != expected_seq:
         raise WriteConflict(user_id, expected_seq, actual)
     conn.executemany("INSERT INTO log (user, seq, record) VALUES (?, ?, ?)", log_rows)
