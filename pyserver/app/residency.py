@@ -252,8 +252,13 @@ class Residency:
             self.check_owner(user_id)
             async with self._lock(user_id):
                 image = self._cache.get(user_id)
-                if image is None or user_id not in self._epochs:  # no claim: load, claim
+                if image is None:
                     image = await self._load(user_id)
+                if user_id not in self._epochs:
+                    # loaded without a claim (refused then: a full disk): claimed now. The
+                    # image may be older than the claim, but an append from it then fails
+                    # on the seq unless the log is still where the image ends.
+                    self._epochs[user_id] = await self._store.claim(user_id)
                 try:
                     if len(group) == 1:
                         return [await self._write_one(user_id, image, group[0].decide)]
@@ -435,8 +440,14 @@ class Residency:
             await self._check_load(user_id)
         self._counters["loads"] += 1
         # Claimed before anything is read: an append of a server that claimed the user
-        # earlier is in what this load reads, or refused by the store (fenced).
-        self._epochs[user_id] = await self._store.claim(user_id)
+        # earlier is in what this load reads, or refused by the store (fenced). A read
+        # does without when the store refuses the claim (a full disk still reads); the
+        # user's next write claims it first (`_write_group`).
+        self._epochs.pop(user_id, None)
+        try:
+            self._epochs[user_id] = await self._store.claim(user_id)
+        except Unavailable as exc:
+            log.warning("user %d loaded without a claim: %s", user_id, exc)
         image = UserImage()
         stored = await self._store.read_snapshot(user_id)
         if stored is not None:
