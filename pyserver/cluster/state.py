@@ -16,7 +16,9 @@ ZooKeeper, and how a command names a cluster.
   `--cluster DIR` (a `pyserver cluster up` folder; `add_cluster_folder_argument`),
   and one that talks to ZooKeeper also `--zookeeper/--chroot` and `--config`
   (`add_cluster_arguments`), resolved the same way everywhere (`cluster_settings`): a
-  flag, else the cluster folder, else the configuration.
+  flag, else the cluster folder, else the configuration. A process started by hand
+  into a running cluster (`pyserver node --cluster DIR`, `pyserver discovery
+  --cluster DIR`) takes the settings its peers were started with (`process_settings`).
 
 This module sits above `pyserver.config` and below discovery and the processes:
 the configuration never reads a cluster's state, and nothing here imports
@@ -55,6 +57,7 @@ __all__ = [
     "cell_record",
     "cluster_settings",
     "node_records",
+    "process_settings",
     "read_state",
     "set_cell_record",
     "set_cell_state",
@@ -190,6 +193,47 @@ async def node_records(zk: ZooKeeper, cell: str) -> list[NodeRecord]:
 async def active_nodes(zk: ZooKeeper, cell: str) -> set[str]:
     """The ids of the cell's registered, active app servers."""
     return {record.node_id for record in await node_records(zk, cell) if record.active}
+
+
+# ---- a process joining a running cluster ----
+
+
+def process_settings(
+    folder: Path, role: str, cell: str | None = None
+) -> tuple[dict[str, str], dict[str, Any]]:
+    """What one more process of `role` ("node" of `cell`, or "discovery") of the cluster in
+    `folder` is started with, as `pyserver cluster up` started its peers: the environment
+    (the addresses of the services, TLS, the ZooKeeper identity: a running peer's) and the
+    settings of `cluster.json` (ZooKeeper, chroot, data folder, service key; the cell's
+    store and discovery for an app server, the directory's store for discovery), as
+    `load_config` overrides. NoCluster for a folder without a cluster, or an unknown cell."""
+    state = read_state(folder)
+    processes = state.get("processes") or []
+    peers = [
+        p for p in processes if p.get("role") == role and (cell is None or p.get("cell") == cell)
+    ]
+    peers = peers or [p for p in processes if p.get("role") == role]
+    env = {key: str(value) for key, value in (peers[0].get("env") or {}).items()} if peers else {}
+    acl = state.get("zookeeper_acl")
+    if acl:  # the cluster's identity (discovery: the read-only one)
+        env["PYSERVER_ZOOKEEPER_AUTH"] = acl["reader_auth"] if role == "discovery" else acl["auth"]
+        env["PYSERVER_ZOOKEEPER_READ_IDS"] = ",".join(acl.get("read_ids", []))
+    overrides: dict[str, Any] = {
+        "zookeeper": state["zookeeper"],
+        "zookeeper_chroot": state["chroot"],
+        "data_dir": Path(state["data"]),
+        "service_key_file": state["service_key_file"],
+    }
+    if role == "node":
+        cells = state.get("cells") or {}
+        if cell not in cells:
+            known = ", ".join(sorted(cells)) or "none"
+            raise NoCluster(f"the cluster in {folder} has no cell {cell!r} (its cells: {known})")
+        overrides["store"] = cells[cell]
+        overrides["discovery_addrs"] = ",".join(state.get("discovery") or [])
+    elif role == "discovery":
+        overrides["store"] = state["directory_store"]
+    return env, overrides
 
 
 # ---- naming a cluster on the command line ----

@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from pyserver.app.server import AppServer
+from pyserver.cluster.state import NoCluster, add_cluster_folder_argument, process_settings
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.directory import Directory
 from pyserver.discovery.service import DiscoveryService
@@ -103,16 +105,26 @@ class DiscoveryProcess:
 
 
 def _run(args: argparse.Namespace) -> int:
-    config = load_config(
-        args.config,
-        overrides={
-            "data_dir": args.data,
-            "zookeeper": args.zookeeper,
-            "zookeeper_chroot": args.chroot,
-            "store": args.store,
-            "node_id": args.instance,
-        },
-    )
+    # `--cluster DIR`: the settings the cluster's discovery instances were started with; a
+    # flag wins over the folder, the folder over the configuration
+    env: dict[str, str] | None = None
+    found: dict[str, Any] = {}
+    if args.cluster is not None:
+        try:
+            peer_env, found = process_settings(args.cluster, "discovery")
+        except NoCluster as error:
+            print(f"pyserver discovery: {error}", file=sys.stderr)
+            return 1
+        env = {**os.environ, **peer_env}
+    flags = {
+        "data_dir": args.data if args.data != args.default_data or not found else None,
+        "zookeeper": args.zookeeper,
+        "zookeeper_chroot": args.chroot,
+        "store": args.store,
+        "node_id": args.instance,
+    }
+    overrides = {**found, **{name: value for name, value in flags.items() if value is not None}}
+    config = load_config(args.config, env=env, overrides=overrides)
     configure_logging(config.log_level)
     config.data_dir.mkdir(parents=True, exist_ok=True)
     try:
@@ -135,10 +147,12 @@ def add_parser(commands: Any, default_data: Path) -> argparse.ArgumentParser:
         "discovery", help="run a discovery service instance (user -> cell -> app server)"
     )
     add_service_arguments(sub, default_data, DEFAULT_PORT, "data folder (service key, SQLite)")
+    add_cluster_folder_argument(sub)  # its ZooKeeper, chroot, directory and data folder
     sub.add_argument("--zookeeper", help="ZooKeeper, host:port[,host:port...]")
     sub.add_argument("--chroot", help="ZooKeeper path the cells live under (default /pyserver)")
     sub.add_argument("--store", help="the directory's store: sqlite:PATH or hbase:HOST:PORT/ns")
     sub.add_argument("--instance", help="this instance's name (STATS, logs)")
+    sub.set_defaults(default_data=default_data)
     sub.add_argument("--cache-users", type=int, default=1_000_000, help="users' cells cached")
     sub.set_defaults(handler=_run)
     return sub

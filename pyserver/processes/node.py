@@ -44,6 +44,7 @@ from pyserver.cluster.freeze import FreezeWatch
 from pyserver.cluster.membership import Membership
 from pyserver.cluster.ringwatch import RingView, RingWatch
 from pyserver.cluster.routing import OwnerRouter
+from pyserver.cluster.state import NoCluster, process_settings
 from pyserver.config import Config, ConfigError, load_config
 from pyserver.discovery.client import ClusterClient
 from pyserver.errors import NotOwner, Unavailable
@@ -386,7 +387,19 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
 def _node_command(args: argparse.Namespace) -> int:
     if args.action is not None:  # `pyserver node add|remove`: a running cluster's nodes
         return nodeops.node_action(args)
-    overrides = {
+    # `--cluster DIR`: the settings this cell's other app servers were started with; a flag
+    # wins over the folder, the folder over the configuration
+    env: dict[str, str] | None = None
+    found: dict[str, Any] = {}
+    if args.cluster is not None:
+        cell = args.cell or load_config(args.config).cell
+        try:
+            peer_env, found = process_settings(args.cluster, "node", cell)
+        except (NoCluster, ConfigError) as error:
+            print(f"pyserver node: {error}", file=sys.stderr)
+            return 1
+        env = {**os.environ, **peer_env}
+    flags = {
         "data_dir": args.data,
         "cell": args.cell,
         "node_id": args.node_id,
@@ -402,7 +415,13 @@ def _node_command(args: argparse.Namespace) -> int:
         "drain_settle_s": args.drain_settle,
         "discovery_addrs": args.discovery,
     }
-    return serve(load_config(args.config, overrides=overrides), args.ready_file)
+    overrides = {**found, **{name: value for name, value in flags.items() if value is not None}}
+    try:
+        config = load_config(args.config, env=env, overrides=overrides)
+    except ConfigError as error:
+        print(f"pyserver node: {error}", file=sys.stderr)
+        return 1
+    return serve(config, args.ready_file)
 
 
 def add_parser(commands: Any) -> argparse.ArgumentParser:

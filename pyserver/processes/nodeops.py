@@ -140,6 +140,10 @@ def add_node_actions(node: argparse.ArgumentParser) -> None:
         help="add or remove an app server of a running cluster (--cluster DIR); "
         "without it: run one",
     )  # fmt: skip
-    node.add_argument("--cluster", type=Path, metavar="DIR", help="for add|remove: the cluster")
+    node.add_argument(
+        "--cluster", type=Path, metavar="DIR",
+        help="the cluster (`pyserver cluster up` folder): for add|remove, or to run one more app "
+        "server of --cell with its peers' settings",
+    )  # fmt: skip
     node.add_argument("--timeout", type=float, default=120.0, help="for add|remove: seconds")
     node.add_argument("--json", action="store_true", help="for add|remove: one JSON object")
