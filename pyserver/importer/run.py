@@ -241,6 +241,7 @@ async def run_import(
                     await asyncio.sleep(wait)
                 group.append((unit, records, len(rejected)))
                 count += len(records)
+                await asyncio.sleep(0)  # the group being written goes on meanwhile
                 if len(group) >= jobs or count >= GROUP_RECORDS:
                     break
             if not group:
@@ -252,8 +253,9 @@ async def run_import(
         marked done."""
         await reader.attachments.flush()
         by_writer: dict[int, tuple[UserWriter, list[int]]] = {}
-        for at, (unit, _, _) in enumerate(group):
-            writer = await writer_of(unit.user)
+        # (in a cluster, each user's cell is asked of discovery: all at once)
+        owners = await asyncio.gather(*(writer_of(unit.user) for unit, _, _ in group))
+        for at, writer in enumerate(owners):
             by_writer.setdefault(id(writer), (writer, []))[1].append(at)
         written: list[Written | None] = [None] * len(group)
         outcomes = await asyncio.gather(

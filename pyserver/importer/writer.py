@@ -126,18 +126,20 @@ class UserWriter:
     async def write_many(
         self, items: Sequence[tuple[int, Sequence[ImportRecord]]]
     ) -> list[Written]:
-        """`write` of several users at once, in order: every user's image is read, every
-        batch planned, then all the appends are handed to the store together (one group
-        commit on the embedded store, the appends in flight at once on a cluster's). A
-        user whose append loses its compare-and-set, or with more than one batch of
-        records, is written again alone by `write`."""
+        """`write` of several users at once, in order. Every user's batch is planned as if
+        the user were new (an import's usual case) and appended at the log's start, all
+        the appends handed to the store together (one group commit on the embedded
+        store, in flight at once on a cluster's): nothing is read first. A user whose
+        log is not empty loses that compare-and-set, and is written by `write` (planned
+        on the image the log makes, so what the mailbox has is skipped), as is a user
+        with more than one batch of records."""
         single: list[tuple[int, Sequence[ImportRecord]]] = []
         seen: set[int] = set()
         for user, records in items:
             if len(records) <= MAX_BATCH and user not in seen:
                 seen.add(user)
                 single.append((user, records))
-        images = await asyncio.gather(*(self.image(user) for user, _ in single))
+        images = [UserImage() for _ in single]
         planned: dict[int, tuple[UserImage, _Plan, int]] = {}
         for (user, records), image in zip(single, images, strict=True):
             ordered = sorted(records, key=lambda record: record.ts)
