@@ -28,6 +28,7 @@ import pytest
 import pyserver
 from pyserver.discovery.client import connect_to_cluster
 from pyserver.ops.figures import Reading, figures, quantile
+from pyserver.ops.slowest import slowest
 from tests import support
 
 REPO = Path(__file__).resolve().parent.parent
@@ -77,6 +78,44 @@ def test_percentiles_and_rates_from_two_readings() -> None:
     assert (now["ring_share"], now["zookeeper"], now["version"]) == (0.25, "connected", "9.9")
     with pytest.raises(ValueError):
         Reading.parse("this is { not metrics", at=0.0)
+
+
+def test_the_slowest_operations_and_store_calls_are_ranked_across_the_cluster() -> None:
+    def op(count: int, p99: float | None) -> dict[str, Any]:
+        return {"count": count, "p50_ms": 0.5, "p99_ms": p99}
+
+    report = {
+        "cells": [
+            {
+                "cell": "cell-1",
+                "nodes": [
+                    {"name": "cell-1-n1", "role": "node", "up": True,
+                     "ops": {"SEND": op(10, 40.0), "COUNTS": op(5, 2.0), "LIST": op(0, None)},
+                     "slowest_store_calls": [{"method": "append", "calls": 10, "p99_ms": 30.0},
+                                             {"method": "get_cell", "calls": 0, "p99_ms": None}]},
+                    {"name": "cell-1-n2", "role": "node", "up": False, "error": "refused",
+                     "ops": {"SEND": op(10, 900.0)}},
+                ],
+            },
+        ],
+        "services": [
+            {"name": "mta", "role": "mta", "up": True, "ops": {"DATA": op(3, 120.0)},
+             "slowest_store_calls": [{"method": "put_blob", "calls": 3, "p99_ms": 55.0}]},
+        ],
+    }  # fmt: skip
+    ranked = slowest(report)
+    assert [(e["process"], e["op"], e["p99_ms"]) for e in ranked["operations"]] == [
+        ("mta", "DATA", 120.0),
+        ("cell-1-n1", "SEND", 40.0),
+        ("cell-1-n1", "COUNTS", 2.0),
+    ]  # a process that is down, and an operation never called, are left out
+    assert ranked["operations"][1]["cell"] == "cell-1" and ranked["operations"][0]["cell"] is None
+    assert [(e["process"], e["method"]) for e in ranked["store_calls"]] == [
+        ("mta", "put_blob"),
+        ("cell-1-n1", "append"),
+    ]
+    assert len(slowest(report, limit=1)["operations"]) == 1
+    assert slowest({"cells": [], "services": []}) == {"operations": [], "store_calls": []}
 
 
 def _pyserver(*args: str, timeout_s: float = 180.0) -> subprocess.CompletedProcess[str]:
@@ -178,6 +217,23 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
             if s["role"] == "discovery"
         )
         assert lookups >= 20, "discovery's own metrics count the client's lookups"
+        # where the time goes: the slowest operations and store calls, across the cluster
+        ranked = report["slowest"]
+        assert ranked["operations"] and ranked["store_calls"]
+        p99s = [entry["p99_ms"] for entry in ranked["operations"]]
+        assert p99s == sorted(p99s, reverse=True) and p99s[0] > 0
+        every_op = {
+            (process["name"], op)
+            for process in [*(n for c in cells.values() for n in c["nodes"]), *services.values()]
+            for op, values in process.get("ops", {}).items()
+            if values["count"]
+        }
+        assert {(e["process"], e["op"]) for e in ranked["operations"]} <= every_op
+        assert any(e["role"] == "node" and e["op"] == "SEND" for e in ranked["operations"]) or (
+            len(ranked["operations"]) == 10
+        )
+        assert all(e["calls"] > 0 and e["p99_ms"] > 0 for e in ranked["store_calls"])
+        assert any(e["role"] == "node" for e in ranked["store_calls"])
 
         # ---- from ZooKeeper alone (no folder): the cells and their nodes, no services
         alone = _pyserver(
@@ -194,7 +250,8 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
         # ---- pyserver cells --once: the tables
         once = _pyserver("cells", "--cluster", str(folder), "--once", "--interval", "0")
         assert once.returncode == 0, once.stderr
-        for text in ("cell-1", "cell-2", "disabled", "cell-2-n2", "discovery-1", "connected"):
+        for text in ("cell-1", "cell-2", "disabled", "cell-2-n2", "discovery-1", "connected",
+                     "slowest operations", "slowest store calls"):  # fmt: skip
             assert text in once.stdout, (text, once.stdout)
 
         # ---- /ops on the web tier: operators only
@@ -209,6 +266,8 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
         for name in ("cell-1-n1", "cell-1-n2", "cell-2-n1", "cell-2-n2"):
             assert f'data-node="{name}"' in page
         assert 'class="state disabled"' in page and 'data-service="discovery-1"' in page
+        assert "slowest operations" in page and 'data-slow-op="' in page
+        assert 'data-slow-call="cell-' in page  # an app server's store call
         basic = base64.b64encode(f"ops:{key}".encode()).decode()
         status, body, _ = _get(f"http://{web}/ops.json", f"Basic {basic}")
         assert status == 200 and len(json.loads(body)["cells"]) == 2

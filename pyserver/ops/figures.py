@@ -160,7 +160,7 @@ def figures(now: Reading, before: Reading | None = None) -> dict[str, Any]:
             for method, b in now.store.items()
         ),
         key=lambda entry: -(entry["p99_ms"] or 0.0),
-    )[:5]
+    )
     slowest_ops = sorted(
         ({"op": op, **values} for op, values in ops.items() if values["p99_ms"] is not None),
         key=lambda entry: -(entry["p99_ms"] or 0.0),

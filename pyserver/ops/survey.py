@@ -6,7 +6,8 @@ cells, their state and their app servers from ZooKeeper (each node's record
 names its `/metrics` address), and the services (discovery, user index, dirty,
 MTA, web, IMAP, SMS) from the `pyserver cluster up` folder when there is one. A
 `Surveyor` scrapes every target at once and keeps each one's last reading, so
-its next survey reports rates and recent percentiles (`pyserver.ops.figures`).
+its next survey reports rates and recent percentiles (`pyserver.ops.figures`),
+and the slowest operations and store calls across them (`pyserver.ops.slowest`).
 A target that does not answer is reported down, with the reason.
 """
 
@@ -32,6 +33,7 @@ from pyserver.cluster.state import (
 )
 from pyserver.cluster.zk import ZooKeeper
 from pyserver.ops.figures import Reading, figures
+from pyserver.ops.slowest import slowest
 from pyserver.tls import TierTls
 
 __all__ = ["Surveyor", "Target", "find_targets"]
@@ -150,7 +152,7 @@ class Surveyor:
             cell["errors"] = sum(node.get("errors") or 0 for node in nodes)
             cell["users_cached"] = _total(node.get("users_cached") for node in nodes)
             cell["nodes_up"] = sum(1 for node in nodes if node["up"])
-        return {
+        report = {
             "time": time.time(),
             "zookeeper": self.settings.zookeeper,
             "chroot": self.settings.chroot,
@@ -158,6 +160,9 @@ class Surveyor:
             "cells": cells,
             "services": services,
         }
+        # where the time goes, across the cluster (pyserver.ops.slowest)
+        report["slowest"] = slowest(report)
+        return report
 
     async def _scrape(self, target: Target) -> dict[str, Any]:
         if not target.metrics:

@@ -104,7 +104,32 @@ def render(report: dict[str, Any]) -> Group:
         )
     if report["services"]:
         parts.append(services)
+    parts += _slowest_tables(report.get("slowest") or {})
     return Group(*parts)
+
+
+def _slowest_tables(ranked: dict[str, list[dict[str, Any]]]) -> list[Table]:
+    """Where the time goes: the slowest operations and store calls of the cluster."""
+    tables = []
+    for key, title, name, count in (
+        ("operations", "slowest operations", "op", "count"),
+        ("store_calls", "slowest store calls", "method", "calls"),
+    ):
+        if not ranked.get(key):
+            continue
+        table = Table(title=Text(title, style="bold"), title_justify="left")
+        for column in (name, "process", "cell", count, "p50/p99 ms" if name == "op" else "p99 ms"):
+            table.add_column(column)
+        for entry in ranked[key]:
+            table.add_row(
+                entry[name],
+                str(entry.get("process")),
+                entry.get("cell") or "-",
+                _number(entry.get(count)),
+                _latency(entry) if name == "op" else _number(entry.get("p99_ms"), 2),
+            )
+        tables.append(table)
+    return tables
 
 
 async def _surveys(args: argparse.Namespace) -> int:
