@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -42,6 +41,7 @@ from pymap.selected import SelectedMailbox, SelectedSet
 
 from pyserver.errors import NotFound, PyserverError
 from pyserver.imap.append import NOT_HERE, MailFiling
+from pyserver.imap.derived import DerivedStore, Facts, facts_of
 from pyserver.imap.render import raw_ref, render_message
 from pyserver.imap.structure import LoadedMessage
 from pyserver.wire.ops import Op
@@ -80,36 +80,49 @@ class AppServers(Protocol):
 
 
 class MessageSource:
-    """The bytes of one user's messages as a mail client reads them, the most recently
-    read kept (up to `cache_bytes`): a client reads a message's header, then its body."""
+    """The bytes of one user's messages as a mail client reads them, and what FETCH
+    derives from them, kept in the gateway's `DerivedStore` (shared by the user's
+    sessions; a session of its own without one): a client reads a message's header,
+    then its body, and opens the same folder again and again."""
 
     def __init__(
-        self, servers: AppServers, user: int, domain: str, cache_bytes: int = 32 << 20
+        self,
+        servers: AppServers,
+        user: int,
+        domain: str,
+        cache_bytes: int = 32 << 20,
+        store: DerivedStore | None = None,
     ) -> None:
         self._servers = servers
         self.user = user
         self._domain = domain
-        self._cache: OrderedDict[str, bytes] = OrderedDict()
-        self._cache_bytes = cache_bytes
-        self._held = 0
+        self.store = store if store is not None else DerivedStore(bytes_max=cache_bytes)
 
     async def content(self, message_id: str) -> bytes:
-        data = self._cache.get(message_id)
+        data = self.store.body(self.user, message_id)
         if data is not None:
-            self._cache.move_to_end(message_id)
             return data
-        data = await self._load(message_id)
-        self._cache[message_id] = data
-        self._held += len(data)
-        while self._held > self._cache_bytes and len(self._cache) > 1:
-            _, dropped = self._cache.popitem(last=False)
-            self._held -= len(dropped)
+        data, rendered = await self._load(message_id)
+        self.store.keep_body(self.user, message_id, data, rendered=rendered)
         return data
+
+    async def facts(self, message: ImapMessage) -> Facts:
+        """The message's size and ENVELOPE (`derived`), derived once from its bytes."""
+        facts = self.store.facts(self.user, message.message_id)
+        if facts is None:
+            try:
+                data = await self.content(message.message_id)
+            except NotFound:  # deleted meanwhile: an empty message, as `load_content`
+                return facts_of(message, b"")
+            facts = facts_of(message, data)
+            self.store.keep_facts(self.user, message.message_id, facts)
+        return facts
 
     async def prefetch(self, message_ids: Iterable[str], at_once: int = 32) -> None:
         """Load these messages' bytes, `at_once` requests in flight (a FETCH of many
         messages then answers from memory instead of one round trip after another)."""
-        wanted = [m for m in dict.fromkeys(message_ids) if m not in self._cache]
+        store, user = self.store, self.user
+        wanted = [m for m in dict.fromkeys(message_ids) if store.body(user, m) is None]
         if not wanted:
             return
         gate = asyncio.Semaphore(at_once)
@@ -123,24 +136,26 @@ class MessageSource:
 
     def _fits(self, count: int) -> int:
         """How many messages of an average size the cache holds (at least a window)."""
-        average = self._held // len(self._cache) if self._cache else 8 << 10
-        return max(64, min(count, self._cache_bytes // max(1, average)))
+        average = self.store.average_size()
+        return max(64, min(count, self.store.bytes_max // max(1, average)))
 
-    async def _load(self, message_id: str) -> bytes:
+    async def _load(self, message_id: str) -> tuple[bytes, bool]:
+        """The message's bytes, and whether they were drawn from its thread."""
         request = self._servers.request
         message = await request(Op.GET_MESSAGE, {"user": self.user, "message_id": message_id})
         ref = raw_ref(message)
         if ref is not None:  # mail as it came in over SMTP, byte for byte
-            return await self._blob(ref, message_id)
+            return await self._blob(ref, message_id), False
         thread = await request(
             Op.GET_THREAD, {"user": self.user, "thread_id": message["thread_id"], "limit": 1}
         )
         files = (message.get("extra") or {}).get("attachments") or []
         attachments = [(file, await self._blob(file["ref"], message_id)) for file in files]
-        return render_message(
+        rendered = render_message(
             message, thread["participants"], thread.get("addresses") or [], self._domain,
             attachments,
         )  # fmt: skip
+        return rendered, True
 
     async def _blob(self, ref: str, message_id: str) -> bytes:
         pieces = [piece async for piece in self._servers.get_blob(self.user, ref, message_id)]
@@ -415,12 +430,17 @@ class UserFolders(MailboxSetInterface[FolderView]):
     """The fixed folders of one signed-in user."""
 
     def __init__(
-        self, servers: AppServers, user: int, domain: str, filing: MailFiling | None = None
+        self,
+        servers: AppServers,
+        user: int,
+        domain: str,
+        filing: MailFiling | None = None,
+        derived: DerivedStore | None = None,
     ) -> None:
         self._servers = servers
         self.user = user
         self.filing = filing  # APPEND (None: refused)
-        self.source = MessageSource(servers, user, domain)
+        self.source = MessageSource(servers, user, domain, store=derived)
         self._views = {name: FolderView(self, name) for name in FOLDERS}
         self._subscribed = set(FOLDERS)
         # told of this session's own changes: the user's other sessions on this gateway
@@ -438,6 +458,7 @@ class UserFolders(MailboxSetInterface[FolderView]):
             self.mark_changed()
 
     def mark_changed(self) -> None:
+        self.source.store.forget_rendered(self.user)
         for view in self._views.values():
             view.changed()
 

@@ -31,6 +31,7 @@ from pysasl.creds.server import ServerCredentials
 from pyserver.app.auth import UserToken, read_user_token
 from pyserver.errors import PyserverError, Unauthenticated
 from pyserver.imap.append import MailFiling
+from pyserver.imap.derived import DerivedStore
 from pyserver.imap.folders import SPECIAL_USE, AppServers, ImapMessage, UserFolders, UserWatch
 from pyserver.servicekey import ServiceKey
 from pyserver.userid import is_user_id
@@ -106,9 +107,11 @@ class ImapLogin(LoginInterface):
         guard: SignInGuard | None = None,
         watch: UserWatch | None = None,
         filing: MailFiling | None = None,
+        derived: DerivedStore | None = None,
     ) -> None:
         self.config = config
         self.filing = filing
+        self.derived = derived or DerivedStore()  # shared by every session (`derived`)
         self.servers = servers
         self._keys = keys
         self._resolve = resolve
@@ -123,7 +126,7 @@ class ImapLogin(LoginInterface):
         return ImapLogin(
             config, self.servers, self._keys, resolve=self._resolve,
             mail_domain=self.mail_domain, revoked=self._revoked, guard=self.guard,
-            watch=self.watch, filing=self.filing,
+            watch=self.watch, filing=self.filing, derived=self.derived,
         )  # fmt: skip
 
     @property
@@ -203,7 +206,9 @@ class Identity(IdentityInterface):
     @asynccontextmanager
     async def new_session(self) -> AsyncIterator[Session]:
         login = self.login
-        folders = UserFolders(login.servers, self.user, login.mail_domain, login.filing)
+        folders = UserFolders(
+            login.servers, self.user, login.mail_domain, login.filing, login.derived
+        )
         self.login.watch.watch(folders)
         try:
             yield Session(self.name, self.login.config, folders)
