@@ -176,12 +176,13 @@ def test_fast_fetch_answers_as_pymap_does_and_hears_changes(tmp_path: Path) -> N
     finally:
         proc.terminate()
         proc.wait(timeout=30)
-    assert general[0].count(b" FETCH (") == 12
+    assert general[0].count(b" FETCH (") >= 12  # the mails, and the chat from a stranger
     proc, ready = serve_cell(data)
     try:
         fast = _answers(ready["imap"], token)
         for mine, reference in zip(fast, general, strict=True):
-            assert mine == reference
+            for line, expected in zip(mine.split(b"\r\n"), reference.split(b"\r\n"), strict=True):
+                assert line == expected
         _changes_reach_the_next_fetch(ready, data, token)
     finally:
         proc.terminate()
@@ -193,7 +194,8 @@ def _changes_reach_the_next_fetch(ready: dict[str, Any], data: Path, token: str)
     try:
         session.command("SELECT Other")
         before = session.command("UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE)")
-        assert before.count(b" FETCH (") == 12 and b"\\Seen" not in before
+        count = before.count(b" FETCH (")
+        assert count >= 12 and b"* 1 FETCH (FLAGS () " in before
         ids = session.command("UID FETCH 1 (EMAILID THREADID)")
         email_id, thread_id = re.search(rb"EMAILID \((\S+)\) THREADID \((\S+)\)", ids).groups()  # type: ignore[union-attr]
 
@@ -210,12 +212,12 @@ def _changes_reach_the_next_fetch(ready: dict[str, Any], data: Path, token: str)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:  # the gateway hears of changes as events: poll
             after = session.command("UID FETCH 1:* (FLAGS ENVELOPE RFC822.SIZE)")
-            if b"report 12:" in after and b"\\Seen" in after:
+            if b"report 12:" in after and b"* 1 FETCH (FLAGS (\\Seen)" in after:
                 break
             time.sleep(0.1)
         first = re.search(rb"\* 1 FETCH \(FLAGS \(([^)]*)\)", after)
         assert first and first[1] == b"\\Seen", after[:300]
-        assert b"report 12:" in after
+        assert b"report 12:" in after and after.count(b" FETCH (") == count + 1
         assert b"RFC822.SIZE %d" % len(extra) in after
     finally:
         session.close()

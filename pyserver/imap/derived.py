@@ -47,8 +47,11 @@ class Facts:
 
 def facts_of(message: Any, data: bytes) -> Facts:
     """A message's facts from its bytes, formatted exactly as pymap's general FETCH
-    path formats them (the same `LoadedMessage`)."""
-    loaded = LoadedMessage(message, FetchRequirement.CONTENT, MessageContent.parse(data), data)
+    path formats them (the same `LoadedMessage`; ENVELOPE reads only the header
+    lines, so only they are parsed)."""
+    end = data.find(b"\r\n\r\n")
+    head = data[: end + 4] if end >= 0 else data
+    loaded = LoadedMessage(message, FetchRequirement.CONTENT, MessageContent.parse(head), head)
     return Facts(len(data), bytes(loaded.get_envelope_structure()))
 
 

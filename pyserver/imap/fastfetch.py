@@ -35,6 +35,7 @@ from typing import Any
 from pymap.imap.state import ConnectionState
 from pymap.parsing.primitives import List
 from pymap.parsing.response import ResponseOk, UntaggedResponse
+from pymap.parsing.response.specials import FetchResponse
 from pymap.parsing.specials import DateTime, FetchAttribute
 from pymap.parsing.specials.flag import Flag
 
@@ -82,8 +83,9 @@ class _Answers(UntaggedResponse):
         session_flags: Any,
     ) -> None:
         super().__init__(b"")
-        self._messages = messages
-        self._attributes = attributes
+        self.messages = messages
+        self.attributes = attributes
+        self.extra: dict[int, dict[Any, bytes]] = {}  # seq -> items merged in (`_FastOk`)
         self._names = [attr.value for attr in attributes]
         self._prefixes = [bytes(attr.for_response) + b" " for attr in attributes]
         self._source = source
@@ -91,10 +93,10 @@ class _Answers(UntaggedResponse):
         self._flags: dict[frozenset[Flag], bytes] = {}
 
     def write(self, writer: Any) -> None:
-        writer.write(b"* (%d FETCH answers)\r\n" % len(self._messages))
+        writer.write(b"* (%d FETCH answers)\r\n" % len(self.messages))
 
     async def async_write(self, writer: Any) -> None:
-        for block in _blocks(self._messages):
+        for block in _blocks(self.messages):
             writer.write(await self._answer(block))
             drain = getattr(writer, "drain", None)
             if drain is not None:
@@ -130,6 +132,8 @@ class _Answers(UntaggedResponse):
                     data = await _content(source, message.message_id)
                     value = b"{%d}\r\n%b" % (len(data), data)
                 items.append(prefix + value)
+            if seq in self.extra:
+                items += self.extra[seq].values()
             out.append(b"* %d FETCH (%b)\r\n" % (seq, b" ".join(items)))
         return b"".join(out)
 
@@ -139,6 +143,31 @@ class _Answers(UntaggedResponse):
         if text is None:
             text = self._flags[flags] = bytes(List(flags, sort=True))
         return text
+
+
+class _FastOk(ResponseOk):
+    """The tagged OK of a fast FETCH. pymap merges the untagged FETCH updates that
+    follow a command (flags changed meanwhile) into the FETCH answer of the same
+    message (`FetchResponse.merge`); here too: an update's items already answered are
+    dropped (the answer gives the current value), the others join the answer's line."""
+
+    def __init__(self, tag: bytes, text: bytes, answers: _Answers) -> None:
+        super().__init__(tag, text)
+        self._answers = answers
+        self._seqs = {seq for seq, _ in answers.messages}
+        self._asked = set(answers.attributes)
+
+    def add_untagged(self, *responses: UntaggedResponse) -> None:
+        kept: list[UntaggedResponse] = []
+        for response in responses:
+            if isinstance(response, FetchResponse) and response.seq in self._seqs:
+                extra = self._answers.extra.setdefault(response.seq, {})
+                for attr, value in response.data.items():
+                    if attr not in self._asked:
+                        extra[attr] = bytes(value)
+            else:
+                kept.append(response)
+        super().add_untagged(*kept)
 
 
 async def _content(source: Any, message_id: str) -> bytes:
@@ -167,9 +196,10 @@ async def fast_fetch(state: ConnectionState, cmd: Any) -> Any:
         if message is None:  # gone since the client last heard: pymap says how
             return None
         messages.append((seq, message))
-    response = ResponseOk(cmd.tag, cmd.command + b" completed.")
+    attributes = list(dict.fromkeys(cmd.attributes))  # once each, as pymap's answer
+    answers = _Answers(messages, attributes, folders.source, selected.session_flags)
+    response = _FastOk(cmd.tag, cmd.command + b" completed.", answers)
     if messages:
-        answers = _Answers(messages, cmd.attributes, folders.source, selected.session_flags)
         response.add_untagged(answers)
     return response, await view.update_selected(selected)
 
