@@ -33,10 +33,10 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import itertools
 import os
 import secrets
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -68,6 +68,9 @@ _MAGIC = b"PYBLOB\x00\x01"
 _TRAILER = struct.Struct(">8sQII")
 # Pieces handed to a writer thread at once: small pieces of a stream are gathered first.
 _WRITE_BATCH = 1 << 20
+# Whole blobs at most this big are written on the event loop's thread (no fsync there:
+# the group barrier runs in the pool); a trip to a thread costs more than the write.
+_WRITE_HERE = 64 << 10
 # Chunks read per trip to a thread.
 _READ_CHUNKS = 4
 # Temporary files older than this are leftovers of a crash (another process may be writing).
@@ -214,8 +217,17 @@ def _settle(waiters: list[tuple[Path, asyncio.Future[None]]], error: Exception |
                 future.set_exception(error)
 
 
+_tmp_names = itertools.count()
+
+
 def _mkstemp(folder: Path) -> tuple[int, str]:
-    return tempfile.mkstemp(dir=folder, prefix="blob-", suffix=".tmp")
+    """A new temporary file of this process (tempfile.mkstemp's random names cost more)."""
+    while True:
+        name = str(folder / f"blob-{os.getpid()}-{next(_tmp_names)}.tmp")
+        try:
+            return os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), name
+        except FileExistsError:
+            continue
 
 
 def _sync_file_system(folder: Path, files: list[Path]) -> None:
@@ -302,13 +314,26 @@ class DiskBlobStore(BlobStore):
         try:
             return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                # The half-written blob was removed; puts work again once space is freed.
-                raise Unavailable(
-                    f"blob store {self.root}: the disk is full (no space left); "
-                    "writes are refused until space is freed"
-                ) from exc
-            raise Unavailable(f"blob store {self.root}: {exc}") from exc
+            raise self._unavailable(exc) from exc
+
+    def _run_here(self, fn: Callable[..., T], *args: Any) -> T:
+        """`_run` on the event loop's own thread: for file work too small to be worth a
+        trip to the pool (no fsync: the page cache takes it at once)."""
+        if self._pool is None:
+            raise Unavailable(f"the blob store {self.root} is not open")
+        try:
+            return fn(*args)
+        except OSError as exc:
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: OSError) -> Unavailable:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            # The half-written blob was removed; puts work again once space is freed.
+            return Unavailable(
+                f"blob store {self.root}: the disk is full (no space left); "
+                "writes are refused until space is freed"
+            )
+        return Unavailable(f"blob store {self.root}: {exc}")
 
     # ---- paths (called from the pool's threads too) ----
 
@@ -495,7 +520,11 @@ class DiskBlobStore(BlobStore):
         """The blob renamed into place; its future is done after the next group barrier
         (joined at once)."""
         if isinstance(source, bytes | bytearray | memoryview):
-            info = await self._run(self._put_bytes, bytes(source))
+            data = bytes(source)
+            if len(data) <= _WRITE_HERE:
+                info = self._run_here(self._put_bytes, data)
+            else:
+                info = await self._run(self._put_bytes, data)
         else:
             info = await self._put_stream(source)
         return info, asyncio.ensure_future(self._made_durable(self.path_of(info.ref)))
