@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import shutil
+import smtplib
 import socket
 import subprocess
 import sys
@@ -181,6 +182,17 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
                 await client.close()
 
         support.run(traffic, timeout=120.0)
+        # the front ends count what they answer: a mail to nobody refused at RCPT, a web page
+        mta = next(p for p in processes if p["role"] == "mta")["address"]
+        host, port = mta.rsplit(":", 1)
+        with smtplib.SMTP(host, int(port), timeout=30) as smtp:
+            smtp.ehlo("test.example")
+            smtp.mail("someone@elsewhere.example")
+            code, _ = smtp.rcpt("nobody-at-all@nowhere.invalid")
+            assert code >= 500
+        web_address = next(p for p in processes if p["role"] == "web")["address"]
+        for _ in range(3):
+            assert _get(f"http://{web_address}/login")[0] == 200
         disabled = _pyserver("cell", "disable", "cell-2", "--cluster", str(folder))
         assert disabled.returncode == 0, disabled.stderr
 
@@ -217,6 +229,10 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
             if s["role"] == "discovery"
         )
         assert lookups >= 20, "discovery's own metrics count the client's lookups"
+        rcpt = services["mta"]["ops"]["SMTP RCPT"]
+        assert rcpt["count"] >= 1 and rcpt["p99_ms"] is not None
+        assert services["mta"]["errors_by_code"].get("SMTP_5XX", 0) >= 1
+        assert services["web"]["ops"]["GET /login"]["count"] >= 3
         # where the time goes: the slowest operations and store calls, across the cluster
         ranked = report["slowest"]
         assert ranked["operations"] and ranked["store_calls"]

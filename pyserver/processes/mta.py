@@ -15,8 +15,10 @@ from pyserver import endpoints
 from pyserver.blobs import blob_store_for
 from pyserver.config import load_config
 from pyserver.discovery.client import ClusterRoute
+from pyserver.metrics import Metrics
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.service import MtaService
+from pyserver.observe import time_replies
 from pyserver.processes.runtime import (
     add_http_port_argument,
     add_ready_file_argument,
@@ -33,10 +35,17 @@ __all__ = ["add_parser"]
 
 
 class _Described:
-    """What `start_metrics_endpoint` needs of the MTA proxy: its configuration (TLS)."""
+    """What `start_metrics_endpoint` needs of the MTA proxy: its configuration (TLS) and its
+    figures (each RCPT and DATA answered, timed: `pyserver.observe`)."""
 
     def __init__(self, config: Any) -> None:
         self.config = config
+        self.metrics = Metrics()
+
+    def observe(self, service: MtaService) -> None:
+        intake = service.intake
+        intake.accept = time_replies(self.metrics, "SMTP DATA", intake.accept)  # type: ignore[method-assign]
+        intake.recipient = time_replies(self.metrics, "SMTP RCPT", intake.recipient)  # type: ignore[method-assign]
 
 
 async def _serve(
@@ -59,10 +68,12 @@ async def _serve(
         await blobs.open()
         try:
             service = MtaService(config, store, blobs, route)
+            described = _Described(config)
+            described.observe(service)
             smtp_host, smtp_port = await service.start()
             try:
                 http, http_address = await start_metrics_endpoint(
-                    _Described(config), "mta", config.host, http_port
+                    described, "mta", config.host, http_port
                 )
             except BaseException:
                 await service.stop()

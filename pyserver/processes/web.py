@@ -24,6 +24,7 @@ from pyserver.blobs import BlobStore, blob_store_for
 from pyserver.cluster.state import cluster_settings
 from pyserver.config import Config, load_config
 from pyserver.dirty import local_memcached
+from pyserver.metrics import Metrics
 from pyserver.ops.survey import Surveyor
 from pyserver.processes.frontend import FrontEnd, add_frontend_arguments, frontend_overrides
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
@@ -110,6 +111,8 @@ class WebProcess:
         self.web: WebTier | None = None
         # the operators' page, when the configuration names a cluster folder to survey
         self.survey = ClusterSurvey(Path(config.ops_cluster)) if config.ops_cluster else None
+        # its /metrics: every HTTP request timed by route (pyserver.observe)
+        self.metrics = Metrics()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
@@ -129,6 +132,7 @@ class WebProcess:
                 else None
             ),
         )
+        self.web.metrics = self.metrics
         return host, await self.web.start(host, port)
 
     async def stop(self) -> None:

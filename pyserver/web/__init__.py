@@ -8,5 +8,5 @@ signed-in user; `live` fans each user's mailbox events out to their open pages;
 
 May import: pyserver.errors, pyserver.addresses, pyserver.dirty, pyserver.app,
 pyserver.client, pyserver.blobs, pyserver.userid, pyserver.wire, pyserver.servicekey,
-pyserver.slowclients.
+pyserver.slowclients, pyserver.metrics, pyserver.observe.
 """

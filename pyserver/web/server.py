@@ -50,6 +50,8 @@ from pyserver.errors import (
     Unauthenticated,
     Unavailable,
 )
+from pyserver.metrics import Metrics
+from pyserver.observe import http_middleware
 from pyserver.servicekey import ServiceKey
 from pyserver.slowclients import GuardedSite, SlowClientGuard
 from pyserver.userid import is_user_id
@@ -120,6 +122,8 @@ class WebTier:
         self.tls = tls
         # a request's head must arrive within head_timeout_s (slow clients are dropped)
         self.guard = SlowClientGuard(head_timeout_s)
+        # the process's figures, when it serves /metrics (pyserver.observe)
+        self.metrics: Metrics | None = None
         secure_cookies = secure_cookies or tls is not None
         self._counts = counts
         self.blobs = blobs
@@ -143,7 +147,12 @@ class WebTier:
     def application(self) -> web.Application:
         app = web.Application(
             client_max_size=self.max_upload_bytes + (64 << 10),
-            middlewares=[self.guard.middleware, self._errors],
+            # with `metrics` (the web process's /metrics), every request timed first
+            middlewares=[
+                *([http_middleware(self.metrics)] if self.metrics is not None else []),
+                self.guard.middleware,
+                self._errors,
+            ],
         )
         app.on_response_prepare.append(_security_headers)
         get, post = app.router.add_get, app.router.add_post
