@@ -16,6 +16,16 @@ implementation in Rust). USERS users have a phone each, texted every message (`a
   SMS (`send_ceiling_per_s`: what the cell does anyway), and smpp34's own client
   submitting to the same SMSC with a window of WINDOW (`smpp34_submits_per_s`).
 
+What is offered: one client connection of the client library carries the SENDs and
+DELIVERs, WINDOW requests pipelined on it at a time (as an ESME-facing front end
+would offer its traffic); the SMSC is one smpp34 server session, WINDOW submits
+outstanding.
+
+Beside each rate, the app server process's CPU time per operation in that phase
+(`*_cpu_ms`, from /proc, the least of the rounds): on a machine shared with other
+work the rates follow the share of a core the process gets, the CPU per operation
+much less, so `sms_out_cpu_ms - send_cpu_ms` is what a text costs beyond its SEND.
+
 Target (issue 12): at least 2,000/s each way.
 """
 
@@ -23,8 +33,10 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
 import tempfile
 import time
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
@@ -154,6 +166,12 @@ async def _smpp34_client(port: int, count: int) -> float:
     return rate
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 async def _measure(quick: bool) -> dict[str, Any]:
     import smpp34
 
@@ -187,15 +205,19 @@ async def _measure(quick: bool) -> dict[str, Any]:
                 await _texts_in(session, 200, 10_000_000)  # warm up
                 await _sends(client, 200, users, "warm", submits)
                 best = dict.fromkeys(("in", "deliver", "out", "send"), 0.0)
+                cpu_ms = dict.fromkeys(best, float("inf"))
+
+                async def phase(name: str, rate: Awaitable[float]) -> None:
+                    before = _cpu_s(proc.pid)
+                    best[name] = max(best[name], await rate)
+                    used = (_cpu_s(proc.pid) - before) * 1000 / texts
+                    cpu_ms[name] = min(cpu_ms[name], used)
+
                 for r in range(1 if quick else 3):  # rounds alternate; each keeps its best
-                    best["in"] = max(best["in"], await _texts_in(session, texts, r * texts))
-                    best["deliver"] = max(
-                        best["deliver"], await _delivers(client, texts, (10 + r) * texts)
-                    )
-                    best["out"] = max(best["out"], await _sends(client, texts, users, f"o{r}",
-                                                                submits))  # fmt: skip
-                    no_sms = await _sends(client, texts, users, f"s{r}", None)
-                    best["send"] = max(best["send"], no_sms)
+                    await phase("in", _texts_in(session, texts, r * texts))
+                    await phase("deliver", _delivers(client, texts, (10 + r) * texts))
+                    await phase("out", _sends(client, texts, users, f"o{r}", submits))
+                    await phase("send", _sends(client, texts, users, f"s{r}", None))
             finally:
                 await client.close()
             ceiling = await _smpp34_client(port, texts)
@@ -211,6 +233,10 @@ async def _measure(quick: bool) -> dict[str, Any]:
         "send_ceiling_per_s": round(best["send"], 1),
         "sms_out_vs_send": round(best["out"] / best["send"], 2),
         "smpp34_submits_per_s": round(ceiling, 1),
+        "sms_in_cpu_ms": round(cpu_ms["in"], 3),
+        "deliver_cpu_ms": round(cpu_ms["deliver"], 3),
+        "sms_out_cpu_ms": round(cpu_ms["out"], 3),
+        "send_cpu_ms": round(cpu_ms["send"], 3),
         "window": WINDOW,
         "texts_per_round": texts,
     }

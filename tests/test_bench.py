@@ -137,7 +137,8 @@ def test_bench_web_measures_live_chat_beside_direct_sends() -> None:
 def test_bench_sms_measures_texts_both_ways_beside_their_ceilings() -> None:
     sms = _bench_json("bench", "sms", "--json", "--quick")["sms"]
     for figure in ("sms_in_per_s", "deliver_ceiling_per_s", "sms_out_per_s",
-                   "send_ceiling_per_s", "smpp34_submits_per_s"):  # fmt: skip
+                   "send_ceiling_per_s", "smpp34_submits_per_s", "sms_in_cpu_ms",
+                   "deliver_cpu_ms", "sms_out_cpu_ms", "send_cpu_ms"):  # fmt: skip
         assert sms[figure] > 0, figure
     assert sms["sms_in_vs_deliver"] == pytest.approx(
         sms["sms_in_per_s"] / sms["deliver_ceiling_per_s"], abs=0.01
