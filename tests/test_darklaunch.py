@@ -25,7 +25,8 @@ from typing import Any
 import pytest
 
 from pyserver import endpoints
-from pyserver.cluster.darklaunch import DarkLaunch, Setting, parse_setting
+from pyserver.app.image import thread_id_for
+from pyserver.cluster.darklaunch import DarkLaunch, Setting, comparable, parse_setting
 from pyserver.wire.ops import Op
 from tests import support
 from tests.cluster_harness import Cluster, NodeProcess
@@ -101,6 +102,25 @@ def test_a_dark_launch_mirrors_compares_and_never_fails_the_live_request(
             await _until(lambda: _health(n1)["darklaunch"]["match"] >= 1, 15, "a match")
             assert _health(n1)["darklaunch"]["mismatch"] == 0
 
+            # marks and moves are mirrored too (the shadow's ids are the live ones), and the
+            # thread reads compared: they match, less the times each store stamps itself
+            thread = thread_id_for([10, 11])
+            mirrored = _health(n1)["darklaunch"]["mirrored"]
+            await live.request(11, Op.MARK_READ, {"user": 11, "thread_id": thread})
+            await live.request(11, Op.MOVE, {"user": 11, "thread_id": thread, "folder": "archived"})
+            await _until(
+                lambda: _health(n1)["darklaunch"]["mirrored"] >= mirrored + 2, 15, "marks mirrored"
+            )  # the mark and the move
+            archived = {"user": 11, "folder": "archived"}
+            shadow_archived = await shadow.request(11, Op.LIST_THREADS, archived)
+            assert [t["thread_id"] for t in shadow_archived["threads"]] == [thread]
+            assert shadow_archived["threads"][0]["unread"] == 0
+            matches = _health(n1)["darklaunch"]["match"]
+            await live.request(11, Op.LIST_THREADS, archived)
+            await live.request(11, Op.GET_THREAD, {"user": 11, "thread_id": thread})
+            await _until(lambda: _health(n1)["darklaunch"]["match"] >= matches + 2, 15, "matches")
+            assert _health(n1)["darklaunch"]["mismatch"] == 0, n1.tail(50)
+
             # a message only the shadow holds: the next COUNTS of user 11 differs
             await shadow.request(12, Op.SEND, _send(12, 11, "shadow only"))
             await live.request(10, Op.SEND, _send(10, 11, "one more"))  # mirrored too
@@ -146,12 +166,24 @@ def test_users_are_sampled_by_fraction_and_a_full_queue_drops() -> None:
                 {"shadow": "s", "fraction": True}, "s:0.5"):  # fmt: skip
         assert parse_setting(bad) is None, bad
 
+    # replies compared less the times each store stamps itself, thread lists by id
+    def thread(ts: int, text: str) -> dict[str, Any]:
+        return {"messages": [{"message_id": "m1", "ts": ts, "text": text}], "next": f"c{ts}"}
+
+    assert comparable(Op.GET_THREAD, thread(1, "a")) == comparable(Op.GET_THREAD, thread(2, "a"))
+    assert comparable(Op.GET_THREAD, thread(1, "a")) != comparable(Op.GET_THREAD, thread(1, "b"))
+    one, two = {"thread_id": "t1", "last_ts": 5}, {"thread_id": "t2", "last_ts": 5}
+    assert comparable(Op.LIST_THREADS, {"threads": [one, two]}) == comparable(
+        Op.LIST_THREADS, {"threads": [two, one]}
+    )
+
     async def scenario() -> None:
         mirror = DarkLaunch(None, "c1", None, queue_size=2)  # type: ignore[arg-type]
         assert not mirror.wants(Op.SEND, {"sender": 1})  # off
         mirror.setting = Setting("shadow", 1.0)
         assert mirror.wants(Op.SEND, {"sender": 1}) and mirror.wants(Op.COUNTS, {"user": 1})
-        assert not mirror.wants(Op.MARK_READ, {"user": 1})
+        assert mirror.wants(Op.MARK_READ, {"user": 1}) and mirror.wants(Op.GET_THREAD, {"user": 1})
+        assert not mirror.wants(Op.SEARCH, {"user": 1})  # neither mirrored nor compared
         for _ in range(5):
             mirror.offer(Op.COUNTS, {"user": 1}, {})
         figures = mirror.figures()

@@ -8,11 +8,16 @@ it on, changing it or off needs no restart. While it is on:
 * a user is mirrored when a hash of its id falls under `fraction` (the same
   users every time, so the shadow sees all of their writes and its reads are
   comparable);
-* of those users' requests, the writes `MIRRORED_WRITES` (SEND, DELIVER: with
-  their idempotency keys) are sent again to the shadow cell's owner of the user,
-  which writes them to the shadow's own store; the reads `COMPARED_READS` are
-  sent too and the shadow's reply is compared with the live one (equal, or a
-  mismatch: counted, and logged with the op, the user and both replies);
+* of those users' requests, the writes `MIRRORED_WRITES` (SEND and DELIVER with
+  their idempotency keys, MARK_READ/UNREAD/SEEN, MOVE, DELETE) that succeeded live
+  are sent again to the shadow cell's owner of the user, which writes them to the
+  shadow's own store (a keyed SEND's message id and every thread id are derived
+  from the request, so the shadow's ids are the live ones and the marks, moves and
+  deletes find their messages); the reads `COMPARED_READS` (COUNTS, LIST_THREADS,
+  GET_THREAD) are sent too and the shadow's reply is compared with the live one,
+  less the times each store stamps itself (`comparable`): equal, or a mismatch
+  (counted, and logged with the op, the user and both replies). A SEND without a
+  key gets a random id on each side, so its thread reads differ;
 * the live request never waits for any of it: the request, its payload and its
   live reply go on a bounded queue (`QUEUE_SIZE`) that one task empties in order;
   when the queue is full the mirror is dropped and counted. A shadow that fails
@@ -63,13 +68,18 @@ __all__ = [
     "DarkLaunch",
     "Setting",
     "add_parser",
+    "comparable",
     "parse_setting",
 ]
 
 log = logging.getLogger("pyserver.darklaunch")
 
-MIRRORED_WRITES = frozenset({Op.SEND, Op.DELIVER})
-COMPARED_READS = frozenset({Op.COUNTS})
+MIRRORED_WRITES = frozenset(
+    {Op.SEND, Op.DELIVER, Op.MARK_READ, Op.MARK_UNREAD, Op.MARK_SEEN, Op.MOVE, Op.DELETE}
+)
+COMPARED_READS = frozenset({Op.COUNTS, Op.LIST_THREADS, Op.GET_THREAD})
+# what each store stamps for itself (times, and the cursors made of them): not compared
+_OWN_STAMPS = frozenset({"ts", "last_ts", "next"})
 QUEUE_SIZE = 1000
 POLL_S = 1.0
 SHADOW_TIMEOUT_S = 5.0
@@ -98,6 +108,27 @@ def parse_setting(value: Any) -> Setting | None:
     if not isinstance(fraction, int | float) or not 0 < fraction <= 1:
         return None
     return Setting(shadow, float(fraction))
+
+
+def comparable(op: Op, reply: Any) -> Any:
+    """A read's reply as live and shadow must agree on it: without the times each store
+    stamps for itself (a message's `ts`, a thread's `last_ts`, the `next` cursors), and a
+    thread list in thread id order (threads written in the same instant may list either
+    way)."""
+
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in _OWN_STAMPS}
+        if isinstance(value, list):
+            return [strip(item) for item in value]
+        return value
+
+    stripped = strip(reply)
+    if op is Op.LIST_THREADS and isinstance(stripped, dict):
+        threads = stripped.get("threads")
+        if isinstance(threads, list):
+            stripped["threads"] = sorted(threads, key=lambda t: str(t.get("thread_id", "")))
+    return stripped
 
 
 def _user_of(op: Op, payload: dict[str, Any]) -> int | None:
@@ -254,7 +285,7 @@ class DarkLaunch:
                 continue
             self._count("mirrored")
             if op in COMPARED_READS:
-                if reply == live:
+                if comparable(op, reply) == comparable(op, live):
                     self._count("match")
                 else:
                     self._count("mismatch")
