@@ -25,6 +25,7 @@ from typing import Any
 
 from pyserver.blobs.base import BlobInfo, BlobStore
 from pyserver.errors import BadRequest, PyserverError
+from pyserver.mta.addresscache import AddressCache
 from pyserver.mta.dsn import failed_recipients
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email, sender_of
 from pyserver.mta.outbound import bounced_mail, resolve_user, thread_of_message_id
@@ -80,7 +81,7 @@ class MailIntake:
         route: OwnerRoute,
         settings: MtaSettings | None = None,
     ) -> None:
-        self._addresses = addresses
+        self._addresses = AddressCache(addresses)
         self._blobs = blobs
         self._route = route
         self.settings = settings or MtaSettings()
@@ -223,7 +224,7 @@ class MailIntake:
         if "@" not in address:  # a bounce (MAILER-DAEMON) speaks for nobody
             return None
         try:
-            return await self._addresses.resolve_address(address)
+            return await self._addresses.sender_user(address)
         except PyserverError as exc:
             log.warning("sender lookup failed address=%r error=%r", address, exc)
             return None

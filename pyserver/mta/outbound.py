@@ -34,6 +34,7 @@ import pybase64
 
 from pyserver.blobs.base import BlobStore
 from pyserver.errors import NotFound, PyserverError
+from pyserver.mta.addresscache import AddressCache
 from pyserver.store.base import AddressStore
 
 __all__ = [
@@ -69,7 +70,9 @@ def user_of_address(address: str, mail_domain: str) -> int | None:
     return int(match.group(1))
 
 
-async def resolve_user(address: str, addresses: AddressStore, mail_domain: str) -> int | None:
+async def resolve_user(
+    address: str, addresses: AddressStore | AddressCache, mail_domain: str
+) -> int | None:
     """The user an address reaches: `u<user>@<mail_domain>`, else the one it is registered
     to (the store's address book); None for nobody here."""
     address = address.strip().strip("<>").strip()
