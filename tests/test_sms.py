@@ -402,6 +402,33 @@ def test_receipts_and_replies_still_find_their_conversation_after_a_restart(
     run(go)
 
 
+def test_copies_texted_together_are_written_together_and_all_kept(tmp_path: Path) -> None:
+    """A window's copies reported in one turn go in one write; each caller returns once it
+    is committed, and every copy (and each phone's latest conversation) is in the file."""
+
+    async def go() -> None:
+        path = tmp_path / "sms-state.sqlite3"
+        state = SmsState(path)
+        assert await state.last_texted("+15550000000") is None  # (opened)
+        copies = [([f"s-{n}a", f"s-{n}b"], 10 + n % 3, f"m-{n}", f"+1555000{n % 3:04d}")
+                  for n in range(30)]  # fmt: skip
+        await asyncio.gather(*(
+            state.texted_copy(ids, user, message_id, phone, f"t-{message_id}", float(n))
+            for n, (ids, user, message_id, phone) in enumerate(copies)
+        ))  # fmt: skip
+        assert state._file.writes == 1  # thirty copies, one write
+        await state.close()
+        again = SmsState(path)
+        for ids, user, message_id, phone in copies:
+            assert await again.copy_of(ids[1]) == (user, message_id, phone, set(ids))
+        for n in range(3):  # the copy texted last to each phone
+            last = max(i for i in range(30) if i % 3 == n)
+            assert await again.last_texted(f"+1555000{n:04d}") == (10 + n, f"t-m-{last}", last)
+        await again.close()
+
+    run(go)
+
+
 def test_a_text_sent_again_across_a_restart_keeps_its_key(tmp_path: Path) -> None:
     """An SMSC that never got the answer to a deliver_sm (the gateway crashed after the
     text was stored) sends it again to the restarted gateway: the same key reaches the

@@ -86,6 +86,8 @@ class SmsState:
         self._writing: set[asyncio.Task[None]] = set()
 
     async def _ready(self) -> SQLiteFile:
+        if self._open:
+            return self._file
         async with self._opening:
             if not self._open:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
