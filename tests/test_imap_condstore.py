@@ -9,6 +9,7 @@ five messages; the answers are compared once MODSEQ numbers are normalised
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import socket
 import threading
@@ -59,6 +60,8 @@ class Conversation:
                 return lines
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # a server ends its session on LOGOUT
+            self.say("LOGOUT")
         self.sock.close()
 
 
@@ -168,11 +171,20 @@ def dovecot() -> Iterator[tuple[str, int]]:
     finally:
         loop.call_soon_threadsafe(stop.set_result, None)
         thread.join(30)
-        # the bridges of closed connections end their Dovecot processes
-        pending = asyncio.all_tasks(loop)
-        loop.run_until_complete(asyncio.wait_for(asyncio.gather(*pending), 30))
+        loop.run_until_complete(_bridges_ended())
         loop.close()
         server.close()
+
+
+async def _bridges_ended() -> None:
+    """The bridges of closed connections end their Dovecot processes (given 2 s)."""
+    tasks = asyncio.all_tasks() - {asyncio.current_task()}
+    if not tasks:
+        return
+    _, pending = await asyncio.wait(tasks, timeout=2)
+    for task in pending:
+        task.cancel()
+    await asyncio.gather(*pending, return_exceptions=True)
 
 
 def test_condstore_answers_as_dovecot_does(cell: dict[str, Any], dovecot: tuple[str, int]) -> None:
@@ -236,3 +248,73 @@ def test_a_change_made_elsewhere_reaches_a_condstore_client_with_its_modseq(
         assert _tagged(talk.say("NOOP")).startswith(b"OK")
     finally:
         talk.close()
+
+
+def _uidvalidity(lines: list[bytes]) -> int:
+    return int(next(re.search(rb"UIDVALIDITY (\d+)", line)[1] for line in lines
+                    if b"UIDVALIDITY" in line))  # fmt: skip
+
+
+def _vanished(lines: list[bytes], earlier: bool) -> set[int]:
+    """The UIDs of VANISHED answers (EARLIER or not)."""
+    found: set[int] = set()
+    prefix = b"* VANISHED (EARLIER) " if earlier else b"* VANISHED "
+    for line in lines:
+        if line.startswith(prefix) and (earlier or b"(EARLIER)" not in line):
+            for part in line[len(prefix) :].split(b","):
+                low, _, high = part.partition(b":")
+                found |= set(range(int(low), int(high or low) + 1))
+    return found
+
+
+def _qresync_script(first: Conversation, second: Conversation, folder: str) -> None:
+    """RFC 7162 3.2 against either server: what each step must answer."""
+    assert _tagged(first.say("ENABLE QRESYNC")).startswith(b"OK")
+    selected = first.say(f"SELECT {folder}")
+    validity, highest = _uidvalidity(selected), _highest(selected)
+    listing = first.say("UID FETCH 1:* (FLAGS MODSEQ)")
+    uids = sorted(_modseqs(listing))
+    unread = [int(re.search(rb"UID (\d+)", line)[1]) for line in listing
+              if line.startswith(b"* ") and b"\\Seen" not in line]  # fmt: skip
+    read, gone = unread[-1], uids[0]
+    # another connection reads one message and expunges another
+    assert _tagged(second.say("ENABLE QRESYNC")).startswith(b"OK")
+    second.say(f"SELECT {folder}")
+    second.say(f"UID STORE {read} +FLAGS.SILENT (\\Seen)")
+    second.say(f"UID STORE {gone} +FLAGS.SILENT (\\Deleted)")
+    expunged = second.say("EXPUNGE")
+    assert _vanished(expunged, earlier=False) == {gone}, expunged
+    assert not any(line.endswith(b" EXPUNGE") for line in expunged), expunged
+    # the first resynchronises in one SELECT, after selecting another folder
+    first.say("EXAMINE INBOX")
+    again = first.say(f"SELECT {folder} (QRESYNC ({validity} {highest} 1:{uids[-1]}))")
+    assert again[0].startswith(b"* OK [CLOSED]"), again
+    assert gone in _vanished(again, earlier=True) and read not in _vanished(again, True)
+    changed = [line for line in again if line.startswith(b"* ") and b" FETCH " in line]
+    assert any(b"UID %d" % read in line and b"\\Seen" in line and b"MODSEQ" in line
+               for line in changed), again  # fmt: skip
+    fetched = first.say(f"UID FETCH 1:* (FLAGS) (CHANGEDSINCE {highest} VANISHED)")
+    assert gone in _vanished(fetched, earlier=True), fetched
+    assert set(_modseqs(fetched)) == {read}, fetched
+    # a bad QRESYNC parameter is BAD, and the connection goes on
+    assert _tagged(first.say(f"SELECT {folder} (QRESYNC (x))")).startswith(b"BAD")
+    assert _tagged(first.say("NOOP")).startswith(b"OK")
+
+
+def test_qresync_answers_as_dovecot_does(cell: dict[str, Any], dovecot: tuple[str, int]) -> None:
+    address = cell["ready"]["imap"]
+    talks = [Conversation(address["host"], address["port"]) for _ in range(2)]
+    try:
+        for talk in talks:
+            assert _tagged(talk.say(f'LOGIN "u2@{DOMAIN}" "{_token(cell)}"')).startswith(b"OK")
+        assert b"QRESYNC" in b" ".join(talks[0].say("CAPABILITY")).split()
+        _qresync_script(*talks, "Other")
+    finally:
+        for talk in talks:
+            talk.close()
+    theirs = [Conversation(*dovecot) for _ in range(2)]
+    try:
+        _qresync_script(*theirs, "INBOX")
+    finally:
+        for talk in theirs:
+            talk.close()

@@ -20,10 +20,10 @@ pymap 0.36 has none of it; `apply()` adds, in pymap's own terms:
 - SEARCH MODSEQ n (the messages changed at n or later), answered with
   `(MODSEQ highest)` of the messages found;
 - once CONDSTORE is enabled (by ENABLE or any command above, RFC 7162 3.1),
-  every FETCH answer that gives FLAGS, asked for or not, gives MODSEQ too.
+  every FETCH answer that gives FLAGS, asked for or not, gives UID and MODSEQ too.
 
 `enabled(state)` says whether a connection enabled CONDSTORE (the fast FETCH
-path leaves such connections to pymap). QRESYNC is not offered.
+path leaves such connections to pymap). QRESYNC builds on this (`qresync`).
 
 May import: pymap, and the folder view's `highest_modseq` and messages'
 `modseq` (pyserver.imap.folders) by duck typing; nothing of the app servers.
@@ -48,12 +48,13 @@ from pymap.parsing.specials.fetchattr import FetchValue
 from pymap.parsing.specials.statusattr import StatusAttribute
 from pymap.search import SearchCriteria, SearchParams
 
-__all__ = ["EnableCommand", "apply", "commands", "enabled"]
+__all__ = ["EnableCommand", "apply", "changes_since", "commands", "enable", "enabled", "view_of"]
 
 CAPABILITIES = [b"ENABLE", b"CONDSTORE"]
 _MODSEQ = b"MODSEQ"
 _MODSEQ_ATTR = FetchAttribute(_MODSEQ)
 _FLAGS_ATTR = FetchAttribute(b"FLAGS")
+_UID_ATTR = FetchAttribute(b"UID")
 _ENABLED = "pyserver_condstore"
 
 
@@ -110,17 +111,36 @@ def enabled(state: Any) -> bool:
     return bool(getattr(state, _ENABLED, False))
 
 
-def _enable(state: ConnectionState) -> None:
+def enable(state: ConnectionState) -> None:
+    """Enable CONDSTORE on the connection."""
     setattr(state, _ENABLED, True)
 
 
-async def _view(state: ConnectionState, name: str | None = None) -> Any:
+async def view_of(state: ConnectionState, name: str | None = None) -> Any:
     """The folder view (pyserver.imap.folders.FolderView) named, or the selected one,
     read again."""
     folders = state.session.mailbox_set
     view = await folders.get_mailbox(name if name is not None else state.selected.lookup)
     await view.refresh()
     return view
+
+
+def changes_since(view: Any, selected: Any, modseq: int) -> list[FetchResponse]:
+    """`* n FETCH (UID u FLAGS (...) MODSEQ (m))` of each message of the selected folder
+    changed after `modseq`, by sequence number."""
+    session_flags = selected.session_flags
+    found = []
+    for seq, uid in enumerate(selected.messages._sorted, 1):
+        message = view.current(uid)
+        if message is None or message.modseq <= modseq:
+            continue
+        values = [
+            FetchValue.of(_UID_ATTR, Number(uid)),
+            FetchValue.of(_FLAGS_ATTR, List(message.get_flags(session_flags), sort=True)),
+            FetchValue.of(_MODSEQ_ATTR, List([Number(message.modseq)])),
+        ]
+        found.append(FetchResponse(seq, values))
+    return found
 
 
 def _highest(view: Any) -> int:
@@ -169,15 +189,15 @@ def apply() -> None:
     async def do_enable(self: ConnectionState, cmd: EnableCommand) -> Any:
         response = ResponseOk(cmd.tag, b"ENABLE completed.")
         if b"CONDSTORE" in cmd.names:
-            _enable(self)
+            enable(self)
             response.add_untagged(UntaggedResponse(b"ENABLED CONDSTORE"))
         return response, None
 
     async def do_select(self: ConnectionState, cmd: Any) -> Any:
         if cmd.options.has(b"CONDSTORE"):
-            _enable(self)
+            enable(self)
         response, updates = await originals["do_select"](self, cmd)
-        view = await _view(self, cmd.mailbox)
+        view = await view_of(self, cmd.mailbox)
         code = ResponseCode.of(b"HIGHESTMODSEQ %d" % _highest(view))
         response.add_untagged_ok(b"Highest", code)
         return response, updates
@@ -186,10 +206,10 @@ def apply() -> None:
         asked = [a for a in cmd.status_list if a.value == b"HIGHESTMODSEQ"]
         if not asked:
             return await originals["do_status"](self, cmd)
-        _enable(self)
+        enable(self)
         cmd.status_list = [a for a in cmd.status_list if a.value != b"HIGHESTMODSEQ"]
         response, updates = await originals["do_status"](self, cmd)
-        view = await _view(self, cmd.mailbox)
+        view = await view_of(self, cmd.mailbox)
         for untagged in response._untagged:
             if isinstance(untagged, StatusResponse):
                 untagged.data = {**untagged.data, asked[0]: Number(_highest(view))}
@@ -203,11 +223,11 @@ def apply() -> None:
         asks = any(attr.value == _MODSEQ for attr in cmd.attributes)
         if since is None and not asks:
             return await originals["do_fetch"](self, cmd)
-        _enable(self)
+        enable(self)
         if not asks:
             cmd.attributes = [*cmd.attributes, _MODSEQ_ATTR]
         if since is not None:
-            view = await _view(self)
+            view = await view_of(self)
             changed = [
                 (seq, m) for seq, m in _current(self, view, cmd.sequence_set) if m.modseq > since
             ]
@@ -223,8 +243,8 @@ def apply() -> None:
             return ResponseBad(cmd.tag, str(error).encode()), None
         if since is None:
             return await originals["do_store"](self, cmd)
-        _enable(self)
-        view = await _view(self)
+        enable(self)
+        view = await view_of(self)
         current = _current(self, view, cmd.sequence_set)
         modified = [(seq, m) for seq, m in current if m.modseq > since]
         kept = [(seq, m) for seq, m in current if m.modseq <= since]
@@ -241,9 +261,9 @@ def apply() -> None:
     async def do_search(self: ConnectionState, cmd: Any) -> Any:
         if not any(_names_modseq(key) for key in cmd.keys):
             return await originals["do_search"](self, cmd)
-        _enable(self)
+        enable(self)
         response, updates = await originals["do_search"](self, cmd)
-        view = await _view(self)
+        view = await view_of(self)
         for index, untagged in enumerate(response._untagged):
             if not isinstance(untagged, SearchResponse) or not list(untagged.seqs):
                 continue
@@ -270,8 +290,9 @@ def apply() -> None:
 
 
 def _with_modseqs(response: Any, selected: Any) -> None:
-    """MODSEQ in every FETCH answer that gives FLAGS (RFC 7162 3.2), by the message's
-    sequence number in the selected folder as it is after the command."""
+    """UID and MODSEQ in every FETCH answer that gives FLAGS (RFC 7162 3.1.2 asks it of
+    those a flag change causes; Dovecot gives MODSEQ only there, a client ignores it
+    elsewhere), by the message's sequence number in the folder after the command."""
     order = selected.messages._sorted
     cache = selected.messages._cache
     for untagged in getattr(response, "_untagged", ()):
@@ -282,8 +303,10 @@ def _with_modseqs(response: Any, selected: Any) -> None:
             continue
         if not 0 < untagged.seq <= len(order):
             continue
-        message = cache.get(order[untagged.seq - 1])
-        modseq = getattr(message, "modseq", 0)
+        uid = order[untagged.seq - 1]
+        modseq = getattr(cache.get(uid), "modseq", 0)
+        if b"UID" not in names:  # RFC 7162 3.1.2: UID and MODSEQ in every such answer
+            untagged.data[_UID_ATTR] = FetchValue.of(_UID_ATTR, Number(uid))
         untagged.data[_MODSEQ_ATTR] = FetchValue.of(_MODSEQ_ATTR, List([Number(modseq)]))
 
 

@@ -292,6 +292,10 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         return self._uid_validity
 
     @property
+    def uid_next(self) -> int:
+        return self._uid_next
+
+    @property
     def permanent_flags(self) -> frozenset[Flag]:
         return _PERMANENT
 

@@ -24,7 +24,7 @@ from pymap.parsing.commands import Commands
 
 from pyserver.app.auth import UserToken
 from pyserver.blobs.base import BlobStore
-from pyserver.imap import append, condstore, corrections, fastfetch, headerfields
+from pyserver.imap import append, condstore, corrections, fastfetch, headerfields, qresync
 from pyserver.imap.append import MailFiling
 from pyserver.imap.folders import AppServers
 from pyserver.imap.login import ImapLogin, Resolve, SignInGuard
@@ -41,6 +41,7 @@ corrections.apply()
 append.apply()
 headerfields.apply()
 condstore.apply()
+qresync.apply()
 fastfetch.apply()  # after condstore: it leaves CONDSTORE sessions to it
 
 
@@ -68,7 +69,7 @@ class _Config(IMAPConfig):
             idle=True,
             object_id=True,
             multi_append=False,
-            custom=[b"SPECIAL-USE", *condstore.CAPABILITIES],
+            custom=[b"SPECIAL-USE", *condstore.CAPABILITIES, *qresync.CAPABILITIES],
         )
 
     @property
