@@ -43,7 +43,7 @@ def _command(text: str, *, uid: bool = True) -> Any:
 def _state(*, readonly: bool = False, condstore_on: bool = False) -> Any:
     state = SimpleNamespace(selected=SimpleNamespace(readonly=readonly))
     if condstore_on:
-        condstore._enable(state)  # type: ignore[arg-type]
+        condstore.enable(state)  # type: ignore[arg-type]
     return state
 
 
