@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -138,6 +139,23 @@ def test_a_clusters_nodes_text_through_its_sms_gateway(tmp_path: Path, zookeeper
                 ]
                 mine = (await cluster.get_thread(1, sent["thread_id"]))["messages"][0]
                 assert mine["delivery"]["+15550001111"]["state"] == "delivered"
+                # the gateway's /metrics: the submits it answered, timed, and its texts
+                [sms] = [p for p in state["processes"] if p["role"] == "sms"]
+                url = f"http://{sms['metrics']}/metrics"
+                # the answer from the phone, filed (a reply to the text it got)
+                filed = re.compile(
+                    r'pyserver_sms_texts_total\{kind="(replies|texts_from_phones)"\} 1\.0'
+                )
+                for _ in range(100):  # counted once the text is filed: poll briefly
+                    text = await asyncio.to_thread(
+                        lambda: urllib.request.urlopen(url, timeout=10).read().decode()
+                    )
+                    if filed.search(text):
+                        break
+                    await asyncio.sleep(0.1)
+                assert 'pyserver_requests_total{code="OK",op="SMS_SUBMIT"} 1.0' in text, text
+                assert 'pyserver_request_seconds_count{op="SMS_SUBMIT"} 1.0' in text, text
+                assert filed.search(text), [line for line in text.splitlines() if "texts" in line]
             finally:
                 await cluster.close()
         finally:

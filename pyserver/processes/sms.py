@@ -21,6 +21,7 @@ from pyserver.addresses import parse_addresses, parse_host_port
 from pyserver.app.server import AppServer
 from pyserver.config import Config, ConfigError, load_config, short_codes
 from pyserver.discovery.client import ClusterRoute
+from pyserver.metrics import Metrics
 from pyserver.mta.route import SingleServerRoute
 from pyserver.processes.assembly import service_server
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
@@ -91,6 +92,9 @@ class SmsProcess:
         self.route: Any = None
         self.sms: SmsLink | None = None
         self.server: AppServer | None = None
+        # served on --http-port (processes.runtime): the SMS_SUBMITs it answers, timed, and
+        # its SMSC sessions' and texts' counters (pyserver_sms_*)
+        self.metrics = Metrics()
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
         config = self.config
@@ -108,7 +112,10 @@ class SmsProcess:
             [asyncio.ensure_future(s.bound.wait()) for s in sms.sessions], timeout=5.0
         )
         service = SmsService(sms.sender.send, sms.stats)
-        self.server = service_server(config, service, "sms-gateway", stats_section="sms")
+        self.metrics.watch_sms(sms.stats)
+        self.server = service_server(
+            config, service, "sms-gateway", stats_section="sms", observer=self.metrics
+        )
         return await self.server.start(host, port)
 
     async def stop(self) -> None:
