@@ -113,28 +113,30 @@ class _Answers(UntaggedResponse):
             store, user = source.store, source.user
             missing = [m.message_id for _, m in block if store.facts(user, m.message_id) is None]
             await source.prefetch(missing)
-        out: list[bytes] = []
+        out: list[bytes] = []  # the block's pieces, joined once (a body is copied once)
         for seq, message in block:
             facts = await source.facts(message) if wants_facts else None
-            items = []
+            out.append(b"* %d FETCH (" % seq)
+            separator = b""
             for name, prefix in zip(names, self._prefixes, strict=True):
+                out += (separator, prefix)
+                separator = b" "
                 if name == b"UID":
-                    value = b"%d" % message.uid
+                    out.append(b"%d" % message.uid)
                 elif name == b"FLAGS":
-                    value = self._flags_of(message)
+                    out.append(self._flags_of(message))
                 elif name == b"ENVELOPE":
-                    value = facts.envelope  # type: ignore[union-attr]
+                    out.append(facts.envelope)  # type: ignore[union-attr]
                 elif name == b"RFC822.SIZE":
-                    value = b"%d" % facts.size  # type: ignore[union-attr]
+                    out.append(b"%d" % facts.size)  # type: ignore[union-attr]
                 elif name == b"INTERNALDATE":
-                    value = bytes(DateTime(message.internal_date))
+                    out.append(bytes(DateTime(message.internal_date)))
                 else:  # the whole message
                     data = await _content(source, message.message_id)
-                    value = b"{%d}\r\n%b" % (len(data), data)
-                items.append(prefix + value)
-            if seq in self.extra:
-                items += self.extra[seq].values()
-            out.append(b"* %d FETCH (%b)\r\n" % (seq, b" ".join(items)))
+                    out += (b"{%d}\r\n" % len(data), data)
+            for item in self.extra.get(seq, {}).values():
+                out += (b" ", item)
+            out.append(b")\r\n")
         return b"".join(out)
 
     def _flags_of(self, message: Any) -> bytes:
