@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,22 @@ LIVE_USER = 1_000_000_001
 
 def _env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k != "PYSERVER_PURE"}
+
+
+def _children_cpu() -> float:
+    """CPU seconds (user and system) of this process's finished children so far."""
+    used = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return used.ru_utime + used.ru_stime
+
+
+def _cpu_figures(cpu_s: float, messages: int) -> dict[str, Any]:
+    """The import's own CPU (its processes', whatever else the machine runs), and the
+    machine's load when it ended: a busy machine stretches the wall time, not these."""
+    return {
+        "cpu_seconds": round(cpu_s, 2),
+        "cpu_us_per_msg": round(cpu_s * 1e6 / messages, 1) if messages else None,
+        "load_average_1m": round(os.getloadavg()[0], 2),
+    }
 
 
 def _import(args: list[str], data: Path) -> tuple[dict[str, Any], float]:
@@ -83,9 +100,11 @@ async def _seed_live_user(host: str, port: int, key: str) -> None:
 def _alone(root: Path, users: int, per_user: int) -> dict[str, Any]:
     corpus = generate(root / "corpus", users, per_user, seed=14, formats=("jsonl",))
     workers = str(os.cpu_count() or 1)
+    cpu_before = _children_cpu()
     report, seconds = _import(
         ["jsonl", corpus.paths["jsonl"], "--workers", workers], root / "alone"
     )
+    cpu = _cpu_figures(_children_cpu() - cpu_before, report["messages"])
     if report["messages"] != corpus.copies or report["rejected_count"]:
         raise RuntimeError(f"bench: the import lost messages: {report} vs {corpus.copies}")
     return {
@@ -95,6 +114,7 @@ def _alone(root: Path, users: int, per_user: int) -> dict[str, Any]:
         "bytes": report["bytes"],
         "seconds": round(seconds, 2),
         "import_msgs_per_s": round(report["messages"] / seconds),
+        **cpu,
     }
 
 
@@ -165,12 +185,14 @@ def _hbase(root: Path, users: int, per_user: int) -> dict[str, Any]:
         raise RuntimeError(f"bench: cluster up failed: {up.stderr[-2000:]}")
     try:
         started = time.perf_counter()
+        cpu_before = _children_cpu()
         done = subprocess.run(
             [sys.executable, "-m", "pyserver.cli", "import", "jsonl", corpus.paths["jsonl"],
              "--cluster", str(folder), "--json", "--quiet", "--jobs", "64"],
             env=_env(), capture_output=True, text=True, timeout=3600,
         )  # fmt: skip
         seconds = time.perf_counter() - started
+        cpu_s = _children_cpu() - cpu_before
         if done.returncode != 0:
             raise RuntimeError(f"bench: the HBase import failed: {done.stderr[-2000:]}")
         report = json.loads(done.stdout.strip().splitlines()[-1])
@@ -184,6 +206,9 @@ def _hbase(root: Path, users: int, per_user: int) -> dict[str, Any]:
         "messages": report["messages"],
         "seconds": round(seconds, 2),
         "import_hbase_msgs_per_s": round(report["messages"] / seconds),
+        # the command's own time, without the interpreter's start (the report's)
+        "import_seconds": report["seconds"],
+        **_cpu_figures(cpu_s, report["messages"]),
     }
 
 
