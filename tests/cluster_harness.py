@@ -9,11 +9,14 @@ with its key, until it is acknowledged or its deadline passes) and records
 every acknowledged message. `check_logs` then reads every user's log from the
 store: each acknowledged message must be in its sender's log and in each
 recipient's log exactly once, no message twice anywhere, no gap in any log.
+`zk_session` opens a ZooKeeper session on a test's chroot and `eventually` polls
+a condition (a function, plain or async) until it holds, as the cluster tests do.
 """
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import random
 import signal
@@ -31,6 +34,7 @@ import aiozk
 
 from pyserver import endpoints, logcodec
 from pyserver.cluster.cellclient import CellClient
+from pyserver.cluster.zk import ZooKeeper
 from pyserver.errors import PyserverError
 from pyserver.servicekey import load_or_create_service_key
 from pyserver.store.spec import open_store, parse_store_spec
@@ -191,6 +195,29 @@ async def _drop_tables(store: Any) -> None:
         await store.close()
     except Exception:  # cleanup only
         pass
+
+
+async def zk_session(zookeeper: str, chroot: str, session_timeout_s: float = 5.0) -> ZooKeeper:
+    """A started ZooKeeper session on the test's chroot (close it when done)."""
+    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=session_timeout_s)
+    await zk.start(10.0)
+    return zk
+
+
+async def eventually(check: Any, timeout_s: float, what: str, pause_s: float = 0.05) -> None:
+    """Poll `check()` (plain or async) until it is true; AssertionError naming `what` after
+    `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if loop.time() > deadline:
+            raise AssertionError(f"not within {timeout_s} s: {what}")
+        await asyncio.sleep(pause_s)
 
 
 async def remove_tree(servers: str, path: str) -> None:

@@ -32,7 +32,7 @@ from pyserver.discovery.directory import Directory
 from pyserver.processes.discovery import DiscoveryProcess
 from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.wire.ops import Op
-from tests.cluster_harness import REPO, Cluster, SendLoad
+from tests.cluster_harness import REPO, Cluster, SendLoad, eventually
 
 USERS = 40
 
@@ -59,15 +59,6 @@ async def _pyserver(*args: str, timeout_s: float = 120.0) -> tuple[int, str, str
     out, err = await asyncio.wait_for(process.communicate(), timeout_s)
     assert process.returncode is not None
     return process.returncode, out.decode(), err.decode()
-
-
-async def _eventually(check: Any, timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def test_disable_enable_and_evacuate_a_cell_under_load(tmp_path: Path, zookeeper: str) -> None:
@@ -115,7 +106,7 @@ def test_disable_enable_and_evacuate_a_cell_under_load(tmp_path: Path, zookeeper
                 await store.open()
             directory = Directory(opened["ca"])
             try:
-                await _eventually(
+                await eventually(
                     lambda: _async(discovery.service.cells.placeable() == ["ca", "cb"]),
                     20,
                     "discovery follows both cells",
@@ -124,7 +115,7 @@ def test_disable_enable_and_evacuate_a_cell_under_load(tmp_path: Path, zookeeper
                 status, out, err = await _pyserver("cell", "disable", "cb", *flags)
                 assert status == 0, err
                 assert "cell cb is disabled" in out
-                await _eventually(
+                await eventually(
                     lambda: _async(discovery.service.cells.placeable() == ["ca"]),
                     20,
                     "discovery hears cb is disabled",
@@ -143,7 +134,7 @@ def test_disable_enable_and_evacuate_a_cell_under_load(tmp_path: Path, zookeeper
                 # -- enable: it takes new users again (the fewest users: all go there)
                 status, out, err = await _pyserver("cell", "enable", "cb", *flags)
                 assert status == 0 and "cell cb is enabled" in out, err
-                await _eventually(
+                await eventually(
                     lambda: _async(discovery.service.cells.placeable() == ["ca", "cb"]),
                     20,
                     "discovery hears cb is enabled",

@@ -17,7 +17,7 @@ import contextlib
 import random
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,7 @@ from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests import support
-from tests.cluster_harness import Cluster, SendLoad, remove_tree
+from tests.cluster_harness import Cluster, SendLoad, eventually, remove_tree, zk_session
 
 run = partial(support.run, timeout=90.0)
 
@@ -64,26 +64,11 @@ def chroot(zookeeper: str) -> Iterator[str]:
     asyncio.run(remove_tree(zookeeper, path))
 
 
-async def _session(zookeeper: str, chroot: str) -> ZooKeeper:
-    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
-    await zk.start(10.0)
-    return zk
-
-
 async def _register(zk: ZooKeeper, cell: str, node_id: str, addr: str) -> None:
     """An app server's ephemeral record, without the app server (placement needs one)."""
     await zk.ensure_persistent(layout.nodes_path(cell))
     record = layout.NodeRecord(node_id, addr, 64)
     await zk.create(layout.node_path(cell, node_id), record.to_bytes(), ephemeral=True)
-
-
-async def _eventually(check: Callable[[], bool], timeout_s: float, what: str) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not check():
-        if loop.time() > deadline:
-            raise AssertionError(f"not within {timeout_s} s: {what}")
-        await asyncio.sleep(0.02)
 
 
 def _store_spec(engine: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
@@ -100,8 +85,8 @@ def test_new_users_go_to_the_enabled_cell_with_the_fewest_users(
     zookeeper: str, chroot: str, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
-        service_zk = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
+        service_zk = await zk_session(zookeeper, chroot)
         store = SQLiteStore(tmp_path / "directory.sqlite3")
         await store.open()
         directory = Directory(store)
@@ -129,7 +114,7 @@ def test_new_users_go_to_the_enabled_cell_with_the_fewest_users(
                 unknown = await service.execute(Op.LOOKUP, {"user": 99, "place": False})
                 assert unknown["cell"] is None and await store.get_cell(99) is None
                 await set_cell_record(zk, "c", state="disabled")
-                await _eventually(lambda: service.cells.placeable() == ["a"], 5, "c disabled")
+                await eventually(lambda: service.cells.placeable() == ["a"], 5, "c disabled")
                 assert (await service.execute(Op.LOOKUP, {"user": 7}))["cell"] == "a"
                 cells = (await service.execute(Op.CELLS, {}))["cells"]
                 assert sorted(cells) == ["a", "b", "c", "d"] and cells["b"]["state"] == "disabled"
@@ -153,7 +138,7 @@ def test_two_discovery_instances_placing_the_same_new_users_agree(
     users = range(1, 41)
 
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
         for cell in ("a", "c"):
             await set_cell_record(zk, cell)
             await _register(zk, cell, "n1", "127.0.0.1:9")
@@ -165,7 +150,7 @@ def test_two_discovery_instances_placing_the_same_new_users_agree(
                 stores.append(store)
                 directories.append(Directory(store))
                 services.append(
-                    DiscoveryService(await _session(zookeeper, chroot), directories[-1])
+                    DiscoveryService(await zk_session(zookeeper, chroot), directories[-1])
                 )
                 await services[-1].start()
             # each instance believes the other cell is the emptier one: they would disagree
@@ -206,8 +191,8 @@ def test_a_frozen_user_is_held_and_acknowledged_after_its_writes(
     zookeeper: str, chroot: str
 ) -> None:
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
-        node_zk = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
+        node_zk = await zk_session(zookeeper, chroot)
         quiesced: list[int] = []
 
         async def on_frozen(user: int) -> None:
@@ -218,9 +203,9 @@ def test_a_frozen_user_is_held_and_acknowledged_after_its_writes(
         try:
             assert await watch.start() == frozenset()
             await freeze.freeze_user(zk, "a", 42, "b")
-            await _eventually(lambda: watch.holds(42), 5, "user 42 held")
+            await eventually(lambda: watch.holds(42), 5, "user 42 held")
             assert await freeze.acknowledgements(zk, "a", 42) in (set(), {"n1"})
-            await _eventually(lambda: quiesced == [42], 5, "user 42 quiesced")
+            await eventually(lambda: quiesced == [42], 5, "user 42 quiesced")
             for _ in range(100):
                 if await freeze.acknowledgements(zk, "a", 42) == {"n1"}:
                     break
@@ -230,7 +215,7 @@ def test_a_frozen_user_is_held_and_acknowledged_after_its_writes(
             records = await freeze.read_frozen(zk, "a")
             assert records[42]["state"] == "moved" and records[42]["to"] == "b"
             assert await freeze.thaw_user(zk, "a", 42)
-            await _eventually(lambda: not watch.holds(42), 5, "user 42 thawed")
+            await eventually(lambda: not watch.holds(42), 5, "user 42 thawed")
             assert not await freeze.thaw_user(zk, "a", 42)
         finally:
             await watch.close()
@@ -249,8 +234,8 @@ def test_finished_moves_stay_held_out_of_the_list_of_moves_under_way(
     a tombstone removed (a move back) lets the user go."""
 
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
-        node_zk = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
+        node_zk = await zk_session(zookeeper, chroot)
         seen: list[frozenset[int]] = []
         watch = freeze.FreezeWatch(node_zk, "a", "n1")
         watch.subscribe(lambda _changed: seen.append(watch.users))
@@ -259,7 +244,7 @@ def test_finished_moves_stay_held_out_of_the_list_of_moves_under_way(
         try:
             await watch.start()
             await freeze.freeze_users(zk, "a", dict.fromkeys(users, "b"))
-            await _eventually(lambda: all(map(watch.holds, users)), 5, "the users held")
+            await eventually(lambda: all(map(watch.holds, users)), 5, "the users held")
             for user in users:
                 for _ in range(250):
                     if await freeze.acknowledgements(zk, "a", user) == {"n1"}:
@@ -269,15 +254,15 @@ def test_finished_moves_stay_held_out_of_the_list_of_moves_under_way(
             await freeze.mark_all_moved(zk, "a", dict.fromkeys(users, "b"))
             assert await zk.get_children(freeze.frozen_path("a")) == []
             assert sorted(map(int, await zk.get_children(freeze.moved_path("a")))) == users
-            await _eventually(lambda: watch.moved == frozenset(users), 5, "moved away")
+            await eventually(lambda: watch.moved == frozenset(users), 5, "moved away")
             first = next(i for i, held in enumerate(seen) if set(users) <= held)
             assert all(set(users) <= held for held in seen[first:]), "let go mid-move"
             later = freeze.FreezeWatch(node_zk, "a", "n2")
             assert await later.start() == frozenset(users)
             # a move back to cell a removes its tombstone: the user is served here again
             assert await freeze.thaw_user(zk, "a", users[0])
-            await _eventually(lambda: not watch.holds(users[0]), 5, "the tombstone let go")
-            await _eventually(lambda: not later.holds(users[0]), 5, "the tombstone let go")
+            await eventually(lambda: not watch.holds(users[0]), 5, "the tombstone let go")
+            await eventually(lambda: not later.holds(users[0]), 5, "the tombstone let go")
             assert all(map(watch.holds, users[1:]))
         finally:
             if later is not None:
@@ -341,7 +326,7 @@ def test_the_cluster_client_routes_by_discovery_and_follows_not_owner(
                 cluster.start("n3")  # the client's ring is stale now
                 await round_of_sends("second")
                 assert client.router.errors["NOT_OWNER"] > 0, "users of n3 were redirected"
-                await _eventually(
+                await eventually(
                     lambda: len(process.service.cells.cells["c1"].view.active) == 3, 5, "3 nodes"
                 )
                 ring = await client.ring_of("c1", refresh=True)
@@ -374,12 +359,12 @@ def test_the_cluster_client_follows_a_restarted_discovery_instance(
         async def scenario() -> None:
             process = await _discovery(cluster, tmp_path, cluster.store)
             address = _address(process)
-            zk = await _session(zookeeper, cluster.chroot)
+            zk = await zk_session(zookeeper, cluster.chroot)
             client = await ClusterClient.connect([address], cluster.key, request_timeout=20.0)
             try:
                 for state in ("disabled", "enabled") * 4:  # the instance counts versions up
                     await set_cell_record(zk, "c1", state=state)
-                    await _eventually(
+                    await eventually(
                         lambda s=state: process.service.cells.cells["c1"].view.cell_state == s,
                         5,
                         state,
@@ -472,7 +457,7 @@ def test_users_moved_between_cells_under_load_keep_every_message(
     async def prepare() -> DiscoveryProcess:
         store = open_store(parse_store_spec(other, tmp_path))
         await store.create_tables()
-        zk = await _session(zookeeper, cluster.chroot)
+        zk = await zk_session(zookeeper, cluster.chroot)
         for cell, spec in stores.items():
             await set_cell_record(zk, cell, store=spec)
         await zk.close()
@@ -494,7 +479,7 @@ def test_users_moved_between_cells_under_load_keep_every_message(
             }
             for store in opened.values():
                 await store.open()
-            zk = await _session(zookeeper, cluster.chroot)
+            zk = await zk_session(zookeeper, cluster.chroot)
             directory = Directory(opened["ca"])
             load = SendLoad(_RoutedLoad(client), users=len(users), workers=4, pause_s=0.01)  # type: ignore[arg-type]
             try:

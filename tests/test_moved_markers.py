@@ -33,7 +33,7 @@ from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.store.sqlite import SQLiteStore
 from pyserver.wire.ops import Op
 from tests import support
-from tests.cluster_harness import Cluster, remove_tree
+from tests.cluster_harness import Cluster, eventually, remove_tree, zk_session
 
 run = partial(support.run, timeout=90.0)
 GRACE_S = 0.5
@@ -45,20 +45,6 @@ def chroot(zookeeper: str) -> Iterator[str]:
     path = f"/pyserver-test-moved-{uuid.uuid4().hex[:10]}"
     yield path
     asyncio.run(remove_tree(zookeeper, path))
-
-
-async def _session(zookeeper: str, chroot: str) -> ZooKeeper:
-    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
-    await zk.start(10.0)
-    return zk
-
-
-async def _until(check, timeout_s: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout_s
-    while not await check():
-        assert loop.time() < deadline, f"not within {timeout_s} s: {what}"
-        await asyncio.sleep(0.05)
 
 
 class Discovery:
@@ -73,7 +59,7 @@ class Discovery:
         await self.store.open()
 
     async def start(self) -> DiscoveryService:
-        zk = await _session(self.zookeeper, self.chroot)
+        zk = await zk_session(self.zookeeper, self.chroot)
         service = DiscoveryService(
             zk, Directory(self.store), moved_grace_s=GRACE_S, moved_sweep_s=SWEEP_S
         )
@@ -108,7 +94,7 @@ def test_a_marker_every_instance_has_seen_is_removed(
     zookeeper: str, chroot: str, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
         discovery = Discovery(zookeeper, chroot, tmp_path)
         try:
             await _prepare(zk)
@@ -124,7 +110,7 @@ def test_a_marker_every_instance_has_seen_is_removed(
             await discovery.store.set_cell(42, "b")
             # Both instances record that they saw it; once they have, and the grace period
             # is over, one of them removes it.
-            await _until(lambda: _gone(zk, 42), 20, "the moved marker removed")
+            await eventually(lambda: _gone(zk, 42), 20, "the moved marker removed")
             assert first.moved.removed + second.moved.removed == 1
             assert 43 in await _listed(zk, "a")
             # `first` dropped its cached cell when it saw the move: it answers the new one.
@@ -146,8 +132,8 @@ def test_a_live_instance_that_has_not_seen_the_move_keeps_the_marker(
     zookeeper: str, chroot: str, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
-        silent = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
+        silent = await zk_session(zookeeper, chroot)
         discovery = Discovery(zookeeper, chroot, tmp_path)
         try:
             await _prepare(zk)
@@ -160,7 +146,7 @@ def test_a_live_instance_that_has_not_seen_the_move_keeps_the_marker(
             seen_by_service = f"{SEEN_PREFIX}{service.moved.instance_id}"
             for user in (7, 8):
                 path = freeze.moved_user_path("a", user)
-                await _until(
+                await eventually(
                     lambda path=path: _has_child(zk, path, seen_by_service), 20, "seen recorded"
                 )
             await asyncio.sleep(GRACE_S + 10 * SWEEP_S)
@@ -169,11 +155,11 @@ def test_a_live_instance_that_has_not_seen_the_move_keeps_the_marker(
             await silent.create(
                 f"{freeze.moved_user_path('a', 7)}/{SEEN_PREFIX}silent", ephemeral=True
             )
-            await _until(lambda: _gone(zk, 7), 20, "user 7's marker removed")
+            await eventually(lambda: _gone(zk, 7), 20, "user 7's marker removed")
             assert 8 in await _listed(zk, "a")
             # It dies: it holds nothing cached any more, so it no longer counts.
             await silent.close()
-            await _until(lambda: _gone(zk, 8), 30, "user 8's marker removed")
+            await eventually(lambda: _gone(zk, 8), 30, "user 8's marker removed")
         finally:
             await discovery.close()
             await silent.close()
@@ -190,7 +176,7 @@ def test_an_instance_on_a_new_session_forgets_every_cached_cell(
     zookeeper: str, chroot: str, tmp_path: Path
 ) -> None:
     async def scenario() -> None:
-        zk = await _session(zookeeper, chroot)
+        zk = await zk_session(zookeeper, chroot)
         discovery = Discovery(zookeeper, chroot, tmp_path)
         try:
             await _prepare(zk)
@@ -224,7 +210,7 @@ def test_the_old_cell_refuses_a_stale_route_once_the_marker_is_gone(
     try:
 
         async def prepare() -> DiscoveryProcess:
-            zk = await _session(zookeeper, cluster.chroot)
+            zk = await zk_session(zookeeper, cluster.chroot)
             for cell, spec in stores.items():
                 await set_cell_record(zk, cell, store=spec)
             await zk.close()
@@ -256,7 +242,7 @@ def test_the_old_cell_refuses_a_stale_route_once_the_marker_is_gone(
             opened = {cell: open_store(parse_store_spec(s, tmp_path)) for cell, s in stores.items()}
             for store in opened.values():
                 await store.open()
-            zk = await _session(zookeeper, cluster.chroot)
+            zk = await zk_session(zookeeper, cluster.chroot)
             for user in (5, 6):
                 await opened["ca"].set_cell(user, "ca")  # ca's store is the directory
             host, port = old_addr.rsplit(":", 1)
@@ -267,7 +253,7 @@ def test_the_old_cell_refuses_a_stale_route_once_the_marker_is_gone(
                 report = await move_user(zk, Directory(opened["ca"]), opened, 5, "cb")
                 assert (report.source, report.target) == ("ca", "cb")
                 old_seq = await opened["ca"].last_seq(5)
-                await _until(lambda: _gone_from(zk, "ca", 5), 30, "the moved marker removed")
+                await eventually(lambda: _gone_from(zk, "ca", 5), 30, "the moved marker removed")
                 # ca's node lets user 5 go once it has read that the marker is gone (within a
                 # second), yet refuses it: it lives in cb. It is refused all along.
 
@@ -276,7 +262,7 @@ def test_the_old_cell_refuses_a_stale_route_once_the_marker_is_gone(
                         await stale.send(5, [6], "to the old cell", key="k2")
                     return "lives in cell cb" in str(refused.value)
 
-                await _until(refused_as_elsewhere, 10, "refused as living in cell cb")
+                await eventually(refused_as_elsewhere, 10, "refused as living in cell cb")
                 with pytest.raises(Unavailable, match="lives in cell cb"):
                     await stale.list_threads(5)
                 # Through discovery the user is served, in its new cell.
