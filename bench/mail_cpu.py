@@ -1,0 +1,54 @@
+"""`python -m bench.mail_cpu [MAILS] [ROUNDS]`: CPU per small mail of the receiving process,
+the MTA proxy beside a bare aiosmtpd sink, both fed by Postfix's smtp-source (32 sessions,
+300-byte body) in alternating rounds on a fresh `pyserver run` cell.
+
+Rates on a shared, loaded machine swing with the load; the CPU a receiver spends per mail
+(its /proc utime + stime over a round) is steadier, and says how much of the sink's
+budget the proxy's own work takes. Prints one JSON line per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from bench.mail import _aiosmtpd_sink, _cell, _source
+
+
+def _cpu_s(pid: int) -> tuple[float, float]:
+    """(user + system, system) seconds of a process so far."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / tick, int(fields[12]) / tick
+
+
+def _listener(port: int) -> int:
+    """The pid of the process listening on a loopback port."""
+    shown = subprocess.run(["ss", "-ltnpH", f"sport = :{port}"], capture_output=True,
+                           text=True, check=True).stdout  # fmt: skip
+    return int(shown.split("pid=")[1].split(",")[0])
+
+
+def main(mails: int = 2000, rounds: int = 2) -> None:
+    with _cell() as (_, _, smtp_port, _), _aiosmtpd_sink() as sink_port:
+        _source(smtp_port, 100, 300)  # warm up
+        receivers = {"pyserver": smtp_port, "aiosmtpd_sink": sink_port}
+        pids = {name: _listener(port) for name, port in receivers.items()}
+        for _ in range(rounds):
+            line = {}
+            for name, port in receivers.items():
+                before = _cpu_s(pids[name])
+                seconds = _source(port, mails, 300)
+                after = _cpu_s(pids[name])
+                line[f"{name}_per_s"] = round(mails / seconds, 1)
+                line[f"{name}_cpu_ms"] = round((after[0] - before[0]) / mails * 1e3, 2)
+                line[f"{name}_sys_ms"] = round((after[1] - before[1]) / mails * 1e3, 2)
+            line["rate_ratio"] = round(line["pyserver_per_s"] / line["aiosmtpd_sink_per_s"], 3)
+            print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main(*(int(arg) for arg in sys.argv[1:3]))
