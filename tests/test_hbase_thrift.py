@@ -30,6 +30,7 @@ from pyserver.store.base import LogAppend, StoreUnavailable
 from pyserver.store.hbase import HBaseStore
 from pyserver.store.hbase_pool import ThriftPool
 from pyserver.store.hbase_thrift import _Incomplete, decode_reply, encode_call
+from tests.support.relay import Relay
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -214,45 +215,9 @@ def test_calls_answer_and_the_gateway_s_exceptions_are_raised(
     asyncio.run(body())
 
 
-class CuttingRelay:
-    """A TCP relay to the gateway that can be cut (every connection closed, none accepted)."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self._target = target
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self.port = 0
-
-    async def start(self) -> None:
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
-
-    async def cut(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.close()
-        await self._server.wait_closed()
-        self._server = None
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        up_reader, up_writer = await asyncio.open_connection(*self._target)
-        self._writers |= {writer, up_writer}
-
-        async def pipe(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
-            with contextlib.suppress(OSError):
-                while data := await source.read(1 << 16):
-                    sink.write(data)
-                    await sink.drain()
-            sink.close()
-
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-        self._writers -= {writer, up_writer}
-
-
 @contextlib.asynccontextmanager
-async def relayed_store(target: tuple[str, int]) -> AsyncIterator[tuple[HBaseStore, CuttingRelay]]:
-    relay = CuttingRelay(target)
+async def relayed_store(target: tuple[str, int]) -> AsyncIterator[tuple[HBaseStore, Relay]]:
+    relay = Relay(target)
     await relay.start()
     namespace = fresh_namespace(*target)
     store = HBaseStore("127.0.0.1", relay.port, namespace=namespace, timeout_s=5, pool_size=4)

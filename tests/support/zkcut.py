@@ -1,8 +1,9 @@
 """A TCP relay in front of a real ZooKeeper that can cut a client's connections at the
 moments that matter to a reconnection.
 
-`ZooKeeperCut(target)` listens on a free loopback port and relays every connection
-to `target` ("host:port"). Besides plain relaying it can be told, once each:
+`ZooKeeperCut(target)` is a `tests.support.relay.Relay` to `target` ("host:port"):
+it listens on a free loopback port (`address`) and relays every connection.
+Besides plain relaying it can be told, once each:
 
 * `cut_after_connect()`: the next session connection is relayed up to and with
   its ConnectRequest and the server's answer, then closed when the client sends
@@ -26,41 +27,23 @@ import asyncio
 import contextlib
 import struct
 
+from tests.support.relay import Relay
+
 __all__ = ["ZooKeeperCut"]
 
 _FOUR_LETTER = b"srvr"
 
 
-class ZooKeeperCut:
+class ZooKeeperCut(Relay):
     """A relay to one ZooKeeper (see the module docstring); `async with` starts and stops it."""
 
     def __init__(self, target: str) -> None:
-        host, _, port = target.rpartition(":")
-        self._target = (host, int(port))
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-        self._tasks: set[asyncio.Task[None]] = set()
+        super().__init__(target)
         self._cut_after_connect = False
         self._refuse_connect = False
         self.hold = False
         self.held = 0
         self.cuts = 0
-        self.address = ""
-
-    async def __aenter__(self) -> ZooKeeperCut:
-        self._server = await asyncio.start_server(self._relay, "127.0.0.1", 0)
-        port = self._server.sockets[0].getsockname()[1]
-        self.address = f"127.0.0.1:{port}"
-        return self
-
-    async def __aexit__(self, *_exc: object) -> None:
-        assert self._server is not None
-        self._server.close()
-        self.drop_all()
-        for task in list(self._tasks):
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self._server.wait_closed()
 
     def cut_after_connect(self) -> None:
         self._cut_after_connect = True
@@ -68,42 +51,17 @@ class ZooKeeperCut:
     def refuse_next_connect(self) -> None:
         self._refuse_connect = True
 
-    def drop_all(self) -> None:
-        for writer in list(self._writers):
-            writer.transport.abort()
-        self._writers.clear()
-
-    async def _relay(
+    async def _accept(
         self, client_in: asyncio.StreamReader, client_out: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._tasks.add(task)
-        server_out: asyncio.StreamWriter | None = None
-        if self.hold:
-            self.held += 1
-            self._writers.add(client_out)
-            with contextlib.suppress(OSError):
-                while await client_in.read(65_536):
-                    pass  # read and never answer
-            client_out.transport.abort()
-            self._tasks.discard(task)
-            return
-        try:
-            server_in, server_out = await asyncio.open_connection(*self._target)
-            self._writers.update((client_out, server_out))
-            back = asyncio.create_task(self._pump(server_in, client_out))
-            self._tasks.add(back)
-            back.add_done_callback(self._tasks.discard)
-            await self._client_to_server(client_in, server_out, client_out)
-        except (OSError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            for writer in (client_out, server_out):
-                if writer is not None:
-                    writer.transport.abort()
-                    self._writers.discard(writer)
-            self._tasks.discard(task)
+    ) -> bool:
+        if not self.hold:
+            return True
+        self.held += 1
+        self._writers.add(client_out)
+        with contextlib.suppress(OSError):
+            while await client_in.read(65_536):
+                pass  # read and never answer
+        return False
 
     async def _client_to_server(
         self,
@@ -133,11 +91,3 @@ class ZooKeeperCut:
             server_out.write(head + body)
             await server_out.drain()
             head = await client_in.readexactly(4)
-
-    @staticmethod
-    async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
-            while chunk := await reader.read(65_536):
-                writer.write(chunk)
-                await writer.drain()
-        writer.transport.abort()
