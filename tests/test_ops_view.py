@@ -10,6 +10,7 @@ percentile arithmetic is checked on its own first (pure logic).
 from __future__ import annotations
 
 import base64
+import imaplib
 import json
 import os
 import shutil
@@ -193,6 +194,13 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
         web_address = next(p for p in processes if p["role"] == "web")["address"]
         for _ in range(3):
             assert _get(f"http://{web_address}/login")[0] == 200
+        imap_host, imap_port = next(p for p in processes if p["role"] == "imap")["address"].rsplit(
+            ":", 1
+        )
+        with imaplib.IMAP4(imap_host, int(imap_port), timeout=30) as imap:  # CAPABILITY at once
+            assert imap.noop()[0] == "OK"
+            with pytest.raises(imaplib.IMAP4.error):
+                imap.xatom("XYZZY")  # BAD
         disabled = _pyserver("cell", "disable", "cell-2", "--cluster", str(folder))
         assert disabled.returncode == 0, disabled.stderr
 
@@ -233,6 +241,8 @@ def test_cells_view_ops_page_and_prometheus_on_a_running_cluster(
         assert rcpt["count"] >= 1 and rcpt["p99_ms"] is not None
         assert services["mta"]["errors_by_code"].get("SMTP_5XX", 0) >= 1
         assert services["web"]["ops"]["GET /login"]["count"] >= 3
+        assert services["imap"]["ops"]["IMAP NOOP"]["count"] >= 1
+        assert services["imap"]["errors_by_code"].get("IMAP_BAD", 0) >= 1
         # where the time goes: the slowest operations and store calls, across the cluster
         ranked = report["slowest"]
         assert ranked["operations"] and ranked["store_calls"]

@@ -7,5 +7,5 @@ read from the app servers (`folders`), and each message as RFC 5322 bytes
 `gateway.ImapGateway` listens. docs/imap.md says what maps to what.
 
 May import: pyserver.errors, pyserver.client, pyserver.app, pyserver.servicekey,
-pyserver.wire, pyserver.userid, pyserver.blobs, pyserver.mta.
+pyserver.wire, pyserver.userid, pyserver.blobs, pyserver.mta, pyserver.metrics.
 """

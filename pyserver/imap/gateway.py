@@ -26,8 +26,10 @@ from pyserver.app.auth import UserToken
 from pyserver.blobs.base import BlobStore
 from pyserver.imap import append, condstore, corrections, fastfetch, headerfields, qresync
 from pyserver.imap.append import MailFiling
+from pyserver.imap.commandclock import CommandClock
 from pyserver.imap.folders import AppServers
 from pyserver.imap.login import ImapLogin, Resolve, SignInGuard
+from pyserver.metrics import Metrics
 from pyserver.mta.intake import MtaSettings
 from pyserver.servicekey import ServiceKey
 
@@ -88,8 +90,9 @@ class _ResponseWriter:
     line as it arrives (imapclient in IDLE) could see half a line. The pieces are kept
     until pymap drains the writer, which it does after every response."""
 
-    def __init__(self, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, writer: asyncio.StreamWriter, clock: CommandClock | None) -> None:
         self._writer = writer
+        self._clock = clock
         self._pending: list[bytes] = []
 
     def write(self, data: bytes) -> None:
@@ -97,8 +100,11 @@ class _ResponseWriter:
 
     def _send(self) -> None:
         if self._pending:
-            self._writer.write(b"".join(self._pending))
+            data = b"".join(self._pending)
+            self._writer.write(data)
             self._pending.clear()
+            if self._clock is not None:
+                self._clock.sent(data)
 
     async def drain(self) -> None:
         self._send()
@@ -130,8 +136,10 @@ class _BoundedReader:
         max_literal: int,
         literal_timeout_s: float,
         line_timeout_s: float,
+        clock: CommandClock | None = None,
     ) -> None:
         self._reader = reader
+        self._clock = clock
         self._max_literal = max_literal
         self._literal_timeout_s = literal_timeout_s
         self._line_timeout_s = line_timeout_s
@@ -139,9 +147,12 @@ class _BoundedReader:
     async def readline(self) -> bytes:
         try:
             async with asyncio.timeout(self._line_timeout_s):
-                return await self._reader.readline()
+                line = await self._reader.readline()
         except (TimeoutError, ValueError) as exc:  # ValueError: a line over the limit
             raise ConnectionError(f"imap: command line refused: {exc!r}") from None
+        if self._clock is not None:
+            self._clock.command_read(line)
+        return line
 
     async def readexactly(self, size: int) -> bytes:
         if size > self._max_literal:
@@ -174,8 +185,10 @@ class ImapGateway:
         idle_timeout_s: float = 1800.0,
         max_connections_per_peer: int = 64,
         blobs: BlobStore | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.tls = tls
+        self.metrics = metrics  # each command timed there (`commandclock`) when given
         self._max_message_bytes = max_message_bytes
         self._limits = {
             "max_literal": max_message_bytes + (64 << 10),
@@ -229,8 +242,9 @@ class ImapGateway:
                 return
             self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
             try:
-                guarded = _BoundedReader(reader, **self._limits)
-                await imap(guarded, _ResponseWriter(writer), info)  # type: ignore[arg-type]
+                clock = CommandClock(self.metrics) if self.metrics is not None else None
+                guarded = _BoundedReader(reader, **self._limits, clock=clock)
+                await imap(guarded, _ResponseWriter(writer, clock), info)  # type: ignore[arg-type]
             finally:
                 self._per_peer[peer] -= 1
                 if not self._per_peer[peer]:

@@ -18,6 +18,7 @@ from pyserver.config import Config, load_config
 from pyserver.imap.folders import AppServers
 from pyserver.imap.gateway import ImapGateway
 from pyserver.imap.login import Resolve
+from pyserver.metrics import Metrics
 from pyserver.processes.frontend import FrontEnd, add_frontend_arguments, frontend_overrides
 from pyserver.processes.runtime import add_service_arguments, configure_logging, run, serve_service
 from pyserver.servicekey import ServiceKey
@@ -35,6 +36,7 @@ def imap_gateway(
     resolve: Resolve,
     revocations: Revocations,
     blobs: BlobStore | None = None,
+    metrics: Metrics | None = None,
 ) -> ImapGateway:
     """The IMAP gateway `config` sets up, in front of `servers` (`pyserver imap`,
     `pyserver run`)."""
@@ -47,6 +49,7 @@ def imap_gateway(
         tls=config.public_tls(),
         max_message_bytes=config.max_mail_bytes,
         blobs=blobs,
+        metrics=metrics,
     )
 
 
@@ -58,6 +61,7 @@ class ImapProcess:
         self.frontend = FrontEnd(config, server)
         self.gateway: ImapGateway | None = None
         self.blobs = blob_store_for(config)  # where APPENDed mail is kept
+        self.metrics = Metrics()  # each IMAP command timed: its /metrics
         self._implicit = ""
 
     async def start(self, host: str, port: int) -> tuple[str, int]:
@@ -71,6 +75,7 @@ class ImapProcess:
             resolve=self.frontend.store.resolve_address,
             revocations=self.frontend.revocations,
             blobs=self.blobs,
+            metrics=self.metrics,
         )
         if config.imaps_port >= 0:
             implicit_host, implicit_port = await self.gateway.start_implicit(
