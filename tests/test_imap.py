@@ -17,7 +17,7 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
 from typing import Any
@@ -312,19 +312,19 @@ def _as_stored(message: bytes) -> bytes:
     return b"\n".join(line for line in lines if not line.startswith(b"X-TUID: "))
 
 
-def test_mbsync_syncs_the_mailbox_to_a_maildir_and_changes_both_ways(
-    cell: dict[str, Any], tmp_path: Path
-) -> None:
+def mbsync_of_user_1(cell: dict[str, Any], tmp_path: Path) -> tuple[Path, Callable[[], None]]:
+    """isync's mbsync set up to sync user 1's whole mailbox (every folder, flags and
+    deletions both ways) with a Maildir in `tmp_path`: the Maildir and a call that runs
+    one sync and checks it succeeded."""
     mbsync = shutil.which("mbsync")
     assert mbsync, "isync is installed by scripts/debian-packages"
     address = cell["ready"]["imap"]
     maildir = tmp_path / "mail"
     maildir.mkdir()
-    token = _token(cell, 1)
     config = tmp_path / "mbsyncrc"
     config.write_text(
         f"IMAPAccount pyserver\nHost {address['host']}\nPort {address['port']}\n"
-        f"User u1@{DOMAIN}\nPass {token}\nSSLType None\nAuthMechs LOGIN\n\n"
+        f"User u1@{DOMAIN}\nPass {_token(cell, 1)}\nSSLType None\nAuthMechs LOGIN\n\n"
         "IMAPStore remote\nAccount pyserver\n\n"
         f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\nSubFolders Verbatim\n\n"
         "Channel everything\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\n"
@@ -335,6 +335,14 @@ def test_mbsync_syncs_the_mailbox_to_a_maildir_and_changes_both_ways(
         done = subprocess.run([mbsync, "-c", str(config), "-a"], capture_output=True,
                               text=True, timeout=60)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
+
+    return maildir, sync
+
+
+def test_mbsync_syncs_the_mailbox_to_a_maildir_and_changes_both_ways(
+    cell: dict[str, Any], tmp_path: Path
+) -> None:
+    maildir, sync = mbsync_of_user_1(cell, tmp_path)
 
     def files(folder: str) -> list[Path]:
         return sorted((maildir / folder / "cur").iterdir()) + sorted(

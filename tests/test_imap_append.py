@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import imaplib
 import re
-import shutil
-import subprocess
 import time
 from email.message import EmailMessage
 from pathlib import Path
@@ -22,7 +20,7 @@ import pytest
 
 from pyserver.client import Client
 from tests.support import run
-from tests.test_imap import DOMAIN, _imap, _token, cell
+from tests.test_imap import DOMAIN, _imap, _token, cell, mbsync_of_user_1
 
 __all__ = ["cell"]  # the fixture, imported for pytest
 
@@ -160,26 +158,7 @@ def test_append_to_other_folders_keeps_the_mail_there_and_refuses_bad_messages(
 def test_mbsync_pushes_a_new_maildir_message_to_the_server(
     cell: dict[str, Any], tmp_path: Path
 ) -> None:
-    mbsync = shutil.which("mbsync")
-    assert mbsync, "isync is installed by scripts/debian-packages"
-    address = cell["ready"]["imap"]
-    maildir = tmp_path / "mail"
-    maildir.mkdir()
-    config = tmp_path / "mbsyncrc"
-    config.write_text(
-        f"IMAPAccount pyserver\nHost {address['host']}\nPort {address['port']}\n"
-        f"User u1@{DOMAIN}\nPass {_token(cell, 1)}\nSSLType None\nAuthMechs LOGIN\n\n"
-        "IMAPStore remote\nAccount pyserver\n\n"
-        f"MaildirStore local\nPath {maildir}/\nInbox {maildir}/INBOX\nSubFolders Verbatim\n\n"
-        "Channel everything\nFar :remote:\nNear :local:\nPatterns *\nCreate Near\n"
-        "Sync All\nExpunge Both\nSyncState *\n"
-    )
-
-    def sync() -> None:
-        done = subprocess.run([mbsync, "-c", str(config), "-a"], capture_output=True,
-                              text=True, timeout=60)  # fmt: skip
-        assert done.returncode == 0, done.stdout + done.stderr
-
+    maildir, sync = mbsync_of_user_1(cell, tmp_path)
     sync()
     raw = _mail(f"u1@{DOMAIN}", f"u4@{DOMAIN}", "written offline", "<offline-1@client.example>")
     new = maildir / "Sent" / "new" / f"{int(time.time())}.1.local:2,S"
