@@ -42,22 +42,18 @@ class CommandClock:
         self._started = time.perf_counter()
 
     def sent(self, data: bytes) -> None:
-        """Bytes sent to the client: stops the clock at the tagged answer."""
+        """Bytes sent to the client: stops the clock at the tagged answer. pymap drains
+        its writer after every response, so a tagged answer is the last line of what is
+        sent: only that line is looked at, however many bytes came before it."""
         if not self._tag:
             return
+        end_of_previous = data.rfind(b"\r\n", 0, len(data) - 2)
+        last_line = data[end_of_previous + 2 :] if end_of_previous >= 0 else data
         marker = self._tag + b" "
-        if data.startswith(marker):
-            at = 0
-        else:
-            found = data.rfind(b"\r\n" + marker)
-            if found < 0:
-                return
-            at = found + 2
-        status = data[at + len(marker) : at + len(marker) + 3].upper()
-        code = (
-            None
-            if status.startswith(b"OK")
-            else f"IMAP_{status.decode('ascii', 'replace').strip()}"
-        )
+        if not last_line.startswith(marker):
+            return
+        word = last_line[len(marker) :].split(None, 1)[:1] or [b"?"]
+        status = word[0].upper().decode("ascii", "replace")
+        code = None if status == "OK" else f"IMAP_{status}"
         self._metrics.observe(self._name, time.perf_counter() - self._started, code)
         self._tag = b""
