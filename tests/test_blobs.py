@@ -490,6 +490,56 @@ def test_blob_files_live_under_the_data_folder(tmp_path: Path) -> None:
     assert os.fspath(store.tmp_dir).startswith(os.fspath(store.root))
 
 
+def test_each_open_store_writes_in_a_temporary_folder_of_its_own(tmp_path: Path) -> None:
+    """Two stores of one folder write in folders of their own under `tmp`, removed when
+    each closes; a dead store's folder is cleared once its files are an hour old (a
+    live one's is kept). On ext4 the store's folders are marked top of a hierarchy."""
+    import fcntl
+    import struct
+    import time
+
+    from pyserver.blobs import disk
+
+    async def scenario() -> None:
+        root = tmp_path / "blobs"
+        dead = root / "tmp" / "12345-deadbeef"
+        dead.mkdir(parents=True)
+        (dead / "blob-7.tmp").write_bytes(b"half a blob")
+        old = time.time() - 2 * 3600
+        os.utime(dead / "blob-7.tmp", (old, old))
+        os.utime(dead, (old, old))
+        live = root / "tmp" / "12346-cafebabe"
+        live.mkdir()
+        (live / "blob-1.tmp").write_bytes(b"being written")
+        first, second = DiskBlobStore(root), DiskBlobStore(root)
+        await first.open()
+        await second.open()
+        try:
+            assert first.tmp_dir != second.tmp_dir
+            assert first.tmp_dir.parent == second.tmp_dir.parent == root / "tmp"
+            assert first.tmp_dir.is_dir() and second.tmp_dir.is_dir()
+            assert not dead.exists(), "a dead store's stale folder is cleared"
+            assert (live / "blob-1.tmp").exists(), "a live store's file is kept"
+            info = await first.put(data_of(500, 1))
+            assert await collect(second, info.ref) == data_of(500, 1)
+            assert not list(first.tmp_dir.iterdir())
+            fd = os.open(root, os.O_RDONLY)
+            try:
+                raw = fcntl.ioctl(fd, disk._FS_IOC_GETFLAGS, bytes(4))
+            except OSError:
+                raw = None  # a file system without inode flags: nothing to check
+            finally:
+                os.close(fd)
+            if raw is not None and Path("/proc/fs/ext4").is_dir():
+                assert struct.unpack("i", raw)[0] & disk._FS_TOPDIR_FL
+        finally:
+            await first.close()
+            await second.close()
+        assert not first.tmp_dir.exists() and not second.tmp_dir.exists()
+
+    asyncio.run(scenario())
+
+
 def test_durable_puts_at_the_same_moment_share_one_barrier(tmp_path: Path) -> None:
     """Group commit: many puts waiting at once pass one barrier (not one each), none
     returns before the barrier after its rename, and a put that finds its blob renamed
