@@ -490,6 +490,59 @@ def test_blob_files_live_under_the_data_folder(tmp_path: Path) -> None:
     assert os.fspath(store.tmp_dir).startswith(os.fspath(store.root))
 
 
+def test_whole_bytes_and_a_stream_make_the_same_blob_file(tmp_path: Path) -> None:
+    """A put of whole bytes (written in one go) and a put of the same bytes as a stream
+    (through the chunked writer) leave byte-identical files, read back whole."""
+
+    async def pieces_of_data(data: bytes) -> AsyncIterator[bytes]:
+        for low in range(0, len(data), 10_000):
+            yield data[low : low + 10_000]
+
+    async def scenario() -> None:
+        whole, streamed = DiskBlobStore(tmp_path / "whole"), DiskBlobStore(tmp_path / "stream")
+        await whole.open()
+        await streamed.open()
+        try:
+            for size in (0, 1, 300, CHUNK_SIZE, CHUNK_SIZE + 1, 2 * CHUNK_SIZE + 5, 300_000):
+                data = data_of(size, seed=size)
+                one = await whole.put(data)
+                other = await streamed.put(pieces_of_data(data))
+                assert one == other
+                assert whole.path_of(one.ref).read_bytes() == (
+                    streamed.path_of(other.ref).read_bytes()
+                )
+                assert await collect(whole, one.ref) == data
+        finally:
+            await whole.close()
+            await streamed.close()
+
+    asyncio.run(scenario())
+
+
+def test_write_out_writes_every_piece_through_partial_writes() -> None:
+    import threading
+
+    from pyserver.blobs.disk import _write_out
+
+    reader, writer = os.pipe()  # a pipe takes 64 KiB at a time: writev writes part
+    received = bytearray()
+
+    def drain() -> None:
+        while block := os.read(reader, 1 << 16):
+            received.extend(block)
+
+    thread = threading.Thread(target=drain)
+    thread.start()
+    pieces = [data_of(300_000, 1), b"", data_of(70_000, 2), b"end"]
+    try:
+        _write_out(writer, list(pieces))
+    finally:
+        os.close(writer)
+        thread.join(30)
+        os.close(reader)
+    assert bytes(received) == b"".join(pieces)
+
+
 def test_each_open_store_writes_in_a_temporary_folder_of_its_own(tmp_path: Path) -> None:
     """Two stores of one folder write in folders of their own under `tmp`, removed when
     each closes; a dead store's folder is cleared once its files are an hour old (a

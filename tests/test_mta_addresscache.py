@@ -44,9 +44,17 @@ def test_lookups_are_shared_and_remembered_but_absence_only_for_senders(tmp_path
             assert await cache.sender_user("out@example.net") is None
             assert await cache.sender_user("out@example.net") is None
             assert counting.asked == asked + 1
+            # what is remembered is answered without asking (RCPT answered at once)
+            asked = counting.asked
+            assert cache.remembered("BOB@example.com") == (True, 2)
+            assert cache.remembered("nobody@example.com") == (False, None)
+            assert cache.remembered("out@example.net") == (False, None)  # absent: no RCPT
+            assert cache.remembered("out@example.net", absent_too=True) == (True, None)
+            assert counting.asked == asked
             # a re-pointed address reaches its new user once its time is over
             await store.add_address("bob@example.com", 3)
             await asyncio.sleep(0.35)
+            assert cache.remembered("bob@example.com") == (False, None)
             assert await cache.resolve_address("bob@example.com") == 3
         finally:
             await store.close()

@@ -186,9 +186,7 @@ class _Writer:
         if self._store.holds(final, self.size) and self._store.refresh(final):
             self.abort()
             return info
-        table = struct.pack(f">{len(self._crcs)}I", *self._crcs)
-        head = _TRAILER.pack(_MAGIC, self.size, CHUNK_SIZE, 0)[:-4]
-        self._file.write(table + head + struct.pack(">I", google_crc32c.value(table + head)))
+        self._file.write(_checksums(self._crcs, self.size))
         self._file.flush()
         if self._store.durable and sync:
             os.fsync(self._file.fileno())
@@ -206,6 +204,26 @@ class _Writer:
             self._file.close()
         with contextlib.suppress(OSError):
             self._path.unlink()
+
+
+def _checksums(crcs: list[int], size: int) -> bytes:
+    """What follows a blob's bytes in its file: its chunks' checksums and the trailer."""
+    table = struct.pack(f">{len(crcs)}I", *crcs)
+    head = _TRAILER.pack(_MAGIC, size, CHUNK_SIZE, 0)[:-4]
+    return table + head + struct.pack(">I", google_crc32c.value(table + head))
+
+
+def _write_out(fd: int, pieces: list[bytes]) -> None:
+    """Write `pieces` to `fd` in order, all of them (one writev, as a rule)."""
+    left = sum(len(piece) for piece in pieces)
+    while left:
+        written = os.writev(fd, pieces)
+        left -= written
+        while pieces and written >= len(pieces[0]):
+            written -= len(pieces[0])
+            pieces = pieces[1:]
+        if written:
+            pieces = [pieces[0][written:], *pieces[1:]]
 
 
 def _settle(waiters: list[tuple[Path, asyncio.Future[None]]], error: Exception | None) -> None:
@@ -637,13 +655,26 @@ class DiskBlobStore(BlobStore):
         path = self.path_of(ref)
         if self.holds(path, len(data)) and self.refresh(path):
             return BlobInfo(ref, len(data))
-        writer = _Writer(self, digest)  # hashed once
+        # The file in one write of its bytes and checksums (no buffered file object).
+        if len(data) <= CHUNK_SIZE:
+            crcs = [google_crc32c.value(data)] if data else []
+        else:
+            crcs = [google_crc32c.value(data[low : low + CHUNK_SIZE])
+                    for low in range(0, len(data), CHUNK_SIZE)]  # fmt: skip
+        fd, name = _mkstemp(self.tmp_dir)
         try:
-            writer.write(data)
-            return writer.finish(sync=False)
+            try:
+                _write_out(fd, [data, _checksums(crcs, len(data))])
+            finally:
+                os.close(fd)
+            self.ensure_dir(path.parent)
+            self.mark_unsynced(path)  # before the name shows: see `is_unsynced`
+            os.replace(name, path)
         except BaseException:
-            writer.abort()
+            with contextlib.suppress(OSError):
+                os.unlink(name)
             raise
+        return BlobInfo(ref, len(data))
 
     # ---- reading ----
 

@@ -47,6 +47,14 @@ class AddressCache:
         """As `resolve_address`, with "nobody" remembered too (for From addresses)."""
         return await self._resolve(address, remember_absent=True)
 
+    def remembered(self, address: str, *, absent_too: bool = False) -> tuple[bool, int | None]:
+        """(whether it is remembered, the user) of an address, without asking: what
+        `resolve_address` (`sender_user` with `absent_too`) would answer from memory."""
+        known = self._known.get(address.casefold())
+        if known is None or known[1] <= time.monotonic():
+            return False, None
+        return (known[0] is not None or absent_too), known[0]
+
     async def _resolve(self, address: str, remember_absent: bool) -> int | None:
         key = address.casefold()
         now = time.monotonic()

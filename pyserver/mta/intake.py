@@ -28,7 +28,12 @@ from pyserver.errors import BadRequest, PyserverError
 from pyserver.mta.addresscache import AddressCache
 from pyserver.mta.dsn import failed_recipients
 from pyserver.mta.emailobject import EmailObject, StoredAttachment, build_email, sender_of
-from pyserver.mta.outbound import bounced_mail, resolve_user, thread_of_message_id
+from pyserver.mta.outbound import (
+    bounced_mail,
+    resolve_user,
+    thread_of_message_id,
+    user_of_address,
+)
 from pyserver.mta.parse import ParsedMail, parse_mail
 from pyserver.mta.route import OwnerRoute
 from pyserver.mta.senders import DnsLookup, check_dkim
@@ -89,12 +94,26 @@ class MailIntake:
 
     # ---- RCPT ----
 
-    async def recipient(self, address: str) -> tuple[str, int | None]:
-        """(SMTP reply, user id or None) for one RCPT address."""
+    def recipient_now(self, address: str) -> tuple[str, int | None] | None:
+        """`recipient(address)` when it needs no lookup (a bounce address, a user's own
+        address, one the address cache remembers), else None."""
         address = address.strip().strip("<>").strip()
         bounced = bounced_mail(address, self.settings.mail_domain)
         if bounced is not None:  # a bounce of a mail a user sent: read in accept()
             return "250 2.1.5 OK", bounced[0]
+        own = user_of_address(address, self.settings.mail_domain)
+        if own is None:
+            known, own = self._addresses.remembered(address)
+            if not known:
+                return None
+        return "250 2.1.5 OK", own
+
+    async def recipient(self, address: str) -> tuple[str, int | None]:
+        """(SMTP reply, user id or None) for one RCPT address."""
+        answer = self.recipient_now(address)
+        if answer is not None:
+            return answer
+        address = address.strip().strip("<>").strip()
         try:
             user = await resolve_user(address, self._addresses, self.settings.mail_domain)
         except PyserverError as exc:
@@ -125,9 +144,9 @@ class MailIntake:
         # A small mail is parsed here, so its From address's user is looked up while its
         # blobs are written (a big one is parsed on a worker thread, then looked up).
         parsed = parse_mail(raw) if len(raw) < self.settings.parse_in_thread_bytes else None
-        sender = None
+        sender: asyncio.Future[int | None] | None = None
         if parsed is not None:
-            sender = asyncio.ensure_future(self._sender_user(sender_of(parsed, mail_from)))
+            sender = self._sender_soon(sender_of(parsed, mail_from))
         try:
             email, durable = await store_mail_unsynced(
                 raw, mail_from, self._blobs, self.settings, parsed=parsed
@@ -218,6 +237,18 @@ class MailIntake:
                 return dataclasses.replace(email, thread_hint=thread)
         return email
 
+    def _sender_soon(self, address: str) -> asyncio.Future[int | None]:
+        """`_sender_user(address)` as a future (done at once when the cache remembers)."""
+        if "@" in address:
+            known, user = self._addresses.remembered(address, absent_too=True)
+            if not known:
+                return asyncio.ensure_future(self._sender_user(address))
+        else:
+            user = None
+        future: asyncio.Future[int | None] = asyncio.get_running_loop().create_future()
+        future.set_result(user)
+        return future
+
     async def _sender_user(self, address: str) -> int | None:
         """The registered user of a From address, if any (None also when the address book
         cannot answer: the mail is then delivered as from outside, nothing is lost)."""
@@ -305,11 +336,16 @@ async def store_mail_unsynced(
         durables.append(durable)
         return info
 
-    raw_put = asyncio.ensure_future(put(raw))
+    # A parsed (small) mail's raw bytes are written at once; a big one's while it is
+    # parsed on a worker thread.
+    raw_put = asyncio.ensure_future(put(raw)) if parsed is None else None
     try:
         if parsed is not None:
             mail = parsed
-            stored = await asyncio.gather(*(put(a.pieces()) for a in mail.attachments))
+            raw_info = await put(raw)
+            stored = []
+            if mail.attachments:
+                stored = await asyncio.gather(*(put(a.pieces()) for a in mail.attachments))
         elif len(raw) >= settings.parse_in_thread_bytes:
             # A big mail is parsed and its attachments decoded on a worker thread.
             mail, decoded = await asyncio.to_thread(_parse_and_decode, raw)
@@ -318,9 +354,12 @@ async def store_mail_unsynced(
             mail = parse_mail(raw)
             stored = await asyncio.gather(*(put(a.pieces()) for a in mail.attachments))
         text, body = await _inline_text(mail, put, settings.mail_inline_text_bytes)
-        raw_info = await raw_put
+        if raw_put is not None:
+            raw_info = await raw_put
     except BaseException:
-        if not raw_put.done():
+        if raw_put is None:
+            pass
+        elif not raw_put.done():
             raw_put.cancel()
         elif not raw_put.cancelled():
             raw_put.exception()  # retrieved: a failure here is reported by the raise
@@ -331,7 +370,7 @@ async def store_mail_unsynced(
     email = build_email(
         mail, raw=raw_info, mail_from=mail_from, text=text, body=body, attachments=attachments
     )
-    return email, asyncio.gather(*durables)
+    return email, durables[0] if len(durables) == 1 else asyncio.gather(*durables)
 
 
 def _drop_outcome(future: asyncio.Future[Any]) -> None:

@@ -330,10 +330,16 @@ class SmtpProtocol(asyncio.Protocol):
         if len(self._recipients) >= self._intake.settings.max_recipients:
             self._reply("452 4.5.3 Too many recipients")
             return
-        self._wait(self._recipient(path[0]))
+        answer = self._intake.recipient_now(path[0])  # most often: no lookup needed
+        if answer is None:
+            self._wait(self._recipient(path[0]))
+        else:
+            self._recipient_answered(path[0], *answer)
 
     async def _recipient(self, address: str) -> None:
-        reply, user = await self._intake.recipient(address)
+        self._recipient_answered(address, *await self._intake.recipient(address))
+
+    def _recipient_answered(self, address: str, reply: str, user: int | None) -> None:
         if user is not None and self._mail_from is not None:
             self._recipients[address] = user
         self._reply(reply)
