@@ -546,7 +546,7 @@ def test_write_out_writes_every_piece_through_partial_writes() -> None:
 def test_each_open_store_writes_in_a_temporary_folder_of_its_own(tmp_path: Path) -> None:
     """Two stores of one folder write in folders of their own under `tmp`, removed when
     each closes; a dead store's folder is cleared once its files are an hour old (a
-    live one's is kept). On ext4 the store's folders are marked top of a hierarchy."""
+    live one's is kept). On ext4 `tmp` is marked top of a hierarchy."""
     import fcntl
     import struct
     import time
@@ -576,7 +576,7 @@ def test_each_open_store_writes_in_a_temporary_folder_of_its_own(tmp_path: Path)
             info = await first.put(data_of(500, 1))
             assert await collect(second, info.ref) == data_of(500, 1)
             assert not list(first.tmp_dir.iterdir())
-            fd = os.open(root, os.O_RDONLY)
+            fd = os.open(root / "tmp", os.O_RDONLY)
             try:
                 raw = fcntl.ioctl(fd, disk._FS_IOC_GETFLAGS, bytes(4))
             except OSError:

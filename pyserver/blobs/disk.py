@@ -275,9 +275,11 @@ _FS_TOPDIR_FL = 0x00020000
 
 def _mark_top_dir(folder: Path) -> None:
     """Mark `folder` as the top of a directory hierarchy (ext4's chattr +T), so folders
-    made in it later (the temporary folder, the fan-out) are spread over the file
-    system's block groups like top-level ones, and the files made in them get their
-    inodes there. Else they share the block group of the folder above the store, and
+    made in it later (each store's temporary folder) are placed among the file system's
+    block groups like top-level ones, and the files made in them get their inodes
+    there. (The fan-out folders stay beside the root: spread, a barrier's syncfs
+    wrote more scattered metadata.) Else they share the block group of the folder
+    above the store, and
     on an ext4 without a journal, creating a file skips every inode freed in the last
     minutes near it (the kernel's `recently_deleted`): where other programs create and
     delete many files (a shared /tmp), one blob file's creation cost 0.6-0.8 ms of CPU,
@@ -348,9 +350,8 @@ class DiskBlobStore(BlobStore):
 
     def _prepare(self) -> None:
         temporary = self.tmp_dir.parent
-        for folder in (self.root, temporary):  # marked before their folders are made
-            folder.mkdir(parents=True, exist_ok=True)
-            _mark_top_dir(folder)
+        temporary.mkdir(parents=True, exist_ok=True)
+        _mark_top_dir(temporary)  # before the store's folder is made in it
         cutoff = time.time() - _STALE_TMP_S
         for leftover in temporary.iterdir():  # other stores' folders, and files of old
             with contextlib.suppress(OSError):
