@@ -543,12 +543,26 @@ def test_write_out_writes_every_piece_through_partial_writes() -> None:
     assert bytes(received) == b"".join(pieces)
 
 
+def _inode_flags(folder: Path) -> int:
+    """A folder's inode flags (FS_IOC_GETFLAGS), 0 where the file system has none."""
+    import fcntl
+    import struct
+
+    from pyserver.blobs import disk
+
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        return struct.unpack("i", fcntl.ioctl(fd, disk._FS_IOC_GETFLAGS, bytes(4)))[0]
+    except OSError:
+        return 0
+    finally:
+        os.close(fd)
+
+
 def test_each_open_store_writes_in_a_temporary_folder_of_its_own(tmp_path: Path) -> None:
     """Two stores of one folder write in folders of their own under `tmp`, removed when
     each closes; a dead store's folder is cleared once its files are an hour old (a
     live one's is kept). On ext4 `tmp` is marked top of a hierarchy."""
-    import fcntl
-    import struct
     import time
 
     from pyserver.blobs import disk
@@ -576,15 +590,13 @@ def test_each_open_store_writes_in_a_temporary_folder_of_its_own(tmp_path: Path)
             info = await first.put(data_of(500, 1))
             assert await collect(second, info.ref) == data_of(500, 1)
             assert not list(first.tmp_dir.iterdir())
-            fd = os.open(root / "tmp", os.O_RDONLY)
-            try:
-                raw = fcntl.ioctl(fd, disk._FS_IOC_GETFLAGS, bytes(4))
-            except OSError:
-                raw = None  # a file system without inode flags: nothing to check
-            finally:
-                os.close(fd)
-            if raw is not None and Path("/proc/fs/ext4").is_dir():
-                assert struct.unpack("i", raw)[0] & disk._FS_TOPDIR_FL
+            # where this file system keeps the flag at all (ext4 does, tmpfs does not),
+            # the store's tmp has it
+            probe = tmp_path / "probe"
+            probe.mkdir()
+            disk._mark_top_dir(probe)
+            if _inode_flags(probe) & disk._FS_TOPDIR_FL:
+                assert _inode_flags(root / "tmp") & disk._FS_TOPDIR_FL
         finally:
             await first.close()
             await second.close()
