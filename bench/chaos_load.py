@@ -10,8 +10,9 @@
 * readers: FOLDER_MESSAGES of a user's inbox, each reader a client of its own,
   recording the log position and the messages it saw;
 * a mailer: mail from outside through the MTA proxy over SMTP, to one or two
-  users' addresses, retried with the same Message-ID until the proxy answers
-  250;
+  users' addresses; each recipient is acknowledged by its own RCPT answer and the
+  final 250, and the mail is sent again with the same Message-ID to the
+  recipients not yet accepted until every one is;
 * a mover: one user at a time moved to the other cell (`pyserver admin
   move-user`'s `move_user`), retried until the move is done.
 
@@ -182,20 +183,35 @@ class Load:
             mail["Subject"] = f"chaos mail {count}"
             mail["Message-ID"] = message_id
             mail.set_content(f"mail {count} of the chaos soak\n")
-            while True:
+            pending = {address_of(u): u for u in recipients}
+            while pending:
                 try:
-                    await aiosmtplib.send(
-                        mail, hostname="127.0.0.1", port=self.smtp_port, timeout=15.0
+                    refused, _ = await aiosmtplib.send(
+                        mail,
+                        sender="outside@example.net",
+                        recipients=list(pending),
+                        hostname="127.0.0.1",
+                        port=self.smtp_port,
+                        timeout=15.0,
                     )
-                    break
                 except (aiosmtplib.SMTPException, OSError, TimeoutError) as error:
+                    refused = {address: error for address in pending}
+                # aiosmtplib returns normally once any recipient is accepted: only the
+                # accepted ones are acknowledged; the refused (451 while an address
+                # lookup fails) are sent again, alone, with the same Message-ID
+                accepted = [u for address, u in pending.items() if address not in refused]
+                if accepted:
+                    self.history.writes.append(
+                        AckedWrite(0, message_id, tuple(accepted), kind="mail")
+                    )
+                pending = {address: pending[address] for address in refused}
+                if pending:
                     self.figures["mail_retries"] += 1
-                    log.info("mail %d to %s: %r; again", count, recipients, error)
+                    log.info("mail %d to %s: %r; again", count, sorted(pending), refused)
                     if self._giving_up():
                         self.figures["given_up"] += 1
                         return
                     await asyncio.sleep(0.5)
-            self.history.writes.append(AckedWrite(0, message_id, tuple(recipients), kind="mail"))
             self.figures["mails"] += 1
             await asyncio.sleep(0.3)
 
