@@ -25,6 +25,7 @@ from pyserver.servicekey import load_or_create_service_key
 from pyserver.store.spec import open_store, parse_store_spec
 from pyserver.wire.ops import Op
 from tests.cluster_harness import REPO, remove_tree
+from tests.support.relay import Relay
 
 
 @pytest.fixture
@@ -150,3 +151,54 @@ def test_a_cell_the_folder_does_not_know_is_refused(
     )  # fmt: skip
     assert done.returncode == 1
     assert "has no cell 'c9'" in done.stderr and "c1" in done.stderr
+
+
+def test_a_node_started_while_zookeeper_is_down_waits_and_serves_once_it_answers(
+    zookeeper: str, chroot: str, tmp_path: Path
+) -> None:
+    """A node restarted during an outage used to exit ("could not start"), so a cell came
+    back short of a node; it now waits for its engines and serves once they answer."""
+    state = _cluster_json(tmp_path, zookeeper, chroot)
+    log = tmp_path / "node.log"
+
+    async def scenario() -> None:
+        zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
+        await zk.start(10.0)
+        await set_cell_record(zk, "c1", store=str(state["cells"]["c1"]))  # type: ignore[index]
+        await zk.close()
+        # ZooKeeper behind a relay that is not listening yet: connections are refused
+        relay = Relay(zookeeper)
+        await relay.start()
+        await relay.cut()
+        proc, ready = _start(tmp_path, "node", "node", "--cluster", str(tmp_path), "--cell", "c1",
+                             "--node-id", "c1-n1", "--port", "0", "--http-port", "0",
+                             "--zookeeper", relay.address)  # fmt: skip
+        try:
+            deadline = time.monotonic() + 90
+            while "waiting for its engines" not in log.read_text():
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+            await asyncio.sleep(1.0)
+            assert proc.poll() is None, log.read_text()[-3000:]  # still waiting, not gone
+            await relay.start()  # ZooKeeper answers again, on the same address
+            while endpoints.read_file(ready) is None:
+                assert proc.poll() is None, log.read_text()[-3000:]
+                assert time.monotonic() < deadline, log.read_text()[-3000:]
+                await asyncio.sleep(0.1)
+            zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
+            await zk.start(10.0)
+            try:
+                assert await active_nodes(zk, "c1") == {"c1-n1"}
+            finally:
+                await zk.close()
+        finally:
+            proc.terminate()
+            try:
+                await asyncio.to_thread(proc.wait, 20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            await relay.cut()
+
+    asyncio.run(scenario())

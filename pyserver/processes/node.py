@@ -20,12 +20,17 @@ the new owner. It keeps answering for `drain_settle_s` while clients and peers
 re-route, then stops listening once in-flight requests are answered,
 snapshots what it still holds, leaves the cell, and exits 0. A second signal
 stops it at once.
+
+A node whose ZooKeeper or store does not answer at start (restarted during an
+outage) says so and tries again with a doubling pause up to 10 s until they
+do, or until a signal stops it.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -329,14 +334,48 @@ class ClusterNode:
 # ---- the process ----
 
 
-async def _run_until_stopped(node: ClusterNode, ready: Path | None) -> None:
+# the pause between start attempts while the engines do not answer: doubling, at most
+_START_PAUSE_S = (0.5, 10.0)
+
+
+async def _start_when_engines_answer(
+    config: Config, signalled: asyncio.Event
+) -> ClusterNode | None:
+    """A started node; one whose ZooKeeper or store does not answer waits for them and
+    tries again (a node restarted during an outage serves once they are back, rather than
+    exiting), until it starts or a signal stops it (None)."""
+    pause, longest = _START_PAUSE_S
+    while True:
+        node = ClusterNode(config)
+        try:
+            await node.start()
+            return node
+        except Unavailable as error:
+            print(
+                f"pyserver: node {config.node_id} waiting for its engines: {error}; "
+                f"again in {pause:g} s",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(signalled.wait(), pause)
+        if signalled.is_set():
+            return None
+        pause = min(2 * pause, longest)
+
+
+async def _run_until_stopped(config: Config, ready: Path | None) -> None:
     loop = asyncio.get_running_loop()
     signals = 0
+    signalled = asyncio.Event()
     stopping: set[asyncio.Task[None]] = set()
+    node: ClusterNode | None = None
 
     def on_signal() -> None:
         nonlocal signals
         signals += 1
+        signalled.set()
+        if node is None:  # still waiting for the engines: nothing to drain
+            return
         if signals == 1:
             print(f"pyserver: node {node.config.node_id} draining", flush=True)
             node.drain()
@@ -348,7 +387,11 @@ async def _run_until_stopped(node: ClusterNode, ready: Path | None) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
-    addresses = await node.start()
+    node = await _start_when_engines_answer(config, signalled)
+    if node is None:
+        print(f"pyserver: node {config.node_id} stopped before it started", flush=True)
+        return
+    addresses = node.addresses
     config, http = node.config, addresses["http"]
     view = node.ring.view
     print(f"pyserver: node {config.node_id} of cell {config.cell} serving on {node.addr}")
@@ -376,11 +419,7 @@ def serve(config: Config, ready_file: Path | None = None) -> int:
     """`pyserver node`: serve as one node of a cell until drained or signalled; once it
     serves, its addresses are written to `ready_file` (if given)."""
     configure_logging(config.log_level)
-    try:
-        run(_run_until_stopped(ClusterNode(config), ready_file))
-    except Unavailable as error:
-        print(f"pyserver: node {config.node_id} could not start: {error}", file=sys.stderr)
-        return 1
+    run(_run_until_stopped(config, ready_file))
     return 0
 
 
