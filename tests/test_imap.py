@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import email
 import imaplib
+import re
 import shutil
 import smtplib
 import socket
 import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from email.message import EmailMessage
 from pathlib import Path
@@ -140,6 +142,63 @@ def test_every_channel_reads_as_mail_in_one_conversation(cell: dict[str, Any]) -
         assert len(imap.uid("SEARCH", "UNSEEN")[1][0].split()) == 4
     finally:
         imap.logout()
+
+
+def _requests(cell: dict[str, Any], op: str) -> float:
+    """How many `op` requests the cell's app server answered, from its /metrics."""
+    http = cell["ready"]["http"]
+    with urllib.request.urlopen(f"http://{http['host']}:{http['port']}/metrics") as answer:  # nosec B310
+        text = answer.read().decode()
+    pattern = rf'^pyserver_requests_total{{[^}}]*op="{op}"[^}}]*}} (\S+)$'
+    return sum(float(found) for found in re.findall(pattern, text, re.MULTILINE))
+
+
+def test_a_new_session_selects_a_folder_unchanged_since_without_listing_it_again(
+    cell: dict[str, Any],
+) -> None:
+    """A user's folders outlive its session a while (mail clients sign in for every sync):
+    the next session's SELECT reads no listing when nothing changed, and one when
+    something did."""
+    first = _imap(cell)
+    try:
+        assert first.select("Other")[0] == "OK"
+        # the user's SUBSCRIBE is live (it marks the folders changed once, when it starts)
+        deadline = time.monotonic() + 30
+        while _requests(cell, "SUBSCRIBE") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first.noop()
+        exists = int(first.select("Other")[1][0])
+    finally:
+        first.logout()
+    listed = _requests(cell, "FOLDER_MESSAGES")
+    second = _imap(cell)
+    try:
+        assert int(second.select("Other")[1][0]) == exists
+        typ, data = second.uid("FETCH", "1:*", "(FLAGS)")
+        assert typ == "OK" and len(data) == exists
+    finally:
+        second.logout()
+    assert _requests(cell, "FOLDER_MESSAGES") == listed
+
+    # a change made elsewhere while no session is open reaches the next one
+    async def text() -> None:
+        async with await Client.connect(*cell["server"], service_key=cell["key"]) as client:
+            await client.send(1, [2], "one more thing")
+
+    run(text)
+    deadline = time.monotonic() + 30
+    while True:
+        third = _imap(cell)
+        try:
+            now = int(third.select("Other")[1][0])
+        finally:
+            third.logout()
+        if now == exists + 1:
+            break
+        assert now == exists and time.monotonic() < deadline, (now, exists)
+        time.sleep(0.1)
+    assert _requests(cell, "FOLDER_MESSAGES") > listed
 
 
 def test_flags_moves_and_expunge_change_the_mailbox_and_uids_hold(cell: dict[str, Any]) -> None:

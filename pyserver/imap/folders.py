@@ -6,7 +6,9 @@ UIDs the user's log gives them (FOLDER_MESSAGES: stable, increasing, and the
 same after any restart, so UIDVALIDITY never changes). The folder's listing is
 read again when the user's mailbox changes (one SUBSCRIBE per signed-in user,
 `UserWatch`) or this gateway changed it, so a selected or IDLE-ing client hears
-of changes made anywhere.
+of changes made anywhere. A user's sessions share its folders, kept a while
+after the last session ends, so a new session selects a folder unchanged
+since without reading its listing again.
 
 What each IMAP change does to the mailbox (docs/imap.md): \\Seen is the message's
 read state (MARK_READ / MARK_UNREAD); \\Deleted is kept by the gateway until
@@ -498,38 +500,77 @@ class UserFolders(MailboxSetInterface[FolderView]):
 
 
 class UserWatch:
-    """One SUBSCRIBE per signed-in user, shared by that user's IMAP sessions: any event
-    of the mailbox marks their folders changed (a selected or IDLE-ing client hears)."""
+    """The folders of each signed-in user, shared by that user's IMAP sessions (as
+    pymap's own backends share a user's mailboxes), with one SUBSCRIBE per user: any
+    event of the mailbox marks them changed (a selected or IDLE-ing client hears).
 
-    def __init__(self, servers: AppServers) -> None:
+    A user's folders, their listings and the subscription that keeps them current
+    outlive the user's last session by `linger_s` (at most `keep_idle` users so kept):
+    a client that signs in again soon, as mail clients do for every sync, selects a
+    folder without reading its listing again when nothing changed meanwhile."""
+
+    def __init__(
+        self, servers: AppServers, *, linger_s: float = 120.0, keep_idle: int = 1000
+    ) -> None:
         self._servers = servers
-        self._folders: dict[int, list[UserFolders]] = {}
+        self.linger_s = linger_s
+        self.keep_idle = keep_idle
+        self._folders: dict[int, UserFolders] = {}
+        self._sessions: dict[int, int] = {}
+        # users with no session left, oldest first: when each is let go
+        self._idle: dict[int, asyncio.TimerHandle] = {}
         self._tasks: dict[int, asyncio.Task[None]] = {}
 
-    def watch(self, folders: UserFolders) -> None:
-        user = folders.user
-        self._folders.setdefault(user, []).append(folders)
-        folders.on_change = lambda: self._changed(user)
-        if user not in self._tasks:
+    def open(self, user: int, make: Callable[[], UserFolders]) -> UserFolders:
+        """The user's folders for a new session (made with `make` if not kept)."""
+        idle = self._idle.pop(user, None)
+        if idle is not None:
+            idle.cancel()
+        folders = self._folders.get(user)
+        if folders is None:
+            folders = self._folders[user] = make()
+            folders.on_change = lambda: self._changed(user)
             self._tasks[user] = asyncio.get_running_loop().create_task(self._follow(user))
+        self._sessions[user] = self._sessions.get(user, 0) + 1
+        return folders
 
-    async def forget(self, folders: UserFolders) -> None:
+    async def release(self, folders: UserFolders) -> None:
+        """A session of the user ended: its folders are kept for `linger_s` after the last."""
         user = folders.user
-        watching = self._folders.get(user, [])
-        with contextlib.suppress(ValueError):
-            watching.remove(folders)
-        if not watching:
-            self._folders.pop(user, None)
-            task = self._tasks.pop(user, None)
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        left = self._sessions.get(user, 1) - 1
+        if left > 0:
+            self._sessions[user] = left
+            return
+        self._sessions.pop(user, None)
+        if self.linger_s <= 0:
+            await self._drop(user)
+            return
+        loop = asyncio.get_running_loop()
+        self._idle[user] = loop.call_later(
+            self.linger_s, lambda: loop.create_task(self._drop(user, idle=True))
+        )
+        while len(self._idle) > self.keep_idle:
+            oldest = next(iter(self._idle))
+            self._idle.pop(oldest).cancel()
+            await self._drop(oldest)
+
+    async def _drop(self, user: int, *, idle: bool = False) -> None:
+        if idle and self._idle.pop(user, None) is None:
+            return  # signed in again meanwhile
+        self._folders.pop(user, None)
+        task = self._tasks.pop(user, None)
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
 
     async def close(self) -> None:
-        for user in list(self._tasks):
-            for folders in list(self._folders.get(user, [])):
-                await self.forget(folders)
+        for handle in self._idle.values():
+            handle.cancel()
+        self._idle.clear()
+        self._sessions.clear()
+        for user in list(self._folders):
+            await self._drop(user)
 
     async def _follow(self, user: int) -> None:
         while True:
@@ -545,5 +586,6 @@ class UserWatch:
             await asyncio.sleep(0.5)
 
     def _changed(self, user: int) -> None:
-        for folders in self._folders.get(user, []):
+        folders = self._folders.get(user)
+        if folders is not None:
             folders.mark_changed()

@@ -206,14 +206,16 @@ class Identity(IdentityInterface):
     @asynccontextmanager
     async def new_session(self) -> AsyncIterator[Session]:
         login = self.login
-        folders = UserFolders(
-            login.servers, self.user, login.mail_domain, login.filing, login.derived
+        folders = login.watch.open(
+            self.user,
+            lambda: UserFolders(
+                login.servers, self.user, login.mail_domain, login.filing, login.derived
+            ),
         )
-        self.login.watch.watch(folders)
         try:
             yield Session(self.name, self.login.config, folders)
         finally:
-            await self.login.watch.forget(folders)
+            await login.watch.release(folders)
 
     async def new_token(self, *, expiration: datetime | None = None) -> str | None:
         return None
