@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 from collections.abc import AsyncIterator, Callable, Iterable
 from datetime import UTC, datetime
@@ -65,6 +66,8 @@ SPECIAL_USE = {"Archive": b"Archive", "Sent": b"Sent", "Spam": b"Junk"}
 # the flags a message keeps: \Seen in the log, \Deleted here until EXPUNGE
 _PERMANENT = frozenset({Seen, Deleted})
 _PAGE = 5000
+# versions of the folders' listings (FolderView._version), unique across folders
+_VERSIONS = itertools.count(1)
 
 
 class AppServers(Protocol):
@@ -223,6 +226,10 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         self._uid_validity = 1
         self._uid_next = 1
         self.highest_modseq = 0  # the user's log position as last read (HIGHESTMODSEQ)
+        # the messages by UID, and a version that changes whenever they or their flags do
+        # (a selected mailbox already synchronized with it needs no comparison)
+        self._sorted: list[ImapMessage] = []
+        self._version = next(_VERSIONS)
         self._stale = True
         self._refreshing = asyncio.Lock()
 
@@ -262,6 +269,8 @@ class FolderView(MailboxDataInterface[ImapMessage]):
                     thread_id=item["thread_id"], source=source, modseq=item.get("modseq", 0),
                 )  # fmt: skip
             self._messages = messages
+            self._sorted = sorted(messages.values(), key=_by_uid)
+            self._version = next(_VERSIONS)
             self._deleted &= messages.keys()
 
     async def _list(self) -> list[dict[str, Any]]:
@@ -317,7 +326,9 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         if wait_on is not None and not self._stale:
             await wait_on.or_event(self._updated).wait()
         await self.refresh()
-        selected.set_messages(sorted(self._messages.values(), key=_by_uid))
+        if selected.mod_sequence != self._version:
+            selected.set_messages(self._sorted)
+            selected.mod_sequence = self._version
         return selected
 
     async def append(self, append_msg: AppendMessage, *, recent: bool = False) -> ImapMessage:
@@ -333,6 +344,7 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         if uid is not None and Deleted in append_msg.flag_set:
             self._deleted.add(uid)
             self._messages[uid].permanent_flags |= {Deleted}
+            self._version = next(_VERSIONS)
         return ImapMessage(
             uid or NOT_HERE, append_msg.when or datetime.now(UTC), {Seen} if seen else (),
             message_id=filed.message_id, thread_id=filed.thread_id, source=self._owner.source,
@@ -388,6 +400,7 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         else:
             self._deleted.discard(uid)
         message.permanent_flags = after
+        self._version = next(_VERSIONS)
         if (Seen in after) != (Seen in before):
             self._owner.changed()  # the user's other sessions see it at their next command
         else:
@@ -417,7 +430,7 @@ class FolderView(MailboxDataInterface[ImapMessage]):
         await self.refresh()
         exists = unseen = 0
         first_unseen: int | None = None
-        for message in sorted(self._messages.values(), key=_by_uid):
+        for message in self._sorted:
             exists += 1
             if Seen not in message.permanent_flags:
                 unseen += 1
