@@ -68,7 +68,7 @@ def _import(args: list[str], data: Path) -> tuple[dict[str, Any], float]:
     """`pyserver import ARGS --data DATA --json`: its report and its wall time."""
     started = time.perf_counter()
     done = subprocess.run(
-        [sys.executable, "-m", "pyserver.cli", "import", *args, "--data", str(data), "--json",
+        [sys.executable, "-m", "pyserver", "import", *args, "--data", str(data), "--json",
          "--quiet"],
         env=_env(), capture_output=True, text=True, timeout=3600,
     )  # fmt: skip
@@ -145,7 +145,7 @@ def _beside_live(root: Path, users: int, per_user: int, window_s: float) -> dict
         asyncio.run(_seed_live_user(server["host"], server["port"], key))
         alone = _loadgen(server["port"], key, window_s)
         importer = subprocess.Popen(
-            [sys.executable, "-m", "pyserver.cli", "import", "jsonl", corpus.paths["jsonl"],
+            [sys.executable, "-m", "pyserver", "import", "jsonl", corpus.paths["jsonl"],
              "--data", str(data), "--json", "--quiet"],
             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
@@ -187,7 +187,7 @@ def _hbase(root: Path, users: int, per_user: int) -> dict[str, Any]:
         started = time.perf_counter()
         cpu_before = _children_cpu()
         done = subprocess.run(
-            [sys.executable, "-m", "pyserver.cli", "import", "jsonl", corpus.paths["jsonl"],
+            [sys.executable, "-m", "pyserver", "import", "jsonl", corpus.paths["jsonl"],
              "--cluster", str(folder), "--json", "--quiet", "--jobs", "64"],
             env=_env(), capture_output=True, text=True, timeout=3600,
         )  # fmt: skip

@@ -44,7 +44,7 @@ from pyserver.processes import web as web_process
 from pyserver.processes.cell import serve
 from pyserver.processes.runtime import add_ready_file_argument
 from pyserver.servicekey import read_service_key
-from pyserver.userid import is_user_id
+from pyserver.userid import user_id_argument
 
 DEFAULT_DATA = Path("pyserver-data")
 
@@ -197,16 +197,9 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0
 
 
-def _user_id(text: str) -> int:
-    value = int(text)
-    if not is_user_id(value, minimum=0):
-        raise argparse.ArgumentTypeError(f"{text} is not a user id (0 .. 2**64-1)")
-    return value
-
-
 def _recipient(text: str) -> int | str:
     """A SEND recipient on the command line: a user id, or an email address (with an @)."""
-    return text.strip() if "@" in text else _user_id(text)
+    return text.strip() if "@" in text else user_id_argument(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -234,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--short-codes", help="the SMS short codes and their owners, CODE=USER,...")
     run.add_argument(
         "--sign-in-links",
-        type=lambda text: [_user_id(part) for part in text.split(",") if part],
+        type=lambda text: [user_id_argument(part) for part in text.split(",") if part],
         help="print a web sign-in link (valid a day) for each of these users, e.g. 1,2",
     )
     add_ready_file_argument(run)
@@ -251,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_cluster_folder_argument(sub)
         sub.add_argument("--json", action="store_true", help="print the raw reply")
         if user:
-            sub.add_argument("--user", type=_user_id, required=True, help="the user id")
+            sub.add_argument("--user", type=user_id_argument, required=True, help="the user id")
         return sub
 
     send = client_parser("send", "send a message")
@@ -334,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     friend = client_parser("friend", "make two users friends (mail between them goes to Inbox)")
-    friend.add_argument("friend", type=_user_id)
+    friend.add_argument("friend", type=user_id_argument)
     friend.set_defaults(
         handler=_client_command(
             lambda a, c: c.friend_add(a.user, a.friend), lambda r: print("friends")
@@ -344,10 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
     tail = client_parser("tail", "print the user's new events as they happen")
     tail.set_defaults(handler=_tail_handler)
 
-    admin.add_parser(commands, DEFAULT_DATA, _user_id)
-    import_command.add_parser(commands, DEFAULT_DATA, _user_id)
+    admin.add_parser(commands, DEFAULT_DATA, user_id_argument)
+    import_command.add_parser(commands, DEFAULT_DATA)
     mta_process.add_parser(commands, DEFAULT_DATA)
-    blob_command.add_parser(commands, DEFAULT_DATA, _user_id)
+    blob_command.add_parser(commands, DEFAULT_DATA, user_id_argument)
     node_process.add_parser(commands)
     userindex_process.add_parser(commands, DEFAULT_DATA)
     dirty_process.add_parser(commands, DEFAULT_DATA)

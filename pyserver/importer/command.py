@@ -17,14 +17,15 @@ import asyncio
 import json
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from pyserver.blobs import BLOB_FOLDER, DiskBlobStore, blob_store_for
 from pyserver.cluster.state import add_cluster_folder_argument, read_state
+from pyserver.config import Config
 from pyserver.discovery.client import connect_to_cluster
+from pyserver.errors import PyserverError
 from pyserver.importer.checkpoint import Checkpoint, default_path
 from pyserver.importer.live import refresh_cell, refresh_users
 from pyserver.importer.progress import progress_bar
@@ -32,14 +33,15 @@ from pyserver.importer.report import ImportReport
 from pyserver.importer.run import ImportPlan, plan_jsonl, plan_mailbox, plan_tree, run_import
 from pyserver.importer.throttle import Pace
 from pyserver.importer.workers import run_in_processes
-from pyserver.processes.cell import open_store
 from pyserver.store.spec import open_store as open_store_spec
 from pyserver.store.spec import parse_store_spec
+from pyserver.store.sqlite import open_cell_store as open_store
+from pyserver.userid import user_id_argument
 
-__all__ = ["add_parser"]
+__all__ = ["add_parser", "main"]
 
 
-def add_parser(commands: Any, default_data: Path, user_id: Callable[[str], int]) -> None:
+def add_parser(commands: Any, default_data: Path) -> None:
     """Add `import` and its sub-commands to the `pyserver` command line."""
     parser = commands.add_parser(
         "import", help="import existing history (mbox, Maildir, JSON lines)"
@@ -69,13 +71,26 @@ def add_parser(commands: Any, default_data: Path, user_id: Callable[[str], int])
 
     for name, text in (("mbox", "one user's mbox file"), ("maildir", "one user's Maildir")):
         sub = kind(name, f"import {text}", "FILE" if name == "mbox" else "DIR")
-        sub.add_argument("--user", type=user_id, required=True, help="whose mailbox it is")
+        sub.add_argument("--user", type=user_id_argument, required=True, help="whose mailbox it is")
         sub.add_argument(
             "--address", action="append", default=[], help="an address of the user (repeatable)"
         )
     kind("jsonl", "import JSON lines of messages of any channel", "FILE")
     tree = kind("tree", "import a folder of mbox files and Maildirs named by address", "DIR")
     tree.add_argument("--map", type=Path, required=True, help="CSV of address,user rows")
+
+
+def main(argv: list[str]) -> int:
+    """`pyserver import ...` alone (argv starts with "import"), without loading every other
+    command of `pyserver` (pyserver/__main__.py): an import is often started by scripts."""
+    parser = argparse.ArgumentParser(prog="pyserver")
+    add_parser(parser.add_subparsers(dest="command", required=True), Config().data_dir)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except PyserverError as exc:
+        print(f"pyserver: {exc.code}: {exc}", file=sys.stderr)
+        return 1
 
 
 def _plan(args: argparse.Namespace) -> tuple[ImportPlan, list[str]]:

@@ -53,7 +53,7 @@ def _share(
 ) -> ImportReport:
     """One worker's units, run to their end: its report."""
     from pyserver.blobs import BLOB_FOLDER, DiskBlobStore
-    from pyserver.processes.cell import open_store
+    from pyserver.store.sqlite import open_cell_store as open_store
 
     checkpoint = Checkpoint(Path(checkpoint_path))
     checkpoint.open()

@@ -48,7 +48,8 @@ from pyserver.processes.runtime import (
 )
 from pyserver.processes.sms import SmsLink
 from pyserver.processes.web import web_tier
-from pyserver.store.sqlite import SQLiteStore
+from pyserver.store.sqlite import SQLiteStore, store_path
+from pyserver.store.sqlite import open_cell_store as open_store
 from pyserver.tls import TierTls
 from pyserver.userid import is_user_id
 from pyserver.userindex.local import LocalUserIndex
@@ -58,12 +59,6 @@ from pyserver.web.server import WebTier
 from pyserver.wire.ops import Op
 
 log = logging.getLogger(__name__)
-
-STORE_FILE = "store.sqlite3"
-
-
-def store_path(data_dir: Path) -> Path:
-    return data_dir / STORE_FILE
 
 
 class SingleNodeCell:
@@ -325,17 +320,6 @@ def serve(
     configure_logging(config.log_level)
     run(_serve_until_stopped(SingleNodeCell(config), ready_file, sign_in_links))
     return 0
-
-
-@asynccontextmanager
-async def open_store(data_dir: Path) -> AsyncIterator[SQLiteStore]:
-    """The store of the cell on data_dir, for tools that work on it directly."""
-    store = SQLiteStore(store_path(data_dir))
-    await store.open()
-    try:
-        yield store
-    finally:
-        await store.close()
 
 
 @asynccontextmanager

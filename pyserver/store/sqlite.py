@@ -17,8 +17,10 @@ import contextlib
 import logging
 import os
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pyserver.errors import BadRequest
@@ -32,7 +34,9 @@ from pyserver.store.base import (
 )
 from pyserver.store.sqlite_file import SYNCHRONOUS_MODES, Schema, SQLiteFile
 
-__all__ = ["SYNCHRONOUS_MODES", "SQLiteStore", "index_path"]
+__all__ = [
+    "STORE_FILE", "SYNCHRONOUS_MODES", "SQLiteStore", "index_path", "open_cell_store", "store_path",
+]  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -140,6 +144,25 @@ IN_LIST_CHUNK = 500
 U64_MAX = (1 << 64) - 1
 
 T = TypeVar("T")
+
+
+# a single cell's store in its data folder
+STORE_FILE = "store.sqlite3"
+
+
+def store_path(data_dir: Path) -> Path:
+    return data_dir / STORE_FILE
+
+
+@asynccontextmanager
+async def open_cell_store(data_dir: Path) -> AsyncIterator[SQLiteStore]:
+    """The store of the cell on data_dir, for tools that work on it directly."""
+    store = SQLiteStore(store_path(data_dir))
+    await store.open()
+    try:
+        yield store
+    finally:
+        await store.close()
 
 
 def index_path(path: str | os.PathLike[str]) -> str:
