@@ -74,6 +74,16 @@ def _wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path) -> dict[s
     return found
 
 
+async def _active(zookeeper: str, chroot: str) -> set[str]:
+    """Cell c1's active app servers, as ZooKeeper lists them."""
+    zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
+    await zk.start(10.0)
+    try:
+        return set(await active_nodes(zk, "c1"))
+    finally:
+        await zk.close()
+
+
 def test_node_and_discovery_take_the_cluster_folder(
     zookeeper: str, chroot: str, tmp_path: Path
 ) -> None:
@@ -103,12 +113,7 @@ def test_node_and_discovery_take_the_cluster_folder(
         _wait_ready(proc, ready, tmp_path / "node.log")
 
         async def check() -> None:
-            zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
-            await zk.start(10.0)
-            try:
-                assert await active_nodes(zk, "c1") == {"c1-n1"}
-            finally:
-                await zk.close()
+            assert await _active(zookeeper, chroot) == {"c1-n1"}
             async with await connect_to_cluster(tmp_path) as client:
                 reply = await client.request(
                     Op.SEND,
@@ -186,12 +191,7 @@ def test_a_node_started_while_zookeeper_is_down_waits_and_serves_once_it_answers
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 await asyncio.sleep(0.1)
-            zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
-            await zk.start(10.0)
-            try:
-                assert await active_nodes(zk, "c1") == {"c1-n1"}
-            finally:
-                await zk.close()
+            assert await _active(zookeeper, chroot) == {"c1-n1"}
         finally:
             proc.terminate()
             try:
