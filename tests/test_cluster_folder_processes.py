@@ -158,13 +158,19 @@ def test_a_cell_the_folder_does_not_know_is_refused(
     assert "has no cell 'c9'" in done.stderr and "c1" in done.stderr
 
 
-def test_a_node_started_while_zookeeper_is_down_waits_and_serves_once_it_answers(
-    zookeeper: str, chroot: str, tmp_path: Path
+@pytest.mark.parametrize("role", ["node", "discovery"])
+def test_a_process_started_while_zookeeper_is_down_waits_and_serves_once_it_answers(
+    zookeeper: str, chroot: str, tmp_path: Path, role: str
 ) -> None:
-    """A node restarted during an outage used to exit ("could not start"), so a cell came
-    back short of a node; it now waits for its engines and serves once they answer."""
+    """A node or discovery instance restarted during an outage used to exit ("could not
+    start"), so a cell came back short of it; it now waits for its engines and serves once
+    they answer."""
     state = _cluster_json(tmp_path, zookeeper, chroot)
-    log = tmp_path / "node.log"
+    log = tmp_path / f"{role}.log"
+    own = {
+        "node": ["--cell", "c1", "--node-id", "c1-n1", "--http-port", "0"],
+        "discovery": [],
+    }[role]
 
     async def scenario() -> None:
         zk = ZooKeeper(zookeeper, chroot=chroot, session_timeout_s=5.0)
@@ -175,9 +181,8 @@ def test_a_node_started_while_zookeeper_is_down_waits_and_serves_once_it_answers
         relay = Relay(zookeeper)
         await relay.start()
         await relay.cut()
-        proc, ready = _start(tmp_path, "node", "node", "--cluster", str(tmp_path), "--cell", "c1",
-                             "--node-id", "c1-n1", "--port", "0", "--http-port", "0",
-                             "--zookeeper", relay.address)  # fmt: skip
+        proc, ready = _start(tmp_path, role, role, "--cluster", str(tmp_path), "--port", "0",
+                             *own, "--zookeeper", relay.address)  # fmt: skip
         try:
             deadline = time.monotonic() + 90
             while "waiting for its engines" not in log.read_text():
@@ -191,7 +196,8 @@ def test_a_node_started_while_zookeeper_is_down_waits_and_serves_once_it_answers
                 assert proc.poll() is None, log.read_text()[-3000:]
                 assert time.monotonic() < deadline, log.read_text()[-3000:]
                 await asyncio.sleep(0.1)
-            assert await _active(zookeeper, chroot) == {"c1-n1"}
+            if role == "node":
+                assert await _active(zookeeper, chroot) == {"c1-n1"}
         finally:
             proc.terminate()
             try:

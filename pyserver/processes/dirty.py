@@ -68,7 +68,14 @@ def _run(args: argparse.Namespace) -> int:
     host = args.host or config.host
     run(
         serve_service(
-            process, "dirty", "dirty service", host, args.port, args.ready_file, args.http_port
+            process,
+            "dirty",
+            "dirty service",
+            host,
+            args.port,
+            args.ready_file,
+            args.http_port,
+            remake=lambda: DirtyProcess(config, centres),
         )
     )
     return 0

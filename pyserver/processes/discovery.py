@@ -132,7 +132,14 @@ def _run(args: argparse.Namespace) -> int:
         host = args.host or config.host
         run(
             serve_service(
-                process, "discovery", "discovery", host, args.port, args.ready_file, args.http_port
+                process,
+                "discovery",
+                "discovery",
+                host,
+                args.port,
+                args.ready_file,
+                args.http_port,
+                remake=lambda: DiscoveryProcess(config, args.cache_users),
             )
         )
     except (Unavailable, ConfigError) as error:

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import os
@@ -60,6 +59,7 @@ from pyserver.processes.runtime import (
     announce_ready,
     configure_logging,
     run,
+    start_when_engines_answer,
     withdraw_ready,
 )
 from pyserver.servicelink import ServiceLinks
@@ -334,33 +334,10 @@ class ClusterNode:
 # ---- the process ----
 
 
-# the pause between start attempts while the engines do not answer: doubling, at most
-_START_PAUSE_S = (0.5, 10.0)
-
-
-async def _start_when_engines_answer(
-    config: Config, signalled: asyncio.Event
-) -> ClusterNode | None:
-    """A started node; one whose ZooKeeper or store does not answer waits for them and
-    tries again (a node restarted during an outage serves once they are back, rather than
-    exiting), until it starts or a signal stops it (None)."""
-    pause, longest = _START_PAUSE_S
-    while True:
-        node = ClusterNode(config)
-        try:
-            await node.start()
-            return node
-        except Unavailable as error:
-            print(
-                f"pyserver: node {config.node_id} waiting for its engines: {error}; "
-                f"again in {pause:g} s",
-                file=sys.stderr, flush=True,
-            )  # fmt: skip
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(signalled.wait(), pause)
-        if signalled.is_set():
-            return None
-        pause = min(2 * pause, longest)
+async def _started_node(config: Config) -> ClusterNode:
+    node = ClusterNode(config)
+    await node.start()
+    return node
 
 
 async def _run_until_stopped(config: Config, ready: Path | None) -> None:
@@ -387,7 +364,9 @@ async def _run_until_stopped(config: Config, ready: Path | None) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, on_signal)
-    node = await _start_when_engines_answer(config, signalled)
+    node = await start_when_engines_answer(
+        lambda: _started_node(config), f"node {config.node_id}", signalled
+    )
     if node is None:
         print(f"pyserver: node {config.node_id} stopped before it started", flush=True)
         return

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import signal
 import sys
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pyserver
 from pyserver import endpoints
 from pyserver.app.loop import new_event_loop
+from pyserver.errors import Unavailable
 from pyserver.httpapi import HttpEndpoint
 from pyserver.metrics import Metrics
 
@@ -43,6 +45,32 @@ def stop_signal() -> asyncio.Event:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     return stop
+
+
+# the pause between start attempts while a process's engines do not answer: doubling, up to
+START_PAUSE_S = (0.5, 10.0)
+
+
+async def start_when_engines_answer(
+    start: Callable[[], Awaitable[T]], name: str, stopped: asyncio.Event
+) -> T | None:
+    """What `start()` gives once it succeeds. While it raises Unavailable (ZooKeeper or the
+    store does not answer: a process restarted during an outage), say so and try again
+    with a doubling pause, rather than exit, until `stopped` is set (then None)."""
+    pause, longest = START_PAUSE_S
+    while True:
+        try:
+            return await start()
+        except Unavailable as error:
+            print(
+                f"pyserver: {name} waiting for its engines: {error}; again in {pause:g} s",
+                file=sys.stderr, flush=True,
+            )  # fmt: skip
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stopped.wait(), pause)
+        if stopped.is_set():
+            return None
+        pause = min(2 * pause, longest)
 
 
 def run(main: Coroutine[Any, Any, T]) -> T:
@@ -143,12 +171,28 @@ async def serve_service(
     port: int,
     ready: Path | None,
     http_port: int | None = None,
+    *,
+    remake: Callable[[], ServiceProcess] | None = None,
 ) -> None:
     """Start the service (and with `http_port` its /metrics, `start_metrics_endpoint`), say
     where it listens (and write the ready file), serve until SIGINT or SIGTERM, then stop
-    it."""
+    it. With `remake`, a start refused because an engine does not answer is tried again
+    on a new process from `remake` until it succeeds (`start_when_engines_answer`)."""
     stopped = stop_signal()
-    bound_host, bound_port = await process.start(host, port)
+    if remake is None:
+        bound_host, bound_port = await process.start(host, port)
+    else:
+        attempt: ServiceProcess | None = process
+
+        async def start() -> tuple[ServiceProcess, tuple[str, int]]:
+            nonlocal attempt
+            current, attempt = attempt or remake(), None
+            return current, await current.start(host, port)
+
+        started = await start_when_engines_answer(start, title, stopped)
+        if started is None:
+            return
+        process, (bound_host, bound_port) = started
     try:
         http, addresses = await start_metrics_endpoint(process, role, host, http_port)
     except BaseException:

@@ -98,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
             args.port,
             args.ready_file,
             args.http_port,
+            remake=lambda: UserIndexProcess.from_config(config, args.cache_users, ttl),
         )
     )
     return 0
