@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import hashlib
 import itertools
 import logging
@@ -405,7 +406,11 @@ class Mailbox:
                 folder = "sent"
             else:
                 folder = "inbox" if thread.folder == "archived" else thread.folder
-            own = dataclasses.replace(delivery, extra={**delivery.extra, **own_extra})
+            own = (
+                dataclasses.replace(delivery, extra={**delivery.extra, **own_extra})
+                if own_extra
+                else delivery
+            )
             return _adding(own, folder, unread=False, outbound=relay, mail_to=mirrored)
 
         # Every copy at once: one round of group commits instead of two. All of them
@@ -1288,6 +1293,13 @@ def _outside_addresses(thread: Thread) -> list[str]:
     return sorted(found.values(), key=str.lower)
 
 
+@functools.lru_cache(maxsize=256)
+def _terms_of(subject: str, text: str) -> tuple[str, ...]:
+    """A message's search terms; a SEND's copies (the sender's and each recipient's) are
+    indexed under the same words, found once."""
+    return tuple(search_terms(subject, text))
+
+
 def _adding(
     delivery: Delivery,
     folder: str,
@@ -1299,7 +1311,7 @@ def _adding(
     """The change that adds one copy of a delivery to a mailbox (`outbound`: the sender's
     copy, which queues the mail to outside addresses, and to `mail_to`: users' addresses;
     `notify`: the phone a recipient's copy is texted to, queued the same way)."""
-    words = search_terms(delivery.subject, delivery.text)
+    words = _terms_of(delivery.subject, delivery.text)
     return Change(
         entries=[delivery.entry(folder, unread)],
         bodies={delivery.message_id: delivery.body(outbound, mail_to or [], notify or [])},
