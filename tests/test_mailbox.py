@@ -110,6 +110,51 @@ async def counts(m: Mailbox, user: int) -> dict[str, dict[str, int]]:
 
 
 @run_async
+async def test_a_sends_copies_settle_together_in_order_and_are_cancelled_together() -> None:
+    """The sender's copy runs in the request's task, the others in tasks of their own:
+    every outcome comes back in order, a failure as its exception once all are done, and
+    a cancelled SEND cancels the copies still being written."""
+    from pyserver.app.mailbox import _settle_together
+
+    finished: list[str] = []
+
+    async def copy(name: str, delay: float, fail: bool = False) -> str:
+        await asyncio.sleep(delay)
+        if fail:
+            raise Unavailable(f"{name} failed")
+        finished.append(name)
+        return name
+
+    outcomes = await _settle_together(
+        copy("sender", 0.01, fail=True), [copy("a", 0.03), copy("b", 0.0)]
+    )
+    assert outcomes[1:] == ["a", "b"] and isinstance(outcomes[0], Unavailable)
+    assert sorted(finished) == ["a", "b"]  # the failure did not cut the others short
+
+    finished.clear()
+    started = asyncio.Event()
+
+    async def slow() -> str:
+        started.set()
+        await asyncio.sleep(30)
+        finished.append("slow")
+        return "slow"
+
+    waiter = asyncio.ensure_future(_settle_together(copy("sender", 0.0), [slow()]))
+    await started.wait()
+    waiter.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    for _ in range(1000):  # the cancelled copy ends on a later turn of the loop
+        others = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        if not others:
+            break
+        await asyncio.sleep(0)
+    assert not others
+    assert finished == ["sender"]
+
+
+@run_async
 async def test_send_writes_every_copy_and_routes_each_recipient(tmp_path: Path) -> None:
     async with opened(tmp_path) as (m, _):
         await m.execute(Op.FRIEND_ADD, {"user": 1, "friend": 2})
