@@ -144,6 +144,17 @@ def test_bench_sms_measures_texts_both_ways_beside_their_ceilings() -> None:
         sms["sms_in_per_s"] / sms["deliver_ceiling_per_s"], abs=0.01
     )
     assert sms["window"] == 32
+    assert sms["gateway"] == "in the app server"
+
+
+def test_bench_sms_runs_the_gateway_in_a_process_of_its_own(monkeypatch) -> None:
+    # texts both ways pass through `pyserver sms` beside the app server
+    monkeypatch.setenv("BENCH_SMS_GATEWAY", "process")
+    sms = _bench_json("bench", "sms", "--json", "--quick")["sms"]
+    assert sms["gateway"] == "process"
+    assert sms["sms_in_per_s"] > 0 and sms["sms_out_per_s"] > 0
+    # both processes' CPU counted, the app server's alone a part of it
+    assert 0 < sms["sms_out_server_cpu_ms"] <= sms["sms_out_cpu_ms"] + 0.05
 
 
 @pytest.mark.slow
