@@ -751,6 +751,20 @@ async def test_a_snapshot_is_written_every_k_entries(tmp_path: Path) -> None:
 
 
 @run_async
+async def test_a_large_image_is_snapshotted_every_quarter_of_its_messages(tmp_path: Path) -> None:
+    """A snapshot costs the whole image: past `snapshot_every` x 4 messages they are
+    written every quarter of the messages, so the cost per write stays flat."""
+    async with opened(tmp_path, snapshot_every=3) as (m, store):
+        written = []
+        for n in range(40):
+            await send(m, 1, [2], f"m{n}")
+            await m.drain()
+            written.append((await store.inner.read_snapshot(2))[0] if n >= 2 else 0)
+        # every 3 entries up to 15 messages, then every quarter of them: 19, 25, 33
+        assert sorted(set(written) - {0}) == [3, 6, 9, 12, 15, 19, 25, 33]
+
+
+@run_async
 async def test_an_evicted_image_is_snapshotted_and_reloads_the_same(tmp_path: Path) -> None:
     async with opened(tmp_path, cache_max_users=1, snapshot_every=1000) as (m, store):
         # Both copies are written at once; whichever user is cached second evicts the other.

@@ -40,6 +40,8 @@ _IMPORT_BATCH = 500
 OnCommit = Callable[[int, UserImage, list[dict[str, Any]]], None]
 # Writes of one user appended together at the most.
 _MAX_GROUP = 256
+# A large image is snapshotted again once this fraction (1/n) of its messages is newer.
+_SNAPSHOT_FRACTION = 4
 
 
 @dataclass(slots=True)
@@ -337,7 +339,7 @@ class Residency:
         for outcome in outcomes:
             if isinstance(outcome, Change) and outcome.entries:
                 self._on_commit(user_id, image, outcome.entries)
-        if image.seq - image.snapshot_seq >= self._snapshot_every:
+        if self._snapshot_due(image):
             self._snapshot_soon(user_id, image)
         return [(o, image) if isinstance(o, Change) else o for o in outcomes]
 
@@ -374,7 +376,7 @@ class Residency:
         self.indexer.committed(user_id, entries[0]["seq"], entries[-1]["seq"], change.terms)
         self._keep(user_id, image)
         self._on_commit(user_id, image, entries)
-        if image.seq - image.snapshot_seq >= self._snapshot_every:
+        if self._snapshot_due(image):
             self._snapshot_soon(user_id, image)
 
     def _keep(
@@ -520,6 +522,14 @@ class Residency:
         return bodies
 
     # ---- snapshots ----
+
+    def _snapshot_due(self, image: UserImage) -> bool:
+        """Whether the image is far enough ahead of its snapshot for a new one: every
+        `snapshot_every` entries, or every quarter of its messages for a large image, so
+        the work (proportional to the image, on the event loop) stays about the same per
+        write however large a mailbox grows, and a load replays at most that much."""
+        interval = max(self._snapshot_every, len(image.messages) // _SNAPSHOT_FRACTION)
+        return image.seq - image.snapshot_seq >= interval
 
     def _snapshot_soon(self, user_id: int, image: UserImage, evicted: bool = False) -> None:
         """Write the image's snapshot in the background: the reply never waits for it."""
