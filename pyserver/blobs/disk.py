@@ -282,7 +282,8 @@ def _mark_top_dir(folder: Path) -> None:
     above the store, and on an ext4 without a journal, creating a file skips every
     inode freed in the last minutes near it (the kernel's `recently_deleted`): where
     other programs create and delete many files (a shared /tmp), one blob file's
-    creation cost 0.6-0.8 ms of CPU, against 0.03 ms in a quieter group. Best effort: other file systems lack the flag."""
+    creation cost 0.6-0.8 ms of CPU, against 0.03 ms in a quieter group. Best effort:
+    other file systems lack the flag."""
     try:
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     except OSError:
