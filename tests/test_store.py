@@ -788,6 +788,23 @@ async def test_a_failing_write_is_rolled_back_alone(sqlite_engine: Engine) -> No
 
 
 @asyncio_test
+async def test_a_batch_run_again_after_a_failure_claims_once(sqlite_engine: Engine) -> None:
+    # The failing write sends its whole batch back to run write by write; a claim in
+    # that batch is made once, and answers the epoch that was committed.
+    async with sqlite_engine.opened() as store:
+        install_fault(sqlite_engine.location(), "poison")
+        results = await asyncio.gather(
+            store.claim(4),
+            store.append(appending(2, 0, messages={"poison": b"2"})),
+            store.append(appending(5, 0)),
+            return_exceptions=True,
+        )
+        assert results[0] == 1 and results[2] is None
+        assert isinstance(results[1], StoreUnavailable)
+        assert await store.claim(4) == 2
+
+
+@asyncio_test
 async def test_a_failed_commit_fails_every_write_of_its_batch(
     sqlite_engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:

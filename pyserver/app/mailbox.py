@@ -593,17 +593,20 @@ class Mailbox:
 
     async def outbound_message(self, user_id: int, message_id: str) -> dict[str, Any] | None:
         """What the outbox needs to send one of the user's mails: the message (with its
-        extra) and its thread's subject and earlier mail headers; None if it is gone."""
+        extra) and its thread's subject and earlier mail headers (none when every address
+        is a phone); None if it is gone."""
         image = await self._resident.read(user_id)
         message = image.messages.get(message_id)
         thread = image.threads.get(message.thread_id) if message is not None else None
         if message is None or thread is None:
             return None
+        # the earlier mail headers matter to mail only (a walk over the whole conversation)
+        mailed = any(not _is_phone(address) for address in message.extra.get("delivery", ()))
         references = [
             m.extra["message_id_header"]
             for m in thread.messages.values()
             if m.seq < message.seq and m.extra.get("message_id_header")
-        ]
+        ] if mailed else []  # fmt: skip
         return {
             **message.to_dict(with_extra=True),
             "thread_subject": thread.subject,

@@ -222,7 +222,8 @@ class SQLiteStore(Store):
     """
 
     def __init__(self, path: str | os.PathLike[str], *, synchronous: str = "FULL") -> None:
-        self._db = SQLiteFile(path, "store", _SCHEMA, synchronous)
+        # an append's compare-and-set refuses before it writes anything
+        self._db = SQLiteFile(path, "store", _SCHEMA, synchronous, refusals=(WriteConflict,))
         index_mode = "OFF" if str(synchronous).upper() == "OFF" else "NORMAL"
         self._index = SQLiteFile(index_path(path), "search index", _INDEX_SCHEMA, index_mode)
         self._write = self._db.write
@@ -466,6 +467,13 @@ _ADD_ADDRESS = "INSERT OR REPLACE INTO addresses (address, user) VALUES (?, ?)"
 _REVOKE = "INSERT OR REPLACE INTO revocations (user, token, revoked_at) VALUES (?, ?, ?)"
 
 
+# An append's compare-and-set in one query: the user's fencing epoch and last seq.
+_EPOCH_AND_LAST_SEQ = (
+    "SELECT (SELECT epoch FROM owners WHERE user = ?),"
+    " (SELECT seq FROM log WHERE user = ? ORDER BY seq DESC LIMIT 1)"
+)
+
+
 def _last_seq(conn: sqlite3.Connection, user: bytes) -> int:
     row = conn.execute(
         "SELECT seq FROM log WHERE user = ? ORDER BY seq DESC LIMIT 1", (user,)
@@ -484,7 +492,7 @@ def _claim(user: bytes, claimed: list[int], conn: sqlite3.Connection) -> None:
         "ON CONFLICT (user) DO UPDATE SET epoch = epoch + 1",
         (user,),
     )
-    claimed.append(_epoch(conn, user))
+    claimed[:] = [_epoch(conn, user)]  # (a batch run again replaces its first answer)
 
 
 def _apply_append(
@@ -498,9 +506,10 @@ def _apply_append(
     # The compare-and-set (and the fencing token's check): inside the batch's
     # transaction, so earlier appends and claims of the same batch are already counted.
     user = user_id.to_bytes(8, "big")
-    if owner_epoch is not None and (current := _epoch(conn, user)) != owner_epoch:
-        raise Fenced(user_id, expected_seq, owner_epoch, current)
-    actual = _last_seq(conn, user)
+    current, last = conn.execute(_EPOCH_AND_LAST_SEQ, (user, user)).fetchone()
+    if owner_epoch is not None and (current or 0) != owner_epoch:
+        raise Fenced(user_id, expected_seq, owner_epoch, current or 0)
+    actual = _u64(last) if last is not None else 0
     if actual != expected_seq:
         raise WriteConflict(user_id, expected_seq, actual)
     conn.executemany("INSERT INTO log (user, seq, record) VALUES (?, ?, ?)", log_rows)

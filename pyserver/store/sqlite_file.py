@@ -5,11 +5,14 @@ tables that cannot be derived (fsynced on every commit), and the search index de
 from the log (committed without an fsync: after a power loss it is derived again).
 
 Writes go through one writer thread that does group commit: it takes every
-write queued at that moment, runs them in one transaction (each in its own
-SAVEPOINT, so one that loses its compare-and-set or fails is rolled back alone),
-commits once (one fsync with `synchronous=FULL`) and only then resolves the
-callers' futures. Reads run on a small pool of read connections on worker
-threads; in WAL mode they never wait behind the writer.
+write queued at that moment, runs them in one transaction, commits once (one
+fsync with `synchronous=FULL`) and only then resolves the callers' futures. A
+write that fails is undone alone: most failures are refusals raised before the
+write changed anything (`refusals`: a lost compare-and-set), which need no undo;
+any other failure rolls the batch back and runs it again with each write in its
+own SAVEPOINT. So the common batch costs no statement per write beyond the
+write's own. Reads run on a small pool of read connections on worker threads; in
+WAL mode they never wait behind the writer.
 """
 
 from __future__ import annotations
@@ -101,10 +104,16 @@ class SQLiteFile:
     """One SQLite file: a writer thread doing group commit, and a pool of readers.
 
     `role` names the file in errors and thread names ("store", "search index").
+    `refusals`: the exceptions a write raises only before it changed anything.
     """
 
     def __init__(
-        self, path: str | os.PathLike[str], role: str, schema: Schema, synchronous: str
+        self,
+        path: str | os.PathLike[str],
+        role: str,
+        schema: Schema,
+        synchronous: str,
+        refusals: tuple[type[Exception], ...] = (),
     ) -> None:
         self._path = os.fspath(path)
         if self._path == ":memory:" or self._path.startswith("file::memory:"):
@@ -114,6 +123,7 @@ class SQLiteFile:
             raise ValueError(f"synchronous must be one of {', '.join(SYNCHRONOUS_MODES)}")
         self._role = role
         self._schema = schema
+        self._refusals = refusals
         self._synchronous = mode
         self._lifecycle = asyncio.Lock()
         self._open = False
@@ -276,8 +286,12 @@ class SQLiteFile:
         outcomes: list[BaseException | None] = []
         try:
             conn.execute("BEGIN IMMEDIATE")
-            for write in batch:
-                outcomes.append(self._run_in_savepoint(conn, write.apply))
+            outcomes = self._run_plain(conn, batch)
+            if len(outcomes) < len(batch):
+                # a write failed half done: undo the batch, then each write alone
+                conn.execute("ROLLBACK")
+                conn.execute("BEGIN IMMEDIATE")
+                outcomes = [self._run_in_savepoint(conn, write.apply) for write in batch]
             self._commit(conn)
         except Exception as exc:
             # Nothing of this batch is durable, so none of it may be acknowledged.
@@ -287,6 +301,23 @@ class SQLiteFile:
             self._commits += 1
             self._writes += outcomes.count(None)
         self._report(batch, outcomes)
+
+    def _run_plain(
+        self, conn: sqlite3.Connection, batch: list[_QueuedWrite]
+    ) -> list[BaseException | None]:
+        """Run the writes without savepoints; stops short at a write that failed other
+        than by a refusal (the caller then undoes the batch)."""
+        outcomes: list[BaseException | None] = []
+        for write in batch:
+            try:
+                write.apply(conn)
+            except self._refusals as refused:
+                outcomes.append(refused)
+            except Exception:
+                break
+            else:
+                outcomes.append(None)
+        return outcomes
 
     @staticmethod
     def _run_in_savepoint(conn: sqlite3.Connection, apply: WriteFn) -> BaseException | None:
