@@ -515,16 +515,16 @@ async def test_search_terms_are_written_off_the_durable_path_and_derived_from_th
 @run_async
 async def test_a_failed_index_write_is_retried_and_search_still_finds_it(tmp_path: Path) -> None:
     async with opened(tmp_path) as (m, spy):
-        real = spy.inner.index_terms
+        real = spy.inner.index_terms_many
         failures = [1]
 
-        async def flaky(*args: Any) -> None:
-            if args[0] == 2 and failures[0]:  # user 2's first index write
+        async def flaky(marks: Any) -> None:
+            if any(user == 2 for user, _, _ in marks) and failures[0]:  # user 2's first
                 failures[0] -= 1
                 raise StoreUnavailable("the index write failed")
-            await real(*args)
+            await real(marks)
 
-        spy.inner.index_terms = flaky  # type: ignore[method-assign]
+        spy.inner.index_terms_many = flaky  # type: ignore[method-assign]
         sent = await send(m, 1, [2], "retry me please")
         await m.drain()  # the first write fails, and waits for the next flush
         assert await spy.inner.search(2, ["retry"]) == []

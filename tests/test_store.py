@@ -306,6 +306,24 @@ async def test_the_search_index_is_written_beside_the_log_with_a_mark_that_only_
 
 
 @asyncio_test
+async def test_many_users_index_writes_go_in_at_once_with_marks_that_only_rise(
+    engine: Engine,
+) -> None:
+    async with engine.opened() as store:
+        await store.index_terms(3, 5, [("old", "m0")])
+        await store.index_terms_many(
+            [(1, 2, [("lunch", "m1"), ("friday", "m1")]), (2, 1, [("lunch", "m9")]),
+             (3, 4, [("lower", "m3")]), (4, 7, [])]
+        )  # fmt: skip
+        assert [await store.indexed_seq(u) for u in (1, 2, 3, 4)] == [2, 1, 5, 7]
+        assert await store.search(1, ["lunch", "friday"]) == ["m1"]
+        assert await store.search(2, ["lunch"]) == ["m9"]
+        assert await store.search(3, ["lower"]) == ["m3"]  # terms kept under a higher mark
+        with pytest.raises(ValueError):
+            await store.index_terms_many([(5, 1, []), (6, -1, [])])
+
+
+@asyncio_test
 async def test_a_later_append_replaces_a_message_body(engine: Engine) -> None:
     async with engine.opened() as store:
         await store.append(appending(1, 0, messages={"m": b"draft"}))

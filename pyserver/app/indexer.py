@@ -1,11 +1,11 @@
 """The search index, derived from the log off the durable path of a write.
 
 A write is acknowledged once its log records and bodies are durable; its search terms
-wait here and are written a moment later (`delay_s`, half a second: a user's terms of
-that long go in one store call, which on HBase is one Thrift call per user instead of
-one per commit), many users' at once but only `_WRITERS` at a time (the durable
-appends keep the rest of the store's connections), with the user's index mark
-(`Store.index_terms`): the log up to that mark is indexed. Nothing is lost when the
+wait here and are written a moment later (`delay_s`, half a second: every user's terms
+of that long go in one `Store.index_terms_many` call, one transaction on SQLite, on
+HBase one Thrift call per user instead of one per commit, a few at a time so the
+durable appends keep the rest of the store's connections), each with the user's index
+mark: the log up to that mark is indexed. Nothing is lost when the
 process dies before that: the log is the truth, and `caught_up` indexes whatever the
 log holds past the stored mark before a search reads the index. So an
 acknowledged message is always found by a search, after a crash as before it.
@@ -24,7 +24,7 @@ import re
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
-from pyserver.store.base import LogStore
+from pyserver.store.base import IndexMark, LogStore
 
 __all__ = ["SearchIndexer", "search_terms"]
 
@@ -38,7 +38,7 @@ _WORD = re.compile(r"\w+")
 _MAX_TERM_CHARS = 64
 # Marks remembered per user; past this many the memory is dropped (they are re-read).
 _MAX_KNOWN_MARKS = 1_000_000
-# Users' index writes of one flush under way at once.
+# Users' index marks read at once in a flush (those whose gap needs the log).
 _WRITERS = 4
 
 
@@ -103,28 +103,64 @@ class SearchIndexer:
         task.add_done_callback(self._tasks.discard)
 
     async def flush(self) -> None:
-        """Write every pending user's terms and mark now (those that fail wait for the next)."""
+        """Write every pending user's terms and mark now, all in one store call (a user
+        whose index has a gap before its entries gets the gap's terms from the log
+        first); those that fail wait for the next flush."""
         async with self._flush_lock:
             pending, self._pending = self._pending, {}
             if not pending:
                 return
-            writers = asyncio.Semaphore(_WRITERS)
-
-            async def write(user: int, entry: _Pending) -> None:
-                async with writers:
-                    await self._write(user, entry)
-
-            outcomes = await asyncio.gather(
-                *(write(user, entry) for user, entry in pending.items()), return_exceptions=True
-            )
-            self.flushes += 1
-            for (user, entry), outcome in zip(pending.items(), outcomes, strict=True):
-                if isinstance(outcome, BaseException):
+            marks: list[IndexMark] = []
+            gaps: list[tuple[int, _Pending]] = []
+            for user, entry in pending.items():
+                known = self._marks.get(user)
+                if known is not None and known >= entry.first_seq - 1:
+                    marks.append((user, entry.last_seq, entry.terms))
+                else:
+                    gaps.append((user, entry))
+            if gaps:
+                marks += await self._with_gaps(gaps)
+            if marks:
+                try:
+                    await self._store.index_terms_many(marks)
+                except BaseException as error:
                     self.failures += 1
-                    log.warning("search index write failed user=%d: %r", user, outcome)
-                    self._requeue(user, entry)
+                    log.warning("search index write of %d users failed: %r", len(marks), error)
+                    for user, _, _ in marks:
+                        self._requeue(user, pending[user])
+                    if not isinstance(error, Exception):
+                        raise
+                else:
+                    for user, mark, _ in marks:
+                        self._remember(user, mark)
+            self.flushes += 1
         if self._pending and self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(self._delay_s, self._flush_soon)
+
+    async def _with_gaps(self, gaps: list[tuple[int, _Pending]]) -> list[IndexMark]:
+        """The index writes of users whose stored mark is not known to end right before
+        their pending entries: the mark is read, and the log's terms in between added.
+        A user whose read fails waits for the next flush."""
+        readers = asyncio.Semaphore(_WRITERS)
+
+        async def filled(user_id: int, entry: _Pending) -> IndexMark:
+            async with readers:
+                known = await self._store.indexed_seq(user_id)
+                terms = entry.terms
+                if known < entry.first_seq - 1:  # entries before these were never indexed
+                    terms = await self._terms_of_log(user_id, known, entry.first_seq - 1) + terms
+                return user_id, entry.last_seq, terms
+
+        outcomes = await asyncio.gather(*(filled(*gap) for gap in gaps), return_exceptions=True)
+        marks: list[IndexMark] = []
+        for (user, entry), outcome in zip(gaps, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                self.failures += 1
+                log.warning("search index write failed user=%d: %r", user, outcome)
+                self._requeue(user, entry)
+            else:
+                marks.append(outcome)
+        return marks
 
     def _requeue(self, user_id: int, entry: _Pending) -> None:
         later = self._pending.get(user_id)
@@ -132,16 +168,6 @@ class SearchIndexer:
             entry.last_seq = max(entry.last_seq, later.last_seq)
             entry.terms.extend(later.terms)
         self._pending[user_id] = entry
-
-    async def _write(self, user_id: int, entry: _Pending) -> None:
-        terms = entry.terms
-        known = self._marks.get(user_id)
-        if known is None or known < entry.first_seq - 1:
-            known = await self._store.indexed_seq(user_id)
-            if known < entry.first_seq - 1:  # entries before these were never indexed
-                terms = await self._terms_of_log(user_id, known, entry.first_seq - 1) + terms
-        await self._store.index_terms(user_id, entry.last_seq, terms)
-        self._remember(user_id, entry.last_seq)
 
     def _remember(self, user_id: int, mark: int) -> None:
         if len(self._marks) >= _MAX_KNOWN_MARKS:

@@ -8,11 +8,17 @@ can never both append the same entry.
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from pyserver.errors import PyserverError, Unavailable
+
+# One user's search index write: (user id, index mark, (term, message id) pairs).
+IndexMark = tuple[int, int, Sequence[tuple[str, str]]]
+# `index_terms` calls under way at once in the default `index_terms_many`.
+INDEX_WRITERS = 4
 
 
 class WriteConflict(PyserverError):
@@ -154,6 +160,21 @@ class LogStore(Lifecycle):
         """Add (term, message id) pairs to the user's search index and raise the user's
         index mark to `indexed_seq`: the log up to there is indexed. Idempotent; the
         mark never goes down (a late or repeated call leaves a higher one in place)."""
+
+    async def index_terms_many(self, marks: Sequence[IndexMark]) -> None:
+        """`index_terms` for many users (user id, mark, terms); an engine that can write
+        them in one call overrides this. Here: `INDEX_WRITERS` calls at a time, and the
+        first failure raised once every call has ended (some users may be written)."""
+        writers = asyncio.Semaphore(INDEX_WRITERS)
+
+        async def write(user_id: int, mark: int, terms: Sequence[tuple[str, str]]) -> None:
+            async with writers:
+                await self.index_terms(user_id, mark, terms)
+
+        outcomes = await asyncio.gather(*(write(*m) for m in marks), return_exceptions=True)
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
 
     @abstractmethod
     async def indexed_seq(self, user_id: int) -> int:

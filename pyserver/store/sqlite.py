@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 from pyserver.errors import BadRequest
 from pyserver.store.base import (
     Fenced,
+    IndexMark,
     LogAppend,
     Revocation,
     Store,
@@ -360,6 +361,19 @@ class SQLiteStore(Store):
         ]
         await self._index.write(partial(_apply_index, user, mark, term_rows))
 
+    async def index_terms_many(self, marks: Sequence[IndexMark]) -> None:
+        """Every user's terms and marks in one write of the index file."""
+        term_rows: list[tuple[bytes, str, str]] = []
+        mark_rows: list[tuple[bytes, bytes]] = []
+        for user_id, indexed_seq, terms in marks:
+            user = _u64_key(user_id)
+            mark_rows.append((user, _u64_key(indexed_seq, "indexed_seq")))
+            term_rows += [
+                (user, _text(term, "a search term"), _text(message_id, "a message id"))
+                for term, message_id in terms
+            ]
+        await self._index.write(partial(_apply_index_many, term_rows, mark_rows))
+
     async def indexed_seq(self, user_id: int) -> int:
         user = _u64_key(user_id)
         rows = await self._index.read(_fetch, "SELECT seq FROM indexed WHERE user = ?", (user,))
@@ -523,13 +537,21 @@ def _apply_append(
 def _apply_index(
     user: bytes, mark: bytes, term_rows: list[tuple[bytes, str, str]], conn: sqlite3.Connection
 ) -> None:
+    _apply_index_many(term_rows, [(user, mark)], conn)
+
+
+def _apply_index_many(
+    term_rows: list[tuple[bytes, str, str]],
+    mark_rows: list[tuple[bytes, bytes]],
+    conn: sqlite3.Connection,
+) -> None:
     if term_rows:
         conn.executemany(_ADD_TERM, term_rows)
-    # 8-byte big-endian blobs compare as the numbers they hold: the mark only rises.
-    conn.execute(
+    # 8-byte big-endian blobs compare as the numbers they hold: a mark only rises.
+    conn.executemany(
         "INSERT INTO indexed (user, seq) VALUES (?, ?) "
         "ON CONFLICT (user) DO UPDATE SET seq = excluded.seq WHERE excluded.seq > indexed.seq",
-        (user, mark),
+        mark_rows,
     )
 
 
