@@ -78,7 +78,8 @@ async def start_when_engines_answer(
 # 50,000 allocations instead of 700 (most request objects die before, so few are
 # promoted), and a full collection only after 20 x 10 of those. With the defaults a
 # cell spends a fifth of its CPU in full collections, each a walk over every cached
-# user's image, longer the more users it caches (docs/benchmarks.md, "collector").
+# user's image, longer the more users it caches (docs/benchmarks.md, "The garbage
+# collector, and texts out at 2,000/s").
 SERVER_GC_THRESHOLDS = (50_000, 20, 10)
 
 
