@@ -1,6 +1,10 @@
-"""`python -m bench.mail_cpu [MAILS] [ROUNDS]`: CPU per small mail of the receiving process,
-the MTA proxy beside a bare aiosmtpd sink, both fed by Postfix's smtp-source (32 sessions,
-300-byte body) in alternating rounds on a fresh `pyserver run` cell.
+"""`python -m bench.mail_cpu [MAILS] [ROUNDS] [BODY_BYTES]`: CPU per mail of the receiving
+process, the MTA proxy beside a bare aiosmtpd sink, both fed by Postfix's smtp-source (32
+sessions, 300-byte body) in alternating rounds on a fresh `pyserver run` cell.
+
+With BODY_BYTES (e.g. 1048576, the 1 MiB mail of `bench mail`) the bodies are that big and
+the proxy's neighbour is Postfix's smtp-sink (the bare aiosmtpd sink takes 1 MiB bodies
+slower than the proxy does); its CPU per mail is measured the same way.
 
 Rates on a shared, loaded machine swing with the load; the CPU a receiver spends per mail
 (its /proc utime + stime over a round) is steadier, and says how much of the sink's
@@ -14,7 +18,7 @@ import os
 import subprocess
 import sys
 
-from bench.mail import _aiosmtpd_sink, _cell, _source
+from bench.mail import _aiosmtpd_sink, _cell, _smtp_sink, _source
 
 
 def _cpu_s(pid: int) -> tuple[float, float]:
@@ -32,23 +36,26 @@ def _listener(port: int) -> int:
     return int(shown.split("pid=")[1].split(",")[0])
 
 
-def main(mails: int = 2000, rounds: int = 2) -> None:
-    with _cell() as (_, _, smtp_port, _), _aiosmtpd_sink() as sink_port:
-        _source(smtp_port, 100, 300)  # warm up
-        receivers = {"pyserver": smtp_port, "aiosmtpd_sink": sink_port}
+def main(mails: int = 2000, rounds: int = 2, size: int = 300) -> None:
+    big = size > 64 << 10
+    sink_name = "smtp_sink" if big else "aiosmtpd_sink"
+    sink = _smtp_sink() if big else _aiosmtpd_sink()
+    with _cell() as (_, _, smtp_port, _), sink as sink_port:
+        _source(smtp_port, 100 if not big else 10, size)  # warm up
+        receivers = {"pyserver": smtp_port, sink_name: sink_port}
         pids = {name: _listener(port) for name, port in receivers.items()}
         for _ in range(rounds):
             line = {}
             for name, port in receivers.items():
                 before = _cpu_s(pids[name])
-                seconds = _source(port, mails, 300)
+                seconds = _source(port, mails, size)
                 after = _cpu_s(pids[name])
                 line[f"{name}_per_s"] = round(mails / seconds, 1)
                 line[f"{name}_cpu_ms"] = round((after[0] - before[0]) / mails * 1e3, 2)
                 line[f"{name}_sys_ms"] = round((after[1] - before[1]) / mails * 1e3, 2)
-            line["rate_ratio"] = round(line["pyserver_per_s"] / line["aiosmtpd_sink_per_s"], 3)
+            line["rate_ratio"] = round(line["pyserver_per_s"] / line[f"{sink_name}_per_s"], 3)
             print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
-    main(*(int(arg) for arg in sys.argv[1:3]))
+    main(*(int(arg) for arg in sys.argv[1:4]))
