@@ -36,7 +36,7 @@ from pyserver.client import Client
 from pyserver.errors import BadRequest, Unavailable
 from pyserver.mta.emailobject import MAX_EXTRA_BYTES
 from pyserver.mta.intake import MailIntake, MtaSettings
-from pyserver.mta.parse import parse_mail
+from pyserver.mta.parse import _byte_lines, parse_mail
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.senders import check_dkim, from_domain
 from pyserver.mta.skeleton import MIN_RUN, skeleton_of
@@ -701,6 +701,26 @@ def test_a_big_one_part_body_parses_exactly_as_the_email_package_does(
     plain = not content_type or content_type.lower().startswith("text/")
     if plain and encoding != "base64":
         assert len(skeleton_of(raw).data) < 1000, "the body was set aside"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"\r", b"\n", b"\r\n", b"a", b"\xe9", b" "]), max_size=40))
+def test_line_ends_on_bytes_are_those_of_the_decoded_text(pieces: list[bytes]) -> None:
+    data = b"".join(pieces)
+    as_text = data.decode("latin-1").replace("\r\n", "\n").replace("\r", "\n")
+    assert _byte_lines(data) == as_text.encode("latin-1")
+
+
+def test_a_big_text_body_keeps_its_inner_line_ends_and_loses_those_at_its_ends() -> None:
+    # set aside whole (its ends trimmed before decoding), then read as the email package
+    # reads it: CRLF and a bare CR inside become LF, the blank lines around it go
+    inner = b"first\r\n\r\n" + b"line\r\n" * (MIN_RUN // 6) + b"bare\rcr \r\nlast"
+    raw = b"From: a@example.org\r\nSubject: big\r\n\r\n" + b"\r\n" * 100 + inner + b"\r\n" * 10
+    assert len(skeleton_of(raw).data) < 1000, "the body was set aside"
+    expected = inner.decode().replace("\r\n", "\n").replace("\r", "\n")
+    assert parse_mail(raw).text == expected
+    with mock.patch("pyserver.mta.skeleton._plain_body", return_value=None):
+        assert parse_mail(raw).text == expected
 
 
 @settings(max_examples=60, deadline=None)

@@ -41,6 +41,8 @@ MIN_RUN = 32 << 10
 _SCAN_STEP = 1 << 20
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _LINE_ENDS = b"\r\n"
+# CR and LF bytes `decode(trimmed=True)` takes off at most, at each end of a body.
+_TRIM_MAX = 64
 # A one-part message's headers that say how to read its body (folded lines included).
 _BODY_HEADER = re.compile(
     rb"^(content-type|content-transfer-encoding)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.I | re.M
@@ -78,15 +80,18 @@ class Skeleton:
                 text = text.replace(token, run)
         return text
 
-    def decode(self, token: str) -> bytes:
+    def decode(self, token: str, trimmed: bool = False) -> bytes:
         """The decoded bytes of a set-aside body; ValueError if a base64 one is not whole
-        quads."""
+        quads. `trimmed`: a plain body may come without some of the CR and LF bytes at its
+        ends (for a caller that strips them anyway: no copy to take them off)."""
         start, end = self.runs[token]
         encoding = self.plain.get(token)
         if encoding is None:
             return pybase64.b64decode(memoryview(self.raw)[start:end])
         if encoding == b"quoted-printable":
             return binascii.a2b_qp(memoryview(self.raw)[start:end])
+        if trimmed:
+            start, end = _trim_line_ends(self.raw, start, end)
         return self.raw[start:end]
 
 
@@ -135,6 +140,18 @@ def _set_aside(raw: bytes, runs: list[tuple[int, int]], encoding: bytes | None =
     pieces.append(raw[done:])
     skeleton.data = b"".join(pieces)
     return skeleton
+
+
+def _trim_line_ends(raw: bytes, start: int, end: int) -> tuple[int, int]:
+    """(start, end) moved past the CR and LF bytes at the ends of raw[start:end], up to
+    _TRIM_MAX of them at each end (a caller that strips strips the rest)."""
+    stop = min(end, start + _TRIM_MAX)
+    while start < stop and raw[start] in _LINE_ENDS:
+        start += 1
+    stop = max(start, end - _TRIM_MAX)
+    while end > stop and raw[end - 1] in _LINE_ENDS:
+        end -= 1
+    return start, end
 
 
 def _plain_body(raw: bytes) -> tuple[int, int, bytes] | None:
