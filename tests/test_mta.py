@@ -723,6 +723,23 @@ def test_a_big_text_body_keeps_its_inner_line_ends_and_loses_those_at_its_ends()
         assert parse_mail(raw).text == expected
 
 
+@pytest.mark.parametrize("in_headers", [False, True])
+def test_a_big_text_body_may_hold_the_token_text(in_headers: bool) -> None:
+    # the token's nonce is drawn anew only when the parser would read it (the headers)
+    first, second = "0123456789abcdef", "fedcba9876543210"
+    subject = f"PYSRV{first}N0" if in_headers else "big"
+    body = (f"PYSRV{first}N0 and PYSRV{second}N0 {first}\r\n" * MIN_RUN).encode()
+    raw = f"From: a@example.org\r\nSubject: {subject}\r\n\r\n".encode() + body
+    with mock.patch("pyserver.mta.skeleton.secrets.token_hex", side_effect=[first, second]):
+        skeleton = skeleton_of(raw)
+        with mock.patch("pyserver.mta.parse.skeleton_of", return_value=skeleton):
+            parsed = parse_mail(raw)
+    assert skeleton.nonce == (second if in_headers else first)
+    assert len(skeleton.data) < 1000, "the body was set aside"
+    assert parsed.subject == subject
+    assert parsed.text == body.decode().replace("\r\n", "\n").strip("\n")
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.binary(max_size=3000))
 def test_the_parser_never_raises_on_arbitrary_bytes(raw: bytes) -> None:

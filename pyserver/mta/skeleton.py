@@ -124,8 +124,12 @@ def _set_aside(raw: bytes, runs: list[tuple[int, int]], encoding: bytes | None =
     """The skeleton with these runs set aside (`encoding`: one plain body's)."""
     if not runs:
         return Skeleton(raw, raw)
+    # A token must be no text of the message. A one-part body is looked through only
+    # where the parser reads (its headers): with one token, `restore` never looks inside
+    # what it put back, so the body may hold anything (and need not be searched, 1 MiB).
+    searched = [raw] if encoding is None else [raw[: runs[0][0]], raw[runs[0][1] :]]
     nonce = secrets.token_hex(8)
-    while nonce.encode() in raw:
+    while any(nonce.encode() in piece for piece in searched):
         nonce = secrets.token_hex(8)
     skeleton = Skeleton(raw, b"", nonce)
     pieces = []
