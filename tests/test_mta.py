@@ -655,7 +655,10 @@ def test_big_attachments_decode_exactly_as_the_email_package_does(size, line, cr
 
 def _parsed_fields(raw: bytes) -> dict[str, Any]:
     parsed = parse_mail(raw)
-    fields = {name: getattr(parsed, name) for name in parsed.__slots__ if name != "attachments"}
+    # the text's bytes, when kept, are its UTF-8 (kept or not, whichever way it was read)
+    assert parsed.text_utf8 is None or parsed.text_utf8 == parsed.text.encode("utf-8")
+    skipped = ("attachments", "text_utf8")
+    fields = {name: getattr(parsed, name) for name in parsed.__slots__ if name not in skipped}
     fields["attachments"] = [
         (a.name, a.content_type, b"".join(a.pieces())) for a in parsed.attachments
     ]
@@ -738,6 +741,7 @@ def test_a_big_text_body_may_hold_the_token_text(in_headers: bool) -> None:
     assert len(skeleton.data) < 1000, "the body was set aside"
     assert parsed.subject == subject
     assert parsed.text == body.decode().replace("\r\n", "\n").strip("\n")
+    assert parsed.text_utf8 == parsed.text.encode(), "an ASCII body's bytes are kept"
 
 
 @settings(max_examples=60, deadline=None)

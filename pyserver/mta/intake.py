@@ -384,7 +384,7 @@ async def _inline_text(
     """The body as delivered inline, and the blob holding all of it when it is cut."""
     if len(mail.text) * 4 <= limit:
         return mail.text, None
-    encoded = mail.text.encode("utf-8")
+    encoded = mail.text_utf8 if mail.text_utf8 is not None else mail.text.encode("utf-8")
     if len(encoded) <= limit:
         return mail.text, None
     body = await put(encoded)

@@ -119,6 +119,9 @@ class ParsedMail:
     attachments: list[Attachment] = field(default_factory=list)
     defects: list[str] = field(default_factory=list)
     malformed: bool = False
+    # `text` as UTF-8 when the parser had those bytes at hand (an ASCII body): whoever
+    # stores the text need not encode a big body again. None: encode `text`.
+    text_utf8: bytes | None = None
 
 
 def clean(text: str) -> str:
@@ -155,6 +158,8 @@ class _Reader:
         self.message = message
         self.skeleton = skeleton
         self.mail = ParsedMail()
+        # the last text part read from ASCII bytes: (its text, those bytes)
+        self._ascii_text: tuple[str, bytes] | None = None
 
     def read(self) -> ParsedMail:
         mail, message = self.mail, self.message
@@ -251,6 +256,8 @@ class _Reader:
         # isspace, not strip: a big body is not copied to be looked at
         kept = [text.strip("\n") for text in texts if text and not text.isspace()]
         mail.text = "\n\n".join(kept)
+        if self._ascii_text is not None and mail.text == self._ascii_text[0]:
+            mail.text_utf8 = self._ascii_text[1]  # ASCII: its UTF-8 is those very bytes
 
     def _leaves(self, part: Message) -> Iterator[Message]:
         """Leaf parts in order; a message/* part is one leaf (attached mail stays whole)."""
@@ -322,6 +329,8 @@ class _Reader:
         text = _lines(_decode_text(data, charset, self.mail.defects))
         if html:
             text = html_to_text(text)
+        elif ascii_lines and data.isascii():  # an ASCII-compatible charset: text is data
+            self._ascii_text = (text, data)
         return clean(text)
 
     def _attachment(self, part: Message, number: int) -> Attachment:
