@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -197,3 +198,16 @@ def test_the_data_reader_reads_an_oversized_message_to_its_end() -> None:
     assert _read(message + b".\r\n", [100, 3000], 1000) == (None, b"NEXT COMMAND\r\n")
     assert _read(message + b".\r\n", [1, 2, 5003], 6000) == (message, b"NEXT COMMAND\r\n")
     assert _read(b".\r\n", [], 10) == (b"", b"NEXT COMMAND\r\n")  # an empty message
+
+
+@pytest.mark.parametrize("splits", [[], [7], [500, 501, 502, 2000], list(range(0, 4000, 61))])
+def test_the_data_reader_finds_dot_lines_among_many_dots(splits: list[int]) -> None:
+    # dots inside lines (more than are looked at one by one: the ninth starts a line), then
+    # lines starting with one
+    message = b"1.2.3.4.5.6.7.8\r\n.first\r\n" + b"a.b.c.d.e.f.g.h.i.j.k.l\r\n" * 40
+    message += b".second\r\n" + b"x.y\r\n.\r\n.." * 30 + b"\r\n"
+    content, rest = _read(_stuffed(message), splits, 1 << 20)
+    assert content == message
+    assert rest == b"NEXT COMMAND\r\n"
+    # over the limit after a line starting with ".": still read to its end
+    assert _read(_stuffed(message), splits, 100) == (None, b"NEXT COMMAND\r\n")
