@@ -329,7 +329,9 @@ class _Reader:
         text = _lines(_decode_text(data, charset, self.mail.defects))
         if html:
             text = html_to_text(text)
-        elif ascii_lines and data.isascii():  # an ASCII-compatible charset: text is data
+        elif ascii_lines and text.isascii():
+            # read in an ASCII-compatible charset (no other byte decodes to ASCII; no CR
+            # left to change): the text is `data` itself (and str.isascii needs no scan)
             self._ascii_text = (text, data)
         return clean(text)
 
