@@ -15,6 +15,7 @@ import base64
 import json
 import quopri
 import random
+import re
 import signal
 import smtplib
 import subprocess
@@ -39,7 +40,7 @@ from pyserver.mta.intake import MailIntake, MtaSettings
 from pyserver.mta.parse import _byte_lines, parse_mail
 from pyserver.mta.route import SingleServerRoute
 from pyserver.mta.senders import check_dkim, from_domain
-from pyserver.mta.skeleton import MIN_RUN, skeleton_of
+from pyserver.mta.skeleton import MIN_RUN, _dash_lines, skeleton_of
 from pyserver.mta.smtp import MtaProxy, read_data
 from pyserver.pure import frame as pure_frame
 from tests.conftest import implementation_params
@@ -704,6 +705,16 @@ def test_a_big_one_part_body_parses_exactly_as_the_email_package_does(
     plain = not content_type or content_type.lower().startswith("text/")
     if plain and encoding != "base64":
         assert len(skeleton_of(raw).data) < 1000, "the body was set aside"
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from([b"-", b"--", b"\n", b"\r\n", b"a", b"\n--x"]), max_size=300))
+def test_the_skeleton_finds_every_line_starting_with_two_dashes(pieces: list[bytes]) -> None:
+    raw = b"".join(pieces)  # up to hundreds of dashes: memchr first, then the regex
+    assert _dash_lines(raw) == [0, *(found.start() + 1 for found in re.finditer(b"\n--", raw))]
+    # the first dash left to the regex starts such a line
+    many = b"a-" * 64 + b"\n--x" + raw
+    assert _dash_lines(many) == [0, *(found.start() + 1 for found in re.finditer(b"\n--", many))]
 
 
 @settings(max_examples=200, deadline=None)

@@ -41,6 +41,10 @@ MIN_RUN = 32 << 10
 _SCAN_STEP = 1 << 20
 _ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/="
 _LINE_ENDS = b"\r\n"
+# A line starting with "--", and the dashes `_dash_lines` looks at one by one before it
+# leaves the rest to the regex.
+_DASH_LINE = re.compile(rb"\n--")
+_DASHES_LOOKED_AT = 64
 # CR and LF bytes `decode(trimmed=True)` takes off at most, at each end of a body.
 _TRIM_MAX = 64
 # A one-part message's headers that say how to read its body (folded lines included).
@@ -103,14 +107,8 @@ def skeleton_of(raw: bytes) -> Skeleton:
     if plain is not None:
         return _set_aside(raw, [plain[:2]], plain[2])
     runs: list[tuple[int, int]] = []
-    # Each body follows a boundary line (a line starting with "--") or the message start;
-    # "--" never occurs in base64, so looking for it skips over the big bodies quickly.
-    starts = [0]
-    at = raw.find(b"--")
-    while at != -1:
-        if at and raw[at - 1] == 0x0A:
-            starts.append(at)
-        at = raw.find(b"--", at + 2)
+    # Each body follows a boundary line (a line starting with "--") or the message start.
+    starts = _dash_lines(raw)
     ends = [*starts[1:], len(raw)]
     for start, end in zip(starts, ends, strict=True):
         if end - start >= MIN_RUN:
@@ -118,6 +116,26 @@ def skeleton_of(raw: bytes) -> Skeleton:
             if run is not None:
                 runs.append(run)
     return _set_aside(raw, runs)
+
+
+def _dash_lines(raw: bytes) -> list[int]:
+    """0 and where each line starting with "--" begins. "-" never occurs in base64, so
+    memchr skips a big body at once; where dashes are many (text), one regex pass beats
+    a look at each."""
+    starts = [0]
+    at = raw.find(b"-")
+    misses = 0
+    while at != -1 and misses < _DASHES_LOOKED_AT:
+        if raw[at + 1 : at + 2] == b"-" and raw[at - 1 : at] == b"\n":
+            starts.append(at)
+            at += 2
+        else:
+            misses += 1
+            at += 1
+        at = raw.find(b"-", at)
+    if at != -1:  # the rest by regex, from the first dash not looked at
+        starts += [found.start() + 1 for found in _DASH_LINE.finditer(raw, at - 1)]
+    return starts
 
 
 def _set_aside(raw: bytes, runs: list[tuple[int, int]], encoding: bytes | None = None) -> Skeleton:
