@@ -741,8 +741,8 @@ def test_a_big_text_body_keeps_its_inner_line_ends_and_loses_those_at_its_ends()
 def test_a_big_text_body_may_hold_the_token_text(in_headers: bool) -> None:
     # the token's nonce is drawn anew only when the parser would read it (the headers)
     first, second = "0123456789abcdef", "fedcba9876543210"
-    subject = f"PYSRV{first}N0" if in_headers else "big"
-    body = (f"PYSRV{first}N0 and PYSRV{second}N0 {first}\r\n" * MIN_RUN).encode()
+    subject = f"PYSRV-{first}-0" if in_headers else "big"
+    body = (f"PYSRV-{first}-0 and PYSRV-{second}-0 {first}\r\n" * MIN_RUN).encode()
     raw = f"From: a@example.org\r\nSubject: {subject}\r\n\r\n".encode() + body
     with mock.patch("pyserver.mta.skeleton.secrets.token_hex", side_effect=[first, second]):
         skeleton = skeleton_of(raw)
@@ -753,6 +753,25 @@ def test_a_big_text_body_may_hold_the_token_text(in_headers: bool) -> None:
     assert parsed.subject == subject
     assert parsed.text == body.decode().replace("\r\n", "\n").strip("\n")
     assert parsed.text_utf8 == parsed.text.encode(), "an ASCII body's bytes are kept"
+
+
+def test_big_attachments_set_aside_with_a_nonce_the_parser_never_reads() -> None:
+    first, second = "0123456789abcdef", "fedcba9876543210"
+    blobs = [random.Random(n).randbytes(3 * MIN_RUN) for n in range(2)]
+    message = EmailMessage()
+    message["From"] = "a@example.org"
+    message.set_content(f"see PYSRV-{first}-1 attached\n")  # read by the parser: redrawn
+    for n, blob in enumerate(blobs):
+        message.add_attachment(blob, maintype="application", subtype="pdf", filename=f"{n}.pdf")
+    raw = message.as_bytes(policy=policy.SMTP)
+    with mock.patch("pyserver.mta.skeleton.secrets.token_hex", side_effect=[first, second]):
+        skeleton = skeleton_of(raw)
+        with mock.patch("pyserver.mta.parse.skeleton_of", return_value=skeleton):
+            parsed = parse_mail(raw)
+    assert skeleton.nonce == second
+    assert len(skeleton.runs) == 2 and len(skeleton.data) < 2000, "both bodies set aside"
+    assert parsed.text == f"see PYSRV-{first}-1 attached"
+    assert [b"".join(a.pieces()) for a in parsed.attachments] == blobs
 
 
 @settings(max_examples=60, deadline=None)

@@ -142,24 +142,23 @@ def _set_aside(raw: bytes, runs: list[tuple[int, int]], encoding: bytes | None =
     """The skeleton with these runs set aside (`encoding`: one plain body's)."""
     if not runs:
         return Skeleton(raw, raw)
-    # A token must be no text of the message. A one-part body is looked through only
-    # where the parser reads (its headers): with one token, `restore` never looks inside
-    # what it put back, so the body may hold anything (and need not be searched, 1 MiB).
-    searched = [raw] if encoding is None else [raw[: runs[0][0]], raw[runs[0][1] :]]
+    bounds = [0, *(at for run in runs for at in run), len(raw)]
+    outside = [raw[bounds[i] : bounds[i + 1]] for i in range(0, len(bounds), 2)]
+    # A token must be no text the parser reads: the nonce is drawn anew while it is in
+    # what lies outside the runs. The runs need no search (1 MiB): a base64 run cannot
+    # hold a token (no "-" in its alphabet), and a lone run is put back by `restore`
+    # whose one token is then looked for no more.
     nonce = secrets.token_hex(8)
-    while any(nonce.encode() in piece for piece in searched):
+    while any(nonce.encode() in piece for piece in outside):
         nonce = secrets.token_hex(8)
     skeleton = Skeleton(raw, b"", nonce)
-    pieces = []
-    done = 0
-    for n, (start, end) in enumerate(runs):
-        token = f"PYSRV{nonce}N{n}"
-        skeleton.runs[token] = (start, end)
+    pieces = [outside[0]]
+    for n, (run, after) in enumerate(zip(runs, outside[1:], strict=True)):
+        token = f"PYSRV-{nonce}-{n}"
+        skeleton.runs[token] = run
         if encoding is not None:
             skeleton.plain[token] = encoding
-        pieces += [raw[done:start], token.encode()]
-        done = end
-    pieces.append(raw[done:])
+        pieces += [token.encode(), after]
     skeleton.data = b"".join(pieces)
     return skeleton
 
