@@ -17,8 +17,8 @@ dropped.
 `thread_id`, `addresses` (those still queued: email addresses, and the phone a
 recipient's copy is texted to), `subject`, `text`, `ts`, `references` (the earlier
 mail headers of the conversation, oldest first; none for texts alone), `attachments`
-(blob refs with name, type, size), and answers `{address: (outcome, detail)}` with outcome "sent",
-"delivered", "failed" or "retry".
+(blob refs with name, type, size), and answers `{address: (outcome, detail)}` with
+outcome "sent", "delivered", "failed" or "retry".
 """
 
 from __future__ import annotations
