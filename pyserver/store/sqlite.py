@@ -353,13 +353,7 @@ class SQLiteStore(Store):
     async def index_terms(
         self, user_id: int, indexed_seq: int, terms: Sequence[tuple[str, str]]
     ) -> None:
-        user = _u64_key(user_id)
-        mark = _u64_key(indexed_seq, "indexed_seq")
-        term_rows = [
-            (user, _text(term, "a search term"), _text(message_id, "a message id"))
-            for term, message_id in terms
-        ]
-        await self._index.write(partial(_apply_index, user, mark, term_rows))
+        await self.index_terms_many([(user_id, indexed_seq, terms)])
 
     async def index_terms_many(self, marks: Sequence[IndexMark]) -> None:
         """Every user's terms and marks in one write of the index file."""
@@ -532,12 +526,6 @@ def _apply_append(
             "INSERT OR REPLACE INTO messages (user, message_id, body) VALUES (?, ?, ?)",
             message_rows,
         )
-
-
-def _apply_index(
-    user: bytes, mark: bytes, term_rows: list[tuple[bytes, str, str]], conn: sqlite3.Connection
-) -> None:
-    _apply_index_many(term_rows, [(user, mark)], conn)
 
 
 def _apply_index_many(
