@@ -10,7 +10,10 @@ aiosmtpd sink on uvloop (the proxy's library doing no work) and Postfix's `smtp-
 `smtp_sink_1mb_per_s` and the ratios `smtp_small_vs_aiosmtpd_sink`,
 `smtp_1mb_vs_smtp_sink`. Targets: at least 1,000 small mails/s and 0.8 of the aiosmtpd
 sink; at least 120 1 MiB mails/s and 0.35 of smtp-sink. A mail counts once the proxy
-answered 250, that is once every recipient's copy is durable.
+answered 250, that is once every recipient's copy is durable. The cell runs its proxy in
+its own process; the same rounds also feed the proxy as a tier of its own (`pyserver
+mta` in front of the same cell, delivering over a connection; the app server's work on
+the other core): `mta_process_small_per_s`, `mta_process_1mb_per_s` and their ratios.
 
 smtplib (issue 5): the sender is smtplib on persistent connections, 32 at once, a small
 text mail and one with a 1 MB attachment (each attachment different, so nothing is
@@ -271,15 +274,24 @@ def _source(port: int, count: int, size: int, sessions: int = 32) -> float:
     return time.perf_counter() - started
 
 
-def run_source(smtp_port: int, quick: bool = False) -> dict[str, Any]:
-    """The cell's MTA proxy, a bare aiosmtpd sink and smtp-sink, each fed by smtp-source
-    (32 sessions) in one run: small mails (300 B body) and 1 MB bodies; best of rounds."""
+def _mta_process(data: Path) -> AbstractContextManager[int]:
+    """`pyserver mta` in its own process in front of the cell in `data` (the proxy as its
+    own tier, delivering to the cell's app server over a connection)."""
+    argv = [sys.executable, "-m", "pyserver.cli", "mta", "--data", str(data), "--smtp-port"]
+    return listening_process(lambda port: [*argv, str(port)], "MTA proxy process")
+
+
+def run_source(smtp_port: int, data: Path, quick: bool = False) -> dict[str, Any]:
+    """The cell's MTA proxy, the proxy in a process of its own in front of the same cell,
+    a bare aiosmtpd sink and smtp-sink, each fed by smtp-source (32 sessions) in one run:
+    small mails (300 B body) and 1 MB bodies; best of rounds."""
     counts = {"small": 300, "1mb": 10} if quick else {"small": 3_000, "1mb": 100}
     sizes = {"small": 300, "1mb": 1 << 20}
     rounds = 1 if quick else 3
     best: dict[str, float] = {}
-    with _smtp_sink() as sink_port, _aiosmtpd_sink() as aio_port:
-        receivers = {"smtp": smtp_port, "aiosmtpd_sink": aio_port, "smtp_sink": sink_port}
+    with _smtp_sink() as sink_port, _aiosmtpd_sink() as aio_port, _mta_process(data) as mta_port:
+        receivers = {"smtp": smtp_port, "mta_process": mta_port, "aiosmtpd_sink": aio_port,
+                     "smtp_sink": sink_port}  # fmt: skip
         for _ in range(rounds):
             for size_name in ("small", "1mb"):
                 for receiver, port in receivers.items():
@@ -290,16 +302,21 @@ def run_source(smtp_port: int, quick: bool = False) -> dict[str, Any]:
     out: dict[str, Any] = {f"{name}_per_s": round(rate, 1) for name, rate in best.items()}
     small_vs_aio = best["smtp_small"] / best["aiosmtpd_sink_small"]
     mb_vs_sink = best["smtp_1mb"] / best["smtp_sink_1mb"]
+    process_vs_aio = best["mta_process_small"] / best["aiosmtpd_sink_small"]
     out["smtp_small_vs_aiosmtpd_sink"] = round(small_vs_aio, 3)
     out["smtp_1mb_vs_smtp_sink"] = round(mb_vs_sink, 3)
+    out["mta_process_small_vs_aiosmtpd_sink"] = round(process_vs_aio, 3)
+    out["mta_process_1mb_vs_smtp_sink"] = round(best["mta_process_1mb"] / best["smtp_sink_1mb"], 3)
     out["targets"] = {
         "smtp_small_per_s >= 1000": best["smtp_small"] >= 1000,
         "smtp_small_vs_aiosmtpd_sink >= 0.8": small_vs_aio >= 0.8,
         "smtp_1mb_per_s >= 120": best["smtp_1mb"] >= 120,
         "smtp_1mb_vs_smtp_sink >= 0.35": mb_vs_sink >= 0.35,
+        "mta_process_small_vs_aiosmtpd_sink >= 0.8": process_vs_aio >= 0.8,
     }
     out["setup"] = {"driver": "smtp-source, 32 sessions", "mails_per_round": counts,
-                    "rounds": rounds, "bodies": "300 B and 1 MiB of text"}  # fmt: skip
+                    "rounds": rounds, "bodies": "300 B and 1 MiB of text",
+                    "mta_process": "pyserver mta in front of the cell"}  # fmt: skip
     return out
 
 
@@ -337,7 +354,7 @@ def run(quick: bool = False) -> dict[str, Any]:
     rounds = 1 if quick else 3
     connections = 32
     best: dict[str, float] = {}
-    with _cell() as (_, port, smtp_port, key):
+    with _cell() as (data, port, smtp_port, key):
         # warm up (and get the email objects the proxy makes of each mail)
         _send_all(smtp_port, small, 8, 4)
         _send_all(smtp_port, big, 4, 4)
@@ -360,7 +377,7 @@ def run(quick: bool = False) -> dict[str, Any]:
                 count = counts["1mb" if name.endswith("1mb") else "small"]
                 rate = count / contender()
                 best[name] = max(best.get(name, 0.0), rate)
-        source = run_source(smtp_port, quick)
+        source = run_source(smtp_port, data, quick)
     # smtp-source's figures (issue 9's names) first, then smtplib's beside DELIVER
     results: dict[str, Any] = dict(source)
     results.update({f"{name}_per_s": round(rate, 1) for name, rate in best.items()})

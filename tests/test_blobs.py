@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import errno
 import hashlib
 import os
 import random
@@ -30,7 +31,7 @@ from pyserver.app.server import AppServer
 from pyserver.blobs import CHUNK_SIZE, BlobCorrupt, BlobNotFound, BlobStore, DiskBlobStore
 from pyserver.blobs.access import MAX_RANGE
 from pyserver.client import Client
-from pyserver.errors import BadRequest, Forbidden, NotFound
+from pyserver.errors import BadRequest, Forbidden, NotFound, Unavailable
 from pyserver.pure import frame as pure_frame
 from pyserver.wire.ops import Op
 from tests import support
@@ -171,6 +172,72 @@ def test_a_failed_stream_stores_nothing(make_store: Any) -> None:
             assert await store.stat(hashlib.sha256(b"x" * 100_000).hexdigest()) is None
             if isinstance(store, DiskBlobStore):
                 assert not [p for p in store.root.rglob("*") if p.is_file()]
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed-linked", "named-renamed"])
+def test_whole_bytes_that_could_not_be_written_leave_no_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, unnamed: bool
+) -> None:
+    """A write of whole bytes that fails (the disk full) leaves nothing under the blob's
+    name and nothing in the temporary folder, and a later put stores the blob whole;
+    both ways of writing them (unnamed then linked, or named then renamed)."""
+    from pyserver.blobs import disk
+
+    data = data_of(900, seed=11)
+    real_write_out = disk._write_out
+
+    def disk_full(fd: int, pieces: list[bytes]) -> None:
+        os.write(fd, pieces[0][:100])  # torn: part of the bytes, then no space
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    async def scenario() -> None:
+        store = DiskBlobStore(tmp_path / "blobs", durable=True)
+        await store.open()
+        assert store._link_unnamed, "this machine's file system has O_TMPFILE"
+        store._link_unnamed = unnamed
+        try:
+            path = store.path_of(hashlib.sha256(data).hexdigest())
+            monkeypatch.setattr(disk, "_write_out", disk_full)
+            with pytest.raises(Unavailable, match="disk is full"):
+                await store.put(data)
+            assert not path.exists() and not store.is_unsynced(path)
+            assert not list(store.tmp_dir.iterdir())
+            monkeypatch.setattr(disk, "_write_out", real_write_out)
+            assert (await store.put(data)).ref == path.name
+            assert await collect(store, path.name) == data
+            assert not list(store.tmp_dir.iterdir())
+        finally:
+            await store.close()
+
+    run(scenario)
+
+
+@pytest.mark.parametrize("unnamed", [True, False], ids=["unnamed-linked", "named-renamed"])
+def test_whole_bytes_put_again_find_their_file_or_mend_it(tmp_path: Path, unnamed: bool) -> None:
+    """A put of whole bytes already stored keeps the file (its time refreshed); one whose
+    file is damaged, or torn under its name by a crash, writes it whole again."""
+
+    async def scenario() -> None:
+        store = DiskBlobStore(tmp_path / "blobs", durable=True)
+        await store.open()
+        store._link_unnamed = unnamed
+        try:
+            data = data_of(900, seed=13)
+            info = await store.put(data)
+            path = store.path_of(info.ref)
+            inode = path.stat().st_ino
+            os.utime(path, (1, 1))
+            assert await store.put(data) == info
+            assert path.stat().st_ino == inode and path.stat().st_mtime > 1
+            for damaged in (path.read_bytes()[:100], b""):
+                path.write_bytes(damaged)
+                assert await store.put(data) == info
+                assert await collect(store, info.ref) == data
+            assert not list(store.tmp_dir.iterdir())
         finally:
             await store.close()
 

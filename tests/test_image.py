@@ -167,6 +167,35 @@ def test_message_deleted_recomputes_the_summary() -> None:
     assert thread.unread == 1
 
 
+def test_a_threads_outside_addresses_follow_its_messages() -> None:
+    """Who from outside a conversation wrote to its users and who they wrote to: kept as
+    messages come (the first spelling of an address wins), gone with the last message
+    that named it, and the same from a snapshot."""
+
+    def mail(seq: int, message_id: str, sender: int, address: str | None, to: list[str]):
+        item = added(seq, message_id, sender=sender, channel="email")
+        body = {"text": "t", "from": address, "extra": {"to_addresses": to} if to else {}}
+        return item, body
+
+    image = UserImage()
+    for item, body in (
+        mail(1, "m1", 0, "Alice@Outside.example", []),
+        mail(2, "m2", 1, "u1@cell", ["alice@outside.example", "Bob@elsewhere.example"]),
+        mail(3, "m3", 0, "carol@third.example", []),
+        mail(4, "m4", 2, "u2@cell", []),  # a user's own: not outside
+    ):
+        image.apply(item, body)
+    thread = image.threads[T1]
+    expected = ["Alice@Outside.example", "Bob@elsewhere.example", "carol@third.example"]
+    assert thread.outside_addresses() == expected
+    copy = UserImage.from_snapshot(image.to_snapshot())
+    assert copy.threads[T1].outside_addresses() == expected and copy.differences(image) == []
+    image.apply(entry(5, "message_deleted", thread_id=T1, message_id="m3"))
+    assert thread.outside_addresses() == expected[:2]
+    image.apply(entry(6, "message_deleted", thread_id=T1, message_id="m1"))
+    assert thread.outside_addresses() == ["alice@outside.example", "Bob@elsewhere.example"]
+
+
 def test_deleting_the_last_message_deletes_the_thread_and_its_weight() -> None:
     empty = UserImage().weight
     image = replay([added(1, "m1")])

@@ -38,11 +38,12 @@ from pyserver.errors import BadRequest, Unavailable
 from pyserver.mta.emailobject import MAX_EXTRA_BYTES
 from pyserver.mta.intake import MailIntake, MtaSettings
 from pyserver.mta.parse import _byte_lines, parse_mail
-from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.route import InProcessRoute, SingleServerRoute
 from pyserver.mta.senders import check_dkim, from_domain
 from pyserver.mta.skeleton import MIN_RUN, _dash_lines, skeleton_of
 from pyserver.mta.smtp import MtaProxy, read_data
 from pyserver.pure import frame as pure_frame
+from pyserver.wire.ops import Op
 from tests.conftest import implementation_params
 from tests.support import start_serving
 from tests.support.cells import KEY, InProcessCell
@@ -59,10 +60,15 @@ USERS = {"bob@example.com": 2, "carol@example.com": 3, "erin@example.org": 5}
 class MailCell(InProcessCell):
     """App server, mailbox, blob store and MTA proxy on loopback (see the module docstring)."""
 
-    def __init__(self, tmp_path: Path, codec: Any = None, **settings: Any) -> None:
+    def __init__(
+        self, tmp_path: Path, codec: Any = None, in_process: bool = False, **settings: Any
+    ) -> None:
+        """`in_process`: the proxy delivers through the dispatcher's `call`, as in the
+        single-node cell's own process, not over a connection to the app server."""
         super().__init__(tmp_path, blobs=True, codec=codec, node_id="mta-node")
         settings.setdefault("mta_deliver_timeout_s", 2.0)
         self.settings = MtaSettings(**settings)
+        self.in_process = in_process
 
     async def __aenter__(self) -> MailCell:
         await super().__aenter__()
@@ -70,7 +76,11 @@ class MailCell(InProcessCell):
         for address, user in USERS.items():
             await self.store.add_address(address, user)
         await self.serve()
-        self.route = SingleServerRoute("127.0.0.1", self.port, KEY, 2.0)
+        self.route: SingleServerRoute | InProcessRoute = (
+            InProcessRoute(self.dispatcher.call, 2.0)
+            if self.in_process
+            else SingleServerRoute("127.0.0.1", self.port, KEY, 2.0)
+        )
         self.intake = MailIntake(self.store, self.blobs, self.route, self.settings)
         self.proxy = MtaProxy(self.intake, hostname="mx.test")
         _, self.smtp_port = await self.proxy.start("127.0.0.1", 0)
@@ -200,6 +210,76 @@ def test_a_mail_reaches_every_recipient_in_one_thread(tmp_path: Path, impl: Any)
             assert extra["raw"]["size"] == len(data)
 
     run(scenario, new_loop)
+
+
+def test_in_process_delivery_stores_what_a_connection_stores(tmp_path: Path) -> None:
+    """The single-node cell's proxy delivers through `Dispatcher.call`: the copies are
+    those a delivery over a connection makes, a retry makes none, and the app server
+    counts each DELIVER as it counts a connection's."""
+    data = wire(mail(to="bob@example.com, carol@example.com"))
+    stored: dict[bool, list[dict[str, Any]]] = {}
+
+    async def scenario(in_process: bool) -> None:
+        async with MailCell(tmp_path / str(in_process), in_process=in_process) as cell:
+            for _ in range(2):  # the retry changes nothing
+                assert await cell.send(data, ["bob@example.com", "carol@example.com"]) == {}
+            stored[in_process] = [*await cell.messages(2), *await cell.messages(3)]
+            requests = (await cell.client.stats())["requests"]
+            assert requests["DELIVER"] == 4
+
+    for in_process in (False, True):
+        run(lambda in_process=in_process: scenario(in_process))
+    unique = ("message_id", "ts", "thread_id")
+    by_connection, by_call = (
+        [{k: v for k, v in m.items() if k not in unique} for m in stored[kind]]
+        for kind in (False, True)
+    )
+    assert len(by_call) == 2 and by_call == by_connection
+
+
+def test_dispatcher_call_answers_as_a_service_connection(tmp_path: Path) -> None:
+    """`Dispatcher.call`: the mailbox's own errors, raised as they are; the caller's payload
+    neither changed nor kept; only per-user requests."""
+    payload = {"user": 2, "sender": 0, "from": "a@example.org", "participants": [2],
+               "text": "hi", "subject": "s", "channel": "email", "key": "k1",
+               "extra": {"to": ("bob@example.com",)}}  # fmt: skip
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, in_process=True) as cell:
+            call = cell.dispatcher.call
+            sent = json.loads(json.dumps(payload))
+            reply = await call(Op.DELIVER, payload)
+            payload["extra"]["to"] = ("someone else",)
+            message = await cell.client.get_message(2, reply["message_id"])
+            assert message["extra"]["to"] == ["bob@example.com"] and sent["key"] == "k1"
+            with pytest.raises(BadRequest, match="channel"):
+                await call(Op.DELIVER, {**sent, "key": "k2", "channel": "pigeon"})
+            with pytest.raises(BadRequest, match="per-user"):
+                await call(Op.PING, {})
+            stats = await cell.client.stats()
+            assert stats["requests"]["DELIVER"] == 2 and stats["errors"]["BAD_REQUEST"] == 1
+
+    run(scenario)
+
+
+def test_in_process_route_answers_451_when_the_app_server_does_not(tmp_path: Path) -> None:
+    """A delivery the app server of the same process does not finish in time is
+    Unavailable (the proxy answers 451; the sender retries)."""
+
+    async def stuck(op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        await asyncio.sleep(30)
+        raise AssertionError("not reached")
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path, in_process=True) as cell:
+            cell.intake._route = InProcessRoute(stuck, 0.2)
+            with pytest.raises(smtplib.SMTPDataError) as error:
+                await cell.send(wire(mail()), ["bob@example.com"])
+            assert error.value.smtp_code == 451
+            with pytest.raises(Unavailable, match=r"DELIVER within 0\.1 s"):
+                await InProcessRoute(stuck, 0.1).deliver({"user": 2})
+
+    run(scenario)
 
 
 def test_attachments_come_back_byte_identical(tmp_path: Path, impl: Any) -> None:

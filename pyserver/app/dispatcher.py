@@ -145,6 +145,12 @@ class Session:
         return f"<Session {self.peer} {who} subscriptions={len(self.subscriptions)}>"
 
 
+# What the log names for `Dispatcher.call`'s requests: a trusted tier of this process.
+_LOCAL_SESSION = Session("in-process", lambda _subscription, _event: None)
+_LOCAL_SESSION.authenticated = True
+_LOCAL_FRAME = Frame(KIND_REQUEST, 0, 0, b"")
+
+
 def _user_id(payload: dict[str, Any], field: str, minimum: int = 0) -> int:
     return check_user_id(payload.get(field), field, minimum)
 
@@ -482,14 +488,39 @@ class Dispatcher:
         payload = self._payload(session, frame, op)
         handler = self._handlers.get(op)
         if handler is None:
-            mirror = self.mirror
-            if mirror is not None and mirror.wants(op, payload):  # a dark launch
-                sent = dict(payload)
-                result = await self._mailbox.execute(op, payload)
-                mirror.offer(op, sent, result)  # queued; the reply does not wait for it
-                return result
-            return await self._mailbox.execute(op, payload)
+            return await self._execute(op, payload)
         return await handler(session, frame, payload)
+
+    async def _execute(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        """A per-user request's reply from the mailbox (and the dark launch's mirror told)."""
+        mirror = self.mirror
+        if mirror is not None and mirror.wants(op, payload):  # a dark launch
+            sent = dict(payload)
+            result = await self._mailbox.execute(op, payload)
+            mirror.offer(op, sent, result)  # queued; the reply does not wait for it
+            return result
+        return await self._mailbox.execute(op, payload)
+
+    async def call(self, op: Op, payload: dict[str, Any]) -> dict[str, Any]:
+        """A per-user request of a trusted tier in this process (the single-node cell's MTA
+        proxy): what a service connection's request gets, counted and observed alike,
+        without the socket and the frame codec. Raises what the request raised.
+
+        The payload and the reply pass through JSON as they would over the wire, so the
+        mailbox gets the types it gets from a frame and neither side shares objects
+        with the other.
+        """
+        if op in _NO_USER:
+            raise BadRequest(f"{op.name} is not a per-user request")
+        started = time.perf_counter()
+        frame = _LOCAL_FRAME
+        try:
+            result = await self._execute(op, orjson.loads(orjson.dumps(payload)))
+        except Exception as exc:
+            self._finish(_LOCAL_SESSION, frame, op.name, started, exc)
+            raise
+        _, body = self._finish(_LOCAL_SESSION, frame, op.name, started, result)
+        return orjson.loads(body)
 
     @staticmethod
     def _check_user_scope(session: Session, op: Op, payload: dict[str, Any]) -> None:

@@ -222,8 +222,8 @@ class Thread:
     """A conversation: its participants, folder, messages in log order, and their summary.
 
     `participants`, `folder`, `unseen` and `messages` are the state; the rest
-    (subject, snippet, last_ts, last_seq, channels, unread) is derived from the
-    messages, kept up to date incrementally.
+    (subject, snippet, last_ts, last_seq, channels, unread, outside) is derived from
+    the messages, kept up to date incrementally.
     """
 
     __slots__ = (
@@ -232,6 +232,7 @@ class Thread:
         "last_seq",
         "last_ts",
         "messages",
+        "outside",
         "participants",
         "snippet",
         "subject",
@@ -254,6 +255,10 @@ class Thread:
         self.channels: set[str] = set()
         # how many of its messages are unread
         self.unread = 0
+        # the outside addresses its users wrote to and that wrote to them, by their lower
+        # case, as first written (GET_THREAD's `addresses`: a walk of a long conversation
+        # on every read of it, and on every write that refreshes a remembered read)
+        self.outside: dict[str, str] = {}
 
     def add(self, message: Message) -> None:
         self.messages[message.message_id] = message
@@ -264,6 +269,18 @@ class Thread:
         self.last_seq = message.seq
         self.channels.add(message.channel)
         self.unread += message.unread
+        self._note_outside(message)
+
+    def _note_outside(self, message: Message) -> None:
+        for address in message.extra.get("to_addresses", ()):
+            self.outside.setdefault(address.lower(), address)
+        if message.sender == 0 and message.sender_address:
+            self.outside.setdefault(message.sender_address.lower(), message.sender_address)
+
+    def outside_addresses(self) -> list[str]:
+        """The outside addresses of the conversation: those its users wrote to and those
+        that wrote to them."""
+        return sorted(self.outside.values(), key=str.lower)
 
     def summarise(self) -> None:
         """Recompute the derived fields from the messages (after a deletion or a load)."""
@@ -275,6 +292,9 @@ class Thread:
         self.last_seq = last.seq if last else 0
         self.channels = {m.channel for m in messages}
         self.unread = sum(m.unread for m in messages)
+        self.outside = {}
+        for message in messages:
+            self._note_outside(message)
 
     def to_summary(self) -> dict[str, Any]:
         """The thread as LIST_THREADS shows it."""
@@ -306,6 +326,7 @@ class Thread:
             "last_seq": self.last_seq,
             "channels": sorted(self.channels),
             "unread": self.unread,
+            "outside": self.outside,
         }
 
 

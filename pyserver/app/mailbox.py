@@ -712,7 +712,7 @@ class Mailbox:
         return {
             "thread_id": thread.thread_id,
             "participants": thread.participants,
-            "addresses": _outside_addresses(thread),
+            "addresses": thread.outside_addresses(),
             "folder": thread.folder,
             "messages": [message.to_dict() for message in page],
             "next": str(page[0].seq) if len(newest) > limit else None,
@@ -1307,18 +1307,6 @@ def _mail_readers(image: UserImage, thread_id: str, recipients: Iterable[int]) -
         and message.extra.get("sender_proof")
         and message.sender_address
     )
-
-
-def _outside_addresses(thread: Thread) -> list[str]:
-    """The outside addresses of a conversation: those its users wrote to and those that
-    wrote to them."""
-    found: dict[str, str] = {}
-    for message in thread.messages.values():
-        for address in message.extra.get("to_addresses", ()):
-            found.setdefault(address.lower(), address)
-        if message.sender == 0 and message.sender_address:
-            found.setdefault(message.sender_address.lower(), message.sender_address)
-    return sorted(found.values(), key=str.lower)
 
 
 @functools.lru_cache(maxsize=256)

@@ -34,7 +34,7 @@ from pyserver.config import Config
 from pyserver.dirty import local_memcached
 from pyserver.errors import BadRequest, PyserverError, error_payload
 from pyserver.imap.gateway import ImapGateway
-from pyserver.mta.route import SingleServerRoute
+from pyserver.mta.route import InProcessRoute
 from pyserver.mta.service import MtaService
 from pyserver.mta.submission import SubmissionProxy
 from pyserver.processes.assembly import AppServerParts, service_server
@@ -103,13 +103,8 @@ class SingleNodeCell:
         if self.userindex_server is not None:
             index_host, index_port = await self.userindex_server.start(self.config.host, 0)
             self.addresses["userindex"] = {"host": index_host, "port": index_port}
-        route = SingleServerRoute(
-            host,
-            port,
-            self.parts.keys,
-            self.config.mta_deliver_timeout_s,
-            tls=self.config.client_tls(),
-        )
+        # the proxy delivers to the app server of this process without a connection
+        route = InProcessRoute(self.parts.dispatcher.call, self.config.mta_deliver_timeout_s)
         self.mta = MtaService(self.config, self.parts.store, self.parts.blobs, route)
         smtp_host, smtp_port = await self.mta.start()
         self.addresses["smtp"] = {"host": smtp_host, "port": smtp_port}
@@ -206,7 +201,7 @@ class SingleNodeCell:
         scheme = "https" if self.config.tls else "http"
         return f"{scheme}://{web_addr['host']}:{web_addr['port']}/login?token={token}"
 
-    def _submission(self, route: SingleServerRoute) -> SubmissionProxy:
+    def _submission(self, route: InProcessRoute) -> SubmissionProxy:
         tls = TierTls(self.config.tls_cert_file, self.config.tls_key_file)
         return SubmissionProxy(
             self.parts.store,
