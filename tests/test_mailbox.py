@@ -839,6 +839,40 @@ async def test_a_race_lost_every_time_answers_conflict(tmp_path: Path) -> None:
         assert store.calls["append"] == 3  # the first try and two retries
 
 
+# ---- the reply table across writes ----
+
+
+def _asked_of_table(m: Mailbox, op: Op, raw: bytes) -> bytes | None:
+    """The reply frame the table gives a service connection's request, or None."""
+    decoder = frame_codec.FrameDecoder()
+    decoder.feed(frame_codec.encode_frame(KIND_REQUEST, op, 7, raw))
+    return m.reply_table().answer(decoder, 0)
+
+
+@run_async
+async def test_a_held_reply_is_answered_again_after_a_write_only_while_it_is_asked_for(
+    tmp_path: Path,
+) -> None:
+    """A write answers again the held replies read since they were last answered; one
+    nobody asked for since goes (a later read answers and holds it again)."""
+    async with opened(tmp_path) as (m, _store):
+        tid = (await send(m, 1, [2], "first"))["thread_id"]
+        request = {"user": 2, "thread_id": tid}
+        raw = orjson.dumps(request)
+        key = (Op.GET_THREAD.value, raw)
+        m.remember_reply(Op.GET_THREAD, request, raw,
+                         orjson.dumps(m.answer_cached(Op.GET_THREAD, request)))  # fmt: skip
+        await send(m, 1, [2], "second")  # it was read (the remembered read): answered again
+        assert m.reply_table().held(2) == [key]
+        assert b"second" in (_asked_of_table(m, Op.GET_THREAD, raw) or b"")
+        await send(m, 1, [2], "third")  # read from the table since: answered again
+        assert b"third" in (_asked_of_table(m, Op.GET_THREAD, raw) or b"")
+        await send(m, 1, [2], "fourth")  # answered again, but nobody asks for it now
+        await send(m, 1, [2], "fifth")  # so this write drops it
+        assert m.reply_table().held(2) == []
+        assert _asked_of_table(m, Op.GET_THREAD, raw) is None
+
+
 # ---- group commit per user ----
 
 

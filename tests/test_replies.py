@@ -152,6 +152,23 @@ def test_forget_clear_and_replacing_an_entry(twin: Twin) -> None:
     assert len(table) == 0 and table.nbytes == 0
 
 
+def test_held_read_only_names_the_replies_asked_for_since_they_were_put(twin: Twin) -> None:
+    """A reply put for a read just made counts as read; one put again after a write
+    (read=False) does not, until a request is answered from it."""
+    table = twin.ReplyTable()
+    table.put(2, COUNTS, b'{"user":2}', b"counts")
+    table.put(2, LIST_THREADS, b'{"user":2}', b"threads", read=False)
+    assert table.held(2) == [(COUNTS, b'{"user":2}'), (LIST_THREADS, b'{"user":2}')]
+    assert table.held(2, read_only=True) == [(COUNTS, b'{"user":2}')]
+    decoder = twin.decoder_with((KIND_REQUEST, LIST_THREADS, 1, b'{"user":2}'))
+    assert table.answer(decoder, 0) == reply(LIST_THREADS, 1, b"threads")
+    assert table.held(2, read_only=True) == table.held(2)
+    table.put(2, COUNTS, b'{"user":2}', b"counts again", read=False)  # replaced: unread
+    assert table.held(2, read_only=True) == [(LIST_THREADS, b'{"user":2}')]
+    table.forget(2)
+    assert table.held(2, read_only=True) == [] and table.held(3, read_only=True) == []
+
+
 def test_the_table_is_bounded_per_user_and_in_all(twin: Twin) -> None:
     table = twin.ReplyTable(max_bytes=10_000, per_user=4)
     for n in range(10):
@@ -204,6 +221,7 @@ PUT = st.tuples(
     st.sampled_from([COUNTS, LIST_THREADS]),
     st.integers(0, 6),
     st.binary(max_size=40),
+    st.booleans(),
 )
 # (kind, op, request id, user, n) of a frame whose payload is {"user":user,"n":n}
 FRAME = st.tuples(
@@ -226,10 +244,10 @@ def test_the_twins_answer_byte_for_byte_alike(actions: list[tuple]) -> None:
     tables = [native.ReplyTable(max_bytes=2_000, per_user=3), pure.ReplyTable(2_000, 3)]
     for action in actions:
         if action[0] == "put":
-            _, user, op, n, body = action
+            _, user, op, n, body, read = action
             payload = b'{"user":%d,"n":%d}' % (user, n)
             for table in tables:
-                table.put(user, op, payload, body)
+                table.put(user, op, payload, body, read=read)
         elif action[0] == "forget":
             for table in tables:
                 table.forget(action[1])
@@ -247,4 +265,6 @@ def test_the_twins_answer_byte_for_byte_alike(actions: list[tuple]) -> None:
             assert outcomes[0] == outcomes[1]
         assert [len(t) for t in tables] == [len(tables[0])] * 2
         assert tables[0].nbytes == tables[1].nbytes
+        for user in range(1, 6):
+            assert tables[0].held(user, read_only=True) == tables[1].held(user, read_only=True)
     assert tables[0].hits() == tables[1].hits()

@@ -483,6 +483,7 @@ def test_repeated_reads_come_from_the_reply_table_and_stay_current(
         async with Cell(tmp_path, impl) as cell:
             service = await cell.client()
             await service.friend_add(1, 2)
+            await service.friend_add(3, 2)
             sent = await service.send(1, [2], "hello two")
             reader = await cell.client(user_token=token_for(2))
             first = await reader.counts(2)  # the Python path, which fills the table
@@ -498,17 +499,29 @@ def test_repeated_reads_come_from_the_reply_table_and_stay_current(
             assert stats["mailbox"]["table_replies"] == 50
             assert stats["requests"]["COUNTS"] == 41
 
-            # A write answers the held replies again (write-through): the next reads
-            # come from the table, and see it.
-            await service.friend_add(3, 2)
+            # A write answers again the held replies read since they were last answered
+            # (write-through): the next reads come from the table, and see it.
             await service.send(3, [2], "hello from three")  # a second unread thread
-            await service.send(1, [2], "hello again")
             after = await reader.counts(2)
             assert after["folders"]["inbox"]["unread"] == first["folders"]["inbox"]["unread"] + 1
+            assert len((await reader.get_thread(2, sent["thread_id"]))["messages"]) == 1
+            await service.send(1, [2], "hello again")
             assert len((await reader.get_thread(2, sent["thread_id"]))["messages"]) == 2
             assert await reader.counts(2) == after
             stats = await service.request(Op.STATS, {})
-            assert stats["mailbox"]["table_replies"] == 53
+            assert stats["mailbox"]["table_replies"] == 54
+            # The thread list was not read after the first write: the second dropped it,
+            # and its next read is the Python path's (which holds it again).
+            assert (await reader.list_threads(2))["threads"][0]["messages"] == 2
+            stats = await service.request(Op.STATS, {})
+            assert stats["mailbox"]["table_replies"] == 54
+            # Two writes with no read between: the second drops every held reply.
+            await service.send(1, [2], "one")
+            await service.send(1, [2], "two")
+            assert await reader.counts(2) == after  # from Python, and held again
+            assert await reader.counts(2) == after  # from the table
+            stats = await service.request(Op.STATS, {})
+            assert stats["mailbox"]["table_replies"] == 55
 
             # A token for user 3 never reads user 2's held reply.
             assert await service.counts(2) == after

@@ -44,11 +44,15 @@ class ReplyTable:
         # (op, payload) -> (user, reply)
         self._entries: dict[tuple[int, bytes], tuple[int, bytes]] = {}
         self._by_user: dict[int, list[tuple[int, bytes]]] = {}
+        # keys put with read=False and not asked for since (see `held`)
+        self._unread: set[tuple[int, bytes]] = set()
         self._nbytes = 0
         self._hits: dict[int, int] = {}
 
-    def put(self, user: int, op: int, payload: bytes, reply: bytes) -> None:
-        """Remember `reply` as the answer to `payload` of `op`, for `user` and services."""
+    def put(self, user: int, op: int, payload: bytes, reply: bytes, read: bool = True) -> None:
+        """Remember `reply` as the answer to `payload` of `op`, for `user` and services.
+        `read`: it answers a read just made (False: it was answered again after a write,
+        and nobody has asked for it since; see `held`)."""
         if type(user) is not int or not 1 <= user <= MAX_USER_ID:
             raise ValueError(f"user must be a user id in 1..2**64-1, not {user!r}")
         if type(op) is not int or not 0 <= op < _OP_LIMIT:
@@ -75,14 +79,21 @@ class ReplyTable:
         self._entries[key] = (user, reply)
         self._nbytes += size
         self._by_user.setdefault(user, []).append(key)
+        if not read:
+            self._unread.add(key)
 
     def _drop(self, key: tuple[int, bytes], held: tuple[int, bytes]) -> None:
         del self._entries[key]
+        self._unread.discard(key)
         self._nbytes -= len(key[1]) + len(held[1]) + _ENTRY_OVERHEAD
 
-    def held(self, user: int) -> list[tuple[int, bytes]]:
-        """The (op, request payload) keys of the replies held for `user`, oldest first."""
-        return list(self._by_user.get(user, ()))
+    def held(self, user: int, read_only: bool = False) -> list[tuple[int, bytes]]:
+        """The (op, request payload) keys of the replies held for `user`, oldest first;
+        with `read_only`, only those asked for since they were put."""
+        keys = self._by_user.get(user, ())
+        if read_only:
+            return [key for key in keys if key not in self._unread]
+        return list(keys)
 
     def forget(self, user: int) -> None:
         """Drop every reply held for `user` (its image changed or left the cache)."""
@@ -95,6 +106,7 @@ class ReplyTable:
         """Drop every reply (the server stopped serving, or the table is full)."""
         self._entries.clear()
         self._by_user.clear()
+        self._unread.clear()
         self._nbytes = 0
 
     def __len__(self) -> int:
@@ -129,9 +141,11 @@ class ReplyTable:
                 or request_id == 0
             ):
                 break
-            held = self._entries.get((op, buf[pos + HEADER_SIZE : end]))
+            key = (op, buf[pos + HEADER_SIZE : end])
+            held = self._entries.get(key)
             if held is None or (scope != 0 and held[0] != scope):
                 break
+            self._unread.discard(key)
             reply = held[1]
             out.append(_HEADER.pack(MIN_FRAME_LENGTH + len(reply), VERSION, KIND_REPLY, op,
                                     request_id))  # fmt: skip

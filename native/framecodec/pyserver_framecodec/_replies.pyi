@@ -8,10 +8,12 @@ class ReplyTable:
 
     def __init__(self, max_bytes: int = ..., per_user: int = 32) -> None:
         """ValueError unless both are positive ints."""
-    def put(self, user: int, op: int, payload: bytes, reply: bytes) -> None:
-        """Remember a reply; ValueError for a user outside 1..2**64-1 or an op outside 0..255."""
-    def held(self, user: int) -> list[tuple[int, bytes]]:
-        """The (op, request payload) keys of the replies held for `user`, oldest first."""
+    def put(self, user: int, op: int, payload: bytes, reply: bytes, read: bool = True) -> None:
+        """Remember a reply (`read`: it answers a read just made, not a write's refresh);
+        ValueError for a user outside 1..2**64-1 or an op outside 0..255."""
+    def held(self, user: int, read_only: bool = False) -> list[tuple[int, bytes]]:
+        """The (op, request payload) keys of the replies held for `user`, oldest first
+        (`read_only`: only those asked for since they were put)."""
     def forget(self, user: int) -> None:
         """Drop every reply held for `user`."""
     def clear(self) -> None:

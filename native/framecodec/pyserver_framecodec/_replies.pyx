@@ -72,6 +72,7 @@ cdef struct Slot:
     unsigned long long user
     PyObject* payload  # owned reference to the request payload (bytes)
     PyObject* reply  # owned reference to the reply payload (bytes)
+    bint read  # asked for since it was put (`answer`, or put with read=True)
 
 
 cdef inline uint64_t _key_hash(unsigned int op, const unsigned char* payload, Py_ssize_t size):
@@ -167,7 +168,7 @@ cdef class ReplyTable:
             i = (i + 1) & mask
 
     cdef void _insert_new(self, uint64_t h, unsigned int op, unsigned long long user,
-                          object payload, object reply) noexcept:
+                          object payload, object reply, bint read) noexcept:
         """Place an entry known to be absent (the table has room)."""
         cdef Py_ssize_t mask = self._capacity - 1
         cdef Py_ssize_t i = <Py_ssize_t>(h & <uint64_t>mask)
@@ -183,6 +184,7 @@ cdef class ReplyTable:
         self._slots[i].user = user
         self._slots[i].payload = <PyObject*>payload
         self._slots[i].reply = <PyObject*>reply
+        self._slots[i].read = read
         self._live += 1
 
     cdef int _make_room(self) except -1:
@@ -233,11 +235,13 @@ cdef class ReplyTable:
 
     # ---- the Python API ----
 
-    def put(self, user, op, payload, reply):
-        """put(user: int, op: int, payload: bytes, reply: bytes) -> None
+    def put(self, user, op, payload, reply, read=True):
+        """put(user: int, op: int, payload: bytes, reply: bytes, read: bool = True) -> None
 
         Remember `reply` as the answer to request `payload` of `op`, for `user`'s
-        connections and service connections only.
+        connections and service connections only. `read`: it answers a read just made
+        (False: it was answered again after a write, and nobody has asked for it since;
+        see `held`).
         """
         cdef Py_ssize_t size
         cdef uint64_t h
@@ -266,7 +270,7 @@ cdef class ReplyTable:
             self.clear()
             keys = None
         self._make_room()
-        self._insert_new(h, op, user, payload, reply)
+        self._insert_new(h, op, user, payload, reply, bool(read))
         self._nbytes += size
         if keys is None:
             self._by_user[user] = [(op, payload)]
@@ -284,12 +288,29 @@ cdef class ReplyTable:
                 del self._by_user[user]
         return 0
 
-    def held(self, user):
-        """held(user: int) -> list[tuple[int, bytes]]
+    def held(self, user, read_only=False):
+        """held(user: int, read_only: bool = False) -> list[tuple[int, bytes]]
 
-        The (op, request payload) keys of the replies held for `user`, oldest first.
+        The (op, request payload) keys of the replies held for `user`, oldest first;
+        with `read_only`, only those asked for since they were put.
         """
-        return list(self._by_user.get(user, ()))
+        cdef Slot* slot
+        cdef unsigned int op
+        keys = self._by_user.get(user, ())
+        if not read_only:
+            return list(keys)
+        found = []
+        for op, payload in keys:
+            slot = self._find(
+                op,
+                <const unsigned char*>PyBytes_AS_STRING(payload),
+                PyBytes_GET_SIZE(payload),
+                _key_hash(op, <const unsigned char*>PyBytes_AS_STRING(payload),
+                          PyBytes_GET_SIZE(payload)),
+            )
+            if slot != NULL and slot.read:
+                found.append((op, payload))
+        return found
 
     def forget(self, user):
         """forget(user: int) -> None
@@ -414,6 +435,7 @@ cdef class ReplyTable:
             _write_u32(out + 8, request_id)
             memcpy(out + HEADER_SIZE, PyBytes_AS_STRING(<object>slot.reply), reply_size)
             used += HEADER_SIZE + reply_size
+            slot.read = True
             self._hits[op] += 1
             decoder._consume(LENGTH_PREFIX_SIZE + <Py_ssize_t>length)
         if used == 0:
