@@ -1,6 +1,11 @@
-"""`python -m bench.mail_cpu [MAILS] [ROUNDS] [BODY_BYTES]`: CPU per mail of the receiving
-process, the MTA proxy beside a bare aiosmtpd sink, both fed by Postfix's smtp-source (32
-sessions, 300-byte body) in alternating rounds on a fresh `pyserver run` cell.
+"""`python -m bench.mail_cpu [MAILS] [ROUNDS] [BODY_BYTES] [--mta-process]`: CPU per mail
+of the receiving process, the MTA proxy beside a bare aiosmtpd sink, both fed by
+Postfix's smtp-source (32 sessions, 300-byte body) in alternating rounds on a fresh
+`pyserver run` cell.
+
+With `--mta-process` the proxy fed is `pyserver mta` in a process of its own in front of
+the cell (`mta_process_*`), and the cell's CPU per mail (its app server's work) is given
+beside it (`cell_cpu_ms`).
 
 With BODY_BYTES (e.g. 1048576, the 1 MiB mail of `bench mail`) the bodies are that big and
 the proxy's neighbour is Postfix's smtp-sink (the bare aiosmtpd sink takes 1 MiB bodies
@@ -13,12 +18,13 @@ budget the proxy's own work takes. Prints one JSON line per round.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 
-from bench.mail import _aiosmtpd_sink, _cell, _smtp_sink, _source
+from bench.mail import _aiosmtpd_sink, _cell, _mta_process, _smtp_sink, _source
 
 
 def _cpu_s(pid: int) -> tuple[float, float]:
@@ -36,26 +42,36 @@ def _listener(port: int) -> int:
     return int(shown.split("pid=")[1].split(",")[0])
 
 
-def main(mails: int = 2000, rounds: int = 2, size: int = 300) -> None:
+def main(mails: int = 2000, rounds: int = 2, size: int = 300, mta_process: bool = False) -> None:
     big = size > 64 << 10
     sink_name = "smtp_sink" if big else "aiosmtpd_sink"
     sink = _smtp_sink() if big else _aiosmtpd_sink()
-    with _cell() as (_, _, smtp_port, _), sink as sink_port:
+    with contextlib.ExitStack() as stack:
+        data, _, smtp_port, _ = stack.enter_context(_cell())
+        sink_port = stack.enter_context(sink)
+        cell_pid = _listener(smtp_port)
+        name = "pyserver"
+        if mta_process:
+            name, smtp_port = "mta_process", stack.enter_context(_mta_process(data))
         _source(smtp_port, 100 if not big else 10, size)  # warm up
-        receivers = {"pyserver": smtp_port, sink_name: sink_port}
+        receivers = {name: smtp_port, sink_name: sink_port}
         pids = {name: _listener(port) for name, port in receivers.items()}
         for _ in range(rounds):
             line = {}
-            for name, port in receivers.items():
-                before = _cpu_s(pids[name])
+            for receiver, port in receivers.items():
+                before, cell_before = _cpu_s(pids[receiver]), _cpu_s(cell_pid)
                 seconds = _source(port, mails, size)
-                after = _cpu_s(pids[name])
-                line[f"{name}_per_s"] = round(mails / seconds, 1)
-                line[f"{name}_cpu_ms"] = round((after[0] - before[0]) / mails * 1e3, 2)
-                line[f"{name}_sys_ms"] = round((after[1] - before[1]) / mails * 1e3, 2)
-            line["rate_ratio"] = round(line["pyserver_per_s"] / line[f"{sink_name}_per_s"], 3)
+                after, cell_after = _cpu_s(pids[receiver]), _cpu_s(cell_pid)
+                line[f"{receiver}_per_s"] = round(mails / seconds, 1)
+                line[f"{receiver}_cpu_ms"] = round((after[0] - before[0]) / mails * 1e3, 2)
+                line[f"{receiver}_sys_ms"] = round((after[1] - before[1]) / mails * 1e3, 2)
+                if receiver == "mta_process":
+                    used = cell_after[0] - cell_before[0]
+                    line["cell_cpu_ms"] = round(used / mails * 1e3, 2)
+            line["rate_ratio"] = round(line[f"{name}_per_s"] / line[f"{sink_name}_per_s"], 3)
             print(json.dumps(line), flush=True)
 
 
 if __name__ == "__main__":
-    main(*(int(arg) for arg in sys.argv[1:4]))
+    numbers = [int(arg) for arg in sys.argv[1:] if arg != "--mta-process"]
+    main(*numbers[:3], mta_process="--mta-process" in sys.argv[1:])

@@ -273,7 +273,10 @@ def test_two_nodes_that_both_own_a_user_keep_its_log_whole(any_store_cluster: Cl
             count += 1
             payload = {"sender": sender, "recipients": [recipient], "text": f"{name} {count}",
                        "channel": "chat", "key": f"{name}-{count}"}  # fmt: skip
-            for _ in range(20):  # CONFLICT (lost the race too often): retry with the key
+            # CONFLICT (lost the race too often): retried with the same key until answered,
+            # as a client must: a SEND that wrote the sender's copy and lost the race for
+            # the recipient's is in one log already, and its retry completes it
+            for _ in range(500):
                 try:
                     reply = await client.request(Op.SEND, payload)
                 except PyserverError as error:
@@ -281,6 +284,8 @@ def test_two_nodes_that_both_own_a_user_keep_its_log_whole(any_store_cluster: Cl
                     continue
                 acked[reply["message_id"]] = (sender, (recipient,))
                 break
+            else:
+                raise AssertionError(f"{payload['key']}: CONFLICT 500 times in a row")
 
     async def scenario() -> None:
         acked: dict = {}
