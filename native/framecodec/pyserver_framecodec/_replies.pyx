@@ -167,6 +167,12 @@ cdef class ReplyTable:
                 return slot
             i = (i + 1) & mask
 
+    cdef Slot* _find_key(self, unsigned int op, object payload) noexcept:
+        """The live slot of a held key (op, payload bytes), or NULL."""
+        cdef const unsigned char* data = <const unsigned char*>PyBytes_AS_STRING(payload)
+        cdef Py_ssize_t size = PyBytes_GET_SIZE(payload)
+        return self._find(op, data, size, _key_hash(op, data, size))
+
     cdef void _insert_new(self, uint64_t h, unsigned int op, unsigned long long user,
                           object payload, object reply, bint read) noexcept:
         """Place an entry known to be absent (the table has room)."""
@@ -301,13 +307,7 @@ cdef class ReplyTable:
             return list(keys)
         found = []
         for op, payload in keys:
-            slot = self._find(
-                op,
-                <const unsigned char*>PyBytes_AS_STRING(payload),
-                PyBytes_GET_SIZE(payload),
-                _key_hash(op, <const unsigned char*>PyBytes_AS_STRING(payload),
-                          PyBytes_GET_SIZE(payload)),
-            )
+            slot = self._find_key(op, payload)
             if slot != NULL and slot.read:
                 found.append((op, payload))
         return found
@@ -323,13 +323,7 @@ cdef class ReplyTable:
         if keys is None:
             return
         for op, payload in keys:
-            slot = self._find(
-                op,
-                <const unsigned char*>PyBytes_AS_STRING(payload),
-                PyBytes_GET_SIZE(payload),
-                _key_hash(op, <const unsigned char*>PyBytes_AS_STRING(payload),
-                          PyBytes_GET_SIZE(payload)),
-            )
+            slot = self._find_key(op, payload)
             if slot != NULL:
                 self._delete(slot)
 
