@@ -722,6 +722,6 @@ def test_durable_puts_at_the_same_moment_share_one_barrier(tmp_path: Path) -> No
 def _write_unsynced(store: DiskBlobStore, data: bytes) -> None:
     from pyserver.blobs.disk import _Writer
 
-    writer = _Writer(store, hashlib.sha256(data))
+    writer = _Writer(store)
     writer.write(data)
     writer.finish(sync=False)

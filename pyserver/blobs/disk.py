@@ -147,22 +147,19 @@ class _BlobFile:
 class _Writer:
     """A blob being written to a temporary file (used from one thread at a time)."""
 
-    def __init__(self, store: DiskBlobStore, digest: Any = None) -> None:
-        """`digest`: the sha256 of everything that will be written, when known already."""
+    def __init__(self, store: DiskBlobStore) -> None:
         self._store = store
         fd, name = _mkstemp(store.tmp_dir)
         self._path = Path(name)
         self._file = os.fdopen(fd, "wb")
-        self._known = digest is not None
-        self._digest = digest if digest is not None else hashlib.sha256()
+        self._digest = hashlib.sha256()
         self._crcs: list[int] = []
         self._chunk_crc = 0
         self._chunk_fill = 0
         self.size = 0
 
     def write(self, data: bytes) -> None:
-        if not self._known:
-            self._digest.update(data)
+        self._digest.update(data)
         self._file.write(data)
         self.size += len(data)
         chunk_size = CHUNK_SIZE
@@ -675,35 +672,25 @@ class DiskBlobStore(BlobStore):
     async def put_all(self, blobs: Sequence[bytes]) -> list[BlobInfo]:
         """Store many whole blobs behind one durability barrier (a bulk load: an import).
 
-        Each is written to its temporary file and renamed into place without an fsync
-        of its own, then one syncfs of the store's file system makes them all durable
-        before this returns (an fsync of each where there is no syncfs). A crash before
+        Each is written as `put` writes whole bytes, without a barrier of its own, then
+        one syncfs of the store's file system makes them all durable (and any of them
+        another put wrote and left waiting for a barrier) before this returns (an fsync
+        of each where there is no syncfs). A crash before
         that may leave a blob torn: its checksums show it damaged, the next put of it
         replaces it, and no caller was told it was stored."""
         return await self._run(self._put_all, [bytes(blob) for blob in blobs])
 
     def _put_all(self, blobs: list[bytes]) -> list[BlobInfo]:
         infos: list[BlobInfo] = []
-        written: dict[Path, None] = {}
+        waiting: dict[Path, None] = {}
         for data in blobs:
-            digest = hashlib.sha256(data)
-            ref = digest.hexdigest()
-            infos.append(BlobInfo(ref, len(data)))
-            path = self.path_of(ref)
-            if path in written or (self.holds(path, len(data)) and self.refresh(path)):
-                if self.is_unsynced(path):  # another put's, not yet behind a barrier
-                    written[path] = None
-                continue
-            writer = _Writer(self, digest)
-            try:
-                writer.write(data)
-                writer.finish(sync=False)
-            except BaseException:
-                writer.abort()
-                raise
-            written[path] = None
-        if written and self.durable:
-            self._sync(list(written))
+            info = self._put_bytes(data)
+            infos.append(info)
+            path = self.path_of(info.ref)
+            if self.is_unsynced(path):  # written now, or by another put not yet synced
+                waiting[path] = None
+        if waiting and self.durable:
+            self._sync(list(waiting))
         return infos
 
     def _put_bytes(self, data: bytes) -> BlobInfo:
