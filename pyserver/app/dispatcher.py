@@ -513,13 +513,12 @@ class Dispatcher:
         if op in _NO_USER:
             raise BadRequest(f"{op.name} is not a per-user request")
         started = time.perf_counter()
-        frame = _LOCAL_FRAME
         try:
             result = await self._execute(op, orjson.loads(orjson.dumps(payload)))
         except Exception as exc:
-            self._finish(_LOCAL_SESSION, frame, op.name, started, exc)
+            self._finish(_LOCAL_SESSION, _LOCAL_FRAME, op.name, started, exc)
             raise
-        _, body = self._finish(_LOCAL_SESSION, frame, op.name, started, result)
+        _, body = self._finish(_LOCAL_SESSION, _LOCAL_FRAME, op.name, started, result)
         return orjson.loads(body)
 
     @staticmethod

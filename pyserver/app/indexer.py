@@ -39,7 +39,7 @@ _MAX_TERM_CHARS = 64
 # Marks remembered per user; past this many the memory is dropped (they are re-read).
 _MAX_KNOWN_MARKS = 1_000_000
 # Users' index marks read at once in a flush (those whose gap needs the log).
-_WRITERS = 4
+_MARK_READERS = 4
 
 
 def search_terms(*texts: str) -> list[str]:
@@ -141,7 +141,7 @@ class SearchIndexer:
         """The index writes of users whose stored mark is not known to end right before
         their pending entries: the mark is read, and the log's terms in between added.
         A user whose read fails waits for the next flush."""
-        readers = asyncio.Semaphore(_WRITERS)
+        readers = asyncio.Semaphore(_MARK_READERS)
 
         async def filled(user_id: int, entry: _Pending) -> IndexMark:
             async with readers:
