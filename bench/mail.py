@@ -11,9 +11,10 @@ aiosmtpd sink on uvloop (the proxy's library doing no work) and Postfix's `smtp-
 `smtp_1mb_vs_smtp_sink`. Targets: at least 1,000 small mails/s and 0.8 of the aiosmtpd
 sink; at least 120 1 MiB mails/s and 0.35 of smtp-sink. A mail counts once the proxy
 answered 250, that is once every recipient's copy is durable. The cell runs its proxy in
-its own process; the same rounds also feed the proxy as a tier of its own (`pyserver
-mta` in front of the same cell, delivering over a connection; the app server's work on
-the other core): `mta_process_small_per_s`, `mta_process_1mb_per_s` and their ratios.
+the app server's process; the same rounds also feed the proxy as a tier of its own
+(`pyserver mta` in front of the same cell, delivering over a connection; the app server's
+work on the other core): `mta_process_small_per_s`, `mta_process_1mb_per_s` and their
+ratios.
 
 smtplib (issue 5): the sender is smtplib on persistent connections, 32 at once, a small
 text mail and one with a 1 MB attachment (each attachment different, so nothing is

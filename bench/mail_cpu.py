@@ -50,11 +50,11 @@ def main(mails: int = 2000, rounds: int = 2, size: int = 300, mta_process: bool 
         data, _, smtp_port, _ = stack.enter_context(_cell())
         sink_port = stack.enter_context(sink)
         cell_pid = _listener(smtp_port)
-        name = "pyserver"
+        fed = "pyserver"
         if mta_process:
-            name, smtp_port = "mta_process", stack.enter_context(_mta_process(data))
+            fed, smtp_port = "mta_process", stack.enter_context(_mta_process(data))
         _source(smtp_port, 100 if not big else 10, size)  # warm up
-        receivers = {name: smtp_port, sink_name: sink_port}
+        receivers = {fed: smtp_port, sink_name: sink_port}
         pids = {name: _listener(port) for name, port in receivers.items()}
         for _ in range(rounds):
             line = {}
@@ -68,7 +68,7 @@ def main(mails: int = 2000, rounds: int = 2, size: int = 300, mta_process: bool 
                 if receiver == "mta_process":
                     used = cell_after[0] - cell_before[0]
                     line["cell_cpu_ms"] = round(used / mails * 1e3, 2)
-            line["rate_ratio"] = round(line[f"{name}_per_s"] / line[f"{sink_name}_per_s"], 3)
+            line["rate_ratio"] = round(line[f"{fed}_per_s"] / line[f"{sink_name}_per_s"], 3)
             print(json.dumps(line), flush=True)
 
 
