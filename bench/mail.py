@@ -196,9 +196,14 @@ async def _email_object(port: int, key: str, user: int, subject: str) -> dict[st
                 if shown["subject"] != subject:
                     continue
                 message = await client.get_message(user, shown["message_id"])
-                return {"sender": 0, "from": message["from"], "text": message["text"],
-                        "subject": message["subject"], "channel": "email",
-                        "extra": message["extra"]}  # fmt: skip
+                email = {"sender": 0, "from": message["from"], "text": message["text"],
+                         "subject": message["subject"], "channel": "email",
+                         "extra": message["extra"]}  # fmt: skip
+                raw = message["extra"]["raw"]
+                if raw.get("inline"):  # a small mail's bytes go with DELIVER
+                    pieces = [piece async for piece in client.get_blob(user, raw["ref"])]
+                    email["raw"] = base64.b64encode(b"".join(pieces)).decode()
+                return email
     raise RuntimeError(f"bench: no delivered mail with subject {subject!r}")
 
 

@@ -139,6 +139,9 @@ class Config:
     max_mail_bytes: int = 80 << 20
     # a mail body longer than this (UTF-8 bytes) is delivered cut, whole in the blob store
     mail_inline_text_bytes: int = 64 << 10
+    # a mail of at most this many bytes goes with each copy, committed with its log entry,
+    # instead of into the blob store (0: every raw mail is a blob; at most 65536)
+    mail_inline_raw_bytes: int = 8 << 10
     # one delivery to a recipient's owner, connecting included; past it the proxy answers 451
     mta_deliver_timeout_s: float = 10.0
     # ---- mail out: SEND to email addresses (docs/mail.md, "Mail out") ----
@@ -374,6 +377,8 @@ def _check(config: Config) -> None:
         raise ConfigError(f"config dkim_key_file: cannot read {config.dkim_key_file!r}")
     if config.outbound_give_up_s <= 0:
         raise ConfigError("config outbound_give_up_s: must be positive")
+    if not 0 <= config.mail_inline_raw_bytes <= 64 << 10:
+        raise ConfigError("config mail_inline_raw_bytes: must be in 0..65536")
     domain = config.mail_domain
     if "." not in domain or any(c.isspace() or c in "@<>" for c in domain):
         raise ConfigError(f"config mail_domain: {domain!r} is not a domain name")

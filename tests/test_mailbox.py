@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
+import hashlib
 import importlib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Coroutine
@@ -21,6 +23,7 @@ import pyserver.app.residency as residency_module
 from pyserver import implementation
 from pyserver.app.image import UserImage, thread_id_for
 from pyserver.app.mailbox import Mailbox, MailboxSettings, search_terms
+from pyserver.blobs.base import BlobCorrupt
 from pyserver.errors import BadRequest, NotFound, NotOwner, TooLarge, Unavailable
 from pyserver.framedef import KIND_REPLY, KIND_REQUEST
 from pyserver.store.base import LogAppend, StoreUnavailable, WriteConflict
@@ -251,6 +254,73 @@ async def test_deliver_with_a_used_key_is_a_duplicate(tmp_path: Path) -> None:
         assert again == first | {"duplicate": True}
         [summary] = await threads(m, 2, "other")
         assert summary["messages"] == 1
+
+
+def _inline(raw: bytes, **named: Any) -> dict[str, Any]:
+    """DELIVER's fields for a mail whose raw bytes come inline (`named`: extra.raw's fields)."""
+    fields = {"ref": hashlib.sha256(raw).hexdigest(), "size": len(raw), "inline": True}
+    return {"raw": base64.b64encode(raw).decode(), "extra": {"raw": fields | named}}
+
+
+@run_async
+async def test_a_mails_raw_bytes_delivered_inline_are_kept_in_its_body(tmp_path: Path) -> None:
+    raw = b"From: a@x\r\nSubject: hi\r\n\r\nhello\r\n"
+    ref = hashlib.sha256(raw).hexdigest()
+    async with opened(tmp_path) as (m, store):  # a mailbox with no blob store at all
+        reply = await deliver(m, 2, 0, "hello", key="<r@x>", **{"from": "a@x"}, **_inline(raw))
+        message_id = reply["message_id"]
+        full = await m.execute(Op.GET_MESSAGE, {"user": 2, "message_id": message_id})
+        assert full["extra"]["raw"] == {"ref": ref, "size": len(raw), "inline": True}
+        assert "raw" not in full  # the image keeps the ref alone
+        stored = orjson.loads((await store.get_messages(2, [message_id]))[message_id])
+        assert base64.b64decode(stored["raw"]) == raw
+        whole = await m.execute(Op.GET_BLOB, {"user": 2, "ref": ref})
+        assert base64.b64decode(whole["data"]) == raw and whole["eof"] is True
+        assert whole["message_id"] == message_id and whole["size"] == len(raw)
+        part = await m.execute(Op.GET_BLOB, {"user": 2, "ref": ref, "offset": 6, "length": 4})
+        assert base64.b64decode(part["data"]) == raw[6:10] and part["eof"] is False
+        with pytest.raises(BadRequest, match="offset"):
+            await m.execute(Op.GET_BLOB, {"user": 2, "ref": ref, "offset": len(raw) + 1})
+        with pytest.raises(NotFound):  # only the users the mail reached may read it
+            await m.execute(Op.GET_BLOB, {"user": 3, "ref": ref})
+        appends = store.calls["append"]
+        bad = [
+            ({**_inline(raw), "raw": "not base64!"}, BadRequest, "base64"),
+            ({**_inline(raw), "raw": 7}, BadRequest, "base64 string"),
+            (_inline(raw, size=len(raw) + 1), BadRequest, "name these bytes"),
+            (_inline(raw, ref="0" * 64), BadRequest, "name these bytes"),
+            ({"raw": _inline(raw)["raw"], "extra": {}}, BadRequest, "name these bytes"),
+            ({"extra": _inline(raw)["extra"]}, BadRequest, "missing"),
+            (_inline(b"x" * 70_000), TooLarge, "limit"),
+        ]
+        for n, (fields, error, words) in enumerate(bad):
+            with pytest.raises(error, match=words):
+                await deliver(m, 2, 0, "bad", key=f"<bad{n}@x>", **{"from": "a@x"}, **fields)
+        assert store.calls["append"] == appends  # nothing written
+
+
+@run_async
+async def test_raw_bytes_a_body_lost_are_never_served(tmp_path: Path) -> None:
+    raw = b"Subject: lost\r\n\r\nbody\r\n"
+    ref = hashlib.sha256(raw).hexdigest()
+    async with opened(tmp_path) as (m, store):
+        reply = await deliver(m, 2, 0, "body", **{"from": "a@x"}, **_inline(raw))
+        stored = orjson.loads(
+            (await store.get_messages(2, [reply["message_id"]]))[reply["message_id"]]
+        )
+        for damaged in ({**stored, "raw": base64.b64encode(b"other bytes").decode()},
+                        {k: v for k, v in stored.items() if k != "raw"}):  # fmt: skip
+            real = store.inner.get_messages
+
+            async def serving(user: int, ids: Any, damaged: dict = damaged) -> dict[str, bytes]:
+                return {i: orjson.dumps(damaged) for i in ids}
+
+            store.inner.get_messages = serving
+            try:
+                with pytest.raises(BlobCorrupt, match=ref):
+                    await m.execute(Op.GET_BLOB, {"user": 2, "ref": ref})
+            finally:
+                store.inner.get_messages = real
 
 
 @run_async

@@ -207,7 +207,7 @@ def test_a_mail_reaches_every_recipient_in_one_thread(tmp_path: Path, impl: Any)
             # the raw message, exactly as received, from either recipient
             assert await cell.blob(2, extra["raw"]["ref"]) == data
             assert await cell.blob(3, extra["raw"]["ref"]) == data
-            assert extra["raw"]["size"] == len(data)
+            assert extra["raw"]["size"] == len(data) and extra["raw"]["inline"] is True
 
     run(scenario, new_loop)
 
@@ -425,15 +425,54 @@ def test_a_refusal_for_good_is_554(tmp_path: Path) -> None:
 
 
 def test_451_when_the_blob_store_cannot_keep_the_mail(tmp_path: Path) -> None:
+    big = wire(mail(text="lunch on friday? " * 1000))  # over mail_inline_raw_bytes
+
     async def scenario() -> None:
         async with MailCell(tmp_path) as cell:
+            assert len(big) > cell.intake.settings.mail_inline_raw_bytes
             await cell.blobs.close()
             with pytest.raises(smtplib.SMTPDataError) as error:
-                await cell.send(wire(mail()), ["bob@example.com"])
+                await cell.send(big, ["bob@example.com"])
             assert error.value.smtp_code == 451
             await cell.blobs.open()
-            await cell.send(wire(mail()), ["bob@example.com"])
+            await cell.send(big, ["bob@example.com"])
             assert len(await cell.messages(2)) == 1
+
+    run(scenario)
+
+
+def test_a_small_mail_goes_with_its_copies_and_a_big_one_to_the_blob_store(
+    tmp_path: Path,
+) -> None:
+    small = wire(mail())
+    big = wire(mail(text="lunch on friday? " * 1000, message_id="<big@example.org>"))
+
+    async def scenario() -> None:
+        async with MailCell(tmp_path) as cell:
+            limit = cell.intake.settings.mail_inline_raw_bytes
+            assert len(small) <= limit < len(big)
+            # The blob store is not on a small mail's path: it is taken with it down.
+            await cell.blobs.close()
+            assert await cell.send(small, ["bob@example.com", "carol@example.com"]) == {}
+            await cell.blobs.open()
+            await cell.send(big, ["bob@example.com"])
+            kept, blobbed = sorted(await cell.messages(2), key=lambda m: len(m["text"]))
+            raw = kept["extra"]["raw"]
+            assert raw["inline"] is True and raw["size"] == len(small)
+            assert await cell.blobs.stat(raw["ref"]) is None
+            assert await cell.blob(2, raw["ref"]) == small
+            assert await cell.blob(3, raw["ref"]) == small
+            # a range of it, as IMAP's partial FETCH reads it
+            part = await cell.client.get_blob_range(2, raw["ref"], offset=10, length=20)
+            assert base64.b64decode(part["data"]) == small[10:30]
+            assert part["size"] == len(small) and part["eof"] is False
+            assert "inline" not in blobbed["extra"]["raw"]
+            stored = await cell.blobs.stat(blobbed["extra"]["raw"]["ref"])
+            assert stored is not None and stored.size == len(big)
+            assert await cell.blob(2, blobbed["extra"]["raw"]["ref"]) == big
+            # the image keeps no raw bytes: GET_MESSAGE has the ref alone
+            message = await cell.client.get_message(2, kept["message_id"])
+            assert "raw" not in message and message["extra"]["raw"] == raw
 
     run(scenario)
 
@@ -442,7 +481,8 @@ def test_451_when_the_blobs_barrier_fails_after_the_owner_stored_its_copy(tmp_pa
     """The owner stores its copy while the blobs pass their durability barrier: a failed
     barrier answers 451 though the copy was made, and the retry rewrites the blob, finds
     the copy made (Message-ID) and answers 250: one copy, its raw message readable."""
-    data = wire(mail(message_id="<barrier@example.org>"))
+    # over mail_inline_raw_bytes: its raw message is a blob too
+    data = wire(mail(message_id="<barrier@example.org>", text="lunch on friday? " * 1000))
 
     async def scenario() -> None:
         async with MailCell(tmp_path) as cell:

@@ -39,6 +39,7 @@ from typing import Any
 
 import orjson
 
+from pyserver.app import inlineraw
 from pyserver.app.image import FOLDERS, Message, UserImage
 from pyserver.app.indexer import search_terms
 from pyserver.app.residency import decode_stored_page
@@ -595,6 +596,8 @@ async def restore_change(
         if extra.get("outbound"):
             outbound.add(entry["message_id"])
         for ref in blob_access.blob_refs(extra):
+            if inlineraw.names_inline(extra, ref):  # its bytes come back with the body
+                continue
             if ref and not await _keep_blob(blobs, ref):
                 report["missing_blobs"].append({"message_id": entry["message_id"], "ref": ref})
     settled = await _settlements(store, user_id, 0, outbound)

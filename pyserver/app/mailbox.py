@@ -26,7 +26,7 @@ from typing import Any
 
 import orjson
 
-from pyserver.app import history
+from pyserver.app import history, inlineraw
 from pyserver.app.image import CHANNELS, FOLDERS, Message, Thread, UserImage, thread_id_for
 from pyserver.app.indexer import search_terms
 from pyserver.app.residency import Change, Residency
@@ -78,6 +78,8 @@ class MailboxSettings:
     # subject, from, key
     max_field_bytes: int = 4 << 10
     max_extra_bytes: int = 64 << 10
+    # DELIVER's `raw`: a small mail's bytes, kept in its copy's body (pyserver.app.inlineraw)
+    max_inline_raw_bytes: int = 64 << 10
     conflict_retries: int = 3
     user_index_timeout_s: float = 0.5
 
@@ -85,7 +87,8 @@ class MailboxSettings:
         if self.default_folder not in FOLDERS:
             raise ValueError(f"default_folder must be one of {', '.join(FOLDERS)}")
         for name in ("cache_max_users", "cache_max_bytes", "snapshot_every", "max_text_bytes",
-                     "max_recipients", "max_field_bytes", "max_extra_bytes"):  # fmt: skip
+                     "max_recipients", "max_field_bytes", "max_extra_bytes",
+                     "max_inline_raw_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
         if self.conflict_retries < 0 or self.user_index_timeout_s <= 0:
@@ -114,6 +117,8 @@ class Delivery:
     extra: dict[str, Any]
     # the outside addresses the conversation includes (a SEND to email addresses)
     addresses: tuple[str, ...] = ()
+    # a small mail's bytes as received, kept in the body (DELIVER's `raw`)
+    raw: bytes | None = None
 
     def entry(self, folder: str, unread: bool) -> dict[str, Any]:
         """The message_added fields of a copy (the log entry without seq and ts)."""
@@ -149,7 +154,10 @@ class Delivery:
         send_to += notify or []
         if send_to:
             extra = {**extra, "outbound": send_to}
-        return {"text": self.text, "from": self.sender_address, "extra": extra}
+        body = {"text": self.text, "from": self.sender_address, "extra": extra}
+        if self.raw is not None:
+            body[inlineraw.BODY_FIELD] = inlineraw.body_field(self.raw)
+        return body
 
     def copy_request(self, recipient: int) -> dict[str, Any]:
         """The DELIVER_COPY payload of one recipient's copy (docs/protocol.md)."""
@@ -442,6 +450,7 @@ class Mailbox:
         subject = _text(p, "subject", self._settings.max_field_bytes, default="")
         key = _text(p, "key", self._settings.max_field_bytes, default="")
         extra = _extra(p, "extra", self._settings.max_extra_bytes)
+        raw = inlineraw.from_deliver(p, extra, self._settings.max_inline_raw_bytes)
         hint = _text(p, "thread", self._settings.max_field_bytes, default=None)
         # a new thread's folder when the mail is filed by its own user (IMAP APPEND)
         folder = _choice(p, "folder", FOLDERS) if p.get("folder") is not None else None
@@ -456,6 +465,7 @@ class Mailbox:
             text=text,
             key=key,
             extra=extra,
+            raw=raw,
         )
         return await self._write_copy(user, delivery, hint, folder)
 
@@ -760,6 +770,11 @@ class Mailbox:
         request = blob_access.BlobRange.from_payload(p)
         image = await self._resident.read(user)
         message_id = blob_access.find_reference(image.messages, request.ref, request.message_id)
+        if message_id is not None and inlineraw.names_inline(
+            image.messages[message_id].extra, request.ref
+        ):
+            whole = await inlineraw.read(self._store, user, message_id, request.ref)
+            return blob_access.range_of(request, message_id, whole)
         if message_id is None or self._blobs is None:
             raise NotFound(f"ref: user {user} has no message with blob {request.ref}")
         return await blob_access.read_range(self._blobs, request, message_id)

@@ -20,7 +20,15 @@ import pybase64
 from pyserver.blobs.base import BlobNotFound, BlobStore, check_ref
 from pyserver.errors import BadRequest, NotFound
 
-__all__ = ["DEFAULT_RANGE", "MAX_RANGE", "BlobRange", "blob_refs", "find_reference", "read_range"]
+__all__ = [
+    "DEFAULT_RANGE",
+    "MAX_RANGE",
+    "BlobRange",
+    "blob_refs",
+    "find_reference",
+    "range_of",
+    "read_range",
+]
 
 # Bytes per GET_BLOB reply: the default, and the most one request may ask for (its
 # base64 stays well under the 1 MiB default frame limit).
@@ -83,18 +91,35 @@ async def read_range(blobs: BlobStore, request: BlobRange, message_id: str) -> d
     info = await blobs.stat(request.ref)
     if info is None:
         raise NotFound(f"ref: no blob {request.ref}")
-    if request.offset > info.size:
-        raise BadRequest(f"offset: {request.offset} is past the blob's end ({info.size} bytes)")
+    _check_offset(request, info.size)
     try:
         data = await blobs.get(request.ref, request.offset, request.length)
     except BlobNotFound:
         raise NotFound(f"ref: no blob {request.ref}") from None
+    return _range_reply(request, message_id, info.size, data)
+
+
+def range_of(request: BlobRange, message_id: str, whole: bytes) -> dict[str, Any]:
+    """GET_BLOB's reply for a range of bytes held whole (a small mail's raw bytes, kept in
+    its copy's body: `pyserver.app.inlineraw`)."""
+    _check_offset(request, len(whole))
+    data = whole[request.offset : request.offset + request.length]
+    return _range_reply(request, message_id, len(whole), data)
+
+
+def _check_offset(request: BlobRange, size: int) -> None:
+    if request.offset > size:
+        raise BadRequest(f"offset: {request.offset} is past the blob's end ({size} bytes)")
+
+
+def _range_reply(request: BlobRange, message_id: str, size: int, data: bytes) -> dict[str, Any]:
+    """GET_BLOB's reply: `data`, read at the request's offset of a blob of `size` bytes."""
     end = request.offset + len(data)
     return {
         "ref": request.ref,
         "message_id": message_id,
-        "size": info.size,
+        "size": size,
         "offset": request.offset,
         "data": pybase64.b64encode_as_string(data),
-        "eof": end >= info.size,
+        "eof": end >= size,
     }

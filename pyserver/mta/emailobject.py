@@ -4,7 +4,9 @@ A parsed message whose bulk (attachments, a long body, the raw original) is
 in the blob store becomes a few fields DELIVER takes (`from`, `subject`,
 `text`, `key`) and an `extra` object with the rest: the mail headers that
 thread and answer it, and references to the blobs. docs/protocol.md
-("Email messages") describes `extra`; it always fits DELIVER's 64 KiB.
+("Email messages") describes `extra`; it always fits DELIVER's 64 KiB. A small
+mail's raw bytes are no blob: they go with DELIVER (`raw`), and each owner keeps
+them in the copy's body, committed with its log entry.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
+import pybase64
 
 from pyserver.blobs.base import BlobInfo
 from pyserver.mta.parse import Attachment, ParsedMail
@@ -63,13 +66,18 @@ class EmailObject:
     sender_user: int = 0
     # the conversation the mail answers, from its In-Reply-To (a mail this cell sent)
     thread_hint: str | None = None
+    # a small mail's bytes as received, kept with each copy's body instead of as a blob
+    # (`extra.raw.inline`); None: the raw message is the blob `extra.raw.ref`
+    raw_inline: bytes | None = None
 
     def deliver_payload(self, user: int, participants: Iterable[int]) -> dict[str, Any]:
         """DELIVER's payload for one recipient (a sender from outside: `sender` 0)."""
         sender = [self.sender_user] if self.sender_user else []
-        hint = {"thread": self.thread_hint} if self.thread_hint else {}
+        optional: dict[str, Any] = {"thread": self.thread_hint} if self.thread_hint else {}
+        if self.raw_inline is not None:
+            optional["raw"] = pybase64.b64encode_as_string(self.raw_inline)
         return {
-            **hint,
+            **optional,
             "user": user,
             "sender": self.sender_user,
             "from": self.sender,
@@ -113,14 +121,19 @@ def build_email(
     text: str,
     body: BlobInfo | None,
     attachments: list[StoredAttachment],
+    raw_inline: bytes | None = None,
 ) -> EmailObject:
     """The email object of a parsed message whose blobs are stored.
 
     `text` is the body as delivered inline (cut to the inline limit when
-    `body` holds the whole of it).
+    `body` holds the whole of it). `raw_inline`: the raw message's bytes when they go
+    with every copy instead of into the blob store (`raw` then names them all the same).
     """
     envelope_sender = (mail_from or "").strip("<> ") or None
     sender = sender_of(mail, mail_from)
+    named_raw: dict[str, Any] = {"ref": raw.ref, "size": raw.size}
+    if raw_inline is not None:
+        named_raw["inline"] = True
     extra: dict[str, Any] = {
         "message_id_header": mail.message_id,
         "in_reply_to": mail.in_reply_to,
@@ -131,7 +144,7 @@ def build_email(
         "reply_to": mail.reply_to,
         "date": mail.date,
         "mail_from": envelope_sender,
-        "raw": {"ref": raw.ref, "size": raw.size},
+        "raw": named_raw,
         "attachments": [stored.to_json() for stored in attachments],
     }
     if body is not None:
@@ -150,6 +163,7 @@ def build_email(
         text=text,
         key=_key(mail.message_id, raw.ref),
         extra=extra,
+        raw_inline=raw_inline,
     )
 
 

@@ -3,10 +3,11 @@ becomes of a message. Every answer is an SMTP reply line.
 
 `recipient(address)` resolves an address through the address book (RCPT:
 250, 550 for an unknown address, 451 when the book cannot answer).
-`accept(raw, mail_from, recipients)` keeps the raw message and the
-message's attachments (and a body over the inline limit) in the blob store,
-parses it, builds the lightweight email object and delivers it to every
-recipient's owner at once; it answers 250 only once every copy is durable,
+`accept(raw, mail_from, recipients)` keeps the raw message (unless it is
+small enough to go with each copy: `mail_inline_raw_bytes`) and the message's
+attachments (and a body over the inline limit) in the blob store, parses it,
+builds the lightweight email object and delivers it to every recipient's owner
+at once; it answers 250 only once every copy is durable,
 451 when a blob or an owner could not be reached (a retry is a no-op for the
 copies already made: the Message-ID is DELIVER's key), and 554 for what the
 app server refuses for good. Malformed mail is delivered all the same, with
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -44,6 +46,9 @@ __all__ = ["MailIntake", "MtaSettings", "store_mail", "store_mail_unsynced"]
 
 log = logging.getLogger(__name__)
 
+# DELIVER takes a raw message of at most this many bytes inline (docs/protocol.md).
+MAX_INLINE_RAW_BYTES = 64 << 10
+
 
 @dataclass(frozen=True, slots=True)
 class MtaSettings:
@@ -53,6 +58,9 @@ class MtaSettings:
     max_mail_bytes: int = 80 << 20
     # a body longer than this (UTF-8 bytes) is delivered cut, whole in the blob store
     mail_inline_text_bytes: int = 64 << 10
+    # a mail of at most this many bytes is delivered with its raw bytes, which each owner
+    # commits with its copy, instead of through the blob store (0: every raw is a blob)
+    mail_inline_raw_bytes: int = 8 << 10
     max_recipients: int = 100
     # one delivery to an owner, connecting included; then 451
     mta_deliver_timeout_s: float = 10.0
@@ -69,6 +77,8 @@ class MtaSettings:
                 raise ValueError(f"{name} must be at least 1")
         if self.mta_deliver_timeout_s <= 0:
             raise ValueError("mta_deliver_timeout_s must be positive")
+        if not 0 <= self.mail_inline_raw_bytes <= MAX_INLINE_RAW_BYTES:
+            raise ValueError(f"mail_inline_raw_bytes must be in 0..{MAX_INLINE_RAW_BYTES}")
 
     @classmethod
     def from_config(cls, config: Any) -> MtaSettings:
@@ -149,8 +159,9 @@ class MailIntake:
             sender = self._sender_soon(sender_of(parsed, mail_from))
         try:
             email, durable = await store_mail_unsynced(
-                raw, mail_from, self._blobs, self.settings, parsed=parsed
-            )
+                raw, mail_from, self._blobs, self.settings, parsed=parsed,
+                inline_raw_bytes=self.settings.mail_inline_raw_bytes,
+            )  # fmt: skip
         except PyserverError as exc:
             if sender is not None:
                 sender.cancel()
@@ -325,10 +336,16 @@ async def store_mail_unsynced(
     settings: MtaSettings,
     *,
     parsed: ParsedMail | None = None,
+    inline_raw_bytes: int = 0,
 ) -> tuple[EmailObject, asyncio.Future[Any]]:
     """`store_mail`, with the blobs' durability left to a future (`BlobStore.put_unsynced`):
     the email object at once, and a future done once all its blobs are durable, so the
-    caller may deliver meanwhile (and must wait for it before answering 250)."""
+    caller may deliver meanwhile (and must wait for it before answering 250).
+
+    A raw message of at most `inline_raw_bytes` is not put in the blob store: the email
+    object carries it (`raw_inline`), for DELIVER to hand each owner, which commits it
+    with the copy's log entry, so a small mail's durable path is that commit alone.
+    """
     durables: list[asyncio.Future[None]] = []
 
     async def put(source: Any) -> BlobInfo:
@@ -336,13 +353,16 @@ async def store_mail_unsynced(
         durables.append(durable)
         return info
 
+    raw_inline = raw if len(raw) <= inline_raw_bytes else None
+    raw_info = None if raw_inline is None else BlobInfo(hashlib.sha256(raw).hexdigest(), len(raw))
     # A parsed (small) mail's raw bytes are written at once; a big one's while it is
     # parsed on a worker thread.
-    raw_put = asyncio.ensure_future(put(raw)) if parsed is None else None
+    raw_put = asyncio.ensure_future(put(raw)) if parsed is None and raw_info is None else None
     try:
         if parsed is not None:
             mail = parsed
-            raw_info = await put(raw)
+            if raw_info is None:
+                raw_info = await put(raw)
             stored = []
             if mail.attachments:
                 stored = await asyncio.gather(*(put(a.pieces()) for a in mail.attachments))
@@ -366,10 +386,12 @@ async def store_mail_unsynced(
         for durable in durables:  # nobody will wait for these: their outcome is dropped
             durable.add_done_callback(_drop_outcome)
         raise
+    assert raw_info is not None
     attachments = [StoredAttachment(a, b) for a, b in zip(mail.attachments, stored, strict=True)]
     email = build_email(
-        mail, raw=raw_info, mail_from=mail_from, text=text, body=body, attachments=attachments
-    )
+        mail, raw=raw_info, mail_from=mail_from, text=text, body=body, attachments=attachments,
+        raw_inline=raw_inline,
+    )  # fmt: skip
     return email, durables[0] if len(durables) == 1 else asyncio.gather(*durables)
 
 
