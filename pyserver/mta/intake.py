@@ -353,7 +353,8 @@ async def store_mail_unsynced(
         durables.append(durable)
         return info
 
-    raw_inline = raw if len(raw) <= inline_raw_bytes else None
+    # (0 turns it off: even an empty message is then a blob)
+    raw_inline = raw if inline_raw_bytes > 0 and len(raw) <= inline_raw_bytes else None
     raw_info = None if raw_inline is None else BlobInfo(hashlib.sha256(raw).hexdigest(), len(raw))
     # A parsed (small) mail's raw bytes are written at once; a big one's while it is
     # parsed on a worker thread.
