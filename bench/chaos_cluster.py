@@ -156,14 +156,15 @@ class SoakCluster:
         self.chroot = f"/pyserver-chaos-{self.tag}"
         self.cell_names = [f"cell-{i}" for i in range(1, cells + 1)]
         self.node_count = nodes
-        # the private HBase: its embedded ZooKeeper, master, region server, Thrift
+        # the private HBase: its embedded ZooKeeper, master, region server, Thrift gateways
         self.hbase_ports = {
-            name: free_port() for name in ("ZOOKEEPER", "MASTER", "REGIONSERVER", "THRIFT")
+            name: free_port()
+            for name in ("ZOOKEEPER", "MASTER", "REGIONSERVER", "THRIFT", "THRIFT2")
         }
         self.thrift = f"127.0.0.1:{self.hbase_ports['THRIFT']}"
         if store == "hbase":
             prefix = f"ch{self.tag}"
-            gateway = self.thrift
+            gateway = f"{self.thrift}+{self.hbase_ports['THRIFT2']}"  # appends via Thrift2
             self.directory_store = f"hbase:{gateway}/{prefix}"
             self.stores = {
                 cell: f"hbase:{gateway}/{prefix}_{cell.replace('-', '_')}"
@@ -194,6 +195,7 @@ class SoakCluster:
             "PYSERVER_HBASE_MASTER_PORT": str(self.hbase_ports["MASTER"]),
             "PYSERVER_HBASE_REGIONSERVER_PORT": str(self.hbase_ports["REGIONSERVER"]),
             "PYSERVER_THRIFT_PORT": str(self.hbase_ports["THRIFT"]),
+            "PYSERVER_THRIFT2_PORT": str(self.hbase_ports["THRIFT2"]),
             "PYSERVER_HBASE_HEAP": HBASE_HEAP,
         }
         done = subprocess.run(
@@ -303,7 +305,7 @@ class SoakCluster:
         for proc in self.processes():
             with contextlib.suppress(Exception):
                 proc.kill()
-        hbase = ["hbase-thrift", "hbase-master"] if self.hbase else []
+        hbase = ["hbase-thrift", "hbase-thrift2", "hbase-master"] if self.hbase else []
         for name in [*hbase, "zookeeper", *self.memcached_names]:
             with contextlib.suppress(Exception):
                 self.kill_engine(name)

@@ -14,8 +14,9 @@ A fault is an async function `(soak, rng)` that returns once the fault is over
 * `memcached`: one of the two memcached stopped for 2-6 s;
 * `mta_mid_data`: kill -9 of the MTA proxy while a client is in the middle of
   DATA, started again (same port) 1-3 s later;
-* `thrift_gateway`: kill -9 of the soak's own HBase Thrift gateway, started
-  again 2-8 s later (a new JVM: about 10 s more before it serves);
+* `thrift_gateway`: kill -9 of one of the soak's own HBase Thrift gateways
+  (Thrift1: the reads; Thrift2: the appends), started again 2-8 s later (a new
+  JVM: about 10 s more before it serves);
 * `hbase`: the soak's own HBase master (standalone: the master, its region
   server and its embedded ZooKeeper are one JVM) and its Thrift gateway
   stopped (`scripts/engines down hbase`: the gateway's JVM ended, the
@@ -173,7 +174,9 @@ async def mta_mid_data(soak: Soak, rng: random.Random) -> None:
 
 
 async def thrift_gateway(soak: Soak, rng: random.Random) -> None:
-    await asyncio.to_thread(soak.cluster.kill_engine, "hbase-thrift")
+    # Thrift1 serves the stores' reads, Thrift2 their appends
+    gateway = rng.choice(["hbase-thrift", "hbase-thrift2"])
+    await asyncio.to_thread(soak.cluster.kill_engine, gateway)
     await asyncio.sleep(rng.uniform(2.0, 8.0))
     await asyncio.to_thread(soak.cluster.engines, "up", "thrift")
 

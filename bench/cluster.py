@@ -12,9 +12,10 @@ own processes):
   owned is acknowledged by another (ZooKeeper session timeout `SESSION_S`);
 * `join_s`: a fourth node started, until it serves a user the new ring gives it;
 * the engine's ceilings right after (`bench.hbase_ceiling`): plain 300-byte puts
-  through the same Thrift gateway from one Python process on as many gateway
-  connections as the cell's nodes hold (`hbase_raw_put_ops_per_s`; and as
-  compare-and-sets of one cell, `hbase_raw_cas_ops_per_s`), and straight
+  through the Thrift1 gateway from as many Python processes (three) and gateway
+  connections (48) as the cell's nodes hold (`hbase_raw_put_ops_per_s`), the same
+  from one process on the 48 connections (`hbase_raw_put_one_process_ops_per_s`)
+  and as compare-and-sets of one cell (`hbase_raw_cas_ops_per_s`), and straight
   into HBase from its own Java client (`hbase_pe_ops_per_s`), with the ratios
   `hbase_send_vs_raw_put` and `hbase_raw_put_vs_pe`.
 
@@ -214,9 +215,14 @@ async def _join(cell: _Cell, key: str, node_id: str) -> tuple[float, float]:
 
 
 def _hbase_cell(seconds: float, key: str, folder: Path) -> dict[str, Any]:
-    from pyserver.processes.launcher import THRIFT, ZOOKEEPER, _create_tables, _drop_tables
+    from pyserver.processes.launcher import (
+        HBASE_GATEWAYS,
+        ZOOKEEPER,
+        _create_tables,
+        _drop_tables,
+    )
 
-    cell = _Cell(folder, THRIFT, ZOOKEEPER)
+    cell = _Cell(folder, HBASE_GATEWAYS, ZOOKEEPER)
     asyncio.run(_create_tables([cell.namespace]))
     try:
         for node in NODES:
@@ -228,7 +234,7 @@ def _hbase_cell(seconds: float, key: str, folder: Path) -> dict[str, Any]:
         senders = [(cell.port(n), ["--senders", ",".join(map(str, owned[n]))]) for n in NODES]
         # Each of the 96 users' first write loads its image from HBase (snapshot, log,
         # friends): the figure is the steady state after those.
-        send = _loadgens(senders, "send", key, seconds, warmup_s=2 * seconds)
+        send = _loadgens(senders, "send", key, seconds, warmup_s=min(2 * seconds, 4.0))
         readers = []
         for node in NODES:
             user, thread = threads[node].split()
@@ -249,7 +255,7 @@ def _hbase_cell(seconds: float, key: str, folder: Path) -> dict[str, Any]:
 def run(quick: bool = False) -> dict[str, Any]:
     from pyserver.processes.launcher import _ensure_engines
 
-    seconds = 0.5 if quick else 2.0
+    seconds = 0.5 if quick else 5.0
     logging.getLogger("aiozk").setLevel(logging.CRITICAL)  # it logs each connection it ends
     _ensure_engines("hbase", lambda line: print(f"bench cluster: {line}", file=sys.stderr))
     print("bench cluster: one node on SQLite", file=sys.stderr)
@@ -274,9 +280,9 @@ def run(quick: bool = False) -> dict[str, Any]:
     from bench.hbase_ceiling import measure
     from pyserver.processes.launcher import THRIFT
 
-    ceiling = measure(THRIFT, GATEWAY_CONNECTIONS, max(seconds, 1.0))
+    ceiling = measure(THRIFT, GATEWAY_CONNECTIONS, max(seconds, 1.0), processes=len(NODES))
     print(f"  {ceiling}", file=sys.stderr)
-    raw_puts = ceiling["thrift"]["ops_per_s"]
+    raw_puts = ceiling["thrift_processes"]["ops_per_s"]
     java_puts = ceiling["java"].get("ops_per_s")
     return {
         "sqlite_send_ops_per_s": sqlite_send["ops_per_s"],
@@ -292,8 +298,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         + hbase["send"]["errors"]
         + hbase["get_thread"]["errors"]
         + ceiling["thrift"]["errors"]
+        + ceiling["thrift_processes"]["errors"]
         + ceiling["thrift_swap"]["errors"],
         "hbase_raw_put_ops_per_s": raw_puts,
+        "hbase_raw_put_one_process_ops_per_s": ceiling["thrift"]["ops_per_s"],
         "hbase_raw_cas_ops_per_s": ceiling["thrift_swap"]["ops_per_s"],
         "hbase_pe_ops_per_s": java_puts,
         "hbase_pe_skipped": ceiling["java"].get("skipped"),
@@ -304,5 +312,5 @@ def run(quick: bool = False) -> dict[str, Any]:
         "join_s": hbase["join_s"],
         "join_share": hbase["join_share"],
         "load": f"{CONNS} connections x {PIPELINE} in flight, {seconds:g} s per figure; puts:"
-        f" {GATEWAY_CONNECTIONS} writers",
+        f" {GATEWAY_CONNECTIONS} writers ({len(NODES)} processes; one process)",
     }

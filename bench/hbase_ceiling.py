@@ -10,6 +10,9 @@ acknowledged before that writer sends its next:
   (`pyserver.store.hbase_pool`), `connections` writers on as many connections;
   with `swap=True` each put is instead a `checkAndPut` of the row's one cell from
   the value the writer wrote last (what every append of the store is);
+* `thrift_puts_processes`: the same plain puts from `processes` such processes at
+  once (this module run as a child: `--child`), `connections` writers in all,
+  split evenly: as many client processes and connections as the cell's nodes;
 * `java_puts`: HBase's own Java client on the installed HBase jars
   (`bench/java/HBasePuts.java`, run by the JDK's source launcher), `threads`
   writers on one connection, straight to the region server.
@@ -25,6 +28,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -38,7 +42,7 @@ JAVA_SOURCE = Path(__file__).with_name("java") / "HBasePuts.java"
 
 
 async def _thrift_puts(
-    store: HBaseStore, connections: int, seconds: float, swap: bool
+    store: HBaseStore, connections: int, seconds: float, swap: bool, first_writer: int = 0
 ) -> dict[str, Any]:
     from Hbase_thrift import Mutation
 
@@ -54,7 +58,7 @@ async def _thrift_puts(
 
     async def writer(index: int, until: float, counted: bool) -> None:
         nonlocal done, errors
-        user = (8_100_000 if swap else 8_000_000) + index
+        user = (8_100_000 if swap else 8_000_000) + first_writer + index
         row = bytes([user % 256]) + user.to_bytes(8, "big")
         seq = 0
         while time.perf_counter() < until:
@@ -89,10 +93,53 @@ async def _thrift_puts(
 
 
 def thrift_puts(
-    store: HBaseStore, connections: int, seconds: float, swap: bool = False
+    store: HBaseStore, connections: int, seconds: float, swap: bool = False, first_writer: int = 0
 ) -> dict[str, Any]:
-    """Plain puts (or compare-and-sets) per second through the gateway of `store`."""
-    return uvloop.run(_thrift_puts(store, connections, seconds, swap))
+    """Plain puts (or compare-and-sets) per second through the gateway of `store`
+    (writers on rows of their own, numbered from `first_writer`)."""
+    return uvloop.run(_thrift_puts(store, connections, seconds, swap, first_writer))
+
+
+def thrift_puts_processes(
+    store: HBaseStore, processes: int, connections: int, seconds: float
+) -> dict[str, Any]:
+    """Plain puts per second through the gateway of `store` from `processes` processes at
+    once, `connections` writers in all (each process on rows of its own)."""
+    host, port = store.address
+    start_at = time.time() + 2.0  # every child imported and connected by then
+    shares = [connections // processes + (i < connections % processes) for i in range(processes)]
+    children = []
+    for index, share in enumerate(shares):
+        first = sum(shares[:index])
+        args = [f"{host}:{port}", store.namespace, str(share), str(seconds), str(start_at)]
+        children.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "bench.hbase_ceiling", "--child", *args, str(first)],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+        )
+    figures = []
+    for child in children:
+        out, _ = child.communicate(timeout=120)
+        if child.returncode != 0:
+            raise RuntimeError(f"bench: a put process failed ({child.returncode})")
+        figures.append(json.loads(out.strip().splitlines()[-1]))
+    return {
+        "ops_per_s": sum(f["ops_per_s"] for f in figures),
+        "errors": sum(f["errors"] for f in figures),
+        "connections": connections,
+        "processes": processes,
+    }
+
+
+def _child(thrift: str, namespace: str, connections: str, seconds: str, start_at: str,
+           first_writer: str) -> None:  # fmt: skip
+    host, port = parse_thrift_address(thrift)
+    store = HBaseStore(host, port, namespace=namespace)
+    time.sleep(max(0.0, float(start_at) - time.time()))
+    figures = thrift_puts(store, int(connections), float(seconds), first_writer=int(first_writer))
+    print(json.dumps(figures), flush=True)
 
 
 def _java() -> str | None:
@@ -135,8 +182,9 @@ def java_puts(table: str, threads: int, seconds: float) -> dict[str, Any]:
     return {"ops_per_s": figures["ops_per_s"], "threads": threads}
 
 
-def measure(thrift: str, connections: int, seconds: float) -> dict[str, Any]:
-    """Both ceilings in a namespace of their own, dropped afterwards."""
+def measure(thrift: str, connections: int, seconds: float, processes: int = 1) -> dict[str, Any]:
+    """The ceilings in a namespace of their own, dropped afterwards (`processes`: how many
+    client processes share the `connections` in `thrift_processes`)."""
     import uuid
 
     host, port = parse_thrift_address(thrift)
@@ -144,13 +192,17 @@ def measure(thrift: str, connections: int, seconds: float) -> dict[str, Any]:
     asyncio.run(store.create_tables())
     try:
         raw = thrift_puts(store, connections, seconds)
+        spread = thrift_puts_processes(store, processes, connections, seconds)
         swaps = thrift_puts(store, connections, seconds, swap=True)
         # The JVM needs a longer run than a quick figure to say anything.
         direct = java_puts(store.table("users").decode(), connections, max(seconds, 2.0))
     finally:
         asyncio.run(store.drop_tables())
-    return {"thrift": raw, "thrift_swap": swaps, "java": direct}
+    return {"thrift": raw, "thrift_processes": spread, "thrift_swap": swaps, "java": direct}
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure("127.0.0.1:9090", 48, 2.0)))
+    if sys.argv[1:2] == ["--child"]:
+        _child(*sys.argv[2:8])
+    else:
+        print(json.dumps(measure("127.0.0.1:9090", 48, 2.0, processes=3)))

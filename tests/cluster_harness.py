@@ -128,6 +128,7 @@ class Cluster:
         zookeeper: str,
         session_timeout_s: float = SESSION_TIMEOUT_S,
         hbase: tuple[str, int] | None = None,
+        hbase_commit_port: int | None = None,
     ) -> None:
         self.zookeeper = zookeeper
         tag = uuid.uuid4().hex[:12]
@@ -135,9 +136,11 @@ class Cluster:
         self.data = tmp_path / "data"
         self.data.mkdir(parents=True, exist_ok=True)
         self.key = load_or_create_service_key(self.data)
-        # the nodes' store: one SQLite file, or a namespace of its own in HBase
+        # the nodes' store: one SQLite file, or a namespace of its own in HBase (appends
+        # through the Thrift2 gateway when its port is given)
+        commits = "" if hbase_commit_port is None else f"+{hbase_commit_port}"
         self.store = (
-            f"hbase:{hbase[0]}:{hbase[1]}/t{tag}"
+            f"hbase:{hbase[0]}:{hbase[1]}{commits}/t{tag}"
             if hbase
             else f"sqlite:{self.data / 'store.sqlite3'}"
         )

@@ -61,6 +61,12 @@ def hbase_thrift() -> tuple[str, int]:
 
 
 @pytest.fixture
+def hbase_thrift2() -> tuple[str, int]:
+    """HBase's Thrift2 gateway (the HBase store's appends with `commit_port`), as (host, port)."""
+    return _need("hbase", "127.0.0.1", int(os.environ.get("PYSERVER_THRIFT2_PORT", "9092")))
+
+
+@pytest.fixture
 def memcached_servers() -> list[tuple[str, int]]:
     """The memcached instances, one per data centre, as (host, port) pairs."""
     ports = os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")

@@ -1,7 +1,7 @@
 """Appends to a store forever and prints every acknowledged append; tests kill it with SIGKILL.
 
 Usage: python tests/store_crash_writer.py ENGINE LOCATION
-(LOCATION: an SQLite file, or host:port/namespace of HBase's Thrift gateway)
+(LOCATION: an SQLite file, or host:port[+port2]/namespace of HBase's Thrift gateways)
 
 Several concurrent tasks per user run compare-and-set loops. Right after an
 append returns, its task prints one line "user first_seq last_seq" and flushes,
@@ -30,12 +30,12 @@ def build_store(engine: str, location: str) -> Store:
         from pyserver.store.sqlite import SQLiteStore
 
         return SQLiteStore(location)
-    if engine == "hbase":  # LOCATION is host:port/namespace
-        from pyserver.store.hbase import HBaseStore, parse_thrift_address
+    if engine == "hbase":  # LOCATION is host:port[+port2]/namespace, as a store setting has it
+        from pathlib import Path
 
-        address, _, namespace = location.partition("/")
-        host, port = parse_thrift_address(address)
-        return HBaseStore(host, port, namespace=namespace)
+        from pyserver.store.spec import open_store, parse_store_spec
+
+        return open_store(parse_store_spec(f"hbase:{location}", Path(".")))
     raise SystemExit(f"unknown engine {engine!r}")
 
 

@@ -59,9 +59,13 @@ def cluster(tmp_path: Path, zookeeper: str) -> Iterator[Cluster]:
 def any_store_cluster(
     request: pytest.FixtureRequest, tmp_path: Path, zookeeper: str
 ) -> Iterator[Cluster]:
-    """Nodes on one SQLite file, or on HBase (a namespace of the test's own)."""
-    hbase = request.getfixturevalue("hbase_thrift") if request.param == "hbase" else None
-    cluster = Cluster(tmp_path, zookeeper, hbase=hbase)
+    """Nodes on one SQLite file, or on HBase (a namespace of the test's own; appends
+    through the Thrift2 gateway)."""
+    hbase = commit_port = None
+    if request.param == "hbase":
+        hbase = request.getfixturevalue("hbase_thrift")
+        commit_port = request.getfixturevalue("hbase_thrift2")[1]
+    cluster = Cluster(tmp_path, zookeeper, hbase=hbase, hbase_commit_port=commit_port)
     try:
         yield cluster
     finally:

@@ -446,11 +446,21 @@ async def _logs(store: Any, users: range) -> dict[int, list[dict[str, Any]]]:
 
 
 def test_users_moved_between_cells_under_load_keep_every_message(
-    tmp_path: Path, zookeeper: str, hbase_thrift: tuple[str, int]
+    tmp_path: Path,
+    zookeeper: str,
+    hbase_thrift: tuple[str, int],
+    hbase_thrift2: tuple[str, int],
 ) -> None:
     host, port = hbase_thrift
     users = range(1, 17)
-    cluster = Cluster(tmp_path, zookeeper, session_timeout_s=5.0, hbase=hbase_thrift)
+    # cell ca appends through the Thrift2 gateway, cb through Thrift1 alone
+    cluster = Cluster(
+        tmp_path,
+        zookeeper,
+        session_timeout_s=5.0,
+        hbase=hbase_thrift,
+        hbase_commit_port=hbase_thrift2[1],
+    )
     other = f"hbase:{host}:{port}/{fresh_namespace(host, port, 'cb')}"
     stores = {"ca": cluster.store, "cb": other}
 

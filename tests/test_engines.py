@@ -247,6 +247,7 @@ def private_engines(tmp_path: Path) -> dict[str, str]:
         "PYSERVER_ZOOKEEPER_PORT": str(_free_port()),
         "PYSERVER_HBASE_ZOOKEEPER_PORT": str(_free_port()),
         "PYSERVER_THRIFT_PORT": str(_free_port()),
+        "PYSERVER_THRIFT2_PORT": str(_free_port()),
         "PYSERVER_MEMCACHED_PORTS": f"{_free_port()},{_free_port()}",
     }
 
@@ -258,12 +259,20 @@ def test_status_of_engines_never_started_is_down_and_exits_3(private_engines) ->
     assert report["all_up"] is False
     assert report["engines_dir"] == private_engines["PYSERVER_ENGINES_DIR"]
     memcached = [f"memcached-{p}" for p in private_engines["PYSERVER_MEMCACHED_PORTS"].split(",")]
-    assert list(report["engines"]) == ["zookeeper", "hbase-master", "hbase-thrift", *memcached]
+    assert list(report["engines"]) == [
+        "zookeeper",
+        "hbase-master",
+        "hbase-thrift",
+        "hbase-thrift2",
+        *memcached,
+    ]
     for entry in report["engines"].values():
         assert entry["state"] == "down"
         assert entry["pid"] is None
     thrift_port = private_engines["PYSERVER_THRIFT_PORT"]
     assert report["engines"]["hbase-thrift"]["address"] == f"{LOOPBACK}:{thrift_port}"
+    thrift2_port = private_engines["PYSERVER_THRIFT2_PORT"]
+    assert report["engines"]["hbase-thrift2"]["address"] == f"{LOOPBACK}:{thrift2_port}"
 
 
 def test_up_refuses_a_port_held_by_another_process(private_engines) -> None:
@@ -292,7 +301,7 @@ def test_unknown_engine_is_an_error(private_engines) -> None:
 def test_status_json_reports_every_engine_up_on_loopback() -> None:
     done = _engines("status", "--json")
     report = json.loads(done.stdout)
-    expected = {"zookeeper", "hbase-master", "hbase-thrift"} | {
+    expected = {"zookeeper", "hbase-master", "hbase-thrift", "hbase-thrift2"} | {
         f"memcached-{port}" for port in MEMCACHED_PORTS
     }
     assert set(report["engines"]) == expected
@@ -302,5 +311,8 @@ def test_status_json_reports_every_engine_up_on_loopback() -> None:
         assert entry["pid"] > 0, (name, entry)
     assert report["engines"]["zookeeper"]["address"] == f"{LOOPBACK}:{ZOOKEEPER_PORT}"
     assert report["engines"]["hbase-thrift"]["address"] == f"{LOOPBACK}:{THRIFT_PORT}"
+    thrift2 = os.environ.get("PYSERVER_THRIFT2_PORT", "9092")
+    assert report["engines"]["hbase-thrift2"]["address"] == f"{LOOPBACK}:{thrift2}"
+    assert report["engines"]["hbase-thrift2"]["detail"].endswith("table(s)")
     assert report["all_up"] is True
     assert done.returncode == 0

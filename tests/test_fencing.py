@@ -54,7 +54,7 @@ def _drop_hbase_tables() -> Iterator[None]:
     wait_for_drops()
 
 
-@pytest.fixture(params=["sqlite", "hbase"])
+@pytest.fixture(params=["sqlite", "hbase", "hbase-thrift2"])
 def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     """Two store objects on the same data: one per app server."""
 
@@ -65,7 +65,13 @@ def two_stores(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
         else:
             host, port = request.getfixturevalue("hbase_thrift")
             namespace = fresh_namespace(host, port, "fencing")
-            stores = [HBaseStore(host, port, namespace=namespace) for _ in range(2)]
+            commit_port = None
+            if request.param == "hbase-thrift2":  # appends by multi-cell compare-and-set
+                commit_port = request.getfixturevalue("hbase_thrift2")[1]
+            stores = [
+                HBaseStore(host, port, namespace=namespace, commit_port=commit_port)
+                for _ in range(2)
+            ]
         for store in stores:
             await store.open()
         try:

@@ -43,7 +43,8 @@ from pyserver.store.hbase import HBaseStore
 from pyserver.store.sqlite import SQLiteStore, index_path
 from pyserver.store.sqlite_file import SQLiteFile
 
-ENGINES = ["sqlite", "hbase"]
+# "hbase-thrift2": the HBase store with its appends through the Thrift2 gateway
+ENGINES = ["sqlite", "hbase", "hbase-thrift2"]
 U64_MAX = 2**64 - 1
 EXTREME_IDS = (0, 1, 2**63 - 1, 2**63, U64_MAX)
 CRASH_WRITER = Path(__file__).with_name("store_crash_writer.py")
@@ -52,10 +53,17 @@ CRASH_WRITER = Path(__file__).with_name("store_crash_writer.py")
 class Engine:
     """One store engine under test: how to build stores on one piece of backing data."""
 
-    def __init__(self, name: str, root: Path, thrift: tuple[str, int] | None = None) -> None:
-        self.name = name
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        thrift: tuple[str, int] | None = None,
+        commit_port: int | None = None,
+    ) -> None:
+        self.name = "hbase" if name == "hbase-thrift2" else name
         self.root = root
-        self.thrift = thrift  # HBase's Thrift gateway
+        self.thrift = thrift  # HBase's Thrift1 gateway
+        self.commit_port = commit_port  # and its Thrift2 gateway, for the appends
         self._namespaces: dict[str, str] = {}
 
     def location(self, dataset: str = "main") -> str:
@@ -63,7 +71,8 @@ class Engine:
             return str(self.root / f"{dataset}.db")
         if self.name == "hbase":
             host, port = self.hbase_address
-            return f"{host}:{port}/{self.namespace(dataset)}"
+            commits = "" if self.commit_port is None else f"+{self.commit_port}"
+            return f"{host}:{port}{commits}/{self.namespace(dataset)}"
         raise AssertionError(self.name)
 
     @property
@@ -83,7 +92,9 @@ class Engine:
             return SQLiteStore(self.location(dataset))
         if self.name == "hbase":
             host, port = self.hbase_address
-            return HBaseStore(host, port, namespace=self.namespace(dataset))
+            return HBaseStore(
+                host, port, namespace=self.namespace(dataset), commit_port=self.commit_port
+            )
         raise AssertionError(self.name)
 
     def examples(self, sqlite_examples: int) -> int:
@@ -107,6 +118,9 @@ class Engine:
 def engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engine:
     if request.param == "hbase":
         return Engine("hbase", tmp_path, request.getfixturevalue("hbase_thrift"))
+    if request.param == "hbase-thrift2":
+        thrift, thrift2 = (request.getfixturevalue(f) for f in ("hbase_thrift", "hbase_thrift2"))
+        return Engine("hbase", tmp_path, thrift, commit_port=thrift2[1])
     return Engine(request.param, tmp_path)
 
 

@@ -50,6 +50,7 @@ from pyserver.store.hbase_layout import (
     user_row,
 )
 from pyserver.store.hbase_pool import ThriftPool
+from pyserver.store.spec import StoreSpec, parse_store_spec
 
 REPO = Path(__file__).resolve().parent.parent
 ENGINES_SCRIPT = REPO / "scripts" / "engines"
@@ -77,6 +78,12 @@ def _drop_hbase_tables(_hbase_drops_finished: None) -> Iterator[None]:
 def _hbase_drops_finished() -> Iterator[None]:
     yield
     wait_for_drops()
+
+
+@pytest.fixture
+def commit_port(hbase_thrift2: tuple[str, int]) -> int:
+    """The Thrift2 gateway's port, for stores whose appends go through it."""
+    return hbase_thrift2[1]
 
 
 @pytest.fixture
@@ -150,6 +157,18 @@ def test_parse_thrift_address() -> None:
     for bad in (":9090", "host:port", "host:0", "host:70000"):
         with pytest.raises(ValueError):
             parse_thrift_address(bad)
+
+
+def test_a_store_setting_names_the_thrift2_gateway_after_a_plus() -> None:
+    here = Path(".")
+    assert parse_store_spec("hbase:h:9090/ns", here) == StoreSpec("hbase", None, "h", 9090, "ns")
+    spec = parse_store_spec("hbase:h:9090+9092/ns", here)
+    assert spec == StoreSpec("hbase", None, "h", 9090, "ns", commit_port=9092)
+    assert str(spec) == "hbase:h:9090+9092/ns"
+    assert parse_store_spec("hbase:h:9090+9092", here).namespace == "pyserver"
+    for bad in ("hbase:h:9090+", "hbase:h:9090+x/ns", "hbase:h:9090+70000", "hbase:h:+9092"):
+        with pytest.raises(ValueError, match=r"\+PORT2"):
+            parse_store_spec(bad, here)
 
 
 def test_term_qualifiers_split_exactly_whatever_the_bytes() -> None:
@@ -498,6 +517,106 @@ async def test_a_big_batch_is_staged_then_compacted(new_store: Callable[..., HBa
 
 
 @asyncio_test
+async def test_through_thrift2_an_append_puts_its_cells_with_a_compact_head(
+    new_store: Callable[..., HBaseStore], commit_port: int
+) -> None:
+    store = new_store(commit_port=commit_port)
+    async with opened(store), raw_client(store) as client:
+        row = user_row(4)
+        await store.append(
+            LogAppend(4, 0, [b"r1", b"r2"], messages={"m": b"draft"}, terms=[("word", "m")])
+        )
+        await store.append(LogAppend(4, 2, [b"r3"], messages={"m": b"final"}))
+        cells = await cells_of(client, store.table("users"), row)
+        assert Head.decode(cells[HEAD][0]) == Head(3, 2)  # compact, two commits
+        # Each cell written once, stamped with its commit's version, as a materialization.
+        log = {c: cells[c] for c in cells if c.startswith(b"l:\x00")}
+        assert log == {
+            b"l:" + (1).to_bytes(8, "big"): (b"r1", 1),
+            b"l:" + (2).to_bytes(8, "big"): (b"r2", 1),
+            b"l:" + (3).to_bytes(8, "big"): (b"r3", 2),
+        }
+        assert cells[b"m:m"] == (b"final", 2)
+        assert cells[term_column(b"word", b"m")] == (b"", 1)
+        assert store.materializations == 0 and store.commits == 2
+        assert await store.read_log(4) == [(1, b"r1"), (2, b"r2"), (3, b"r3")]
+        assert await store.get_messages(4, ["m"]) == {"m": b"final"}
+        assert await store.search(4, ["word"]) == ["m"]
+        with pytest.raises(WriteConflict):  # the compare-and-set still guards the log
+            await store.append(LogAppend(4, 2, [b"stale"]))
+        assert await store.read_log(4, after_seq=2) == [(3, b"r3")]
+
+
+@asyncio_test
+async def test_thrift1_and_thrift2_writers_share_a_user(
+    new_store: Callable[..., HBaseStore], commit_port: int
+) -> None:
+    old = new_store(tail_commits=3)  # appends through Thrift1: batches wait in the head
+    new = new_store(old.namespace, commit_port=commit_port)
+    async with opened(old), opened(new), raw_client(old) as client:
+        row, users = user_row(5), old.table("users")
+        await old.append(LogAppend(5, 0, [b"r1"], messages={"m": b"draft"}))
+        await old.append(LogAppend(5, 1, [b"r2"], terms=[("word", "m")]))
+        assert set(await cells_of(client, users, row)) == {HEAD}
+        # The Thrift2 writer puts the tail's cells (stamped with that head's version)
+        # with its own in the same compare-and-set.
+        await new.append(LogAppend(5, 2, [b"r3"], messages={"m": b"final"}))
+        cells = await cells_of(client, users, row)
+        assert Head.decode(cells[HEAD][0]) == Head(3, 3)
+        assert cells[b"l:" + (1).to_bytes(8, "big")] == (b"r1", 2)
+        assert cells[b"l:" + (3).to_bytes(8, "big")] == (b"r3", 3)
+        assert cells[b"m:m"] == (b"final", 3)
+        assert new.materializations == 1
+        # The Thrift1 writer's cached head is stale: it reads the head again and goes on.
+        await old.append(LogAppend(5, 3, [b"r4"]))
+        head = Head.decode((await cells_of(client, users, row))[HEAD][0])
+        assert (head.seq, head.version, len(head.tail)) == (4, 4, 1)
+        for store in (old, new):
+            assert await store.read_log(5) == [(s, b"r%d" % s) for s in range(1, 5)]
+            assert await store.get_messages(5, ["m"]) == {"m": b"final"}
+            assert await store.search(5, ["word"]) == ["m"]
+
+
+@asyncio_test
+async def test_through_thrift2_a_big_batch_is_staged_and_a_staged_head_rolled_forward(
+    new_store: Callable[..., HBaseStore], commit_port: int
+) -> None:
+    body = bytes(range(256)) * ((INLINE_BATCH_BYTES // 256) + 10)
+    store = new_store(commit_port=commit_port)
+    async with opened(store), raw_client(store) as client:
+        await store.append(LogAppend(3, 0, [b"r1"], messages={"big": body}))
+        cells = await cells_of(client, store.table("users"), user_row(3))
+        assert Head.decode(cells[HEAD][0]) == Head(1, 1)
+        assert not [c for c in cells if c.startswith(b"l:stage")]
+        # A Thrift1 writer dies between its staged commit and its materialization ...
+        dead = new_store(store.namespace)
+        async with opened(dead):
+            skip_materialize(dead)
+            await dead.append(LogAppend(3, 1, [b"r2"], messages={"big2": body}))
+        # ... and the next Thrift2 append rolls that head forward before its own.
+        store._heads.clear()
+        await store.append(LogAppend(3, 2, [b"r3"], messages={"small": b"s"}))
+        assert store.roll_forwards == 1
+        cells = await cells_of(client, store.table("users"), user_row(3))
+        assert Head.decode(cells[HEAD][0]).compact
+        assert not [c for c in cells if c.startswith(b"l:stage")]
+        assert cells[b"m:big2"][0] == body
+        assert await store.read_log(3) == [(1, b"r1"), (2, b"r2"), (3, b"r3")]
+
+
+@asyncio_test
+async def test_a_store_whose_thrift2_gateway_does_not_answer_does_not_open(
+    new_store: Callable[..., HBaseStore],
+) -> None:
+    with silent_server() as port:
+        store = new_store(commit_port=port, timeout_s=0.5)
+        with pytest.raises(StoreUnavailable, match="Thrift2 gateway"):
+            await store.open()
+        with pytest.raises(StoreUnavailable):
+            await store.append(LogAppend(1, 0, [b"r"]))  # not open
+
+
+@asyncio_test
 async def test_snapshots_in_parts_replace_each_other_by_position(
     new_store: Callable[..., HBaseStore],
 ) -> None:
@@ -535,8 +654,11 @@ RESTARTS_ALLOWED = any(
     not RESTARTS_ALLOWED,
     reason="restarts the shared Thrift gateway: set PYSERVER_RESTART_ENGINES=1 (CI always runs it)",
 )
-def test_the_store_rides_out_a_gateway_restart(new_store: Callable[..., HBaseStore]) -> None:
-    store = new_store(timeout_s=5)
+def test_the_store_rides_out_a_gateway_restart(
+    new_store: Callable[..., HBaseStore], commit_port: int
+) -> None:
+    # Both gateways restart: reads go through Thrift1, appends through Thrift2.
+    store = new_store(timeout_s=5, commit_port=commit_port)
 
     async def before() -> None:
         await store.open()

@@ -66,6 +66,9 @@ DEFAULT_DIR = DEFAULT_FOLDER
 # the engines `scripts/engines up` starts (the same variables choose their ports)
 ZOOKEEPER = f"127.0.0.1:{os.environ.get('PYSERVER_ZOOKEEPER_PORT', '2181')}"
 THRIFT = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT_PORT', '9090')}"
+THRIFT2 = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT2_PORT', '9092')}"
+# A store setting's HBase address: the Thrift1 gateway, + the Thrift2 gateway's port (appends)
+HBASE_GATEWAYS = f"{THRIFT}+{THRIFT2.rpartition(':')[2]}"
 MEMCACHED = tuple(
     f"127.0.0.1:{port}"
     for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
@@ -106,11 +109,13 @@ def _listening(address: str) -> bool:
 def _ensure_engines(engine: str, say: Any) -> bool:
     """Start what is missing; whether memcached runs (for the dirty service)."""
     wanted = ["zookeeper"] + (["hbase"] if engine == "hbase" else [])
-    missing = [
-        name
-        for name, address in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT))
-        if name in wanted and not _listening(address)
-    ]
+    missing = list(
+        dict.fromkeys(
+            name
+            for name, address in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT), ("hbase", THRIFT2))
+            if name in wanted and not _listening(address)
+        )
+    )
     memcached = all(_listening(address) for address in MEMCACHED)
     if not memcached:
         missing.append("memcached")
@@ -124,7 +129,7 @@ def _ensure_engines(engine: str, say: Any) -> bool:
             required = [name for name in missing if name != "memcached"]
             if required and not all(
                 _listening(a)
-                for n, a in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT))
+                for n, a in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT), ("hbase", THRIFT2))
                 if n in required
             ):
                 raise LaunchError(f"scripts/engines up {' '.join(missing)} failed")
@@ -306,8 +311,10 @@ def cluster_up(
             "PYSERVER_TLS_MUTUAL": "1",
         }
     if engine == "hbase":
-        directory_store = f"hbase:{THRIFT}/{prefix}"
-        stores = {cell: f"hbase:{THRIFT}/{prefix}_{cell.replace('-', '_')}" for cell in cell_names}
+        directory_store = f"hbase:{HBASE_GATEWAYS}/{prefix}"
+        stores = {
+            cell: f"hbase:{HBASE_GATEWAYS}/{prefix}_{cell.replace('-', '_')}" for cell in cell_names
+        }
     else:
         directory_store = f"sqlite:{data / 'store.sqlite3'}"
         stores = {cell: f"sqlite:{data / (cell + '.sqlite3')}" for cell in cell_names}

@@ -1,4 +1,4 @@
-"""The HBase store: every `Store` method on HBase, through its Thrift1 gateway.
+"""The HBase store: every `Store` method on HBase, through its Thrift gateways.
 
 Owns the store's tables in one namespace (a table-name prefix: `<ns>_users`,
 `<ns>_directory`, `<ns>_social`, `<ns>_addresses`; `<ns>_blobs` is the blob
@@ -14,6 +14,14 @@ whole the moment the swap succeeds, whoever crashes afterwards. Every few
 commits the writer copies the head's batches into their `l`/`m`/`x` cells
 ("materializes" them, one more call), stamped with the head's version as the
 cell timestamp, before it swaps them out of the head.
+
+With a Thrift2 gateway beside it (`commit_port`), an append is instead one
+Thrift2 `checkAndPut`: it compares the head cell alone and, in the same atomic
+row mutation, puts the new head (without a tail) and the batch's cells, stamped
+as a materialization would stamp them. The head stays a few bytes, each cell is
+written once, and no materialization follows. Both kinds of writer can share a
+user: a Thrift2 commit puts the cells of any tail a Thrift1 writer left in the
+head, and readers, which read through Thrift1, see the same cells either way.
 
 Every call runs under a deadline on a pooled connection of its own; any failure
 of HBase or of the gateway comes out as `StoreUnavailable`.
@@ -79,6 +87,7 @@ from pyserver.store.hbase_layout import (
     user_row,
 )
 from pyserver.store.hbase_pool import ThriftPool
+from pyserver.store.hbase_thrift import THRIFT2, thrift2_types
 
 __all__ = [
     "HBaseStore",
@@ -192,6 +201,24 @@ class _HeadCache:
         self._bytes = 0
 
 
+_THRIFT2 = thrift2_types()
+
+
+def _fits_inline(batch: Batch) -> bool:
+    """Whether a batch is small enough to commit in one call (else it is staged first)."""
+    size = sum(map(len, batch.records))
+    size += sum(len(a) + len(b) for pairs in (batch.messages, batch.terms) for a, b in pairs)
+    return size <= INLINE_BATCH_BYTES
+
+
+def _value(column: bytes, value: bytes, timestamp: int | None = None) -> Any:
+    """A Thrift2 cell to put: `column` as "family:qualifier", HBase's time if no timestamp."""
+    family, _, qualifier = column.partition(b":")
+    return _THRIFT2.TColumnValue(
+        family=family, qualifier=qualifier, value=value, timestamp=timestamp
+    )
+
+
 def _cells(results: Sequence[Any]) -> dict[bytes, bytes]:
     """column -> value of a getRow* answer (one row, or none)."""
     if not results or not results[0].columns:
@@ -269,7 +296,10 @@ async def ensure_tables(
 class HBaseStore(Store):
     """The store of a cell on HBase, through one Thrift1 gateway, in one namespace.
 
-    `pool_size` connections are shared by the store's concurrent calls, one
+    `commit_port`: the port of a Thrift2 gateway on the same host, which then
+    takes every append (one multi-cell compare-and-set each; batches over
+    INLINE_BATCH_BYTES are staged through Thrift1 as before). `pool_size`
+    connections (to each gateway) are shared by the store's concurrent calls, one
     call per connection at a time; every call gets `timeout_s` seconds in all
     (waiting for a connection included). One store object serves one event
     loop at a time (the one that opened it). `tail_commits`: how many commits
@@ -290,6 +320,7 @@ class HBaseStore(Store):
         pool_size: int = 16,
         timeout_s: float = 10.0,
         tail_commits: int = TAIL_COMMITS,
+        commit_port: int | None = None,
     ) -> None:
         if not isinstance(pool_size, int) or pool_size <= 0:
             raise ValueError("pool_size must be a positive int")
@@ -297,13 +328,17 @@ class HBaseStore(Store):
             raise ValueError("timeout_s must be positive")
         if not isinstance(tail_commits, int) or tail_commits <= 0:
             raise ValueError("tail_commits must be a positive int")
+        if commit_port is not None and not 0 < int(commit_port) < 65536:
+            raise ValueError(f"commit_port {commit_port!r}: not a port")
         self._host, self._port = host, int(port)
+        self._commit_port = None if commit_port is None else int(commit_port)
         self._namespace = namespace
         self._tables = {table: table_name(namespace, table) for table in TABLES}
         self._users = self._tables["users"]
         self._pool_size = pool_size
         self._timeout_s = float(timeout_s)
         self._pool: ThriftPool | None = None
+        self._commit_pool: ThriftPool | None = None
         self._lifecycle = asyncio.Lock()
         self._open = False
         self._in_flight = 0
@@ -325,6 +360,11 @@ class HBaseStore(Store):
     def address(self) -> tuple[str, int]:
         return self._host, self._port
 
+    @property
+    def commit_port(self) -> int | None:
+        """The Thrift2 gateway's port, if appends go through one."""
+        return self._commit_port
+
     def table(self, name: str) -> bytes:
         """The HBase name of one of this store's tables ("users", "directory", ...)."""
         return self._tables[name]
@@ -336,12 +376,21 @@ class HBaseStore(Store):
             if self._open:
                 return
             pool = ThriftPool(self._host, self._port, self._pool_size, ADMIN_TIMEOUT_S)
+            commit_pool = None
+            if self._commit_port is not None:
+                commit_pool = ThriftPool(
+                    self._host, self._commit_port, self._pool_size, ADMIN_TIMEOUT_S, THRIFT2
+                )
             try:
                 await self._ensure_tables(pool)
+                if commit_pool is not None:
+                    await self._check_commit_gateway(commit_pool)
             except BaseException:
                 pool.close()
+                if commit_pool is not None:
+                    commit_pool.close()
                 raise
-            self._pool = pool
+            self._pool, self._commit_pool = pool, commit_pool
             self._heads.clear()
             self._open = True
 
@@ -354,6 +403,9 @@ class HBaseStore(Store):
             assert self._pool is not None
             self._pool.close()
             self._pool = None
+            if self._commit_pool is not None:
+                self._commit_pool.close()
+                self._commit_pool = None
 
     async def create_tables(self) -> list[str]:
         """Create this namespace's tables that are missing (safe to run twice); the ones made."""
@@ -410,15 +462,27 @@ class HBaseStore(Store):
         except Exception as exc:
             raise unavailable_error(f"open tables at {self._host}:{self._port}", exc) from exc
 
+    async def _check_commit_gateway(self, pool: ThriftPool) -> None:
+        """Read one head through the Thrift2 gateway: it answers, and sees the users table."""
+        where = f"the Thrift2 gateway at {self._host}:{self._commit_port}"
+        try:
+            async with asyncio.timeout(self._timeout_s), pool.borrow() as connection:
+                await self._read_head_cells(connection.client, user_row(0))
+        except TimeoutError as exc:
+            raise StoreUnavailable(f"HBase: {where} did not answer") from exc
+        except Exception as exc:
+            raise unavailable_error(f"open {where}", exc) from exc
+
     # ---- calls: one connection, one deadline, engine failures as StoreUnavailable ----
 
     @contextlib.asynccontextmanager
-    async def _session(self, action: str) -> AsyncIterator[Any]:
-        """A Thrift client for this task alone, for one store call."""
+    async def _session(self, action: str, commits: bool = False) -> AsyncIterator[Any]:
+        """A Thrift client for this task alone, for one store call (`commits`: a client of
+        the Thrift2 gateway)."""
         # Counted before the first await, so close() waits for a call that started.
-        if not self._open or self._pool is None:
+        pool = self._commit_pool if commits else self._pool
+        if not self._open or pool is None:
             raise StoreUnavailable(f"the HBase store {self._namespace} is not open")
-        pool = self._pool
         self._in_flight += 1
         self._idle.clear()
         try:
@@ -554,16 +618,37 @@ class HBaseStore(Store):
     async def _commit(
         self, client: Any, user_id: int, expected: int, batch: Batch, epoch: int | None = None
     ) -> int | None:
-        """Append `batch` after log position `expected` (by the owner of `epoch`, if given):
-        None if committed, else the last seq; `Fenced` if another owner claimed the user."""
+        """Append `batch` after log position `expected` (by the owner of `epoch`, if given)
+        through the Thrift1 gateway: the batch rides in the head's tail. None if committed,
+        else the last seq; `Fenced` if another owner claimed the user."""
         row = user_row(user_id)
         encoded = batch.encode()
         staged = (
             await self._stage(client, row, encoded) if len(encoded) > INLINE_BATCH_BYTES else None
         )
+        last = expected + len(batch.records)
+
+        async def swap(known: bytes, head: Head) -> bytes | None:
+            new, flush = self._next_head(head, last, encoded, staged)
+            if flush:
+                # Those commits leave the head: their cells must be in place first.
+                pending = head.pending()
+                assert pending is not None
+                await self._materialize(client, row, head, pending)
+            raw = new.encode()
+            if not await client.checkAndPut(
+                self._users, row, HEAD, known or None, Mutation(column=HEAD, value=raw), {}
+            ):
+                return None
+            if staged is not None or (len(new.tail) == 1 and len(raw) > TAIL_BYTES):
+                # One big batch: materialize it now rather than carry it around.
+                await self._materialize(client, row, new, batch)
+                raw = await self._compact(client, row, raw, new) or b""
+            return raw
+
         try:
             actual = await self._swap_head(
-                client, user_id, row, expected, batch, encoded, staged, epoch
+                user_id, expected, epoch, lambda: self._settle(client, row), swap
             )
         except Fenced:
             if staged is not None:
@@ -574,6 +659,49 @@ class HBaseStore(Store):
             # behind, unreferenced: that connection cannot be trusted with more.)
             await self._drop_staging(client, row, staged)
         return actual
+
+    async def _commit_cells(
+        self, client: Any, user_id: int, expected: int, batch: Batch, epoch: int | None = None
+    ) -> int | None:
+        """`_commit` through the Thrift2 gateway: one compare-and-set of the head that also
+        puts the batch's cells (and those of a tail a Thrift1 writer left), stamped as a
+        materialization would stamp them, so the head stays compact."""
+        row = user_row(user_id)
+        last = expected + len(batch.records)
+
+        async def read_head() -> bytes | None:
+            raw = await self._read_head_cells(client, row)
+            if Head.decode(raw).staged is None:
+                return raw
+            async with self._session("append") as settling:  # rare: a staged head left behind
+                return await self._settle(settling, row)
+
+        async def swap(known: bytes, head: Head) -> bytes | None:
+            assert head.staged is None  # read_head settles staged heads; the cache has none
+            new = Head(last, head.version + 1, epoch=head.epoch)
+            raw = new.encode()
+            values = [_value(HEAD, raw)]
+            pending = head.pending()
+            if pending is not None:
+                values += (_value(c, v, head.version) for c, v in pending.mutations(head.seq))
+            values += (_value(c, v, new.version) for c, v in batch.mutations(last))
+            put = _THRIFT2.TPut(row=row, columnValues=values)
+            family, _, qualifier = HEAD.partition(b":")
+            if not await client.checkAndPut(
+                self._users, row, family, qualifier, known or None, put
+            ):
+                return None
+            self.materializations += pending is not None
+            return raw
+
+        return await self._swap_head(user_id, expected, epoch, read_head, swap)
+
+    async def _read_head_cells(self, client: Any, row: bytes) -> bytes:
+        """The head cell, read through the Thrift2 gateway."""
+        family, _, qualifier = HEAD.partition(b":")
+        column = _THRIFT2.TColumn(family=family, qualifier=qualifier)
+        result = await client.get(self._users, _THRIFT2.TGet(row=row, columns=[column]))
+        return result.columnValues[0].value if result.columnValues else b""
 
     def _next_head(
         self, head: Head, last: int, encoded: bytes, staged: Staged | None
@@ -593,17 +721,17 @@ class HBaseStore(Store):
 
     async def _swap_head(
         self,
-        client: Any,
         user_id: int,
-        row: bytes,
         expected: int,
-        batch: Batch,
-        encoded: bytes,
-        staged: Staged | None,
-        epoch: int | None = None,
+        epoch: int | None,
+        read_head: Callable[[], Awaitable[bytes | None]],
+        swap: Callable[[bytes, Head], Awaitable[bytes | None]],
     ) -> int | None:
         """The compare-and-set loop on the head; None once committed, else the actual last seq.
 
+        `read_head()` gives the head's bytes with no staged batch (None: it moved, read
+        again); `swap(known, head)` makes one compare-and-set from `known` and gives the
+        bytes now in the head (b"": not worth caching), or None if another writer won.
         With `epoch`, the head must also hold that owner epoch (else `Fenced`): the swap
         compares the whole head, epoch included, so a claim in between fails it."""
         # The head as this store last saw it, or a guess (no head at all for a new log).
@@ -614,7 +742,7 @@ class HBaseStore(Store):
         for _ in range(MAX_COMMIT_ATTEMPTS):
             if known is None:
                 try:
-                    known = await self._settle(client, row)
+                    known = await read_head()
                 except _Moved:
                     continue
                 if known is None:
@@ -629,25 +757,12 @@ class HBaseStore(Store):
                     return head.seq
                 known = None  # a stale cache entry or a wrong guess: read the head
                 continue
-            new, flush = self._next_head(head, expected + len(batch.records), encoded, staged)
-            if flush:
-                # Those commits leave the head: their cells must be in place first.
-                pending = head.pending()
-                assert pending is not None
-                await self._materialize(client, row, head, pending)
-            raw = new.encode()
-            swapped = await client.checkAndPut(
-                self._users, row, HEAD, known or None, Mutation(column=HEAD, value=raw), {}
-            )
-            if not swapped:
+            raw = await swap(known, head)
+            if raw is None:
                 self.lost_swaps += 1
                 self._heads.forget(user_id)
                 known, trusted = None, False
                 continue
-            if staged is not None or (len(new.tail) == 1 and len(raw) > TAIL_BYTES):
-                # One big batch: materialize it now rather than carry it around.
-                await self._materialize(client, row, new, batch)
-                raw = await self._compact(client, row, raw, new) or b""
             if raw:
                 self._heads.put(user_id, raw)
             self.commits += 1
@@ -670,9 +785,11 @@ class HBaseStore(Store):
             for term, message_id in write.terms
         )
         batch = Batch(records, messages, terms)
+        by_cells = self._commit_pool is not None and _fits_inline(batch)
         try:
-            async with self._session("append") as client:
-                actual = await self._commit(client, user_id, expected, batch, write.owner_epoch)
+            async with self._session("append", commits=by_cells) as client:
+                commit = self._commit_cells if by_cells else self._commit
+                actual = await commit(client, user_id, expected, batch, write.owner_epoch)
         except BaseException:
             self._heads.forget(user_id)  # the outcome is unknown
             raise

@@ -1,4 +1,4 @@
-"""Connections to HBase's Thrift1 gateway: a pool where a connection serves one task at a time.
+"""Connections to an HBase Thrift gateway: a pool where a connection serves one task at a time.
 
 Each connection is a `pyserver.store.hbase_thrift.ThriftClient` (thriftpy2's
 compiled binary protocol over the gateway's buffered transport), lent by these rules:
@@ -23,10 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 from thriftpy2.transport import TTransportException
 
-from pyserver.store.hbase_thrift import ThriftClient, connect
+from pyserver.store.hbase_thrift import THRIFT1, ThriftClient, connect
 
 __all__ = ["PooledConnection", "ThriftPool"]
 
@@ -34,14 +35,17 @@ __all__ = ["PooledConnection", "ThriftPool"]
 class PooledConnection:
     """One slot of the pool: its client while open (`client`), None while closed."""
 
-    def __init__(self, host: str, port: int, socket_timeout_s: float) -> None:
+    def __init__(
+        self, host: str, port: int, socket_timeout_s: float, service: Any = THRIFT1
+    ) -> None:
         self._host, self._port = host, port
         self._timeout_s = socket_timeout_s
+        self._service = service
         self.client: ThriftClient | None = None
 
     async def open(self) -> None:
         if self.client is None:
-            self.client = await connect(self._host, self._port, self._timeout_s)
+            self.client = await connect(self._host, self._port, self._timeout_s, self._service)
 
     def close(self) -> None:
         if self.client is not None:
@@ -50,14 +54,17 @@ class PooledConnection:
 
 
 class ThriftPool:
-    """`size` connections to one Thrift1 gateway, opened when first lent."""
+    """`size` connections to one gateway (of `service`: `THRIFT1` or `THRIFT2`), opened
+    when first lent."""
 
-    def __init__(self, host: str, port: int, size: int, socket_timeout_s: float) -> None:
+    def __init__(
+        self, host: str, port: int, size: int, socket_timeout_s: float, service: Any = THRIFT1
+    ) -> None:
         if not isinstance(size, int) or size <= 0:
             raise ValueError("the pool size must be a positive int")
         self._queue: asyncio.LifoQueue[PooledConnection] = asyncio.LifoQueue(maxsize=size)
         for _ in range(size):
-            self._queue.put_nowait(PooledConnection(host, port, socket_timeout_s))
+            self._queue.put_nowait(PooledConnection(host, port, socket_timeout_s, service))
         self._generation = 0
         self._opened_in: dict[int, int] = {}  # id(connection) -> generation it was opened in
         self.connects = 0

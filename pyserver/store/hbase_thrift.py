@@ -1,4 +1,4 @@
-"""One connection to HBase's Thrift1 gateway on asyncio, encoded by thriftpy2's compiled protocol.
+"""One connection to an HBase Thrift gateway on asyncio, encoded by thriftpy2's compiled protocol.
 
 Owns the bytes between the store and the gateway. aiohappybase's client (thriftpy2's
 `contrib.aio`) encodes and decodes in pure Python and awaits the socket for every
@@ -6,14 +6,18 @@ field it reads; this one encodes a call with thriftpy2's Cython binary protocol
 (`TCyBinaryProtocol`) into one buffer, writes it at once, and decodes the reply in
 one pass once its bytes are in:
 
-1. `ThriftClient.<method>(*args)` builds the method's argument struct (the IDL of
-   `Hbase_thrift`, which aiohappybase loads) and encodes the call message;
+1. `ThriftClient.<method>(*args)` builds the method's argument struct and encodes
+   the call message;
 2. the reply's bytes collect in the connection's `asyncio.Protocol`; each time more
    arrive, the reply is checked for completeness by skipping over it (the protocol's
    own `skip`, compiled: no objects built) and, once whole, decoded into the
    method's result struct;
 3. the result's value is returned, or the exception the gateway declared (HBase's
    `IOError`, `IllegalArgument`...) or a `TApplicationException` is raised.
+
+A connection speaks one service: `THRIFT1` (the Thrift1 gateway's `Hbase`, whose IDL
+aiohappybase loads) or `THRIFT2` (the Thrift2 gateway's `THBaseService`, from the
+subset of its IDL in `hbase2.thrift` beside this module).
 
 The gateway's buffered transport answers a connection's calls one at a time, so a
 connection carries one call at a time: a second concurrent call is refused
@@ -31,9 +35,11 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import aiohappybase  # noqa: F401  (loads the Hbase_thrift module below)
+import thriftpy2
 from Hbase_thrift import Hbase
 from thriftpy2.protocol.binary import TBinaryProtocol
 from thriftpy2.thrift import TApplicationException, TMessageType, TType, args_to_kwargs
@@ -43,7 +49,20 @@ from thriftpy2.transport.memory import TMemoryBuffer
 
 from pyserver.implementation import PURE_FORCED
 
-__all__ = ["PROTOCOL", "ThriftClient", "connect"]
+__all__ = ["PROTOCOL", "THRIFT1", "THRIFT2", "ThriftClient", "connect", "thrift2_types"]
+
+# The two gateways' services: Thrift1's `Hbase`, Thrift2's `THBaseService`.
+THRIFT1: Any = Hbase
+_THRIFT2_MODULE: Any = thriftpy2.load(
+    str(Path(__file__).with_name("hbase2.thrift")), module_name="pyserver_hbase2_thrift"
+)
+THRIFT2: Any = _THRIFT2_MODULE.THBaseService
+
+
+def thrift2_types() -> Any:
+    """The Thrift2 IDL's module: its structs (`TPut`, `TColumnValue`, ...) and exceptions."""
+    return _THRIFT2_MODULE
+
 
 _Protocol: Any = TBinaryProtocol
 _Buffered: Any = TBufferedTransport
@@ -124,11 +143,11 @@ def encode_call(method: str, seqid: int, args: Any) -> bytes:
 
 
 @functools.cache
-def _method(name: str) -> tuple[type, type]:
-    """(argument struct, result struct) of one gateway method."""
-    if name not in Hbase.thrift_services:
-        raise AttributeError(f"the HBase Thrift1 gateway has no method {name!r}")
-    return getattr(Hbase, f"{name}_args"), getattr(Hbase, f"{name}_result")
+def _method(service: Any, name: str) -> tuple[type, type]:
+    """(argument struct, result struct) of one method of a gateway's service."""
+    if name not in service.thrift_services:
+        raise AttributeError(f"the HBase gateway's {service.__name__} has no method {name!r}")
+    return getattr(service, f"{name}_args"), getattr(service, f"{name}_result")
 
 
 def _outcome(result: Any) -> Any:
@@ -203,12 +222,13 @@ class ThriftClient:
     """The gateway's methods as coroutines: `await client.checkAndPut(table, row, ...)`.
 
     One call at a time; `socket_timeout_s` bounds each call as a backstop (the
-    caller's deadline is meant to come first).
+    caller's deadline is meant to come first). `service`: `THRIFT1` or `THRIFT2`.
     """
 
-    def __init__(self, wire: _Wire, socket_timeout_s: float) -> None:
+    def __init__(self, wire: _Wire, socket_timeout_s: float, service: Any = THRIFT1) -> None:
         self._wire = wire
         self._timeout_s = socket_timeout_s
+        self._service = service
         self._seqid = 0
 
     @property
@@ -217,13 +237,13 @@ class ThriftClient:
         return self._wire.closed
 
     def __getattr__(self, name: str) -> Callable[..., Any]:
-        _method(name)  # AttributeError for what the gateway does not have
+        _method(self._service, name)  # AttributeError for what the gateway does not have
         bound = self.__dict__[name] = functools.partial(self.call, name)  # found directly next time
         return bound
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         """Call one gateway method; its result, or the exception it answered with."""
-        args_type, result_type = _method(method)
+        args_type, result_type = _method(self._service, method)
         wire = self._wire
         if wire.closed or wire.transport is None:
             raise TTransportException(TTransportException.NOT_OPEN, "the connection is closed")
@@ -263,9 +283,11 @@ class ThriftClient:
             self._wire.transport.close()
 
 
-async def connect(host: str, port: int, socket_timeout_s: float) -> ThriftClient:
-    """A client on a new connection to the gateway at host:port."""
+async def connect(
+    host: str, port: int, socket_timeout_s: float, service: Any = THRIFT1
+) -> ThriftClient:
+    """A client of `service` on a new connection to the gateway at host:port."""
     loop = asyncio.get_running_loop()
     async with asyncio.timeout(socket_timeout_s):
         _, wire = await loop.create_connection(_Wire, host, port)
-    return ThriftClient(wire, socket_timeout_s)
+    return ThriftClient(wire, socket_timeout_s, service)

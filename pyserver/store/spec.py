@@ -4,8 +4,11 @@
 "sqlite:PATH"                   the embedded SQLite store at PATH; several processes
                                 may share one file (every append is a transaction
                                 that checks the user's last sequence number)
-"hbase:HOST:PORT[/namespace]"   HBase through its Thrift1 gateway
-                                (pyserver.store.hbase; namespace "pyserver" by default)
+"hbase:HOST:PORT[+PORT2][/namespace]"
+                                HBase through its Thrift1 gateway at HOST:PORT and,
+                                with +PORT2, its Thrift2 gateway at HOST:PORT2 for the
+                                appends (pyserver.store.hbase; namespace "pyserver"
+                                by default)
 """
 
 from __future__ import annotations
@@ -22,18 +25,21 @@ SQLITE_FILE = "store.sqlite3"
 
 @dataclass(frozen=True, slots=True)
 class StoreSpec:
-    """A parsed `store` setting: kind "sqlite" (with `path`) or "hbase" (host, port, namespace)."""
+    """A parsed `store` setting: kind "sqlite" (with `path`) or "hbase" (host, port, the
+    Thrift2 gateway's `commit_port` if any, namespace)."""
 
     kind: str
     path: Path | None = None
     host: str = ""
     port: int = 0
     namespace: str = ""
+    commit_port: int | None = None
 
     def __str__(self) -> str:
         if self.kind == "sqlite":
             return f"sqlite:{self.path}"
-        return f"hbase:{self.host}:{self.port}/{self.namespace}"
+        commits = "" if self.commit_port is None else f"+{self.commit_port}"
+        return f"hbase:{self.host}:{self.port}{commits}/{self.namespace}"
 
 
 def parse_store_spec(spec: str, data_dir: Path) -> StoreSpec:
@@ -47,14 +53,23 @@ def parse_store_spec(spec: str, data_dir: Path) -> StoreSpec:
         return StoreSpec("sqlite", path=Path(rest))
     if kind == "hbase":
         address, _, namespace = rest.partition("/")
-        host, _, port = address.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"hbase:HOST:PORT[/namespace] expected, not {spec!r}")
+        host, _, ports = address.rpartition(":")
+        port, plus, commit_port = ports.partition("+")
+        if not host or not all(
+            p.isdigit() and 0 < int(p) < 65536 for p in (port, *([commit_port] if plus else []))
+        ):
+            raise ValueError(f"hbase:HOST:PORT[+PORT2][/namespace] expected, not {spec!r}")
         namespace = namespace or DEFAULT_HBASE_NAMESPACE
         if not namespace.replace("_", "").isalnum():
             raise ValueError(f"HBase namespace {namespace!r}: letters, digits and _ only")
-        return StoreSpec("hbase", host=host, port=int(port), namespace=namespace)
-    raise ValueError(f"store {spec!r}: expected sqlite:PATH or hbase:HOST:PORT[/namespace]")
+        return StoreSpec(
+            "hbase",
+            host=host,
+            port=int(port),
+            namespace=namespace,
+            commit_port=int(commit_port) if plus else None,
+        )
+    raise ValueError(f"store {spec!r}: expected sqlite:PATH or hbase:HOST:PORT[+PORT2][/namespace]")
 
 
 def open_store(spec: StoreSpec) -> Any:
@@ -68,4 +83,4 @@ def open_store(spec: StoreSpec) -> Any:
         from pyserver.store.hbase import HBaseStore
     except ImportError as error:
         raise ValueError(f"the HBase store is not available: {error}") from None
-    return HBaseStore(spec.host, spec.port, namespace=spec.namespace)
+    return HBaseStore(spec.host, spec.port, namespace=spec.namespace, commit_port=spec.commit_port)
