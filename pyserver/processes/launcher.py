@@ -69,6 +69,8 @@ THRIFT = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT_PORT', '9090')}"
 THRIFT2 = f"127.0.0.1:{os.environ.get('PYSERVER_THRIFT2_PORT', '9092')}"
 # A store setting's HBase address: the Thrift1 gateway, + the Thrift2 gateway's port (appends)
 HBASE_GATEWAYS = f"{THRIFT}+{THRIFT2.rpartition(':')[2]}"
+# which engine answers at which address (HBase at both of its gateways)
+_ENGINE_ADDRESSES = (("zookeeper", ZOOKEEPER), ("hbase", THRIFT), ("hbase", THRIFT2))
 MEMCACHED = tuple(
     f"127.0.0.1:{port}"
     for port in os.environ.get("PYSERVER_MEMCACHED_PORTS", "11211,11212").split(",")[:2]
@@ -112,7 +114,7 @@ def _ensure_engines(engine: str, say: Any) -> bool:
     missing = list(
         dict.fromkeys(
             name
-            for name, address in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT), ("hbase", THRIFT2))
+            for name, address in _ENGINE_ADDRESSES
             if name in wanted and not _listening(address)
         )
     )
@@ -127,11 +129,7 @@ def _ensure_engines(engine: str, say: Any) -> bool:
         done = subprocess.run([sys.executable, str(script), "up", *missing], cwd=REPO)  # nosec B603
         if done.returncode != 0:
             required = [name for name in missing if name != "memcached"]
-            if required and not all(
-                _listening(a)
-                for n, a in (("zookeeper", ZOOKEEPER), ("hbase", THRIFT), ("hbase", THRIFT2))
-                if n in required
-            ):
+            if required and not all(_listening(a) for n, a in _ENGINE_ADDRESSES if n in required):
                 raise LaunchError(f"scripts/engines up {' '.join(missing)} failed")
         memcached = all(_listening(address) for address in MEMCACHED)
     return memcached

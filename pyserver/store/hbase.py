@@ -202,6 +202,8 @@ class _HeadCache:
 
 
 _THRIFT2 = thrift2_types()
+# The head cell as Thrift2 names a cell: family, qualifier.
+_HEAD_FAMILY, _, _HEAD_QUALIFIER = HEAD.partition(b":")
 
 
 def _fits_inline(batch: Batch) -> bool:
@@ -686,9 +688,8 @@ class HBaseStore(Store):
                 values += (_value(c, v, head.version) for c, v in pending.mutations(head.seq))
             values += (_value(c, v, new.version) for c, v in batch.mutations(last))
             put = _THRIFT2.TPut(row=row, columnValues=values)
-            family, _, qualifier = HEAD.partition(b":")
             if not await client.checkAndPut(
-                self._users, row, family, qualifier, known or None, put
+                self._users, row, _HEAD_FAMILY, _HEAD_QUALIFIER, known or None, put
             ):
                 return None
             self.materializations += pending is not None
@@ -698,8 +699,7 @@ class HBaseStore(Store):
 
     async def _read_head_cells(self, client: Any, row: bytes) -> bytes:
         """The head cell, read through the Thrift2 gateway."""
-        family, _, qualifier = HEAD.partition(b":")
-        column = _THRIFT2.TColumn(family=family, qualifier=qualifier)
+        column = _THRIFT2.TColumn(family=_HEAD_FAMILY, qualifier=_HEAD_QUALIFIER)
         result = await client.get(self._users, _THRIFT2.TGet(row=row, columns=[column]))
         return result.columnValues[0].value if result.columnValues else b""
 
