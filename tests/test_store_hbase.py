@@ -36,13 +36,18 @@ from pyserver.store.hbase import (
 from pyserver.store.hbase_layout import (
     HEAD,
     MAX_TIMESTAMP,
+    POSTINGS_PER_CELL,
     TABLES,
     Batch,
     Head,
     Staged,
     check_namespace,
+    encode_postings,
     group_by_size,
+    index_pairs,
     join_staged,
+    postings_column,
+    snapshot_timestamp,
     split_parts,
     split_term_qualifier,
     table_name,
@@ -178,6 +183,19 @@ def test_term_qualifiers_split_exactly_whatever_the_bytes() -> None:
         assert split_term_qualifier(column[2:]) == (term, message_id)
     # a term is never a prefix of another term's cells
     assert not term_column(b"ab", b"c").startswith(term_column(b"a", b""))
+
+
+def test_a_postings_cell_holds_one_terms_message_ids() -> None:
+    ids = [b"m1", b"", b"m\x00'2", b"x" * 300]
+    column = postings_column(b"hello", 7, 1)
+    assert column == (
+        b"x:\xff\xff\xff\xfe" + (5).to_bytes(4, "big") + b"hello"
+        + (7).to_bytes(8, "big") + (1).to_bytes(4, "big")
+    )  # fmt: skip
+    assert index_pairs(column[2:], encode_postings(ids)) == [(b"hello", mid) for mid in ids]
+    assert index_pairs(column[2:], b"") == []
+    # a term cell (one message, empty value) reads as before
+    assert index_pairs(term_column(b"hello", b"m1")[2:], b"") == [(b"hello", b"m1")]
 
 
 batches = st.builds(
@@ -352,6 +370,39 @@ async def test_the_users_table_has_the_documented_layout(
         assert {c: v for c, (v, _) in social.items()} == {b"f:" + user.to_bytes(8, "big"): b"\x01"}
         address = await cells_of(client, store.table("addresses"), b"who@example.org")
         assert {c: v for c, (v, _) in address.items()} == {b"u:user": user.to_bytes(8, "big")}
+
+
+@asyncio_test
+async def test_an_index_flush_writes_one_postings_cell_per_term(
+    new_store: Callable[..., HBaseStore],
+) -> None:
+    async with opened(new_store(tail_commits=1)) as store, raw_client(store) as client:
+        row = user_row(6)
+        pairs = [("hello", "m1"), ("hello", "m2"), ("world", "m1"), ("hello", "m1")]
+        await store.index_terms(6, 7, pairs)
+        cells = await cells_of(client, store.table("users"), row)
+        stamp = snapshot_timestamp(7)
+        assert cells == {
+            postings_column(b"hello", 7, 0): (encode_postings([b"m1", b"m2"]), stamp),
+            postings_column(b"world", 7, 0): (encode_postings([b"m1"]), stamp),
+            b"x:\xff\xff\xff\xffindexed": ((7).to_bytes(8, "big"), stamp),
+        }
+        # A later flush adds cells of its own; a batch's term cells are found beside them.
+        await store.index_terms(6, 9, [("hello", "m3")])
+        await store.append(LogAppend(6, 0, [b"r1"], terms=[("hello", "m4")]))
+        await store.append(LogAppend(6, 1, [b"r2"]))  # materializes the first commit
+        cells = await cells_of(client, store.table("users"), row)
+        assert cells[term_column(b"hello", b"m4")] == (b"", 1)
+        assert await store.search(6, ["hello"]) == ["m1", "m2", "m3", "m4"]
+        assert await store.search(6, ["hello", "world"]) == ["m1"]
+        assert await store.indexed_seq(6) == 9
+        # More message ids than one cell holds: parts of one term, all found.
+        many = [f"n{i:05d}" for i in range(POSTINGS_PER_CELL + 1)]
+        await store.index_terms(6, 11, [("many", mid) for mid in many])
+        cells = await cells_of(client, store.table("users"), row)
+        assert postings_column(b"many", 11, 1) in cells
+        assert postings_column(b"many", 11, 2) not in cells
+        assert await store.search(6, ["many"]) == many
 
 
 @asyncio_test

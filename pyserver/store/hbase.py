@@ -59,6 +59,7 @@ from pyserver.store.hbase_layout import (
     FRIEND_YES,
     HEAD,
     INDEX_MARK,
+    POSTINGS_PER_CELL,
     REVOCATION_FAMILY,
     SNAPSHOT_SEQ,
     STAGE_TOKEN_BYTES,
@@ -69,17 +70,19 @@ from pyserver.store.hbase_layout import (
     Staged,
     address_key,
     blob,
+    encode_postings,
     friend_column,
     group_by_size,
+    index_pairs,
     join_staged,
     log_column,
     message_column,
+    postings_column,
+    postings_prefix,
     snapshot_part_column,
     snapshot_timestamp,
     split_parts,
-    split_term_qualifier,
     table_name,
-    term_column,
     term_prefix,
     text,
     u64,
@@ -954,7 +957,9 @@ class HBaseStore(Store):
             return []
         wanted_set = set(wanted)
         prefixes = ", ".join(
-            "'" + term_prefix(term).replace(b"'", b"''").decode("latin-1") + "'" for term in wanted
+            "'" + prefix.replace(b"'", b"''").decode("latin-1") + "'"
+            for term in wanted
+            for prefix in (term_prefix(term), postings_prefix(term))
         )
         scan = TScan(
             startRow=row,
@@ -967,7 +972,8 @@ class HBaseStore(Store):
         async def query(client: Any) -> list[str]:
             found: set[tuple[bytes, bytes]] = set()
             async for _, cells in self._scan(client, self._users, scan):
-                found.update(split_term_qualifier(column[2:]) for column in cells)
+                for column, value in cells.items():
+                    found.update(index_pairs(column[2:], value))
             pending = await self._pending_batch(
                 client, row, Head.decode(await self._read_head(client, row))
             )
@@ -985,11 +991,19 @@ class HBaseStore(Store):
     ) -> None:
         row = user_row(u64(user_id))
         u64(indexed_seq, "indexed_seq")
-        cells = [
-            term_column(text(term, "a search term").encode(), text(mid, "a message id").encode())
-            for term, mid in terms
-        ]
-        mutations = [Mutation(column=column, value=b"") for column in dict.fromkeys(cells)]
+        postings: dict[bytes, dict[bytes, None]] = {}
+        for term, mid in terms:
+            by_term = postings.setdefault(text(term, "a search term").encode(), {})
+            by_term[text(mid, "a message id").encode()] = None
+        # One cell per term (per POSTINGS_PER_CELL ids), named by this flush's mark: a
+        # later flush adds cells of its own, and a retry of this one rewrites the same.
+        mutations = []
+        for term, ids in postings.items():
+            mids = list(ids)
+            for part, start in enumerate(range(0, len(mids), POSTINGS_PER_CELL)):
+                value = encode_postings(mids[start : start + POSTINGS_PER_CELL])
+                column = postings_column(term, indexed_seq, part)
+                mutations.append(Mutation(column=column, value=value))
         # The mark goes last, stamped with its position: the highest mark wins every
         # read whatever order the writes land in, so it never goes down.
         mutations.append(Mutation(column=INDEX_MARK, value=indexed_seq.to_bytes(8, "big")))

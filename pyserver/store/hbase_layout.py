@@ -4,7 +4,7 @@ Pure data, no I/O (docs/storage.md, "The HBase store", describes the layout).
 The users table follows DESIGN.md "Storage schema": row key = one salt byte
 (`user_id % 256`) + the user id as 8 bytes big-endian; families `l` (log, one
 cell per sequence number), `s` (latest snapshot), `m` (message bodies by id),
-`x` (search terms).
+`x` (search terms: a postings cell per term and index flush).
 
 Thrift1's checkAndPut compares one cell and puts one cell, so a user's append
 is committed by swapping one cell, the *head* `l:last`: it holds the log's
@@ -50,6 +50,12 @@ SNAPSHOT_SEQ = b"s:seq"
 # The search index's mark (how far the log is indexed): an `x` qualifier no term cell
 # can have, since a term's qualifier starts with its length and terms are short.
 INDEX_MARK = b"x:\xff\xff\xff\xffindexed"
+# A term's postings from one index flush, all its message ids in one cell (per
+# POSTINGS_PER_CELL): x:<FFFFFFFE><term length, 4 bytes BE><term><the flush's mark, 8
+# bytes BE><part, 4 bytes BE>. A term cell (`term_column`, one per term and message)
+# is what a batch in the head carries; the index flushes write postings.
+_POSTINGS = b"\xff\xff\xff\xfe"
+POSTINGS_PER_CELL = 4096
 SNAPSHOT_PARTS = b"s:parts"
 _SNAPSHOT_PART = b"s:image"
 # staging cells of a big batch: l:stage<token, 16 bytes><part, 4 bytes BE>
@@ -162,6 +168,34 @@ def split_term_qualifier(qualifier: bytes) -> tuple[bytes, bytes]:
     """(term, message id) of an `x` qualifier (without the family)."""
     (length,) = _U32.unpack_from(qualifier)
     return qualifier[4 : 4 + length], qualifier[4 + length :]
+
+
+def postings_prefix(term: bytes) -> bytes:
+    """The qualifier prefix of a term's postings cells (without the family)."""
+    return _POSTINGS + term_prefix(term)
+
+
+def postings_column(term: bytes, mark: int, part: int) -> bytes:
+    """One part of a term's postings written by the index flush that ends at `mark`."""
+    return b"x:" + postings_prefix(term) + seq_bytes(mark) + _U32.pack(part)
+
+
+def encode_postings(message_ids: Sequence[bytes]) -> bytes:
+    """Message ids, each after its length (4 bytes BE)."""
+    return b"".join(_U32.pack(len(mid)) + mid for mid in message_ids)
+
+
+def index_pairs(qualifier: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
+    """The (term, message id) pairs one `x` cell holds: a postings cell's, or a term cell's."""
+    if not qualifier.startswith(_POSTINGS):
+        return [split_term_qualifier(qualifier)]
+    term, _ = split_term_qualifier(qualifier[len(_POSTINGS) :])
+    pairs, at = [], 0
+    while at < len(value):
+        (length,) = _U32.unpack_from(value, at)
+        pairs.append((term, value[at + 4 : at + 4 + length]))
+        at += 4 + length
+    return pairs
 
 
 def friend_column(friend_id: int) -> bytes:
