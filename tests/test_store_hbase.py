@@ -36,16 +36,16 @@ from pyserver.store.hbase import (
 from pyserver.store.hbase_layout import (
     HEAD,
     MAX_TIMESTAMP,
-    POSTINGS_PER_CELL,
+    POSTINGS_CELL_BYTES,
     TABLES,
     Batch,
     Head,
     Staged,
     check_namespace,
-    encode_postings,
     group_by_size,
     index_pairs,
     join_staged,
+    postings_cells,
     postings_column,
     snapshot_timestamp,
     split_parts,
@@ -187,15 +187,28 @@ def test_term_qualifiers_split_exactly_whatever_the_bytes() -> None:
 
 def test_a_postings_cell_holds_one_terms_message_ids() -> None:
     ids = [b"m1", b"", b"m\x00'2", b"x" * 300]
-    column = postings_column(b"hello", 7, 1)
+    [(column, value)] = postings_cells(b"hello", 7, ids)
     assert column == (
         b"x:\xff\xff\xff\xfe" + (5).to_bytes(4, "big") + b"hello"
-        + (7).to_bytes(8, "big") + (1).to_bytes(4, "big")
+        + (7).to_bytes(8, "big") + (0).to_bytes(4, "big")
     )  # fmt: skip
-    assert index_pairs(column[2:], encode_postings(ids)) == [(b"hello", mid) for mid in ids]
+    assert column == postings_column(b"hello", 7, 0)
+    assert index_pairs(column[2:], value) == [(b"hello", mid) for mid in ids]
     assert index_pairs(column[2:], b"") == []
     # a term cell (one message, empty value) reads as before
     assert index_pairs(term_column(b"hello", b"m1")[2:], b"") == [(b"hello", b"m1")]
+
+
+def test_big_postings_are_cut_in_parts() -> None:
+    ids = [b"%04d" % n + b"x" * 996 for n in range(200)]  # 1,004 bytes each, with length
+    cells = postings_cells(b"t", 3, ids)
+    assert [column for column, _ in cells] == [postings_column(b"t", 3, p) for p in range(4)]
+    assert all(len(value) <= POSTINGS_CELL_BYTES for _, value in cells)
+    found = [mid for column, value in cells for _, mid in index_pairs(column[2:], value)]
+    assert found == ids
+    # an id bigger than a part still gets a cell, of its own
+    huge = b"h" * POSTINGS_CELL_BYTES
+    assert [len(v) for _, v in postings_cells(b"t", 3, [b"a", huge, b"b"])] == [5, len(huge) + 4, 5]
 
 
 batches = st.builds(
@@ -383,8 +396,8 @@ async def test_an_index_flush_writes_one_postings_cell_per_term(
         cells = await cells_of(client, store.table("users"), row)
         stamp = snapshot_timestamp(7)
         assert cells == {
-            postings_column(b"hello", 7, 0): (encode_postings([b"m1", b"m2"]), stamp),
-            postings_column(b"world", 7, 0): (encode_postings([b"m1"]), stamp),
+            **{c: (v, stamp) for c, v in postings_cells(b"hello", 7, [b"m1", b"m2"])},
+            **{c: (v, stamp) for c, v in postings_cells(b"world", 7, [b"m1"])},
             b"x:\xff\xff\xff\xffindexed": ((7).to_bytes(8, "big"), stamp),
         }
         # A later flush adds cells of its own; a batch's term cells are found beside them.
@@ -397,7 +410,7 @@ async def test_an_index_flush_writes_one_postings_cell_per_term(
         assert await store.search(6, ["hello", "world"]) == ["m1"]
         assert await store.indexed_seq(6) == 9
         # More message ids than one cell holds: parts of one term, all found.
-        many = [f"n{i:05d}" for i in range(POSTINGS_PER_CELL + 1)]
+        many = [f"n{i:05d}" for i in range(POSTINGS_CELL_BYTES // 10 + 1)]  # 10 bytes each
         await store.index_terms(6, 11, [("many", mid) for mid in many])
         cells = await cells_of(client, store.table("users"), row)
         assert postings_column(b"many", 11, 1) in cells

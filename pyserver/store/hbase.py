@@ -59,7 +59,6 @@ from pyserver.store.hbase_layout import (
     FRIEND_YES,
     HEAD,
     INDEX_MARK,
-    POSTINGS_PER_CELL,
     REVOCATION_FAMILY,
     SNAPSHOT_SEQ,
     STAGE_TOKEN_BYTES,
@@ -70,14 +69,13 @@ from pyserver.store.hbase_layout import (
     Staged,
     address_key,
     blob,
-    encode_postings,
     friend_column,
     group_by_size,
     index_pairs,
     join_staged,
     log_column,
     message_column,
-    postings_column,
+    postings_cells,
     postings_prefix,
     snapshot_part_column,
     snapshot_timestamp,
@@ -995,24 +993,26 @@ class HBaseStore(Store):
         for term, mid in terms:
             by_term = postings.setdefault(text(term, "a search term").encode(), {})
             by_term[text(mid, "a message id").encode()] = None
-        # One cell per term (per POSTINGS_PER_CELL ids), named by this flush's mark: a
-        # later flush adds cells of its own, and a retry of this one rewrites the same.
-        mutations = []
-        for term, ids in postings.items():
-            mids = list(ids)
-            for part, start in enumerate(range(0, len(mids), POSTINGS_PER_CELL)):
-                value = encode_postings(mids[start : start + POSTINGS_PER_CELL])
-                column = postings_column(term, indexed_seq, part)
-                mutations.append(Mutation(column=column, value=value))
+        # One cell per term (more when it is big), named by this flush's mark: a later
+        # flush adds cells of its own, and a retry of this one rewrites the same.
+        cells = [
+            cell
+            for term, mids in postings.items()
+            for cell in postings_cells(term, indexed_seq, mids)
+        ]
         # The mark goes last, stamped with its position: the highest mark wins every
         # read whatever order the writes land in, so it never goes down.
-        mutations.append(Mutation(column=INDEX_MARK, value=indexed_seq.to_bytes(8, "big")))
+        cells.append((INDEX_MARK, indexed_seq.to_bytes(8, "big")))
         async with self._session("index_terms") as client:
-            for start in range(0, len(mutations), _INDEX_CELLS_PER_CALL):
-                part = mutations[start : start + _INDEX_CELLS_PER_CALL]
-                await client.mutateRowTs(
-                    self._users, row, part, snapshot_timestamp(indexed_seq), {}
-                )
+            for group in group_by_size(cells, WRITE_CALL_BYTES):
+                for start in range(0, len(group), _INDEX_CELLS_PER_CALL):
+                    part = [
+                        Mutation(column=column, value=value)
+                        for column, value in group[start : start + _INDEX_CELLS_PER_CALL]
+                    ]
+                    await client.mutateRowTs(
+                        self._users, row, part, snapshot_timestamp(indexed_seq), {}
+                    )
 
     async def indexed_seq(self, user_id: int) -> int:
         row = user_row(u64(user_id))

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import re
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,12 +50,12 @@ SNAPSHOT_SEQ = b"s:seq"
 # The search index's mark (how far the log is indexed): an `x` qualifier no term cell
 # can have, since a term's qualifier starts with its length and terms are short.
 INDEX_MARK = b"x:\xff\xff\xff\xffindexed"
-# A term's postings from one index flush, all its message ids in one cell (per
-# POSTINGS_PER_CELL): x:<FFFFFFFE><term length, 4 bytes BE><term><the flush's mark, 8
-# bytes BE><part, 4 bytes BE>. A term cell (`term_column`, one per term and message)
-# is what a batch in the head carries; the index flushes write postings.
+# A term's postings from one index flush, its message ids in one cell (another part
+# per POSTINGS_CELL_BYTES): x:<FFFFFFFE><term length, 4 bytes BE><term><the flush's
+# mark, 8 bytes BE><part, 4 bytes BE>. A term cell (`term_column`, one per term and
+# message) is what a batch in the head carries; the index flushes write postings.
 _POSTINGS = b"\xff\xff\xff\xfe"
-POSTINGS_PER_CELL = 4096
+POSTINGS_CELL_BYTES = 64 << 10
 SNAPSHOT_PARTS = b"s:parts"
 _SNAPSHOT_PART = b"s:image"
 # staging cells of a big batch: l:stage<token, 16 bytes><part, 4 bytes BE>
@@ -180,9 +180,25 @@ def postings_column(term: bytes, mark: int, part: int) -> bytes:
     return b"x:" + postings_prefix(term) + seq_bytes(mark) + _U32.pack(part)
 
 
-def encode_postings(message_ids: Sequence[bytes]) -> bytes:
-    """Message ids, each after its length (4 bytes BE)."""
-    return b"".join(_U32.pack(len(mid)) + mid for mid in message_ids)
+def postings_cells(
+    term: bytes, mark: int, message_ids: Iterable[bytes]
+) -> list[tuple[bytes, bytes]]:
+    """(column, value) of a term's postings from the flush that ends at `mark`: the
+    message ids, each after its length (4 bytes BE), in parts of at most
+    POSTINGS_CELL_BYTES (or one id)."""
+    cells: list[tuple[bytes, bytes]] = []
+    part: list[bytes] = []
+    size = 0
+    for mid in message_ids:
+        entry = _U32.pack(len(mid)) + mid
+        if part and size + len(entry) > POSTINGS_CELL_BYTES:
+            cells.append((postings_column(term, mark, len(cells)), b"".join(part)))
+            part, size = [], 0
+        part.append(entry)
+        size += len(entry)
+    if part:
+        cells.append((postings_column(term, mark, len(cells)), b"".join(part)))
+    return cells
 
 
 def index_pairs(qualifier: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
