@@ -268,6 +268,8 @@ def test_values_are_split_in_parts_and_groups() -> None:
     assert split_parts(b"abcdefg", 3) == [b"abc", b"def", b"g"]
     cells = [(b"a", b"x" * 5), (b"b", b"x" * 5), (b"c", b"x" * 20), (b"d", b"")]
     assert [[c for c, _ in g] for g in group_by_size(cells, 10)] == [[b"a", b"b"], [b"c"], [b"d"]]
+    by_count = [[c for c, _ in g] for g in group_by_size(cells, 100, max_cells=3)]
+    assert by_count == [[b"a", b"b", b"c"], [b"d"]]
     batch = Batch((b"record",), ((b"m", b"body"),))
     data = batch.encode()
     staged = Staged(b"k" * 16, 2, len(data))

@@ -1004,15 +1004,11 @@ class HBaseStore(Store):
         # read whatever order the writes land in, so it never goes down.
         cells.append((INDEX_MARK, indexed_seq.to_bytes(8, "big")))
         async with self._session("index_terms") as client:
-            for group in group_by_size(cells, WRITE_CALL_BYTES):
-                for start in range(0, len(group), _INDEX_CELLS_PER_CALL):
-                    part = [
-                        Mutation(column=column, value=value)
-                        for column, value in group[start : start + _INDEX_CELLS_PER_CALL]
-                    ]
-                    await client.mutateRowTs(
-                        self._users, row, part, snapshot_timestamp(indexed_seq), {}
-                    )
+            for group in group_by_size(cells, WRITE_CALL_BYTES, _INDEX_CELLS_PER_CALL):
+                mutations = [Mutation(column=column, value=value) for column, value in group]
+                await client.mutateRowTs(
+                    self._users, row, mutations, snapshot_timestamp(indexed_seq), {}
+                )
 
     async def indexed_seq(self, user_id: int) -> int:
         row = user_row(u64(user_id))

@@ -186,19 +186,11 @@ def postings_cells(
     """(column, value) of a term's postings from the flush that ends at `mark`: the
     message ids, each after its length (4 bytes BE), in parts of at most
     POSTINGS_CELL_BYTES (or one id)."""
-    cells: list[tuple[bytes, bytes]] = []
-    part: list[bytes] = []
-    size = 0
-    for mid in message_ids:
-        entry = _U32.pack(len(mid)) + mid
-        if part and size + len(entry) > POSTINGS_CELL_BYTES:
-            cells.append((postings_column(term, mark, len(cells)), b"".join(part)))
-            part, size = [], 0
-        part.append(entry)
-        size += len(entry)
-    if part:
-        cells.append((postings_column(term, mark, len(cells)), b"".join(part)))
-    return cells
+    entries = [(mid, _U32.pack(len(mid)) + mid) for mid in message_ids]
+    return [
+        (postings_column(term, mark, part), b"".join(entry for _, entry in group))
+        for part, group in enumerate(group_by_size(entries, POSTINGS_CELL_BYTES))
+    ]
 
 
 def index_pairs(qualifier: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
@@ -441,13 +433,14 @@ def join_staged(staged: Staged, cells: dict[bytes, bytes]) -> Batch:
 
 
 def group_by_size(
-    cells: Sequence[tuple[bytes, bytes]], limit: int
+    cells: Sequence[tuple[bytes, bytes]], limit: int, max_cells: int | None = None
 ) -> Iterator[list[tuple[bytes, bytes]]]:
-    """Consecutive groups of (column, value), values adding up to at most `limit` (or one cell)."""
+    """Consecutive groups of (column, value), values adding up to at most `limit` (or one
+    cell), and of at most `max_cells` cells if given."""
     group: list[tuple[bytes, bytes]] = []
     size = 0
     for cell in cells:
-        if group and size + len(cell[1]) > limit:
+        if group and (size + len(cell[1]) > limit or len(group) == max_cells):
             yield group
             group, size = [], 0
         group.append(cell)
