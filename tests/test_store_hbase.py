@@ -195,6 +195,9 @@ def test_a_postings_cell_holds_one_terms_message_ids() -> None:
     assert column == postings_column(b"hello", 7, 0)
     assert index_pairs(column[2:], value) == [(b"hello", mid) for mid in ids]
     assert index_pairs(column[2:], b"") == []
+    for cut in (value[:-1], value[:2]):
+        with pytest.raises(ValueError, match="a postings cell is cut short"):
+            index_pairs(column[2:], cut)
     # a term cell (one message, empty value) reads as before
     assert index_pairs(term_column(b"hello", b"m1")[2:], b"") == [(b"hello", b"m1")]
 

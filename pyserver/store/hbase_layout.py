@@ -198,12 +198,7 @@ def index_pairs(qualifier: bytes, value: bytes) -> list[tuple[bytes, bytes]]:
     if not qualifier.startswith(_POSTINGS):
         return [split_term_qualifier(qualifier)]
     term, _ = split_term_qualifier(qualifier[len(_POSTINGS) :])
-    pairs, at = [], 0
-    while at < len(value):
-        (length,) = _U32.unpack_from(value, at)
-        pairs.append((term, value[at + 4 : at + 4 + length]))
-        at += 4 + length
-    return pairs
+    return [(term, mid) for mid in _length_prefixed(value, "a postings cell")]
 
 
 def friend_column(friend_id: int) -> bytes:
@@ -389,18 +384,29 @@ class Head:
 
 
 def _split_tail(view: memoryview) -> tuple[bytes, ...]:
-    try:
-        (count,) = _U32.unpack_from(view)
-        pos, tail = 4, []
-        for _ in range(count):
-            (length,) = _U32.unpack_from(view, pos)
-            tail.append(bytes(view[pos + 4 : pos + 4 + length]))
-            pos += 4 + length
-    except struct.error:
-        raise ValueError("a head's tail is cut short") from None
-    if pos != len(view) or any(len(t) < 12 for t in tail):
+    if len(view) < 4:
+        raise ValueError("a head's tail is cut short")
+    (count,) = _U32.unpack_from(view)
+    tail = _length_prefixed(view[4:], "a head's tail")
+    if len(tail) != count or any(len(t) < 12 for t in tail):
         raise ValueError("a head's tail does not add up")
     return tuple(tail)
+
+
+def _length_prefixed(data: bytes | memoryview, what: str) -> list[bytes]:
+    """The items of `data`, each after its length (4 bytes BE), to its end; ValueError
+    naming `what` if the last is cut short."""
+    items, pos = [], 0
+    while pos < len(data):
+        if pos + 4 > len(data):
+            raise ValueError(f"{what} is cut short")
+        (length,) = _U32.unpack_from(data, pos)
+        end = pos + 4 + length
+        if end > len(data):
+            raise ValueError(f"{what} is cut short")
+        items.append(bytes(data[pos + 4 : end]))
+        pos = end
+    return items
 
 
 def merge(batches: Sequence[Batch]) -> Batch:
